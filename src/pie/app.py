@@ -1,0 +1,117 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pie import db
+from pie.auth import TokenVerifier
+from pie.config import Settings, get_settings
+from pie.errors import install_error_handlers
+
+log = logging.getLogger("pie")
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (``X-Request-ID``, kept if the caller sent a sane one)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if incoming and len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _include_routers(app: FastAPI) -> None:
+    from pie.assignments.routes import router as assignments_router
+    from pie.clients.routes import router as clients_router
+    from pie.dispatch.routes import router as dispatch_router
+    from pie.health.routes import router as health_router
+    from pie.jobs.routes import router as jobs_router
+    from pie.registry.routes import router as registry_router
+    from pie.tenancy.routes import router as tenancy_router
+
+    for router in (
+        health_router,
+        clients_router,
+        tenancy_router,
+        assignments_router,
+        registry_router,
+        jobs_router,
+        dispatch_router,
+    ):
+        app.include_router(router)
+
+
+def create_app(settings: Settings | None = None, *, database_url: str | None = None) -> FastAPI:
+    """Build the app. ``database_url`` (or PIE_DATABASE_URL, or the embedded database) is
+    connected at start-up unless an engine was already initialised (tests)."""
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owns_engine = False
+        try:
+            db.get_engine()
+        except RuntimeError:
+            from pie.embedded import resolve_database_url
+
+            db.init_engine(database_url or resolve_database_url(settings))
+            owns_engine = True
+        dispatcher = None
+        if settings.run_dispatcher:
+            from pie.dispatch.dispatcher import Dispatcher
+
+            dispatcher = Dispatcher(settings=settings, name="api")
+            await dispatcher.start()
+        try:
+            yield
+        finally:
+            if dispatcher is not None:
+                await dispatcher.stop()
+            if owns_engine:
+                await db.dispose_engine()
+
+    app = FastAPI(
+        title="PIE v2",
+        version="2.0.0",
+        description="Model-serving control plane: tenants, domains, services, assignments, "
+        "the model registry and durable jobs.",
+        openapi_url="/v2/openapi.json",
+        docs_url="/v2/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.verifier = TokenVerifier(settings)
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Next-Cursor", "X-Request-ID"],
+        )
+    app.add_middleware(RequestIdMiddleware)
+    _include_routers(app)
+    return app

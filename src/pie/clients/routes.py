@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from pie.auth import Principal
+from pie.clients import logic
+from pie.clients.schemas import ClientCreate, ClientOut, ClientUpdate
+from pie.deps import ClientIdPath, Session, TenantScope, require, tenant
+from pie.pagination import PageParams
+from typing import Annotated
+from fastapi import Depends
+
+router = APIRouter(prefix="/v2/clients", tags=["clients"])
+
+
+@router.get("", operation_id="listclients", response_model=list[ClientOut])
+async def list_clients(
+    session: Session,
+    response: Response,
+    page: Annotated[PageParams, Depends()],
+    principal: Principal = require("read_domains"),
+):
+    """Clients the caller may access (admins: all). A bare JSON array."""
+    return await logic.list_clients(session, principal, page, response)
+
+
+@router.post("", operation_id="createclient", response_model=ClientOut, status_code=201)
+async def create_client(body: ClientCreate, session: Session, principal: Principal = require("admin")):
+    return await logic.create_client(session, body)
+
+
+@router.get("/{client_id}", operation_id="getclient", response_model=ClientOut)
+async def get_client(scope: TenantScope = tenant("read_domains")):
+    return scope.client
+
+
+@router.patch("/{client_id}", operation_id="updateclient", response_model=ClientOut)
+async def update_client(
+    client_id: ClientIdPath, body: ClientUpdate, session: Session, principal: Principal = require("admin")
+):
+    return await logic.update_client(session, client_id, body)

@@ -1,0 +1,90 @@
+"""Settings, read from ``PIE_*`` environment variables and a ``.env`` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing import Annotated
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIE_", env_file=".env", extra="ignore")
+
+    # database
+    database_url: str | None = None
+    data_dir: Path = Path(".pie")
+    db_pool_size: int = 10
+    db_max_overflow: int = 10
+
+    # auth: development HS256
+    jwt_secret: str | None = None
+    jwt_issuer: str = "pie-dev"
+    # auth: production Cognito RS256
+    cognito_region: str | None = None
+    cognito_user_pool_id: str | None = None
+    cognito_app_client_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # override of the JWKS URL / issuer (tests, private endpoints); derived from Cognito when unset
+    jwks_url: str | None = None
+    jwt_rs256_issuer: str | None = None
+    jwks_refetch_cooldown_seconds: float = 30.0
+
+    # HTTP
+    public_url: str = "http://127.0.0.1:8000"
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # jobs and dispatch
+    run_dispatcher: bool = True
+    dispatch_poll_interval: float = 1.0
+    dispatch_batch_size: int = 50
+    dispatch_max_attempts: int = 5
+    dispatch_backoff_base: float = 0.5
+    dispatch_backoff_max: float = 60.0
+    job_timeout_seconds: float = 3600.0
+    in_process_lease_seconds: float = 300.0
+    in_process_workers: int = 4
+
+    # AWS
+    aws_region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "PIE_AWS_REGION"))
+    aws_endpoint_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_ENDPOINT_URL", "PIE_AWS_ENDPOINT_URL")
+    )
+    ecs_launch_type: str = "FARGATE"
+    ecs_subnets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ecs_security_groups: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ecs_assign_public_ip: bool = False
+    ecs_container_name: str = "main"
+    ecs_payload_env_var: str = "PIE_JOB_PAYLOAD"
+
+    @field_validator("cognito_app_client_ids", "cors_origins", "ecs_subnets", "ecs_security_groups", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @property
+    def cognito_issuer(self) -> str | None:
+        if self.jwt_rs256_issuer:
+            return self.jwt_rs256_issuer
+        if self.cognito_region and self.cognito_user_pool_id:
+            return f"https://cognito-idp.{self.cognito_region}.amazonaws.com/{self.cognito_user_pool_id}"
+        return None
+
+    @property
+    def cognito_jwks_url(self) -> str | None:
+        if self.jwks_url:
+            return self.jwks_url
+        issuer = self.cognito_issuer
+        return f"{issuer}/.well-known/jwks.json" if issuer else None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,107 @@
+"""Async engine, the per-request unit of work, and the declarative base."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import DateTime, MetaData, func
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+class Timestamps:
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def async_url(url: str) -> str:
+    """Normalise any PostgreSQL URL to the psycopg 3 async driver."""
+    for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def libpq_url(url: str) -> str:
+    """The same URL in the plain libpq form (for psycopg.connect / LISTEN)."""
+    for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgresql+asyncpg://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix):]
+    return url
+
+
+_engine: AsyncEngine | None = None
+_sessionmaker: async_sessionmaker[AsyncSession] | None = None
+_url: str | None = None
+
+
+def init_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """Create (or replace) the process-wide engine."""
+    global _engine, _sessionmaker, _url
+    from pie.config import get_settings
+
+    settings = get_settings()
+    kwargs.setdefault("pool_size", settings.db_pool_size)
+    kwargs.setdefault("max_overflow", settings.db_max_overflow)
+    kwargs.setdefault("pool_pre_ping", True)
+    _url = libpq_url(url)
+    _engine = create_async_engine(async_url(url), **kwargs)
+    _sessionmaker = async_sessionmaker(_engine, expire_on_commit=False, autoflush=True)
+    return _engine
+
+
+def get_engine() -> AsyncEngine:
+    if _engine is None:
+        raise RuntimeError("database engine not initialised; call pie.db.init_engine()")
+    return _engine
+
+
+def get_database_url() -> str:
+    if _url is None:
+        raise RuntimeError("database engine not initialised")
+    return _url
+
+
+def sessionmaker() -> async_sessionmaker[AsyncSession]:
+    if _sessionmaker is None:
+        raise RuntimeError("database engine not initialised; call pie.db.init_engine()")
+    return _sessionmaker
+
+
+async def dispose_engine() -> None:
+    global _engine, _sessionmaker
+    if _engine is not None:
+        await _engine.dispose()
+    _engine = None
+    _sessionmaker = None
+
+
+async def get_session() -> AsyncIterator[AsyncSession]:
+    """The unit of work: one transaction per request, committed when the endpoint returns.
+
+    Logic functions flush, never commit. Declared with ``Depends(get_session, scope="function")``
+    (see ``pie.deps.Session``) so the commit happens before the response is sent.
+    """
+    async with sessionmaker()() as session:
+        async with session.begin():
+            yield session

@@ -1,0 +1,87 @@
+"""Dependencies routes declare: the unit of work, the caller, permissions, the tenant scope."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pie.auth import Principal, TokenVerifier
+from pie.clients.models import Client
+from pie.db import get_session
+from pie.errors import NotFound, Unauthorized, Unprocessable
+from pie.schemas import ID_PATTERN
+
+# scope="function": the transaction commits when the endpoint returns, before the response is sent
+Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+_bearer = HTTPBearer(auto_error=False, description="Cognito access token (or `pie token` in development)")
+
+
+async def current_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    header = request.headers.get("authorization")
+    if not header:
+        raise Unauthorized("missing bearer token")
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise Unauthorized("malformed Authorization header; expected 'Bearer <token>'")
+    verifier: TokenVerifier = request.app.state.verifier
+    return await verifier.verify(credentials.credentials)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+def require(permission: str):
+    """Dependency: the caller, who must hold ``permission`` (403 otherwise)."""
+
+    async def dependency(principal: CurrentPrincipal) -> Principal:
+        principal.require(permission)
+        return principal
+
+    dependency.__name__ = f"require_{permission}"
+    return Depends(dependency)
+
+
+ClientIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="client (tenant) id", examples=["client-1"])]
+DomainIdPath = Annotated[str, Path(pattern=ID_PATTERN, examples=["south_australia"])]
+ServiceIdPath = Annotated[str, Path(pattern=ID_PATTERN, examples=["service-1"])]
+ModelIdPath = Annotated[str, Path(pattern=ID_PATTERN, examples=["model_price_reco_v1"])]
+ModelVersionPath = Annotated[str, Path(pattern=ID_PATTERN, examples=["1"])]
+
+
+@dataclass
+class TenantScope:
+    """An authenticated caller bound to one client they may access. Every tenant query is built
+    from ``scope.client_id``, so no route can forget the tenant filter."""
+
+    principal: Principal
+    client: Client
+
+    @property
+    def client_id(self) -> str:
+        return self.client.client_id
+
+    def ensure_writable(self) -> None:
+        if self.client.status != "active":
+            raise Unprocessable(f"client {self.client_id} is suspended")
+
+
+def tenant(permission: str):
+    """Dependency: permission check, tenant access (403) and client existence (404)."""
+
+    async def dependency(client_id: ClientIdPath, principal: CurrentPrincipal, session: Session) -> TenantScope:
+        principal.require(permission)
+        principal.require_tenant(client_id)
+        client = await session.get(Client, client_id)
+        if client is None:
+            raise NotFound(f"client {client_id} not found")
+        return TenantScope(principal=principal, client=client)
+
+    dependency.__name__ = f"tenant_{permission}"
+    return Depends(dependency)

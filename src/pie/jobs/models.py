@@ -1,0 +1,64 @@
+"""The jobs table: durable job records and the dispatch queue (a transactional outbox)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import CheckConstraint, ForeignKeyConstraint, Index, Integer, String, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from pie.db import Base, Timestamps
+
+
+class Job(Timestamps, Base):
+    __tablename__ = "jobs"
+
+    job_id: Mapped[str] = mapped_column(
+        String(64), primary_key=True, server_default=text("pie_uuid7()::text")
+    )  # UUIDv7 text: time-ordered, generated in SQL so bulk INSERT ... SELECT works
+    job_type: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    model_id: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    assignment_id: Mapped[uuid.UUID | None]
+    client_id: Mapped[str | None] = mapped_column(String(128))
+    domain_id: Mapped[str | None] = mapped_column(String(128))
+    service_id: Mapped[str | None] = mapped_column(String(128))
+    subscription_id: Mapped[uuid.UUID | None]
+    # why the job exists beyond its type, e.g. 'service_init' (its end sets the service status)
+    purpose: Mapped[str | None] = mapped_column(String(32))
+    input: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    # the service's resolved_features for service-scoped jobs (sent to the handler as `features`)
+    features: Mapped[dict[str, Any] | None]
+    output: Mapped[Any | None] = mapped_column(JSONB)
+    error: Mapped[Any | None] = mapped_column(JSONB)
+    warnings: Mapped[list[Any]] = mapped_column(server_default=text("'[]'::jsonb"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # dispatch bookkeeping
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    locked_by: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        CheckConstraint("job_type IN ('inference', 'training')", name="job_type"),
+        CheckConstraint("status IN ('pending', 'started', 'success', 'failure')", name="status"),
+        ForeignKeyConstraint(
+            ["model_id", "model_version"],
+            ["model_versions.model_id", "model_versions.version"],
+            name="fk_jobs_model_version",
+        ),
+        ForeignKeyConstraint(["assignment_id"], ["assignments.assignment_id"], name="fk_jobs_assignment"),
+        ForeignKeyConstraint(["subscription_id"], ["event_subscriptions.id"], name="fk_jobs_subscription", ondelete="SET NULL"),
+        # the dispatch queue: only pending rows, oldest due first
+        Index("ix_jobs_pending_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+        # started jobs, for the time-out and lease-recovery sweeps
+        Index("ix_jobs_started", "started_at", postgresql_where=text("status = 'started'")),
+        Index("ix_jobs_client", "client_id", "domain_id", "service_id", "job_id"),
+        Index("ix_jobs_model", "model_id", "model_version", "job_id"),
+        Index("ix_jobs_assignment", "assignment_id"),
+    )
