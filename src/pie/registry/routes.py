@@ -1,3 +1,215 @@
-from fastapi import APIRouter
+"""Model registry routes (spec 7 and 8): models, versions, direct inference, event subscriptions."""
 
-router = APIRouter()
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Response
+
+from pie.auth import Principal
+from pie.deps import ModelIdPath, ModelVersionPath, Session, require
+from pie.pagination import PageParams
+from pie.registry import logic, subscriptions
+from pie.registry.schemas import (
+    InferenceRequest,
+    InferenceStarted,
+    ModelAndVersion,
+    ModelCreate,
+    ModelOut,
+    ModelUpdate,
+    ModelUpdated,
+    SubscriptionCreate,
+    SubscriptionOut,
+    SubscriptionUpdate,
+    VersionCreate,
+    VersionOut,
+    VersionStatusChanged,
+    VersionStatusUpdate,
+)
+
+router = APIRouter(prefix="/v2/models", tags=["models"])
+
+Page = Annotated[PageParams, Depends()]
+SubscriptionIdPath = Annotated[uuid.UUID, Path(description="event subscription id (uuid)")]
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+@router.get("", operation_id="listmodels", response_model=list[ModelOut])
+async def list_models(session: Session, response: Response, page: Page, principal: Principal = require("read_models")):
+    """All models, oldest first. A bare JSON array; the next page's cursor is in `X-Next-Cursor`."""
+    return await logic.list_models(session, page, response)
+
+
+@router.post("", operation_id="createmodel", response_model=ModelOut, status_code=201)
+async def create_model(body: ModelCreate, session: Session, principal: Principal = require("manage_models")):
+    """Register a model (status `pending`). `id` is a new UUIDv7 when omitted; 409 if it exists."""
+    return await logic.create_model(session, body)
+
+
+@router.get("/{model_id}", operation_id="getmodel", response_model=ModelOut)
+async def get_model(model_id: ModelIdPath, session: Session, principal: Principal = require("read_models")):
+    return await logic.get_model(session, model_id)
+
+
+@router.put("/{model_id}", operation_id="updatemodel", response_model=ModelUpdated)
+async def update_model(
+    model_id: ModelIdPath, body: ModelUpdate, session: Session, principal: Principal = require("manage_models")
+):
+    """Replace the model's fields. When the model is `active` and its handlers or contracts
+    change, a new `pending` version carrying them is generated and returned as `new_version`.
+    Subscriptions targeting the model go `stale` when the input contract (without contracts: the
+    handler) of their action changes."""
+    model, new_version = await logic.update_model(session, model_id, body)
+    out = ModelUpdated.model_validate(model)
+    out.new_version = VersionOut.model_validate(new_version) if new_version is not None else None
+    return out
+
+
+# ---- versions --------------------------------------------------------------------------------
+
+
+@router.post("/{model_id}/new_version", operation_id="createmodelversion", response_model=ModelAndVersion, status_code=201)
+async def create_model_version(
+    model_id: ModelIdPath, body: VersionCreate, session: Session, principal: Principal = require("manage_models")
+):
+    """Create a version snapshotting the model's handlers and contracts. Without `version` the
+    next free integer is allocated (race-free); 409 if the version exists."""
+    model, version = await logic.create_version(session, model_id, body)
+    return {"model": ModelOut.model_validate(model), "version": VersionOut.model_validate(version)}
+
+
+@router.get("/{model_id}/versions", operation_id="listmodelversions", response_model=list[VersionOut])
+async def list_model_versions(
+    model_id: ModelIdPath, session: Session, response: Response, page: Page, principal: Principal = require("read_models")
+):
+    """The model's versions, oldest first (bare array, cursor in `X-Next-Cursor`)."""
+    return await logic.list_versions(session, model_id, page, response)
+
+
+@router.get("/{model_id}/versions/{model_version}", operation_id="getmodelversion", response_model=VersionOut)
+async def get_model_version(
+    model_id: ModelIdPath,
+    model_version: ModelVersionPath,
+    session: Session,
+    principal: Principal = require("read_models"),
+):
+    return await logic.get_model_version(session, model_id, model_version)
+
+
+@router.post(
+    "/{model_id}/versions/{model_version}/new_status",
+    operation_id="setmodelversionstatus",
+    response_model=VersionStatusChanged,
+)
+async def set_model_version_status(
+    model_id: ModelIdPath,
+    model_version: ModelVersionPath,
+    body: VersionStatusUpdate,
+    session: Session,
+    principal: Principal = require("manage_models"),
+):
+    """Allowed: pending→training, pending→active, training→active, training→failed,
+    failed→training; the current status again is a no-op. `training → active` fires the model's
+    active `training_complete` subscriptions; their outcomes are `triggered_events`."""
+    model, version, triggered = await logic.set_version_status(session, model_id, model_version, body.status)
+    return {
+        "model": ModelOut.model_validate(model),
+        "version": VersionOut.model_validate(version),
+        "triggered_events": triggered,
+    }
+
+
+@router.post(
+    "/{model_id}/versions/{model_version}/inference",
+    operation_id="infermodelversion",
+    response_model=InferenceStarted,
+    status_code=202,
+)
+async def infer_model_version(
+    model_id: ModelIdPath,
+    model_version: ModelVersionPath,
+    body: InferenceRequest,
+    session: Session,
+    principal: Principal = require("run_inference"),
+):
+    """Start an inference job on this version (not `failed`); `input` must match the version's
+    inference `input_schema`. `subscribe: true` replays this input after each retraining."""
+    job = await logic.run_inference(session, model_id, model_version, body)
+    return {"inference_job_id": job.job_id}
+
+
+# ---- event subscriptions ---------------------------------------------------------------------
+
+
+@router.get(
+    "/{model_id}/event-subscriptions", operation_id="listmodeleventsubscriptions", response_model=list[SubscriptionOut]
+)
+async def list_event_subscriptions(
+    model_id: ModelIdPath, session: Session, response: Response, page: Page, principal: Principal = require("read_models")
+):
+    """Subscriptions with this model as source (bare array, cursor in `X-Next-Cursor`)."""
+    return await subscriptions.list_subscriptions(session, model_id, principal, page, response)
+
+
+@router.post(
+    "/{model_id}/event-subscriptions",
+    operation_id="createmodeleventsubscription",
+    response_model=SubscriptionOut,
+    status_code=201,
+)
+async def create_event_subscription(
+    model_id: ModelIdPath, body: SubscriptionCreate, session: Session, principal: Principal = require("manage_models")
+):
+    """`input` is required when `input_source` is `stored`; a stored input failing the target's
+    `input_schema` for the action is kept with `warnings`. The target model must exist (422)."""
+    return await subscriptions.create_subscription(session, model_id, body)
+
+
+@router.get(
+    "/{model_id}/event-subscriptions/{subscription_id}",
+    operation_id="getmodeleventsubscription",
+    response_model=SubscriptionOut,
+)
+async def get_event_subscription(
+    model_id: ModelIdPath,
+    subscription_id: SubscriptionIdPath,
+    session: Session,
+    principal: Principal = require("read_models"),
+):
+    return await subscriptions.get_subscription(session, model_id, subscription_id, principal)
+
+
+@router.put(
+    "/{model_id}/event-subscriptions/{subscription_id}",
+    operation_id="updatemodeleventsubscription",
+    response_model=SubscriptionOut,
+)
+async def update_event_subscription(
+    model_id: ModelIdPath,
+    subscription_id: SubscriptionIdPath,
+    body: SubscriptionUpdate,
+    session: Session,
+    principal: Principal = require("manage_models"),
+):
+    """Change `input`, `label` and/or `status` (`active` | `paused`; `active` re-activates a stale
+    subscription). Warnings are recomputed against the target's current contract."""
+    return await subscriptions.update_subscription(session, model_id, subscription_id, body, principal)
+
+
+@router.delete(
+    "/{model_id}/event-subscriptions/{subscription_id}",
+    operation_id="deletemodeleventsubscription",
+    status_code=204,
+    response_class=Response,
+)
+async def delete_event_subscription(
+    model_id: ModelIdPath,
+    subscription_id: SubscriptionIdPath,
+    session: Session,
+    principal: Principal = require("manage_models"),
+):
+    await subscriptions.delete_subscription(session, model_id, subscription_id, principal)
+    return Response(status_code=204)

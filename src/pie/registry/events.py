@@ -1,0 +1,249 @@
+"""Firing event subscriptions (spec 8).
+
+``fire_subscriptions`` is called by ``new_status`` (training_complete, from this package) and by
+job completion (inference_complete, from ``pie.jobs``). Each active subscription with the given
+source and trigger yields one entry: ``{subscription_id, job_id}`` when its job was recorded, or
+``{subscription_id, error}`` when its target could not be triggered. One failing target never
+stops the others.
+
+Targets are resolved with a fixed number of set-based queries (whatever the number of
+subscriptions), and the jobs are inserted in one statement inside a savepoint; if that insert
+fails, every firing is retried in its own savepoint so only the culprit becomes an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import insert, select, tuple_
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pie.assignments.models import Assignment
+from pie.clients.models import Client
+from pie.errors import PieError
+from pie.jobs.logic import create_job, notify_new_jobs
+from pie.jobs.models import Job
+from pie.jsonschemas import validation_error
+from pie.registry.handlers import input_schema
+from pie.registry.models import EventSubscription, ModelVersion
+from pie.tenancy.models import Domain, Service
+
+log = logging.getLogger("pie.registry.events")
+
+
+@dataclass
+class _Firing:
+    subscription: EventSubscription
+    job: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+async def _newest_active_versions(session: AsyncSession, model_ids: set[str]) -> dict[str, ModelVersion]:
+    """model id -> its newest (highest ``seq``) active version, for every model that has one."""
+    if not model_ids:
+        return {}
+    rows = await session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.model_id.in_(sorted(model_ids)), ModelVersion.status == "active")
+        .order_by(ModelVersion.model_id, ModelVersion.seq.desc())
+        .distinct(ModelVersion.model_id)
+    )
+    return {v.model_id: v for v in rows}
+
+
+_ScopeKey = tuple[str | None, str | None, str | None, str | None]
+
+
+async def _active_assignments(session: AsyncSession, subscriptions: list[EventSubscription]) -> dict[_ScopeKey, Any]:
+    """(client, domain, service|None, key) -> row (assignment, version, domain/client status,
+    service features) for the active revision of each replay subscription's key."""
+    wanted = {(s.client_id, s.domain_id, s.assignment_key) for s in subscriptions}
+    if not wanted:
+        return {}
+    stmt = (
+        select(
+            Assignment,
+            ModelVersion.status.label("version_status"),
+            ModelVersion.handler_contracts.label("contracts"),
+            Domain.status.label("domain_status"),
+            Client.status.label("client_status"),
+            Service.resolved_features.label("features"),
+        )
+        .join(
+            ModelVersion,
+            (ModelVersion.model_id == Assignment.model_id) & (ModelVersion.version == Assignment.model_version),
+        )
+        .join(Domain, (Domain.client_id == Assignment.client_id) & (Domain.domain_id == Assignment.domain_id))
+        .join(Client, Client.client_id == Assignment.client_id)
+        .outerjoin(
+            Service,
+            (Service.client_id == Assignment.client_id)
+            & (Service.domain_id == Assignment.domain_id)
+            & (Service.service_id == Assignment.service_id),
+        )
+        .where(
+            Assignment.status == "active",
+            tuple_(Assignment.client_id, Assignment.domain_id, Assignment.assignment_key).in_(sorted(wanted)),
+        )
+    )
+    found: dict[_ScopeKey, Any] = {}
+    for row in (await session.execute(stmt)).all():
+        a = row.Assignment
+        found[(a.client_id, a.domain_id, a.service_id, a.assignment_key)] = row
+    return found
+
+
+def _input_warnings(contracts: dict[str, Any] | None, action: str, value: dict[str, Any]) -> list[str]:
+    schema = input_schema(contracts, action)
+    if schema is None:
+        return []
+    error = validation_error(schema, value)
+    return [] if error is None else [f"input does not match the {action} input_schema: {error}"]
+
+
+def _scope_label(s: EventSubscription) -> str:
+    where = f"client {s.client_id} domain {s.domain_id}"
+    return where + (f" service {s.service_id}" if s.service_id is not None else "")
+
+
+def _plan(
+    subscription: EventSubscription,
+    trigger_output: Any,
+    versions: dict[str, ModelVersion],
+    assignments: dict[_ScopeKey, Any],
+) -> _Firing:
+    firing = _Firing(subscription)
+    if subscription.input_source == "stored":
+        job_input = subscription.input if subscription.input is not None else {}
+    else:
+        job_input = trigger_output if trigger_output is not None else {}
+    if not isinstance(job_input, dict):
+        firing.error = f"the trigger output is a JSON {type(job_input).__name__}, not an object; it cannot be a job input"
+        return firing
+    job: dict[str, Any] = {
+        "job_type": subscription.target_action,
+        "input": job_input,
+        "subscription_id": subscription.id,
+        "assignment_id": None,
+        "client_id": None,
+        "domain_id": None,
+        "service_id": None,
+        "features": None,
+    }
+    if subscription.assignment_key is None:
+        version = versions.get(subscription.target_model_id)
+        if version is None:
+            firing.error = f"model {subscription.target_model_id} has no active version"
+            return firing
+        job.update(model_id=version.model_id, model_version=version.version)
+        contracts = version.handler_contracts
+    else:
+        key = (subscription.client_id, subscription.domain_id, subscription.service_id, subscription.assignment_key)
+        row = assignments.get(key)
+        if row is None:
+            firing.error = (
+                f"assignment key {subscription.assignment_key} has no active revision in {_scope_label(subscription)}"
+            )
+            return firing
+        a: Assignment = row.Assignment
+        if row.client_status != "active":
+            firing.error = f"client {a.client_id} is suspended"
+            return firing
+        if row.domain_status != "active":
+            firing.error = f"domain {a.domain_id} is inactive"
+            return firing
+        if row.version_status == "failed":
+            firing.error = (
+                f"assignment key {a.assignment_key} points to model {a.model_id} version {a.model_version}, which failed"
+            )
+            return firing
+        job.update(
+            model_id=a.model_id,
+            model_version=a.model_version,
+            assignment_id=a.assignment_id,
+            client_id=a.client_id,
+            domain_id=a.domain_id,
+            service_id=a.service_id,
+            features=row.features if a.service_id is not None else None,
+        )
+        contracts = row.contracts
+    job["warnings"] = _input_warnings(contracts, subscription.target_action, job_input)
+    firing.job = job
+    return firing
+
+
+async def fire_subscriptions(
+    session: AsyncSession,
+    *,
+    source_model_id: str,
+    trigger_event: str,
+    trigger_output: Any,
+    source_model_version: str | None = None,
+) -> list[dict]:
+    """Fire every ACTIVE subscription with this source and trigger; return one entry per firing:
+    {"subscription_id": str, "job_id": str} or {"subscription_id": str, "error": str}.
+    One failing target never stops the others (each firing is isolated in a savepoint)."""
+    subscriptions = list(
+        (
+            await session.scalars(
+                select(EventSubscription)
+                .where(
+                    EventSubscription.source_model_id == source_model_id,
+                    EventSubscription.trigger_event == trigger_event,
+                    EventSubscription.status == "active",
+                )
+                .order_by(EventSubscription.created_at, EventSubscription.id)
+            )
+        ).all()
+    )
+    if not subscriptions:
+        return []
+    versions = await _newest_active_versions(
+        session, {s.target_model_id for s in subscriptions if s.assignment_key is None}
+    )
+    assignments = await _active_assignments(session, [s for s in subscriptions if s.assignment_key is not None])
+    firings = [_plan(s, trigger_output, versions, assignments) for s in subscriptions]
+    ready = [f for f in firings if f.error is None]
+
+    job_ids: dict[uuid.UUID, str] = {}
+    if ready:
+        try:
+            async with session.begin_nested():
+                result = await session.execute(
+                    insert(Job).returning(Job.subscription_id, Job.job_id), [f.job for f in ready]
+                )
+                job_ids = {row.subscription_id: row.job_id for row in result}
+        except SQLAlchemyError as exc:
+            log.warning("bulk firing for model %s failed (%s); firing one by one", source_model_id, exc)
+            job_ids = {}
+            for firing in ready:
+                try:
+                    async with session.begin_nested():
+                        job = await create_job(session, **firing.job)
+                    job_ids[firing.subscription.id] = job.job_id
+                except (SQLAlchemyError, PieError) as single:
+                    firing.error = f"could not record the job: {getattr(single, 'orig', None) or single}"
+        if job_ids:
+            await notify_new_jobs(session)
+
+    entries: list[dict] = []
+    for firing in firings:
+        sid = str(firing.subscription.id)
+        if firing.error is None and firing.subscription.id in job_ids:
+            entries.append({"subscription_id": sid, "job_id": job_ids[firing.subscription.id]})
+        else:
+            error = firing.error or "the job was not recorded"
+            log.info(
+                "subscription %s (%s of model %s%s) not triggered: %s",
+                sid,
+                trigger_event,
+                source_model_id,
+                f" version {source_model_version}" if source_model_version else "",
+                error,
+            )
+            entries.append({"subscription_id": sid, "error": error})
+    return entries

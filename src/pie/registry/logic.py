@@ -1,0 +1,304 @@
+"""Models and model versions (spec 7.1-7.3): plain functions over a session; they flush, never
+commit (the request's unit of work commits).
+
+Locks: every change that allocates a version number or rewrites a model takes the model row with
+``FOR NO KEY UPDATE``; a status change takes the version row the same way. ``NO KEY`` locks
+serialize writers of the same row without blocking foreign-key checks (jobs, assignments,
+versions referencing the row), so firing subscriptions across models cannot deadlock on them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import Response
+from sqlalchemy import null, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from uuid6 import uuid7
+
+from pie.errors import Conflict, NotFound, Unprocessable
+from pie.features import validate_feature_definitions
+from pie.jobs.logic import create_job
+from pie.jobs.models import Job
+from pie.jsonschemas import validation_error
+from pie.pagination import PageParams, paginate
+from pie.registry.events import fire_subscriptions
+from pie.registry.handlers import input_schema, stale_actions, validate_contracts, validate_handlers
+from pie.registry.models import EventSubscription, Model, ModelVersion
+from pie.registry.schemas import InferenceRequest, ModelCreate, ModelUpdate, VersionCreate
+from pie.registry.subscriptions import subscribe_inference
+
+log = logging.getLogger("pie.registry")
+
+# (from, to) pairs allowed by ``new_status`` (spec 7.2); setting the current status is a no-op
+TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("pending", "training"),
+        ("pending", "active"),
+        ("training", "active"),
+        ("training", "failed"),
+        ("failed", "training"),
+    }
+)
+
+
+def _json_or_null(value: Any) -> Any:
+    """SQL NULL (not JSON ``null``) for an absent JSONB value, so ``IS NULL`` means "not set"."""
+    return null() if value is None else value
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+async def get_model(session: AsyncSession, model_id: str, *, for_update: bool = False) -> Model:
+    stmt = select(Model).where(Model.id == model_id).execution_options(populate_existing=True)
+    if for_update:
+        stmt = stmt.with_for_update(key_share=True)
+    model = await session.scalar(stmt)
+    if model is None:
+        raise NotFound(f"model {model_id} not found")
+    return model
+
+
+async def ensure_model_exists(session: AsyncSession, model_id: str) -> None:
+    if await session.scalar(select(Model.id).where(Model.id == model_id)) is None:
+        raise NotFound(f"model {model_id} not found")
+
+
+async def list_models(session: AsyncSession, page: PageParams, response: Response) -> list[Model]:
+    return await paginate(session, select(Model), [Model.seq], page, response)
+
+
+def _checked_handlers(body: ModelCreate | ModelUpdate) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    handlers = body.handlers_json()
+    validate_handlers(handlers)
+    contracts = body.contracts_json() or None
+    validate_contracts(contracts)
+    return handlers, contracts
+
+
+async def create_model(session: AsyncSession, body: ModelCreate) -> Model:
+    handlers, contracts = _checked_handlers(body)
+    model_id = body.id or str(uuid7())
+    stmt = (
+        insert(Model)
+        .values(
+            id=model_id,
+            name=body.name,
+            description=body.description,
+            handlers=handlers,
+            handler_contracts=_json_or_null(contracts),
+            metadata_=body.metadata,
+        )
+        .on_conflict_do_nothing(index_elements=[Model.id])
+        .returning(Model)
+    )
+    model = await session.scalar(stmt)
+    if model is None:
+        raise Conflict(f"model {model_id} already exists")
+    return model
+
+
+async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) -> tuple[Model, ModelVersion | None]:
+    """Full replacement of the model's fields. Subscriptions targeting it go stale when the input
+    contract (or, without contracts, the handler) of their action changes. An active model whose
+    handlers or contracts change gets a new pending version carrying them."""
+    handlers, contracts = _checked_handlers(body)
+    model = await get_model(session, model_id, for_update=True)
+    stale = stale_actions(model.handlers, model.handler_contracts, handlers, contracts)
+    runtime_changed = model.handlers != handlers or model.handler_contracts != contracts
+    await session.execute(
+        update(Model)
+        .where(Model.id == model_id)
+        .values(
+            name=body.name,
+            description=body.description,
+            handlers=handlers,
+            handler_contracts=_json_or_null(contracts),
+            metadata_=body.metadata,
+        )
+    )
+    if stale:
+        await session.execute(
+            update(EventSubscription)
+            .where(
+                EventSubscription.target_model_id == model_id,
+                EventSubscription.target_action.in_(stale),
+                EventSubscription.status.in_(("active", "paused")),
+            )
+            .values(status="stale")
+        )
+    new_version = None
+    model = await get_model(session, model_id)
+    if model.status == "active" and runtime_changed:
+        new_version = await _insert_version(
+            session, model, version=None, description="generated by a model update", metadata={}, features=None
+        )
+        model = await get_model(session, model_id)
+    return model, new_version
+
+
+# ---- versions --------------------------------------------------------------------------------
+
+
+async def get_model_version(
+    session: AsyncSession, model_id: str, version: str, *, for_update: bool = False
+) -> ModelVersion:
+    """The version (404 when the model or the version is missing). ``for_update`` locks the row
+    with ``FOR NO KEY UPDATE`` (blocks other status changes, not foreign-key checks)."""
+    stmt = (
+        select(ModelVersion)
+        .where(ModelVersion.model_id == model_id, ModelVersion.version == version)
+        .execution_options(populate_existing=True)
+    )
+    if for_update:
+        stmt = stmt.with_for_update(key_share=True)
+    found = await session.scalar(stmt)
+    if found is None:
+        await ensure_model_exists(session, model_id)
+        raise NotFound(f"model {model_id} has no version {version}")
+    return found
+
+
+async def list_versions(session: AsyncSession, model_id: str, page: PageParams, response: Response) -> list[ModelVersion]:
+    await ensure_model_exists(session, model_id)
+    stmt = select(ModelVersion).where(ModelVersion.model_id == model_id)
+    return await paginate(session, stmt, [ModelVersion.seq], page, response)
+
+
+async def _next_version_number(session: AsyncSession, model: Model) -> str:
+    """The next free integer above the model's counter (caller holds the model row lock)."""
+    taken = set(
+        (
+            await session.scalars(
+                select(ModelVersion.version).where(
+                    ModelVersion.model_id == model.id, ModelVersion.version.regexp_match(r"^[1-9][0-9]{0,17}$")
+                )
+            )
+        ).all()
+    )
+    candidate = model.version_counter + 1
+    while str(candidate) in taken:
+        candidate += 1
+    # bookkeeping only: the model's updated_at stays as it was
+    await session.execute(
+        update(Model).where(Model.id == model.id).values(version_counter=candidate, updated_at=Model.updated_at)
+    )
+    return str(candidate)
+
+
+async def _insert_version(
+    session: AsyncSession,
+    model: Model,
+    *,
+    version: str | None,
+    description: str,
+    metadata: dict[str, Any],
+    features: list[dict[str, Any]] | None,
+) -> ModelVersion:
+    """Insert a version snapshotting the model's handlers and contracts (caller holds the lock)."""
+    if version is None:
+        version = await _next_version_number(session, model)
+    stmt = (
+        insert(ModelVersion)
+        .values(
+            model_id=model.id,
+            version=version,
+            description=description,
+            metadata_=metadata,
+            handlers=model.handlers,
+            handler_contracts=_json_or_null(model.handler_contracts),
+            features=_json_or_null(features),
+        )
+        .on_conflict_do_nothing(index_elements=[ModelVersion.model_id, ModelVersion.version])
+        .returning(ModelVersion)
+    )
+    created = await session.scalar(stmt)
+    if created is None:
+        raise Conflict(f"model {model.id} already has a version {version}")
+    return created
+
+
+async def create_version(session: AsyncSession, model_id: str, body: VersionCreate) -> tuple[Model, ModelVersion]:
+    features = validate_feature_definitions(body.features) if body.features is not None else None
+    model = await get_model(session, model_id, for_update=True)
+    created = await _insert_version(
+        session, model, version=body.version, description=body.description, metadata=body.metadata, features=features
+    )
+    return await get_model(session, model_id), created
+
+
+async def latest_training_output(session: AsyncSession, model_id: str, version: str) -> Any:
+    """Output of the version's latest successful training job, else ``{}``."""
+    output = await session.scalar(
+        select(Job.output)
+        .where(
+            Job.model_id == model_id,
+            Job.model_version == version,
+            Job.job_type == "training",
+            Job.status == "success",
+        )
+        .order_by(Job.completed_at.desc().nulls_last(), Job.job_id.desc())
+        .limit(1)
+    )
+    return output if output is not None else {}
+
+
+async def set_version_status(
+    session: AsyncSession, model_id: str, version: str, status: str
+) -> tuple[Model, ModelVersion, list[dict[str, Any]]]:
+    found = await get_model_version(session, model_id, version, for_update=True)
+    previous = found.status
+    if previous == status:
+        return await get_model(session, model_id), found, []
+    if (previous, status) not in TRANSITIONS:
+        allowed = sorted(to for (frm, to) in TRANSITIONS if frm == previous)
+        raise Unprocessable(
+            f"invalid status transition for model {model_id} version {version}: {previous} -> {status} "
+            f"(allowed from {previous}: {', '.join(allowed) or 'none'})"
+        )
+    await session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.model_id == model_id, ModelVersion.version == version)
+        .values(status=status)
+    )
+    if status == "active":
+        # a model becomes active when one of its versions first becomes active
+        await session.execute(
+            update(Model).where(Model.id == model_id, Model.status == "pending").values(status="active")
+        )
+    triggered: list[dict[str, Any]] = []
+    if previous == "training" and status == "active":
+        triggered = await fire_subscriptions(
+            session,
+            source_model_id=model_id,
+            trigger_event="training_complete",
+            trigger_output=await latest_training_output(session, model_id, version),
+            source_model_version=version,
+        )
+    found = await get_model_version(session, model_id, version)
+    return await get_model(session, model_id), found, triggered
+
+
+# ---- direct inference ------------------------------------------------------------------------
+
+
+async def run_inference(session: AsyncSession, model_id: str, version: str, body: InferenceRequest) -> Job:
+    """An inference job on this exact version (no tenant). ``subscribe`` stores the input as a
+    ``training_complete -> inference / stored`` subscription on the model."""
+    found = await get_model_version(session, model_id, version)
+    if found.status == "failed":
+        raise Unprocessable(f"model {model_id} version {version} has failed; it cannot run inference")
+    schema = input_schema(found.handler_contracts, "inference")
+    if schema is not None:
+        error = validation_error(schema, body.input)
+        if error is not None:
+            raise Unprocessable(
+                f"input does not match the inference input_schema of model {model_id} version {version}: {error}"
+            )
+    job = await create_job(session, job_type="inference", model_id=model_id, model_version=version, input=body.input)
+    if body.subscribe:
+        await subscribe_inference(session, model_id=model_id, input=body.input)
+    return job

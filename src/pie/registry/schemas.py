@@ -1,0 +1,196 @@
+"""Request and response bodies of the model registry (spec 7 and 8).
+
+Shapes and JSON types are checked here (a failure is 400); meaning is checked in the logic
+modules (422): ARNs, ECS targets, in-process names, schemas, feature definitions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, model_serializer
+
+from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
+
+VersionStatus = Literal["pending", "training", "active", "failed"]
+TriggerEvent = Literal["training_complete", "inference_complete"]
+TargetAction = Literal["inference", "training"]
+InputSource = Literal["stored", "trigger_output"]
+JsonSchema = dict[str, Any] | bool
+
+
+class LambdaHandler(RequestBody):
+    type: Literal["lambda"]
+    arn: str = Field(description="Lambda function ARN", examples=["arn:aws:lambda:us-west-2:123456789012:function:infer"])
+    version: str | None = Field(default=None, description="version or alias qualifier")
+
+
+class EcsTaskHandler(RequestBody):
+    type: Literal["ecs_task"]
+    value: str = Field(
+        description="<cluster>/<task_definition>: the cluster short name (no '/') and the task family "
+        "(optionally family:revision)",
+        examples=["pricing/train-task:3"],
+    )
+
+
+class InProcessHandler(RequestBody):
+    type: Literal["in_process"]
+    value: str = Field(description="a registered in-process implementation (GET /v2/handlers/in-process)")
+
+
+Handler = Annotated[LambdaHandler | EcsTaskHandler | InProcessHandler, Field(discriminator="type")]
+
+
+class Handlers(RequestBody):
+    training: Handler
+    inference: Handler
+
+
+class HandlerContract(RequestBody):
+    input_schema: JsonSchema | None = Field(default=None, description="Draft 2020-12 schema of the input")
+    output_schema: JsonSchema | None = Field(default=None, description="Draft 2020-12 schema of the output")
+
+
+class HandlerContracts(RequestBody):
+    training: HandlerContract | None = None
+    inference: HandlerContract | None = None
+
+
+class ModelWrite(RequestBody):
+    name: str = Field(min_length=1)
+    description: str
+    handlers: Handlers
+    handler_contracts: HandlerContracts | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def handlers_json(self) -> dict[str, Any]:
+        return self.handlers.model_dump(exclude_none=True)
+
+    def contracts_json(self) -> dict[str, Any] | None:
+        if self.handler_contracts is None:
+            return None
+        return self.handler_contracts.model_dump(exclude_none=True)
+
+
+class ModelCreate(ModelWrite):
+    id: Identifier | None = Field(default=None, description="generated (UUIDv7) when omitted")
+
+
+class ModelUpdate(ModelWrite):
+    pass
+
+
+class VersionCreate(RequestBody):
+    version: Identifier | None = Field(default=None, description="the next free integer when omitted")
+    description: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    features: list[dict[str, Any]] | None = Field(default=None, description="the frozen feature schema")
+
+
+class VersionStatusUpdate(RequestBody):
+    status: VersionStatus
+
+
+class InferenceRequest(RequestBody):
+    input: dict[str, Any]
+    subscribe: bool = False
+
+
+class SubscriptionCreate(RequestBody):
+    trigger_event: TriggerEvent
+    target_model_id: Identifier
+    target_action: TargetAction
+    input_source: InputSource
+    input: dict[str, Any] | None = None
+    label: str | None = None
+    status: Literal["active", "paused"] = "active"
+
+
+class SubscriptionUpdate(RequestBody):
+    input: dict[str, Any] | None = None
+    label: str | None = None
+    status: Literal["active", "paused"] | None = None
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+_metadata = Field(validation_alias=AliasChoices("metadata_", "metadata"))
+
+
+class ModelOut(ResponseBody):
+    id: str
+    name: str
+    description: str
+    handlers: dict[str, Any]
+    handler_contracts: dict[str, Any] | None
+    metadata: dict[str, Any] = _metadata
+    status: str
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+
+
+class VersionOut(ResponseBody):
+    model_id: str
+    version: str
+    description: str
+    metadata: dict[str, Any] = _metadata
+    status: str
+    handlers: dict[str, Any]
+    handler_contracts: dict[str, Any] | None
+    features: list[Any] | None
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+
+
+class ModelUpdated(ModelOut):
+    new_version: VersionOut | None = Field(
+        default=None, description="the pending version generated because the model is active (null otherwise)"
+    )
+
+
+class ModelAndVersion(BaseModel):
+    model: ModelOut
+    version: VersionOut
+
+
+class TriggeredEvent(BaseModel):
+    """One firing: ``job_id`` when the target action was triggered, ``error`` when it was not."""
+
+    subscription_id: str
+    job_id: str | None = Field(default=None, description="present when the target action was triggered")
+    error: str | None = Field(default=None, description="present when the target action failed to trigger")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class VersionStatusChanged(ModelAndVersion):
+    triggered_events: list[TriggeredEvent]
+
+
+class InferenceStarted(BaseModel):
+    inference_job_id: str
+
+
+class SubscriptionOut(ResponseBody):
+    id: uuid.UUID
+    source_model_id: str
+    trigger_event: str
+    target_model_id: str
+    target_action: str
+    input_source: str
+    input: dict[str, Any] | None
+    label: str | None
+    status: str
+    warnings: list[str]
+    # set on replay subscriptions (``subscribe: true`` on an assignment job): the replay re-runs
+    # through this assignment key in this scope
+    client_id: str | None = None
+    domain_id: str | None = None
+    service_id: str | None = None
+    assignment_key: str | None = None
+    created_at: UtcDatetime
+    updated_at: UtcDatetime

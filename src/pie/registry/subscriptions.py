@@ -1,0 +1,214 @@
+"""Event subscriptions (spec 8): CRUD, stored-input warnings and ``subscribe: true``.
+
+A subscription belongs to its source model (the path's ``model_id``). Replay subscriptions made
+by ``subscribe: true`` on an assignment job carry a tenant scope (``client_id`` ...); callers
+see and change only those of tenants they may access (admins: all), others answer 404.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import Response
+from sqlalchemy import ColumnElement, delete, null, or_, select, true
+from sqlalchemy.ext.asyncio import AsyncSession
+from uuid6 import uuid7
+
+from pie.auth import Principal
+from pie.errors import NotFound, Unprocessable
+from pie.jsonschemas import validation_error
+from pie.pagination import PageParams, paginate
+from pie.registry.handlers import input_schema
+from pie.registry.models import EventSubscription, Model
+from pie.registry.schemas import SubscriptionCreate, SubscriptionUpdate
+
+
+def new_subscription_id() -> uuid.UUID:
+    """UUIDv7: time-ordered, so listing by id lists in creation order."""
+    return uuid.UUID(str(uuid7()))
+
+
+def visible_to(principal: Principal) -> ColumnElement[bool]:
+    if principal.is_admin:
+        return true()
+    return or_(EventSubscription.client_id.is_(None), EventSubscription.client_id.in_(sorted(principal.tenants)))
+
+
+def input_warnings(target: Model, action: str, value: dict[str, Any] | None) -> list[str]:
+    """Warnings (not errors) for a stored input failing the target model's ``input_schema``."""
+    schema = input_schema(target.handler_contracts, action)
+    if schema is None or value is None:
+        return []
+    error = validation_error(schema, value)
+    if error is None:
+        return []
+    return [f"stored input does not match the {action} input_schema of model {target.id}: {error}"]
+
+
+async def _source_model(session: AsyncSession, model_id: str) -> Model:
+    model = await session.get(Model, model_id)
+    if model is None:
+        raise NotFound(f"model {model_id} not found")
+    return model
+
+
+async def _target_model(session: AsyncSession, model_id: str) -> Model:
+    model = await session.get(Model, model_id, populate_existing=True)
+    if model is None:
+        raise Unprocessable(f"target model {model_id} does not exist")
+    return model
+
+
+async def list_subscriptions(
+    session: AsyncSession, model_id: str, principal: Principal, page: PageParams, response: Response
+) -> list[EventSubscription]:
+    await _source_model(session, model_id)
+    stmt = select(EventSubscription).where(EventSubscription.source_model_id == model_id, visible_to(principal))
+    return await paginate(session, stmt, [EventSubscription.id], page, response)
+
+
+async def get_subscription(
+    session: AsyncSession, model_id: str, subscription_id: uuid.UUID, principal: Principal, *, for_update: bool = False
+) -> EventSubscription:
+    stmt = (
+        select(EventSubscription)
+        .where(
+            EventSubscription.id == subscription_id,
+            EventSubscription.source_model_id == model_id,
+            visible_to(principal),
+        )
+        .execution_options(populate_existing=True)
+    )
+    if for_update:
+        stmt = stmt.with_for_update()
+    found = await session.scalar(stmt)
+    if found is None:
+        await _source_model(session, model_id)
+        raise NotFound(f"model {model_id} has no event subscription {subscription_id}")
+    return found
+
+
+def _check_input(input_source: str, value: dict[str, Any] | None) -> None:
+    if input_source == "stored" and value is None:
+        raise Unprocessable("input is required when input_source is 'stored'")
+    if input_source == "trigger_output" and value is not None:
+        raise Unprocessable("input must be omitted when input_source is 'trigger_output' (the trigger's output is used)")
+
+
+async def create_subscription(session: AsyncSession, model_id: str, body: SubscriptionCreate) -> EventSubscription:
+    await _source_model(session, model_id)
+    _check_input(body.input_source, body.input)
+    target = await _target_model(session, body.target_model_id)
+    subscription = EventSubscription(
+        id=new_subscription_id(),
+        source_model_id=model_id,
+        trigger_event=body.trigger_event,
+        target_model_id=target.id,
+        target_action=body.target_action,
+        input_source=body.input_source,
+        input=_json_or_null(body.input),
+        label=body.label,
+        status=body.status,
+        warnings=input_warnings(target, body.target_action, body.input),
+    )
+    session.add(subscription)
+    await session.flush()
+    await session.refresh(subscription)
+    return subscription
+
+
+async def update_subscription(
+    session: AsyncSession, model_id: str, subscription_id: uuid.UUID, body: SubscriptionUpdate, principal: Principal
+) -> EventSubscription:
+    """Partial update. Warnings are recomputed against the target's current contract; setting
+    ``status: active`` on a stale subscription re-activates it."""
+    subscription = await get_subscription(session, model_id, subscription_id, principal, for_update=True)
+    given = body.model_fields_set
+    if "input" in given:
+        _check_input(subscription.input_source, body.input)
+        subscription.input = _json_or_null(body.input)
+    if "label" in given:
+        subscription.label = body.label
+    if "status" in given:
+        if body.status is None:
+            raise Unprocessable("status cannot be null")
+        subscription.status = body.status
+    target = await _target_model(session, subscription.target_model_id)
+    stored = body.input if "input" in given else subscription.input
+    subscription.warnings = input_warnings(target, subscription.target_action, stored)
+    await session.flush()
+    await session.refresh(subscription)
+    return subscription
+
+
+async def delete_subscription(
+    session: AsyncSession, model_id: str, subscription_id: uuid.UUID, principal: Principal
+) -> None:
+    subscription = await get_subscription(session, model_id, subscription_id, principal, for_update=True)
+    await session.execute(delete(EventSubscription).where(EventSubscription.id == subscription.id))
+    session.expunge(subscription)
+
+
+async def subscribe_inference(
+    session: AsyncSession,
+    *,
+    model_id: str,
+    input: dict[str, Any],
+    client_id: str | None = None,
+    domain_id: str | None = None,
+    service_id: str | None = None,
+    assignment_key: str | None = None,
+    label: str | None = None,
+) -> EventSubscription:
+    """``subscribe: true``: store ``input`` as a ``training_complete -> inference / stored``
+    subscription with source = target = ``model_id``, so the inference is replayed after
+    retraining. With an assignment scope (``client_id``, ``domain_id``, ``service_id`` or None for
+    domain scope, ``assignment_key``) the replay re-runs through that key's active revision.
+
+    An identical active subscription (same model, input and scope) is reused, so repeating the
+    same subscribed call does not multiply replays."""
+    existing = await session.scalar(
+        select(EventSubscription)
+        .where(
+            EventSubscription.source_model_id == model_id,
+            EventSubscription.target_model_id == model_id,
+            EventSubscription.trigger_event == "training_complete",
+            EventSubscription.target_action == "inference",
+            EventSubscription.input_source == "stored",
+            EventSubscription.status == "active",
+            EventSubscription.input == input,
+            EventSubscription.client_id.is_not_distinct_from(client_id),
+            EventSubscription.domain_id.is_not_distinct_from(domain_id),
+            EventSubscription.service_id.is_not_distinct_from(service_id),
+            EventSubscription.assignment_key.is_not_distinct_from(assignment_key),
+        )
+        .limit(1)
+    )
+    if existing is not None:
+        return existing
+    target = await _target_model(session, model_id)
+    subscription = EventSubscription(
+        id=new_subscription_id(),
+        source_model_id=model_id,
+        trigger_event="training_complete",
+        target_model_id=model_id,
+        target_action="inference",
+        input_source="stored",
+        input=input,
+        label=label,
+        status="active",
+        warnings=input_warnings(target, "inference", input),
+        client_id=client_id,
+        domain_id=domain_id,
+        service_id=service_id,
+        assignment_key=assignment_key,
+    )
+    session.add(subscription)
+    await session.flush()
+    await session.refresh(subscription)
+    return subscription
+
+
+def _json_or_null(value: Any) -> Any:
+    return null() if value is None else value
