@@ -78,10 +78,36 @@ def validate_feature_definitions(definitions: Any) -> list[dict[str, Any]]:
     problems = definition_problems(definitions)
     if problems:
         raise Unprocessable("invalid feature definitions: " + "; ".join(problems))
+    # documented fields first; any extra keys (e.g. a description) are kept as sent
     return [
-        {"name": d["name"], "json_schema": d["json_schema"], "mandatory": bool(d.get("mandatory", False))}
+        {
+            "name": d["name"],
+            "json_schema": d["json_schema"],
+            "mandatory": bool(d.get("mandatory", False)),
+            **{k: v for k, v in d.items() if k not in ("name", "json_schema", "mandatory")},
+        }
         for d in definitions
     ]
+
+
+def describe_failures(failures: Iterable[FeatureFailure], *, limit: int = 10) -> str:
+    """One human-readable line naming each failing feature, its value and the reason."""
+    failures = list(failures)
+    text = "; ".join(f.describe() for f in failures[:limit])
+    if len(failures) > limit:
+        text += f"; and {len(failures) - limit} more"
+    return text
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _memo_key(value: Any) -> Any:
+    """A hashable identity for a JSON value: scalars by (type, value) (so ``True``, ``1`` and
+    ``1.0`` stay distinct), containers by their canonical JSON."""
+    if type(value) in _SCALARS:
+        return (type(value), value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 class Resolver:
@@ -92,15 +118,20 @@ class Resolver:
     def __init__(self, definitions: Iterable[dict[str, Any]]):
         self.definitions = list(definitions)
         self.names = {d["name"] for d in self.definitions}
-        self._memo: dict[tuple[str, str], str | None] = {}
+        self._memo: dict[tuple[str, Any], str | None] = {}
 
     def _check(self, definition: dict[str, Any], value: Any) -> str | None:
-        key = (definition["name"], json.dumps(value, sort_keys=True, separators=(",", ":")))
+        key = (definition["name"], _memo_key(value))
         try:
             return self._memo[key]
         except KeyError:
             result = self._memo[key] = validation_error(definition["json_schema"], value)
             return result
+
+    @property
+    def validations(self) -> int:
+        """How many distinct (feature, value) pairs were actually validated."""
+        return len(self._memo)
 
     def resolve(
         self, provided: dict[str, Any], *, unknown: Literal["reject", "ignore"] = "reject"

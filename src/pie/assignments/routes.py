@@ -1,3 +1,233 @@
-from fastapi import APIRouter
+"""Assignments in domain and service scope (spec 6) and assignment jobs (spec 9.1)."""
 
-router = APIRouter()
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Response
+
+from pie.assignments import logic
+from pie.assignments.schemas import (
+    AssignmentCreate,
+    AssignmentJobRequest,
+    AssignmentOut,
+    AssignmentUpsert,
+    JobStarted,
+)
+from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
+from pie.pagination import PageParams
+from pie.schemas import KEY_PATTERN
+
+router = APIRouter(prefix="/v2/clients/{client_id}/domains/{domain_id}", tags=["assignments"])
+
+KeyPath = Annotated[str, Path(pattern=KEY_PATTERN, examples=["default", "forecast"])]
+StatusQuery = Annotated[Literal["active", "archived"] | None, Query(description="only revisions in this status")]
+Page = Annotated[PageParams, Depends()]
+
+_BLOCKED = {
+    422: {
+        "description": "Semantically invalid request. A domain upsert blocked by services answers "
+        "`{error, blocking_services: [{service_id, feature, value, reason}]}`; every other 422 "
+        "uses the standard `{success, message}` envelope.",
+        "content": {
+            "application/json": {
+                "example": {
+                    "error": "cannot assign model m version 3: 1 service(s) have incompatible provided_features",
+                    "blocking_services": [
+                        {"service_id": "svc-a", "feature": "route", "value": "Melbourne", "reason": "..."}
+                    ],
+                }
+            }
+        },
+    }
+}
+
+
+# -- domain scope --------------------------------------------------------------------------------
+
+
+@router.post(
+    "/assignments", operation_id="upsertdomainmodelassignment", response_model=AssignmentOut, responses=_BLOCKED
+)
+async def upsert_domain_assignment(
+    domain_id: DomainIdPath, body: AssignmentCreate, session: Session, scope: TenantScope = tenant("manage_domains")
+):
+    """Create or update a domain assignment by the key in the body: the previous active
+    revision is archived and a new one inserted, after the freeze check of every non-departed
+    service (for an active revision)."""
+    return await logic.upsert_domain_assignment(session, scope, domain_id, body.assignment_key, body)
+
+
+@router.get("/assignments", operation_id="listdomainmodelassignments", response_model=list[AssignmentOut])
+async def list_domain_assignments(
+    domain_id: DomainIdPath,
+    session: Session,
+    response: Response,
+    page: Page,
+    status: StatusQuery = None,
+    scope: TenantScope = tenant("read_domains"),
+):
+    return await logic.list_assignments(session, scope, domain_id, None, status, page, response)
+
+
+@router.put(
+    "/assignments/{assignment_key}",
+    operation_id="putdomainmodelassignment",
+    response_model=AssignmentOut,
+    responses=_BLOCKED,
+)
+async def put_domain_assignment(
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    body: AssignmentUpsert,
+    session: Session,
+    scope: TenantScope = tenant("manage_domains"),
+):
+    return await logic.upsert_domain_assignment(session, scope, domain_id, assignment_key, body)
+
+
+@router.get("/assignments/{assignment_key}", operation_id="getdomainmodelassignment", response_model=AssignmentOut)
+async def get_domain_assignment(
+    domain_id: DomainIdPath, assignment_key: KeyPath, session: Session, scope: TenantScope = tenant("read_domains")
+):
+    """The key's active revision (404 if none)."""
+    return await logic.get_active(session, scope, domain_id, None, assignment_key)
+
+
+@router.get(
+    "/assignments/{assignment_key}/revisions",
+    operation_id="listdomainmodelassignmentrevisions",
+    response_model=list[AssignmentOut],
+)
+async def list_domain_assignment_revisions(
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    session: Session,
+    response: Response,
+    page: Page,
+    scope: TenantScope = tenant("read_domains"),
+):
+    """Every revision of the key, newest first."""
+    return await logic.list_revisions(session, scope, domain_id, None, assignment_key, page, response)
+
+
+@router.post(
+    "/assignments/{assignment_key}/jobs",
+    operation_id="rundomainmodelassignmentjob",
+    response_model=JobStarted,
+    status_code=202,
+)
+async def run_domain_assignment_job(
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    session: Session,
+    body: AssignmentJobRequest | None = None,
+    scope: TenantScope = tenant("run_inference"),
+):
+    """Start a job through the key's active revision; poll `GET /v2/jobs/{job_id}`."""
+    job = await logic.run_assignment_job(
+        session, scope, domain_id, None, assignment_key, body or AssignmentJobRequest()
+    )
+    return {"job_id": job.job_id}
+
+
+# -- service scope -------------------------------------------------------------------------------
+
+
+@router.post(
+    "/service/{service_id}/assignments", operation_id="upsertservicemodelassignment", response_model=AssignmentOut
+)
+async def upsert_service_assignment(
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    body: AssignmentCreate,
+    session: Session,
+    scope: TenantScope = tenant("manage_domains"),
+):
+    """Create or update a service assignment by the key in the body (no domain-wide check)."""
+    return await logic.upsert_service_assignment(session, scope, domain_id, service_id, body.assignment_key, body)
+
+
+@router.get(
+    "/service/{service_id}/assignments", operation_id="listservicemodelassignments", response_model=list[AssignmentOut]
+)
+async def list_service_assignments(
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    session: Session,
+    response: Response,
+    page: Page,
+    status: StatusQuery = None,
+    scope: TenantScope = tenant("read_domains"),
+):
+    return await logic.list_assignments(session, scope, domain_id, service_id, status, page, response)
+
+
+@router.put(
+    "/service/{service_id}/assignments/{assignment_key}",
+    operation_id="putservicemodelassignment",
+    response_model=AssignmentOut,
+)
+async def put_service_assignment(
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    assignment_key: KeyPath,
+    body: AssignmentUpsert,
+    session: Session,
+    scope: TenantScope = tenant("manage_domains"),
+):
+    return await logic.upsert_service_assignment(session, scope, domain_id, service_id, assignment_key, body)
+
+
+@router.get(
+    "/service/{service_id}/assignments/{assignment_key}",
+    operation_id="getservicemodelassignment",
+    response_model=AssignmentOut,
+)
+async def get_service_assignment(
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    assignment_key: KeyPath,
+    session: Session,
+    scope: TenantScope = tenant("read_domains"),
+):
+    return await logic.get_active(session, scope, domain_id, service_id, assignment_key)
+
+
+@router.get(
+    "/service/{service_id}/assignments/{assignment_key}/revisions",
+    operation_id="listservicemodelassignmentrevisions",
+    response_model=list[AssignmentOut],
+)
+async def list_service_assignment_revisions(
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    assignment_key: KeyPath,
+    session: Session,
+    response: Response,
+    page: Page,
+    scope: TenantScope = tenant("read_domains"),
+):
+    return await logic.list_revisions(session, scope, domain_id, service_id, assignment_key, page, response)
+
+
+@router.post(
+    "/service/{service_id}/assignments/{assignment_key}/jobs",
+    operation_id="runservicemodelassignmentjob",
+    response_model=JobStarted,
+    status_code=202,
+)
+async def run_service_assignment_job(
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    assignment_key: KeyPath,
+    session: Session,
+    body: AssignmentJobRequest | None = None,
+    scope: TenantScope = tenant("run_inference"),
+):
+    """Start a job through the service's key; the handler receives the service's
+    `resolved_features` as `features`."""
+    job = await logic.run_assignment_job(
+        session, scope, domain_id, service_id, assignment_key, body or AssignmentJobRequest()
+    )
+    return {"job_id": job.job_id}

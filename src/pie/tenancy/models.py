@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import CheckConstraint, ForeignKey, ForeignKeyConstraint, Index, String, text
@@ -42,3 +42,8 @@ class Service(Timestamps, Base):
         CheckConstraint("status IN ('initializing', 'available', 'failed')", name="status"),
         Index("ix_services_departure", "client_id", "domain_id", "departure_datetime"),
     )
+
+    @property
+    def departed(self) -> bool:
+        """Departed: ``departure_datetime`` set and not in the future (spec 5.5)."""
+        return self.departure_datetime is not None and self.departure_datetime <= datetime.now(timezone.utc)

@@ -1,3 +1,122 @@
-from fastapi import APIRouter
+"""Domains, live features and services (spec 5)."""
 
-router = APIRouter()
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Response
+
+from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
+from pie.pagination import PageParams
+from pie.tenancy import logic
+from pie.tenancy.schemas import (
+    BatchInitOut,
+    DomainCreate,
+    DomainOut,
+    DomainUpdate,
+    FeaturesOut,
+    FeaturesUpdate,
+    ServiceInit,
+    ServiceInitOut,
+    ServiceOut,
+    ServiceUpdate,
+)
+
+router = APIRouter(prefix="/v2/clients/{client_id}/domains", tags=["domains"])
+
+
+@router.post("", operation_id="createdomain", response_model=DomainOut, status_code=201)
+async def create_domain(body: DomainCreate, session: Session, scope: TenantScope = tenant("manage_domains")):
+    """Create a domain; `domain_id` is generated when omitted; `features` are validated (422)."""
+    return await logic.create_domain(session, scope, body)
+
+
+@router.get("", operation_id="listdomains", response_model=list[DomainOut])
+async def list_domains(
+    session: Session,
+    response: Response,
+    page: Annotated[PageParams, Depends()],
+    scope: TenantScope = tenant("read_domains"),
+):
+    return await logic.list_domains(session, scope, page, response)
+
+
+@router.get("/{domain_id}", operation_id="getdomain", response_model=DomainOut)
+async def get_domain(domain_id: DomainIdPath, session: Session, scope: TenantScope = tenant("read_domains")):
+    return await logic.load_domain(session, scope.client_id, domain_id)
+
+
+@router.patch("/{domain_id}", operation_id="updatedomain", response_model=DomainOut)
+async def update_domain(
+    domain_id: DomainIdPath, body: DomainUpdate, session: Session, scope: TenantScope = tenant("manage_domains")
+):
+    return await logic.update_domain(session, scope, domain_id, body)
+
+
+@router.get("/{domain_id}/features", operation_id="getdomainfeatures", response_model=list[dict[str, Any]])
+async def get_domain_features(domain_id: DomainIdPath, session: Session, scope: TenantScope = tenant("read_domains")):
+    """The live feature definitions (the next-train draft), a bare array."""
+    return (await logic.load_domain(session, scope.client_id, domain_id)).features
+
+
+@router.put("/{domain_id}/features", operation_id="updatedomainfeatures", response_model=FeaturesOut)
+async def update_domain_features(
+    domain_id: DomainIdPath, body: FeaturesUpdate, session: Session, scope: TenantScope = tenant("manage_domains")
+):
+    """Full replacement, persist-only: no service is re-resolved or re-run."""
+    return {"features": await logic.replace_features(session, scope, domain_id, body.features)}
+
+
+@router.post(
+    "/{domain_id}/service/init", operation_id="initdomainservice", response_model=ServiceInitOut, status_code=202
+)
+async def init_domain_service(
+    domain_id: DomainIdPath, body: ServiceInit, session: Session, scope: TenantScope = tenant("init_services")
+):
+    """Store the service (status `initializing`) and start its init job through the active
+    `default` assignment."""
+    service, job = await logic.init_service(session, scope, domain_id, body)
+    return {"service_id": service.service_id, "job_id": job.job_id}
+
+
+@router.get("/{domain_id}/services", operation_id="listdomainservices", response_model=list[ServiceOut])
+async def list_domain_services(
+    domain_id: DomainIdPath,
+    session: Session,
+    response: Response,
+    page: Annotated[PageParams, Depends()],
+    departed: Annotated[bool | None, Query(description="only departed (true) or non-departed (false)")] = None,
+    scope: TenantScope = tenant("read_domains"),
+):
+    return await logic.list_services(session, scope, domain_id, departed, page, response)
+
+
+@router.post(
+    "/{domain_id}/services/init",
+    operation_id="initalldomainservices",
+    response_model=BatchInitOut,
+    status_code=202,
+)
+async def init_all_domain_services(
+    domain_id: DomainIdPath, session: Session, scope: TenantScope = tenant("init_services")
+):
+    """A fresh init job for every non-departed service, with its stored `resolved_features`."""
+    return {"dispatched_services": await logic.reinit_all_services(session, scope, domain_id)}
+
+
+@router.get("/{domain_id}/service/{service_id}", operation_id="getdomainservice", response_model=ServiceOut)
+async def get_domain_service(
+    domain_id: DomainIdPath, service_id: ServiceIdPath, session: Session, scope: TenantScope = tenant("read_domains")
+):
+    return await logic.get_service(session, scope, domain_id, service_id)
+
+
+@router.put("/{domain_id}/service/{service_id}", operation_id="updatedomainservice", response_model=ServiceOut)
+async def update_domain_service(
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    body: ServiceUpdate,
+    session: Session,
+    scope: TenantScope = tenant("init_services"),
+):
+    return await logic.update_service(session, scope, domain_id, service_id, body)

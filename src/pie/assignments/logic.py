@@ -1,0 +1,305 @@
+"""Assignment revisions (spec 6) and assignment jobs (spec 9.1). Plain functions over a
+session: they flush, never commit.
+
+Writing a key archives its active revision and inserts the new one in the caller's transaction.
+Concurrent upserts of one key serialize on a row lock taken first: the domain row
+(``FOR NO KEY UPDATE``) for domain-scope keys, the service row for service-scope keys; the
+partial unique indexes ``uq_assignments_active_*`` make a second active revision impossible
+regardless.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Response
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pie.assignments import freeze
+from pie.assignments.models import Assignment
+from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert
+from pie.deps import TenantScope
+from pie.errors import NotFound, Unprocessable
+from pie.jobs.logic import create_job
+from pie.jobs.models import Job
+from pie.jsonschemas import validation_error
+from pie.pagination import PageParams, paginate
+from pie.registry.models import EventSubscription, ModelVersion
+from pie.tenancy.logic import DEFAULT_KEY, ensure_domain_active, load_domain, load_service, schema_of
+from pie.tenancy.models import Domain
+
+
+def _scope_filter(client_id: str, domain_id: str, service_id: str | None) -> list[Any]:
+    return [
+        Assignment.client_id == client_id,
+        Assignment.domain_id == domain_id,
+        Assignment.service_id.is_(None) if service_id is None else Assignment.service_id == service_id,
+    ]
+
+
+def _scope_name(domain_id: str, service_id: str | None) -> str:
+    return f"domain {domain_id}" if service_id is None else f"service {service_id} of domain {domain_id}"
+
+
+async def model_reference(session: AsyncSession, model_id: str, model_version: str) -> ModelVersion:
+    """The version an upsert points at: it must exist and not be ``failed`` (422 otherwise)."""
+    version = await session.get(ModelVersion, (model_id, model_version))
+    if version is None:
+        raise Unprocessable(f"invalid model reference: model {model_id} version {model_version} does not exist")
+    if version.status == "failed":
+        raise Unprocessable(f"invalid model reference: model {model_id} version {model_version} has failed")
+    return version
+
+
+async def _write_revision(
+    session: AsyncSession,
+    *,
+    client_id: str,
+    domain_id: str,
+    service_id: str | None,
+    key: str,
+    body: AssignmentUpsert,
+) -> Assignment:
+    """Archive the active revision of the key (if any) and insert the new one. The caller holds
+    the scope's row lock; ``clock_timestamp()`` orders revisions by when they were written."""
+    await session.execute(
+        update(Assignment)
+        .where(*_scope_filter(client_id, domain_id, service_id), Assignment.assignment_key == key)
+        .where(Assignment.status == "active")
+        .values(status="archived", updated_at=func.clock_timestamp())
+    )
+    stmt = (
+        insert(Assignment)
+        .values(
+            client_id=client_id,
+            domain_id=domain_id,
+            service_id=service_id,
+            assignment_key=key,
+            model_id=body.model_id,
+            model_version=body.model_version,
+            status=body.status,
+            role=body.role,
+            settings=body.settings,
+            metadata_=body.metadata,
+            created_at=func.clock_timestamp(),
+            updated_at=func.clock_timestamp(),
+        )
+        .returning(Assignment)
+    )
+    return (await session.scalars(stmt, execution_options={"populate_existing": True})).one()
+
+
+async def upsert_domain_assignment(
+    session: AsyncSession, scope: TenantScope, domain_id: str, key: str, body: AssignmentUpsert
+) -> Assignment:
+    """Domain scope: for an active revision, the freeze check (6.2) of every non-departed
+    service first; for the ``default`` key, then the patches and the re-resolve of everyone."""
+    scope.ensure_writable()
+    domain = await load_domain(session, scope.client_id, domain_id, lock="update")
+    ensure_domain_active(domain)
+    updates = body.service_updates or []
+    if updates and key != DEFAULT_KEY:
+        raise Unprocessable("service_updates are only allowed on the domain's default assignment")
+    if updates and body.status != "active":
+        raise Unprocessable("service_updates are only allowed when assigning an active default revision")
+    seen: set[str] = set()
+    for entry in updates:
+        if entry.service_id in seen:
+            raise Unprocessable(f"service_updates names service {entry.service_id} more than once")
+        seen.add(entry.service_id)
+    version = await model_reference(session, body.model_id, body.model_version)
+
+    plan = None
+    if body.status == "active":
+        plan = await freeze.check_domain(
+            session,
+            client_id=scope.client_id,
+            domain_id=domain_id,
+            definitions=schema_of(version, domain),
+            service_updates=[(u.service_id, u.static_features) for u in updates],
+            model_id=body.model_id,
+            model_version=body.model_version,
+        )
+    revision = await _write_revision(
+        session, client_id=scope.client_id, domain_id=domain_id, service_id=None, key=key, body=body
+    )
+    if plan is not None and key == DEFAULT_KEY:
+        await freeze.apply_plan(session, client_id=scope.client_id, domain_id=domain_id, plan=plan)
+    return revision
+
+
+async def upsert_service_assignment(
+    session: AsyncSession, scope: TenantScope, domain_id: str, service_id: str, key: str, body: AssignmentUpsert
+) -> Assignment:
+    """Service scope: no domain-wide check."""
+    scope.ensure_writable()
+    domain = await load_domain(session, scope.client_id, domain_id, lock="share")
+    await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
+    ensure_domain_active(domain)
+    if body.service_updates:
+        raise Unprocessable("service_updates are only allowed on the domain's default assignment")
+    await model_reference(session, body.model_id, body.model_version)
+    return await _write_revision(
+        session, client_id=scope.client_id, domain_id=domain_id, service_id=service_id, key=key, body=body
+    )
+
+
+async def _ensure_scope(session: AsyncSession, client_id: str, domain_id: str, service_id: str | None) -> Domain:
+    domain = await load_domain(session, client_id, domain_id)
+    if service_id is not None:
+        await load_service(session, client_id, domain_id, service_id)
+    return domain
+
+
+async def list_assignments(
+    session: AsyncSession,
+    scope: TenantScope,
+    domain_id: str,
+    service_id: str | None,
+    status: str | None,
+    page: PageParams,
+    response: Response,
+) -> list[Assignment]:
+    await _ensure_scope(session, scope.client_id, domain_id, service_id)
+    stmt = select(Assignment).where(*_scope_filter(scope.client_id, domain_id, service_id))
+    if status is not None:
+        stmt = stmt.where(Assignment.status == status)
+    return await paginate(
+        session, stmt, [Assignment.assignment_key, Assignment.created_at, Assignment.assignment_id], page, response
+    )
+
+
+async def get_active(
+    session: AsyncSession, scope: TenantScope, domain_id: str, service_id: str | None, key: str
+) -> Assignment:
+    await _ensure_scope(session, scope.client_id, domain_id, service_id)
+    revision = await _active_revision(session, scope.client_id, domain_id, service_id, key)
+    if revision is None:
+        raise NotFound(f"no active assignment {key} in {_scope_name(domain_id, service_id)}")
+    return revision
+
+
+async def list_revisions(
+    session: AsyncSession,
+    scope: TenantScope,
+    domain_id: str,
+    service_id: str | None,
+    key: str,
+    page: PageParams,
+    response: Response,
+) -> list[Assignment]:
+    """Every revision of the key, newest first (404 if the key never existed in the scope)."""
+    await _ensure_scope(session, scope.client_id, domain_id, service_id)
+    if not await _key_exists(session, scope.client_id, domain_id, service_id, key):
+        raise NotFound(f"assignment {key} not found in {_scope_name(domain_id, service_id)}")
+    stmt = select(Assignment).where(
+        *_scope_filter(scope.client_id, domain_id, service_id), Assignment.assignment_key == key
+    )
+    return await paginate(
+        session, stmt, [Assignment.created_at, Assignment.assignment_id], page, response, descending=True
+    )
+
+
+async def _active_revision(
+    session: AsyncSession, client_id: str, domain_id: str, service_id: str | None, key: str
+) -> Assignment | None:
+    stmt = select(Assignment).where(
+        *_scope_filter(client_id, domain_id, service_id),
+        Assignment.assignment_key == key,
+        Assignment.status == "active",
+    )
+    return await session.scalar(stmt)
+
+
+async def _key_exists(session: AsyncSession, client_id: str, domain_id: str, service_id: str | None, key: str) -> bool:
+    stmt = (
+        select(Assignment.assignment_id)
+        .where(*_scope_filter(client_id, domain_id, service_id), Assignment.assignment_key == key)
+        .limit(1)
+    )
+    return (await session.scalar(stmt)) is not None
+
+
+# -- assignment jobs (spec 9.1) ------------------------------------------------------------------
+
+
+async def run_assignment_job(
+    session: AsyncSession,
+    scope: TenantScope,
+    domain_id: str,
+    service_id: str | None,
+    key: str,
+    body: AssignmentJobRequest,
+) -> Job:
+    """Start a job through the key's active revision; the job keeps that revision's id."""
+    # the domain row FOR SHARE: a concurrent default upsert (re-resolving services, freezing
+    # the schema) is either fully before this job or fully after it
+    domain = await load_domain(session, scope.client_id, domain_id, lock="share")
+    service = await load_service(session, scope.client_id, domain_id, service_id) if service_id else None
+    revision = await _active_revision(session, scope.client_id, domain_id, service_id, key)
+    if revision is None and not await _key_exists(session, scope.client_id, domain_id, service_id, key):
+        raise NotFound(f"assignment {key} not found in {_scope_name(domain_id, service_id)}")
+    scope.ensure_writable()
+    ensure_domain_active(domain)
+    if revision is None:
+        raise Unprocessable(f"assignment {key} is archived in {_scope_name(domain_id, service_id)}: no active revision")
+    if body.subscribe and body.job_type != "inference":
+        raise Unprocessable("subscribe is only valid for inference jobs")
+
+    version = await session.get(ModelVersion, (revision.model_id, revision.model_version))
+    assert version is not None  # foreign key
+    if version.status == "failed":
+        raise Unprocessable(f"model {version.model_id} version {version.version} has failed; reassign {key}")
+    contract = ((version.handler_contracts or {}).get(body.job_type) or {}).get("input_schema")
+    if contract is not None:
+        error = validation_error(contract, body.input)
+        if error is not None:
+            raise Unprocessable(
+                f"input does not match the {body.job_type} input_schema of model {version.model_id} "
+                f"version {version.version}: {error}"
+            )
+
+    if body.job_type == "training" and service_id is None:
+        # first training through a domain assignment freezes the live features onto the version
+        await session.execute(
+            update(ModelVersion)
+            .where(
+                ModelVersion.model_id == version.model_id,
+                ModelVersion.version == version.version,
+                ModelVersion.features.is_(None),
+            )
+            .values(features=domain.features, updated_at=func.now())
+        )
+
+    job = await create_job(
+        session,
+        job_type=body.job_type,
+        model_id=revision.model_id,
+        model_version=revision.model_version,
+        input=body.input,
+        features=service.resolved_features if service is not None else None,
+        assignment_id=revision.assignment_id,
+        client_id=scope.client_id,
+        domain_id=domain_id,
+        service_id=service_id,
+    )
+    if body.subscribe:
+        session.add(
+            EventSubscription(
+                source_model_id=revision.model_id,
+                trigger_event="training_complete",
+                target_model_id=revision.model_id,
+                target_action="inference",
+                input_source="stored",
+                input=body.input,
+                label=f"replay through assignment {key} ({_scope_name(domain_id, service_id)})",
+                client_id=scope.client_id,
+                domain_id=domain_id,
+                service_id=service_id,
+                assignment_key=key,
+            )
+        )
+        await session.flush()
+    return job

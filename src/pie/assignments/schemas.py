@@ -1,0 +1,68 @@
+"""Request and response bodies of assignments and assignment jobs (spec 6, 9.1)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field
+
+from pie.schemas import AssignmentKey, Identifier, RequestBody, ResponseBody, UtcDatetime
+from pie.tenancy.schemas import JsonObject
+
+
+class ServiceUpdateEntry(RequestBody):
+    """Patch of one service's ``provided_features`` during a domain ``default`` upsert."""
+
+    service_id: Identifier
+    static_features: JsonObject
+
+
+class AssignmentUpsert(RequestBody):
+    """Body of the keyed PUT routes."""
+
+    model_id: Identifier
+    model_version: Identifier
+    status: Literal["active", "archived"] = "active"
+    role: str | None = None
+    settings: JsonObject = Field(default_factory=dict)
+    metadata: JsonObject = Field(default_factory=dict)
+    service_updates: list[ServiceUpdateEntry] | None = Field(
+        default=None, description="domain `default` assignment upserts only"
+    )
+
+
+class AssignmentCreate(AssignmentUpsert):
+    """Body of the collection POST routes: the key travels in the body."""
+
+    assignment_key: AssignmentKey
+
+
+class AssignmentOut(ResponseBody):
+    assignment_id: uuid.UUID
+    client_id: str
+    domain_id: str
+    service_id: str | None
+    assignment_key: str
+    model_id: str
+    model_version: str
+    status: str
+    role: str | None
+    settings: dict[str, Any]
+    metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+
+
+class AssignmentJobRequest(RequestBody):
+    job_type: Literal["inference", "training"] = "inference"
+    input: JsonObject = Field(default_factory=dict, description="payload forwarded to the model handler")
+    subscribe: bool = Field(
+        default=False,
+        description="inference only: store this input as a replay subscription that re-runs through "
+        "the same assignment key after the model is retrained",
+    )
+
+
+class JobStarted(ResponseBody):
+    job_id: str

@@ -1,0 +1,305 @@
+"""Domains, live features and services (spec 5). Plain functions over a session: they flush,
+never commit (the request's unit of work commits).
+
+Locking (so the freeze check of a ``default`` assignment upsert can never miss a service):
+service init/update and batch re-init take the domain row ``FOR SHARE``; a domain assignment
+upsert takes it ``FOR NO KEY UPDATE``. The two conflict, so a service is either written before
+the upsert checks the domain (and is checked) or after it commits (and is resolved under the
+new governing schema).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import uuid6
+from fastapi import Response
+from sqlalchemy import and_, func, literal, or_, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import ColumnElement
+
+from pie.assignments.models import Assignment
+from pie.deps import TenantScope
+from pie.errors import Conflict, NotFound, Unprocessable
+from pie.features import describe_failures, merge_patch, resolve_features, validate_feature_definitions
+from pie.jobs.logic import create_job, notify_new_jobs
+from pie.jobs.models import Job
+from pie.pagination import PageParams, paginate
+from pie.registry.models import ModelVersion
+from pie.tenancy.models import Domain, Service
+from pie.tenancy.schemas import DomainCreate, DomainUpdate, ServiceInit, ServiceUpdate
+
+DomainLock = Literal["share", "update"] | None
+
+DEFAULT_KEY = "default"
+SERVICE_INIT = "service_init"  # Job.purpose of init and re-init jobs: their end sets the service status
+
+
+# -- domains -------------------------------------------------------------------------------------
+
+
+async def load_domain(session: AsyncSession, client_id: str, domain_id: str, *, lock: DomainLock = None) -> Domain:
+    """The domain (404 if absent in this tenant), optionally row-locked ``FOR SHARE`` or
+    ``FOR NO KEY UPDATE``."""
+    stmt = select(Domain).where(Domain.client_id == client_id, Domain.domain_id == domain_id)
+    if lock == "share":
+        stmt = stmt.with_for_update(read=True)
+    elif lock == "update":
+        stmt = stmt.with_for_update(key_share=True)
+    if lock is not None:
+        # re-read the row after waiting for a lock, not the identity map's stale copy
+        stmt = stmt.execution_options(populate_existing=True)
+    domain = await session.scalar(stmt)
+    if domain is None:
+        raise NotFound(f"domain {domain_id} not found")
+    return domain
+
+
+def ensure_domain_active(domain: Domain) -> None:
+    if domain.status != "active":
+        raise Unprocessable(f"domain {domain.domain_id} is not active")
+
+
+async def create_domain(session: AsyncSession, scope: TenantScope, body: DomainCreate) -> Domain:
+    scope.ensure_writable()
+    features = validate_feature_definitions(body.features) if body.features is not None else []
+    domain_id = body.domain_id or str(uuid6.uuid7())
+    stmt = (
+        insert(Domain)
+        .values(client_id=scope.client_id, domain_id=domain_id, name=body.name, features=features)
+        .on_conflict_do_nothing(index_elements=[Domain.client_id, Domain.domain_id])
+        .returning(Domain)
+    )
+    domain = await session.scalar(stmt)
+    if domain is None:
+        raise Conflict(f"domain {domain_id} already exists")
+    return domain
+
+
+async def list_domains(session: AsyncSession, scope: TenantScope, page: PageParams, response: Response) -> list[Domain]:
+    stmt = select(Domain).where(Domain.client_id == scope.client_id)
+    return await paginate(session, stmt, [Domain.domain_id], page, response)
+
+
+async def update_domain(session: AsyncSession, scope: TenantScope, domain_id: str, body: DomainUpdate) -> Domain:
+    scope.ensure_writable()
+    domain = await load_domain(session, scope.client_id, domain_id, lock="update")
+    if "name" in body.model_fields_set:
+        domain.name = body.name
+    if body.status is not None:
+        domain.status = body.status
+    await session.flush()
+    await session.refresh(domain)
+    return domain
+
+
+async def replace_features(session: AsyncSession, scope: TenantScope, domain_id: str, features: list[Any]) -> list[Any]:
+    """Persist-only (spec 5.2): writes the live definitions, touches no service."""
+    scope.ensure_writable()
+    definitions = validate_feature_definitions(features)
+    domain = await load_domain(session, scope.client_id, domain_id, lock="update")
+    domain.features = definitions
+    await session.flush()
+    return definitions
+
+
+# -- the governing schema ------------------------------------------------------------------------
+
+
+async def active_default(
+    session: AsyncSession, client_id: str, domain_id: str
+) -> tuple[Assignment, ModelVersion] | None:
+    """The domain's active ``default`` assignment revision and the version behind it."""
+    stmt = (
+        select(Assignment, ModelVersion)
+        .join(
+            ModelVersion,
+            and_(ModelVersion.model_id == Assignment.model_id, ModelVersion.version == Assignment.model_version),
+        )
+        .where(
+            Assignment.client_id == client_id,
+            Assignment.domain_id == domain_id,
+            Assignment.service_id.is_(None),
+            Assignment.assignment_key == DEFAULT_KEY,
+            Assignment.status == "active",
+        )
+    )
+    row = (await session.execute(stmt)).first()
+    return None if row is None else (row[0], row[1])
+
+
+def schema_of(version: ModelVersion | None, domain: Domain) -> list[Any]:
+    """A version's frozen schema, or the domain's live features when it has none (spec 5.3)."""
+    if version is not None and version.features is not None:
+        return version.features
+    return domain.features
+
+
+async def require_default(session: AsyncSession, domain: Domain) -> tuple[Assignment, ModelVersion]:
+    found = await active_default(session, domain.client_id, domain.domain_id)
+    if found is None:
+        raise Unprocessable(f"no model assigned: domain {domain.domain_id} has no active default assignment")
+    version = found[1]
+    if version.status == "failed":
+        raise Unprocessable(
+            f"the default assignment points at model {version.model_id} version {version.version}, which has failed"
+        )
+    return found
+
+
+# -- services ------------------------------------------------------------------------------------
+
+
+def not_departed() -> ColumnElement[bool]:
+    """SQL: the service takes part in freeze checks and batch re-init."""
+    return or_(Service.departure_datetime.is_(None), Service.departure_datetime > func.now())
+
+
+def _resolve_or_422(provided: dict[str, Any], definitions: list[Any]) -> dict[str, Any]:
+    resolved, failures = resolve_features(provided, definitions, unknown="reject")
+    if failures:
+        raise Unprocessable("static_features do not match the governing feature schema: " + describe_failures(failures))
+    return resolved
+
+
+async def init_service(session: AsyncSession, scope: TenantScope, domain_id: str, body: ServiceInit) -> tuple[Service, Job]:
+    scope.ensure_writable()
+    domain = await load_domain(session, scope.client_id, domain_id, lock="share")
+    ensure_domain_active(domain)
+    assignment, version = await require_default(session, domain)
+    resolved = _resolve_or_422(body.static_features, schema_of(version, domain))
+    stmt = (
+        insert(Service)
+        .values(
+            client_id=scope.client_id,
+            domain_id=domain_id,
+            service_id=body.service_id,
+            status="initializing",
+            departure_datetime=body.departure_datetime,
+            provided_features=body.static_features,
+            resolved_features=resolved,
+        )
+        .on_conflict_do_nothing(index_elements=[Service.client_id, Service.domain_id, Service.service_id])
+        .returning(Service)
+    )
+    service = await session.scalar(stmt)
+    if service is None:
+        raise Conflict(f"service {body.service_id} already exists in domain {domain_id}")
+    job = await create_job(
+        session,
+        job_type="inference",
+        model_id=assignment.model_id,
+        model_version=assignment.model_version,
+        assignment_id=assignment.assignment_id,
+        client_id=scope.client_id,
+        domain_id=domain_id,
+        service_id=body.service_id,
+        input=resolved,
+        features=resolved,
+        purpose=SERVICE_INIT,
+    )
+    return service, job
+
+
+async def load_service(
+    session: AsyncSession, client_id: str, domain_id: str, service_id: str, *, for_update: bool = False
+) -> Service:
+    stmt = select(Service).where(
+        Service.client_id == client_id, Service.domain_id == domain_id, Service.service_id == service_id
+    )
+    if for_update:
+        stmt = stmt.with_for_update(key_share=True).execution_options(populate_existing=True)
+    service = await session.scalar(stmt)
+    if service is None:
+        raise NotFound(f"service {service_id} not found in domain {domain_id}")
+    return service
+
+
+async def get_service(session: AsyncSession, scope: TenantScope, domain_id: str, service_id: str) -> Service:
+    await load_domain(session, scope.client_id, domain_id)
+    return await load_service(session, scope.client_id, domain_id, service_id)
+
+
+async def list_services(
+    session: AsyncSession,
+    scope: TenantScope,
+    domain_id: str,
+    departed: bool | None,
+    page: PageParams,
+    response: Response,
+) -> list[Service]:
+    await load_domain(session, scope.client_id, domain_id)
+    stmt = select(Service).where(Service.client_id == scope.client_id, Service.domain_id == domain_id)
+    if departed is True:
+        stmt = stmt.where(~not_departed())
+    elif departed is False:
+        stmt = stmt.where(not_departed())
+    return await paginate(session, stmt, [Service.service_id], page, response)
+
+
+async def update_service(
+    session: AsyncSession, scope: TenantScope, domain_id: str, service_id: str, body: ServiceUpdate
+) -> Service:
+    """Shallow-merge ``static_features`` (null removes a key), re-resolve against the governing
+    schema (422, nothing written, on failure), replace ``departure_datetime`` when given."""
+    scope.ensure_writable()
+    domain = await load_domain(session, scope.client_id, domain_id, lock="share")
+    ensure_domain_active(domain)
+    service = await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
+    default = await active_default(session, scope.client_id, domain_id)
+    definitions = schema_of(default[1] if default else None, domain)
+    provided = merge_patch(service.provided_features, body.static_features)
+    resolved = _resolve_or_422(provided, definitions)
+    service.provided_features = provided
+    service.resolved_features = resolved
+    if "departure_datetime" in body.model_fields_set:
+        service.departure_datetime = body.departure_datetime
+    await session.flush()
+    await session.refresh(service)
+    return service
+
+
+async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_id: str) -> list[str]:
+    """One fresh inference job per non-departed service through the active default assignment,
+    with the stored ``resolved_features``: a single ``INSERT ... SELECT`` (no per-service round
+    trips). Stored features are not touched."""
+    scope.ensure_writable()
+    domain = await load_domain(session, scope.client_id, domain_id, lock="share")
+    ensure_domain_active(domain)
+    assignment, _version = await require_default(session, domain)
+    rows = select(
+        literal("inference"),
+        literal(assignment.model_id),
+        literal(assignment.model_version),
+        literal(assignment.assignment_id),
+        Service.client_id,
+        Service.domain_id,
+        Service.service_id,
+        literal(SERVICE_INIT),
+        Service.resolved_features,
+        Service.resolved_features,
+    ).where(Service.client_id == scope.client_id, Service.domain_id == domain_id, not_departed())
+    stmt = (
+        insert(Job)
+        .from_select(
+            [
+                Job.job_type,
+                Job.model_id,
+                Job.model_version,
+                Job.assignment_id,
+                Job.client_id,
+                Job.domain_id,
+                Job.service_id,
+                Job.purpose,
+                Job.input,
+                Job.features,
+            ],
+            rows,
+        )
+        .returning(Job.service_id)
+    )
+    dispatched = sorted((await session.scalars(stmt)).all())
+    if dispatched:
+        await notify_new_jobs(session)
+    return dispatched

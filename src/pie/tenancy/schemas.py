@@ -1,0 +1,117 @@
+"""Request and response bodies of domains, features and services (spec 5)."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity (Python's parser accepts them); refuse them as bad input."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite (NaN and Infinity are not JSON)")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+def _datetime_string(value: Any) -> Any:
+    if value is not None and not isinstance(value, (str, datetime)):
+        raise ValueError("must be an ISO-8601 date-time string")
+    return value
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    """A date-time without an offset is taken as UTC."""
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_finite)]
+JsonList = Annotated[list[Any], AfterValidator(_finite)]
+# ISO-8601 string in, aware UTC datetime out (RequestBody is strict; JSON has no datetime type)
+InputDatetime = Annotated[
+    datetime, BeforeValidator(_datetime_string), Field(strict=False), AfterValidator(_as_utc)
+]
+
+
+# -- domains -------------------------------------------------------------------------------------
+
+
+class DomainCreate(RequestBody):
+    domain_id: Identifier | None = Field(default=None, description="generated (UUIDv7) when omitted")
+    name: str | None = None
+    features: JsonList | None = Field(default=None, description="live feature definitions (spec 5.2)")
+
+
+class DomainUpdate(RequestBody):
+    name: str | None = None
+    status: Literal["active", "inactive"] | None = None
+
+
+class DomainOut(ResponseBody):
+    client_id: str
+    domain_id: str
+    name: str | None
+    status: str
+    features: list[Any]
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+
+
+class FeaturesUpdate(RequestBody):
+    features: JsonList
+
+
+class FeaturesOut(ResponseBody):
+    features: list[Any]
+
+
+# -- services ------------------------------------------------------------------------------------
+
+
+class ServiceInit(RequestBody):
+    service_id: Identifier
+    departure_datetime: InputDatetime | None = None
+    static_features: JsonObject = Field(default_factory=dict)
+
+
+class ServiceUpdate(RequestBody):
+    departure_datetime: InputDatetime | None = Field(
+        default=None, description="replaced when given; an explicit null clears it"
+    )
+    static_features: JsonObject = Field(
+        default_factory=dict, description="shallow-merged into provided_features; a null value removes the key"
+    )
+
+
+class ServiceOut(ResponseBody):
+    domain_id: str
+    service_id: str
+    status: str
+    departure_datetime: UtcDatetime | None
+    departed: bool
+    provided_features: dict[str, Any]
+    resolved_features: dict[str, Any]
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+
+
+class ServiceInitOut(ResponseBody):
+    service_id: str
+    job_id: str
+
+
+class BatchInitOut(ResponseBody):
+    dispatched_services: list[str]
