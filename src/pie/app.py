@@ -14,13 +14,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pie import db
 from pie.auth import TokenVerifier
 from pie.config import Settings, get_settings
-from pie.errors import install_error_handlers
+from pie.errors import install_error_handlers, internal_error_response
 
 log = logging.getLogger("pie")
 
 
 class RequestIdMiddleware:
-    """Gives every request an id (``X-Request-ID``, kept if the caller sent a sane one)."""
+    """Gives every request an id (``X-Request-ID``, kept if the caller sent a sane one) and turns
+    an unhandled exception into the 500 envelope — logged once, with the request id, the
+    traceback in the log and never in the body."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -33,12 +35,24 @@ class RequestIdMiddleware:
         request_id = incoming if incoming and len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
 
+        response_started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal response_started
             if message["type"] == "http.response.start":
+                response_started = True
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception(
+                "unhandled error in request %s %s %s", request_id, scope.get("method"), scope.get("path")
+            )
+            if response_started:  # too late for an error body; let the server drop the connection
+                raise
+            await internal_error_response(request_id)(scope, receive, send_with_id)
 
 
 def _include_routers(app: FastAPI) -> None:
@@ -78,12 +92,12 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
             db.init_engine(database_url or resolve_database_url(settings))
             owns_engine = True
         dispatcher = None
-        if settings.run_dispatcher:
-            from pie.dispatch.dispatcher import Dispatcher
-
-            dispatcher = Dispatcher(settings=settings, name="api")
-            await dispatcher.start()
         try:
+            if settings.run_dispatcher:
+                from pie.dispatch.dispatcher import Dispatcher
+
+                dispatcher = Dispatcher(settings=settings, name="api")
+                await dispatcher.start()
             yield
         finally:
             if dispatcher is not None:
@@ -104,6 +118,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.state.settings = settings
     app.state.verifier = TokenVerifier(settings)
     install_error_handlers(app)
+    # the last added middleware is the outermost: CORS wraps everything, 500s included
+    app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -112,6 +128,5 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
             allow_headers=["*"],
             expose_headers=["X-Next-Cursor", "X-Request-ID"],
         )
-    app.add_middleware(RequestIdMiddleware)
     _include_routers(app)
     return app

@@ -7,17 +7,22 @@ token into a :class:`Principal` and answers permission and tenant questions abou
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from jose import JWTError, jwk, jwt
+from jose import JOSEError, jwk, jwt
 
 from pie.config import Settings
-from pie.errors import Forbidden, Unauthorized
+from pie.errors import Forbidden, ServiceUnavailable, Unauthorized
+
+log = logging.getLogger("pie.auth")
 
 SCOPE_PREFIX = "streamline/"
 
@@ -37,6 +42,7 @@ CLIENT_GROUP_PERMISSIONS = frozenset(
 )
 ADMIN_GROUP = "admin"
 CLIENT_GROUP_PREFIX = "client:"
+DEV_SECRET_FILE = "dev-jwt-secret"
 
 
 @dataclass(frozen=True)
@@ -114,15 +120,22 @@ def dev_secret(settings: Settings) -> str | None:
         return settings.jwt_secret
     if settings.cognito_jwks_url:
         return None
-    path = Path(settings.data_dir) / "dev-jwt-secret"
+    path = Path(settings.data_dir) / DEV_SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return path.read_text().strip() or None
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_urlsafe(48)
-        path.touch(mode=0o600)
-        path.write_text(value)
-        return value
+        # O_EXCL: when two processes start at once, exactly one secret is written
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # the creator may not have written it yet
+            value = path.read_text().strip()
+            if value:
+                return value
+            time.sleep(0.01)
+        raise RuntimeError(f"{path} is empty; delete it or set PIE_JWT_SECRET")
+    value = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    return value
 
 
 def mint_dev_token(
@@ -163,51 +176,78 @@ def mint_dev_token(
 
 class JWKSCache:
     """Cognito signing keys, fetched once and refetched when an unknown ``kid`` shows up — at
-    most once per cooldown, so a stream of garbage ``kid``s cannot hammer the endpoint."""
+    most once per cooldown, so a stream of garbage ``kid``s cannot hammer the endpoint.
 
-    def __init__(self, url: str, cooldown: float):
+    ``clock`` is injectable (tests)."""
+
+    def __init__(self, url: str, cooldown: float, *, clock: Callable[[], float] = time.monotonic):
         self.url = url
         self.cooldown = cooldown
+        self.clock = clock
         self.keys: dict[str, dict[str, Any]] = {}
         self.last_fetch: float | None = None
+        self.last_error: str | None = None
         self.fetch_count = 0
         self._lock = asyncio.Lock()
 
     async def _fetch(self) -> None:
-        self.last_fetch = time.monotonic()
+        self.last_fetch = self.clock()
         self.fetch_count += 1
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            response = await client.get(self.url)
-            response.raise_for_status()
-            data = response.json()
-        self.keys = {k["kid"]: k for k in data.get("keys", []) if isinstance(k, dict) and "kid" in k}
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                response = await client.get(self.url)
+                response.raise_for_status()
+                data = response.json()
+            if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+                raise ValueError("JWKS document has no 'keys' list")
+        except (httpx.HTTPError, ValueError) as exc:
+            self.last_error = f"{exc.__class__.__name__}: {exc}"
+            log.warning("cannot fetch signing keys from %s: %s", self.url, self.last_error)
+            return
+        self.last_error = None
+        self.keys = {
+            k["kid"]: k for k in data["keys"] if isinstance(k, dict) and isinstance(k.get("kid"), str)
+        }
 
     async def get(self, kid: str) -> dict[str, Any] | None:
+        """The key for ``kid``, or None when it is unknown even after a (cooldown-limited)
+        refetch. 503 when the keys cannot be fetched at all (not the caller's fault)."""
         if kid in self.keys:
             return self.keys[kid]
         async with self._lock:
             if kid in self.keys:
                 return self.keys[kid]
-            if self.last_fetch is None or time.monotonic() - self.last_fetch >= self.cooldown:
-                try:
-                    await self._fetch()
-                except (httpx.HTTPError, ValueError) as exc:
-                    raise Unauthorized(f"cannot fetch signing keys: {exc.__class__.__name__}") from exc
-            return self.keys.get(kid)
+            if self.last_fetch is None or self.clock() - self.last_fetch >= self.cooldown:
+                await self._fetch()
+            if kid in self.keys:
+                return self.keys[kid]
+            if self.last_error is not None:
+                raise ServiceUnavailable("cannot fetch the token signing keys; try again later")
+            return None
 
 
 class TokenVerifier:
+    """Turns a bearer token into a :class:`Principal`; every rejection is a 401."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.secret = dev_secret(settings)
         jwks_url = settings.cognito_jwks_url
+        if jwks_url and not settings.cognito_issuer:
+            raise RuntimeError(
+                "PIE_JWKS_URL is set without an issuer: set PIE_JWT_RS256_ISSUER "
+                "(or PIE_COGNITO_REGION and PIE_COGNITO_USER_POOL_ID)"
+            )
         self.jwks = JWKSCache(jwks_url, settings.jwks_refetch_cooldown_seconds) if jwks_url else None
 
     async def verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
-        except JWTError as exc:
+        except (JOSEError, ValueError, TypeError) as exc:
             raise Unauthorized("malformed bearer token") from exc
+        if not isinstance(header, dict):
+            raise Unauthorized("malformed bearer token")
+        # only the configured algorithm(s): never "none", never HS256 where RS256 is configured
         alg = header.get("alg")
         if alg == "RS256" and self.jwks is not None:
             claims = await self._verify_rs256(token, header)
@@ -219,39 +259,44 @@ class TokenVerifier:
 
     def _verify_hs256(self, token: str) -> dict[str, Any]:
         assert self.secret is not None
-        try:
-            return jwt.decode(
-                token,
-                self.secret,
-                algorithms=["HS256"],
-                issuer=self.settings.jwt_issuer,
-                options={"require_exp": True, "require_iss": True, "verify_aud": False},
-            )
-        except JWTError as exc:
-            raise Unauthorized(f"invalid token: {exc}") from exc
+        return self._decode(token, self.secret, "HS256", self.settings.jwt_issuer)
 
     async def _verify_rs256(self, token: str, header: dict[str, Any]) -> dict[str, Any]:
         assert self.jwks is not None
         kid = header.get("kid")
-        if not isinstance(kid, str):
+        if not isinstance(kid, str) or not kid:
             raise Unauthorized("token has no key id")
         key = await self.jwks.get(kid)
         if key is None:
             raise Unauthorized("unknown signing key")
+        if key.get("kty") != "RSA" or key.get("alg", "RS256") != "RS256":
+            raise Unauthorized("signing key is not an RS256 key")
         try:
             public_key = jwk.construct(key, algorithm="RS256")
-            claims = jwt.decode(
-                token,
-                public_key,
-                algorithms=["RS256"],
-                issuer=self.settings.cognito_issuer,
-                options={"require_exp": True, "require_iss": True, "verify_aud": False},
-            )
-        except JWTError as exc:
-            raise Unauthorized(f"invalid token: {exc}") from exc
+        except (JOSEError, ValueError, TypeError) as exc:
+            raise Unauthorized("unusable signing key") from exc
+        claims = self._decode(token, public_key, "RS256", self.settings.cognito_issuer)
         if claims.get("token_use") != "access":
             raise Unauthorized("not an access token")
         allowed = self.settings.cognito_app_client_ids
         if allowed and claims.get("client_id") not in allowed:
             raise Unauthorized("app client not allowed")
+        return claims
+
+    @staticmethod
+    def _decode(token: str, key: Any, algorithm: str, issuer: str | None) -> dict[str, Any]:
+        if not issuer:
+            raise Unauthorized("no issuer configured for this token type")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                issuer=issuer,
+                options={"require_exp": True, "require_iss": True, "verify_aud": False},
+            )
+        except (JOSEError, ValueError, TypeError) as exc:
+            raise Unauthorized(f"invalid token: {exc}") from exc
+        if not isinstance(claims, dict):
+            raise Unauthorized("invalid token: claims are not an object")
         return claims

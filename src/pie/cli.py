@@ -16,25 +16,22 @@ def _configure_logging() -> None:
         level=os.environ.get("PIE_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pgserver logs every pg_ctl invocation with its full output at INFO
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pie import db
     from pie.app import create_app
     from pie.embedded import resolve_database_url
 
     settings = get_settings()
-    url = resolve_database_url(settings)  # embedded: started and migrated here
-    if settings.database_url and not args.no_migrate:
-        from pie.migrate import upgrade
-
-        upgrade(url)
+    # embedded: started (and always migrated) here; an external database unless --no-migrate
+    url = resolve_database_url(settings, migrate=not (settings.database_url and args.no_migrate))
     app = create_app(settings, database_url=url)
     print(f"PIE v2 listening on http://{args.host}:{args.port}  (docs: /v2/docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, proxy_headers=True)
-    del db
     return 0
 
 
@@ -52,11 +49,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     url = resolve_database_url(settings, migrate=False)
-    if args.revision.startswith("-") or args.down:
-        downgrade(url, args.revision if args.revision != "head" else "base")
+    if args.down or args.revision.startswith("-"):
+        target = "base" if args.revision == "head" else args.revision
+        downgrade(url, target)
+        print(f"database migrated down to {target}")
     else:
         upgrade(url, args.revision)
-    print(f"database migrated ({'down to' if args.down else 'up to'} {args.revision})")
+        print(f"database migrated up to {args.revision}")
     return 0
 
 

@@ -91,7 +91,53 @@ def _describe_validation_error(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts) if parts else "invalid request"
 
 
+# SQLSTATEs of integrity violations the logic should have caught first (the safety net)
+_INTEGRITY_STATUS = {
+    "23505": (409, "conflict: the record already exists"),  # unique_violation
+    "23P01": (409, "conflict: the change overlaps an existing record"),  # exclusion_violation
+    "23503": (409, "conflict: a referenced record does not exist or is still referenced"),  # foreign_key
+    "23514": (422, "the change violates a data rule"),  # check_violation
+    "23502": (422, "a required value is missing"),  # not_null_violation
+}
+# transaction conflicts: safe for the caller to retry
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization, deadlock, lock not available
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+
+
+def _constraint(exc: BaseException) -> str | None:
+    diag = getattr(getattr(exc, "orig", None), "diag", None)
+    return getattr(diag, "constraint_name", None)
+
+
+def database_error_response(exc: BaseException) -> JSONResponse | None:
+    """The envelope for a database error that is not a server bug, or None."""
+    from sqlalchemy import exc as sa_exc
+
+    state = _sqlstate(exc)
+    if isinstance(exc, sa_exc.IntegrityError):
+        status, message = _INTEGRITY_STATUS.get(state or "", (409, "conflict with the stored data"))
+        constraint = _constraint(exc)
+        return envelope(status, f"{message} ({constraint})" if constraint else message)
+    if isinstance(exc, sa_exc.DBAPIError) and state in _RETRYABLE_SQLSTATES:
+        return envelope(409, "conflict with a concurrent change; retry the request")
+    if isinstance(exc, (sa_exc.TimeoutError, sa_exc.InterfaceError)) or (
+        isinstance(exc, sa_exc.OperationalError) and (state is None or state.startswith("08") or state.startswith("57P"))
+    ):
+        return envelope(503, "database unavailable; try again later")
+    return None
+
+
+def internal_error_response(request_id: str) -> JSONResponse:
+    return envelope(500, f"internal server error (request id {request_id})")
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
     @app.exception_handler(PieError)
     async def _pie_error(request: Request, exc: PieError) -> JSONResponse:
         if exc.status_code >= 500:
@@ -112,8 +158,21 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"method {request.method} not allowed on {request.url.path}"
         return envelope(exc.status_code, message, getattr(exc, "headers", None))
 
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", "-")
+        response = database_error_response(exc)
+        if response is None:
+            log.exception("database error in request %s %s %s", request_id, request.method, request.url.path)
+            return internal_error_response(request_id)
+        log.warning("request %s %s %s: %s", request_id, request.method, request.url.path, exc.__class__.__name__)
+        return response
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # normally RequestIdMiddleware answers first; this covers errors outside it
         request_id = getattr(request.state, "request_id", "-")
-        log.exception("unhandled error in request %s %s %s", request_id, request.method, request.url.path)
-        return envelope(500, f"internal server error (request id {request_id})")
+        log.error(
+            "unhandled error in request %s %s %s", request_id, request.method, request.url.path, exc_info=exc
+        )
+        return internal_error_response(request_id)

@@ -7,16 +7,27 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+# the source checkout (editable install): <root>/src/pie/migrate.py
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def migrations_root() -> Path:
+    """The directory holding ``migrations/``: the source checkout, or (a regular install, e.g.
+    the Docker image) the working directory the project was copied to."""
+    for candidate in (ROOT, Path.cwd()):
+        if (candidate / "migrations" / "env.py").is_file():
+            return candidate
+    raise RuntimeError(
+        f"cannot find the Alembic migrations (looked in {ROOT} and {Path.cwd()}); "
+        "run from the project directory"
+    )
+
+
 def alembic_config(database_url: str) -> Config:
-    ini = ROOT / "alembic.ini"
-    if ini.exists():
-        cfg = Config(str(ini))
-    else:  # installed without the source tree: migrations are shipped beside the package
-        cfg = Config()
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    root = migrations_root()
+    ini = root / "alembic.ini"
+    cfg = Config(str(ini)) if ini.exists() else Config()
+    cfg.set_main_option("script_location", str(root / "migrations"))
     cfg.attributes["database_url"] = database_url
     return cfg
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import Query, Response
-from sqlalchemy import Select, tuple_
+from sqlalchemy import Select, literal, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.errors import BadRequest
@@ -31,15 +35,52 @@ class PageParams:
         try:
             padded = self.cursor + "=" * (-len(self.cursor) % 4)
             values = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
             raise BadRequest("invalid cursor") from exc
         if not isinstance(values, list):
             raise BadRequest("invalid cursor")
         return values
 
 
+def _cursor_value(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)  # uuid, Decimal, ...
+
+
 def encode_cursor(values: Sequence[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps([str(v) for v in values]).encode()).decode().rstrip("=")
+    raw = json.dumps([_cursor_value(v) for v in values], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _python_type(column: Any) -> type | None:
+    try:
+        return column.type.python_type
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _typed(column: Any, value: Any) -> Any:
+    """A cursor value converted to the key column's Python type; BadRequest when it cannot be."""
+    kind = _python_type(column)
+    try:
+        if kind is None:
+            return value
+        if kind is int and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return int(value)
+        if kind is str and isinstance(value, str) and "\x00" not in value:
+            return value
+        if kind is uuid.UUID and isinstance(value, str):
+            return uuid.UUID(value)
+        if kind is datetime and isinstance(value, str):
+            return datetime.fromisoformat(value)
+        if kind is Decimal and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return Decimal(value)
+    except (ValueError, ArithmeticError) as exc:
+        raise BadRequest("invalid cursor") from exc
+    raise BadRequest("invalid cursor")
 
 
 async def paginate(
@@ -51,12 +92,14 @@ async def paginate(
     *,
     descending: bool = False,
 ) -> list[Any]:
-    """Run ``stmt`` (selecting one ORM entity) ordered by the unique ``keys`` columns, one page."""
+    """Run ``stmt`` (selecting one ORM entity) ordered by the unique, non-null ``keys`` columns
+    (ORM attributes of that entity: text, integer, uuid or timestamp), one page."""
     after = page.decode()
     if after is not None:
         if len(after) != len(keys):
             raise BadRequest("invalid cursor")
-        cond = tuple_(*keys) < tuple_(*after) if descending else tuple_(*keys) > tuple_(*after)
+        bound = tuple_(*[literal(_typed(k, v), type_=k.type) for k, v in zip(keys, after)])
+        cond = tuple_(*keys) < bound if descending else tuple_(*keys) > bound
         stmt = stmt.where(cond)
     order = [k.desc() for k in keys] if descending else list(keys)
     rows = list((await session.scalars(stmt.order_by(*order).limit(page.limit + 1))).all())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastapi import Response
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -11,7 +12,6 @@ from pie.clients.models import Client
 from pie.clients.schemas import ClientCreate, ClientUpdate
 from pie.errors import Conflict, NotFound
 from pie.pagination import PageParams, paginate
-from fastapi import Response
 
 
 def visible_clients(principal: Principal):
@@ -50,10 +50,14 @@ async def create_client(session: AsyncSession, body: ClientCreate) -> Client:
 
 async def update_client(session: AsyncSession, client_id: str, body: ClientUpdate) -> Client:
     client = await get_client(session, client_id, for_update=True)
-    if body.name is not None:
+    changed = False
+    if body.name is not None and body.name != client.name:
         client.name = body.name
-    if body.status is not None:
+        changed = True
+    if body.status is not None and body.status != client.status:
         client.status = body.status
-    await session.flush()
-    await session.refresh(client)
+        changed = True
+    if changed:
+        await session.flush()
+        await session.refresh(client)  # the server-side updated_at
     return client

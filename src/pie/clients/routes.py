@@ -1,14 +1,14 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
 
 from pie.auth import Principal
 from pie.clients import logic
 from pie.clients.schemas import ClientCreate, ClientOut, ClientUpdate
 from pie.deps import ClientIdPath, Session, TenantScope, require, tenant
 from pie.pagination import PageParams
-from typing import Annotated
-from fastapi import Depends
 
 router = APIRouter(prefix="/v2/clients", tags=["clients"])
 
@@ -20,17 +20,20 @@ async def list_clients(
     page: Annotated[PageParams, Depends()],
     principal: Principal = require("read_domains"),
 ):
-    """Clients the caller may access (admins: all). A bare JSON array."""
+    """Clients the caller may access (admins: all), ordered by `client_id`. A bare JSON array;
+    the next page's cursor comes back in `X-Next-Cursor`."""
     return await logic.list_clients(session, principal, page, response)
 
 
 @router.post("", operation_id="createclient", response_model=ClientOut, status_code=201)
 async def create_client(body: ClientCreate, session: Session, principal: Principal = require("admin")):
+    """Register a tenant (admin only). 409 if `client_id` exists."""
     return await logic.create_client(session, body)
 
 
 @router.get("/{client_id}", operation_id="getclient", response_model=ClientOut)
 async def get_client(scope: TenantScope = tenant("read_domains")):
+    """One client the caller may access."""
     return scope.client
 
 
@@ -38,4 +41,6 @@ async def get_client(scope: TenantScope = tenant("read_domains")):
 async def update_client(
     client_id: ClientIdPath, body: ClientUpdate, session: Session, principal: Principal = require("admin")
 ):
+    """Rename, suspend or reactivate a client (admin only). A suspended client can still be
+    read; writes and job launches under it are 422."""
     return await logic.update_client(session, client_id, body)

@@ -1,18 +1,22 @@
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import StringConstraints
 
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
+
+ClientName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 
 
 class ClientCreate(RequestBody):
     client_id: Identifier
-    name: str
+    name: ClientName
 
 
 class ClientUpdate(RequestBody):
-    name: str | None = None
+    name: ClientName | None = None
     status: Literal["active", "suspended"] | None = None
 
 
@@ -20,6 +24,6 @@ class ClientOut(ResponseBody):
     client_id: str
     client_uuid: uuid.UUID
     name: str
-    status: str
+    status: Literal["active", "suspended"]
     created_at: UtcDatetime
     updated_at: UtcDatetime
