@@ -19,14 +19,15 @@ depends_on = None
 
 UUID7_FUNCTION = """
 CREATE OR REPLACE FUNCTION pie_uuid7() RETURNS uuid AS $$
-  -- RFC 9562 UUIDv7: 48-bit unix-ms timestamp, version 7, random rest
+  -- RFC 9562 UUIDv7 (method 3): 48-bit unix-ms timestamp, version 7, 12 bits of
+  -- sub-millisecond clock fraction (so ids sort in creation order), random rest
   SELECT encode(
-    set_bit(set_bit(
-      overlay(uuid_send(gen_random_uuid()) PLACING
-              substring(int8send(floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
-              FROM 1 FOR 6),
-      52, 1), 53, 1),
+    overlay(uuid_send(gen_random_uuid()) PLACING
+            substring(int8send(t.us / 1000) FROM 3)
+            || int2send((28672 + (t.us % 1000) * 4096 / 1000)::smallint)
+            FROM 1 FOR 8),
     'hex')::uuid
+  FROM (SELECT floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS us) AS t
 $$ LANGUAGE sql VOLATILE
 """
 

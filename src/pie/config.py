@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     job_timeout_seconds: float = 3600.0
     in_process_lease_seconds: float = 300.0
     in_process_workers: int = 4
+    # how often a dispatcher looks for timed-out jobs and expired in-process leases
+    dispatch_sweep_interval: float = 5.0
 
     # AWS
     aws_region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "PIE_AWS_REGION"))

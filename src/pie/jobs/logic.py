@@ -3,19 +3,35 @@
 ``create_job`` is the one way a job comes to exist: it writes the row inside the caller's
 transaction (the transactional outbox) and queues a NOTIFY that PostgreSQL delivers only if
 that transaction commits, waking the dispatchers.
+
+``finish_jobs`` is the one way a job ends (the completion route, in-process handlers, the
+dispatcher's give-up and time-out paths): it locks the rows, records the outcome, checks the
+output contract, sets the status of a service whose init job ended, fires ``inference_complete``
+subscriptions and announces the end on ``pie_job_done`` (``?wait=`` long-polls listen there).
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
+from fastapi import Response
+from sqlalchemy import and_, bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pie.auth import Principal
+from pie.errors import Conflict, Forbidden, NotFound
 from pie.jobs.models import Job
+from pie.jsonschemas import validation_error
+from pie.pagination import PageParams, paginate
+
+log = logging.getLogger("pie.jobs")
 
 NOTIFY_CHANNEL = "pie_jobs"
+DONE_CHANNEL = "pie_job_done"
+ENDED = frozenset({"success", "failure"})
 
 
 async def notify_new_jobs(session: AsyncSession) -> None:
@@ -59,3 +75,286 @@ async def create_job(
     await session.refresh(job)
     await notify_new_jobs(session)
     return job
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def ensure_can_read(principal: Principal, job: Job) -> None:
+    """read_models or run_inference; a job launched in a tenant scope needs that tenant."""
+    if not (principal.has("read_models") or principal.has("run_inference")):
+        raise Forbidden("missing permission read_models or run_inference")
+    if job.client_id is not None and not principal.can_access(job.client_id):
+        raise Forbidden(f"no access to client {job.client_id}")
+
+
+async def get_job(session: AsyncSession, principal: Principal, job_id: str) -> Job:
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    ensure_can_read(principal, job)
+    return job
+
+
+async def list_jobs(
+    session: AsyncSession,
+    principal: Principal,
+    page: PageParams,
+    response: Response,
+    *,
+    client_id: str | None = None,
+    domain_id: str | None = None,
+    service_id: str | None = None,
+    status: str | None = None,
+    model_id: str | None = None,
+) -> list[Job]:
+    """Newest first. Non-admins see jobs of the clients they may access, and jobs launched
+    outside any tenant only when they hold read_models."""
+    if not (principal.has("read_models") or principal.has("run_inference")):
+        raise Forbidden("missing permission read_models or run_inference")
+    stmt = select(Job)
+    if client_id is not None:
+        principal.require_tenant(client_id)
+        stmt = stmt.where(Job.client_id == client_id)
+    elif not principal.is_admin:
+        visible = [Job.client_id.in_(sorted(principal.tenants))] if principal.tenants else []
+        if principal.has("read_models"):
+            visible.append(Job.client_id.is_(None))
+        if not visible:
+            return []
+        stmt = stmt.where(or_(*visible))
+    if domain_id is not None:
+        stmt = stmt.where(Job.domain_id == domain_id)
+    if service_id is not None:
+        stmt = stmt.where(Job.service_id == service_id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if model_id is not None:
+        stmt = stmt.where(Job.model_id == model_id)
+    return await paginate(session, stmt, [Job.job_id], page, response, descending=True)
+
+
+# --------------------------------------------------------------------------------------------
+# ending
+
+
+@dataclass
+class Completion:
+    """One job's outcome, as reported by a handler or decided by the dispatcher."""
+
+    job_id: str
+    status: str  # success | failure
+    output: Any = None
+    error: Any = None
+
+
+@dataclass
+class Outcome:
+    job_id: str
+    model_id: str
+    model_version: str
+    status: str
+    triggered_events: list[dict[str, Any]] = field(default_factory=list)
+    # "completed" (this call ended it), "repeat" (already ended the same way: nothing done),
+    # "conflict" (already ended with the other status: nothing done)
+    result: str = "completed"
+
+    @property
+    def dispatch_errors(self) -> bool:
+        return any("error" in event for event in self.triggered_events)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "model_id": self.model_id,
+            "model_version": self.model_version,
+            "status": self.status,
+            "triggered_events": self.triggered_events,
+        }
+
+
+DEFAULT_FAILURE = {"code": "handler_failure", "message": "the handler reported a failure without details"}
+
+_jobs = Job.__table__
+_finish_stmt = (
+    update(_jobs)
+    .where(_jobs.c.job_id == bindparam("b_job_id"))
+    .values(
+        status=bindparam("b_status"),
+        output=bindparam("b_output"),
+        error=bindparam("b_error"),
+        warnings=bindparam("b_warnings"),
+        completed_at=func.now(),
+        updated_at=func.now(),
+        lease_expires_at=None,
+        locked_by=None,
+    )
+)
+
+
+async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> dict[str, Outcome]:
+    """End jobs, set-based, in the caller's transaction. Returns an outcome per job found
+    (missing job ids are simply absent). Rows are locked ``FOR UPDATE`` in job_id order."""
+    if not completions:
+        return {}
+    by_id = {c.job_id: c for c in completions}
+    ids = sorted(by_id)
+    rows = (
+        await session.execute(
+            select(
+                Job.job_id,
+                Job.job_type,
+                Job.status,
+                Job.model_id,
+                Job.model_version,
+                Job.purpose,
+                Job.client_id,
+                Job.domain_id,
+                Job.service_id,
+                Job.warnings,
+            )
+            .where(Job.job_id.in_(ids))
+            .order_by(Job.job_id)
+            .with_for_update()
+        )
+    ).all()
+    outcomes: dict[str, Outcome] = {}
+    to_end = []
+    for row in rows:
+        wanted = by_id[row.job_id]
+        outcome = Outcome(row.job_id, row.model_id, row.model_version, wanted.status)
+        outcomes[row.job_id] = outcome
+        if row.status in ENDED:
+            outcome.status = row.status
+            outcome.result = "repeat" if row.status == wanted.status else "conflict"
+            continue
+        to_end.append(row)
+    if not to_end:
+        return outcomes
+
+    # output contracts of the versions involved, one query
+    with_output = {(r.model_id, r.model_version) for r in to_end if by_id[r.job_id].status == "success"}
+    contracts: dict[tuple[str, str], Any] = {}
+    if with_output:
+        from pie.registry.models import ModelVersion
+
+        for mv in (
+            await session.execute(
+                select(ModelVersion.model_id, ModelVersion.version, ModelVersion.handler_contracts).where(
+                    tuple_(ModelVersion.model_id, ModelVersion.version).in_(sorted(with_output))
+                )
+            )
+        ).all():
+            contracts[(mv.model_id, mv.version)] = mv.handler_contracts
+
+    params = []
+    for row in to_end:
+        wanted = by_id[row.job_id]
+        warnings = list(row.warnings or [])
+        if wanted.status == "success":
+            output, error = wanted.output, None
+            schema = ((contracts.get((row.model_id, row.model_version)) or {}).get(row.job_type) or {}).get(
+                "output_schema"
+            )
+            if schema is not None:
+                problem = validation_error(schema, output)
+                if problem is not None:
+                    warnings.append(f"output does not match the {row.job_type} output_schema: {problem}")
+                    log.warning("job %s: output does not match the contract: %s", row.job_id, problem)
+        else:
+            output, error = None, wanted.error if wanted.error is not None else dict(DEFAULT_FAILURE)
+        params.append(
+            {"b_job_id": row.job_id, "b_status": wanted.status, "b_output": output, "b_error": error, "b_warnings": warnings}
+        )
+    await session.execute(_finish_stmt, params)
+
+    # the end of a service's init job sets the service status
+    inits = [r for r in to_end if r.purpose == "service_init" and r.service_id is not None]
+    if inits:
+        from pie.tenancy.models import Service
+
+        svc = Service.__table__
+        await session.execute(
+            update(svc)
+            .where(
+                and_(
+                    svc.c.client_id == bindparam("b_client"),
+                    svc.c.domain_id == bindparam("b_domain"),
+                    svc.c.service_id == bindparam("b_service"),
+                )
+            )
+            .values(status=bindparam("b_svc_status"), updated_at=func.now()),
+            [
+                {
+                    "b_client": r.client_id,
+                    "b_domain": r.domain_id,
+                    "b_service": r.service_id,
+                    "b_svc_status": "available" if by_id[r.job_id].status == "success" else "failed",
+                }
+                for r in inits
+            ],
+        )
+
+    # successful inference jobs fire their model's inference_complete subscriptions
+    fired = [r for r in to_end if r.job_type == "inference" and by_id[r.job_id].status == "success"]
+    if fired:
+        from pie.registry.models import EventSubscription
+
+        sources = set(
+            (
+                await session.scalars(
+                    select(EventSubscription.source_model_id)
+                    .where(
+                        EventSubscription.source_model_id.in_(sorted({r.model_id for r in fired})),
+                        EventSubscription.trigger_event == "inference_complete",
+                        EventSubscription.status == "active",
+                    )
+                    .distinct()
+                )
+            ).all()
+        )
+        if sources:
+            from pie.registry.events import fire_subscriptions
+
+            for row in fired:
+                if row.model_id in sources:
+                    outcomes[row.job_id].triggered_events = list(
+                        await fire_subscriptions(
+                            session,
+                            source_model_id=row.model_id,
+                            trigger_event="inference_complete",
+                            trigger_output=by_id[row.job_id].output,
+                            source_model_version=row.model_version,
+                        )
+                    )
+
+    await session.execute(
+        text("SELECT pg_notify(:channel, j) FROM unnest(CAST(:ids AS text[])) AS j"),
+        {"channel": DONE_CHANNEL, "ids": [r.job_id for r in to_end]},
+    )
+    return outcomes
+
+
+async def complete_job(
+    session: AsyncSession,
+    *,
+    model_id: str,
+    model_version: str,
+    job_id: str,
+    status: str,
+    output: Any = None,
+    error: Any = None,
+    principal: Principal | None = None,
+) -> Outcome:
+    """The completion route: 404 unless the job belongs to that version, 403 without tenant
+    access, 409 when it already ended with the other status, a no-op when it ended the same way."""
+    job = await session.scalar(select(Job).where(Job.job_id == job_id))
+    if job is None or job.model_id != model_id or job.model_version != model_version:
+        raise NotFound(f"job {job_id} not found for model {model_id} version {model_version}")
+    if principal is not None and job.client_id is not None and not principal.can_access(job.client_id):
+        raise Forbidden(f"no access to client {job.client_id}")
+    outcome = (await finish_jobs(session, [Completion(job_id, status, output, error)]))[job_id]
+    if outcome.result == "conflict":
+        raise Conflict(f"job {job_id} already ended with status {outcome.status}")
+    return outcome

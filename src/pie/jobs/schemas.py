@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pie.schemas import RequestBody, ResponseBody, UtcDatetime
+
+JobStatus = Literal["pending", "started", "success", "failure"]
+
+
+class JobOut(ResponseBody):
+    job_id: str
+    job_type: str
+    status: str
+    model_id: str
+    model_version: str
+    assignment_id: uuid.UUID | None = None
+    client_id: str | None = None
+    domain_id: str | None = None
+    service_id: str | None = None
+    subscription_id: uuid.UUID | None = None
+    input: Any = None
+    output: Any = None
+    error: Any = None
+    warnings: list[Any] = Field(default_factory=list)
+    attempts: int
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None = None
+    completed_at: UtcDatetime | None = None
+    updated_at: UtcDatetime
+
+
+class JobCompletion(RequestBody):
+    """What a handler reports when it ends: ``output`` is kept on success, ``error`` on failure."""
+
+    status: Literal["success", "failure"]
+    output: Any = None
+    error: Any = None
+
+
+class CompletionOut(ResponseBody):
+    job_id: str
+    model_id: str
+    model_version: str
+    status: str
+    triggered_events: list[dict[str, Any]] = Field(default_factory=list)

@@ -1,0 +1,349 @@
+"""Job routes: getjob (with ?wait long-polling), listjobs, completemodeljob, and the in-process
+handler listing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import select
+
+from pie.clients.models import Client
+from pie.jobs.logic import create_job
+from pie.jobs.models import Job
+from pie.registry.models import Model, ModelVersion
+from pie.tenancy.models import Domain, Service
+
+ECHO = {"training": {"type": "in_process", "value": "echo"}, "inference": {"type": "in_process", "value": "echo"}}
+
+
+async def seed_version(session, model_id="m1", version="1", *, contracts=None, handlers=None) -> None:
+    if await session.get(Model, model_id) is None:
+        session.add(Model(id=model_id, name=model_id, handlers=handlers or ECHO, handler_contracts=contracts, status="active"))
+        await session.flush()
+    session.add(
+        ModelVersion(
+            model_id=model_id, version=version, status="active", handlers=handlers or ECHO, handler_contracts=contracts
+        )
+    )
+    await session.commit()
+
+
+async def seed_service(session, client_id="sealink", domain_id="pricing", service_id="svc-1") -> None:
+    if await session.get(Client, client_id) is None:
+        session.add(Client(client_id=client_id, name=client_id))
+        await session.flush()
+    if await session.get(Domain, (client_id, domain_id)) is None:
+        session.add(Domain(client_id=client_id, domain_id=domain_id))
+        await session.flush()
+    session.add(Service(client_id=client_id, domain_id=domain_id, service_id=service_id, status="initializing"))
+    await session.commit()
+
+
+async def new_job(session, **kw: Any) -> Job:
+    kw.setdefault("job_type", "inference")
+    kw.setdefault("model_id", "m1")
+    kw.setdefault("model_version", "1")
+    job = await create_job(session, **kw)
+    await session.commit()
+    return job
+
+
+def complete_url(job: Job | str, model_id="m1", version="1") -> str:
+    job_id = job if isinstance(job, str) else job.job_id
+    return f"/v2/models/{model_id}/versions/{version}/jobs/{job_id}/complete"
+
+
+async def stored(session, job_id: str) -> Job:
+    return await session.scalar(select(Job).where(Job.job_id == job_id).execution_options(populate_existing=True))
+
+
+async def service_status(session, client_id: str, domain_id: str, service_id: str) -> str:
+    return (await session.get(Service, (client_id, domain_id, service_id), populate_existing=True)).status
+
+
+# ---------------------------------------------------------------------------------------------
+# getjob
+
+
+async def test_getjob_returns_the_job_record(client, session, admin):
+    await seed_version(session)
+    job = await new_job(session, input={"route": "ADL-SYD"})
+    r = await client.get(f"/v2/jobs/{job.job_id}", headers=admin)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {
+        "job_id", "job_type", "status", "model_id", "model_version", "assignment_id", "client_id", "domain_id",
+        "service_id", "subscription_id", "input", "output", "error", "warnings", "attempts", "created_at",
+        "started_at", "completed_at", "updated_at",
+    }
+    assert body["job_id"] == job.job_id and body["status"] == "pending" and body["job_type"] == "inference"
+    assert body["input"] == {"route": "ADL-SYD"} and body["output"] is None and body["attempts"] == 0
+    assert body["created_at"].endswith("Z") and body["started_at"] is None and body["warnings"] == []
+
+
+async def test_getjob_errors(client, session, admin, auth):
+    await seed_version(session)
+    job = await new_job(session)
+    assert (await client.get("/v2/jobs/0192f1c4-0000-7000-8000-000000000000", headers=admin)).status_code == 404
+    r = await client.get("/v2/jobs/-not-an-id", headers=admin)
+    assert r.status_code == 400 and r.json()["success"] is False
+    r = await client.get(f"/v2/jobs/{job.job_id}")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    r = await client.get(f"/v2/jobs/{job.job_id}", headers=auth(scopes=["manage_domains"]))
+    assert r.status_code == 403 and r.json() == {"success": False, "message": "missing permission read_models or run_inference"}
+    for bad in ("31", "-1", "soon"):
+        assert (await client.get(f"/v2/jobs/{job.job_id}?wait={bad}", headers=admin)).status_code == 400
+
+
+async def test_getjob_checks_tenant_of_the_job(client, session, auth):
+    await seed_version(session)
+    await seed_service(session, "sealink")
+    await seed_service(session, "other")
+    tenant_job = await new_job(session, client_id="sealink", domain_id="pricing", service_id="svc-1")
+    loose_job = await new_job(session)
+    sealink = auth(scopes=["run_inference"], client_id="sealink")
+    other = auth(scopes=["run_inference", "read_models"], client_id="other")
+    assert (await client.get(f"/v2/jobs/{tenant_job.job_id}", headers=sealink)).status_code == 200
+    r = await client.get(f"/v2/jobs/{tenant_job.job_id}", headers=other)
+    assert r.status_code == 403 and "sealink" in r.json()["message"]
+    human = auth(groups=["client:sealink"], username="alice")
+    assert (await client.get(f"/v2/jobs/{tenant_job.job_id}", headers=human)).status_code == 200
+    # a job launched outside any tenant (direct inference): readable with run_inference
+    assert (await client.get(f"/v2/jobs/{loose_job.job_id}", headers=sealink)).status_code == 200
+
+
+async def test_getjob_wait_returns_when_the_job_ends(client, session, admin, auth):
+    await seed_version(session)
+    job = await new_job(session)
+    worker = auth(scopes=["complete_jobs"])
+
+    async def finish_later():
+        await asyncio.sleep(0.3)
+        r = await client.post(complete_url(job), json={"status": "success", "output": {"price": 42}}, headers=worker)
+        assert r.status_code == 200, r.text
+
+    finisher = asyncio.create_task(finish_later())
+    r = await client.get(f"/v2/jobs/{job.job_id}?wait=20", headers=admin)
+    await finisher
+    assert r.status_code == 200
+    assert r.json()["status"] == "success" and r.json()["output"] == {"price": 42}
+
+
+async def test_getjob_wait_gives_up_with_the_current_state(client, session, admin):
+    await seed_version(session)
+    job = await new_job(session)
+    r = await client.get(f"/v2/jobs/{job.job_id}?wait=0.3", headers=admin)
+    assert r.status_code == 200 and r.json()["status"] == "pending"
+    # an ended job answers at once, whatever the wait
+    done = await stored(session, job.job_id)
+    done.status = "failure"
+    await session.commit()
+    r = await client.get(f"/v2/jobs/{job.job_id}?wait=30", headers=admin)
+    assert r.status_code == 200 and r.json()["status"] == "failure"
+
+
+async def test_getjob_wait_on_unknown_job_is_404(client, engine, admin):
+    r = await client.get("/v2/jobs/no-such-job?wait=5", headers=admin)
+    assert r.status_code == 404
+
+
+# ---------------------------------------------------------------------------------------------
+# listjobs
+
+
+async def test_listjobs_newest_first_with_filters_and_cursor(client, session, admin):
+    await seed_version(session)
+    await seed_version(session, "m2", "7")
+    await seed_service(session, "sealink", "pricing", "svc-1")
+    await seed_service(session, "sealink", "pricing", "svc-2")
+    a = await new_job(session, client_id="sealink", domain_id="pricing", service_id="svc-1")
+    b = await new_job(session, client_id="sealink", domain_id="pricing", service_id="svc-2", job_type="training")
+    c = await new_job(session, model_id="m2", model_version="7")
+    d = await new_job(session, client_id="sealink", domain_id="pricing", service_id="svc-1")
+    stored_d = await stored(session, d.job_id)
+    stored_d.status = "success"
+    await session.commit()
+
+    r = await client.get("/v2/jobs", headers=admin)
+    assert r.status_code == 200
+    assert [j["job_id"] for j in r.json()] == [d.job_id, c.job_id, b.job_id, a.job_id]
+    assert "x-next-cursor" not in r.headers
+
+    async def ids(query: str) -> list[str]:
+        resp = await client.get(f"/v2/jobs?{query}", headers=admin)
+        assert resp.status_code == 200, resp.text
+        return [j["job_id"] for j in resp.json()]
+
+    assert await ids("client_id=sealink&service_id=svc-1") == [d.job_id, a.job_id]
+    assert await ids("client_id=sealink&domain_id=pricing") == [d.job_id, b.job_id, a.job_id]
+    assert await ids("model_id=m2") == [c.job_id]
+    assert await ids("status=success") == [d.job_id]
+    assert await ids("status=pending&client_id=sealink") == [b.job_id, a.job_id]
+
+    r = await client.get("/v2/jobs?limit=3", headers=admin)
+    assert [j["job_id"] for j in r.json()] == [d.job_id, c.job_id, b.job_id]
+    cursor = r.headers["x-next-cursor"]
+    r = await client.get(f"/v2/jobs?limit=3&cursor={cursor}", headers=admin)
+    assert [j["job_id"] for j in r.json()] == [a.job_id] and "x-next-cursor" not in r.headers
+
+
+async def test_listjobs_is_tenant_filtered(client, session, auth):
+    await seed_version(session)
+    await seed_service(session, "sealink")
+    await seed_service(session, "other")
+    mine = await new_job(session, client_id="sealink", domain_id="pricing", service_id="svc-1")
+    theirs = await new_job(session, client_id="other", domain_id="pricing", service_id="svc-1")
+    loose = await new_job(session)
+
+    async def ids(headers, query="") -> list[str]:
+        resp = await client.get(f"/v2/jobs{query}", headers=headers)
+        assert resp.status_code == 200, resp.text
+        return [j["job_id"] for j in resp.json()]
+
+    # run_inference only: own tenant's jobs, not tenantless ones
+    assert await ids(auth(scopes=["run_inference"], client_id="sealink")) == [mine.job_id]
+    # read_models also shows jobs without a tenant
+    assert await ids(auth(scopes=["run_inference", "read_models"], client_id="sealink")) == [loose.job_id, mine.job_id]
+    # a registry reader without any tenant sees only tenantless jobs
+    assert await ids(auth(scopes=["read_models"])) == [loose.job_id]
+    assert await ids(auth(admin=True)) == [loose.job_id, theirs.job_id, mine.job_id]
+    # asking for another tenant explicitly is forbidden
+    r = await client.get("/v2/jobs?client_id=other", headers=auth(scopes=["run_inference"], client_id="sealink"))
+    assert r.status_code == 403
+
+
+async def test_listjobs_errors(client, engine, admin, auth):
+    assert (await client.get("/v2/jobs")).status_code == 401
+    assert (await client.get("/v2/jobs", headers=auth(scopes=["manage_domains"]))).status_code == 403
+    assert (await client.get("/v2/jobs?status=done", headers=admin)).status_code == 400
+    assert (await client.get("/v2/jobs?client_id=bad%20id", headers=admin)).status_code == 400
+    assert (await client.get("/v2/jobs?limit=0", headers=admin)).status_code == 400
+    assert (await client.get("/v2/jobs?cursor=%%%", headers=admin)).status_code == 400
+
+
+# ---------------------------------------------------------------------------------------------
+# completemodeljob
+
+
+async def test_complete_success_stores_output_and_repeat_is_a_noop(client, session, auth):
+    await seed_version(session)
+    job = await new_job(session)
+    worker = auth(scopes=["complete_jobs"])
+    r = await client.post(complete_url(job), json={"status": "success", "output": {"price": 99.5}}, headers=worker)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"job_id": job.job_id, "model_id": "m1", "model_version": "1", "status": "success", "triggered_events": []}
+    row = await stored(session, job.job_id)
+    assert row.status == "success" and row.output == {"price": 99.5} and row.error is None
+    first_completed_at = row.completed_at
+    assert first_completed_at is not None
+
+    r = await client.post(complete_url(job), json={"status": "success", "output": {"price": 1}}, headers=worker)
+    assert r.status_code == 200 and r.json()["status"] == "success" and r.json()["triggered_events"] == []
+    row = await stored(session, job.job_id)
+    assert row.output == {"price": 99.5} and row.completed_at == first_completed_at
+
+    r = await client.post(complete_url(job), json={"status": "failure", "error": {"message": "late"}}, headers=worker)
+    assert r.status_code == 409 and r.json()["success"] is False
+    assert (await stored(session, job.job_id)).status == "success"
+
+
+async def test_complete_failure_keeps_the_error(client, session, auth):
+    await seed_version(session)
+    job = await new_job(session)
+    worker = auth(scopes=["complete_jobs"])
+    body = {"status": "failure", "error": {"code": "oom", "message": "ran out of memory"}, "output": {"ignored": True}}
+    r = await client.post(complete_url(job), json=body, headers=worker)
+    assert r.status_code == 200 and r.json()["status"] == "failure"
+    row = await stored(session, job.job_id)
+    assert row.status == "failure" and row.error == {"code": "oom", "message": "ran out of memory"} and row.output is None
+    assert (await client.post(complete_url(job), json={"status": "success"}, headers=worker)).status_code == 409
+
+    other = await new_job(session)
+    r = await client.post(complete_url(other), json={"status": "failure"}, headers=worker)
+    assert r.status_code == 200
+    assert (await stored(session, other.job_id)).error["code"] == "handler_failure"
+
+
+async def test_complete_errors(client, session, auth, admin):
+    await seed_version(session)
+    await seed_version(session, "m1", "2")
+    await seed_service(session, "sealink")
+    job = await new_job(session)
+    worker = auth(scopes=["complete_jobs"])
+    ok = {"status": "success", "output": {}}
+    # the job must belong to that model version
+    assert (await client.post(complete_url(job, "m1", "2"), json=ok, headers=worker)).status_code == 404
+    assert (await client.post(complete_url(job, "m9", "1"), json=ok, headers=worker)).status_code == 404
+    assert (await client.post(complete_url("0192f1c4-0000-7000-8000-000000000000"), json=ok, headers=worker)).status_code == 404
+    # syntax
+    for bad in ({"status": "done"}, {}, {"status": 1}, [1]):
+        r = await client.post(complete_url(job), json=bad, headers=worker)
+        assert r.status_code == 400, bad
+    r = await client.post(complete_url(job), content=b"{nope", headers={**worker, "content-type": "application/json"})
+    assert r.status_code == 400
+    assert (await client.post(complete_url(job, "m 1"), json=ok, headers=worker)).status_code == 400
+    assert (await client.post("/v2/models/-m/versions/1/jobs/x/complete", json=ok, headers=worker)).status_code == 400
+    # auth
+    assert (await client.post(complete_url(job), json=ok)).status_code == 401
+    r = await client.post(complete_url(job), json=ok, headers=auth(scopes=["run_inference", "read_models"]))
+    assert r.status_code == 403
+    tenant_job = await new_job(session, client_id="sealink", domain_id="pricing", service_id="svc-1")
+    r = await client.post(complete_url(tenant_job), json=ok, headers=auth(scopes=["complete_jobs"], client_id="other"))
+    assert r.status_code == 403
+    r = await client.post(complete_url(tenant_job), json=ok, headers=auth(scopes=["complete_jobs"], client_id="sealink"))
+    assert r.status_code == 200
+    # nothing was half-written by the rejected calls
+    assert (await stored(session, job.job_id)).status == "pending"
+    assert (await client.post(complete_url(job), json=ok, headers=admin)).status_code == 200
+
+
+async def test_complete_output_contract_mismatch_is_a_warning(client, session, auth):
+    contracts = {
+        "inference": {
+            "output_schema": {"type": "object", "required": ["price"], "properties": {"price": {"type": "number"}}}
+        }
+    }
+    await seed_version(session, contracts=contracts)
+    worker = auth(scopes=["complete_jobs"])
+    good = await new_job(session)
+    bad = await new_job(session)
+    assert (await client.post(complete_url(good), json={"status": "success", "output": {"price": 3}}, headers=worker)).status_code == 200
+    r = await client.post(complete_url(bad), json={"status": "success", "output": {"cost": "x"}}, headers=worker)
+    assert r.status_code == 200 and r.json()["status"] == "success"
+    assert (await stored(session, good.job_id)).warnings == []
+    row = await stored(session, bad.job_id)
+    assert row.status == "success" and row.output == {"cost": "x"}
+    assert len(row.warnings) == 1 and "output_schema" in row.warnings[0] and "price" in row.warnings[0]
+    r = await client.get(f"/v2/jobs/{bad.job_id}", headers=auth(admin=True))
+    assert r.json()["warnings"] == row.warnings
+
+
+async def test_complete_service_init_job_sets_service_status(client, session, auth):
+    await seed_version(session)
+    await seed_service(session, "sealink", "pricing", "svc-ok")
+    await seed_service(session, "sealink", "pricing", "svc-bad")
+    worker = auth(scopes=["complete_jobs"], client_id="sealink")
+    ok = await new_job(session, job_type="training", client_id="sealink", domain_id="pricing", service_id="svc-ok", purpose="service_init")
+    bad = await new_job(session, job_type="training", client_id="sealink", domain_id="pricing", service_id="svc-bad", purpose="service_init")
+    plain = await new_job(session, client_id="sealink", domain_id="pricing", service_id="svc-bad")
+    assert (await client.post(complete_url(ok), json={"status": "success", "output": {}}, headers=worker)).status_code == 200
+    assert (await client.post(complete_url(bad), json={"status": "failure"}, headers=worker)).status_code == 200
+    assert await service_status(session, "sealink", "pricing", "svc-ok") == "available"
+    assert await service_status(session, "sealink", "pricing", "svc-bad") == "failed"
+    # an ordinary job of the service does not touch its status
+    assert (await client.post(complete_url(plain), json={"status": "success", "output": {}}, headers=worker)).status_code == 200
+    assert await service_status(session, "sealink", "pricing", "svc-bad") == "failed"
+
+
+# ---------------------------------------------------------------------------------------------
+# GET /v2/handlers/in-process
+
+
+async def test_list_in_process_handlers(client, engine, auth):
+    r = await client.get("/v2/handlers/in-process", headers=auth(scopes=["read_models"]))
+    assert r.status_code == 200
+    names = r.json()
+    assert isinstance(names, list) and {"echo", "fail", "reference_pricing"} <= set(names) and names == sorted(names)
+    assert (await client.get("/v2/handlers/in-process")).status_code == 401
+    assert (await client.get("/v2/handlers/in-process", headers=auth(scopes=["run_inference"]))).status_code == 403
