@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import func, insert, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -46,12 +46,12 @@ async def _newest_active_versions(session: AsyncSession, model_ids: set[str]) ->
     """model id -> its newest (highest ``seq``) active version, for every model that has one."""
     if not model_ids:
         return {}
-    rows = await session.scalars(
-        select(ModelVersion)
+    newest = (
+        select(func.max(ModelVersion.seq))
         .where(ModelVersion.model_id.in_(sorted(model_ids)), ModelVersion.status == "active")
-        .order_by(ModelVersion.model_id, ModelVersion.seq.desc())
-        .distinct(ModelVersion.model_id)
+        .group_by(ModelVersion.model_id)
     )
+    rows = await session.scalars(select(ModelVersion).where(ModelVersion.seq.in_(newest)))
     return {v.model_id: v for v in rows}
 
 

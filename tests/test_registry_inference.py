@@ -1,0 +1,145 @@
+"""Direct inference (spec 7.3): POST /v2/models/{id}/versions/{v}/inference."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+ECHO = {"type": "in_process", "value": "echo"}
+CONTRACTS = {
+    "inference": {
+        "input_schema": {
+            "type": "object",
+            "properties": {"route": {"type": "string"}, "day_of_week": {"type": "integer", "minimum": 0, "maximum": 6}},
+            "required": ["route"],
+        }
+    }
+}
+
+
+@pytest.fixture
+async def model(client, admin):
+    r = await client.post(
+        "/v2/models",
+        json={
+            "id": "m",
+            "name": "m",
+            "description": "",
+            "handlers": {"training": ECHO, "inference": ECHO},
+            "handler_contracts": CONTRACTS,
+        },
+        headers=admin,
+    )
+    assert r.status_code == 201
+    r = await client.post("/v2/models/m/new_version", json={}, headers=admin)
+    assert r.status_code == 201
+
+
+async def infer(client, headers, body, model_id="m", version="1"):
+    return await client.post(f"/v2/models/{model_id}/versions/{version}/inference", json=body, headers=headers)
+
+
+async def all_jobs(session):
+    return [dict(r._mapping) for r in await session.execute(text("SELECT * FROM jobs ORDER BY job_id"))]
+
+
+async def test_inference_records_a_job(client, admin, auth, session, model):
+    runner = auth(scopes=["run_inference"])
+    r = await infer(client, runner, {"input": {"route": "Adelaide to Sydney", "day_of_week": 3}})
+    assert r.status_code == 202, r.text
+    assert set(r.json()) == {"inference_job_id"}
+    (job,) = await all_jobs(session)
+    assert job["job_id"] == r.json()["inference_job_id"]
+    assert job["job_type"] == "inference" and job["status"] == "pending"
+    assert (job["model_id"], job["model_version"]) == ("m", "1")
+    assert job["input"] == {"route": "Adelaide to Sydney", "day_of_week": 3}
+    assert job["client_id"] is None and job["assignment_id"] is None and job["subscription_id"] is None
+    assert await session.scalar(text("SELECT count(*) FROM event_subscriptions")) == 0
+
+
+@pytest.mark.parametrize("path", [["training"], ["active"]])
+async def test_inference_runs_on_any_version_that_has_not_failed(client, admin, session, model, path):
+    for status in path:
+        r = await client.post("/v2/models/m/versions/1/new_status", json={"status": status}, headers=admin)
+        assert r.status_code == 200
+    assert (await infer(client, admin, {"input": {"route": "x"}})).status_code == 202
+
+
+async def test_failed_version_is_422(client, admin, session, model):
+    for status in ("training", "failed"):
+        await client.post("/v2/models/m/versions/1/new_status", json={"status": status}, headers=admin)
+    r = await infer(client, admin, {"input": {"route": "x"}})
+    assert r.status_code == 422
+    assert "failed" in r.json()["message"]
+    assert await all_jobs(session) == []
+
+
+@pytest.mark.parametrize(
+    "bad_input, culprit",
+    [({}, "route"), ({"route": 5}, "route"), ({"route": "x", "day_of_week": 9}, "day_of_week")],
+)
+async def test_input_failing_the_contract_is_422(client, admin, session, model, bad_input, culprit):
+    r = await infer(client, admin, {"input": bad_input, "subscribe": True})
+    assert r.status_code == 422
+    assert "input_schema" in r.json()["message"] and culprit in r.json()["message"]
+    assert await all_jobs(session) == []
+    assert await session.scalar(text("SELECT count(*) FROM event_subscriptions")) == 0
+
+
+async def test_contract_is_the_versions_snapshot(client, admin, session, model):
+    # the model drops its contract; version 1 keeps its own
+    r = await client.put(
+        "/v2/models/m", json={"name": "m", "description": "", "handlers": {"training": ECHO, "inference": ECHO}}, headers=admin
+    )
+    assert r.status_code == 200
+    assert (await infer(client, admin, {"input": {}})).status_code == 422
+    r = await client.post("/v2/models/m/new_version", json={}, headers=admin)
+    assert (await infer(client, admin, {"input": {}}, version="2")).status_code == 202
+
+
+async def test_request_errors(client, admin, auth, model):
+    assert (await infer(client, admin, {})).status_code == 400
+    assert (await infer(client, admin, {"input": "text"})).status_code == 400
+    assert (await infer(client, admin, {"input": {"route": "x"}, "subscribe": "yes"})).status_code == 400
+    assert (await infer(client, admin, {"input": {"route": "x"}}, model_id="nope")).status_code == 404
+    assert (await infer(client, admin, {"input": {"route": "x"}}, version="9")).status_code == 404
+    assert (await infer(client, admin, {"input": {"route": "x"}}, version="b@d")).status_code == 400
+    assert (await infer(client, auth(scopes=["read_models", "manage_models"]), {"input": {"route": "x"}})).status_code == 403
+    assert (await infer(client, {}, {"input": {"route": "x"}})).status_code == 401
+    # humans of a client group may run inference
+    human = auth(groups=["client:sealink"], username="alice")
+    assert (await infer(client, human, {"input": {"route": "x"}})).status_code == 202
+
+
+async def test_subscribe_stores_a_replay_subscription(client, admin, session, model):
+    payload = {"route": "Adelaide to Sydney"}
+    r = await infer(client, admin, {"input": payload, "subscribe": True})
+    assert r.status_code == 202
+    subs = (await client.get("/v2/models/m/event-subscriptions", headers=admin)).json()
+    assert len(subs) == 1
+    sub = subs[0]
+    assert sub["source_model_id"] == "m" and sub["target_model_id"] == "m"
+    assert sub["trigger_event"] == "training_complete" and sub["target_action"] == "inference"
+    assert sub["input_source"] == "stored" and sub["input"] == payload and sub["status"] == "active"
+    assert sub["warnings"] == []
+
+    # the same subscribed call again does not add a second replay; another input does
+    assert (await infer(client, admin, {"input": payload, "subscribe": True})).status_code == 202
+    assert (await infer(client, admin, {"input": {"route": "Sydney to Adelaide"}, "subscribe": True})).status_code == 202
+    subs = (await client.get("/v2/models/m/event-subscriptions", headers=admin)).json()
+    assert [s["input"] for s in subs] == [payload, {"route": "Sydney to Adelaide"}]
+
+    # after retraining, the stored inputs are replayed on the newly active version
+    await client.post("/v2/models/m/new_version", json={}, headers=admin)
+    for status in ("training", "active"):
+        r = await client.post("/v2/models/m/versions/2/new_status", json={"status": status}, headers=admin)
+    assert r.status_code == 200
+    events = r.json()["triggered_events"]
+    assert [e["subscription_id"] for e in events] == [s["id"] for s in subs]
+    replayed = await session.execute(
+        text("SELECT input, model_version FROM jobs WHERE subscription_id IS NOT NULL ORDER BY job_id")
+    )
+    assert sorted((row.input["route"], row.model_version) for row in replayed) == [
+        ("Adelaide to Sydney", "2"),
+        ("Sydney to Adelaide", "2"),
+    ]
