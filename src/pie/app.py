@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         "the model registry and durable jobs.",
         openapi_url="/v2/openapi.json",
         docs_url="/v2/docs",
+        swagger_ui_oauth2_redirect_url="/v2/docs/oauth2-redirect",
         redoc_url=None,
         lifespan=lifespan,
     )

@@ -135,6 +135,31 @@ def internal_error_response(request_id: str) -> JSONResponse:
     return envelope(500, f"internal server error (request id {request_id})")
 
 
+_HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """Every method the documented routes accept on this path (Starlette reports only the first
+    matching route's), from the OpenAPI paths; None when the path is not documented."""
+    from starlette.routing import compile_path
+
+    app = request.app
+    table = getattr(app.state, "pie_allow_table", None)
+    if table is None:
+        table = []
+        for template, operations in app.openapi().get("paths", {}).items():
+            methods = {m.upper() for m in operations if m.upper() in _HTTP_METHODS}
+            if "GET" in methods:
+                methods.add("HEAD")
+            table.append((compile_path(template)[0], methods))
+        app.state.pie_allow_table = table
+    allowed: set[str] = set()
+    for regex, methods in table:
+        if regex.match(request.url.path):
+            allowed |= methods
+    return ", ".join(sorted(allowed)) or None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -154,9 +179,11 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) and exc.detail else messages.get(exc.status_code, "error")
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             message = f"method {request.method} not allowed on {request.url.path}"
-        return envelope(exc.status_code, message, getattr(exc, "headers", None))
+            headers = {**(headers or {}), "Allow": _allowed_methods(request) or (headers or {}).get("Allow", "")}
+        return envelope(exc.status_code, message, headers)
 
     @app.exception_handler(SQLAlchemyError)
     async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
