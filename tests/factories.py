@@ -198,23 +198,25 @@ async def tenant_setup(
     await assign(http, headers, client_id, domain_id)
 
 
+async def fresh(session: AsyncSession, stmt: Any) -> list[Any]:
+    """Rows of ``stmt`` re-read from the database (not the identity map's copies)."""
+    return list((await session.scalars(stmt.execution_options(populate_existing=True))).all())
+
+
 async def stored_service(session: AsyncSession, service_id: str, client_id: str = "client-1", domain_id: str = "south_australia") -> Service | None:
-    session.expire_all()
     return await session.scalar(
-        select(Service).where(
-            Service.client_id == client_id, Service.domain_id == domain_id, Service.service_id == service_id
-        )
+        select(Service)
+        .where(Service.client_id == client_id, Service.domain_id == domain_id, Service.service_id == service_id)
+        .execution_options(populate_existing=True)
     )
 
 
 async def stored_job(session: AsyncSession, job_id: str) -> Job | None:
-    session.expire_all()
-    return await session.get(Job, job_id)
+    return await session.get(Job, job_id, populate_existing=True)
 
 
 async def jobs_of(session: AsyncSession, **filters: Any) -> list[Job]:
-    session.expire_all()
-    stmt = select(Job).order_by(Job.job_id)
+    stmt = select(Job).order_by(Job.job_id).execution_options(populate_existing=True)
     for name, value in filters.items():
         stmt = stmt.where(getattr(Job, name) == value)
     return list((await session.scalars(stmt)).all())

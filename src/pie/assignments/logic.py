@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Response
-from sqlalchemy import func, select, update
+from sqlalchemy import Text, cast, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -96,8 +96,8 @@ async def upsert_domain_assignment(
 ) -> Assignment:
     """Domain scope: for an active revision, the freeze check (6.2) of every non-departed
     service first; for the ``default`` key, then the patches and the re-resolve of everyone."""
-    scope.ensure_writable()
     domain = await load_domain(session, scope.client_id, domain_id, lock="update")
+    scope.ensure_writable()
     ensure_domain_active(domain)
     updates = body.service_updates or []
     if updates and key != DEFAULT_KEY:
@@ -134,9 +134,9 @@ async def upsert_service_assignment(
     session: AsyncSession, scope: TenantScope, domain_id: str, service_id: str, key: str, body: AssignmentUpsert
 ) -> Assignment:
     """Service scope: no domain-wide check."""
-    scope.ensure_writable()
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
     await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
+    scope.ensure_writable()
     ensure_domain_active(domain)
     if body.service_updates:
         raise Unprocessable("service_updates are only allowed on the domain's default assignment")
@@ -268,7 +268,8 @@ async def run_assignment_job(
             .where(
                 ModelVersion.model_id == version.model_id,
                 ModelVersion.version == version.version,
-                ModelVersion.features.is_(None),
+                # not set: SQL NULL (or a JSON null written by a careless client of the ORM)
+                or_(ModelVersion.features.is_(None), cast(ModelVersion.features, Text) == "null"),
             )
             .values(features=domain.features, updated_at=func.now())
         )

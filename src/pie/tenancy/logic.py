@@ -83,8 +83,8 @@ async def list_domains(session: AsyncSession, scope: TenantScope, page: PagePara
 
 
 async def update_domain(session: AsyncSession, scope: TenantScope, domain_id: str, body: DomainUpdate) -> Domain:
-    scope.ensure_writable()
     domain = await load_domain(session, scope.client_id, domain_id, lock="update")
+    scope.ensure_writable()
     if "name" in body.model_fields_set:
         domain.name = body.name
     if body.status is not None:
@@ -96,9 +96,9 @@ async def update_domain(session: AsyncSession, scope: TenantScope, domain_id: st
 
 async def replace_features(session: AsyncSession, scope: TenantScope, domain_id: str, features: list[Any]) -> list[Any]:
     """Persist-only (spec 5.2): writes the live definitions, touches no service."""
+    domain = await load_domain(session, scope.client_id, domain_id, lock="update")
     scope.ensure_writable()
     definitions = validate_feature_definitions(features)
-    domain = await load_domain(session, scope.client_id, domain_id, lock="update")
     domain.features = definitions
     await session.flush()
     return definitions
@@ -164,8 +164,8 @@ def _resolve_or_422(provided: dict[str, Any], definitions: list[Any]) -> dict[st
 
 
 async def init_service(session: AsyncSession, scope: TenantScope, domain_id: str, body: ServiceInit) -> tuple[Service, Job]:
-    scope.ensure_writable()
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
+    scope.ensure_writable()
     ensure_domain_active(domain)
     assignment, version = await require_default(session, domain)
     resolved = _resolve_or_422(body.static_features, schema_of(version, domain))
@@ -243,8 +243,8 @@ async def update_service(
 ) -> Service:
     """Shallow-merge ``static_features`` (null removes a key), re-resolve against the governing
     schema (422, nothing written, on failure), replace ``departure_datetime`` when given."""
-    scope.ensure_writable()
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
+    scope.ensure_writable()
     ensure_domain_active(domain)
     service = await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
     default = await active_default(session, scope.client_id, domain_id)
@@ -264,8 +264,8 @@ async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_
     """One fresh inference job per non-departed service through the active default assignment,
     with the stored ``resolved_features``: a single ``INSERT ... SELECT`` (no per-service round
     trips). Stored features are not touched."""
-    scope.ensure_writable()
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
+    scope.ensure_writable()
     ensure_domain_active(domain)
     assignment, _version = await require_default(session, domain)
     rows = select(
