@@ -325,3 +325,31 @@ async def test_replay_into_an_unusable_scope_is_an_error_entry(client, admin, se
     assert body["triggered_events"][0]["subscription_id"] == sub
     assert message in body["triggered_events"][0]["error"]
     assert await jobs(session) == []
+
+
+async def test_inference_complete_fires_through_job_completion(client, admin, session):
+    """Integration with the completion route: a successful inference job fires the model's
+    inference_complete subscriptions with its output as the trigger output."""
+    await make_model(client, admin, "upstream")
+    await make_model(client, admin, "downstream")
+    await make_model(client, admin, "idle")
+    await add_version(client, admin, "upstream", "1", "active")
+    await add_version(client, admin, "downstream", "4", "active")
+    chained = await subscribe(
+        client, admin, "upstream", "downstream", trigger_event="inference_complete", input_source="trigger_output", input=...
+    )
+    no_target = await subscribe(client, admin, "upstream", "idle", trigger_event="inference_complete")
+    r = await client.post("/v2/models/upstream/versions/1/inference", json={"input": {"q": 1}}, headers=admin)
+    job_id = r.json()["inference_job_id"]
+
+    r = await client.post(
+        f"/v2/models/upstream/versions/1/jobs/{job_id}/complete",
+        json={"status": "success", "output": {"price": 101.5}},
+        headers=admin,
+    )
+    assert r.status_code == 207, r.text  # one triggered subscription could not dispatch
+    events = {e["subscription_id"]: e for e in r.json()["triggered_events"]}
+    assert "no active version" in events[no_target]["error"]
+    (job,) = await jobs(session, model_id="downstream")
+    assert job["job_id"] == events[chained]["job_id"]
+    assert job["input"] == {"price": 101.5} and job["model_version"] == "4"

@@ -26,9 +26,11 @@ from pie.registry.schemas import (
     VersionOut,
     VersionStatusChanged,
     VersionStatusUpdate,
+    error_responses,
 )
 
-router = APIRouter(prefix="/v2/models", tags=["models"])
+router = APIRouter(prefix="/v2/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 422))
+_CONFLICT = error_responses(409)
 
 Page = Annotated[PageParams, Depends()]
 SubscriptionIdPath = Annotated[uuid.UUID, Path(description="event subscription id (uuid)")]
@@ -43,7 +45,7 @@ async def list_models(session: Session, response: Response, page: Page, principa
     return await logic.list_models(session, page, response)
 
 
-@router.post("", operation_id="createmodel", response_model=ModelOut, status_code=201)
+@router.post("", operation_id="createmodel", response_model=ModelOut, status_code=201, responses=_CONFLICT)
 async def create_model(body: ModelCreate, session: Session, principal: Principal = require("manage_models")):
     """Register a model (status `pending`). `id` is a new UUIDv7 when omitted; 409 if it exists."""
     return await logic.create_model(session, body)
@@ -71,7 +73,13 @@ async def update_model(
 # ---- versions --------------------------------------------------------------------------------
 
 
-@router.post("/{model_id}/new_version", operation_id="createmodelversion", response_model=ModelAndVersion, status_code=201)
+@router.post(
+    "/{model_id}/new_version",
+    operation_id="createmodelversion",
+    response_model=ModelAndVersion,
+    status_code=201,
+    responses=_CONFLICT,
+)
 async def create_model_version(
     model_id: ModelIdPath, body: VersionCreate, session: Session, principal: Principal = require("manage_models")
 ):

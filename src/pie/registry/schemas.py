@@ -116,6 +116,25 @@ class SubscriptionUpdate(RequestBody):
 
 # ---- responses -------------------------------------------------------------------------------
 
+
+class ErrorOut(BaseModel):
+    """The error envelope (spec 1.1)."""
+
+    success: bool = False
+    message: str
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    meanings = {
+        400: "malformed JSON, wrong types, missing fields or bad path parameters",
+        401: "missing, malformed or rejected bearer token",
+        403: "the token lacks the operation permission",
+        404: "the model, version or subscription does not exist",
+        409: "it already exists",
+        422: "semantically invalid (see the message)",
+    }
+    return {status: {"model": ErrorOut, "description": meanings[status]} for status in statuses}
+
 _metadata = Field(validation_alias=AliasChoices("metadata_", "metadata"))
 
 
