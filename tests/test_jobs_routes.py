@@ -11,7 +11,7 @@ from sqlalchemy import select
 from pie.clients.models import Client
 from pie.jobs.logic import create_job
 from pie.jobs.models import Job
-from pie.registry.models import Model, ModelVersion
+from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.tenancy.models import Domain, Service
 
 ECHO = {"training": {"type": "in_process", "value": "echo"}, "inference": {"type": "in_process", "value": "echo"}}
@@ -334,6 +334,78 @@ async def test_complete_service_init_job_sets_service_status(client, session, au
     # an ordinary job of the service does not touch its status
     assert (await client.post(complete_url(plain), json={"status": "success", "output": {}}, headers=worker)).status_code == 200
     assert await service_status(session, "sealink", "pricing", "svc-bad") == "failed"
+
+
+async def add_subscription(session, source, target, *, input_source="trigger_output", input=None, status="active"):
+    sub = EventSubscription(
+        source_model_id=source,
+        trigger_event="inference_complete",
+        target_model_id=target,
+        target_action="inference",
+        input_source=input_source,
+        input=input,
+        status=status,
+    )
+    session.add(sub)
+    await session.commit()
+    return str(sub.id)
+
+
+async def jobs_of(session, model_id: str) -> list[Job]:
+    return list(
+        (await session.scalars(select(Job).where(Job.model_id == model_id).execution_options(populate_existing=True))).all()
+    )
+
+
+async def test_complete_inference_fires_inference_complete_subscriptions(client, session, auth):
+    await seed_version(session, "m1", "1")
+    await seed_version(session, "m2", "7")
+    chained = await add_subscription(session, "m1", "m2")
+    await add_subscription(session, "m1", "m2", input_source="stored", input={"x": 1}, status="paused")
+    job = await new_job(session)
+    worker = auth(scopes=["complete_jobs"])
+    r = await client.post(complete_url(job), json={"status": "success", "output": {"price": 7}}, headers=worker)
+    assert r.status_code == 200, r.text
+    events = r.json()["triggered_events"]
+    fired = await jobs_of(session, "m2")
+    assert len(fired) == 1 and events == [{"subscription_id": chained, "job_id": fired[0].job_id}]
+    assert fired[0].input == {"price": 7} and str(fired[0].subscription_id) == chained and fired[0].status == "pending"
+    # the repeat fires nothing again
+    r = await client.post(complete_url(job), json={"status": "success", "output": {"price": 7}}, headers=worker)
+    assert r.status_code == 200 and r.json()["triggered_events"] == []
+    assert len(await jobs_of(session, "m2")) == 1
+
+
+async def test_complete_answers_207_when_a_triggered_subscription_fails(client, session, auth):
+    await seed_version(session, "m1", "1")
+    await seed_version(session, "m2", "7")
+    session.add(Model(id="m3", name="m3", handlers=ECHO, status="pending"))  # no active version
+    await session.commit()
+    ok = await add_subscription(session, "m1", "m2")
+    broken = await add_subscription(session, "m1", "m3", input_source="stored", input={"a": 1})
+    job = await new_job(session)
+    r = await client.post(complete_url(job), json={"status": "success", "output": {"p": 1}}, headers=auth(scopes=["complete_jobs"]))
+    assert r.status_code == 207, r.text
+    body = r.json()
+    assert body["job_id"] == job.job_id and body["status"] == "success"
+    by_sub = {e["subscription_id"]: e for e in body["triggered_events"]}
+    assert set(by_sub) == {ok, broken} and "job_id" in by_sub[ok] and "m3" in by_sub[broken]["error"]
+    # the job is completed all the same
+    assert (await stored(session, job.job_id)).status == "success"
+
+
+async def test_failed_or_training_jobs_fire_nothing(client, session, auth):
+    await seed_version(session, "m1", "1")
+    await seed_version(session, "m2", "7")
+    await add_subscription(session, "m1", "m2")
+    worker = auth(scopes=["complete_jobs"])
+    failed = await new_job(session)
+    training = await new_job(session, job_type="training")
+    r = await client.post(complete_url(failed), json={"status": "failure", "error": {"m": 1}}, headers=worker)
+    assert r.status_code == 200 and r.json()["triggered_events"] == []
+    r = await client.post(complete_url(training), json={"status": "success", "output": {"w": 1}}, headers=worker)
+    assert r.status_code == 200 and r.json()["triggered_events"] == []
+    assert await jobs_of(session, "m2") == []
 
 
 # ---------------------------------------------------------------------------------------------
