@@ -1,0 +1,249 @@
+"""Lambda and ECS dispatch against moto's HTTP server (real boto3 HTTP calls via AWS_ENDPOINT_URL).
+
+What AWS received is read back from moto itself: Lambda ``Invoke`` requests from moto's request
+recorder, ECS task overrides from ``DescribeTasks``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import tempfile
+import zipfile
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import pytest
+
+_RECORDING = os.path.join(tempfile.mkdtemp(prefix="pie-moto-"), "recording.jsonl")
+os.environ["MOTO_RECORDER_FILEPATH"] = _RECORDING
+
+import boto3  # noqa: E402
+import requests  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+
+from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle  # noqa: E402
+from pie.jobs.logic import create_job  # noqa: E402
+from pie.jobs.models import Job  # noqa: E402
+from pie.registry.models import Model, ModelVersion  # noqa: E402
+
+REGION = "us-east-1"
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    from moto.moto_api import recorder
+    from moto.server import ThreadedMotoServer
+
+    recorder._location = _RECORDING  # in case moto was imported before this module set the path
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    requests.post(endpoint + "/moto-api/config", json={"lambda": {"use_docker": False}}, timeout=10)
+    try:
+        yield endpoint
+    finally:
+        requests.post(endpoint + "/moto-api/recorder/stop-recording", timeout=10)
+        server.stop()
+
+
+def aws(service: str, endpoint: str):
+    return boto3.client(service, endpoint_url=endpoint, region_name=REGION)
+
+
+@pytest.fixture(scope="module")
+def lambda_function(moto_endpoint) -> dict[str, str]:
+    iam = aws("iam", moto_endpoint)
+    role = iam.create_role(RoleName="pie-handler", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    code = io.BytesIO()
+    with zipfile.ZipFile(code, "w") as z:
+        z.writestr("handler.py", "def handler(event, context):\n    return event\n")
+    lam = aws("lambda", moto_endpoint)
+    fn = lam.create_function(
+        FunctionName="pie-infer", Runtime="python3.12", Role=role, Handler="handler.handler", Code={"ZipFile": code.getvalue()}
+    )
+    version = lam.publish_version(FunctionName="pie-infer")["Version"]
+    return {"arn": fn["FunctionArn"], "version": version}
+
+
+@pytest.fixture(scope="module")
+def ecs_cluster(moto_endpoint) -> str:
+    ec2, ecs = aws("ec2", moto_endpoint), aws("ecs", moto_endpoint)
+    instance = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]
+    document = json.dumps(
+        {
+            "instanceId": instance["InstanceId"], "region": REGION, "availabilityZone": "us-east-1a",
+            "privateIp": "10.0.0.1", "imageId": "ami-12c6146b", "instanceType": "t2.micro",
+            "accountId": "123456789012", "architecture": "x86_64", "pendingTime": "2026-01-01T00:00:00Z",
+            "version": "2017-09-30",
+        }
+    )
+    ecs.create_cluster(clusterName="pie-jobs")
+    ecs.register_container_instance(cluster="pie-jobs", instanceIdentityDocument=document)
+    ecs.register_task_definition(family="pie-train", containerDefinitions=[{"name": "main", "image": "pie/train", "memory": 128}])
+    return "pie-jobs"
+
+
+@pytest.fixture
+def aws_settings(settings, moto_endpoint):
+    return settings.model_copy(
+        update={
+            "aws_endpoint_url": moto_endpoint,
+            "ecs_launch_type": "EC2",
+            "dispatch_max_attempts": 3,
+            "dispatch_backoff_base": 0.05,
+            "dispatch_backoff_max": 0.2,
+            "dispatch_poll_interval": 0.2,
+        }
+    )
+
+
+def recorded_invocations(endpoint: str) -> list[dict[str, Any]]:
+    text = requests.get(endpoint + "/moto-api/recorder/download-recording", timeout=10).text
+    calls = []
+    for line in text.splitlines():
+        entry = json.loads(line)
+        url = urlparse(entry["url"])
+        if not url.path.endswith("/invocations"):
+            continue
+        body = base64.b64decode(entry["body"]) if entry.get("body_encoded") else (entry.get("body") or "").encode()
+        headers = {k.lower(): v for k, v in entry["headers"].items()}
+        calls.append(
+            {
+                "function": unquote(url.path.split("/functions/")[1].rsplit("/invocations", 1)[0]),
+                "qualifier": parse_qs(url.query).get("Qualifier", [None])[0],
+                "invocation_type": headers.get("x-amz-invocation-type"),
+                "payload": json.loads(body),
+            }
+        )
+    return calls
+
+
+def start_recording(endpoint: str) -> None:
+    requests.post(endpoint + "/moto-api/recorder/reset-recording", timeout=10)
+    requests.post(endpoint + "/moto-api/recorder/start-recording", timeout=10)
+
+
+async def seed(session, model_id: str, inference: dict[str, Any], training: dict[str, Any] | None = None) -> None:
+    hs = {"inference": inference, "training": training or inference}
+    session.add(Model(id=model_id, name=model_id, handlers=hs, status="active"))
+    await session.flush()
+    session.add(ModelVersion(model_id=model_id, version="1", status="active", handlers=hs))
+    await session.commit()
+
+
+async def stored(session, job_id: str) -> Job:
+    return await session.scalar(select(Job).where(Job.job_id == job_id).execution_options(populate_existing=True))
+
+
+async def test_lambda_invoke_event_with_qualifier_and_payload(session, client, auth, aws_settings, moto_endpoint, lambda_function):
+    await seed(
+        session,
+        "lam",
+        {"type": "lambda", "arn": lambda_function["arn"], "version": lambda_function["version"]},
+        {"type": "lambda", "arn": lambda_function["arn"]},
+    )
+    infer = await create_job(session, job_type="inference", model_id="lam", model_version="1", input={"route": "ADL-SYD"})
+    train = await create_job(session, job_type="training", model_id="lam", model_version="1")
+    await session.commit()
+    start_recording(moto_endpoint)
+    assert await dispatch_until_idle(aws_settings) == 2
+
+    calls = {c["payload"]["job_id"]: c for c in recorded_invocations(moto_endpoint)}
+    assert set(calls) == {infer.job_id, train.job_id}
+    call = calls[infer.job_id]
+    assert call["function"] == lambda_function["arn"] and call["qualifier"] == lambda_function["version"]
+    assert call["invocation_type"] == "Event"
+    assert call["payload"] == {
+        "job_id": infer.job_id,
+        "job_type": "inference",
+        "model_id": "lam",
+        "model_version": "1",
+        "assignment_id": None,
+        "client_id": None,
+        "domain_id": None,
+        "service_id": None,
+        "input": {"route": "ADL-SYD"},
+        "features": None,
+        "callback_url": f"http://testserver/v2/models/lam/versions/1/jobs/{infer.job_id}/complete",
+    }
+    assert calls[train.job_id]["qualifier"] is None and calls[train.job_id]["payload"]["job_type"] == "training"
+
+    # dispatched: started, waiting for the function to call back
+    job = await stored(session, infer.job_id)
+    assert job.status == "started" and job.attempts == 1 and job.lease_expires_at is None and job.completed_at is None
+    r = await client.post(
+        call["payload"]["callback_url"].replace("http://testserver", ""),
+        json={"status": "success", "output": {"price": 120}},
+        headers=auth(scopes=["complete_jobs"]),
+    )
+    assert r.status_code == 200
+    job = await stored(session, infer.job_id)
+    assert job.status == "success" and job.output == {"price": 120}
+
+
+async def test_ecs_run_task_with_payload_override(session, aws_settings, moto_endpoint, ecs_cluster):
+    await seed(session, "ecs", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"})
+    job = await create_job(session, job_type="training", model_id="ecs", model_version="1", input={"epochs": 3})
+    await session.commit()
+    assert await dispatch_until_idle(aws_settings) == 1
+    ecs = aws("ecs", moto_endpoint)
+    arns = ecs.list_tasks(cluster=ecs_cluster, startedBy=f"pie-{job.job_id}")["taskArns"]
+    assert len(arns) == 1
+    task = ecs.describe_tasks(cluster=ecs_cluster, tasks=arns)["tasks"][0]
+    assert task["taskDefinitionArn"].endswith(":task-definition/pie-train:1")
+    assert task["launchType"] == "EC2"
+    [override] = task["overrides"]["containerOverrides"]
+    assert override["name"] == "main"
+    [env] = override["environment"]
+    assert env["name"] == "PIE_JOB_PAYLOAD"
+    payload = json.loads(env["value"])
+    assert payload["job_id"] == job.job_id and payload["job_type"] == "training" and payload["input"] == {"epochs": 3}
+    assert payload["callback_url"].endswith(f"/v2/models/ecs/versions/1/jobs/{job.job_id}/complete")
+    stored_job = await stored(session, job.job_id)
+    assert stored_job.status == "started" and stored_job.lease_expires_at is None
+
+
+async def test_aws_error_is_retried_then_recorded_as_failure(session, aws_settings, moto_endpoint, ecs_cluster):
+    await seed(session, "broken", {"type": "ecs_task", "value": "no-such-cluster/pie-train"})
+    job = await create_job(session, job_type="inference", model_id="broken", model_version="1")
+    await session.commit()
+    dispatcher = Dispatcher(aws_settings, name="aws-retry")
+    await dispatcher.start()
+    seen_retry = False
+    try:
+        for _ in range(200):
+            row = await stored(session, job.job_id)
+            if row.status == "pending" and row.error is not None:
+                seen_retry = True
+                assert row.error["code"] == "aws_error" and row.error["retrying_in_seconds"] <= 0.2
+            if row.status == "failure":
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await dispatcher.stop()
+    row = await stored(session, job.job_id)
+    assert row.status == "failure" and row.attempts == 3 and row.completed_at is not None
+    assert row.error["code"] == "aws_error" and row.error["aws_code"] == "ClusterNotFoundException"
+    assert row.error["attempts"] == 3 and row.error["backend"] == "ecs_task" and row.error["operation"] == "RunTask"
+    assert row.error["message"].startswith("gave up after 3 attempts")
+    assert seen_retry
+
+
+async def test_unreachable_aws_endpoint_is_retried_then_fails(session, settings, unused_tcp_port):
+    closed = settings.model_copy(
+        update={"aws_endpoint_url": f"http://127.0.0.1:{unused_tcp_port}", "dispatch_max_attempts": 2, "dispatch_backoff_base": 0.01}
+    )
+    await seed(session, "lam", {"type": "lambda", "arn": "arn:aws:lambda:us-east-1:123456789012:function:x"})
+    job = await create_job(session, job_type="inference", model_id="lam", model_version="1")
+    await session.commit()
+    for _ in range(50):
+        await dispatch_until_idle(closed)
+        row = await stored(session, job.job_id)
+        if row.status == "failure":
+            break
+        await asyncio.sleep(0.02)
+    assert row.status == "failure" and row.attempts == 2 and row.error["code"] == "aws_unreachable"
