@@ -114,9 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import OperationalError
+
     _configure_logging()
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as exc:  # e.g. an unknown revision
+        print(f"pie {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OperationalError as exc:  # the database cannot be reached
+        print(f"pie {args.command}: cannot use the database: {exc.orig or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
