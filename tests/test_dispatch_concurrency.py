@@ -1,0 +1,186 @@
+"""Several dispatchers on one database: each job is dispatched exactly once, and a dispatcher
+killed mid-run loses no job (its expired leases are recovered by another dispatcher).
+
+The dispatchers are real ``pie worker`` processes (plus one in this test process); the handler
+appends a line per invocation to a shared file, so invocations are counted across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, text
+
+from pie.dispatch.dispatcher import Dispatcher
+from pie.dispatch.inprocess import register
+from pie.jobs.models import Job
+from pie.registry.models import Model, ModelVersion
+
+WORKER_CODE = """
+import os, sys, time
+from pie.dispatch.inprocess import register
+
+LOG = os.environ["PIE_TEST_RECORD_FILE"]
+SLEEP = float(os.environ.get("PIE_TEST_SLEEP", "0"))
+
+@register("test_record")
+def record(payload):
+    with open(LOG, "a") as f:
+        f.write(f"{os.getpid()} {payload['job_id']}\\n")
+    time.sleep(SLEEP)
+    return {"pid": os.getpid()}
+
+from pie.cli import main
+sys.exit(main(["worker", "--name", sys.argv[1]]))
+"""
+
+_RECORD_FILE: dict[str, str] = {}
+
+
+@register("test_record")
+def _record_here(payload: dict[str, Any]) -> dict[str, Any]:
+    """The same implementation in this process (no sleep)."""
+    with open(_RECORD_FILE["path"], "a") as f:
+        f.write(f"{os.getpid()} {payload['job_id']}\n")
+    return {"pid": os.getpid()}
+
+
+async def start_worker(name: str, database_url: str, record: Path, **env: str) -> asyncio.subprocess.Process:
+    environment = {
+        **os.environ,
+        "PIE_DATABASE_URL": database_url,
+        "PIE_TEST_RECORD_FILE": str(record),
+        "PIE_LOG_LEVEL": "WARNING",
+        **env,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WORKER_CODE, name, env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+    assert b"dispatching" in line, line
+    return proc
+
+
+async def stop_worker(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=20)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def seed(session) -> None:
+    hs = {"inference": {"type": "in_process", "value": "test_record"}, "training": {"type": "in_process", "value": "test_record"}}
+    session.add(Model(id="m1", name="m1", handlers=hs, status="active"))
+    await session.flush()
+    session.add(ModelVersion(model_id="m1", version="1", status="active", handlers=hs))
+    await session.commit()
+
+
+async def insert_jobs(session, n: int) -> None:
+    await session.execute(
+        text(
+            "INSERT INTO jobs (job_type, model_id, model_version, input) "
+            "SELECT 'inference', 'm1', '1', jsonb_build_object('n', g) FROM generate_series(1, :n) AS g"
+        ),
+        {"n": n},
+    )
+    await session.execute(text("SELECT pg_notify('pie_jobs', '')"))
+    await session.commit()
+
+
+async def count(session, *conditions) -> int:
+    return await session.scalar(select(func.count()).select_from(Job).where(*conditions).execution_options(populate_existing=True))
+
+
+async def wait_until(session, condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.1)
+
+
+def invocations(record: Path) -> list[tuple[int, str]]:
+    lines = record.read_text().splitlines() if record.exists() else []
+    return [(int(pid), job_id) for pid, job_id in (line.split() for line in lines)]
+
+
+async def test_three_dispatchers_never_dispatch_a_job_twice(session, settings, database_url, tmp_path):
+    record = tmp_path / "invocations.log"
+    _RECORD_FILE["path"] = str(record)
+    await seed(session)
+    workers = [
+        await start_worker(f"w{i}", database_url, record, PIE_TEST_SLEEP="0.002", PIE_DISPATCH_BATCH_SIZE="20")
+        for i in range(2)
+    ]
+    local = Dispatcher(settings.model_copy(update={"dispatch_batch_size": 20}), name="local")
+    await local.start()
+    try:
+        await insert_jobs(session, 400)
+        await wait_until(session, lambda: _all_ended(session, 400), timeout=120)
+    finally:
+        await local.stop()
+        for proc in workers:
+            await stop_worker(proc)
+
+    calls = invocations(record)
+    per_job = Counter(job_id for _, job_id in calls)
+    assert len(per_job) == 400 and set(per_job.values()) == {1}, per_job.most_common(3)
+    assert await count(session, Job.status == "success", Job.attempts == 1) == 400
+    # the work really was shared between processes
+    assert len({pid for pid, _ in calls}) >= 2
+
+
+async def _all_ended(session, n: int) -> bool:
+    return await count(session, Job.status.in_(["success", "failure"])) == n
+
+
+async def test_killed_dispatcher_loses_no_job(session, settings, database_url, tmp_path):
+    record = tmp_path / "invocations.log"
+    _RECORD_FILE["path"] = str(record)
+    await seed(session)
+    lease = {"PIE_IN_PROCESS_LEASE_SECONDS": "1", "PIE_DISPATCH_SWEEP_INTERVAL": "0.2"}
+    # the victim's handler takes a minute: it is certainly mid-run when killed
+    victim = await start_worker("victim", database_url, record, PIE_TEST_SLEEP="60", PIE_IN_PROCESS_WORKERS="4", **lease)
+    try:
+        await insert_jobs(session, 10)
+        await wait_until(session, lambda: _started(session, 10), timeout=30)
+        deadline = time.monotonic() + 30
+        while len(invocations(record)) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        await victim.wait()
+    finally:
+        if victim.returncode is None:
+            victim.kill()
+            await victim.wait()
+    victim_calls = invocations(record)
+    assert {pid for pid, _ in victim_calls} == {victim.pid} and len(victim_calls) == 4
+    # every job was claimed by the dead dispatcher; none ended
+    assert await count(session, Job.status == "started") == 10
+
+    rescuer = Dispatcher(
+        settings.model_copy(update={"in_process_lease_seconds": 1.0, "dispatch_sweep_interval": 0.2, "dispatch_poll_interval": 0.2}),
+        name="rescuer",
+    )
+    await rescuer.start()
+    try:
+        await wait_until(session, lambda: _all_ended(session, 10), timeout=60)
+    finally:
+        await rescuer.stop()
+    assert await count(session, Job.status == "success", Job.attempts == 2) == 10
+    rescued = [job_id for pid, job_id in invocations(record) if pid == os.getpid()]
+    assert len(rescued) == 10 and len(set(rescued)) == 10
+
+
+async def _started(session, n: int) -> bool:
+    return await count(session, Job.status == "started") == n
