@@ -1,0 +1,217 @@
+"""Assignment job routes in both scopes (spec 9.1)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from factories import (
+    SEVEN_FEATURES,
+    assign,
+    feature,
+    fresh,
+    init_service,
+    jobs_of,
+    make_version,
+    stored_job,
+    tenant_setup,
+)
+from pie.registry.models import EventSubscription, ModelVersion
+
+D = "/v2/clients/client-1/domains/south_australia"
+S = f"{D}/service/service-1"
+SA = {"route": "Adelaide to Sydney", "competitor_count": 2}
+
+
+async def version(session, v: str = "1") -> ModelVersion:
+    return (await fresh(session, select(ModelVersion).where(ModelVersion.version == v)))[0]
+
+
+async def setup(client, session, admin, **kw) -> dict:
+    await tenant_setup(client, session, admin, **kw)
+    await init_service(client, admin, "service-1", SA)
+    return (await assign(client, admin, key="forecast", service_id="service-1")).json()
+
+
+async def test_service_job_carries_the_resolved_features(client, session, admin):
+    revision = await setup(client, session, admin)
+    r = await client.post(f"{S}/assignments/forecast/jobs", json={"input": {"day_of_week": 3}}, headers=admin)
+    assert r.status_code == 202, r.text
+    assert set(r.json()) == {"job_id"}
+    job = await stored_job(session, r.json()["job_id"])
+    assert job.job_type == "inference" and job.status == "pending"
+    assert str(job.assignment_id) == revision["assignment_id"]
+    assert (job.model_id, job.model_version) == ("pricing-model", "1")
+    assert (job.client_id, job.domain_id, job.service_id) == ("client-1", "south_australia", "service-1")
+    assert job.input == {"day_of_week": 3} and job.features == SA
+    assert job.purpose is None
+
+
+async def test_domain_job_defaults(client, session, admin):
+    await setup(client, session, admin)
+    default = (await client.get(f"{D}/assignments/default", headers=admin)).json()
+    for kwargs in ({"json": {}}, {}):  # an empty body and no body at all
+        r = await client.post(f"{D}/assignments/default/jobs", headers=admin, **kwargs)
+        assert r.status_code == 202, r.text
+        job = await stored_job(session, r.json()["job_id"])
+        assert job.job_type == "inference" and job.input == {} and job.features is None
+        assert job.service_id is None and job.domain_id == "south_australia"
+        assert str(job.assignment_id) == default["assignment_id"]
+    subs = await fresh(session, select(EventSubscription))
+    assert subs == []
+
+
+async def test_unknown_and_archived_keys(client, session, admin):
+    await setup(client, session, admin)
+    r = await client.post(f"{D}/assignments/nothing/jobs", json={}, headers=admin)
+    assert r.status_code == 404 and r.json()["success"] is False
+    r = await client.post(f"{S}/assignments/nothing/jobs", json={}, headers=admin)
+    assert r.status_code == 404
+    # a domain key is not a service key
+    await assign(client, admin, key="domain_only")
+    assert (await client.post(f"{S}/assignments/domain_only/jobs", json={}, headers=admin)).status_code == 404
+    assert (await client.post(f"{D}/service/ghost/assignments/forecast/jobs", json={}, headers=admin)).status_code == 404
+    assert (await client.post(f"/v2/clients/client-1/domains/ghost/assignments/default/jobs", json={}, headers=admin)).status_code == 404
+
+    await assign(client, admin, key="forecast", service_id="service-1", status="archived")
+    r = await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=admin)
+    assert r.status_code == 422 and "archived" in r.json()["message"]
+    await assign(client, admin, key="forecast", service_id="service-1")
+    assert (await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=admin)).status_code == 202
+
+
+async def test_inactive_domain_and_suspended_client(client, session, admin):
+    await setup(client, session, admin)
+    jobs_before = len(await jobs_of(session))
+    await client.patch(D, json={"status": "inactive"}, headers=admin)
+    r = await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=admin)
+    assert r.status_code == 422 and "not active" in r.json()["message"]
+    assert (await client.post(f"{D}/assignments/default/jobs", json={}, headers=admin)).status_code == 422
+    await client.patch(D, json={"status": "active"}, headers=admin)
+    await client.patch("/v2/clients/client-1", json={"status": "suspended"}, headers=admin)
+    r = await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=admin)
+    assert r.status_code == 422 and "suspended" in r.json()["message"]
+    assert len(await jobs_of(session)) == jobs_before
+
+
+async def test_subscribe(client, session, admin):
+    revision = await setup(client, session, admin)
+    r = await client.post(f"{S}/assignments/forecast/jobs", json={"job_type": "training", "subscribe": True}, headers=admin)
+    assert r.status_code == 422 and "subscribe" in r.json()["message"]
+    assert await fresh(session, select(EventSubscription)) == []
+
+    r = await client.post(
+        f"{S}/assignments/forecast/jobs", json={"input": {"day_of_week": 5}, "subscribe": True}, headers=admin
+    )
+    assert r.status_code == 202
+    job = await stored_job(session, r.json()["job_id"])
+    assert str(job.assignment_id) == revision["assignment_id"]
+    (sub,) = await fresh(session, select(EventSubscription))
+    assert (sub.source_model_id, sub.target_model_id) == ("pricing-model", "pricing-model")
+    assert (sub.trigger_event, sub.target_action, sub.input_source) == ("training_complete", "inference", "stored")
+    assert sub.input == {"day_of_week": 5} and sub.status == "active"
+    assert (sub.client_id, sub.domain_id, sub.service_id, sub.assignment_key) == (
+        "client-1",
+        "south_australia",
+        "service-1",
+        "forecast",
+    )
+
+    r = await client.post(f"{D}/assignments/default/jobs", json={"subscribe": True}, headers=admin)
+    assert r.status_code == 202
+    subs = await fresh(session, select(EventSubscription).where(EventSubscription.service_id.is_(None)))
+    assert [(s.assignment_key, s.domain_id, s.input) for s in subs] == [("default", "south_australia", {})]
+    # the subscription is visible through the registry's listing of the model
+    r = await client.get("/v2/models/pricing-model/event-subscriptions", headers=admin)
+    assert r.status_code == 200 and len(r.json()) == 2
+
+
+async def test_input_is_validated_against_the_contract(client, session, admin):
+    contracts = {
+        "inference": {
+            "input_schema": {
+                "type": "object",
+                "properties": {"day_of_week": {"type": "integer", "minimum": 0, "maximum": 6}},
+                "required": ["day_of_week"],
+            }
+        },
+        "training": {"input_schema": {"type": "object", "properties": {"epochs": {"type": "integer"}}}},
+    }
+    await setup(client, session, admin, handler_contracts=contracts)
+    jobs_before = len(await jobs_of(session))
+    for body in ({}, {"input": {"day_of_week": 9}}, {"input": {"day_of_week": "Mon"}}):
+        r = await client.post(f"{S}/assignments/forecast/jobs", json=body, headers=admin)
+        assert r.status_code == 422 and "input_schema" in r.json()["message"], r.text
+    r = await client.post(f"{S}/assignments/forecast/jobs", json={"job_type": "training", "input": {"epochs": "x"}}, headers=admin)
+    assert r.status_code == 422 and "training" in r.json()["message"]
+    assert len(await jobs_of(session)) == jobs_before
+    r = await client.post(f"{S}/assignments/forecast/jobs", json={"input": {"day_of_week": 3}}, headers=admin)
+    assert r.status_code == 202
+    r = await client.post(f"{S}/assignments/forecast/jobs", json={"job_type": "training", "input": {"epochs": 3}}, headers=admin)
+    assert r.status_code == 202
+
+
+async def test_bad_job_bodies_are_400(client, session, admin):
+    await setup(client, session, admin)
+    for body in ({"job_type": "predict"}, {"input": [1]}, {"subscribe": "yes"}, {"input": "x"}):
+        r = await client.post(f"{S}/assignments/forecast/jobs", json=body, headers=admin)
+        assert r.status_code == 400, body
+    assert (await client.post(f"{S}/assignments/Bad/jobs", json={}, headers=admin)).status_code == 400
+
+
+async def test_training_through_a_domain_assignment_freezes_the_live_features(client, session, admin):
+    await setup(client, session, admin)
+    assert (await version(session)).features is None
+    # a service-scoped training job does not freeze
+    r = await client.post(f"{S}/assignments/forecast/jobs", json={"job_type": "training"}, headers=admin)
+    assert r.status_code == 202
+    assert (await version(session)).features is None
+    # an inference job through the domain does not freeze either
+    await client.post(f"{D}/assignments/default/jobs", json={}, headers=admin)
+    assert (await version(session)).features is None
+
+    r = await client.post(f"{D}/assignments/default/jobs", json={"job_type": "training", "input": {"epochs": 1}}, headers=admin)
+    assert r.status_code == 202
+    job = await stored_job(session, r.json()["job_id"])
+    assert job.job_type == "training" and job.input == {"epochs": 1}
+    assert (await version(session)).features == SEVEN_FEATURES
+
+    # once set it never changes, even when the live features do
+    await client.put(f"{D}/features", json={"features": [feature("route", {"type": "string"}, True)]}, headers=admin)
+    await client.post(f"{D}/assignments/default/jobs", json={"job_type": "training"}, headers=admin)
+    assert (await version(session)).features == SEVEN_FEATURES
+    # and it now governs the domain: a new service is resolved against it
+    r = await init_service(client, admin, "service-2", {"route": "Melbourne"}, expect=422)
+    assert "route" in r.json()["message"]
+
+
+async def test_training_does_not_overwrite_an_explicit_frozen_schema(client, session, admin):
+    frozen = [feature("route", {"type": "string"}, True)]
+    await make_version(session, version="2", features=frozen)
+    await setup(client, session, admin)
+    await assign(client, admin, key="retrain", model_version="2")
+    await client.post(f"{D}/assignments/retrain/jobs", json={"job_type": "training"}, headers=admin)
+    assert (await version(session, "2")).features == frozen
+
+
+async def test_failed_version_refuses_jobs(client, session, admin):
+    await setup(client, session, admin)
+    await make_version(session, version="2")
+    await assign(client, admin, key="forecast", model_version="2", service_id="service-1")
+    v2 = await version(session, "2")
+    v2.status = "failed"
+    await session.commit()
+    r = await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=admin)
+    assert r.status_code == 422 and "failed" in r.json()["message"]
+
+
+async def test_job_permissions(client, session, admin, auth):
+    await setup(client, session, admin)
+    runner = auth(scopes=["run_inference"], client_id="client-1")
+    manager = auth(scopes=["manage_domains", "init_services", "read_domains"], client_id="client-1")
+    foreign = auth(scopes=["run_inference"], client_id="client-2")
+    assert (await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=runner)).status_code == 202
+    assert (await client.post(f"{D}/assignments/default/jobs", json={}, headers=runner)).status_code == 202
+    assert (await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=manager)).status_code == 403
+    assert (await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=foreign)).status_code == 403
+    human = auth(groups=["client:client-1"], username="ops")
+    assert (await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=human)).status_code == 202
