@@ -237,3 +237,28 @@ async def test_set_status_errors(client, admin, auth):
     assert (await set_status(client, {}, "active")).status_code == 401
     r = await client.get("/v2/models/m1/versions/1", headers=admin)
     assert r.json()["status"] == "pending"
+
+
+async def test_concurrent_activation_fires_once(client, admin, session):
+    """Racing `training -> active` requests serialize on the version row: one transition fires
+    the subscriptions, the others see the version already active (no-op)."""
+    await make_model(client, admin)
+    await new_version(client, admin)
+    r = await client.post(
+        "/v2/models/m1/event-subscriptions",
+        json={
+            "trigger_event": "training_complete",
+            "target_model_id": "m1",
+            "target_action": "inference",
+            "input_source": "stored",
+            "input": {},
+        },
+        headers=admin,
+    )
+    assert r.status_code == 201
+    assert (await set_status(client, admin, "training")).status_code == 200
+    responses = await asyncio.gather(*(set_status(client, admin, "active") for _ in range(8)))
+    assert [r.status_code for r in responses] == [200] * 8
+    fired = [r.json()["triggered_events"] for r in responses if r.json()["triggered_events"]]
+    assert len(fired) == 1 and len(fired[0]) == 1
+    assert await session.scalar(text("SELECT count(*) FROM jobs")) == 1

@@ -8,7 +8,7 @@ see and change only those of tenants they may access (admins: all), others answe
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Response
 from sqlalchemy import ColumnElement, delete, null, or_, select, true
@@ -69,7 +69,12 @@ async def list_subscriptions(
 
 
 async def get_subscription(
-    session: AsyncSession, model_id: str, subscription_id: uuid.UUID, principal: Principal, *, for_update: bool = False
+    session: AsyncSession,
+    model_id: str,
+    subscription_id: uuid.UUID,
+    principal: Principal,
+    *,
+    for_update: bool | Literal["delete"] = False,
 ) -> EventSubscription:
     stmt = (
         select(EventSubscription)
@@ -81,7 +86,8 @@ async def get_subscription(
         .execution_options(populate_existing=True)
     )
     if for_update:
-        stmt = stmt.with_for_update()
+        # NO KEY UPDATE unless deleting: jobs referencing the row (firings) are not blocked
+        stmt = stmt.with_for_update(key_share=for_update != "delete")
     found = await session.scalar(stmt)
     if found is None:
         await _source_model(session, model_id)
@@ -145,7 +151,7 @@ async def update_subscription(
 async def delete_subscription(
     session: AsyncSession, model_id: str, subscription_id: uuid.UUID, principal: Principal
 ) -> None:
-    subscription = await get_subscription(session, model_id, subscription_id, principal, for_update=True)
+    subscription = await get_subscription(session, model_id, subscription_id, principal, for_update="delete")
     await session.execute(delete(EventSubscription).where(EventSubscription.id == subscription.id))
     session.expunge(subscription)
 
