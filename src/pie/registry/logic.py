@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from fastapi import Response
-from sqlalchemy import null, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
@@ -28,7 +28,7 @@ from pie.registry.events import fire_subscriptions
 from pie.registry.handlers import input_schema, stale_actions, validate_contracts, validate_handlers
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.registry.schemas import InferenceRequest, ModelCreate, ModelUpdate, VersionCreate
-from pie.registry.subscriptions import subscribe_inference
+from pie.registry.subscriptions import json_or_null, subscribe_inference
 
 log = logging.getLogger("pie.registry")
 
@@ -42,11 +42,6 @@ TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
         ("failed", "training"),
     }
 )
-
-
-def _json_or_null(value: Any) -> Any:
-    """SQL NULL (not JSON ``null``) for an absent JSONB value, so ``IS NULL`` means "not set"."""
-    return null() if value is None else value
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -89,7 +84,7 @@ async def create_model(session: AsyncSession, body: ModelCreate) -> Model:
             name=body.name,
             description=body.description,
             handlers=handlers,
-            handler_contracts=_json_or_null(contracts),
+            handler_contracts=json_or_null(contracts),
             metadata_=body.metadata,
         )
         .on_conflict_do_nothing(index_elements=[Model.id])
@@ -116,7 +111,7 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
             name=body.name,
             description=body.description,
             handlers=handlers,
-            handler_contracts=_json_or_null(contracts),
+            handler_contracts=json_or_null(contracts),
             metadata_=body.metadata,
         )
     )
@@ -209,8 +204,8 @@ async def _insert_version(
             description=description,
             metadata_=metadata,
             handlers=model.handlers,
-            handler_contracts=_json_or_null(model.handler_contracts),
-            features=_json_or_null(features),
+            handler_contracts=json_or_null(model.handler_contracts),
+            features=json_or_null(features),
         )
         .on_conflict_do_nothing(index_elements=[ModelVersion.model_id, ModelVersion.version])
         .returning(ModelVersion)

@@ -24,6 +24,11 @@ from pie.registry.models import EventSubscription, Model
 from pie.registry.schemas import SubscriptionCreate, SubscriptionUpdate
 
 
+def json_or_null(value: Any) -> Any:
+    """SQL NULL (not JSON ``null``) for an absent JSONB value, so ``IS NULL`` means "not set"."""
+    return null() if value is None else value
+
+
 def new_subscription_id() -> uuid.UUID:
     """UUIDv7: time-ordered, so listing by id lists in creation order."""
     return uuid.UUID(str(uuid7()))
@@ -113,7 +118,7 @@ async def create_subscription(session: AsyncSession, model_id: str, body: Subscr
         target_model_id=target.id,
         target_action=body.target_action,
         input_source=body.input_source,
-        input=_json_or_null(body.input),
+        input=json_or_null(body.input),
         label=body.label,
         status=body.status,
         warnings=input_warnings(target, body.target_action, body.input),
@@ -133,7 +138,7 @@ async def update_subscription(
     given = body.model_fields_set
     if "input" in given:
         _check_input(subscription.input_source, body.input)
-        subscription.input = _json_or_null(body.input)
+        subscription.input = json_or_null(body.input)
     if "label" in given:
         subscription.label = body.label
     if "status" in given:
@@ -214,7 +219,3 @@ async def subscribe_inference(
     await session.flush()
     await session.refresh(subscription)
     return subscription
-
-
-def _json_or_null(value: Any) -> Any:
-    return null() if value is None else value
