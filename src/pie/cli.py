@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from pie.config import get_settings
@@ -20,6 +21,10 @@ def _configure_logging() -> None:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
+def _exit_gracefully(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -30,6 +35,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # embedded: started (and always migrated) here; an external database unless --no-migrate
     url = resolve_database_url(settings, migrate=not (settings.database_url and args.no_migrate))
     app = create_app(settings, database_url=url)
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises it; exit normally instead of
+    # dying by the signal, so atexit handlers run (they stop the embedded PostgreSQL)
+    signal.signal(signal.SIGTERM, _exit_gracefully)
     print(f"PIE v2 listening on http://{args.host}:{args.port}  (docs: /v2/docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, proxy_headers=True)
     return 0
@@ -114,19 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from alembic.util.exc import CommandError
-    from sqlalchemy.exc import OperationalError
-
     _configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except CommandError as exc:  # e.g. an unknown revision
-        print(f"pie {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except OperationalError as exc:  # the database cannot be reached
-        print(f"pie {args.command}: cannot use the database: {exc.orig or exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        # imported here: `pie token` stays fast
+        from alembic.util.exc import CommandError
+        from sqlalchemy.exc import OperationalError
+
+        if isinstance(exc, CommandError):  # e.g. an unknown revision
+            print(f"pie {args.command}: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OperationalError):  # the database cannot be reached
+            print(f"pie {args.command}: cannot use the database: {exc.orig or exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":
