@@ -247,3 +247,13 @@ async def test_unreachable_aws_endpoint_is_retried_then_fails(session, settings,
             break
         await asyncio.sleep(0.02)
     assert row.status == "failure" and row.attempts == 2 and row.error["code"] == "aws_unreachable"
+
+
+async def test_ecs_payload_too_large_fails_at_once(session, aws_settings, ecs_cluster):
+    await seed(session, "ecs-big", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"})
+    job = await create_job(session, job_type="training", model_id="ecs-big", model_version="1", input={"blob": "x" * 10000})
+    await session.commit()
+    assert await dispatch_until_idle(aws_settings) == 1
+    row = await stored(session, job.job_id)
+    assert row.status == "failure" and row.attempts == 1
+    assert row.error["code"] == "payload_too_large" and row.error["backend"] == "ecs_task"

@@ -18,6 +18,13 @@ ECS_MAX_PAYLOAD_BYTES = 7680
 _ECS_VALUE = re.compile(r"^([A-Za-z0-9_-]{1,255})/([A-Za-z0-9_-]{1,255}(?::[0-9]+)?|arn:aws[a-z-]*:ecs:.+)$")
 
 
+# AWS answers that no retry can change (the request itself is wrong); anything else, including
+# a missing function or cluster (it may be deployed a moment later), is retried with backoff
+NOT_RETRYABLE_AWS_CODES = frozenset(
+    {"RequestEntityTooLargeException", "InvalidRequestContentException", "InvalidParameterValueException"}
+)
+
+
 class DispatchError(Exception):
     """A dispatch that did not happen. ``retryable`` errors go back to the queue with backoff."""
 
@@ -63,6 +70,7 @@ def _aws_error(exc: Exception, backend: str) -> DispatchError:
         return DispatchError(
             "aws_error",
             f"{backend}: {code}: {err.get('Message') or exc}",
+            retryable=code not in NOT_RETRYABLE_AWS_CODES,
             details={
                 "aws_code": code,
                 "http_status": exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"),

@@ -44,9 +44,10 @@ async def get_job(
         async with db.sessionmaker()() as s:
             return await logic.get_job(s, principal, job_id)
 
-    if wait <= 0:
-        return await read()
-    return await wait_for_end(job_id, wait, read, lambda job: job.status in logic.ENDED)
+    job = await read()  # 404 / 403 at once
+    if wait <= 0 or job.status in logic.ENDED:
+        return job
+    return await wait_for_end(job_id, wait, read, lambda j: j.status in logic.ENDED)
 
 
 @router.get("/v2/jobs", operation_id="listjobs", response_model=list[JobOut])
