@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 
@@ -14,11 +13,12 @@ from pie.config import get_settings
 
 def _configure_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("PIE_LOG_LEVEL", "INFO").upper(),
+        level=get_settings().log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # pgserver logs every pg_ctl invocation with its full output at INFO
+    # pgserver logs every pg_ctl invocation with its full output at INFO; alembic its plugins
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _exit_gracefully(signum: int, frame: object) -> None:
@@ -38,8 +38,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn shuts down gracefully on SIGTERM and then re-raises it; exit normally instead of
     # dying by the signal, so atexit handlers run (they stop the embedded PostgreSQL)
     signal.signal(signal.SIGTERM, _exit_gracefully)
-    print(f"PIE v2 listening on http://{args.host}:{args.port}  (docs: /v2/docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, proxy_headers=True)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    print(f"PIE v2 listening on http://{host}:{port}  (docs: /v2/docs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=(args.log_level or settings.log_level).lower(), proxy_headers=True)
     return 0
 
 
@@ -94,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the API (embedded PostgreSQL when PIE_DATABASE_URL is unset)")
-    serve.add_argument("--host", default=os.environ.get("PIE_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("PIE_PORT", "8000")))
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--host", default=None, help="bind address (PIE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (PIE_PORT, default 8000)")
+    serve.add_argument("--log-level", default=None, help="uvicorn log level (PIE_LOG_LEVEL, default info)")
     serve.add_argument("--no-migrate", action="store_true", help="do not migrate PIE_DATABASE_URL on start")
     serve.set_defaults(func=cmd_serve)
 
@@ -131,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         from alembic.util.exc import CommandError
         from sqlalchemy.exc import OperationalError
 
-        if isinstance(exc, CommandError):  # e.g. an unknown revision
+        from pie.migrate import MigrationsNotFound
+
+        if isinstance(exc, (CommandError, MigrationsNotFound)):  # e.g. an unknown revision
             print(f"pie {args.command}: {exc}", file=sys.stderr)
             return 2
         if isinstance(exc, OperationalError):  # the database cannot be reached

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing import Annotated
+from typing import Annotated, Literal
 
 
 def _split_csv(value: object) -> object:
@@ -17,7 +17,8 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PIE_", env_file=".env", extra="ignore")
+    # env_ignore_empty: `PIE_X=` (as in .env.example) means "use the default"
+    model_config = SettingsConfigDict(env_prefix="PIE_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     # database
     database_url: str | None = None
@@ -37,7 +38,10 @@ class Settings(BaseSettings):
     jwt_rs256_issuer: str | None = None
     jwks_refetch_cooldown_seconds: float = 30.0
 
-    # HTTP
+    # HTTP (`pie serve` defaults; --host/--port/--log-level override)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     public_url: str = "http://127.0.0.1:8000"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -65,6 +69,11 @@ class Settings(BaseSettings):
     ecs_assign_public_ip: bool = False
     ecs_container_name: str = "main"
     ecs_payload_env_var: str = "PIE_JOB_PAYLOAD"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("cognito_app_client_ids", "cors_origins", "ecs_subnets", "ecs_security_groups", mode="before")
     @classmethod

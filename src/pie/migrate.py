@@ -11,13 +11,17 @@ from alembic.config import Config
 ROOT = Path(__file__).resolve().parents[2]
 
 
+class MigrationsNotFound(RuntimeError):
+    pass
+
+
 def migrations_root() -> Path:
     """The directory holding ``migrations/``: the source checkout, or (a regular install, e.g.
     the Docker image) the working directory the project was copied to."""
     for candidate in (ROOT, Path.cwd()):
         if (candidate / "migrations" / "env.py").is_file():
             return candidate
-    raise RuntimeError(
+    raise MigrationsNotFound(
         f"cannot find the Alembic migrations (looked in {ROOT} and {Path.cwd()}); "
         "run from the project directory"
     )
