@@ -257,3 +257,63 @@ async def test_ecs_payload_too_large_fails_at_once(session, aws_settings, ecs_cl
     row = await stored(session, job.job_id)
     assert row.status == "failure" and row.attempts == 1
     assert row.error["code"] == "payload_too_large" and row.error["backend"] == "ecs_task"
+
+
+def test_ecs_fargate_request_carries_the_configured_network(settings):
+    """moto cannot run FARGATE tasks (see notes), so the request is checked with botocore's
+    Stubber: launch type, awsvpc subnets / security groups / public IP from PIE_ECS_*."""
+    from botocore.stub import ANY, Stubber
+
+    from pie.dispatch.backends import AwsBackends
+
+    fargate = settings.model_copy(
+        update={
+            "ecs_launch_type": "FARGATE",
+            "ecs_subnets": ["subnet-1", "subnet-2"],
+            "ecs_security_groups": ["sg-1"],
+            "ecs_assign_public_ip": True,
+            "ecs_container_name": "model",
+            "ecs_payload_env_var": "JOB",
+        }
+    )
+    backends = AwsBackends(fargate)
+    payload = {"job_id": "j1", "input": {"a": 1}}
+    with Stubber(backends.ecs_client) as stub:
+        stub.add_response(
+            "run_task",
+            {"tasks": [{"taskArn": "arn:aws:ecs:us-east-1:123456789012:task/c1/abc"}], "failures": []},
+            {
+                "cluster": "c1",
+                "taskDefinition": "train:3",
+                "count": 1,
+                "startedBy": "pie-j1",
+                "launchType": "FARGATE",
+                "networkConfiguration": {
+                    "awsvpcConfiguration": {"subnets": ["subnet-1", "subnet-2"], "securityGroups": ["sg-1"], "assignPublicIp": "ENABLED"}
+                },
+                "overrides": {"containerOverrides": [{"name": "model", "environment": [{"name": "JOB", "value": ANY}]}]},
+            },
+        )
+        info = backends.run_ecs_task({"type": "ecs_task", "value": "c1/train:3"}, payload)
+        stub.assert_no_pending_responses()
+    assert info["task_arn"].endswith("/abc") and info["task_definition"] == "train:3"
+
+
+def test_ecs_failures_in_the_answer_are_a_dispatch_error(settings):
+    from botocore.stub import Stubber
+
+    from pie.dispatch.backends import AwsBackends, DispatchError
+
+    backends = AwsBackends(settings.model_copy(update={"ecs_launch_type": "EC2"}))
+    with Stubber(backends.ecs_client) as stub:
+        stub.add_response(
+            "run_task", {"tasks": [], "failures": [{"arn": "arn:aws:ecs:us-east-1:1:container-instance/x", "reason": "RESOURCE:MEMORY"}]}
+        )
+        try:
+            backends.run_ecs_task({"type": "ecs_task", "value": "c1/train"}, {"job_id": "j1"})
+        except DispatchError as exc:
+            error = exc
+        else:
+            raise AssertionError("no DispatchError")
+    assert error.retryable and error.code == "ecs_run_task_failed" and "RESOURCE:MEMORY" in error.message
+    assert error.as_error()["failures"][0]["reason"] == "RESOURCE:MEMORY"

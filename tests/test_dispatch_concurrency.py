@@ -67,7 +67,8 @@ async def start_worker(name: str, database_url: str, record: Path, **env: str) -
     return proc
 
 
-async def stop_worker(proc: asyncio.subprocess.Process) -> None:
+async def stop_worker(proc: asyncio.subprocess.Process) -> int:
+    """SIGTERM: the worker stops gracefully and exits 0."""
     if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -75,6 +76,7 @@ async def stop_worker(proc: asyncio.subprocess.Process) -> None:
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
+    return proc.returncode
 
 
 async def seed(session) -> None:
@@ -129,8 +131,8 @@ async def test_three_dispatchers_never_dispatch_a_job_twice(session, settings, d
         await wait_until(session, lambda: _all_ended(session, 400), timeout=120)
     finally:
         await local.stop()
-        for proc in workers:
-            await stop_worker(proc)
+        exit_codes = [await stop_worker(proc) for proc in workers]
+    assert exit_codes == [0, 0]
 
     calls = invocations(record)
     per_job = Counter(job_id for _, job_id in calls)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 
 from pie import db
 from pie.config import Settings
@@ -27,7 +25,7 @@ async def run_worker(settings: Settings, name: str | None = None) -> None:
     except RuntimeError:
         db.init_engine(resolve_database_url(settings))
         owns_engine = True
-    dispatcher = Dispatcher(settings, name=name or f"worker-{socket.gethostname()}:{os.getpid()}")
+    dispatcher = Dispatcher(settings, name=name or "worker")  # the id adds host and pid
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
