@@ -13,7 +13,7 @@ Database: PIE_BENCH_DATABASE_URL (used as is), else a scratch database created o
 PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (dropped afterwards), else an
 embedded pgserver in a temporary directory.
 
-    .venv/bin/python bench/dispatch.py [--jobs 3000] [--samples 300] [--workers 4] [--batch-size 50]
+    .venv/bin/python bench/dispatch.py [--jobs 3000] [--samples 300] [--workers 4] [--batch-size 100] [--embedded]
 """
 
 from __future__ import annotations
@@ -37,18 +37,20 @@ LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @asynccontextmanager
-async def bench_database() -> AsyncIterator[tuple[str, str]]:
+async def bench_database(embedded: bool = False) -> AsyncIterator[tuple[str, str]]:
     """(url, description)."""
     url = os.environ.get("PIE_BENCH_DATABASE_URL")
-    if url:
+    if url and not embedded:
         yield url, "PIE_BENCH_DATABASE_URL"
         return
-    try:
-        with psycopg.connect(LOCAL_SERVER, autocommit=True, connect_timeout=3) as conn:
-            name = f"pie_bench_{uuid.uuid4().hex[:10]}"
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError:
-        name = None
+    name = None
+    if not embedded:
+        try:
+            with psycopg.connect(LOCAL_SERVER, autocommit=True, connect_timeout=3) as conn:
+                name = f"pie_bench_{uuid.uuid4().hex[:10]}"
+                conn.execute(f'CREATE DATABASE "{name}"')
+        except psycopg.OperationalError:
+            name = None
     if name is not None:
         try:
             yield LOCAL_SERVER.rsplit("/", 1)[0] + "/" + name, f"local PostgreSQL, scratch database {name}"
@@ -177,6 +179,7 @@ async def main() -> int:
     parser.add_argument("--samples", type=int, default=300, help="sequential jobs for the latency run")
     parser.add_argument("--workers", type=int, default=4, help="in-process thread pool size")
     parser.add_argument("--batch-size", type=int, default=100, help="dispatcher claim batch")
+    parser.add_argument("--embedded", action="store_true", help="use an embedded pgserver even if a server is reachable")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -185,7 +188,7 @@ async def main() -> int:
     from pie.config import Settings
     from pie.migrate import upgrade
 
-    async with bench_database() as (url, where):
+    async with bench_database(args.embedded) as (url, where):
         print(f"database: {where}")
         await asyncio.to_thread(upgrade, url)
         settings = Settings(
