@@ -7,7 +7,7 @@ import copy
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from factories import SEVEN_FEATURES
@@ -344,3 +344,145 @@ def test_merge_patch(provided, patch):
         k for k, v in patch.items() if v is None
     }
     assert merge_patch(merged, patch) == merged  # idempotent
+
+
+# -- the fast validity check agrees with jsonschema ------------------------------------------------
+
+from jsonschema import Draft202012Validator  # noqa: E402
+
+from pie.features import compile_check  # noqa: E402
+
+JSON_SCALAR_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-6, 6),
+    st.integers(-6, 6).map(float),  # integral floats: integers to JSON Schema, not to Python's type()
+    st.floats(-20, 20, allow_nan=False, allow_infinity=False),
+    st.text(alphabet="ab1 ", max_size=4),
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALAR_VALUES,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.sampled_from(["a", "b", "c"]), children, max_size=3),
+    ),
+    max_leaves=8,
+)
+# top-level values: scalars and shallow containers of scalars often, deeper values sometimes
+TOP_VALUES = st.one_of(
+    JSON_SCALAR_VALUES,
+    st.lists(JSON_SCALAR_VALUES, max_size=4),
+    st.dictionaries(st.sampled_from(["a", "b", "c"]), JSON_SCALAR_VALUES, max_size=3),
+    JSON_VALUES,
+)
+TYPES = ["null", "boolean", "integer", "number", "string", "array", "object"]
+
+
+def _leaf_schemas():
+    number = st.one_of(st.integers(-5, 5), st.sampled_from([0.5, -1.5, 2.0]))
+    size = st.integers(0, 3)
+    return st.one_of(
+        st.booleans(),
+        st.builds(lambda t: {"type": t}, st.sampled_from(TYPES)),
+        st.builds(lambda ts: {"type": ts}, st.lists(st.sampled_from(TYPES), min_size=1, max_size=3, unique=True)),
+        st.builds(lambda e: {"enum": e}, st.lists(JSON_VALUES, min_size=1, max_size=3)),
+        st.builds(lambda c: {"const": c}, JSON_VALUES),
+        st.builds(lambda k, n: {k: n}, st.sampled_from(["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"]), number),
+        st.builds(
+            lambda k, n: {k: n},
+            st.sampled_from(["minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"]),
+            size,
+        ),
+        st.builds(lambda p: {"pattern": p}, st.sampled_from(["^a", "b$", "1", "^$"])),
+        st.builds(lambda r: {"required": r}, st.lists(st.sampled_from(["a", "b"]), max_size=2, unique=True)),
+        st.just({"format": "date-time", "description": "annotations only"}),
+    )
+
+
+SCHEMAS = st.recursive(
+    _leaf_schemas(),
+    lambda children: st.one_of(
+        st.builds(lambda k, subs: {k: subs}, st.sampled_from(["oneOf", "anyOf", "allOf"]), st.lists(children, min_size=1, max_size=3)),
+        st.builds(lambda sub: {"not": sub}, children),
+        st.builds(lambda sub: {"items": sub}, children),
+        st.builds(lambda subs: {"prefixItems": subs}, st.lists(children, min_size=1, max_size=3)),
+        st.builds(lambda subs, rest: {"prefixItems": subs, "items": rest}, st.lists(children, min_size=1, max_size=2), children),
+        st.builds(
+            lambda props, extra: {"properties": props, **({} if extra is None else {"additionalProperties": extra})},
+            st.dictionaries(st.sampled_from(["a", "b"]), children, max_size=2),
+            st.one_of(st.none(), children),
+        ),
+        st.builds(lambda extra: {"additionalProperties": extra}, children),
+        st.builds(lambda a, b: {**a, **b} if isinstance(a, dict) and isinstance(b, dict) else a, children, children),
+    ),
+    max_leaves=6,
+)
+
+
+def boundary_values(schema: Any) -> list[Any]:
+    """Values at the edges of the constants a schema mentions (n, n±1, n±0.5, as floats; each
+    string and its neighbours; each enum/const member and shallow containers of them)."""
+    found: list[Any] = []
+
+    def walk(node: Any, key: str | None = None) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, k)
+        elif isinstance(node, list):
+            if key in ("enum",):
+                found.extend(node)
+            for v in node:
+                walk(v, key)
+        elif isinstance(node, bool):
+            return
+        elif isinstance(node, (int, float)):
+            found.extend([node, node + 1, node - 1, node + 0.5, node - 0.5, float(node)])
+        elif isinstance(node, str) and key not in ("type",):
+            found.extend([node, node.strip("^$"), "a" + node.strip("^$"), node.strip("^$") + "b", ""])
+            if key == "required":
+                found.extend([{node: 1}, {"c": 1}])
+        if key == "const":
+            found.append(node)
+
+    walk(schema)
+    shallow = [[v] for v in found[:6]] + [{"a": v} for v in found[:6]] + [{"b": v} for v in found[:3]]
+    return found + shallow
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(SCHEMAS, st.lists(TOP_VALUES, min_size=1, max_size=8))
+@example({"type": "integer"}, [1.0, True, 1, 1.5])
+@example({"type": "number"}, [False, 0, 0.5])
+@example({"type": "boolean"}, [0, 1, True])
+@example({"enum": [1, "a", [1]]}, [True, 1.0, [True], [1.0], "a"])
+@example({"const": {"a": False}}, [{"a": 0}, {"a": False}])
+@example({"oneOf": [{"type": "integer"}, {"type": "number"}]}, [1, 1.5, 2.0])
+@example({"prefixItems": [{"type": "string"}], "items": False}, [["a"], ["a", "b"], [], "ab"])
+@example({"properties": {"a": {"type": "string"}}, "additionalProperties": False}, [{"a": "x"}, {"b": 1}, []])
+@example({"minimum": 1, "exclusiveMaximum": 3}, [True, 1, 3, 2.999, "5"])
+def test_fast_check_agrees_with_jsonschema(schema, values):
+    values = values + boundary_values(schema)
+    check = compile_check(schema)
+    assert check is not None, schema  # every generated keyword is in the supported subset
+    validator = Draft202012Validator(schema)
+    for value in values:
+        assert check(value) == validator.is_valid(value), (schema, value)
+
+
+def test_fast_check_declines_unsupported_keywords():
+    for schema in (
+        {"$ref": "#/$defs/x", "$defs": {"x": {"type": "string"}}},
+        {"uniqueItems": True},
+        {"if": {"type": "string"}, "then": {"minLength": 1}},
+        {"type": "array", "contains": {"type": "integer"}},
+        {"multipleOf": 0.1},
+        {"patternProperties": {"^a": {"type": "string"}}, "properties": {}},
+        {"items": {"$ref": "#"}},
+        {"type": "decimal"},
+    ):
+        assert compile_check(schema) is None, schema
+
+
+def test_the_seven_features_compile():
+    for definition in SEVEN_FEATURES:
+        assert compile_check(definition["json_schema"]) is not None, definition["name"]

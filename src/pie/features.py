@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -99,6 +99,207 @@ def describe_failures(failures: Iterable[FeatureFailure], *, limit: int = 10) ->
     return text
 
 
+# -- a fast validity check for the common subset of JSON Schema -----------------------------------
+#
+# Checking tens of thousands of services validates thousands of distinct values; jsonschema's
+# general-purpose validator costs ~100 us per array value. ``compile_check`` turns a schema that
+# uses only the keywords below into a plain Python predicate with jsonschema's (Draft 2020-12)
+# semantics. It is only ever trusted to say "valid": a value it rejects, and every schema it does
+# not support (``$ref``, ``if``, ``uniqueItems``, ...), go to jsonschema, which stays the source of
+# truth and of the failure messages. tests/test_features_resolver.py checks it against jsonschema.
+
+Check = Callable[[Any], bool]
+
+_IGNORED = frozenset(
+    {"$schema", "$comment", "title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly", "format"}
+)
+_TYPE_TESTS: dict[str, Check] = {
+    "null": lambda v: v is None,
+    "boolean": lambda v: v is True or v is False,
+    "integer": lambda v: (type(v) is int) or (type(v) is float and v.is_integer()),
+    "number": lambda v: type(v) is int or type(v) is float,
+    "string": lambda v: type(v) is str,
+    "array": lambda v: type(v) is list,
+    "object": lambda v: type(v) is dict,
+}
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    """JSON equality as jsonschema's ``enum``/``const`` see it: booleans are not numbers,
+    ``1 == 1.0``, containers compared element by element."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if type(a) in (int, float) and type(b) in (int, float):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def compile_check(schema: Any) -> Check | None:
+    """A predicate equivalent to ``Draft202012Validator(schema).is_valid``, or None when the
+    schema uses a keyword outside the supported subset."""
+    if schema is True:
+        return lambda v: True
+    if schema is False:
+        return lambda v: False
+    if not isinstance(schema, dict):
+        return None
+    tests: list[Check] = []
+    for keyword, arg in schema.items():
+        if keyword in _IGNORED:
+            continue
+        test = _compile_keyword(keyword, arg, schema)
+        if test is None:
+            return None
+        if test is not _NO_TEST:
+            tests.append(test)
+    if not tests:
+        return lambda v: True
+    if len(tests) == 1:
+        return tests[0]
+    return lambda v: all(t(v) for t in tests)
+
+
+def _NO_TEST(value: Any) -> bool:  # marker: keyword handled by a sibling (e.g. prefixItems by items)
+    return True
+
+
+def _is_num(v: Any) -> bool:
+    return type(v) is int or type(v) is float
+
+
+def _compile_keyword(keyword: str, arg: Any, schema: dict[str, Any]) -> Check | None:  # noqa: C901
+    if keyword == "type":
+        names = [arg] if isinstance(arg, str) else arg
+        if not isinstance(names, list) or not names or any(n not in _TYPE_TESTS for n in names):
+            return None
+        type_tests = [_TYPE_TESTS[n] for n in names]
+        return type_tests[0] if len(type_tests) == 1 else (lambda v: any(t(v) for t in type_tests))
+    if keyword == "enum":
+        if not isinstance(arg, list):
+            return None
+        return lambda v: any(_json_equal(v, option) for option in arg)
+    if keyword == "const":
+        return lambda v: _json_equal(v, arg)
+    if keyword in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        if not _is_num(arg):
+            return None
+        if keyword == "minimum":
+            return lambda v: not _is_num(v) or v >= arg
+        if keyword == "maximum":
+            return lambda v: not _is_num(v) or v <= arg
+        if keyword == "exclusiveMinimum":
+            return lambda v: not _is_num(v) or v > arg
+        return lambda v: not _is_num(v) or v < arg
+    if keyword in ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"):
+        if type(arg) is not int:
+            return None
+        kind = {"Length": str, "Items": list, "Properties": dict}[keyword[3:]]
+        if keyword.startswith("min"):
+            return lambda v: type(v) is not kind or len(v) >= arg
+        return lambda v: type(v) is not kind or len(v) <= arg
+    if keyword == "pattern":
+        if not isinstance(arg, str):
+            return None
+        try:
+            regex = re.compile(arg)
+        except re.error:
+            return None
+        return lambda v: type(v) is not str or regex.search(v) is not None
+    if keyword == "prefixItems":
+        if "items" in schema:
+            return _NO_TEST  # compiled together with items
+        return _compile_items(arg, None)
+    if keyword == "items":
+        return _compile_items(schema.get("prefixItems"), arg)
+    if keyword in ("properties", "additionalProperties"):
+        if keyword == "additionalProperties" and "properties" in schema:
+            return _NO_TEST
+        if "patternProperties" in schema:
+            return None
+        return _compile_properties(schema.get("properties"), schema.get("additionalProperties", True))
+    if keyword == "required":
+        if not isinstance(arg, list) or not all(isinstance(k, str) for k in arg):
+            return None
+        return lambda v: type(v) is not dict or all(k in v for k in arg)
+    if keyword in ("oneOf", "anyOf", "allOf"):
+        if not isinstance(arg, list) or not arg:
+            return None
+        subs = [compile_check(s) for s in arg]
+        if any(s is None for s in subs):
+            return None
+        if keyword == "anyOf":
+            return lambda v: any(s(v) for s in subs)
+        if keyword == "allOf":
+            return lambda v: all(s(v) for s in subs)
+        return lambda v: sum(1 for s in subs if s(v)) == 1
+    if keyword == "not":
+        sub = compile_check(arg)
+        return None if sub is None else (lambda v: not sub(v))
+    return None
+
+
+def _compile_items(prefix: Any, rest: Any) -> Check | None:
+    prefix_checks: list[Check] = []
+    if prefix is not None:
+        if not isinstance(prefix, list):
+            return None
+        for sub_schema in prefix:
+            sub = compile_check(sub_schema)
+            if sub is None:
+                return None
+            prefix_checks.append(sub)
+    rest_check = None
+    if rest is not None:
+        rest_check = compile_check(rest)
+        if rest_check is None:
+            return None
+    n = len(prefix_checks)
+
+    def check(v: Any) -> bool:
+        if type(v) is not list:
+            return True
+        for item, sub in zip(v, prefix_checks):
+            if not sub(item):
+                return False
+        if rest_check is not None:
+            for item in v[n:]:
+                if not rest_check(item):
+                    return False
+        return True
+
+    return check
+
+
+def _compile_properties(properties: Any, additional: Any) -> Check | None:
+    checks: dict[str, Check] = {}
+    if properties is not None:
+        if not isinstance(properties, dict):
+            return None
+        for key, sub_schema in properties.items():
+            sub = compile_check(sub_schema)
+            if sub is None:
+                return None
+            checks[key] = sub
+    extra = compile_check(additional)
+    if extra is None:
+        return None
+
+    def check(v: Any) -> bool:
+        if type(v) is not dict:
+            return True
+        for key, item in v.items():
+            sub = checks.get(key)
+            if not (sub(item) if sub is not None else extra(item)):
+                return False
+        return True
+
+    return check
+
+
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -119,13 +320,20 @@ class Resolver:
         self.definitions = list(definitions)
         self.names = {d["name"] for d in self.definitions}
         self._memo: dict[tuple[str, Any], str | None] = {}
+        self._fast: dict[str, Check | None] = {d["name"]: compile_check(d["json_schema"]) for d in self.definitions}
 
     def _check(self, definition: dict[str, Any], value: Any) -> str | None:
-        key = (definition["name"], _memo_key(value))
+        name = definition["name"]
+        key = (name, _memo_key(value))
         try:
             return self._memo[key]
         except KeyError:
-            result = self._memo[key] = validation_error(definition["json_schema"], value)
+            fast = self._fast.get(name)
+            if fast is not None and fast(value):
+                result = None
+            else:  # jsonschema decides (and explains) everything the fast check does not accept
+                result = validation_error(definition["json_schema"], value)
+            self._memo[key] = result
             return result
 
     @property
