@@ -321,3 +321,13 @@ async def test_openapi_is_served_with_operation_ids(client):
     ops = {op["operationId"] for path in r.json()["paths"].values() for op in path.values() if "operationId" in op}
     assert {"listclients", "createclient", "getclient", "updateclient", "health"} <= ops
     assert (await client.get("/v2/docs")).status_code == 200
+    # errors are documented as they are sent: the 400 envelope, never FastAPI's 422 body
+    doc = r.json()
+    assert "HTTPValidationError" not in r.text
+    envelope_ref = {"$ref": "#/components/schemas/ErrorEnvelope"}
+    create = doc["paths"]["/v2/clients"]["post"]
+    for status in ("400", "401", "403"):
+        assert create["responses"][status]["content"]["application/json"]["schema"] == envelope_ref
+    assert "422" not in create["responses"]
+    health = doc["paths"]["/v2/health"]["get"]
+    assert "security" not in health and "401" not in health["responses"]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pie import db
@@ -76,6 +79,56 @@ def _include_routers(app: FastAPI) -> None:
         app.include_router(router)
 
 
+ERROR_ENVELOPE_SCHEMA = {
+    "title": "ErrorEnvelope",
+    "type": "object",
+    "required": ["success", "message"],
+    "properties": {
+        "success": {"type": "boolean", "const": False},
+        "message": {"type": "string", "description": "human-readable, never parsed by callers"},
+    },
+}
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}},
+    }
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """The OpenAPI document tells the truth about errors: request validation is a 400 envelope
+    (not FastAPI's 422 body), and authenticated operations can answer 401 and 403."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                if not isinstance(operation, dict) or "responses" not in operation:
+                    continue
+                responses = operation["responses"]
+                if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                    del responses["422"]
+                    responses.setdefault("400", _error_response("Invalid request (JSON, types, fields, path ids)"))
+                if operation.get("security"):
+                    responses.setdefault("401", _error_response("Missing or invalid bearer token"))
+                    responses.setdefault("403", _error_response("Missing permission or tenant access"))
+        if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = build  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None, *, database_url: str | None = None) -> FastAPI:
     """Build the app. ``database_url`` (or PIE_DATABASE_URL, or the embedded database) is
     connected at start-up unless an engine was already initialised (tests)."""
@@ -130,4 +183,5 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
             expose_headers=["X-Next-Cursor", "X-Request-ID"],
         )
     _include_routers(app)
+    _install_openapi(app)
     return app
