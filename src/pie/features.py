@@ -156,11 +156,23 @@ def compile_check(schema: Any) -> Check | None:
             return None
         if test is not _NO_TEST:
             tests.append(test)
+    return _conjunction(tests)
+
+
+def _conjunction(tests: list[Check]) -> Check:
+    """All of ``tests``, without per-call generator overhead for the usual short lists."""
     if not tests:
         return lambda v: True
     if len(tests) == 1:
         return tests[0]
-    return lambda v: all(t(v) for t in tests)
+    if len(tests) == 2:
+        first, second = tests
+        return lambda v: first(v) and second(v)
+    if len(tests) == 3:
+        first, second, third = tests
+        return lambda v: first(v) and second(v) and third(v)
+    head, rest = tests[0], _conjunction(tests[1:])
+    return lambda v: head(v) and rest(v)
 
 
 def _NO_TEST(value: Any) -> bool:  # marker: keyword handled by a sibling (e.g. prefixItems by items)
@@ -319,6 +331,7 @@ class Resolver:
     def __init__(self, definitions: Iterable[dict[str, Any]]):
         self.definitions = list(definitions)
         self.names = {d["name"] for d in self.definitions}
+        self.by_name = {d["name"]: d for d in self.definitions}
         self._memo: dict[tuple[str, Any], str | None] = {}
         self._fast: dict[str, Check | None] = {d["name"]: compile_check(d["json_schema"]) for d in self.definitions}
 
@@ -335,6 +348,16 @@ class Resolver:
                 result = validation_error(definition["json_schema"], value)
             self._memo[key] = result
             return result
+
+    def check(self, name: str, value: Any, *, memo: bool = True) -> str | None:
+        """None when ``value`` is valid for the feature ``name``, else the reason. ``memo=False``
+        for callers that already hold distinct values (skips computing the memo key)."""
+        if memo:
+            return self._check(self.by_name[name], value)
+        fast = self._fast.get(name)
+        if fast is not None and fast(value):
+            return None
+        return validation_error(self.by_name[name]["json_schema"], value)
 
     @property
     def validations(self) -> int:

@@ -1,15 +1,18 @@
 """The freeze check of a domain assignment upsert (spec 6.2, 6.3).
 
 Every non-departed service's ``provided_features`` (after its ``service_updates`` patch) must
-resolve against the target schema; keys the schema does not define are ignored. The check is
-set-based so it stays fast at tens of thousands of services:
+resolve against the target schema; keys the schema does not define are ignored. Resolution is
+per feature, so the check is set-based and stays fast at tens of thousands of services:
 
-* services are read grouped by identical ``provided_features`` (``GROUP BY`` in SQL), so each
-  distinct feature set is resolved once, and the resolver memoises each distinct
-  (feature, value) validation;
-* when the check passes for the ``default`` key, the new ``resolved_features`` are written by
-  one ``UPDATE ... FROM jsonb_to_recordset(...)`` joining services to the distinct
-  (provided → resolved) pairs, plus one ``UPDATE`` for the patched services' ``provided_features``.
+* the distinct (feature, value) pairs of all non-departed services are read in one query and
+  each is validated once (``Resolver.check``, memoised);
+* missing mandatory features (no default) are found by one query (``NOT provided ? name``);
+* only when something fails are the failing services looked up, to build ``blocking_services``;
+* when the check passes for the ``default`` key, everyone's new ``resolved_features`` is
+  computed by PostgreSQL in one ``UPDATE``: ``(defaults || provided_features) - unknown keys``,
+  which is exactly the resolution rule (provided value, else default, else left out) once every
+  value is known to be valid. The few patched services (``service_updates``) are resolved in
+  Python and written by one more ``UPDATE``.
 
 The caller holds the domain row ``FOR NO KEY UPDATE`` (service init/update hold it ``FOR SHARE``),
 so no service can be written between the check and the writes.
@@ -25,10 +28,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.errors import AssignmentBlocked, Unprocessable
-from pie.features import Resolver, merge_patch
+from pie.features import FeatureFailure, Resolver, merge_patch
 
-_NON_DEPARTED = "(departure_datetime IS NULL OR departure_datetime > now())"
-_S_NON_DEPARTED = "(s.departure_datetime IS NULL OR s.departure_datetime > now())"
+_NON_DEPARTED = "(s.departure_datetime IS NULL OR s.departure_datetime > now())"
+_SCOPE = "s.client_id = :client_id AND s.domain_id = :domain_id"
+_UNPATCHED = "s.service_id <> ALL(CAST(:patched AS text[]))"
 
 
 def _dumps(value: Any) -> str:
@@ -37,13 +41,14 @@ def _dumps(value: Any) -> str:
 
 @dataclass
 class FreezePlan:
-    """What a passing check would write."""
+    """What a passing check writes (for the ``default`` key)."""
 
-    # service_id -> patched provided_features (JSON text)
-    patched: dict[str, str] = field(default_factory=dict)
-    # distinct provided_features (JSON text, as stored or as patched) -> resolved_features
-    resolved_by_provided: dict[str, dict[str, Any]] = field(default_factory=dict)
-    services_checked: int = 0
+    # service_id -> (patched provided_features, its resolved_features)
+    patched: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+    # resolution of every other non-departed service: (defaults || provided) - unknown keys
+    defaults: dict[str, Any] = field(default_factory=dict)
+    unknown_keys: list[str] = field(default_factory=list)
+    distinct_values: int = 0
 
 
 async def check_domain(
@@ -61,19 +66,22 @@ async def check_domain(
     resolver = Resolver(definitions)
     plan = FreezePlan()
     blocking: list[dict[str, Any]] = []
-    failing_services: set[str] = set()
-
-    # 1. service_updates: each service must exist in the domain and not be departed
     patch_ids = [sid for sid, _ in service_updates]
+    params = {"client_id": client_id, "domain_id": domain_id, "patched": patch_ids}
+
+    def block(service_id: str, failure: FeatureFailure) -> None:
+        blocking.append({"service_id": service_id, **failure.as_dict()})
+
+    # 1. service_updates: each service must exist in the domain and not be departed; patched
+    #    provided features are resolved here (a handful of services)
     if patch_ids:
         rows = (
             await session.execute(
                 text(
-                    f"""SELECT service_id, provided_features, {_NON_DEPARTED} AS live
-                        FROM services
-                        WHERE client_id = :client_id AND domain_id = :domain_id AND service_id = ANY(CAST(:ids AS text[]))"""
+                    f"""SELECT s.service_id, s.provided_features, {_NON_DEPARTED} AS live FROM services s
+                        WHERE {_SCOPE} AND s.service_id = ANY(CAST(:patched AS text[]))"""
                 ),
-                {"client_id": client_id, "domain_id": domain_id, "ids": patch_ids},
+                params,
             )
         ).all()
         stored = {row.service_id: row for row in rows}
@@ -85,63 +93,90 @@ async def check_domain(
             raise Unprocessable(f"service_updates name departed services: {', '.join(departed)}")
         for sid, patch in service_updates:
             provided = merge_patch(stored[sid].provided_features, patch)
-            provided_json = _dumps(provided)
-            plan.patched[sid] = provided_json
-            if provided_json not in plan.resolved_by_provided:
-                resolved, failures = resolver.resolve(provided, unknown="ignore")
-                plan.resolved_by_provided[provided_json] = resolved
-                if failures:
-                    failing_services.add(sid)
-                    blocking.extend({"service_id": sid, **f.as_dict()} for f in failures)
-            plan.services_checked += 1
+            resolved, failures = resolver.resolve(provided, unknown="ignore")
+            for failure in failures:
+                block(sid, failure)
+            plan.patched[sid] = (provided, resolved)
 
-    # 2. every other non-departed service, one resolution per distinct provided_features
-    groups = (
+    # 2. every other non-departed service: each distinct (feature, value) validated once
+    pairs = (
         await session.execute(
             text(
-                f"""SELECT provided_features::text AS provided_json, count(*) AS n
-                    FROM services
-                    WHERE client_id = :client_id AND domain_id = :domain_id AND {_NON_DEPARTED}
-                      AND service_id <> ALL(CAST(:patched AS text[]))
-                    GROUP BY provided_features"""
+                f"""SELECT e.key, e.value::text AS value_json
+                    FROM services s CROSS JOIN LATERAL jsonb_each(s.provided_features) AS e
+                    WHERE {_SCOPE} AND {_NON_DEPARTED} AND {_UNPATCHED}
+                    GROUP BY e.key, e.value"""
             ),
-            {"client_id": client_id, "domain_id": domain_id, "patched": patch_ids},
+            params,
         )
     ).all()
-    failing_groups: dict[str, list[Any]] = {}
-    for provided_json, count in groups:
-        plan.services_checked += count
-        resolved, failures = resolver.resolve(json.loads(provided_json), unknown="ignore")
-        plan.resolved_by_provided.setdefault(provided_json, resolved)
-        if failures:
-            failing_groups[provided_json] = failures
+    plan.distinct_values = len(pairs)
+    failing_pairs: dict[tuple[str, str], str] = {}
+    unknown: set[str] = set()
+    for key, value_json in pairs:
+        if key not in resolver.names:
+            unknown.add(key)
+            continue
+        # the pairs are distinct already: no memo needed
+        reason = resolver.check(key, json.loads(value_json), memo=False)
+        if reason is not None:
+            failing_pairs[(key, value_json)] = reason
+    plan.unknown_keys = sorted(unknown)
 
-    if failing_groups:
-        # the failure path only: which services carry the failing feature sets
+    # defaults (validated once each) fill in absent features; mandatory ones without a default
+    # fail where absent; an invalid default (a broken schema) fails wherever it would be used
+    absent_failures: dict[str, FeatureFailure] = {}
+    for definition in resolver.definitions:
+        name, schema = definition["name"], definition["json_schema"]
+        if isinstance(schema, dict) and "default" in schema:
+            reason = resolver.check(name, schema["default"])
+            if reason is None:
+                plan.defaults[name] = schema["default"]
+            else:
+                absent_failures[name] = FeatureFailure(name, schema["default"], reason)
+        elif definition.get("mandatory"):
+            absent_failures[name] = FeatureFailure(name, None, "missing mandatory feature")
+    if absent_failures:
         rows = (
             await session.execute(
                 text(
-                    f"""SELECT service_id, provided_features::text AS provided_json
-                        FROM services
-                        WHERE client_id = :client_id AND domain_id = :domain_id AND {_NON_DEPARTED}
-                          AND service_id <> ALL(CAST(:patched AS text[]))
-                          AND provided_features = ANY(CAST(:failing AS jsonb[]))"""
+                    f"""SELECT s.service_id, m.name FROM services s CROSS JOIN unnest(CAST(:names AS text[])) AS m(name)
+                        WHERE {_SCOPE} AND {_NON_DEPARTED} AND {_UNPATCHED} AND NOT (s.provided_features ? m.name)"""
                 ),
-                {"client_id": client_id, "domain_id": domain_id, "patched": patch_ids, "failing": list(failing_groups)},
+                {**params, "names": list(absent_failures)},
             )
         ).all()
-        for sid, provided_json in rows:
-            failures = failing_groups.get(provided_json)
-            if failures is None:  # same jsonb value, different text form: resolve it directly
-                _, failures = resolver.resolve(json.loads(provided_json), unknown="ignore")
-            failing_services.add(sid)
-            blocking.extend({"service_id": sid, **f.as_dict()} for f in failures)
+        for service_id, name in rows:
+            block(service_id, absent_failures[name])
+
+    # 3. the failure path only: which services carry the failing values
+    if failing_pairs:
+        keys = [k for k, _ in failing_pairs]
+        values = [v for _, v in failing_pairs]
+        rows = (
+            await session.execute(
+                text(
+                    f"""SELECT s.service_id, e.key, e.value::text AS value_json
+                        FROM services s CROSS JOIN LATERAL jsonb_each(s.provided_features) AS e
+                        WHERE {_SCOPE} AND {_NON_DEPARTED} AND {_UNPATCHED}
+                          AND (e.key, e.value) IN (
+                              SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:values AS jsonb[])))"""
+                ),
+                {**params, "keys": keys, "values": values},
+            )
+        ).all()
+        for service_id, key, value_json in rows:
+            reason = failing_pairs.get((key, value_json))
+            if reason is None:  # the same jsonb value in another text form
+                reason = resolver.check(key, json.loads(value_json)) or "invalid value"
+            block(service_id, FeatureFailure(key, json.loads(value_json), reason))
 
     if blocking:
         blocking.sort(key=lambda b: (b["service_id"], b["feature"]))
+        services = len({b["service_id"] for b in blocking})
         raise AssignmentBlocked(
             f"cannot assign model {model_id} version {model_version}: "
-            f"{len(failing_services)} service(s) have incompatible provided_features",
+            f"{services} service(s) have incompatible provided_features",
             blocking,
         )
     return plan
@@ -150,31 +185,30 @@ async def check_domain(
 async def apply_plan(session: AsyncSession, *, client_id: str, domain_id: str, plan: FreezePlan) -> int:
     """Write the patches and re-resolve every non-departed service in bulk; returns how many
     services got new ``resolved_features``."""
-    params = {"client_id": client_id, "domain_id": domain_id}
+    params = {"client_id": client_id, "domain_id": domain_id, "patched": list(plan.patched)}
+    changed = 0
     if plan.patched:
-        await session.execute(
+        patches = {sid: {"p": provided, "r": resolved} for sid, (provided, resolved) in plan.patched.items()}
+        result = await session.execute(
             text(
-                """UPDATE services AS s
-                   SET provided_features = p.value, updated_at = clock_timestamp()
-                   FROM jsonb_each(CAST(:patched AS jsonb)) AS p
-                   WHERE s.client_id = :client_id AND s.domain_id = :domain_id AND s.service_id = p.key"""
+                f"""UPDATE services AS s
+                    SET provided_features = p.value -> 'p', resolved_features = p.value -> 'r',
+                        updated_at = clock_timestamp()
+                    FROM jsonb_each(CAST(:patches AS jsonb)) AS p
+                    WHERE {_SCOPE} AND s.service_id = p.key"""
             ),
-            {**params, "patched": "{" + ",".join(f"{_dumps(k)}:{v}" for k, v in plan.patched.items()) + "}"},
+            {**params, "patches": _dumps(patches)},
         )
-    if not plan.resolved_by_provided:
-        return 0
-    pairs = "[" + ",".join(
-        f'{{"p":{provided_json},"r":{_dumps(resolved)}}}' for provided_json, resolved in plan.resolved_by_provided.items()
-    ) + "]"
+        changed += result.rowcount
     result = await session.execute(
         text(
             f"""UPDATE services AS s
-                SET resolved_features = m.r, updated_at = clock_timestamp()
-                FROM jsonb_to_recordset(CAST(:pairs AS jsonb)) AS m(p jsonb, r jsonb)
-                WHERE s.client_id = :client_id AND s.domain_id = :domain_id AND {_S_NON_DEPARTED}
-                  AND s.provided_features = m.p
-                  AND s.resolved_features IS DISTINCT FROM m.r"""
+                SET resolved_features = (CAST(:defaults AS jsonb) || s.provided_features) - CAST(:unknown AS text[]),
+                    updated_at = clock_timestamp()
+                WHERE {_SCOPE} AND {_NON_DEPARTED} AND {_UNPATCHED}
+                  AND s.resolved_features IS DISTINCT FROM
+                      (CAST(:defaults AS jsonb) || s.provided_features) - CAST(:unknown AS text[])"""
         ),
-        {**params, "pairs": pairs},
+        {**params, "defaults": _dumps(plan.defaults), "unknown": plan.unknown_keys},
     )
-    return result.rowcount
+    return changed + result.rowcount
