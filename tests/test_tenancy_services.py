@@ -347,3 +347,25 @@ async def test_tenant_isolation_of_services(client, session, admin, auth):
     # the same domain id under another client is a different (absent) domain
     r = await client.get("/v2/clients/client-2/domains/south_australia/service/s", headers=admin)
     assert r.status_code == 404
+
+
+async def test_service_status_follows_its_init_job(client, session, admin):
+    """The end of the init job (reported through the completion route) sets the service status;
+    a batch re-init job is an init job too."""
+    await tenant_setup(client, session, admin)
+    ok = (await init_service(client, admin, "ok", SA)).json()["job_id"]
+    bad = (await init_service(client, admin, "bad", SA)).json()["job_id"]
+    complete = "/v2/models/pricing-model/versions/1/jobs/{}/complete"
+    r = await client.post(complete.format(ok), json={"status": "success", "output": {"price": 1}}, headers=admin)
+    assert r.status_code == 200, r.text
+    r = await client.post(complete.format(bad), json={"status": "failure", "error": {"code": "x"}}, headers=admin)
+    assert r.status_code == 200, r.text
+    assert (await client.get(f"{D}/service/ok", headers=admin)).json()["status"] == "available"
+    assert (await client.get(f"{D}/service/bad", headers=admin)).json()["status"] == "failed"
+
+    # re-init: the fresh jobs are init jobs; their outcome becomes the services' status
+    r = await client.post(f"{D}/services/init", headers=admin)
+    assert r.json() == {"dispatched_services": ["bad", "ok"]}
+    fresh_jobs = {j.service_id: j.job_id for j in await jobs_of(session) if j.status == "pending"}
+    await client.post(complete.format(fresh_jobs["bad"]), json={"status": "success", "output": {}}, headers=admin)
+    assert (await client.get(f"{D}/service/bad", headers=admin)).json()["status"] == "available"
