@@ -17,6 +17,7 @@ from pie.assignments.schemas import (
 from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
 from pie.pagination import PageParams
 from pie.schemas import KEY_PATTERN
+from pie.tenancy.schemas import error_responses
 
 router = APIRouter(prefix="/v2/clients/{client_id}/domains/{domain_id}", tags=["assignments"])
 
@@ -24,30 +25,15 @@ KeyPath = Annotated[str, Path(pattern=KEY_PATTERN, examples=["default", "forecas
 StatusQuery = Annotated[Literal["active", "archived"] | None, Query(description="only revisions in this status")]
 Page = Annotated[PageParams, Depends()]
 
-_BLOCKED = {
-    422: {
-        "description": "Semantically invalid request. A domain upsert blocked by services answers "
-        "`{error, blocking_services: [{service_id, feature, value, reason}]}`; every other 422 "
-        "uses the standard `{success, message}` envelope.",
-        "content": {
-            "application/json": {
-                "example": {
-                    "error": "cannot assign model m version 3: 1 service(s) have incompatible provided_features",
-                    "blocking_services": [
-                        {"service_id": "svc-a", "feature": "route", "value": "Melbourne", "reason": "..."}
-                    ],
-                }
-            }
-        },
-    }
-}
-
 
 # -- domain scope --------------------------------------------------------------------------------
 
 
 @router.post(
-    "/assignments", operation_id="upsertdomainmodelassignment", response_model=AssignmentOut, responses=_BLOCKED
+    "/assignments",
+    operation_id="upsertdomainmodelassignment",
+    response_model=AssignmentOut,
+    responses=error_responses(400, 404, blocked=True),
 )
 async def upsert_domain_assignment(
     domain_id: DomainIdPath, body: AssignmentCreate, session: Session, scope: TenantScope = tenant("manage_domains")
@@ -58,7 +44,12 @@ async def upsert_domain_assignment(
     return await logic.upsert_domain_assignment(session, scope, domain_id, body.assignment_key, body)
 
 
-@router.get("/assignments", operation_id="listdomainmodelassignments", response_model=list[AssignmentOut])
+@router.get(
+    "/assignments",
+    operation_id="listdomainmodelassignments",
+    responses=error_responses(400, 404),
+    response_model=list[AssignmentOut],
+)
 async def list_domain_assignments(
     domain_id: DomainIdPath,
     session: Session,
@@ -74,7 +65,7 @@ async def list_domain_assignments(
     "/assignments/{assignment_key}",
     operation_id="putdomainmodelassignment",
     response_model=AssignmentOut,
-    responses=_BLOCKED,
+    responses=error_responses(400, 404, blocked=True),
 )
 async def put_domain_assignment(
     domain_id: DomainIdPath,
@@ -86,7 +77,12 @@ async def put_domain_assignment(
     return await logic.upsert_domain_assignment(session, scope, domain_id, assignment_key, body)
 
 
-@router.get("/assignments/{assignment_key}", operation_id="getdomainmodelassignment", response_model=AssignmentOut)
+@router.get(
+    "/assignments/{assignment_key}",
+    operation_id="getdomainmodelassignment",
+    responses=error_responses(400, 404),
+    response_model=AssignmentOut,
+)
 async def get_domain_assignment(
     domain_id: DomainIdPath, assignment_key: KeyPath, session: Session, scope: TenantScope = tenant("read_domains")
 ):
@@ -97,6 +93,7 @@ async def get_domain_assignment(
 @router.get(
     "/assignments/{assignment_key}/revisions",
     operation_id="listdomainmodelassignmentrevisions",
+    responses=error_responses(400, 404),
     response_model=list[AssignmentOut],
 )
 async def list_domain_assignment_revisions(
@@ -114,6 +111,7 @@ async def list_domain_assignment_revisions(
 @router.post(
     "/assignments/{assignment_key}/jobs",
     operation_id="rundomainmodelassignmentjob",
+    responses=error_responses(400, 404, 422),
     response_model=JobStarted,
     status_code=202,
 )
@@ -135,7 +133,10 @@ async def run_domain_assignment_job(
 
 
 @router.post(
-    "/service/{service_id}/assignments", operation_id="upsertservicemodelassignment", response_model=AssignmentOut
+    "/service/{service_id}/assignments",
+    operation_id="upsertservicemodelassignment",
+    responses=error_responses(400, 404, 422),
+    response_model=AssignmentOut,
 )
 async def upsert_service_assignment(
     domain_id: DomainIdPath,
@@ -149,7 +150,10 @@ async def upsert_service_assignment(
 
 
 @router.get(
-    "/service/{service_id}/assignments", operation_id="listservicemodelassignments", response_model=list[AssignmentOut]
+    "/service/{service_id}/assignments",
+    operation_id="listservicemodelassignments",
+    responses=error_responses(400, 404),
+    response_model=list[AssignmentOut],
 )
 async def list_service_assignments(
     domain_id: DomainIdPath,
@@ -166,6 +170,7 @@ async def list_service_assignments(
 @router.put(
     "/service/{service_id}/assignments/{assignment_key}",
     operation_id="putservicemodelassignment",
+    responses=error_responses(400, 404, 422),
     response_model=AssignmentOut,
 )
 async def put_service_assignment(
@@ -182,6 +187,7 @@ async def put_service_assignment(
 @router.get(
     "/service/{service_id}/assignments/{assignment_key}",
     operation_id="getservicemodelassignment",
+    responses=error_responses(400, 404),
     response_model=AssignmentOut,
 )
 async def get_service_assignment(
@@ -197,6 +203,7 @@ async def get_service_assignment(
 @router.get(
     "/service/{service_id}/assignments/{assignment_key}/revisions",
     operation_id="listservicemodelassignmentrevisions",
+    responses=error_responses(400, 404),
     response_model=list[AssignmentOut],
 )
 async def list_service_assignment_revisions(
@@ -214,6 +221,7 @@ async def list_service_assignment_revisions(
 @router.post(
     "/service/{service_id}/assignments/{assignment_key}/jobs",
     operation_id="runservicemodelassignmentjob",
+    responses=error_responses(400, 404, 422),
     response_model=JobStarted,
     status_code=202,
 )

@@ -20,18 +20,30 @@ from pie.tenancy.schemas import (
     ServiceInitOut,
     ServiceOut,
     ServiceUpdate,
+    error_responses,
 )
 
 router = APIRouter(prefix="/v2/clients/{client_id}/domains", tags=["domains"])
 
 
-@router.post("", operation_id="createdomain", response_model=DomainOut, status_code=201)
+@router.post(
+    "",
+    operation_id="createdomain",
+    responses=error_responses(400, 404, 409, 422),
+    response_model=DomainOut,
+    status_code=201,
+)
 async def create_domain(body: DomainCreate, session: Session, scope: TenantScope = tenant("manage_domains")):
     """Create a domain; `domain_id` is generated when omitted; `features` are validated (422)."""
     return await logic.create_domain(session, scope, body)
 
 
-@router.get("", operation_id="listdomains", response_model=list[DomainOut])
+@router.get(
+    "",
+    operation_id="listdomains",
+    responses=error_responses(400, 404),
+    response_model=list[DomainOut],
+)
 async def list_domains(
     session: Session,
     response: Response,
@@ -41,25 +53,45 @@ async def list_domains(
     return await logic.list_domains(session, scope, page, response)
 
 
-@router.get("/{domain_id}", operation_id="getdomain", response_model=DomainOut)
+@router.get(
+    "/{domain_id}",
+    operation_id="getdomain",
+    responses=error_responses(400, 404),
+    response_model=DomainOut,
+)
 async def get_domain(domain_id: DomainIdPath, session: Session, scope: TenantScope = tenant("read_domains")):
     return await logic.load_domain(session, scope.client_id, domain_id)
 
 
-@router.patch("/{domain_id}", operation_id="updatedomain", response_model=DomainOut)
+@router.patch(
+    "/{domain_id}",
+    operation_id="updatedomain",
+    responses=error_responses(400, 404, 422),
+    response_model=DomainOut,
+)
 async def update_domain(
     domain_id: DomainIdPath, body: DomainUpdate, session: Session, scope: TenantScope = tenant("manage_domains")
 ):
     return await logic.update_domain(session, scope, domain_id, body)
 
 
-@router.get("/{domain_id}/features", operation_id="getdomainfeatures", response_model=list[dict[str, Any]])
+@router.get(
+    "/{domain_id}/features",
+    operation_id="getdomainfeatures",
+    responses=error_responses(400, 404),
+    response_model=list[dict[str, Any]],
+)
 async def get_domain_features(domain_id: DomainIdPath, session: Session, scope: TenantScope = tenant("read_domains")):
     """The live feature definitions (the next-train draft), a bare array."""
     return (await logic.load_domain(session, scope.client_id, domain_id)).features
 
 
-@router.put("/{domain_id}/features", operation_id="updatedomainfeatures", response_model=FeaturesOut)
+@router.put(
+    "/{domain_id}/features",
+    operation_id="updatedomainfeatures",
+    responses=error_responses(400, 404, 422),
+    response_model=FeaturesOut,
+)
 async def update_domain_features(
     domain_id: DomainIdPath, body: FeaturesUpdate, session: Session, scope: TenantScope = tenant("manage_domains")
 ):
@@ -68,7 +100,11 @@ async def update_domain_features(
 
 
 @router.post(
-    "/{domain_id}/service/init", operation_id="initdomainservice", response_model=ServiceInitOut, status_code=202
+    "/{domain_id}/service/init",
+    operation_id="initdomainservice",
+    responses=error_responses(400, 404, 409, 422),
+    response_model=ServiceInitOut,
+    status_code=202,
 )
 async def init_domain_service(
     domain_id: DomainIdPath, body: ServiceInit, session: Session, scope: TenantScope = tenant("init_services")
@@ -79,7 +115,12 @@ async def init_domain_service(
     return {"service_id": service.service_id, "job_id": job.job_id}
 
 
-@router.get("/{domain_id}/services", operation_id="listdomainservices", response_model=list[ServiceOut])
+@router.get(
+    "/{domain_id}/services",
+    operation_id="listdomainservices",
+    responses=error_responses(400, 404),
+    response_model=list[ServiceOut],
+)
 async def list_domain_services(
     domain_id: DomainIdPath,
     session: Session,
@@ -94,6 +135,7 @@ async def list_domain_services(
 @router.post(
     "/{domain_id}/services/init",
     operation_id="initalldomainservices",
+    responses=error_responses(400, 404, 422),
     response_model=BatchInitOut,
     status_code=202,
 )
@@ -104,14 +146,24 @@ async def init_all_domain_services(
     return {"dispatched_services": await logic.reinit_all_services(session, scope, domain_id)}
 
 
-@router.get("/{domain_id}/service/{service_id}", operation_id="getdomainservice", response_model=ServiceOut)
+@router.get(
+    "/{domain_id}/service/{service_id}",
+    operation_id="getdomainservice",
+    responses=error_responses(400, 404),
+    response_model=ServiceOut,
+)
 async def get_domain_service(
     domain_id: DomainIdPath, service_id: ServiceIdPath, session: Session, scope: TenantScope = tenant("read_domains")
 ):
     return await logic.get_service(session, scope, domain_id, service_id)
 
 
-@router.put("/{domain_id}/service/{service_id}", operation_id="updatedomainservice", response_model=ServiceOut)
+@router.put(
+    "/{domain_id}/service/{service_id}",
+    operation_id="updatedomainservice",
+    responses=error_responses(400, 404, 422),
+    response_model=ServiceOut,
+)
 async def update_domain_service(
     domain_id: DomainIdPath,
     service_id: ServiceIdPath,

@@ -115,3 +115,50 @@ class ServiceInitOut(ResponseBody):
 
 class BatchInitOut(ResponseBody):
     dispatched_services: list[str]
+
+
+# -- documented error bodies -----------------------------------------------------------------------
+
+
+class ErrorOut(ResponseBody):
+    """The standard error envelope."""
+
+    success: bool = False
+    message: str = Field(description="human-readable, never parsed by callers")
+
+
+class BlockingService(ResponseBody):
+    service_id: str
+    feature: str
+    value: Any = Field(description="the stored (patched) value; null when a mandatory feature is missing")
+    reason: str
+
+
+class AssignmentBlockedOut(ResponseBody):
+    """A domain assignment upsert blocked by services' provided features (spec 6.3)."""
+
+    error: str
+    blocking_services: list[BlockingService]
+
+
+_MEANINGS = {
+    400: "malformed JSON, wrong types, missing fields or bad path parameters",
+    404: "the client, domain, service or assignment key does not exist in this scope",
+    409: "it already exists",
+    422: "semantically invalid: client suspended, domain not active, no model assigned, invalid features, "
+    "invalid model reference, archived assignment, input failing the handler contract (see the message)",
+}
+
+
+def error_responses(*statuses: int, blocked: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route's documented errors (401/403 are added app-wide)."""
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorOut, "description": _MEANINGS[status]} for status in statuses
+    }
+    if blocked:
+        responses[422] = {
+            "model": AssignmentBlockedOut | ErrorOut,
+            "description": "blocked by services: `{error, blocking_services}` (spec 6.3); any other "
+            "semantic failure: the standard envelope. " + _MEANINGS[422],
+        }
+    return responses
