@@ -229,3 +229,34 @@ async def test_features_put_allowed_on_inactive_domain(client, session, admin):
     await client.patch(f"{BASE}/south_australia", json={"status": "inactive"}, headers=admin)
     r = await client.put(f"{BASE}/south_australia/features", json={"features": []}, headers=admin)
     assert r.status_code == 200 and r.json() == {"features": []}
+
+
+async def test_openapi_documents_the_tenant_operations(client):
+    r = await client.get("/v2/openapi.json")
+    assert r.status_code == 200
+    paths = r.json()["paths"]
+    domains = "/v2/clients/{client_id}/domains"
+    expected = {
+        ("post", domains): "createdomain",
+        ("get", domains): "listdomains",
+        ("get", domains + "/{domain_id}"): "getdomain",
+        ("patch", domains + "/{domain_id}"): "updatedomain",
+        ("get", domains + "/{domain_id}/features"): "getdomainfeatures",
+        ("put", domains + "/{domain_id}/features"): "updatedomainfeatures",
+        ("post", domains + "/{domain_id}/service/init"): "initdomainservice",
+        ("get", domains + "/{domain_id}/services"): "listdomainservices",
+        ("post", domains + "/{domain_id}/services/init"): "initalldomainservices",
+        ("get", domains + "/{domain_id}/service/{service_id}"): "getdomainservice",
+        ("put", domains + "/{domain_id}/service/{service_id}"): "updatedomainservice",
+        ("post", domains + "/{domain_id}/assignments"): "upsertdomainmodelassignment",
+        ("put", domains + "/{domain_id}/assignments/{assignment_key}"): "putdomainmodelassignment",
+        ("post", domains + "/{domain_id}/assignments/{assignment_key}/jobs"): "rundomainmodelassignmentjob",
+        ("post", domains + "/{domain_id}/service/{service_id}/assignments"): "upsertservicemodelassignment",
+        ("put", domains + "/{domain_id}/service/{service_id}/assignments/{assignment_key}"): "putservicemodelassignment",
+        ("post", domains + "/{domain_id}/service/{service_id}/assignments/{assignment_key}/jobs"): "runservicemodelassignmentjob",
+    }
+    for (method, path), operation_id in expected.items():
+        assert paths[path][method]["operationId"] == operation_id
+    upsert = paths[domains + "/{domain_id}/assignments/{assignment_key}"]["put"]["responses"]
+    assert "AssignmentBlockedOut" in str(upsert["422"]) and "400" in upsert
+    assert paths[domains + "/{domain_id}/service/init"]["post"]["responses"].keys() >= {"202", "400", "404", "409", "422"}

@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 
 from factories import (
     assign,
+    fresh,
     feature,
     init_service,
     jobs_of,
@@ -18,6 +19,7 @@ from factories import (
     tenant_setup,
 )
 from pie.assignments.models import Assignment
+from pie.registry.models import ModelVersion
 from pie.tenancy.models import Service
 
 D = "/v2/clients/client-1/domains/south_australia"
@@ -113,6 +115,15 @@ async def test_init_needs_an_active_default_assignment(client, session, admin):
     assert "no model assigned" in r.json()["message"]
     await assign(client, admin)
     await init_service(client, admin, "s", {})
+    # a default pointing at a version that has since failed cannot initialize services
+    await make_version(session, version="2")
+    await assign(client, admin, model_version="2")
+    v2 = (await fresh(session, select(ModelVersion).where(ModelVersion.version == "2")))[0]
+    v2.status = "failed"
+    await session.commit()
+    r = await init_service(client, admin, "t", {}, expect=422)
+    assert "failed" in r.json()["message"]
+    assert (await client.post(f"{D}/services/init", headers=admin)).status_code == 422
 
 
 async def test_init_conflict_inactive_domain_and_suspended_client(client, session, admin):
