@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import Connection, create_engine, pool, text
 
 from pie.db import async_url
 from pie.models_all import Base
 
 config = context.config
 target_metadata = Base.metadata
+
+# Session-level advisory lock held while migrating: several `pie serve` replicas (or a serve and
+# a `pie migrate`) starting together migrate one after the other; the later ones find the head.
+MIGRATION_LOCK_KEY = 0x5049455F4D4947  # "PIE_MIG"
 
 
 def _url() -> str:
@@ -29,6 +33,20 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _migrate_locked(conn: Connection) -> None:
+    conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    conn.commit()  # the lock outlives this transaction; the migration runs in its own
+    try:
+        context.configure(connection=conn, target_metadata=target_metadata)
+        with context.begin_transaction():
+            context.run_migrations()
+        conn.commit()
+    finally:
+        conn.rollback()
+        conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        conn.commit()
+
+
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
@@ -37,11 +55,11 @@ def run_migrations_online() -> None:
             context.run_migrations()
         return
     engine = create_engine(_url(), poolclass=pool.NullPool)
-    with engine.connect() as conn:
-        context.configure(connection=conn, target_metadata=target_metadata)
-        with context.begin_transaction():
-            context.run_migrations()
-    engine.dispose()
+    try:
+        with engine.connect() as conn:
+            _migrate_locked(conn)
+    finally:
+        engine.dispose()
 
 
 if context.is_offline_mode():

@@ -3,6 +3,7 @@ between the ORM models and the migration (what `alembic check` reports)."""
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, pool, text
 
-from conftest import _with_dbname
+from conftest import _with_dbname, clean_subprocess_env, pie_command
 from pie.db import async_url, libpq_url
 from pie.migrate import alembic_config, downgrade, upgrade
 from pie.models_all import Base
@@ -93,3 +94,15 @@ def test_upgrade_is_idempotent(scratch_url):
     upgrade(scratch_url)
     upgrade(scratch_url)  # already at head: a no-op, not an error
     assert snapshot(scratch_url)[2] == head_revision(scratch_url)
+
+
+def test_concurrent_migrations_serialise(scratch_url, tmp_path):
+    """Replicas starting together (each runs the migration) do not trip over each other."""
+    env = clean_subprocess_env(PIE_DATABASE_URL=scratch_url, PIE_DATA_DIR=str(tmp_path))
+    procs = [
+        subprocess.Popen([*pie_command(), "migrate"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(outputs)
+    assert snapshot(scratch_url) == (model_tables(), True, head_revision(scratch_url))
