@@ -1,5 +1,5 @@
-"""The end-to-end walkthrough (spec 13) exactly as docs/walkthrough.md shows it: every ``bash``
-block of the page runs, in order, in one shell, against a real ``pie serve`` on the embedded
+"""The end-to-end walkthrough (spec 13) exactly as the README shows it: every ``bash``
+block between the README's walkthrough markers runs, in order, in one shell, against a real ``pie serve`` on the embedded
 database (zero-setup mode: no PIE_JWT_SECRET, `pie token` and the server share PIE_DATA_DIR's
 development secret) with the dispatcher running the in-process ``reference_pricing`` handler.
 Each block's last JSON output must contain the ``json`` block that follows it on the page."""
@@ -20,7 +20,8 @@ import pytest
 from conftest import clean_subprocess_env, start_pie_server
 
 REPO = Path(__file__).resolve().parents[1]
-PAGE = REPO / "docs" / "walkthrough.md"
+PAGE = REPO / "README.md"
+START, END = "<!-- walkthrough:start -->", "<!-- walkthrough:end -->"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 MARKER = "@@walkthrough-block-{}@@"
 
@@ -28,7 +29,10 @@ MARKER = "@@walkthrough-block-{}@@"
 def page_blocks() -> list[tuple[str, str | None]]:
     """(bash block, the json block after it or None), in page order."""
     blocks: list[tuple[str, str | None]] = []
-    for match in FENCE.finditer(PAGE.read_text()):
+    text = PAGE.read_text()
+    assert START in text and END in text, "README walkthrough markers missing"
+    section = text[text.index(START) : text.index(END)]
+    for match in FENCE.finditer(section):
         language, body = match.group(1), match.group(2)
         if language == "bash":
             blocks.append((body, None))
