@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, StringConstraints
+from pydantic import BaseModel, ConfigDict, PlainSerializer, StringConstraints, model_validator
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 KEY_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
@@ -23,10 +25,57 @@ def iso_z(value: datetime) -> str:
 UtcDatetime = Annotated[datetime, PlainSerializer(iso_z, return_type=str, when_used="json")]
 
 
+_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _text_problem(value: str) -> str | None:
+    found = _UNSTORABLE_TEXT.search(value)
+    if found is None:
+        return None
+    if found.group() == "\x00":
+        return "text must not contain NUL (\\u0000) characters"
+    return "text must not contain unpaired UTF-16 surrogates"
+
+
+def unstorable_json(value: Any) -> str | None:
+    """Why parsed JSON ``value`` cannot be stored in PostgreSQL (text and jsonb reject NUL
+    characters and unpaired surrogates; jsonb rejects NaN and Infinity, which Python's JSON
+    parser accepts, also from numbers such as 1e400), naming the place; None when storable.
+    Iterative, so any nesting the parser accepted is fine."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            problem = _text_problem(item)
+            if problem is not None:
+                return f"{where or 'value'}: {problem}"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return f"{where or 'value'}: numbers must be finite (NaN and Infinity are not JSON numbers)"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                path = f"{where}.{key}" if where else str(key)
+                if isinstance(key, str) and (problem := _text_problem(key)) is not None:
+                    return f"{where or 'value'}: key {key!r}: {problem}"
+                stack.append((child, path))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, f"{where}[{index}]") for index, child in enumerate(item))
+    return None
+
+
 class RequestBody(BaseModel):
-    """Base of request bodies: strict types (no silent coercion of "5" into 5)."""
+    """Base of request bodies: strict types (no silent coercion of "5" into 5), and only JSON
+    that PostgreSQL can store (a 400 naming the field, not a database error later)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        problem = unstorable_json(data)
+        if problem is not None:
+            raise ValueError(problem)
+        return data
 
 
 class ResponseBody(BaseModel):
