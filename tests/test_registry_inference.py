@@ -143,3 +143,27 @@ async def test_subscribe_stores_a_replay_subscription(client, admin, session, mo
         ("Adelaide to Sydney", "2"),
         ("Sydney to Adelaide", "2"),
     ]
+
+
+async def test_a_stored_contract_that_cannot_be_applied_is_422_not_500(client, admin, session, model):
+    """A version whose snapshotted contract cannot be evaluated (stored before references were
+    checked): inference input is refused with a clear 422, nothing is recorded."""
+    await session.execute(
+        text("UPDATE model_versions SET handler_contracts = CAST(:c AS jsonb) WHERE model_id = 'm'"),
+        {"c": '{"inference": {"input_schema": {"$ref": "#/$defs/missing"}}}'},
+    )
+    await session.commit()
+    r = await infer(client, admin, {"input": {"route": "x"}})
+    assert r.status_code == 422, r.text
+    assert "unresolvable reference" in r.json()["message"]
+    assert await all_jobs(session) == []
+
+
+async def test_a_number_too_large_for_the_contract_is_422_not_500(client, admin, session):
+    body = {"id": "big", "name": "m", "description": "", "handlers": {"training": ECHO, "inference": ECHO},
+            "handler_contracts": {"inference": {"input_schema": {"properties": {"n": {"multipleOf": 0.5}}}}}}
+    assert (await client.post("/v2/models", json=body, headers=admin)).status_code == 201
+    assert (await client.post("/v2/models/big/new_version", json={}, headers=admin)).status_code == 201
+    r = await infer(client, admin, {"input": {"n": 10**400}}, model_id="big")
+    assert r.status_code == 422, r.text
+    assert (await infer(client, admin, {"input": {"n": 2.5}}, model_id="big")).status_code == 202

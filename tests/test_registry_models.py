@@ -211,6 +211,27 @@ async def test_invalid_contract_schema_is_422(client, admin):
     assert "training.output_schema" in r.json()["message"]
 
 
+@pytest.mark.parametrize(
+    "schema", [{"$ref": "#/$defs/missing"}, {"$ref": "http://127.0.0.1:9/schema.json"}, {"$ref": "urn:example:x"}]
+)
+async def test_contract_with_an_unresolvable_reference_is_422(client, admin, schema):
+    """A contract that could never be applied is refused when it is written (not a 500 at the
+    first inference or completion that needs it)."""
+    contracts = {"inference": {"input_schema": schema}}
+    r = await client.post("/v2/models", json=model_body(handler_contracts=contracts), headers=admin)
+    assert r.status_code == 422, r.text
+    assert "inference.input_schema" in r.json()["message"] and "cannot be resolved" in r.json()["message"]
+    await create(client, admin)
+    contracts = {"training": {"output_schema": schema}}
+    r = await client.put("/v2/models/model_price_reco_v1", json=model_body(handler_contracts=contracts), headers=admin)
+    assert r.status_code == 422, r.text
+    assert (await client.get("/v2/models/model_price_reco_v1", headers=admin)).json()["handler_contracts"] is None
+    # references inside the schema are fine
+    contracts = {"inference": {"input_schema": {"$defs": {"r": {"type": "string"}}, "properties": {"route": {"$ref": "#/$defs/r"}}}}}
+    r = await client.put("/v2/models/model_price_reco_v1", json=model_body(handler_contracts=contracts), headers=admin)
+    assert r.status_code == 200, r.text
+
+
 # ---- auth ------------------------------------------------------------------------------------
 
 
