@@ -26,16 +26,29 @@ def _finite(value: Any) -> Any:
 
 
 def _datetime_string(value: Any) -> Any:
-    if value is not None and not isinstance(value, (str, datetime)):
+    """An ISO-8601 date-time string (not a Unix timestamp, which pydantic's lax mode would take
+    from a numeric string)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
         raise ValueError("must be an ISO-8601 date-time string")
-    return value
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO-8601 date-time string") from None
 
 
 def _as_utc(value: datetime | None) -> datetime | None:
-    """A date-time without an offset is taken as UTC."""
-    if value is not None and value.tzinfo is None:
+    """A date-time without an offset is taken as UTC; the UTC instant must lie within years
+    1-9999 (what a stored timestamp can be read back as)."""
+    if value is None:
+        return value
+    if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
-    return value
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("date-time out of range (the UTC instant must lie within years 1-9999)") from None
 
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(_finite)]
