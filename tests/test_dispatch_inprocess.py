@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from pie.clients.models import Client
 from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
-from pie.dispatch.inprocess import register
+from pie.dispatch.inprocess import HandlerFailure, register
 from pie.jobs.logic import create_job
 from pie.jobs.models import Job
 from pie.registry.models import EventSubscription, Model, ModelVersion
@@ -69,6 +69,16 @@ def _crash(payload: dict[str, Any]) -> Any:
 @register("test_not_json")
 def _not_json(payload: dict[str, Any]) -> Any:
     return {"when": datetime.now()}
+
+
+@register("test_unstorable")
+def _unstorable(payload: dict[str, Any]) -> Any:
+    kind = payload["input"]["kind"]
+    if kind == "failure":
+        raise HandlerFailure("bad\x00code", "bad \ud800 message", {"when": datetime(2026, 1, 2), "ratio": float("inf")})
+    if kind == "crash":
+        raise ValueError("a NUL \x00 in the message")
+    return {"nan": float("nan"), "nul": "a\x00b", "surrogate": "\ud800", "key": {"k\x00": 1}}[kind]
 
 
 @register("test_gated")
@@ -139,6 +149,56 @@ async def test_failures_become_structured_errors(session, settings):
     }
     assert jobs["weird"].error["code"] == "invalid_output"
     assert jobs["ghost"].error["code"] == "unknown_in_process_handler" and "no_such_implementation" in jobs["ghost"].error["message"]
+
+
+async def test_output_postgresql_cannot_store_fails_the_job_at_once(session, settings):
+    """An implementation returning NaN, a NUL character or a lone surrogate ends its job in
+    failure (invalid_output) on the first attempt, instead of a job stuck in started."""
+    await seed_version(session, inference="test_unstorable")
+    ids = {kind: await new_job(session, input={"kind": kind}) for kind in ("nan", "nul", "surrogate", "key")}
+    failed = await new_job(session, input={"kind": "failure"})
+    crashed = await new_job(session, input={"kind": "crash"})
+    assert await dispatch_until_idle(settings) == 6
+    for kind, job_id in ids.items():
+        job = await stored(session, job_id)
+        assert (job.status, job.attempts, job.output) == ("failure", 1, None), kind
+        assert job.error["code"] == "invalid_output", job.error
+        assert job.locked_by is None and job.lease_expires_at is None
+    # errors with such values are kept, made storable
+    job = await stored(session, failed)
+    assert (job.status, job.attempts) == ("failure", 1)
+    assert job.error == {
+        "code": "bad\ufffdcode",
+        "message": "bad \ufffd message",
+        "details": {"when": "datetime.datetime(2026, 1, 2, 0, 0)", "ratio": "inf"},
+    }
+    job = await stored(session, crashed)
+    assert (job.status, job.error["message"]) == ("failure", "a NUL \ufffd in the message")
+
+
+async def test_a_result_that_cannot_be_recorded_still_ends_the_job(session, settings, monkeypatch):
+    """If recording a handler's result fails (here: an injected error while ending successes),
+    the job ends in failure at once instead of waiting for its lease to expire and running again."""
+    import pie.dispatch.dispatcher as dispatcher_module
+
+    real = dispatcher_module.finish_jobs
+
+    async def refusing_successes(session, completions):
+        if any(c.status == "success" for c in completions):
+            raise RuntimeError("cannot record")
+        return await real(session, completions)
+
+    monkeypatch.setattr(dispatcher_module, "finish_jobs", refusing_successes)
+    await seed_version(session)
+    job_id = await new_job(session)
+    assert await dispatch_until_idle(settings) == 1
+    job = await stored(session, job_id)
+    assert (job.status, job.attempts, job.locked_by) == ("failure", 1, None)
+    assert job.error == {
+        "code": "unrecordable_result",
+        "message": "the handler's result could not be recorded (RuntimeError)",
+        "reported_status": "success",
+    }
 
 
 async def test_reference_pricing_and_training_jobs(session, settings):

@@ -25,8 +25,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import socket
 import time
 import uuid
@@ -41,9 +43,12 @@ from pie.config import Settings
 from pie.dispatch.backends import AwsBackends, DispatchError, build_payload
 from pie.dispatch.inprocess import HandlerFailure, get_implementation
 from pie.jobs.logic import NOTIFY_CHANNEL, Completion, finish_jobs
+from pie.schemas import unstorable_json
 
 log = logging.getLogger("pie.dispatch")
 
+# characters PostgreSQL text/jsonb cannot hold
+_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 AWS_CONCURRENCY = 16
 COMPLETION_BATCH = 500
 
@@ -129,12 +134,35 @@ _EXPIRED_EXHAUSTED = text(
 
 
 def _run_implementation(implementation: Any, payload: dict[str, Any]) -> Any:
-    """In a pool thread: run the implementation; its output must be JSON."""
+    """In a pool thread: run the implementation; its output must be JSON that PostgreSQL can
+    store (no NaN/Infinity, no NUL characters or unpaired surrogates)."""
     output = implementation(payload)
     try:
-        return json.loads(json.dumps(output))
+        output = json.loads(json.dumps(output, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise HandlerFailure("invalid_output", f"the handler returned output that is not JSON: {exc}") from exc
+    problem = unstorable_json(output)
+    if problem is not None:
+        raise HandlerFailure("invalid_output", f"the handler returned output that cannot be stored: {problem}")
+    return output
+
+
+def storable_error(error: Any) -> Any:
+    """A failure's error as JSON PostgreSQL can store: values that are not JSON become their
+    ``repr``, non-finite numbers strings, NUL characters and unpaired surrogates U+FFFD."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return _UNSTORABLE_TEXT.sub("\ufffd", value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {clean(str(k)): clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(json.loads(json.dumps(error, default=repr)))
 
 
 def backoff_delay(settings: Settings, attempts: int) -> float:
@@ -347,12 +375,14 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except HandlerFailure as exc:
-            completion = Completion(row.job_id, "failure", error=exc.error)
+            completion = Completion(row.job_id, "failure", error=storable_error(exc.error))
         except Exception as exc:
             completion = Completion(
                 row.job_id,
                 "failure",
-                error={"code": "handler_exception", "message": str(exc) or exc.__class__.__name__, "exception": exc.__class__.__name__},
+                error=storable_error(
+                    {"code": "handler_exception", "message": str(exc) or exc.__class__.__name__, "exception": exc.__class__.__name__}
+                ),
             )
         await self._completions.put(completion)
 
@@ -397,16 +427,34 @@ class Dispatcher:
                 for completion in batch:
                     self._done(completion.job_id)
 
-    async def _finish(self, completions: list[Completion]) -> None:
+    async def _finish(self, completions: list[Completion], *, last_resort: bool = True) -> None:
         """End jobs through the completion logic; a failing batch is retried job by job, so
         one bad job never blocks the others (a job that cannot be ended keeps its lease
         until it expires and is retried)."""
         try:
             async with db.sessionmaker()() as session, session.begin():
                 outcomes = await finish_jobs(session, completions)
-        except Exception:
+        except Exception as exc:
             if len(completions) == 1:
-                log.exception("dispatcher %s: could not record the end of job %s", self.worker_id, completions[0].job_id)
+                completion = completions[0]
+                log.exception("dispatcher %s: could not record the end of job %s", self.worker_id, completion.job_id)
+                if last_resort:
+                    # record at least that it ended; otherwise the job waits for its lease to expire
+                    # and runs again, only to fail the same way
+                    await self._finish(
+                        [
+                            Completion(
+                                completion.job_id,
+                                "failure",
+                                error={
+                                    "code": "unrecordable_result",
+                                    "message": f"the handler's result could not be recorded ({exc.__class__.__name__})",
+                                    "reported_status": completion.status,
+                                },
+                            )
+                        ],
+                        last_resort=False,
+                    )
                 return
             for completion in completions:
                 await self._finish([completion])
