@@ -265,6 +265,26 @@ async def test_complete_failure_keeps_the_error(client, session, auth):
     assert (await stored(session, other.job_id)).error["code"] == "handler_failure"
 
 
+async def test_absent_job_values_are_sql_null(client, session, auth):
+    """features (no service), output (failed job) and error (successful job) are SQL NULL, not a
+    JSON null, so `IS NULL` queries and reports on the jobs table mean "not set"."""
+    from sqlalchemy import text
+
+    await seed_version(session)
+    worker = auth(scopes=["complete_jobs"])
+    ok, failed = await new_job(session), await new_job(session)
+    assert (await client.post(complete_url(ok), json={"status": "success", "output": {"a": 1}}, headers=worker)).status_code == 200
+    assert (await client.post(complete_url(failed), json={"status": "failure"}, headers=worker)).status_code == 200
+    rows = {
+        r.job_id: r
+        for r in await session.execute(
+            text("SELECT job_id, features IS NULL AS f, output IS NULL AS o, error IS NULL AS e FROM jobs")
+        )
+    }
+    assert (rows[ok.job_id].f, rows[ok.job_id].o, rows[ok.job_id].e) == (True, False, True)
+    assert (rows[failed.job_id].f, rows[failed.job_id].o, rows[failed.job_id].e) == (True, True, False)
+
+
 async def test_complete_errors(client, session, auth, admin):
     await seed_version(session)
     await seed_version(session, "m1", "2")

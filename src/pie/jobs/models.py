@@ -32,9 +32,10 @@ class Job(Timestamps, Base):
     purpose: Mapped[str | None] = mapped_column(String(32))
     input: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     # the service's resolved_features for service-scoped jobs (sent to the handler as `features`)
-    features: Mapped[dict[str, Any] | None]
-    output: Mapped[Any | None] = mapped_column(JSONB)
-    error: Mapped[Any | None] = mapped_column(JSONB)
+    # absent values are SQL NULL (not a JSON null), so ``IS NULL`` means "not set"
+    features: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    output: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
+    error: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
     warnings: Mapped[list[Any]] = mapped_column(server_default=text("'[]'::jsonb"))
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     # dispatch bookkeeping
