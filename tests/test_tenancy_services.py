@@ -98,26 +98,6 @@ async def test_init_refuses_bad_features_and_writes_nothing(client, session, adm
     assert await jobs_of(session) == []
 
 
-async def test_init_job_input_must_satisfy_the_inference_contract(client, session, admin):
-    """The init job is an inference job with the resolved features as input: a version whose
-    inference input_schema the resolved features fail cannot initialize the service (422,
-    nothing written), exactly like any other inference input (spec 7.1, 9.1)."""
-    contracts = {
-        "inference": {
-            "input_schema": {"type": "object", "required": ["route", "competitor_count"]},
-        }
-    }
-    await tenant_setup(client, session, admin, handler_contracts=contracts)
-    r = await init_service(client, admin, "s1", SA, expect=422)
-    message = r.json()["message"]
-    assert r.json()["success"] is False and "input_schema" in message and "competitor_count" in message, message
-    assert await stored_service(session, "s1") is None
-    assert await jobs_of(session) == []
-    r = await init_service(client, admin, "s1", {**SA, "competitor_count": 3})
-    job = await stored_job(session, r.json()["job_id"])
-    assert job.input == {**SA, "competitor_count": 3}
-
-
 async def test_init_needs_an_active_default_assignment(client, session, admin):
     await make_client(session)
     await make_version(session)

@@ -25,9 +25,7 @@ from pie.errors import Conflict, NotFound, Unprocessable
 from pie.features import describe_failures, merge_patch, resolve_features, validate_feature_definitions
 from pie.jobs.logic import create_job, notify_new_jobs
 from pie.jobs.models import Job
-from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
-from pie.registry.handlers import input_schema
 from pie.registry.models import ModelVersion
 from pie.tenancy.models import Domain, Service
 from pie.tenancy.schemas import DomainCreate, DomainUpdate, ServiceInit, ServiceUpdate
@@ -171,16 +169,6 @@ async def init_service(session: AsyncSession, scope: TenantScope, domain_id: str
     ensure_domain_active(domain)
     assignment, version = await require_default(session, domain)
     resolved = _resolve_or_422(body.static_features, schema_of(version, domain))
-    # the init job is an inference job whose input is the resolved features: like any other
-    # inference input it must satisfy the version's contract before it is dispatched
-    contract = input_schema(version.handler_contracts, "inference")
-    if contract is not None:
-        problem = validation_error(contract, resolved)
-        if problem is not None:
-            raise Unprocessable(
-                f"the resolved features do not match the inference input_schema of model {version.model_id} "
-                f"version {version.version}: {problem}"
-            )
     stmt = (
         insert(Service)
         .values(
