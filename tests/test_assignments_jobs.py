@@ -15,7 +15,7 @@ from factories import (
     stored_job,
     tenant_setup,
 )
-from pie.registry.models import EventSubscription, ModelVersion
+from pie.registry.models import EventSubscription, Model, ModelVersion
 
 D = "/v2/clients/client-1/domains/south_australia"
 S = f"{D}/service/service-1"
@@ -123,6 +123,34 @@ async def test_subscribe(client, session, admin):
     # the subscription is visible through the registry's listing of the model
     r = await client.get("/v2/models/pricing-model/event-subscriptions", headers=admin)
     assert r.status_code == 200 and len(r.json()) == 2
+
+
+async def test_subscribed_replays_are_registry_subscriptions(client, session, admin):
+    """``subscribe: true`` stores the replay the way the registry stores every subscription: a
+    time-ordered (UUIDv7) id, warnings when the input fails the model's current inference
+    input_schema, and one replay for a repeated identical call (as direct inference does)."""
+    await setup(client, session, admin)
+    # the model's current contract (not the version's snapshot) wants day_of_week
+    model = (await fresh(session, select(Model)))[0]
+    model.handler_contracts = {"inference": {"input_schema": {"type": "object", "required": ["day_of_week"]}}}
+    await session.commit()
+
+    for _ in range(2):
+        r = await client.post(f"{S}/assignments/forecast/jobs", json={"input": {"day": 1}, "subscribe": True}, headers=admin)
+        assert r.status_code == 202, r.text
+    r = await client.post(f"{D}/assignments/default/jobs", json={"input": {"day_of_week": 2}, "subscribe": True}, headers=admin)
+    assert r.status_code == 202, r.text
+    assert len(await jobs_of(session, job_type="inference", purpose=None)) == 3
+
+    subs = await fresh(session, select(EventSubscription).order_by(EventSubscription.created_at))
+    assert [(s.service_id, s.input) for s in subs] == [("service-1", {"day": 1}), (None, {"day_of_week": 2})]
+    assert all(s.id.version == 7 for s in subs)
+    assert subs[0].id < subs[1].id  # listing by id lists in creation order
+    assert len(subs[0].warnings) == 1 and "day_of_week" in subs[0].warnings[0]
+    assert subs[1].warnings == []
+    r = await client.get("/v2/models/pricing-model/event-subscriptions", headers=admin)
+    assert [s["id"] for s in r.json()] == [str(s.id) for s in subs]
+    assert r.json()[0]["warnings"] == subs[0].warnings
 
 
 async def test_input_is_validated_against_the_contract(client, session, admin):

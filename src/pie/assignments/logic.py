@@ -26,7 +26,8 @@ from pie.jobs.logic import create_job
 from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
-from pie.registry.models import EventSubscription, ModelVersion
+from pie.registry.models import ModelVersion
+from pie.registry.subscriptions import subscribe_inference
 from pie.tenancy.logic import DEFAULT_KEY, ensure_domain_active, load_domain, load_service, schema_of
 from pie.tenancy.models import Domain
 
@@ -287,20 +288,16 @@ async def run_assignment_job(
         service_id=service_id,
     )
     if body.subscribe:
-        session.add(
-            EventSubscription(
-                source_model_id=revision.model_id,
-                trigger_event="training_complete",
-                target_model_id=revision.model_id,
-                target_action="inference",
-                input_source="stored",
-                input=body.input,
-                label=f"replay through assignment {key} ({_scope_name(domain_id, service_id)})",
-                client_id=scope.client_id,
-                domain_id=domain_id,
-                service_id=service_id,
-                assignment_key=key,
-            )
+        # the registry's one way to store a replay (UUIDv7 id, input warnings, an identical
+        # active replay reused), bound to this key in this scope
+        await subscribe_inference(
+            session,
+            model_id=revision.model_id,
+            input=body.input,
+            client_id=scope.client_id,
+            domain_id=domain_id,
+            service_id=service_id,
+            assignment_key=key,
+            label=f"replay through assignment {key} ({_scope_name(domain_id, service_id)})",
         )
-        await session.flush()
     return job
