@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
-from sqlalchemy import select
+import httpx
+from sqlalchemy import select, text
 
 from factories import (
     assign,
@@ -304,3 +306,61 @@ async def test_concurrent_collection_posts_of_new_keys(client, session, admin):
     assert all(r.status_code == 200 for r in results)
     r = await client.get(f"{D}/assignments?status=active", headers=admin)
     assert sorted(a["assignment_key"] for a in r.json()) == ["a", "b", "c", "default"]
+
+
+async def _upsert_racing(engine, change_sql: str, params: dict, upsert) -> httpx.Response:
+    """Run ``upsert`` while another transaction holds an uncommitted change of the target
+    version row (a registry status change, a first training job freezing features); commit the
+    change once the upsert is either finished or waiting for a lock, and return its response."""
+    async with engine.connect() as other:
+        await other.begin()
+        await other.execute(text(change_sql), params)
+        task = asyncio.ensure_future(upsert)
+        while not task.done():
+            waiting = await other.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                )
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        await other.commit()
+    return await task
+
+
+async def test_a_version_failing_during_an_upsert_is_never_assigned(client, session, admin, engine):
+    """The version is checked "not failed" and stays so until the upsert commits: a concurrent
+    status change to ``failed`` lands either before (the upsert is refused) or after."""
+    await tenant_setup(client, session, admin)
+    await make_version(session, version="2", status="training")
+    r = await _upsert_racing(
+        engine,
+        "UPDATE model_versions SET status = 'failed' WHERE model_id = 'pricing-model' AND version = '2'",
+        {},
+        client.put(f"{D}/assignments/forecast", json={"model_id": "pricing-model", "model_version": "2"}, headers=admin),
+    )
+    assert r.status_code == 422 and "invalid model reference" in r.json()["message"], r.text
+    assert await revisions(session, "forecast") == []
+
+
+async def test_a_schema_frozen_during_a_default_upsert_is_the_one_checked(client, session, admin, engine):
+    """Version 2 has no frozen schema when the upsert starts (the live features would govern);
+    a first training job elsewhere freezes a schema onto it meanwhile. The upsert checks the
+    services against the schema the version carries when it commits: here it blocks them."""
+    await tenant_setup(client, session, admin)
+    await init_service(client, admin, "s1", SA)
+    await make_version(session, version="2")
+    frozen = [feature("route", {"type": "string"}, True), feature("cabin", {"type": "string"}, True)]
+    r = await _upsert_racing(
+        engine,
+        "UPDATE model_versions SET features = CAST(:f AS jsonb) WHERE model_id = 'pricing-model' AND version = '2'",
+        {"f": json.dumps(frozen)},
+        client.put(f"{D}/assignments/default", json={"model_id": "pricing-model", "model_version": "2"}, headers=admin),
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["blocking_services"] == [
+        {"service_id": "s1", "feature": "cabin", "value": None, "reason": "missing mandatory feature"}
+    ]
+    assert [a.model_version for a in await revisions(session, "default")] == ["1"]

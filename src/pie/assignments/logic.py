@@ -45,8 +45,16 @@ def _scope_name(domain_id: str, service_id: str | None) -> str:
 
 
 async def model_reference(session: AsyncSession, model_id: str, model_version: str) -> ModelVersion:
-    """The version an upsert points at: it must exist and not be ``failed`` (422 otherwise)."""
-    version = await session.get(ModelVersion, (model_id, model_version))
+    """The version an upsert points at: it must exist and not be ``failed`` (422 otherwise).
+    The row is held ``FOR SHARE`` until the upsert commits, so the version can neither turn
+    ``failed`` nor get its frozen schema (a first training job) between this check (and the
+    freeze check made against that schema) and the commit."""
+    version = await session.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.model_id == model_id, ModelVersion.version == model_version)
+        .with_for_update(read=True)
+        .execution_options(populate_existing=True)
+    )
     if version is None:
         raise Unprocessable(f"invalid model reference: model {model_id} version {model_version} does not exist")
     if version.status == "failed":
