@@ -353,3 +353,60 @@ async def test_inference_complete_fires_through_job_completion(client, admin, se
     (job,) = await jobs(session, model_id="downstream")
     assert job["job_id"] == events[chained]["job_id"]
     assert job["input"] == {"price": 101.5} and job["model_version"] == "4"
+
+
+async def test_a_batch_of_completions_fires_with_a_fixed_number_of_queries(engine, client, admin, session):
+    """Ending many inference jobs at once (a dispatcher batch, e.g. after a batch re-init) fires
+    their inference_complete subscriptions set-based: the same number of SQL statements for 3
+    jobs as for 30, and every job's firing gets its own trigger output."""
+    from sqlalchemy import event
+
+    from pie.jobs.logic import Completion, create_job, finish_jobs
+
+    await make_model(client, admin, "up")
+    await make_model(client, admin, "down")
+    await add_version(client, admin, "up", "1", "active")
+    await add_version(client, admin, "down", "1", "active")
+    chained = await subscribe(
+        client, admin, "up", "down", trigger_event="inference_complete", input_source="trigger_output", input=...
+    )
+    stored = await subscribe(client, admin, "up", "down", trigger_event="inference_complete", input={"fixed": True})
+    await tenant(session)
+    await assign(session, "forecast", "down", "1", service_id="svc-1")
+    replayed = await replay(session, "up", "forecast", service_id="svc-1")
+    await session.execute(
+        text("UPDATE event_subscriptions SET trigger_event = 'inference_complete' WHERE id = :id"), {"id": replayed}
+    )
+    await session.commit()
+
+    async def end(n: int) -> tuple[int, list[str], dict]:
+        ids = [(await create_job(session, job_type="inference", model_id="up", model_version="1")).job_id for _ in range(n)]
+        await session.commit()
+        statements: list[str] = []
+
+        def count(conn, cursor, statement, parameters, context, executemany):
+            statements.append(statement)
+
+        event.listen(engine.sync_engine, "before_cursor_execute", count)
+        try:
+            async with db.sessionmaker()() as s, s.begin():
+                outcomes = await finish_jobs(
+                    s, [Completion(job_id, "success", output={"n": i}) for i, job_id in enumerate(ids)]
+                )
+        finally:
+            event.remove(engine.sync_engine, "before_cursor_execute", count)
+        return len(statements), ids, outcomes
+
+    few, _, _ = await end(3)
+    many, ids, outcomes = await end(30)
+    assert many == few
+
+    created = {j["job_id"]: j for j in await jobs(session, model_id="down")}
+    for i, job_id in enumerate(ids):
+        events = {e["subscription_id"]: e["job_id"] for e in outcomes[job_id].triggered_events}
+        assert set(events) == {chained, stored, replayed}
+        assert created[events[chained]]["input"] == {"n": i}
+        assert created[events[stored]]["input"] == {"fixed": True}
+        replay_job = created[events[replayed]]
+        assert (replay_job["service_id"], replay_job["features"]["competitor_count"]) == ("svc-1", 3)
+    assert len(created) == 3 * 33

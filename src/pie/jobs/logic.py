@@ -292,42 +292,24 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
                     "b_service": r.service_id,
                     "b_svc_status": "available" if by_id[r.job_id].status == "success" else "failed",
                 }
-                for r in inits
+                # in service order: concurrent batches touching the same services cannot deadlock
+                for r in sorted(inits, key=lambda r: (r.client_id, r.domain_id, r.service_id))
             ],
         )
 
-    # successful inference jobs fire their model's inference_complete subscriptions
+    # successful inference jobs fire their model's inference_complete subscriptions (all of the
+    # batch at once: a fixed number of queries, whatever the number of jobs)
     fired = [r for r in to_end if r.job_type == "inference" and by_id[r.job_id].status == "success"]
     if fired:
-        from pie.registry.models import EventSubscription
+        from pie.registry.events import Trigger, fire_triggers
 
-        sources = set(
-            (
-                await session.scalars(
-                    select(EventSubscription.source_model_id)
-                    .where(
-                        EventSubscription.source_model_id.in_(sorted({r.model_id for r in fired})),
-                        EventSubscription.trigger_event == "inference_complete",
-                        EventSubscription.status == "active",
-                    )
-                    .distinct()
-                )
-            ).all()
+        entries = await fire_triggers(
+            session,
+            "inference_complete",
+            [Trigger(r.model_id, by_id[r.job_id].output, r.model_version) for r in fired],
         )
-        if sources:
-            from pie.registry.events import fire_subscriptions
-
-            for row in fired:
-                if row.model_id in sources:
-                    outcomes[row.job_id].triggered_events = list(
-                        await fire_subscriptions(
-                            session,
-                            source_model_id=row.model_id,
-                            trigger_event="inference_complete",
-                            trigger_output=by_id[row.job_id].output,
-                            source_model_version=row.model_version,
-                        )
-                    )
+        for row, triggered in zip(fired, entries):
+            outcomes[row.job_id].triggered_events = triggered
 
     await session.execute(
         text("SELECT pg_notify(:channel, j) FROM unnest(CAST(:ids AS text[])) AS j"),

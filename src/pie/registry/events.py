@@ -6,26 +6,25 @@ source and trigger yields one entry: ``{subscription_id, job_id}`` when its job 
 ``{subscription_id, error}`` when its target could not be triggered. One failing target never
 stops the others.
 
-Targets are resolved with a fixed number of set-based queries (whatever the number of
-subscriptions), and the jobs are inserted in one statement inside a savepoint; if that insert
+``fire_triggers`` fires for many triggers at once (a batch of completed jobs): subscriptions and
+targets are resolved with a fixed number of set-based queries, whatever the number of triggers
+and subscriptions, and the jobs are inserted in one statement inside a savepoint; if that insert
 fails, every firing is retried in its own savepoint so only the culprit becomes an error.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, insert, select, tuple_
+from sqlalchemy import Text, and_, cast, func, insert, or_, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.assignments.models import Assignment
 from pie.clients.models import Client
-from pie.errors import PieError
-from pie.jobs.logic import create_job, notify_new_jobs
+from pie.jobs.logic import notify_new_jobs
 from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.registry.handlers import input_schema
@@ -33,6 +32,15 @@ from pie.registry.models import EventSubscription, ModelVersion
 from pie.tenancy.models import Domain, Service
 
 log = logging.getLogger("pie.registry.events")
+
+
+@dataclass
+class Trigger:
+    """One event: ``source_model_id``'s ``trigger_event`` happened with this output."""
+
+    source_model_id: str
+    trigger_output: Any
+    source_model_version: str | None = None
 
 
 @dataclass
@@ -60,9 +68,27 @@ _ScopeKey = tuple[str | None, str | None, str | None, str | None]
 
 async def _active_assignments(session: AsyncSession, subscriptions: list[EventSubscription]) -> dict[_ScopeKey, Any]:
     """(client, domain, service|None, key) -> row (assignment, version, domain/client status,
-    service features) for the active revision of each replay subscription's key."""
-    wanted = {(s.client_id, s.domain_id, s.assignment_key) for s in subscriptions}
-    if not wanted:
+    service features) for the active revision of each replay subscription's key (exactly those
+    scopes: a service key is not looked up in every service of the domain)."""
+    domain_keys = {(s.client_id, s.domain_id, s.assignment_key) for s in subscriptions if s.service_id is None}
+    service_keys = {
+        (s.client_id, s.domain_id, s.service_id, s.assignment_key) for s in subscriptions if s.service_id is not None
+    }
+    scopes = []
+    if domain_keys:
+        scopes.append(
+            and_(
+                Assignment.service_id.is_(None),
+                tuple_(Assignment.client_id, Assignment.domain_id, Assignment.assignment_key).in_(sorted(domain_keys)),
+            )
+        )
+    if service_keys:
+        scopes.append(
+            tuple_(Assignment.client_id, Assignment.domain_id, Assignment.service_id, Assignment.assignment_key).in_(
+                sorted(service_keys)
+            )
+        )
+    if not scopes:
         return {}
     stmt = (
         select(
@@ -85,10 +111,7 @@ async def _active_assignments(session: AsyncSession, subscriptions: list[EventSu
             & (Service.domain_id == Assignment.domain_id)
             & (Service.service_id == Assignment.service_id),
         )
-        .where(
-            Assignment.status == "active",
-            tuple_(Assignment.client_id, Assignment.domain_id, Assignment.assignment_key).in_(sorted(wanted)),
-        )
+        .where(Assignment.status == "active", or_(*scopes))
     )
     found: dict[_ScopeKey, Any] = {}
     for row in (await session.execute(stmt)).all():
@@ -187,12 +210,25 @@ async def fire_subscriptions(
     """Fire every ACTIVE subscription with this source and trigger; return one entry per firing:
     {"subscription_id": str, "job_id": str} or {"subscription_id": str, "error": str}.
     One failing target never stops the others (each firing is isolated in a savepoint)."""
+    (entries,) = await fire_triggers(
+        session, trigger_event, [Trigger(source_model_id, trigger_output, source_model_version)]
+    )
+    return entries
+
+
+async def fire_triggers(session: AsyncSession, trigger_event: str, triggers: list[Trigger]) -> list[list[dict]]:
+    """``fire_subscriptions`` for many triggers of one kind at once (e.g. a batch of completed
+    inference jobs): the entries of each trigger, in the order of ``triggers``. The number of
+    queries does not grow with the number of triggers or subscriptions."""
+    results: list[list[dict]] = [[] for _ in triggers]
+    if not triggers:
+        return results
     subscriptions = list(
         (
             await session.scalars(
                 select(EventSubscription)
                 .where(
-                    EventSubscription.source_model_id == source_model_id,
+                    EventSubscription.source_model_id.in_(sorted({t.source_model_id for t in triggers})),
                     EventSubscription.trigger_event == trigger_event,
                     EventSubscription.status == "active",
                 )
@@ -201,49 +237,62 @@ async def fire_subscriptions(
         ).all()
     )
     if not subscriptions:
-        return []
+        return results
+    by_source: dict[str, list[EventSubscription]] = {}
+    for subscription in subscriptions:
+        by_source.setdefault(subscription.source_model_id, []).append(subscription)
     versions = await _newest_active_versions(
         session, {s.target_model_id for s in subscriptions if s.assignment_key is None}
     )
     assignments = await _active_assignments(session, [s for s in subscriptions if s.assignment_key is not None])
-    firings = [_plan(s, trigger_output, versions, assignments) for s in subscriptions]
-    ready = [f for f in firings if f.error is None]
+    firings = [
+        (index, _plan(subscription, trigger.trigger_output, versions, assignments))
+        for index, trigger in enumerate(triggers)
+        for subscription in by_source.get(trigger.source_model_id, ())
+    ]
+    ready = [f for _, f in firings if f.error is None]
 
-    job_ids: dict[uuid.UUID, str] = {}
+    recorded: set[str] = set()
     if ready:
+        # job ids from the jobs table's own generator, known before the insert so that one
+        # multi-row INSERT (no RETURNING order to rely on) records every firing
+        job_ids = await session.scalars(
+            select(cast(func.pie_uuid7(), Text)).select_from(func.generate_series(1, len(ready)))
+        )
+        for firing, job_id in zip(ready, job_ids):
+            firing.job["job_id"] = job_id
         try:
             async with session.begin_nested():
-                result = await session.execute(
-                    insert(Job).returning(Job.subscription_id, Job.job_id), [f.job for f in ready]
-                )
-                job_ids = {row.subscription_id: row.job_id for row in result}
+                # Core, not ORM bulk: one executemany for all rows (the ORM splits a batch
+                # wherever the set of non-null values changes)
+                await session.execute(insert(Job.__table__), [f.job for f in ready])
+            recorded = {f.job["job_id"] for f in ready}
         except SQLAlchemyError as exc:
-            log.warning("bulk firing for model %s failed (%s); firing one by one", source_model_id, exc)
-            job_ids = {}
+            log.warning("bulk firing of %d subscriptions failed (%s); firing one by one", len(ready), exc)
             for firing in ready:
                 try:
                     async with session.begin_nested():
-                        job = await create_job(session, **firing.job)
-                    job_ids[firing.subscription.id] = job.job_id
-                except (SQLAlchemyError, PieError) as single:
+                        await session.execute(insert(Job.__table__).values(**firing.job))
+                    recorded.add(firing.job["job_id"])
+                except SQLAlchemyError as single:
                     firing.error = f"could not record the job: {getattr(single, 'orig', None) or single}"
-        if job_ids:
+        if recorded:
             await notify_new_jobs(session)
 
-    entries: list[dict] = []
-    for firing in firings:
+    for index, firing in firings:
         sid = str(firing.subscription.id)
-        if firing.error is None and firing.subscription.id in job_ids:
-            entries.append({"subscription_id": sid, "job_id": job_ids[firing.subscription.id]})
+        if firing.error is None and firing.job.get("job_id") in recorded:
+            results[index].append({"subscription_id": sid, "job_id": firing.job["job_id"]})
         else:
             error = firing.error or "the job was not recorded"
+            trigger = triggers[index]
             log.info(
                 "subscription %s (%s of model %s%s) not triggered: %s",
                 sid,
                 trigger_event,
-                source_model_id,
-                f" version {source_model_version}" if source_model_version else "",
+                trigger.source_model_id,
+                f" version {trigger.source_model_version}" if trigger.source_model_version else "",
                 error,
             )
-            entries.append({"subscription_id": sid, "error": error})
-    return entries
+            results[index].append({"subscription_id": sid, "error": error})
+    return results
