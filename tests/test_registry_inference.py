@@ -167,3 +167,16 @@ async def test_a_number_too_large_for_the_contract_is_422_not_500(client, admin,
     r = await infer(client, admin, {"input": {"n": 10**400}}, model_id="big")
     assert r.status_code == 422, r.text
     assert (await infer(client, admin, {"input": {"n": 2.5}}, model_id="big")).status_code == 202
+
+
+async def test_concurrent_identical_subscribed_calls_store_one_replay(client, admin, session, model):
+    """The reuse of an identical subscription holds under concurrency: simultaneous identical
+    `subscribe: true` calls leave one replay subscription (each still gets its job)."""
+    import asyncio
+
+    payload = {"route": "Adelaide to Sydney", "day_of_week": 2}
+    results = await asyncio.gather(*(infer(client, admin, {"input": payload, "subscribe": True}) for _ in range(8)))
+    assert [r.status_code for r in results] == [202] * 8
+    subs = (await client.get("/v2/models/m/event-subscriptions", headers=admin)).json()
+    assert [s["input"] for s in subs] == [payload]
+    assert len(await all_jobs(session)) == 8

@@ -7,11 +7,12 @@ see and change only those of tenants they may access (admins: all), others answe
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Literal
 
 from fastapi import Response
-from sqlalchemy import ColumnElement, delete, null, or_, select, true
+from sqlalchemy import ColumnElement, delete, func, null, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
@@ -178,7 +179,14 @@ async def subscribe_inference(
     domain scope, ``assignment_key``) the replay re-runs through that key's active revision.
 
     An identical active subscription (same model, input and scope) is reused, so repeating the
-    same subscribed call does not multiply replays."""
+    same subscribed call does not multiply replays. Identical concurrent calls serialize on a
+    transaction-level advisory lock keyed on that identity, so they cannot both insert."""
+    identity = json.dumps(
+        ["pie.subscribe", model_id, client_id, domain_id, service_id, assignment_key, input],
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(identity, 0))))
     existing = await session.scalar(
         select(EventSubscription)
         .where(
