@@ -146,7 +146,10 @@ async def test_update_fields_and_warnings(client, admin, models):
 
     assert (await client.put(url, json={"input": None}, headers=admin)).status_code == 422
     assert (await client.put(url, json={"status": "stale"}, headers=admin)).status_code == 400
-    assert (await client.put(url, json={"status": None}, headers=admin)).status_code == 422
+    # null is a wrong type for status: 400, as on create
+    assert (await client.put(url, json={"status": None}, headers=admin)).status_code == 400
+    r = await client.post("/v2/models/source/event-subscriptions", json=sub_body(status=None), headers=admin)
+    assert r.status_code == 400
     assert (await client.put(url, json={"input": "x"}, headers=admin)).status_code == 400
     r = await client.get(url, headers=admin)
     assert r.json()["status"] == "paused" and r.json()["input"] == {"route": "Sydney to Adelaide"}

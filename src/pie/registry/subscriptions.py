@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
 from pie.auth import Principal
-from pie.errors import NotFound, Unprocessable
+from pie.errors import BadRequest, NotFound, Unprocessable
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
 from pie.registry.handlers import input_schema
@@ -135,16 +135,16 @@ async def update_subscription(
 ) -> EventSubscription:
     """Partial update. Warnings are recomputed against the target's current contract; setting
     ``status: active`` on a stale subscription re-activates it."""
-    subscription = await get_subscription(session, model_id, subscription_id, principal, for_update=True)
     given = body.model_fields_set
+    if "status" in given and body.status is None:
+        raise BadRequest("invalid request: status: must be 'active' or 'paused', not null")
+    subscription = await get_subscription(session, model_id, subscription_id, principal, for_update=True)
     if "input" in given:
         _check_input(subscription.input_source, body.input)
         subscription.input = json_or_null(body.input)
     if "label" in given:
         subscription.label = body.label
     if "status" in given:
-        if body.status is None:
-            raise Unprocessable("status cannot be null")
         subscription.status = body.status
     target = await _target_model(session, subscription.target_model_id)
     stored = body.input if "input" in given else subscription.input
