@@ -291,6 +291,10 @@ async def test_update_pending_model_replaces_fields_without_a_version(client, ad
 async def test_update_unknown_model_is_404_and_invalid_update_is_422(client, admin):
     r = await client.put("/v2/models/nope", json=model_body(), headers=admin)
     assert r.status_code == 404
+    # the unknown model is the first thing to fix: 404 before any 422 about the body
+    unknown_handler = {"training": ECHO, "inference": {"type": "in_process", "value": "missing"}}
+    r = await client.put("/v2/models/nope", json=model_body(handlers=unknown_handler), headers=admin)
+    assert r.status_code == 404, r.text
     await create(client, admin)
     bad = model_body(handlers={"training": ECHO, "inference": {"type": "in_process", "value": "missing"}})
     r = await client.put("/v2/models/model_price_reco_v1", json=bad, headers=admin)

@@ -85,6 +85,9 @@ async def test_existing_version_is_409(client, admin):
 async def test_version_errors(client, admin, auth):
     r = await new_version(client, admin, model_id="nope")
     assert r.status_code == 404
+    # 404 before a 422 about the frozen features
+    r = await new_version(client, admin, model_id="nope", features=[{"name": "bad name", "json_schema": {}}])
+    assert r.status_code == 404, r.text
     await make_model(client, admin)
     assert (await new_version(client, admin, version="has space")).status_code == 400
     assert (await new_version(client, admin, version=3)).status_code == 400

@@ -100,8 +100,8 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
     """Full replacement of the model's fields. Subscriptions targeting it go stale when the input
     contract (or, without contracts, the handler) of their action changes. An active model whose
     handlers or contracts change gets a new pending version carrying them."""
+    model = await get_model(session, model_id, for_update=True)  # 404 before any 422
     handlers, contracts = _checked_handlers(body)
-    model = await get_model(session, model_id, for_update=True)
     stale = stale_actions(model.handlers, model.handler_contracts, handlers, contracts)
     runtime_changed = model.handlers != handlers or model.handler_contracts != contracts
     await session.execute(
@@ -217,8 +217,8 @@ async def _insert_version(
 
 
 async def create_version(session: AsyncSession, model_id: str, body: VersionCreate) -> tuple[Model, ModelVersion]:
+    model = await get_model(session, model_id, for_update=True)  # 404 before any 422
     features = validate_feature_definitions(body.features) if body.features is not None else None
-    model = await get_model(session, model_id, for_update=True)
     created = await _insert_version(
         session, model, version=body.version, description=body.description, metadata=body.metadata, features=features
     )
