@@ -191,9 +191,14 @@ async def test_ecs_run_task_with_payload_override(session, aws_settings, moto_en
     await session.commit()
     assert await dispatch_until_idle(aws_settings) == 1
     ecs = aws("ecs", moto_endpoint)
-    arns = ecs.list_tasks(cluster=ecs_cluster, startedBy=f"pie-{job.job_id}")["taskArns"]
+    # ECS allows startedBy up to 36 letters, numbers, '-', '/' and '_' (moto does not check it):
+    # "pie-" and the job id's 32 hex digits
+    started_by = "pie-" + job.job_id.replace("-", "")
+    assert len(started_by) == 36
+    arns = ecs.list_tasks(cluster=ecs_cluster, startedBy=started_by)["taskArns"]
     assert len(arns) == 1
     task = ecs.describe_tasks(cluster=ecs_cluster, tasks=arns)["tasks"][0]
+    assert task["startedBy"] == started_by
     assert task["taskDefinitionArn"].endswith(":task-definition/pie-train:1")
     assert task["launchType"] == "EC2"
     [override] = task["overrides"]["containerOverrides"]
@@ -257,6 +262,19 @@ async def test_ecs_payload_too_large_fails_at_once(session, aws_settings, ecs_cl
     row = await stored(session, job.job_id)
     assert row.status == "failure" and row.attempts == 1
     assert row.error["code"] == "payload_too_large" and row.error["backend"] == "ecs_task"
+
+
+async def test_ecs_payload_whose_override_is_too_large_once_escaped_fails_at_once(session, aws_settings, ecs_cluster):
+    """ECS caps the overrides structure at 8192 characters of JSON, where the payload is a string
+    and every quote in it is escaped: a payload under the limit that grows past it once escaped
+    fails at once (AWS would refuse it), instead of being retried."""
+    await seed(session, "ecs-quotes", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"})
+    job = await create_job(session, job_type="training", model_id="ecs-quotes", model_version="1", input={"q": ['"'] * 1300})
+    await session.commit()
+    assert await dispatch_until_idle(aws_settings) == 1
+    row = await stored(session, job.job_id)
+    assert row.status == "failure" and row.attempts == 1
+    assert row.error["code"] == "payload_too_large" and "8192" in row.error["message"]
 
 
 def test_ecs_fargate_request_carries_the_configured_network(settings):

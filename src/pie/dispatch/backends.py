@@ -13,8 +13,9 @@ from typing import Any
 
 from pie.config import Settings
 
-# ECS caps the whole overrides structure at 8192 bytes; keep room for the rest of it
-ECS_MAX_PAYLOAD_BYTES = 7680
+# ECS caps the overrides structure at 8192 characters of JSON, formatting included (the payload
+# sits in it as a string, so its quotes and backslashes count twice)
+ECS_MAX_OVERRIDES_CHARS = 8192
 _ECS_VALUE = re.compile(r"^([A-Za-z0-9_-]{1,255})/([A-Za-z0-9_-]{1,255}(?::[0-9]+)?|arn:aws[a-z-]*:ecs:.+)$")
 
 
@@ -59,6 +60,15 @@ def build_payload(settings: Settings, job: Any) -> dict[str, Any]:
         "features": job.features,
         "callback_url": callback_url(settings, job.model_id, job.model_version, job.job_id),
     }
+
+
+_STARTED_BY_UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
+
+
+def ecs_started_by(job_id: str) -> str:
+    """The RunTask ``startedBy`` tag of a job's task: ECS allows at most 36 letters, numbers,
+    '-', '/' and '_' ("pie-" and the 32 hex digits of a job id fit exactly)."""
+    return ("pie-" + _STARTED_BY_UNSAFE.sub("", str(job_id).replace("-", "")))[:36]
 
 
 def _aws_error(exc: Exception, backend: str) -> DispatchError:
@@ -142,23 +152,25 @@ class AwsBackends:
             raise DispatchError("invalid_handler", f"ecs_task handler value {value!r} is not '<cluster>/<task_definition>'", retryable=False)
         cluster, task_definition = match.group(1), match.group(2)
         body = json.dumps(payload, separators=(",", ":"))
-        if len(body.encode()) > ECS_MAX_PAYLOAD_BYTES:
+        s = self.settings
+        overrides = {
+            "containerOverrides": [{"name": s.ecs_container_name, "environment": [{"name": s.ecs_payload_env_var, "value": body}]}]
+        }
+        size = len(json.dumps(overrides, separators=(",", ":")))
+        if size > ECS_MAX_OVERRIDES_CHARS:
             raise DispatchError(
                 "payload_too_large",
-                f"the job payload is {len(body.encode())} bytes; ECS container overrides allow about {ECS_MAX_PAYLOAD_BYTES}",
+                f"the job payload makes the ECS container overrides {size} characters of JSON; "
+                f"ECS allows at most {ECS_MAX_OVERRIDES_CHARS}",
                 retryable=False,
+                details={"payload_chars": len(body)},
             )
-        s = self.settings
         kwargs: dict[str, Any] = {
             "cluster": cluster,
             "taskDefinition": task_definition,
             "count": 1,
-            "startedBy": f"pie-{payload['job_id']}"[:128],
-            "overrides": {
-                "containerOverrides": [
-                    {"name": s.ecs_container_name, "environment": [{"name": s.ecs_payload_env_var, "value": body}]}
-                ]
-            },
+            "startedBy": ecs_started_by(payload["job_id"]),
+            "overrides": overrides,
         }
         if s.ecs_launch_type:
             kwargs["launchType"] = s.ecs_launch_type
