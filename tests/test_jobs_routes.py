@@ -439,3 +439,35 @@ async def test_list_in_process_handlers(client, engine, auth):
     assert isinstance(names, list) and {"echo", "fail", "reference_pricing"} <= set(names) and names == sorted(names)
     assert (await client.get("/v2/handlers/in-process")).status_code == 401
     assert (await client.get("/v2/handlers/in-process", headers=auth(scopes=["run_inference"]))).status_code == 403
+
+
+async def test_openapi_documents_the_registry_and_job_operations(client):
+    """Operation ids as in spec section 12 (and our added routes), and the statuses each route
+    can answer documented with the error envelope."""
+    paths = (await client.get("/v2/openapi.json")).json()["paths"]
+    m, v = "/v2/models", "/v2/models/{model_id}/versions/{model_version}"
+    subs = "/v2/models/{model_id}/event-subscriptions"
+    expected = {
+        ("get", m): ("listmodels", {"200", "400", "401", "403"}),
+        ("post", m): ("createmodel", {"201", "400", "401", "403", "409", "422"}),
+        ("get", m + "/{model_id}"): ("getmodel", {"200", "400", "401", "403", "404"}),
+        ("put", m + "/{model_id}"): ("updatemodel", {"200", "400", "401", "403", "404", "422"}),
+        ("post", m + "/{model_id}/new_version"): ("createmodelversion", {"201", "400", "401", "403", "404", "409", "422"}),
+        ("get", m + "/{model_id}/versions"): ("listmodelversions", {"200", "404"}),
+        ("get", v): ("getmodelversion", {"200", "404"}),
+        ("post", v + "/new_status"): ("setmodelversionstatus", {"200", "400", "404", "422"}),
+        ("post", v + "/inference"): ("infermodelversion", {"202", "400", "401", "403", "404", "422"}),
+        ("get", subs): ("listmodeleventsubscriptions", {"200", "404"}),
+        ("post", subs): ("createmodeleventsubscription", {"201", "400", "404", "422"}),
+        ("get", subs + "/{subscription_id}"): ("getmodeleventsubscription", {"200", "404"}),
+        ("put", subs + "/{subscription_id}"): ("updatemodeleventsubscription", {"200", "400", "404", "422"}),
+        ("delete", subs + "/{subscription_id}"): ("deletemodeleventsubscription", {"204", "404"}),
+        ("get", "/v2/jobs/{job_id}"): ("getjob", {"200", "400", "401", "403", "404"}),
+        ("get", "/v2/jobs"): ("listjobs", {"200", "400", "401", "403"}),
+        ("post", v + "/jobs/{job_id}/complete"): ("completemodeljob", {"200", "207", "400", "401", "403", "404", "409"}),
+        ("get", "/v2/handlers/in-process"): ("listinprocesshandlers", {"200", "401", "403"}),
+    }
+    for (method, path), (operation_id, statuses) in expected.items():
+        operation = paths[path][method]
+        assert operation["operationId"] == operation_id
+        assert statuses <= set(operation["responses"]), (operation_id, statuses - set(operation["responses"]))

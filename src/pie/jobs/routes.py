@@ -13,6 +13,7 @@ from pie.jobs.models import Job
 from pie.jobs.schemas import CompletionOut, JobCompletion, JobOut
 from pie.jobs.waiting import wait_for_end
 from pie.pagination import PageParams
+from pie.registry.schemas import error_responses
 from pie.schemas import ID_PATTERN
 
 router = APIRouter(tags=["jobs"])
@@ -29,7 +30,7 @@ async def job_reader(principal: CurrentPrincipal) -> Principal:
     return principal
 
 
-@router.get("/v2/jobs/{job_id}", operation_id="getjob", response_model=JobOut)
+@router.get("/v2/jobs/{job_id}", operation_id="getjob", response_model=JobOut, responses=error_responses(404))
 async def get_job(
     job_id: JobIdPath,
     principal: Annotated[Principal, Depends(job_reader)],
@@ -80,7 +81,10 @@ async def list_jobs(
     "/v2/models/{model_id}/versions/{model_version}/jobs/{job_id}/complete",
     operation_id="completemodeljob",
     response_model=CompletionOut,
-    responses={207: {"model": CompletionOut, "description": "completed; a triggered subscription failed to dispatch"}},
+    responses={
+        207: {"model": CompletionOut, "description": "completed; a triggered subscription failed to dispatch"},
+        **error_responses(404, 409),
+    },
 )
 async def complete_job(
     model_id: ModelIdPath,
