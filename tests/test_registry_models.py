@@ -429,3 +429,24 @@ async def test_with_contracts_only_input_schema_changes_stale(client, admin):
         "/v2/models/target", json=model_body(handlers={"training": ECHO, "inference": ECHO}), headers=admin
     )
     assert await statuses(client, admin, "source") == {infer: "stale", train: "stale"}
+
+
+async def test_contracts_without_any_schema_are_no_contracts(client, admin):
+    """`handler_contracts` whose entries carry no schema at all is stored as no contracts (null),
+    so staleness keeps following the handlers as for a model without contracts."""
+    empty = {"training": {}, "inference": {"input_schema": None, "output_schema": None}}
+    body = await create(client, admin, id="target", handler_contracts=empty)
+    assert body["handler_contracts"] is None
+    await create(client, admin, id="source")
+    infer = await subscribe(client, admin, "source", "target", "inference")
+    r = await client.put(
+        "/v2/models/target",
+        json=model_body(handlers={"training": LAMBDA_TRAIN, "inference": ECHO}, handler_contracts={"inference": {}}),
+        headers=admin,
+    )
+    assert r.status_code == 200 and r.json()["handler_contracts"] is None
+    assert await statuses(client, admin, "source") == {infer: "stale"}
+    # a contract with one schema keeps just that entry
+    only = {"training": {}, "inference": {"input_schema": OBJ_SCHEMA}}
+    r = await client.put("/v2/models/target", json=model_body(handler_contracts=only), headers=admin)
+    assert r.json()["handler_contracts"] == {"inference": {"input_schema": OBJ_SCHEMA}}

@@ -69,9 +69,12 @@ class ModelWrite(RequestBody):
         return self.handlers.model_dump(exclude_none=True)
 
     def contracts_json(self) -> dict[str, Any] | None:
+        """The contracts with only the schemas given; None when there is no schema at all (a
+        model "without contracts", whose handlers drive staleness)."""
         if self.handler_contracts is None:
             return None
-        return self.handler_contracts.model_dump(exclude_none=True)
+        dumped = self.handler_contracts.model_dump(exclude_none=True)
+        return {action: contract for action, contract in dumped.items() if contract} or None
 
 
 class ModelCreate(ModelWrite):
