@@ -212,6 +212,25 @@ async def test_reference_pricing_and_training_jobs(session, settings):
     assert (await stored(session, train)).output["model"] == "reference_pricing"
 
 
+def test_reference_pricing_stays_within_its_documented_ranges():
+    """The documented formula: competition adds up to +40% (0..20 competitors), ad spend up to
+    +30% (0..100), the demand index is in 0..1. Out-of-range or absurd inputs are clamped to
+    those ranges: never a negative, zero or infinite price."""
+    from pie.dispatch.inprocess import reference_pricing
+
+    def price(**features):
+        return reference_pricing({"job_type": "inference", "features": features, "input": {}})["recommended_price"]
+
+    lowest, highest = round(100 * 0.85, 2), round(100 * 1.4 * 1.3 * 1.15 * 1.1, 2)
+    assert price(competitor_count=-50, advertising_spend=-10, weekly_demand=[-1000] * 7) == lowest
+    assert price(competitor_count=10**6, advertising_spend=1e308, weekly_demand=[1e308] * 7, on_demand=True) == highest
+    assert price(competitor_count=25) == price(competitor_count=20)
+    assert price(weekly_demand=[10**400] * 7) == price(weekly_demand=[100] * 7) == round(100 * 1.15, 2)
+    assert price(weekly_demand=[200, 0]) == price(weekly_demand=[100, 100])  # the mean, capped at 1
+    # in range, unchanged: 100 x 1.04 x 1.0 x 1.0 (no demand signal: index 0.5)
+    assert price(competitor_count=2) == 104.0
+
+
 async def test_service_init_job_and_chained_subscriptions(session, settings):
     await seed_version(session, "m1")
     await seed_version(session, "m2", "7", inference="fail")

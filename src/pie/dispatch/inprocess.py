@@ -4,6 +4,7 @@ the job fail with the exception as a structured error."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,8 +49,17 @@ def fail(payload: dict[str, Any]) -> Any:
     raise HandlerFailure("deliberate_failure", "the 'fail' handler always fails", {"job_id": payload.get("job_id")})
 
 
-def _number(value: Any, default: float) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+def _number(value: Any, default: float, low: float, high: float) -> float:
+    """A numeric feature clamped to its documented range (the default when not a finite number)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return default
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        number = float("inf") if value > 0 else float("-inf")
+    if number != number:  # NaN
+        return default
+    return min(max(number, low), high)
 
 
 @register("reference_pricing")
@@ -59,9 +69,11 @@ def reference_pricing(payload: dict[str, Any]) -> dict[str, Any]:
     price = base 100
           x (1 + 0.02 x competitor_count)            competition pushes the price up to +40%
           x (1 + 0.003 x advertising_spend)          ad spend 0..100 adds up to +30%
-          x (0.85 + 0.3 x demand_index)              demand_index = mean(weekly_demand)/100, capped at 1
+          x (0.85 + 0.3 x demand_index)              demand_index = mean(weekly_demand)/100, in 0..1
           x 1.1 if on_demand
-    rounded to cents; for training jobs the output is a parameter set describing this formula.
+    rounded to cents; values outside those ranges (competitor_count 0..20, advertising_spend
+    0..100, demand_index 0..1) are clamped to them, so the price stays within 85.00..230.23.
+    For training jobs the output is a parameter set describing this formula.
     """
     features = dict(payload.get("features") or {})
     inputs = payload.get("input") or {}
@@ -73,11 +85,13 @@ def reference_pricing(payload: dict[str, Any]) -> dict[str, Any]:
             "parameters": {"base": 100.0, "competition": 0.02, "advertising": 0.003, "on_demand": 1.1},
             "trained_on_features": sorted(features),
         }
-    competitors = _number(features.get("competitor_count"), 0.0)
-    spend = _number(features.get("advertising_spend"), 0.0)
+    competitors = _number(features.get("competitor_count"), 0.0, 0.0, 20.0)
+    spend = _number(features.get("advertising_spend"), 0.0, 0.0, 100.0)
     weekly = features.get("weekly_demand")
-    if isinstance(weekly, list) and weekly and all(isinstance(v, (int, float)) for v in weekly):
-        demand_index = min(sum(weekly) / len(weekly) / 100.0, 1.0)
+    if isinstance(weekly, list) and weekly and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in weekly):
+        # demand is never negative; huge values (even integers beyond float range) saturate
+        days = [_number(v, 0.0, 0.0, math.inf) for v in weekly]
+        demand_index = min(sum(days) / len(days) / 100.0, 1.0)
     else:
         demand_index = 0.5
     price = 100.0 * (1 + 0.02 * competitors) * (1 + 0.003 * spend) * (0.85 + 0.3 * demand_index)
