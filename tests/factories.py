@@ -3,12 +3,14 @@ and small HTTP helpers for the tenant side. Import freely from any test module."
 
 from __future__ import annotations
 
+import asyncio
 import copy
+from collections.abc import Awaitable
 from typing import Any
 
 import httpx
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from pie.clients.models import Client
 from pie.jobs.models import Job
@@ -220,3 +222,28 @@ async def jobs_of(session: AsyncSession, **filters: Any) -> list[Job]:
     for name, value in filters.items():
         stmt = stmt.where(getattr(Job, name) == value)
     return list((await session.scalars(stmt)).all())
+
+
+async def racing_uncommitted(engine: AsyncEngine, change_sql: str, params: dict[str, Any], request: Awaitable[httpx.Response]) -> httpx.Response:
+    """Run ``request`` while another transaction holds an uncommitted ``change_sql`` (e.g. a
+    version turning failed, a client being suspended); commit the change once the request has
+    either finished or is waiting for a lock, and return the request's response. A request that
+    holds the right row lock waits and then sees the change; one that does not, finishes first."""
+    async with engine.connect() as other:
+        await other.begin()
+        await other.execute(text(change_sql), params)
+        task = asyncio.ensure_future(request)
+        while not task.done():
+            # pg_stat_activity is a snapshot cached for the transaction: clear it each time
+            await other.execute(text("SELECT pg_stat_clear_snapshot()"))
+            waiting = await other.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                )
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        await other.commit()
+    return await task

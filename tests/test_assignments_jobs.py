@@ -12,6 +12,7 @@ from factories import (
     init_service,
     jobs_of,
     make_version,
+    racing_uncommitted,
     stored_job,
     tenant_setup,
 )
@@ -243,3 +244,24 @@ async def test_job_permissions(client, session, admin, auth):
     assert (await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=foreign)).status_code == 403
     human = auth(groups=["client:client-1"], username="ops")
     assert (await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=human)).status_code == 202
+
+
+async def test_a_launch_racing_a_suspension_is_refused_or_lands_first(client, session, admin, engine):
+    """A suspension commits either before a job launch or write (which is then refused, 422)
+    or after it has committed: never a job recorded after the client was suspended."""
+    await setup(client, session, admin)
+    jobs_before = len(await jobs_of(session))
+    suspend = "UPDATE clients SET status = 'suspended', updated_at = now() WHERE client_id = 'client-1'"
+    r = await racing_uncommitted(engine, suspend, {}, client.post(f"{S}/assignments/forecast/jobs", json={}, headers=admin))
+    assert r.status_code == 422 and "suspended" in r.json()["message"], r.text
+    assert len(await jobs_of(session)) == jobs_before
+
+    await client.patch("/v2/clients/client-1", json={"status": "active"}, headers=admin)
+    r = await racing_uncommitted(
+        engine,
+        suspend,
+        {},
+        client.post(f"{D}/service/init", json={"service_id": "late", "static_features": SA}, headers=admin),
+    )
+    assert r.status_code == 422 and "suspended" in r.json()["message"], r.text
+    assert len(await jobs_of(session)) == jobs_before

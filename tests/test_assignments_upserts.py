@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from factories import (
+    racing_uncommitted,
     assign,
     create_domain,
     feature,
@@ -308,34 +308,12 @@ async def test_concurrent_collection_posts_of_new_keys(client, session, admin):
     assert sorted(a["assignment_key"] for a in r.json()) == ["a", "b", "c", "default"]
 
 
-async def _upsert_racing(engine, change_sql: str, params: dict, upsert) -> httpx.Response:
-    """Run ``upsert`` while another transaction holds an uncommitted change of the target
-    version row (a registry status change, a first training job freezing features); commit the
-    change once the upsert is either finished or waiting for a lock, and return its response."""
-    async with engine.connect() as other:
-        await other.begin()
-        await other.execute(text(change_sql), params)
-        task = asyncio.ensure_future(upsert)
-        while not task.done():
-            waiting = await other.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-                )
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.01)
-        await other.commit()
-    return await task
-
-
 async def test_a_version_failing_during_an_upsert_is_never_assigned(client, session, admin, engine):
     """The version is checked "not failed" and stays so until the upsert commits: a concurrent
     status change to ``failed`` lands either before (the upsert is refused) or after."""
     await tenant_setup(client, session, admin)
     await make_version(session, version="2", status="training")
-    r = await _upsert_racing(
+    r = await racing_uncommitted(
         engine,
         "UPDATE model_versions SET status = 'failed' WHERE model_id = 'pricing-model' AND version = '2'",
         {},
@@ -353,7 +331,7 @@ async def test_a_schema_frozen_during_a_default_upsert_is_the_one_checked(client
     await init_service(client, admin, "s1", SA)
     await make_version(session, version="2")
     frozen = [feature("route", {"type": "string"}, True), feature("cabin", {"type": "string"}, True)]
-    r = await _upsert_racing(
+    r = await racing_uncommitted(
         engine,
         "UPDATE model_versions SET features = CAST(:f AS jsonb) WHERE model_id = 'pricing-model' AND version = '2'",
         {"f": json.dumps(frozen)},

@@ -28,7 +28,7 @@ from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
 from pie.registry.models import ModelVersion
 from pie.registry.subscriptions import subscribe_inference
-from pie.tenancy.logic import DEFAULT_KEY, ensure_domain_active, load_domain, load_service, schema_of
+from pie.tenancy.logic import DEFAULT_KEY, ensure_domain_active, ensure_writable, load_domain, load_service, schema_of
 from pie.tenancy.models import Domain
 
 
@@ -106,7 +106,7 @@ async def upsert_domain_assignment(
     """Domain scope: for an active revision, the freeze check (6.2) of every non-departed
     service first; for the ``default`` key, then the patches and the re-resolve of everyone."""
     domain = await load_domain(session, scope.client_id, domain_id, lock="update")
-    scope.ensure_writable()
+    await ensure_writable(session, scope)
     ensure_domain_active(domain)
     updates = body.service_updates or []
     if updates and key != DEFAULT_KEY:
@@ -145,7 +145,7 @@ async def upsert_service_assignment(
     """Service scope: no domain-wide check."""
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
     await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
-    scope.ensure_writable()
+    await ensure_writable(session, scope)
     ensure_domain_active(domain)
     if body.service_updates:
         raise Unprocessable("service_updates are only allowed on the domain's default assignment")
@@ -250,7 +250,7 @@ async def run_assignment_job(
     revision = await _active_revision(session, scope.client_id, domain_id, service_id, key)
     if revision is None and not await _key_exists(session, scope.client_id, domain_id, service_id, key):
         raise NotFound(f"assignment {key} not found in {_scope_name(domain_id, service_id)}")
-    scope.ensure_writable()
+    await ensure_writable(session, scope)
     ensure_domain_active(domain)
     if revision is None:
         raise Unprocessable(f"assignment {key} is archived in {_scope_name(domain_id, service_id)}: no active revision")

@@ -6,6 +6,9 @@ service init/update and batch re-init take the domain row ``FOR SHARE``; a domai
 upsert takes it ``FOR NO KEY UPDATE``. The two conflict, so a service is either written before
 the upsert checks the domain (and is checked) or after it commits (and is resolved under the
 new governing schema).
+
+Every write and job launch holds the client row ``FOR SHARE`` (``ensure_writable``), so it is
+either refused by a suspension that committed first or commits before the suspension does.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
 from pie.assignments.models import Assignment
+from pie.clients.models import Client
 from pie.deps import TenantScope
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.features import describe_failures, merge_patch, resolve_features, validate_feature_definitions
@@ -56,13 +60,26 @@ async def load_domain(session: AsyncSession, client_id: str, domain_id: str, *, 
     return domain
 
 
+async def ensure_writable(session: AsyncSession, scope: TenantScope) -> None:
+    """422 when the client is suspended (spec 4). The client row is held ``FOR SHARE`` until the
+    write commits, so a concurrent suspension (which updates that row) lands either before this
+    write, which then sees it and is refused, or after the write has committed."""
+    status = await session.scalar(
+        select(Client.status)
+        .where(Client.client_id == scope.client_id)
+        .with_for_update(read=True)
+    )
+    if status != "active":
+        raise Unprocessable(f"client {scope.client_id} is suspended")
+
+
 def ensure_domain_active(domain: Domain) -> None:
     if domain.status != "active":
         raise Unprocessable(f"domain {domain.domain_id} is not active")
 
 
 async def create_domain(session: AsyncSession, scope: TenantScope, body: DomainCreate) -> Domain:
-    scope.ensure_writable()
+    await ensure_writable(session, scope)
     features = validate_feature_definitions(body.features) if body.features is not None else []
     domain_id = body.domain_id or str(uuid6.uuid7())
     stmt = (
@@ -84,7 +101,7 @@ async def list_domains(session: AsyncSession, scope: TenantScope, page: PagePara
 
 async def update_domain(session: AsyncSession, scope: TenantScope, domain_id: str, body: DomainUpdate) -> Domain:
     domain = await load_domain(session, scope.client_id, domain_id, lock="update")
-    scope.ensure_writable()
+    await ensure_writable(session, scope)
     if "name" in body.model_fields_set:
         domain.name = body.name
     if body.status is not None:
@@ -97,7 +114,7 @@ async def update_domain(session: AsyncSession, scope: TenantScope, domain_id: st
 async def replace_features(session: AsyncSession, scope: TenantScope, domain_id: str, features: list[Any]) -> list[Any]:
     """Persist-only (spec 5.2): writes the live definitions, touches no service."""
     domain = await load_domain(session, scope.client_id, domain_id, lock="update")
-    scope.ensure_writable()
+    await ensure_writable(session, scope)
     definitions = validate_feature_definitions(features)
     domain.features = definitions
     await session.flush()
@@ -165,7 +182,7 @@ def _resolve_or_422(provided: dict[str, Any], definitions: list[Any]) -> dict[st
 
 async def init_service(session: AsyncSession, scope: TenantScope, domain_id: str, body: ServiceInit) -> tuple[Service, Job]:
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
-    scope.ensure_writable()
+    await ensure_writable(session, scope)
     ensure_domain_active(domain)
     assignment, version = await require_default(session, domain)
     resolved = _resolve_or_422(body.static_features, schema_of(version, domain))
@@ -244,7 +261,7 @@ async def update_service(
     """Shallow-merge ``static_features`` (null removes a key), re-resolve against the governing
     schema (422, nothing written, on failure), replace ``departure_datetime`` when given."""
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
-    scope.ensure_writable()
+    await ensure_writable(session, scope)
     ensure_domain_active(domain)
     service = await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
     default = await active_default(session, scope.client_id, domain_id)
@@ -265,7 +282,7 @@ async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_
     with the stored ``resolved_features``: a single ``INSERT ... SELECT`` (no per-service round
     trips). Stored features are not touched."""
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
-    scope.ensure_writable()
+    await ensure_writable(session, scope)
     ensure_domain_active(domain)
     assignment, _version = await require_default(session, domain)
     rows = select(
