@@ -280,6 +280,22 @@ async def test_update_refused_on_inactive_domain_and_needs_init_services(client,
     assert r.status_code == 422
 
 
+async def test_unknown_service_is_404_before_any_422(client, session, admin):
+    """Like the other service-addressed routes (assignments, jobs): a service that does not
+    exist is 404 even when the domain is inactive or the client suspended."""
+    await tenant_setup(client, session, admin)
+    await client.patch(D, json={"status": "inactive"}, headers=admin)
+    for url, body in ((f"{D}/service/ghost", {}), (f"{D}/service/ghost/assignments/forecast", {"model_id": "pricing-model", "model_version": "1"})):
+        assert (await client.put(url, json=body, headers=admin)).status_code == 404
+    await client.patch(D, json={"status": "active"}, headers=admin)
+    await client.patch("/v2/clients/client-1", json={"status": "suspended"}, headers=admin)
+    for url, body in ((f"{D}/service/ghost", {}), (f"{D}/service/ghost/assignments/forecast", {"model_id": "pricing-model", "model_version": "1"})):
+        r = await client.put(url, json=body, headers=admin)
+        assert r.status_code == 404 and "ghost" in r.json()["message"], r.text
+    r = await client.post(f"{D}/service/ghost/assignments/forecast/jobs", json={}, headers=admin)
+    assert r.status_code == 404
+
+
 async def test_update_re_resolves_against_the_governing_schema_not_live_features(client, session, admin):
     frozen = [feature("route", {"type": "string"}, True), feature("fare", {"type": "number", "default": 5})]
     await tenant_setup(client, session, admin, features=[feature("route", {"type": "string"}, True)], version_features=frozen)

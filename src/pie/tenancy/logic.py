@@ -261,9 +261,10 @@ async def update_service(
     """Shallow-merge ``static_features`` (null removes a key), re-resolve against the governing
     schema (422, nothing written, on failure), replace ``departure_datetime`` when given."""
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
+    # an unknown service is 404 before any 422, as on every other service-addressed route
+    service = await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
     await ensure_writable(session, scope)
     ensure_domain_active(domain)
-    service = await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
     default = await active_default(session, scope.client_id, domain_id)
     definitions = schema_of(default[1] if default else None, domain)
     provided = merge_patch(service.provided_features, body.static_features)
