@@ -212,9 +212,11 @@ async def test_a_database_failure_of_one_firing_is_isolated(client, admin, sessi
 
 async def test_trigger_output_that_is_not_an_object_is_an_error_entry(engine, client, admin, session):
     await make_model(client, admin, "m")
-    await add_version(client, admin, "m", "1", "active")
-    from_output = await subscribe(client, admin, "m", "m", trigger_event="inference_complete", input_source="trigger_output", input=...)
-    stored = await subscribe(client, admin, "m", "m", trigger_event="inference_complete")
+    await make_model(client, admin, "n")
+    await add_version(client, admin, "n", "1", "active")
+    # (m -> m would be an inference loop, refused)
+    from_output = await subscribe(client, admin, "m", "n", trigger_event="inference_complete", input_source="trigger_output", input=...)
+    stored = await subscribe(client, admin, "m", "n", trigger_event="inference_complete")
     async with db.sessionmaker()() as s, s.begin():
         entries = await fire_subscriptions(
             s, source_model_id="m", trigger_event="inference_complete", trigger_output=[1, 2], source_model_version="1"

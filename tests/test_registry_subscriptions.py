@@ -249,3 +249,63 @@ async def test_replay_subscriptions_are_visible_only_to_their_tenant(client, adm
     manager = auth(scopes=["manage_models"], client_id="sealink")
     r = await client.delete(f"/v2/models/source/event-subscriptions/{replay_id}", headers=manager)
     assert r.status_code == 204
+
+
+# ---- inference loops ---------------------------------------------------------------------------
+
+
+def loop_body(target, **overrides):
+    body = sub_body(trigger_event="inference_complete", target_model_id=target, target_action="inference")
+    body.update(overrides)
+    return body
+
+
+async def test_a_subscription_closing_an_inference_loop_is_422(client, admin, session, models):
+    """inference_complete -> inference subscriptions that lead back to their source would fire
+    for ever (and multiply with two of them): creating or re-activating the edge that closes such
+    a loop is 422; nothing is stored."""
+    url = "/v2/models/{}/event-subscriptions"
+    for model_id in ("a", "b", "c"):
+        body = {"id": model_id, "name": model_id, "description": "", "handlers": {"training": ECHO, "inference": ECHO}}
+        assert (await client.post("/v2/models", json=body, headers=admin)).status_code == 201
+
+    r = await client.post(url.format("a"), json=loop_body("a"), headers=admin)
+    assert r.status_code == 422 and "inference loop (a -> a)" in r.json()["message"], r.text
+    r = await client.post(url.format("a"), json=loop_body("a", input_source="trigger_output", input=None), headers=admin)
+    assert r.status_code == 422
+    assert (await client.post(url.format("a"), json=loop_body("b"), headers=admin)).status_code == 201
+    assert (await client.post(url.format("b"), json=loop_body("c"), headers=admin)).status_code == 201
+    r = await client.post(url.format("c"), json=loop_body("a"), headers=admin)
+    assert r.status_code == 422 and "c -> a -> b -> c" in r.json()["message"], r.text
+    assert await session.scalar(text("SELECT count(*) FROM event_subscriptions WHERE source_model_id = 'c'")) == 0
+
+    # edges that cannot chain are fine: training targets, training_complete triggers, paused ones
+    assert (await client.post(url.format("c"), json=loop_body("a", target_action="training"), headers=admin)).status_code == 201
+    r = await client.post(url.format("c"), json=loop_body("a", trigger_event="training_complete"), headers=admin)
+    assert r.status_code == 201
+    r = await client.post(url.format("c"), json=loop_body("a", status="paused"), headers=admin)
+    assert r.status_code == 201
+    # ... until the paused one is activated
+    paused = r.json()["id"]
+    r = await client.put(url.format("c") + f"/{paused}", json={"status": "active"}, headers=admin)
+    assert r.status_code == 422
+    assert (await client.get(url.format("c") + f"/{paused}", headers=admin)).json()["status"] == "paused"
+    # pausing a link of the loop lets it through
+    b_to_c = (await client.get(url.format("b"), headers=admin)).json()[0]["id"]
+    assert (await client.put(url.format("b") + f"/{b_to_c}", json={"status": "paused"}, headers=admin)).status_code == 200
+    assert (await client.put(url.format("c") + f"/{paused}", json={"status": "active"}, headers=admin)).status_code == 200
+    # and now re-activating the paused link is the one refused
+    assert (await client.put(url.format("b") + f"/{b_to_c}", json={"status": "active"}, headers=admin)).status_code == 422
+
+
+async def test_concurrent_halves_of_a_loop_do_not_both_succeed(client, admin, session, models):
+    import asyncio
+
+    for model_id in ("x", "y"):
+        body = {"id": model_id, "name": model_id, "description": "", "handlers": {"training": ECHO, "inference": ECHO}}
+        assert (await client.post("/v2/models", json=body, headers=admin)).status_code == 201
+    results = await asyncio.gather(
+        client.post("/v2/models/x/event-subscriptions", json=loop_body("y"), headers=admin),
+        client.post("/v2/models/y/event-subscriptions", json=loop_body("x"), headers=admin),
+    )
+    assert sorted(r.status_code for r in results) == [201, 422]

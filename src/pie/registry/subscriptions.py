@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import deque
 from typing import Any, Literal
 
 from fastapi import Response
-from sqlalchemy import ColumnElement, delete, func, null, or_, select, true
+from sqlalchemy import ColumnElement, delete, func, null, or_, select, text, true
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
@@ -101,6 +102,63 @@ async def get_subscription(
     return found
 
 
+# serializes every activation of an inference_complete -> inference edge, so two concurrent
+# requests cannot each add one half of a loop
+_LOOP_LOCK = "pie.registry.inference-loops"
+
+_REACHABLE_EDGES = text(
+    """
+    WITH RECURSIVE reach(model_id) AS (
+        SELECT CAST(:start AS varchar)
+        UNION
+        SELECT s.target_model_id FROM event_subscriptions AS s JOIN reach AS r ON s.source_model_id = r.model_id
+        WHERE s.trigger_event = 'inference_complete' AND s.target_action = 'inference' AND s.status = 'active'
+          AND s.id IS DISTINCT FROM :exclude
+    )
+    SELECT s.source_model_id, s.target_model_id FROM event_subscriptions AS s JOIN reach AS r ON s.source_model_id = r.model_id
+    WHERE s.trigger_event = 'inference_complete' AND s.target_action = 'inference' AND s.status = 'active'
+      AND s.id IS DISTINCT FROM :exclude
+    """
+)
+
+
+def _chains(trigger_event: str, target_action: str, status: str | None) -> bool:
+    """Whether an edge re-fires by itself: a successful inference fires inference_complete, whose
+    inference job succeeds and fires again (training jobs and training_complete fire nothing)."""
+    return trigger_event == "inference_complete" and target_action == "inference" and status == "active"
+
+
+async def _ensure_no_inference_loop(
+    session: AsyncSession, source: str, target: str, exclude: uuid.UUID | None = None
+) -> None:
+    """422 when an active inference_complete -> inference edge source -> target would close a
+    loop of such edges: every inference on it would fire the next for ever (and multiply)."""
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(_LOOP_LOCK, 0))))
+    edges = (await session.execute(_REACHABLE_EDGES, {"start": target, "exclude": exclude})).all()
+    successors: dict[str, list[str]] = {}
+    for edge in edges:
+        successors.setdefault(edge.source_model_id, []).append(edge.target_model_id)
+    came_from: dict[str, str | None] = {target: None}  # breadth-first from the new edge's target
+    queue = deque([target])
+    while queue and source not in came_from:
+        model_id = queue.popleft()
+        for following in successors.get(model_id, ()):
+            if following not in came_from:
+                came_from[following] = model_id
+                queue.append(following)
+    if source not in came_from:
+        return
+    back = [source]
+    while (previous := came_from[back[-1]]) is not None:
+        back.append(previous)
+    loop = [source, *reversed(back)]
+    raise Unprocessable(
+        "this subscription would close an inference loop ("
+        + " -> ".join(loop)
+        + "): every inference_complete would fire the next inference for ever; pause or delete a link first"
+    )
+
+
 def _check_input(input_source: str, value: dict[str, Any] | None) -> None:
     if input_source == "stored" and value is None:
         raise Unprocessable("input is required when input_source is 'stored'")
@@ -112,6 +170,8 @@ async def create_subscription(session: AsyncSession, model_id: str, body: Subscr
     await _source_model(session, model_id)
     _check_input(body.input_source, body.input)
     target = await _target_model(session, body.target_model_id)
+    if _chains(body.trigger_event, body.target_action, body.status):
+        await _ensure_no_inference_loop(session, model_id, target.id)
     subscription = EventSubscription(
         id=new_subscription_id(),
         source_model_id=model_id,
@@ -145,6 +205,10 @@ async def update_subscription(
     if "label" in given:
         subscription.label = body.label
     if "status" in given:
+        if subscription.status != "active" and _chains(subscription.trigger_event, subscription.target_action, body.status):
+            await _ensure_no_inference_loop(
+                session, subscription.source_model_id, subscription.target_model_id, exclude=subscription.id
+            )
         subscription.status = body.status
     target = await _target_model(session, subscription.target_model_id)
     stored = body.input if "input" in given else subscription.input
