@@ -172,7 +172,9 @@ async def create_event_subscription(
     model_id: ModelIdPath, body: SubscriptionCreate, session: Session, principal: Principal = require("manage_models")
 ):
     """`input` is required when `input_source` is `stored`; a stored input failing the target's
-    `input_schema` for the action is kept with `warnings`. The target model must exist (422)."""
+    `input_schema` for the action is kept with `warnings`. The target model must exist (422). An
+    active `inference_complete` → `inference` subscription that would close a loop of such
+    subscriptions (each inference firing the next for ever) is 422."""
     return await subscriptions.create_subscription(session, model_id, body)
 
 
@@ -203,7 +205,8 @@ async def update_event_subscription(
     principal: Principal = require("manage_models"),
 ):
     """Change `input`, `label` and/or `status` (`active` | `paused`; `active` re-activates a stale
-    subscription). Warnings are recomputed against the target's current contract."""
+    subscription, 422 if that would close an inference loop). Warnings are recomputed against the
+    target's current contract."""
     return await subscriptions.update_subscription(session, model_id, subscription_id, body, principal)
 
 
