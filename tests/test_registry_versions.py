@@ -93,6 +93,10 @@ async def test_version_errors(client, admin, auth):
     assert (await new_version(client, admin, version=3)).status_code == 400
     assert (await new_version(client, admin, metadata="x")).status_code == 400
     assert (await new_version(client, admin, features={"name": "x"})).status_code == 400
+    # a definition that is not an object is an invalid definition (422 naming it), as for a
+    # domain's features
+    r = await new_version(client, admin, features=["route"])
+    assert r.status_code == 422 and "invalid feature definitions" in r.json()["message"], r.text
     assert (await new_version(client, auth(scopes=["read_models"]))).status_code == 403
     assert (await new_version(client, {})).status_code == 401
     r = await client.get("/v2/models/m1/versions", headers=admin)

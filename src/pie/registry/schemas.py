@@ -89,7 +89,8 @@ class VersionCreate(RequestBody):
     version: Identifier | None = Field(default=None, description="the next free integer when omitted")
     description: str = ""
     metadata: dict[str, Any] = Field(default_factory=dict)
-    features: list[dict[str, Any]] | None = Field(default=None, description="the frozen feature schema")
+    # items are checked as feature definitions (422 naming the culprit), as for a domain's features
+    features: list[Any] | None = Field(default=None, description="the frozen feature schema")
 
 
 class VersionStatusUpdate(RequestBody):
