@@ -192,6 +192,18 @@ async def test_a_result_that_cannot_be_recorded_still_ends_the_job(session, sett
     await seed_version(session)
     job_id = await new_job(session)
     assert await dispatch_until_idle(settings) == 1
+    # a failure that goes away when tried again (a deadlock, say) loses nothing
+    failures = iter([RuntimeError("deadlock detected")])
+
+    async def failing_once(session, completions):
+        for exc in failures:
+            raise exc
+        return await real(session, completions)
+
+    monkeypatch.setattr(dispatcher_module, "finish_jobs", failing_once)
+    transient = await new_job(session)
+    assert await dispatch_until_idle(settings) == 1
+    assert (await stored(session, transient)).status == "success"
     job = await stored(session, job_id)
     assert (job.status, job.attempts, job.locked_by) == ("failure", 1, None)
     assert job.error == {

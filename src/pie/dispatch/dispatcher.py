@@ -427,37 +427,41 @@ class Dispatcher:
                 for completion in batch:
                     self._done(completion.job_id)
 
-    async def _finish(self, completions: list[Completion], *, last_resort: bool = True) -> None:
-        """End jobs through the completion logic; a failing batch is retried job by job, so
-        one bad job never blocks the others (a job that cannot be ended keeps its lease
-        until it expires and is retried)."""
+    async def _finish(self, completions: list[Completion], *, attempt: int = 0) -> None:
+        """End jobs through the completion logic. A failing batch is retried job by job, so one
+        bad job never blocks the others; a job that still cannot be ended is tried once more as
+        it is (the failure may have been transient: a deadlock, a dropped connection), then
+        recorded as a failure ``unrecordable_result`` so it does not sit in ``started`` until
+        its lease expires and run again only to fail the same way. If even that cannot be
+        written (the database is down), the lease expiry recovers the job later."""
         try:
             async with db.sessionmaker()() as session, session.begin():
                 outcomes = await finish_jobs(session, completions)
         except Exception as exc:
-            if len(completions) == 1:
-                completion = completions[0]
-                log.exception("dispatcher %s: could not record the end of job %s", self.worker_id, completion.job_id)
-                if last_resort:
-                    # record at least that it ended; otherwise the job waits for its lease to expire
-                    # and runs again, only to fail the same way
-                    await self._finish(
-                        [
-                            Completion(
-                                completion.job_id,
-                                "failure",
-                                error={
-                                    "code": "unrecordable_result",
-                                    "message": f"the handler's result could not be recorded ({exc.__class__.__name__})",
-                                    "reported_status": completion.status,
-                                },
-                            )
-                        ],
-                        last_resort=False,
-                    )
+            if len(completions) > 1:
+                for completion in completions:
+                    await self._finish([completion])
                 return
-            for completion in completions:
-                await self._finish([completion])
+            completion = completions[0]
+            if attempt == 0:
+                await self._finish([completion], attempt=1)
+                return
+            log.exception("dispatcher %s: could not record the end of job %s", self.worker_id, completion.job_id)
+            if attempt == 1:
+                await self._finish(
+                    [
+                        Completion(
+                            completion.job_id,
+                            "failure",
+                            error={
+                                "code": "unrecordable_result",
+                                "message": f"the handler's result could not be recorded ({exc.__class__.__name__})",
+                                "reported_status": completion.status,
+                            },
+                        )
+                    ],
+                    attempt=2,
+                )
             return
         for outcome in outcomes.values():
             if outcome.result == "conflict":
