@@ -12,12 +12,19 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pie import db
 from pie.auth import TokenVerifier
 from pie.config import Settings, get_settings
-from pie.errors import install_error_handlers, internal_error_response
+from pie.errors import (
+    ERROR_ENVELOPE_SCHEMA,
+    envelope,
+    error_response_doc,
+    install_error_handlers,
+    internal_error_response,
+)
 
 log = logging.getLogger("pie")
 
@@ -58,6 +65,63 @@ class RequestIdMiddleware:
             await internal_error_response(request_id)(scope, receive, send_with_id)
 
 
+class HeadAsGetMiddleware:
+    """``HEAD`` on any ``GET`` route: the ``GET`` answer's status and headers without its body
+    (RFC 9110; the ``Allow`` header of a 405 lists HEAD wherever GET is allowed)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` with the 413 envelope: at once when the
+    declared ``Content-Length`` is larger, else as soon as the bytes read exceed it (chunked
+    uploads), so an oversized body is never held in memory or parsed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def message(self) -> str:
+        return f"request body too large (the limit is {self.max_bytes} bytes)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers") or ():
+            if name == b"content-length" and value.strip().isdigit() and int(value) > self.max_bytes:
+                await envelope(413, self.message())(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI re-raises HTTPExceptions from body reading; the handler renders it
+                    raise StarletteHTTPException(413, self.message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def _include_routers(app: FastAPI) -> None:
     from pie.assignments.routes import router as assignments_router
     from pie.clients.routes import router as clients_router
@@ -79,24 +143,6 @@ def _include_routers(app: FastAPI) -> None:
         app.include_router(router)
 
 
-ERROR_ENVELOPE_SCHEMA = {
-    "title": "ErrorEnvelope",
-    "type": "object",
-    "required": ["success", "message"],
-    "properties": {
-        "success": {"type": "boolean", "const": False},
-        "message": {"type": "string", "description": "human-readable, never parsed by callers"},
-    },
-}
-
-
-def _error_response(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}},
-    }
-
-
 def _install_openapi(app: FastAPI) -> None:
     """The OpenAPI document tells the truth about errors: request validation is a 400 envelope
     (not FastAPI's 422 body), and authenticated operations can answer 401 and 403."""
@@ -116,10 +162,12 @@ def _install_openapi(app: FastAPI) -> None:
                 responses = operation["responses"]
                 if "HTTPValidationError" in json.dumps(responses.get("422", {})):
                     del responses["422"]
-                    responses.setdefault("400", _error_response("Invalid request (JSON, types, fields, path ids)"))
+                    responses.setdefault("400", error_response_doc("Invalid request (JSON, types, fields, path ids)"))
                 if operation.get("security"):
-                    responses.setdefault("401", _error_response("Missing or invalid bearer token"))
-                    responses.setdefault("403", _error_response("Missing permission or tenant access"))
+                    responses.setdefault("401", error_response_doc("Missing or invalid bearer token"))
+                    responses.setdefault("403", error_response_doc("Missing permission or tenant access"))
+                if "requestBody" in operation:
+                    responses.setdefault("413", error_response_doc("Request body larger than PIE_MAX_REQUEST_BYTES"))
         if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
             components.pop("HTTPValidationError", None)
             components.pop("ValidationError", None)
@@ -173,6 +221,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.state.verifier = TokenVerifier(settings)
     install_error_handlers(app)
     # the last added middleware is the outermost: CORS wraps everything, 500s included
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:
         app.add_middleware(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from jose import JOSEError, jwk, jwt
 
 from pie.config import Settings
 from pie.errors import Forbidden, ServiceUnavailable, Unauthorized
+from pie.schemas import ID_PATTERN
 
 log = logging.getLogger("pie.auth")
 
@@ -42,6 +44,9 @@ CLIENT_GROUP_PERMISSIONS = frozenset(
 )
 ADMIN_GROUP = "admin"
 CLIENT_GROUP_PREFIX = "client:"
+# a tenant named by a token is only usable when it is a well-formed client id (no path could
+# address any other, and NUL or surrogate characters in it would break tenant-filtered queries)
+_CLIENT_ID = re.compile(ID_PATTERN)
 DEV_SECRET_FILE = "dev-jwt-secret"
 
 
@@ -92,11 +97,13 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     is_admin = "admin" in permissions or ADMIN_GROUP in groups
     for group in groups:
         if group.startswith(CLIENT_GROUP_PREFIX) and len(group) > len(CLIENT_GROUP_PREFIX):
-            tenants.add(group[len(CLIENT_GROUP_PREFIX):])
+            tenant_id = group[len(CLIENT_GROUP_PREFIX):]
+            if _CLIENT_ID.fullmatch(tenant_id):
+                tenants.add(tenant_id)
             permissions |= CLIENT_GROUP_PERMISSIONS
     # A machine token (client-credentials: no username) is scoped to the tenant its client_id
     # claim names. A human token's client_id is the app client, never a tenant.
-    if username is None and app_client_id:
+    if username is None and app_client_id and _CLIENT_ID.fullmatch(app_client_id):
         tenants.add(app_client_id)
     if is_admin:
         permissions = set(PERMISSIONS)
@@ -243,7 +250,7 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
-        except (JOSEError, ValueError, TypeError) as exc:
+        except (JOSEError, ValueError, TypeError, ArithmeticError, RecursionError) as exc:
             raise Unauthorized("malformed bearer token") from exc
         if not isinstance(header, dict):
             raise Unauthorized("malformed bearer token")
@@ -295,7 +302,8 @@ class TokenVerifier:
                 issuer=issuer,
                 options={"require_exp": True, "require_iss": True, "verify_aud": False},
             )
-        except (JOSEError, ValueError, TypeError) as exc:
+        # ArithmeticError: an infinite exp/nbf/iat (1e400); RecursionError: absurdly nested claims
+        except (JOSEError, ValueError, TypeError, ArithmeticError, RecursionError) as exc:
             raise Unauthorized(f"invalid token: {exc}") from exc
         if not isinstance(claims, dict):
             raise Unauthorized("invalid token: claims are not an object")

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     public_url: str = "http://127.0.0.1:8000"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # larger request bodies are refused with 413 before they are read into memory
+    max_request_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
 
     # jobs and dispatch
     run_dispatcher: bool = True

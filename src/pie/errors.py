@@ -75,6 +75,32 @@ class AssignmentBlocked(Unprocessable):
         return {"error": self.message, "blocking_services": self.blocking_services}
 
 
+ERROR_ENVELOPE_SCHEMA = {
+    "title": "ErrorEnvelope",
+    "type": "object",
+    "required": ["success", "message"],
+    "properties": {
+        "success": {"type": "boolean", "const": False},
+        "message": {"type": "string", "description": "human-readable, never parsed by callers"},
+    },
+}
+
+
+def error_response_doc(description: str) -> dict[str, Any]:
+    """OpenAPI response object of an error answered with the envelope (the app's OpenAPI
+    document defines ``#/components/schemas/ErrorEnvelope``)."""
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}},
+    }
+
+
+def error_responses(**descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route's documented errors, by status: ``error_responses(e404="...")``.
+    400 (request validation), 401/403 (authenticated routes) and 413 (bodies) are added app-wide."""
+    return {int(key.lstrip("e")): error_response_doc(text) for key, text in descriptions.items()}
+
+
 def envelope(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"success": False, "message": message}, status_code=status_code, headers=headers)
 

@@ -12,10 +12,11 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import Query, Response
-from sqlalchemy import Select, literal, tuple_
+from sqlalchemy import BigInteger, Integer, Select, SmallInteger, literal, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.errors import BadRequest
+from pie.schemas import unstorable_json
 
 NEXT_CURSOR_HEADER = "X-Next-Cursor"
 
@@ -62,22 +63,41 @@ def _python_type(column: Any) -> type | None:
         return None
 
 
+def _integer_bits(column: Any) -> int:
+    """Width of an integer key column (PostgreSQL refuses larger values with an error)."""
+    column_type = getattr(column, "type", None)
+    for kind, bits in ((SmallInteger, 16), (BigInteger, 64), (Integer, 32)):
+        if isinstance(column_type, kind):
+            return bits
+    return 64
+
+
 def _typed(column: Any, value: Any) -> Any:
-    """A cursor value converted to the key column's Python type; BadRequest when it cannot be."""
+    """A cursor value converted to the key column's Python type; BadRequest when it cannot be
+    (also for values the column cannot hold: out-of-range integers, text PostgreSQL cannot store)."""
     kind = _python_type(column)
     try:
         if kind is None:
+            if unstorable_json(value) is not None:
+                raise BadRequest("invalid cursor")
             return value
         if kind is int and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return int(value)
-        if kind is str and isinstance(value, str) and "\x00" not in value:
+            number = int(value)
+            bound = 1 << (_integer_bits(column) - 1)
+            if not -bound <= number < bound:
+                raise BadRequest("invalid cursor")
+            return number
+        if kind is str and isinstance(value, str) and unstorable_json(value) is None:
             return value
         if kind is uuid.UUID and isinstance(value, str):
             return uuid.UUID(value)
         if kind is datetime and isinstance(value, str):
             return datetime.fromisoformat(value)
         if kind is Decimal and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return Decimal(value)
+            number = Decimal(value)
+            # PostgreSQL numeric: at most 131072 digits before the point and 16383 after
+            if number.is_finite() and (number.is_zero() or -16383 <= number.adjusted() < 131072):
+                return number
     except (ValueError, ArithmeticError) as exc:
         raise BadRequest("invalid cursor") from exc
     raise BadRequest("invalid cursor")

@@ -8,6 +8,7 @@ from pie.auth import Principal
 from pie.clients import logic
 from pie.clients.schemas import ClientCreate, ClientOut, ClientUpdate
 from pie.deps import ClientIdPath, Session, TenantScope, require, tenant
+from pie.errors import error_responses
 from pie.pagination import PageParams
 
 router = APIRouter(prefix="/v2/clients", tags=["clients"])
@@ -25,19 +26,30 @@ async def list_clients(
     return await logic.list_clients(session, principal, page, response)
 
 
-@router.post("", operation_id="createclient", response_model=ClientOut, status_code=201)
+_NOT_FOUND = "no client with this client_id"
+
+
+@router.post(
+    "",
+    operation_id="createclient",
+    response_model=ClientOut,
+    status_code=201,
+    responses=error_responses(e409="a client with this client_id already exists"),
+)
 async def create_client(body: ClientCreate, session: Session, principal: Principal = require("admin")):
     """Register a tenant (admin only). 409 if `client_id` exists."""
     return await logic.create_client(session, body)
 
 
-@router.get("/{client_id}", operation_id="getclient", response_model=ClientOut)
+@router.get("/{client_id}", operation_id="getclient", response_model=ClientOut, responses=error_responses(e404=_NOT_FOUND))
 async def get_client(scope: TenantScope = tenant("read_domains")):
     """One client the caller may access."""
     return scope.client
 
 
-@router.patch("/{client_id}", operation_id="updateclient", response_model=ClientOut)
+@router.patch(
+    "/{client_id}", operation_id="updateclient", response_model=ClientOut, responses=error_responses(e404=_NOT_FOUND)
+)
 async def update_client(
     client_id: ClientIdPath, body: ClientUpdate, session: Session, principal: Principal = require("admin")
 ):

@@ -3,8 +3,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from typing import Literal
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from pie import db
@@ -15,7 +18,17 @@ log = logging.getLogger("pie.health")
 HEALTH_DB_TIMEOUT = 3.0
 
 
-@router.get("/v2/health", operation_id="health")
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: Literal["ok", "unavailable"]
+
+
+@router.get(
+    "/v2/health",
+    operation_id="health",
+    response_model=HealthOut,
+    responses={503: {"model": HealthOut, "description": "the database cannot be reached"}},
+)
 async def health() -> JSONResponse:
     """Public liveness and database check: 200, or 503 when the database cannot be reached."""
     try:
