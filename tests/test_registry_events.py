@@ -412,3 +412,34 @@ async def test_a_batch_of_completions_fires_with_a_fixed_number_of_queries(engin
         replay_job = created[events[replayed]]
         assert (replay_job["service_id"], replay_job["features"]["competitor_count"]) == ("svc-1", 3)
     assert len(created) == 3 * 33
+
+
+async def test_triggered_events_show_only_subscriptions_the_caller_may_see(client, admin, auth, session):
+    """A replay subscription belongs to its tenant: when a non-admin's status change fires it, it
+    still fires, but the caller's triggered_events leave it out (its entry names the tenant's
+    domain, service and key), as listing and reading it are 404 for them."""
+    await make_model(client, admin, "m")
+    await make_model(client, admin, "consumer")
+    await add_version(client, admin, "consumer", "1", "active")
+    await add_version(client, admin, "m", "1", "active")
+    await add_version(client, admin, "m", "2", "training")
+    await add_version(client, admin, "m", "3", "training")
+    public = await subscribe(client, admin, "m", "consumer")
+    await tenant(session)
+    await assign(session, "default", "m", "1")
+    replayed = await replay(session, "m", "default")
+    broken = await replay(session, "m", "forecast", service_id="svc-1")  # no such key: an error entry
+    await session.commit()
+
+    manager = auth(scopes=["manage_models"], client_id="other-tenant")
+    r = await client.post("/v2/models/m/versions/2/new_status", json={"status": "active"}, headers=manager)
+    assert r.status_code == 200, r.text
+    assert [e["subscription_id"] for e in r.json()["triggered_events"]] == [public]
+    assert "sealink" not in r.text and "svc-1" not in r.text
+    # they fired all the same
+    assert {str(j["subscription_id"]) for j in await jobs(session)} == {public, replayed}
+
+    # the tenant's own machine token and admins see them
+    own = auth(scopes=["manage_models"], client_id="sealink")
+    r = await client.post("/v2/models/m/versions/3/new_status", json={"status": "active"}, headers=own)
+    assert {e["subscription_id"] for e in r.json()["triggered_events"]} == {public, replayed, broken}

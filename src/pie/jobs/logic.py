@@ -339,4 +339,7 @@ async def complete_job(
     outcome = (await finish_jobs(session, [Completion(job_id, status, output, error)]))[job_id]
     if outcome.result == "conflict":
         raise Conflict(f"job {job_id} already ended with status {outcome.status}")
+    from pie.registry.events import shown_to
+
+    outcome.triggered_events = shown_to(principal, outcome.triggered_events)
     return outcome

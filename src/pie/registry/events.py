@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.assignments.models import Assignment
+from pie.auth import Principal
 from pie.clients.models import Client
 from pie.jobs.logic import notify_new_jobs
 from pie.jobs.models import Job
@@ -32,6 +33,11 @@ from pie.registry.models import EventSubscription, ModelVersion
 from pie.tenancy.models import Domain, Service
 
 log = logging.getLogger("pie.registry.events")
+
+
+# internal key of a firing entry: the tenant of a replay subscription (None for the others);
+# see ``shown_to``
+TENANT_KEY = "_client_id"
 
 
 @dataclass
@@ -208,7 +214,8 @@ async def fire_subscriptions(
     source_model_version: str | None = None,
 ) -> list[dict]:
     """Fire every ACTIVE subscription with this source and trigger; return one entry per firing:
-    {"subscription_id": str, "job_id": str} or {"subscription_id": str, "error": str}.
+    {"subscription_id": str, "job_id": str} or {"subscription_id": str, "error": str}, plus the
+    internal TENANT_KEY (pass entries through ``shown_to`` before answering a caller).
     One failing target never stops the others (each firing is isolated in a savepoint)."""
     (entries,) = await fire_triggers(
         session, trigger_event, [Trigger(source_model_id, trigger_output, source_model_version)]
@@ -281,8 +288,9 @@ async def fire_triggers(session: AsyncSession, trigger_event: str, triggers: lis
 
     for index, firing in firings:
         sid = str(firing.subscription.id)
+        tenant = firing.subscription.client_id
         if firing.error is None and firing.job.get("job_id") in recorded:
-            results[index].append({"subscription_id": sid, "job_id": firing.job["job_id"]})
+            results[index].append({"subscription_id": sid, "job_id": firing.job["job_id"], TENANT_KEY: tenant})
         else:
             error = firing.error or "the job was not recorded"
             trigger = triggers[index]
@@ -294,5 +302,17 @@ async def fire_triggers(session: AsyncSession, trigger_event: str, triggers: lis
                 f" version {trigger.source_model_version}" if trigger.source_model_version else "",
                 error,
             )
-            results[index].append({"subscription_id": sid, "error": error})
+            results[index].append({"subscription_id": sid, "error": error, TENANT_KEY: tenant})
     return results
+
+
+def shown_to(principal: Principal | None, entries: list[dict]) -> list[dict]:
+    """The entries a caller may see, as response bodies: those of replay subscriptions of tenants
+    the caller cannot access are left out (they name the tenant's domain, service and key; the
+    subscriptions themselves are 404 for that caller), and the internal tenant key is dropped.
+    ``principal`` None: every entry (internal callers)."""
+    return [
+        {k: v for k, v in entry.items() if k != TENANT_KEY}
+        for entry in entries
+        if principal is None or entry.get(TENANT_KEY) is None or principal.can_access(entry[TENANT_KEY])
+    ]

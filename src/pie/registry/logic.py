@@ -18,13 +18,14 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
+from pie.auth import Principal
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.features import validate_feature_definitions
 from pie.jobs.logic import create_job
 from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
-from pie.registry.events import fire_subscriptions
+from pie.registry.events import fire_subscriptions, shown_to
 from pie.registry.handlers import input_schema, stale_actions, validate_contracts, validate_handlers
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.registry.schemas import InferenceRequest, ModelCreate, ModelUpdate, VersionCreate
@@ -242,8 +243,10 @@ async def latest_training_output(session: AsyncSession, model_id: str, version: 
 
 
 async def set_version_status(
-    session: AsyncSession, model_id: str, version: str, status: str
+    session: AsyncSession, model_id: str, version: str, status: str, principal: Principal | None = None
 ) -> tuple[Model, ModelVersion, list[dict[str, Any]]]:
+    """Apply a transition; ``training -> active`` fires the model's training_complete
+    subscriptions. The triggered events returned are those ``principal`` may see (all for None)."""
     found = await get_model_version(session, model_id, version, for_update=True)
     previous = found.status
     if previous == status:
@@ -274,6 +277,7 @@ async def set_version_status(
             source_model_version=version,
         )
     found = await get_model_version(session, model_id, version)
+    triggered = shown_to(principal, triggered)
     return await get_model(session, model_id), found, triggered
 
 

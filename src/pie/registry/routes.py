@@ -122,7 +122,9 @@ async def set_model_version_status(
     """Allowed: pending→training, pending→active, training→active, training→failed,
     failed→training; the current status again is a no-op. `training → active` fires the model's
     active `training_complete` subscriptions; their outcomes are `triggered_events`."""
-    model, version, triggered = await logic.set_version_status(session, model_id, model_version, body.status)
+    model, version, triggered = await logic.set_version_status(
+        session, model_id, model_version, body.status, principal
+    )
     return {
         "model": ModelOut.model_validate(model),
         "version": VersionOut.model_validate(version),
