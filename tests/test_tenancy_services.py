@@ -396,3 +396,29 @@ async def test_service_status_follows_its_init_job(client, session, admin):
     fresh_jobs = {j.service_id: j.job_id for j in await jobs_of(session) if j.status == "pending"}
     await client.post(complete.format(fresh_jobs["bad"]), json={"status": "success", "output": {}}, headers=admin)
     assert (await client.get(f"{D}/service/bad", headers=admin)).json()["status"] == "available"
+
+
+async def test_a_late_older_init_job_does_not_override_a_newer_outcome(client, session, admin):
+    """Init job J1 is still out when a batch re-init's J2 succeeds; J1 then reports failure late:
+    the service keeps the newer outcome (available)."""
+    await tenant_setup(client, session, admin)
+    first = (await init_service(client, admin, "svc", SA)).json()["job_id"]
+    r = await client.post(f"{D}/services/init", headers=admin)
+    assert r.json() == {"dispatched_services": ["svc"]}
+    second = next(j.job_id for j in await jobs_of(session) if j.job_id != first)
+    complete = "/v2/models/pricing-model/versions/1/jobs/{}/complete"
+    r = await client.post(complete.format(second), json={"status": "success", "output": {}}, headers=admin)
+    assert r.status_code == 200, r.text
+    assert (await client.get(f"{D}/service/svc", headers=admin)).json()["status"] == "available"
+    r = await client.post(complete.format(first), json={"status": "failure", "error": {"code": "late"}}, headers=admin)
+    assert r.status_code == 200, r.text
+    assert (await client.get(f"{D}/service/svc", headers=admin)).json()["status"] == "available"
+
+    # while the newer job has not ended, an older job's outcome still counts
+    r = await client.post(f"{D}/services/init", headers=admin)
+    third = next(j.job_id for j in await jobs_of(session) if j.job_id not in (first, second))
+    fourth_resp = await client.post(f"{D}/services/init", headers=admin)
+    assert fourth_resp.status_code == 202
+    r = await client.post(complete.format(third), json={"status": "failure", "error": {"code": "x"}}, headers=admin)
+    assert r.status_code == 200, r.text
+    assert (await client.get(f"{D}/service/svc", headers=admin)).json()["status"] == "failed"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Response
-from sqlalchemy import and_, bindparam, func, or_, select, text, tuple_, update
+from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.auth import Principal
@@ -275,6 +275,7 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
         from pie.tenancy.models import Service
 
         svc = Service.__table__
+        newer = Job.__table__.alias("newer")
         await session.execute(
             update(svc)
             .where(
@@ -282,11 +283,22 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
                     svc.c.client_id == bindparam("b_client"),
                     svc.c.domain_id == bindparam("b_domain"),
                     svc.c.service_id == bindparam("b_service"),
+                    # a late, older init job never overrides the outcome of a newer one that
+                    # already ended (job ids are time-ordered UUIDv7 text)
+                    ~exists().where(
+                        newer.c.client_id == bindparam("b_client"),
+                        newer.c.domain_id == bindparam("b_domain"),
+                        newer.c.service_id == bindparam("b_service"),
+                        newer.c.purpose == "service_init",
+                        newer.c.job_id > bindparam("b_job"),
+                        newer.c.status.in_(("success", "failure")),
+                    ),
                 )
             )
             .values(status=bindparam("b_svc_status"), updated_at=func.now()),
             [
                 {
+                    "b_job": r.job_id,
                     "b_client": r.client_id,
                     "b_domain": r.domain_id,
                     "b_service": r.service_id,
