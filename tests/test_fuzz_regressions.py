@@ -148,6 +148,13 @@ async def test_head_on_a_post_only_route_is_405_with_allow(client, admin):
     assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
+async def test_trailing_slash_is_an_unknown_route_not_a_redirect(client, admin):
+    # was: 307 to the path without the slash, on the host the caller's Host header named
+    r = await client.get("/v2/clients/", headers={**admin, "Host": "elsewhere.example"})
+    assert "no route" in assert_envelope(r, 404)
+    assert "location" not in r.headers
+
+
 # --- body size: any size was read into memory and stored (100 MB job inputs were accepted) ------
 
 

@@ -215,6 +215,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         docs_url="/v2/docs",
         swagger_ui_oauth2_redirect_url="/v2/docs/oauth2-redirect",
         redoc_url=None,
+        # `/v2/clients/` is an unknown route (404 envelope), not a redirect to another host/path
+        redirect_slashes=False,
         lifespan=lifespan,
     )
     app.state.settings = settings
