@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pie.errors import Unprocessable
-from pie.jsonschemas import schema_error, validation_error
+from pie.jsonschemas import PatternTooExpensive, pattern_search, schema_error, validation_error
 
 FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _MISSING = object()
@@ -217,10 +217,19 @@ def _compile_keyword(keyword: str, arg: Any, schema: dict[str, Any]) -> Check | 
         if not isinstance(arg, str):
             return None
         try:
-            regex = re.compile(arg)
+            re.compile(arg)
         except re.error:
             return None
-        return lambda v: type(v) is not str or regex.search(v) is not None
+
+        def matches(v: Any) -> bool:
+            if type(v) is not str:
+                return True
+            try:
+                return pattern_search(arg, v)
+            except PatternTooExpensive:
+                return False  # not known valid: jsonschema judges (and reports) it
+
+        return matches
     if keyword == "prefixItems":
         if "items" in schema:
             return _NO_TEST  # compiled together with items

@@ -4,6 +4,11 @@ Schemas come from API callers, so references are resolved offline only: against 
 itself and the bundled JSON Schema meta-schemas, never fetched over the network (jsonschema's
 default registry would retrieve ``http(s)`` references, a server-side request forgery).
 A reference that cannot be resolved that way makes the schema invalid.
+
+Patterns (``pattern``, ``patternProperties``, and ``additionalProperties`` next to them) are
+evaluated with a time limit: a caller-supplied regex such as ``^(a|aa)+$`` backtracks
+exponentially, and with Python's ``re`` one crafted value would freeze the whole process. A
+pattern that exceeds the limit on a value counts as a validation failure (fail closed).
 """
 
 from __future__ import annotations
@@ -12,13 +17,92 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from jsonschema import Draft202012Validator
+import regex as _regex
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
 from jsonschema_specifications import REGISTRY as _META_SCHEMAS
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
 _REFERENCE_KEYWORDS = ("$ref", "$dynamicRef")
+
+PATTERN_TIMEOUT_SECONDS = 0.1
+
+
+class PatternTooExpensive(Exception):
+    """A pattern took longer than ``PATTERN_TIMEOUT_SECONDS`` on one value."""
+
+
+@lru_cache(maxsize=4096)
+def _compiled_pattern(pattern: str) -> Any:
+    return _regex.compile(pattern)
+
+
+def pattern_search(pattern: str, text: str) -> bool:
+    """``re.search(pattern, text) is not None``, bounded in time (``PatternTooExpensive``)."""
+    try:
+        return _compiled_pattern(pattern).search(text, timeout=PATTERN_TIMEOUT_SECONDS) is not None
+    except TimeoutError as exc:
+        raise PatternTooExpensive(pattern) from exc
+
+
+def _too_expensive(pattern: str) -> ValidationError:
+    return ValidationError(f"pattern {pattern!r} is too expensive to evaluate on this value")
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    if not validator.is_type(instance, "string"):
+        return
+    try:
+        if not pattern_search(pattern, instance):
+            yield ValidationError(f"{instance!r} does not match {pattern!r}")
+    except PatternTooExpensive:
+        yield _too_expensive(pattern)
+
+
+def _pattern_properties(validator: Any, pattern_properties: dict, instance: Any, schema: Any) -> Any:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in pattern_properties.items():
+        for key, value in instance.items():
+            try:
+                matched = pattern_search(pattern, key)
+            except PatternTooExpensive:
+                yield _too_expensive(pattern)
+                continue
+            if matched:
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(validator: Any, additional: Any, instance: Any, schema: Any) -> Any:
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    patterns = list(schema.get("patternProperties", {}))
+    extras = []
+    for key in instance:
+        if key in properties:
+            continue
+        try:
+            if any(pattern_search(p, key) for p in patterns):
+                continue
+        except PatternTooExpensive as exc:
+            yield _too_expensive(str(exc))
+            return
+        extras.append(key)
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif not additional and extras:
+        listed = ", ".join(repr(e) for e in sorted(extras))
+        yield ValidationError(f"Additional properties are not allowed ({listed} unexpected)")
+
+
+# Draft 2020-12 with time-bounded pattern keywords
+_Validator = validators.extend(
+    Draft202012Validator,
+    {"pattern": _pattern, "patternProperties": _pattern_properties, "additionalProperties": _additional_properties},
+)
 
 
 def unresolvable_reference(schema: Any) -> str | None:
@@ -60,12 +144,12 @@ def schema_error(schema: Any) -> str | None:
 
 
 @lru_cache(maxsize=4096)
-def _validator(schema_json: str) -> Draft202012Validator:
+def _validator(schema_json: str) -> Any:
     # the offline registry: a reference is never retrieved over the network
-    return Draft202012Validator(json.loads(schema_json), registry=_META_SCHEMAS)
+    return _Validator(json.loads(schema_json), registry=_META_SCHEMAS)
 
 
-def validator_for(schema: Any) -> Draft202012Validator:
+def validator_for(schema: Any) -> Any:
     """A compiled validator, cached by the schema's canonical JSON."""
     return _validator(json.dumps(schema, sort_keys=True, separators=(",", ":")))
 
