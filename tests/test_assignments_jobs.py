@@ -71,7 +71,7 @@ async def test_unknown_and_archived_keys(client, session, admin):
     await assign(client, admin, key="domain_only")
     assert (await client.post(f"{S}/assignments/domain_only/jobs", json={}, headers=admin)).status_code == 404
     assert (await client.post(f"{D}/service/ghost/assignments/forecast/jobs", json={}, headers=admin)).status_code == 404
-    assert (await client.post(f"/v2/clients/client-1/domains/ghost/assignments/default/jobs", json={}, headers=admin)).status_code == 404
+    assert (await client.post("/v2/clients/client-1/domains/ghost/assignments/default/jobs", json={}, headers=admin)).status_code == 404
 
     await assign(client, admin, key="forecast", service_id="service-1", status="archived")
     r = await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=admin)

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pie.auth import Principal, TokenVerifier
 from pie.clients.models import Client
 from pie.db import get_session
-from pie.errors import NotFound, Unauthorized, Unprocessable
+from pie.errors import NotFound, Unauthorized
 from pie.schemas import ID_PATTERN
 
 # scope="function": the transaction commits when the endpoint returns, before the response is sent
@@ -66,10 +66,6 @@ class TenantScope:
     @property
     def client_id(self) -> str:
         return self.client.client_id
-
-    def ensure_writable(self) -> None:
-        if self.client.status != "active":
-            raise Unprocessable(f"client {self.client_id} is suspended")
 
 
 def tenant(permission: str):
