@@ -22,10 +22,8 @@ scratch database on postgresql://postgres@127.0.0.1:5432/postgres (dropped after
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import logging
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +32,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from freeze_check import MODEL_ID, Tenant, bench_database, ensure_schema, init, log, timed  # noqa: E402
+from freeze_check import MODEL_ID, Tenant, run_sizes, timed  # noqa: E402
 
 TYPICAL = {
     "route": "Adelaide to Sydney",
@@ -117,38 +115,13 @@ async def bench_size(url: str, n: int, repeat: int) -> tuple[float, float, int]:
 
 
 async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--services", type=int, nargs="+", default=[10_000, 50_000])
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
-    from pie import db
-
-    async with bench_database() as (url, where, _scratch):
-        log(f"database: {where}")
-        ensure_schema(url)
-        await init(url)
-        rows = []
-        try:
-            for n in args.services:
-                reinit, baseline, live = await bench_size(url, n, args.repeat)
-                rows.append((n, live, reinit, baseline))
-                log(
-                    f"{n:>7} services ({live} non-departed): batch re-init {reinit * 1000:8.1f} ms | "
-                    f"baseline bulk INSERT of {live} jobs {baseline * 1000:8.1f} ms | ratio {reinit / baseline:4.2f}x"
-                )
-        finally:
-            await db.dispose_engine()
-    if len(rows) >= 2:
-        (n0, _, r0, b0), (n1, _, r1, b1) = rows[0], rows[-1]
-        log(
-            f"growth {n0} -> {n1} ({n1 / n0:.1f}x services): re-init {r1 / r0:.2f}x, baseline {b1 / b0:.2f}x "
-            f"(per service: {r0 / n0 * 1e6:.1f} us -> {r1 / n1 * 1e6:.1f} us)"
-        )
-    worst = max(r / b for _, _, r, b in rows)
-    log(f"target re-init <= 4x baseline: {'met' if worst <= 4 else 'NOT met'} (worst {worst:.2f}x)")
-    return 0
+    return await run_sizes(
+        __doc__,
+        bench_size,
+        what="batch re-init",
+        short="re-init",
+        baseline_label=lambda live: f"baseline bulk INSERT of {live} jobs",
+    )
 
 
 if __name__ == "__main__":

@@ -249,8 +249,18 @@ async def bench_size(url: str, n: int, repeat: int) -> tuple[float, float, int]:
     return statistics.median(upserts), statistics.median(baselines), live
 
 
-async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+async def run_sizes(
+    doc: str,
+    bench_size: Callable[[str, int, int], Awaitable[tuple[float, float, int]]],
+    *,
+    what: str,
+    short: str,
+    baseline_label: Callable[[int], str],
+) -> int:
+    """The driver both size benchmarks share: for each ``--services`` size, ``bench_size`` returns
+    (median measured, median baseline, non-departed services); print each beside its baseline,
+    then the growth from the first to the last size and the <= 4x target."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--services", type=int, nargs="+", default=[10_000, 50_000])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
@@ -265,23 +275,29 @@ async def main() -> int:
         rows = []
         try:
             for n in args.services:
-                upsert, baseline, live = await bench_size(url, n, args.repeat)
-                rows.append((n, live, upsert, baseline))
+                measured, baseline, live = await bench_size(url, n, args.repeat)
+                rows.append((n, live, measured, baseline))
                 log(
-                    f"{n:>7} services ({live} non-departed): default upsert {upsert * 1000:8.1f} ms | "
-                    f"baseline bulk UPDATE {baseline * 1000:8.1f} ms | ratio {upsert / baseline:4.2f}x"
+                    f"{n:>7} services ({live} non-departed): {what} {measured * 1000:8.1f} ms | "
+                    f"{baseline_label(live)} {baseline * 1000:8.1f} ms | ratio {measured / baseline:4.2f}x"
                 )
         finally:
             await db.dispose_engine()
     if len(rows) >= 2:
-        (n0, _, u0, b0), (n1, _, u1, b1) = rows[0], rows[-1]
+        (n0, _, m0, b0), (n1, _, m1, b1) = rows[0], rows[-1]
         log(
-            f"growth {n0} -> {n1} ({n1 / n0:.1f}x services): upsert {u1 / u0:.2f}x, baseline {b1 / b0:.2f}x "
-            f"(per service: {u0 / n0 * 1e6:.1f} us -> {u1 / n1 * 1e6:.1f} us)"
+            f"growth {n0} -> {n1} ({n1 / n0:.1f}x services): {short} {m1 / m0:.2f}x, baseline {b1 / b0:.2f}x "
+            f"(per service: {m0 / n0 * 1e6:.1f} us -> {m1 / n1 * 1e6:.1f} us)"
         )
-    worst = max(u / b for _, _, u, b in rows)
-    log(f"target upsert <= 4x baseline: {'met' if worst <= 4 else 'NOT met'} (worst {worst:.2f}x)")
+    worst = max(m / b for _, _, m, b in rows)
+    log(f"target {short} <= 4x baseline: {'met' if worst <= 4 else 'NOT met'} (worst {worst:.2f}x)")
     return 0
+
+
+async def main() -> int:
+    return await run_sizes(
+        __doc__, bench_size, what="default upsert", short="upsert", baseline_label=lambda live: "baseline bulk UPDATE"
+    )
 
 
 if __name__ == "__main__":
