@@ -33,6 +33,7 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -42,7 +43,7 @@ from pie import db
 from pie.config import Settings
 from pie.dispatch.backends import AwsBackends, DispatchError, build_payload
 from pie.dispatch.inprocess import HandlerFailure, get_implementation
-from pie.jobs.logic import NOTIFY_CHANNEL, Completion, finish_jobs
+from pie.jobs.logic import NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
 from pie.schemas import unstorable_json
 
 log = logging.getLogger("pie.dispatch")
@@ -169,6 +170,12 @@ def backoff_delay(settings: Settings, attempts: int) -> float:
     """Exponential backoff with (equal) jitter for the next try after ``attempts`` tries."""
     ceiling = min(settings.dispatch_backoff_max, settings.dispatch_backoff_base * (2 ** max(attempts - 1, 0)))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+async def _fail_all(session: Any, rows: Sequence[Any], error_for: Callable[[Any], dict[str, Any]]) -> None:
+    """End every job of ``rows`` in failure with ``error_for(row)`` (through the one completion path)."""
+    if rows:
+        await finish_jobs(session, [Completion(r.job_id, "failure", error=error_for(r)) for r in rows])
 
 
 class Dispatcher:
@@ -497,44 +504,30 @@ class Dispatcher:
         s = self.settings
         async with db.sessionmaker()() as session, session.begin():
             timed_out = (await session.execute(_TIMED_OUT, {"timeout": s.job_timeout_seconds})).all()
-            if timed_out:
-                await finish_jobs(
-                    session,
-                    [
-                        Completion(
-                            r.job_id,
-                            "failure",
-                            error={
-                                "code": "timed_out",
-                                "message": f"timed out: the handler did not report back within {s.job_timeout_seconds:g} seconds",
-                                "attempts": r.attempts,
-                                "started_at": r.started_at.isoformat(),
-                            },
-                        )
-                        for r in timed_out
-                    ],
-                )
+            await _fail_all(
+                session,
+                timed_out,
+                lambda r: {
+                    "code": "timed_out",
+                    "message": f"timed out: the handler did not report back within {s.job_timeout_seconds:g} seconds",
+                    "attempts": r.attempts,
+                    "started_at": r.started_at.isoformat(),
+                },
+            )
             requeued = (await session.execute(_REQUEUE_EXPIRED, {"max_attempts": s.dispatch_max_attempts})).all()
             exhausted = (await session.execute(_EXPIRED_EXHAUSTED, {"max_attempts": s.dispatch_max_attempts})).all()
-            if exhausted:
-                await finish_jobs(
-                    session,
-                    [
-                        Completion(
-                            r.job_id,
-                            "failure",
-                            error={
-                                "code": "lease_expired",
-                                "message": f"gave up after {r.attempts} attempts: the dispatcher running the job stopped renewing its lease",
-                                "attempts": r.attempts,
-                                "previous_dispatcher": r.locked_by,
-                            },
-                        )
-                        for r in exhausted
-                    ],
-                )
+            await _fail_all(
+                session,
+                exhausted,
+                lambda r: {
+                    "code": "lease_expired",
+                    "message": f"gave up after {r.attempts} attempts: the dispatcher running the job stopped renewing its lease",
+                    "attempts": r.attempts,
+                    "previous_dispatcher": r.locked_by,
+                },
+            )
             if requeued:
-                await session.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_CHANNEL})
+                await notify_new_jobs(session)
         counts = {"timed_out": len(timed_out), "requeued": len(requeued), "exhausted": len(exhausted)}
         if any(counts.values()):
             log.warning("dispatcher %s sweep: %s", self.worker_id, counts)
