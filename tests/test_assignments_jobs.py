@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from factories import (
     SEVEN_FEATURES,
@@ -265,3 +265,22 @@ async def test_a_launch_racing_a_suspension_is_refused_or_lands_first(client, se
     )
     assert r.status_code == 422 and "suspended" in r.json()["message"], r.text
     assert len(await jobs_of(session)) == jobs_before
+
+
+async def test_an_assignment_job_racing_its_version_failing_is_refused_or_lands_first(client, session, admin, engine):
+    """The assignment's version stays locked until the job commits: a concurrent change to
+    `failed` is either seen (422) or commits after the job — never a job recorded after it."""
+    revision = await setup(client, session, admin)
+    jobs_before = len(await jobs_of(session))
+    fail = "UPDATE model_versions SET status = 'failed' WHERE model_id = :m AND version = :v"
+    params = {"m": revision["model_id"], "v": revision["model_version"]}
+    for job_type in ("inference", "training"):
+        r = await racing_uncommitted(
+            engine, fail, params, client.post(f"{S}/assignments/forecast/jobs", json={"job_type": job_type}, headers=admin)
+        )
+        assert r.status_code == 422 and "failed" in r.json()["message"], r.text
+        assert len(await jobs_of(session)) == jobs_before
+        await session.execute(
+            text("UPDATE model_versions SET status = 'active' WHERE model_id = :m AND version = :v"), params
+        )
+        await session.commit()

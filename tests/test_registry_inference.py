@@ -180,3 +180,15 @@ async def test_concurrent_identical_subscribed_calls_store_one_replay(client, ad
     subs = (await client.get("/v2/models/m/event-subscriptions", headers=admin)).json()
     assert [s["input"] for s in subs] == [payload]
     assert len(await all_jobs(session)) == 8
+
+
+async def test_inference_racing_a_version_failing_is_refused_or_lands_first(client, admin, model, engine, session):
+    """The version row is held FOR SHARE until the job commits: a status change to `failed` that
+    is in flight commits first (the launch then sees it: 422) — never a job recorded for a
+    version that had already failed."""
+    from factories import racing_uncommitted
+
+    fail = "UPDATE model_versions SET status = 'failed' WHERE model_id = 'm' AND version = '1'"
+    r = await racing_uncommitted(engine, fail, {}, infer(client, admin, {"input": {"route": "x"}}))
+    assert r.status_code == 422 and "failed" in r.json()["message"], r.text
+    assert await session.scalar(text("SELECT count(*) FROM jobs")) == 0

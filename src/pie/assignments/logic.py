@@ -26,6 +26,7 @@ from pie.jobs.logic import create_job
 from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
+from pie.registry.logic import get_model_version
 from pie.registry.models import ModelVersion
 from pie.registry.subscriptions import subscribe_inference
 from pie.tenancy.logic import DEFAULT_KEY, ensure_domain_active, ensure_writable, load_domain, load_service, schema_of
@@ -257,8 +258,16 @@ async def run_assignment_job(
     if body.subscribe and body.job_type != "inference":
         raise Unprocessable("subscribe is only valid for inference jobs")
 
-    version = await session.get(ModelVersion, (revision.model_id, revision.model_version))
-    assert version is not None  # foreign key
+    # the version row stays locked until commit, so it cannot turn `failed` between this check and
+    # the job's commit; a domain training launch may freeze its schema, so it takes the row lock
+    # it will need for that UPDATE at once (two launches upgrading shared locks would deadlock)
+    version = await get_model_version(
+        session,
+        revision.model_id,
+        revision.model_version,
+        for_update=body.job_type == "training" and service_id is None,
+        for_share=True,
+    )
     if version.status == "failed":
         raise Unprocessable(f"model {version.model_id} version {version.version} has failed; reassign {key}")
     contract = ((version.handler_contracts or {}).get(body.job_type) or {}).get("input_schema")

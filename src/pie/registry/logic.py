@@ -140,10 +140,12 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
 
 
 async def get_model_version(
-    session: AsyncSession, model_id: str, version: str, *, for_update: bool = False
+    session: AsyncSession, model_id: str, version: str, *, for_update: bool = False, for_share: bool = False
 ) -> ModelVersion:
     """The version (404 when the model or the version is missing). ``for_update`` locks the row
-    with ``FOR NO KEY UPDATE`` (blocks other status changes, not foreign-key checks)."""
+    with ``FOR NO KEY UPDATE`` (blocks other status changes, not foreign-key checks);
+    ``for_share`` with ``FOR SHARE`` (a job launch: no status change can commit between the
+    check of the version's status and the job's commit)."""
     stmt = (
         select(ModelVersion)
         .where(ModelVersion.model_id == model_id, ModelVersion.version == version)
@@ -151,6 +153,8 @@ async def get_model_version(
     )
     if for_update:
         stmt = stmt.with_for_update(key_share=True)
+    elif for_share:
+        stmt = stmt.with_for_update(read=True)
     found = await session.scalar(stmt)
     if found is None:
         await ensure_model_exists(session, model_id)
@@ -287,7 +291,7 @@ async def set_version_status(
 async def run_inference(session: AsyncSession, model_id: str, version: str, body: InferenceRequest) -> Job:
     """An inference job on this exact version (no tenant). ``subscribe`` stores the input as a
     ``training_complete -> inference / stored`` subscription on the model."""
-    found = await get_model_version(session, model_id, version)
+    found = await get_model_version(session, model_id, version, for_share=True)
     if found.status == "failed":
         raise Unprocessable(f"model {model_id} version {version} has failed; it cannot run inference")
     schema = input_schema(found.handler_contracts, "inference")
