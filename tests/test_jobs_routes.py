@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from sqlalchemy import select
 
 from pie.clients.models import Client
@@ -471,3 +473,12 @@ async def test_openapi_documents_the_registry_and_job_operations(client):
         operation = paths[path][method]
         assert operation["operationId"] == operation_id
         assert statuses <= set(operation["responses"]), (operation_id, statuses - set(operation["responses"]))
+
+
+@pytest.mark.parametrize("wait", ["nan", "inf", "-1", "31", "abc"])
+async def test_wait_must_be_a_finite_number_of_seconds_up_to_30(client, admin, wait):
+    r = await client.get(f"/v2/jobs/0190c2a8-0000-7000-8000-000000000000?wait={wait}", headers=admin)
+    assert r.status_code == 400, r.text
+    assert r.json()["success"] is False and "wait" in r.json()["message"]
+    if wait in ("nan", "inf"):
+        assert "finite" in r.json()["message"]

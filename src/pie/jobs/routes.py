@@ -35,7 +35,8 @@ async def get_job(
     job_id: JobIdPath,
     principal: Annotated[Principal, Depends(job_reader)],
     wait: Annotated[
-        float, Query(ge=0, le=MAX_WAIT_SECONDS, description="seconds to wait for the job to end (long poll)")
+        float,
+        Query(ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False, description="seconds to wait for the job to end (long poll)"),
     ] = 0,
 ):
     """A job. With ``?wait=N`` the answer comes when the job ends or after N seconds, whichever
