@@ -244,6 +244,14 @@ async def test_no_token_is_401_whatever_the_body(app, client, world):
             # no body at all, and a body of the wrong shape: the missing token still comes first
             attempts["no body"] = await client.request(op.method, world.url(op))
             attempts["wrong body"] = await client.request(op.method, world.url(op), json={"unexpected": [1]})
+            # FastAPI parses JSON before running dependencies: malformed JSON must not mask the 401
+            malformed = {"content": b'{"not json', "headers": {"content-type": "application/json"}}
+            attempts["malformed JSON"] = await client.request(op.method, world.url(op), **malformed)
+            attempts["malformed JSON, garbage token"] = await client.request(
+                op.method,
+                world.url(op),
+                content=b"{", headers={"content-type": "application/json", "Authorization": "Bearer x.y.z"},
+            )
         attempts["wrong scheme"] = await call(client, op, world, {"Authorization": "Basic YTpi"})
         attempts["garbage token"] = await call(client, op, world, {"Authorization": "Bearer not.a.jwt"})
         for label, r in attempts.items():
@@ -256,6 +264,15 @@ async def test_no_token_is_401_whatever_the_body(app, client, world):
             if not ok:
                 failures.append(f"{op.method} {op.template} ({op.op_id}) {label}: {r.status_code} {r.text[:120]}")
     report(failures)
+
+
+async def test_malformed_json_with_a_valid_token_is_still_400(client, admin, world):
+    r = await client.post("/v2/models", content=b'{"name": ', headers={"content-type": "application/json", **admin})
+    assert r.status_code == 400 and r.json() == {"success": False, "message": "invalid request: malformed JSON body"}
+    r = await client.post(
+        f"/v2/clients/{A}/domains", content=b"{", headers={"content-type": "application/json", **admin}
+    )
+    assert r.status_code == 400 and r.json()["message"] == "invalid request: malformed JSON body"
 
 
 async def test_permission_matrix(app, client, auth, world):

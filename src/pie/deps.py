@@ -37,6 +37,11 @@ async def current_principal(
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
+async def authenticate(request: Request) -> Principal:
+    """``current_principal`` outside dependency resolution (401 without a valid bearer token)."""
+    return await current_principal(request, await _bearer(request))
+
+
 def require(permission: str):
     """Dependency: the caller, who must hold ``permission`` (403 otherwise)."""
 

@@ -197,6 +197,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            # FastAPI parses a JSON body before it runs any dependency: authenticate first, so a
+            # missing or rejected token is a 401 whatever the body (every route with a body needs one)
+            from pie.deps import authenticate
+
+            try:
+                await authenticate(request)
+            except PieError as auth_error:
+                return JSONResponse(auth_error.body(), status_code=auth_error.status_code, headers=auth_error.headers)
         return envelope(400, _describe_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
