@@ -331,3 +331,14 @@ async def test_openapi_is_served_with_operation_ids(client):
     assert "422" not in create["responses"]
     health = doc["paths"]["/v2/health"]["get"]
     assert "security" not in health and "401" not in health["responses"]
+
+
+def test_openapi_has_one_error_envelope_schema(app):
+    """Every documented error body is the one ErrorEnvelope component (plus the blocked-upsert
+    body), so generated clients get one error type."""
+    components = app.openapi()["components"]["schemas"]
+    envelopes = [
+        name for name, schema in components.items() if set(schema.get("properties", {})) == {"success", "message"}
+    ]
+    assert envelopes == ["ErrorEnvelope"]
+    assert "AssignmentBlockedOut" in components

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, model_serializer
 
+from pie.errors import error_response_doc
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
 
 VersionStatus = Literal["pending", "training", "active", "failed"]
@@ -121,13 +122,6 @@ class SubscriptionUpdate(RequestBody):
 # ---- responses -------------------------------------------------------------------------------
 
 
-class ErrorOut(BaseModel):
-    """The error envelope (spec 1.1)."""
-
-    success: bool = False
-    message: str
-
-
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meanings = {
         400: "malformed JSON, wrong types, missing fields or bad path parameters",
@@ -137,7 +131,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         409: "it already exists",
         422: "semantically invalid (see the message)",
     }
-    return {status: {"model": ErrorOut, "description": meanings[status]} for status in statuses}
+    return {status: error_response_doc(meanings[status]) for status in statuses}
 
 _metadata = Field(validation_alias=AliasChoices("metadata_", "metadata"))
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
+from pie.errors import error_response_doc
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
 
 
@@ -133,8 +134,8 @@ class BatchInitOut(ResponseBody):
 # -- documented error bodies -----------------------------------------------------------------------
 
 
-class ErrorOut(ResponseBody):
-    """The standard error envelope."""
+class ErrorEnvelope(ResponseBody):
+    """The standard error envelope (the app's ``ErrorEnvelope`` component)."""
 
     success: bool = False
     message: str = Field(description="human-readable, never parsed by callers")
@@ -165,12 +166,10 @@ _MEANINGS = {
 
 def error_responses(*statuses: int, blocked: bool = False) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for a route's documented errors (401/403 are added app-wide)."""
-    responses: dict[int | str, dict[str, Any]] = {
-        status: {"model": ErrorOut, "description": _MEANINGS[status]} for status in statuses
-    }
+    responses: dict[int | str, dict[str, Any]] = {status: error_response_doc(_MEANINGS[status]) for status in statuses}
     if blocked:
         responses[422] = {
-            "model": AssignmentBlockedOut | ErrorOut,
+            "model": AssignmentBlockedOut | ErrorEnvelope,
             "description": "blocked by services: `{error, blocking_services}` (spec 6.3); any other "
             "semantic failure: the standard envelope. " + _MEANINGS[422],
         }
