@@ -57,3 +57,14 @@ async def test_inference_input_with_an_exponential_pattern_is_422(client, admin)
     assert r.json()["success"] is False and "too expensive" in r.json()["message"]
     r = await client.post("/v2/models/m/versions/1/inference", json={"input": {"x": "aaaa"}}, headers=admin)
     assert r.status_code == 202, r.text
+
+
+def test_unevaluated_properties_next_to_an_exponential_pattern_fails_the_value():
+    schema = {"type": "object", "patternProperties": {EVIL: {}}, "unevaluatedProperties": False}
+    assert "too expensive" in validation_error(schema, {EVIL_VALUE: 1})
+    nested = {"allOf": [{"patternProperties": {EVIL: {}}}], "unevaluatedProperties": False}
+    assert validation_error(nested, {EVIL_VALUE: 1}) is not None  # fails (closed), in bounded time
+    # ordinary unevaluatedProperties semantics are unchanged
+    plain = {"type": "object", "patternProperties": {"^x_": {}}, "unevaluatedProperties": False}
+    assert validation_error(plain, {"x_a": 1}) is None
+    assert "Unevaluated properties" in validation_error(plain, {"y": 1})

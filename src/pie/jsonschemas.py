@@ -14,10 +14,12 @@ pattern that exceeds the limit on a value counts as a validation failure (fail c
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from typing import Any
 
 import regex as _regex
+import jsonschema._utils as _jsonschema_utils
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
 from jsonschema_specifications import REGISTRY as _META_SCHEMAS
@@ -98,6 +100,28 @@ def _additional_properties(validator: Any, additional: Any, instance: Any, schem
         yield ValidationError(f"Additional properties are not allowed ({listed} unexpected)")
 
 
+class _BoundedRe:
+    """Stands in for the ``re`` module inside ``jsonschema._utils``, whose
+    ``find_evaluated_property_keys_by_schema`` (behind ``unevaluatedProperties``) matches
+    ``patternProperties`` with ``re.search`` — the one pattern path the keyword overrides below
+    cannot reach. Its ``search`` is time-bounded like ``pattern_search``; everything else is ``re``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(re, name)
+
+    @staticmethod
+    def search(pattern: str, string: str, flags: int = 0) -> Any:
+        if flags:
+            return re.search(pattern, string, flags)
+        try:
+            return _compiled_pattern(pattern).search(string, timeout=PATTERN_TIMEOUT_SECONDS)
+        except TimeoutError as exc:
+            raise PatternTooExpensive(pattern) from exc
+
+
+_jsonschema_utils.re = _BoundedRe()  # type: ignore[attr-defined]
+
+
 # Draft 2020-12 with time-bounded pattern keywords
 _Validator = validators.extend(
     Draft202012Validator,
@@ -167,6 +191,8 @@ def validation_error(schema: Any, value: Any) -> str | None:
         return "a number is too large to be checked against the schema"
     except RecursionError:
         return "the value is nested too deeply to be checked against the schema"
+    except PatternTooExpensive as exc:
+        return f"pattern {exc} is too expensive to evaluate on this value"
     if not errors:
         return None
     err: ValidationError = errors[0]
