@@ -268,7 +268,9 @@ class Dispatcher:
             async with db.get_engine().begin() as conn:
                 released = (await conn.execute(_RELEASE, {"ids": ids, "me": self.worker_id})).rowcount
                 await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_CHANNEL})
-            log.info("dispatcher %s released %d unfinished jobs: %s", self.worker_id, released, ", ".join(ids[:20]))
+            log.info("dispatcher %s released %d unfinished jobs", self.worker_id, released)
+            for job_id in ids:
+                log.info("job %s released to the queue (unfinished at stop)", job_id, extra={"job_id": job_id})
         except Exception as exc:  # the lease expiry recovers them later
             log.warning("dispatcher %s could not release %d unfinished jobs: %s", self.worker_id, len(ids), exc)
         self._inflight.clear()
