@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     access_log: bool = True
     metrics_enabled: bool = True
     # SIGTERM: how long in-flight requests and in-process jobs may take before jobs are released
-    shutdown_grace_seconds: float = Field(default=3.0, ge=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     public_url: str = "http://127.0.0.1:8000"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # larger request bodies are refused with 413 before they are read into memory
