@@ -21,8 +21,8 @@ def _log_config(level: str | None = None) -> dict:
     return logging_config(settings.log_format, (level or settings.log_level).lower())
 
 
-def _configure_logging() -> None:
-    logging.config.dictConfig(_log_config())
+def _configure_logging(level: str | None = None) -> None:
+    logging.config.dictConfig(_log_config(level))
 
 
 def _uvicorn_operations_options(settings, level: str | None = None) -> dict:
