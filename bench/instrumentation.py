@@ -84,11 +84,62 @@ async def load(base: str, path: str, headers: dict[str, str], seconds: float, co
     return done
 
 
+async def in_process(rounds: int, requests: int) -> None:
+    """The same comparison without sockets or a load generator competing for the CPU: both apps
+    in this process, driven through ASGI (httpx.ASGITransport), alternating rounds."""
+    import logging
+    import logging.config
+
+    from pie.app import create_app
+    from pie.config import Settings
+    from pie.logconfig import logging_config
+
+    config = logging_config("json", "info")
+    config["handlers"]["default"] = {
+        "class": "logging.FileHandler", "filename": os.devnull, "formatter": "pie", "filters": ["context"]
+    }
+    logging.config.dictConfig(config)
+    apps = {
+        "off": create_app(Settings(_env_file=None, metrics_enabled=False, access_log=False)),
+        "on": create_app(Settings(_env_file=None, metrics_enabled=True, access_log=True, log_format="json")),
+    }
+    totals = {"off": 0.0, "on": 0.0}
+    for _ in range(rounds + 1):
+        for name, app in apps.items():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
+                started = time.perf_counter()
+                for _ in range(requests):
+                    r = await http.get("/v2/health/live")
+                    assert r.status_code == 200
+                elapsed = time.perf_counter() - started
+            if _ > 0:  # the first round warms up
+                totals[name] += elapsed
+    # the instrumentation's own work per request, timed directly (metrics + one JSON access line)
+    from pie.app import RequestIdMiddleware
+
+    on = RequestIdMiddleware(None, metrics_enabled=True, access_log=True)  # type: ignore[arg-type]
+    scope = {"type": "http", "method": "GET", "path": "/v2/jobs/x", "route": apps["on"].routes[-1]}
+    state: dict = {}
+    started = time.perf_counter()
+    for _ in range(requests * rounds):
+        on._record(scope, state, 200, 0.001)
+    record_us = (time.perf_counter() - started) / (requests * rounds) * 1e6
+    print(f"instrumentation work per request, timed alone: {record_us:.1f} us (metrics + one JSON access line)")
+    per_off = totals["off"] / (rounds * requests) * 1e6
+    per_on = totals["on"] / (rounds * requests) * 1e6
+    print(
+        f"in process (ASGI) GET /v2/health/live: off {per_off:7.1f} us/request   on {per_on:7.1f} us/request   "
+        f"instrumentation {per_on - per_off:6.1f} us/request   throughput ratio on/off {per_off / per_on:.3f}"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--in-process-requests", type=int, default=2000)
     args = parser.parse_args()
 
     from conftest import free_port  # noqa: E402
@@ -136,6 +187,7 @@ async def main() -> None:
                 print(
                     f"GET {path:<55} instrumentation off {off:8.1f} req/s   on {on:8.1f} req/s   ratio on/off {on / off:.3f}"
                 )
+            await in_process(args.rounds, args.in_process_requests)
         finally:
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
