@@ -79,7 +79,9 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception("unhandled error in request %s %s", scope.get("method"), scope.get("path"))
+            log.exception(
+                "unhandled error in request %s %s %s", request_id, scope.get("method"), scope.get("path")
+            )
             if response_started:  # too late for an error body; let the server drop the connection
                 raise
             await internal_error_response(request_id)(scope, receive, send_with_id)
