@@ -183,3 +183,29 @@ async def test_liveness_and_readiness_on_a_migrated_database(client, engine):
     assert body["schema_revision"] == body["expected_revision"]
     # the documented health route is unchanged
     assert (await client.get("/v2/health")).json() == {"status": "ok", "database": "ok"}
+
+
+async def test_tracing_hook_makes_a_span_per_request_with_its_route_and_request_id(engine, settings):
+    import httpx
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from pie.app import create_app
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # the operator's provider: PIE uses it as it is
+    traced = create_app(settings.model_copy(update={"otel_enabled": True}))
+    transport = httpx.ASGITransport(app=traced)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        assert (await http.get("/v2/health", headers={"X-Request-ID": "trace-me-1"})).status_code == 200
+        assert (await http.get("/v2/health/live")).status_code == 200  # probes are not traced
+    servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert [s.name for s in servers] == ["GET /v2/health"]
+    assert servers[0].attributes["pie.request_id"] == "trace-me-1"
+    assert servers[0].attributes["http.route"] == "/v2/health"
+

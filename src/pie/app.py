@@ -43,10 +43,18 @@ class RequestIdMiddleware:
     request metrics; an unhandled exception becomes the 500 envelope — logged once, with the
     traceback in the log and never in the body. Pure ASGI, one layer for all of it."""
 
-    def __init__(self, app: ASGIApp, *, metrics_enabled: bool = True, access_log: bool = True):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics_enabled: bool = True,
+        access_log: bool = True,
+        on_request_id: Callable[[str], None] | None = None,
+    ):
         self.app = app
         self.metrics_enabled = metrics_enabled
         self.access_log = access_log
+        self.on_request_id = on_request_id  # the tracing hook, when on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,6 +72,8 @@ class RequestIdMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         token = request_id_var.set(request_id)
+        if self.on_request_id is not None:
+            self.on_request_id(request_id)
         header = (b"x-request-id", request_id.encode("latin-1"))
         status = 500
         response_started = False
@@ -331,7 +341,10 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(
-        RequestIdMiddleware, metrics_enabled=settings.metrics_enabled, access_log=settings.access_log
+        RequestIdMiddleware,
+        metrics_enabled=settings.metrics_enabled,
+        access_log=settings.access_log,
+        on_request_id=_tracing_hook(settings),
     )
     if settings.cors_origins:
         app.add_middleware(
@@ -343,4 +356,16 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         )
     _include_routers(app)
     _install_openapi(app)
+    if settings.otel_enabled:
+        from pie import tracing
+
+        tracing.instrument(app)
     return app
+
+
+def _tracing_hook(settings: Settings) -> Callable[[str], None] | None:
+    if not settings.otel_enabled:
+        return None
+    from pie import tracing
+
+    return tracing.annotate

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     metrics_enabled: bool = True
     # SIGTERM: how long in-flight requests and in-process jobs may take before jobs are released
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # OpenTelemetry request spans (extra `pie-server[otel]`; standard OTEL_* variables)
+    otel_enabled: bool = False
     public_url: str = "http://127.0.0.1:8000"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # larger request bodies are refused with 413 before they are read into memory
