@@ -20,7 +20,7 @@ job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("pie_job
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 # the standard attributes every JSON line carries; `extra=` fields (the access line's) follow
-JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s %(job_id)s"
+JSON_FIELDS = "%(levelname)s %(name)s %(message)s %(request_id)s %(job_id)s"
 
 
 class ContextFilter(logging.Filter):
@@ -39,6 +39,8 @@ class TextFormatter(logging.Formatter):
     appended when the record has one."""
 
     def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = "-"
         line = super().format(record)
         job_id = getattr(record, "job_id", None)
         if job_id and job_id not in record.getMessage():
@@ -52,8 +54,8 @@ def logging_config(log_format: str = "text", level: str = "info") -> dict[str, A
         {
             "()": "pythonjsonlogger.json.JsonFormatter",
             "fmt": JSON_FIELDS,
-            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
-            "timestamp": False,
+            "rename_fields": {"levelname": "level", "name": "logger"},
+            "timestamp": "time",  # ISO 8601, UTC
         }
         if json_format
         else {"()": "pie.logconfig.TextFormatter", "fmt": TEXT_FORMAT}
