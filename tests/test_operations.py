@@ -125,6 +125,7 @@ async def test_metrics_after_http_traffic_and_in_process_jobs(client, session, a
         assert (await client.get(f"/v2/jobs/{job.job_id}", headers=admin)).status_code == 200
     assert (await client.get("/v2/jobs/0192f1c4-0000-7000-8000-000000000000", headers=admin)).status_code == 404
     assert (await client.get("/no/such/route/123")).status_code == 404
+    assert (await client.get("/v2/openapi.json")).status_code == 200
 
     queued = await _scrape(client)
     assert _value(queued, "pie_jobs_queue_depth", status="pending", job_type="inference") == 3
@@ -142,6 +143,7 @@ async def test_metrics_after_http_traffic_and_in_process_jobs(client, session, a
     # unmatched paths never become labels of their own
     assert delta("pie_http_requests_total", route="unmatched", method="GET", status="404") == 1
     assert not any("/no/such" in str(key) for key in after)
+    assert delta("pie_http_requests_total", route="/v2/openapi.json", method="GET", status="200") == 1
     assert delta("pie_http_request_duration_seconds_count", route=route, method="GET") == 4
     assert delta("pie_jobs_created_total", job_type="inference") == 3
     assert delta("pie_jobs_ended_total", job_type="inference", handler_type="in_process", status="success") == 3

@@ -99,9 +99,21 @@ class RequestIdMiddleware:
             self._record(scope, state, status, time.perf_counter() - started)
             request_id_var.reset(token)
 
+    _static: frozenset[str] | None = None
+
+    def _static_paths(self, scope: Scope) -> frozenset[str]:
+        if self._static is None:
+            routes = getattr(scope.get("app"), "routes", ())
+            self._static = frozenset(r.path for r in routes if "{" not in getattr(r, "path", "{"))
+        return self._static
+
     def _record(self, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
-        route = scope.get("route")
-        route_path = metrics.route_label(getattr(route, "path", None))
+        route_path = getattr(scope.get("route"), "path", None)
+        if route_path is None and status != 404:
+            # plain Starlette routes (docs, OpenAPI) do not name themselves in the scope; their
+            # paths have no parameters, so the path is the template
+            route_path = scope.get("path") if scope.get("path") in self._static_paths(scope) else None
+        route_path = metrics.route_label(route_path)
         method = metrics.method_label(scope.get("method", ""))
         if self.metrics_enabled:
             metrics.observe_request(route_path, method, status, seconds)
