@@ -98,7 +98,7 @@ REQUIRED: dict[str, frozenset[str]] = {
     # 9.3 the in-process handler names are part of the model registry
     "listinprocesshandlers": frozenset({"read_models"}),
 }
-PUBLIC = {"health"}
+PUBLIC = {"health", "healthlive", "healthready"}
 
 SUBSCRIPTION_BODY = {
     "trigger_event": "training_complete",

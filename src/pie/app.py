@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import signal
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -15,7 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pie import db
+from pie import db, metrics
 from pie.auth import TokenVerifier
 from pie.config import Settings, get_settings
 from pie.errors import (
@@ -26,32 +30,60 @@ from pie.errors import (
     internal_error_response,
 )
 
+from pie.logconfig import request_id_var
+
 log = logging.getLogger("pie")
+access_log = logging.getLogger("pie.access")
 
 
 class RequestIdMiddleware:
-    """Gives every request an id (``X-Request-ID``, kept if the caller sent a sane one) and turns
-    an unhandled exception into the 500 envelope — logged once, with the request id, the
-    traceback in the log and never in the body."""
+    """Per request: an id (``X-Request-ID``, kept if the caller sent a sane one, else generated)
+    set on the logging context and echoed on the response; one access line (logger
+    ``pie.access``: method, route template, status, duration, the caller's sub/tenant) and the
+    request metrics; an unhandled exception becomes the 500 envelope — logged once, with the
+    traceback in the log and never in the body. Pure ASGI, one layer for all of it."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics_enabled: bool = True,
+        access_log: bool = True,
+        on_request_id: Callable[[str], None] | None = None,
+    ):
         self.app = app
+        self.metrics_enabled = metrics_enabled
+        self.access_log = access_log
+        self.on_request_id = on_request_id  # the tracing hook, when on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if incoming and len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-
+        started = time.perf_counter()
+        incoming = b""
+        for name, value in scope.get("headers") or ():
+            if name == b"x-request-id":
+                incoming = value
+                break
+        request_id = incoming.decode("latin-1") if incoming else ""
+        if not (request_id and len(request_id) <= 128 and request_id.isprintable()):
+            request_id = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        if self.on_request_id is not None:
+            self.on_request_id(request_id)
+        header = (b"x-request-id", request_id.encode("latin-1"))
+        status = 500
         response_started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal response_started
+            nonlocal response_started, status
             if message["type"] == "http.response.start":
                 response_started = True
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+                status = message["status"]
+                message.setdefault("headers", []).append(header)
             await send(message)
 
         try:
@@ -63,6 +95,52 @@ class RequestIdMiddleware:
             if response_started:  # too late for an error body; let the server drop the connection
                 raise
             await internal_error_response(request_id)(scope, receive, send_with_id)
+        finally:
+            self._record(scope, state, status, time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    _static: frozenset[str] | None = None
+
+    def _static_paths(self, scope: Scope) -> frozenset[str]:
+        if self._static is None:
+            routes = getattr(scope.get("app"), "routes", ())
+            self._static = frozenset(r.path for r in routes if "{" not in getattr(r, "path", "{"))
+        return self._static
+
+    def _record(self, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
+        route_path = getattr(scope.get("route"), "path", None)
+        if route_path is None and status != 404:
+            # plain Starlette routes (docs, OpenAPI) do not name themselves in the scope; their
+            # paths have no parameters, so the path is the template
+            route_path = scope.get("path") if scope.get("path") in self._static_paths(scope) else None
+        route_path = metrics.route_label(route_path)
+        method = metrics.method_label(scope.get("method", ""))
+        if self.metrics_enabled:
+            metrics.observe_request(route_path, method, status, seconds)
+        if self.access_log and access_log.isEnabledFor(logging.INFO):
+            principal = state.get("principal")
+            sub = getattr(principal, "subject", None)
+            tenants = sorted(getattr(principal, "tenants", ()) or ())
+            tenant = "*" if getattr(principal, "is_admin", False) else (",".join(tenants) or None)
+            duration_ms = round(seconds * 1000, 2)
+            access_log.info(
+                "%s %s %s %.2fms sub=%s tenant=%s",
+                method,
+                route_path,
+                status,
+                duration_ms,
+                sub or "-",
+                tenant or "-",
+                extra={
+                    "method": method,
+                    "route": route_path,
+                    "path": scope.get("path"),
+                    "status": status,
+                    "duration_ms": duration_ms,
+                    "sub": sub,
+                    "tenant": tenant,
+                },
+            )
 
 
 class HeadAsGetMiddleware:
@@ -120,6 +198,34 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _chain_shutdown_signals(callback: Callable[[], None]) -> Callable[[], None]:
+    """Run ``callback`` on the event loop as soon as SIGTERM/SIGINT arrives, then the handler
+    the server installed (uvicorn: stop accepting, drain connections, lifespan shutdown).
+    Returns a function restoring the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if not callable(handler):
+            continue
+
+        def chained(signum: int, frame: Any, handler: Any = handler) -> None:
+            loop.call_soon_threadsafe(callback)
+            handler(signum, frame)
+
+        previous[sig] = handler
+        signal.signal(sig, chained)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, handler)
+
+    return restore
 
 
 def _include_routers(app: FastAPI) -> None:
@@ -184,6 +290,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from pie.jobs.waiting import listener
+
         owns_engine = False
         try:
             db.get_engine()
@@ -192,7 +300,21 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
 
             db.init_engine(database_url or resolve_database_url(settings))
             owns_engine = True
+            metrics.instrument_pool(db.get_engine())
+        listener.reset()
+        metrics.WORKER_UP.set(1)
         dispatcher = None
+        stopping: asyncio.Task[None] | None = None
+
+        def on_shutdown_signal() -> None:
+            """SIGTERM/SIGINT, before the server drains its connections: long-polls answer at
+            once, the dispatcher stops claiming and gives its in-process jobs the grace period."""
+            nonlocal stopping
+            listener.shutdown()
+            if dispatcher is not None and stopping is None:
+                stopping = asyncio.ensure_future(dispatcher.stop(grace=settings.shutdown_grace_seconds))
+
+        restore = _chain_shutdown_signals(on_shutdown_signal)
         try:
             if settings.run_dispatcher:
                 from pie.dispatch.dispatcher import Dispatcher
@@ -201,10 +323,15 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
                 await dispatcher.start()
             yield
         finally:
+            restore()
+            await listener.close()
             if dispatcher is not None:
-                await dispatcher.stop()
+                if stopping is None:
+                    stopping = asyncio.ensure_future(dispatcher.stop(grace=settings.shutdown_grace_seconds))
+                await stopping
             if owns_engine:
                 await db.dispose_engine()
+            metrics.process_exited()
 
     app = FastAPI(
         title="PIE v2",
@@ -225,7 +352,12 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     # the last added middleware is the outermost: CORS wraps everything, 500s included
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(HeadAsGetMiddleware)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(
+        RequestIdMiddleware,
+        metrics_enabled=settings.metrics_enabled,
+        access_log=settings.access_log,
+        on_request_id=_tracing_hook(settings),
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -236,4 +368,16 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         )
     _include_routers(app)
     _install_openapi(app)
+    if settings.otel_enabled:
+        from pie import tracing
+
+        tracing.instrument(app)
     return app
+
+
+def _tracing_hook(settings: Settings) -> Callable[[str], None] | None:
+    if not settings.otel_enabled:
+        return None
+    from pie import tracing
+
+    return tracing.annotate

@@ -5,20 +5,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.config
 import signal
 import sys
 
 from pie.config import get_settings
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=get_settings().log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pgserver logs every pg_ctl invocation with its full output at INFO; alembic its plugins
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+def _log_config(level: str | None = None) -> dict:
+    """The one logging configuration (PIE_LOG_FORMAT, PIE_LOG_LEVEL) of the CLI and the server
+    (uvicorn applies it in every --workers process)."""
+    from pie.logconfig import logging_config
+
+    settings = get_settings()
+    return logging_config(settings.log_format, (level or settings.log_level).lower())
+
+
+def _configure_logging(level: str | None = None) -> None:
+    logging.config.dictConfig(_log_config(level))
+
+
+def _uvicorn_operations_options(settings, level: str | None = None) -> dict:
+    """uvicorn options of the operations setup: PIE's log format (and access log instead of
+    uvicorn's), and the shutdown grace period for in-flight requests."""
+    return {
+        "log_config": _log_config(level),
+        "access_log": False,
+        "timeout_graceful_shutdown": max(int(settings.shutdown_grace_seconds + 0.999), 1),
+    }
 
 
 def _exit_gracefully(signum: int, frame: object) -> None:
@@ -41,7 +55,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     print(f"PIE v2 listening on http://{host}:{port}  (docs: /v2/docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=(args.log_level or settings.log_level).lower(), proxy_headers=True)
+    level = (args.log_level or settings.log_level).lower()
+    uvicorn.run(
+        app, host=host, port=port, log_level=level, proxy_headers=True, **_uvicorn_operations_options(settings, level)
+    )
     return 0
 
 

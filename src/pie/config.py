@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # operations (README "Operating PIE")
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = True
+    metrics_enabled: bool = True
+    # SIGTERM: how long in-flight requests and in-process jobs may take before jobs are released
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # OpenTelemetry request spans (extra `pie-server[otel]`; standard OTEL_* variables)
+    otel_enabled: bool = False
     public_url: str = "http://127.0.0.1:8000"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # larger request bodies are refused with 413 before they are read into memory
@@ -72,7 +80,7 @@ class Settings(BaseSettings):
     ecs_container_name: str = "main"
     ecs_payload_env_var: str = "PIE_JOB_PAYLOAD"
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

@@ -31,7 +31,9 @@ async def current_principal(
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthorized("malformed Authorization header; expected 'Bearer <token>'")
     verifier: TokenVerifier = request.app.state.verifier
-    return await verifier.verify(credentials.credentials)
+    principal = await verifier.verify(credentials.credentials)
+    request.state.principal = principal  # the access log line names the caller
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -42,3 +42,26 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 def downgrade(database_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
+
+
+def head_revision() -> str | None:
+    """The revision id at the head of the migration scripts (None: no migrations)."""
+    from alembic.script import ScriptDirectory
+
+    root = migrations_root()
+    return ScriptDirectory(str(root / "migrations")).get_current_head()
+
+
+def current_revision(database_url: str) -> str | None:
+    """The revision ``database_url``'s schema is at (None: never migrated)."""
+    import sqlalchemy as sa
+    from alembic.runtime.migration import MigrationContext
+
+    from pie.db import libpq_url
+
+    engine = sa.create_engine(libpq_url(database_url).replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()

@@ -17,6 +17,7 @@ from sqlalchemy import Text, cast, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pie import metrics
 from pie.assignments import freeze
 from pie.assignments.models import Assignment
 from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert
@@ -123,15 +124,16 @@ async def upsert_domain_assignment(
 
     plan = None
     if body.status == "active":
-        plan = await freeze.check_domain(
-            session,
-            client_id=scope.client_id,
-            domain_id=domain_id,
-            definitions=schema_of(version, domain),
-            service_updates=[(u.service_id, u.static_features) for u in updates],
-            model_id=body.model_id,
-            model_version=body.model_version,
-        )
+        with metrics.freeze_check():
+            plan = await freeze.check_domain(
+                session,
+                client_id=scope.client_id,
+                domain_id=domain_id,
+                definitions=schema_of(version, domain),
+                service_updates=[(u.service_id, u.static_features) for u in updates],
+                model_id=body.model_id,
+                model_version=body.model_version,
+            )
     revision = await _write_revision(
         session, client_id=scope.client_id, domain_id=domain_id, service_id=None, key=key, body=body
     )

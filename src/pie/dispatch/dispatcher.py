@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import json
 import logging
 import math
@@ -32,18 +34,19 @@ import re
 import socket
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 from sqlalchemy import text
 
-from pie import db
+from pie import db, metrics
 from pie.config import Settings
 from pie.dispatch.backends import AwsBackends, DispatchError, build_payload
 from pie.dispatch.inprocess import HandlerFailure, get_implementation
+from pie.dispatch.threads import DaemonThreadPool
 from pie.jobs.logic import NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
+from pie.logconfig import job_id_var
 from pie.schemas import unstorable_json
 
 log = logging.getLogger("pie.dispatch")
@@ -68,7 +71,8 @@ _CLAIM = text(
     FROM due, model_versions AS mv
     WHERE j.job_id = due.job_id AND mv.model_id = j.model_id AND mv.version = j.model_version
     RETURNING j.job_id, j.job_type, j.model_id, j.model_version, j.assignment_id, j.client_id,
-              j.domain_id, j.service_id, j.input, j.features, j.attempts, mv.handlers -> j.job_type AS handler
+              j.domain_id, j.service_id, j.input, j.features, j.attempts, mv.handlers -> j.job_type AS handler,
+              EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds
     """
 )
 _RENEW = text(
@@ -188,7 +192,7 @@ class Dispatcher:
         self.dispatched = 0
         self._aws = AwsBackends(settings)
         self._aws_slots = asyncio.Semaphore(AWS_CONCURRENCY)
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DaemonThreadPool | None = None
         self._completions: asyncio.Queue[Completion] = asyncio.Queue()
         self._inflight: set[str] = set()  # claimed by us and not yet handed over / ended
         self._leased: set[str] = set()  # the subset whose lease we renew
@@ -205,7 +209,7 @@ class Dispatcher:
     # lifecycle
 
     def _start_workers(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max(self.settings.in_process_workers, 1), thread_name_prefix="pie-job")
+        self._pool = DaemonThreadPool(max_workers=max(self.settings.in_process_workers, 1), thread_name_prefix="pie-job")
         self._background += [
             asyncio.create_task(self._completer(), name=f"{self.name}-completer"),
             asyncio.create_task(self._renewer(), name=f"{self.name}-lease-renewer"),
@@ -246,18 +250,32 @@ class Dispatcher:
             leftovers.append(self._completions.get_nowait())
         if leftovers:
             await self._finish(leftovers)
-        if self._inflight:
-            with contextlib.suppress(Exception):
-                async with db.get_engine().begin() as conn:
-                    await conn.execute(_RELEASE, {"ids": sorted(self._inflight), "me": self.worker_id})
-                    await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_CHANNEL})
-                log.info("dispatcher %s released %d unfinished jobs", self.worker_id, len(self._inflight))
-            self._inflight.clear()
-            self._leased.clear()
+        await self.release_unfinished()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._running = False
         log.info("dispatcher %s stopped after %d dispatches", self.worker_id, self.dispatched)
+
+    async def release_unfinished(self) -> int:
+        """Give the jobs this dispatcher claimed but did not finish back to the queue (pending,
+        due now, no lease) and wake the other dispatchers, so one takes them at once instead
+        of after the lease. Returns how many were released."""
+        if not self._inflight:
+            return 0
+        ids = sorted(self._inflight)
+        released = 0
+        try:
+            async with db.get_engine().begin() as conn:
+                released = (await conn.execute(_RELEASE, {"ids": ids, "me": self.worker_id})).rowcount
+                await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_CHANNEL})
+            log.info("dispatcher %s released %d unfinished jobs", self.worker_id, released)
+            for job_id in ids:
+                log.info("job %s released to the queue (unfinished at stop)", job_id, extra={"job_id": job_id})
+        except Exception as exc:  # the lease expiry recovers them later
+            log.warning("dispatcher %s could not release %d unfinished jobs: %s", self.worker_id, len(ids), exc)
+        self._inflight.clear()
+        self._leased.clear()
+        return released
 
     # ---------------------------------------------------------------------------------------
     # waking up
@@ -321,6 +339,7 @@ class Dispatcher:
             return 0
         self._idle.clear()
         for row in sorted(rows, key=lambda r: r.job_id):
+            metrics.job_started(row.job_type, row.queued_seconds)
             self._inflight.add(row.job_id)
             self._leased.add(row.job_id)
             self._spawn(self._hand_over(row))
@@ -333,8 +352,10 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _hand_over(self, row: Any) -> None:
+        job_id_var.set(row.job_id)  # this task's log lines carry the job id
         handler = row.handler if isinstance(row.handler, dict) else None
         kind = handler.get("type") if handler else None
+        metrics.dispatch_attempt(kind)
         payload = build_payload(self.settings, row)
         try:
             if kind == "in_process":
@@ -377,7 +398,9 @@ class Dispatcher:
     async def _run_in_process(self, row: Any, implementation: Any, payload: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            output = await loop.run_in_executor(self._pool, _run_implementation, implementation, payload)
+            # the handler's own log lines carry the job id too
+            run = functools.partial(contextvars.copy_context().run, _run_implementation, implementation, payload)
+            output = await loop.run_in_executor(self._pool, run)
             completion = Completion(row.job_id, "success", output=output)
         except asyncio.CancelledError:
             raise
@@ -395,6 +418,7 @@ class Dispatcher:
 
     async def _dispatch_failed(self, row: Any, exc: DispatchError, kind: str | None) -> None:
         error = {**exc.as_error(), "attempts": row.attempts, "backend": kind}
+        metrics.dispatch_failure(kind, exc.retryable)
         try:
             if exc.retryable and row.attempts < self.settings.dispatch_max_attempts:
                 delay = backoff_delay(self.settings, row.attempts)

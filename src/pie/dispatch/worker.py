@@ -37,6 +37,6 @@ async def run_worker(settings: Settings, name: str | None = None) -> None:
         await stop.wait()
     finally:
         log.info("stopping worker %s", dispatcher.worker_id)
-        await dispatcher.stop()
+        await dispatcher.stop(grace=settings.shutdown_grace_seconds)
         if owns_engine:
             await db.dispose_engine()

@@ -21,6 +21,7 @@ from fastapi import Response
 from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pie import metrics
 from pie.auth import Principal
 from pie.errors import Conflict, Forbidden, NotFound
 from pie.jobs.models import Job
@@ -74,6 +75,7 @@ async def create_job(
     await session.flush()
     await session.refresh(job)
     await notify_new_jobs(session)
+    metrics.on_commit(session, metrics.jobs_created([job_type]))
     return job
 
 
@@ -198,8 +200,16 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
     (missing job ids are simply absent). Rows are locked ``FOR UPDATE`` in job_id order."""
     if not completions:
         return {}
+    from pie.registry.models import ModelVersion
+
     by_id = {c.job_id: c for c in completions}
     ids = sorted(by_id)
+    # for the metrics: the handler type behind the job and its age
+    handler_type = (
+        select(ModelVersion.handlers[Job.job_type]["type"].astext)
+        .where(ModelVersion.model_id == Job.model_id, ModelVersion.version == Job.model_version)
+        .scalar_subquery()
+    )
     rows = (
         await session.execute(
             select(
@@ -213,6 +223,8 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
                 Job.domain_id,
                 Job.service_id,
                 Job.warnings,
+                handler_type.label("handler_type"),
+                func.extract("epoch", func.now() - Job.created_at).label("age_seconds"),
             )
             .where(Job.job_id.in_(ids))
             .order_by(Job.job_id)
@@ -268,6 +280,13 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
             {"b_job_id": row.job_id, "b_status": wanted.status, "b_output": output, "b_error": error, "b_warnings": warnings}
         )
     await session.execute(_finish_stmt, params)
+    metrics.on_commit(
+        session,
+        metrics.jobs_ended(
+            (r.job_type, r.handler_type, by_id[r.job_id].status, float(r.age_seconds) if r.age_seconds is not None else None)
+            for r in to_end
+        ),
+    )
 
     # the end of a service's init job sets the service status
     inits = [r for r in to_end if r.purpose == "service_init" and r.service_id is not None]

@@ -46,9 +46,9 @@ async def get_job(
         async with db.sessionmaker()() as s:
             return await logic.get_job(s, principal, job_id)
 
-    job = await read()  # 404 / 403 at once
-    if wait <= 0 or job.status in logic.ENDED:
-        return job
+    if wait <= 0:
+        return await read()
+    # 404 / 403 at once (the first read); then no query until the job ends or time is up
     return await wait_for_end(job_id, wait, read, lambda j: j.status in logic.ENDED)
 
 

@@ -1,0 +1,92 @@
+"""Logging: one format for the application and the access log, ``PIE_LOG_FORMAT=json|text``.
+
+Every record carries the id of the request it belongs to (``request_id``) and, in the
+dispatcher, the job it is about (``job_id``), taken from context variables set by the request
+middleware and the dispatcher. JSON lines are written by ``python-json-logger``.
+
+:func:`logging_config` returns a ``logging.config.dictConfig`` dictionary: ``pie serve`` passes
+it to uvicorn as ``log_config``, so each ``--workers`` process applies the same configuration.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import logging.config
+from typing import Any
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("pie_request_id", default=None)
+job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("pie_job_id", default=None)
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+# the standard attributes every JSON line carries; `extra=` fields (the access line's) follow
+JSON_FIELDS = "%(levelname)s %(name)s %(message)s %(request_id)s %(job_id)s"
+
+
+class ContextFilter(logging.Filter):
+    """Adds ``request_id`` and ``job_id`` (``None`` outside a request / job) to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
+        if not hasattr(record, "job_id"):
+            record.job_id = job_id_var.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """The human format; the access line's fields are in its message already, a job id is
+    appended when the record has one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = "-"
+        line = super().format(record)
+        job_id = getattr(record, "job_id", None)
+        if job_id and job_id not in record.getMessage():
+            line += f" job_id={job_id}"
+        return line
+
+
+def logging_config(log_format: str = "text", level: str = "info") -> dict[str, Any]:
+    json_format = log_format == "json"
+    formatter: dict[str, Any] = (
+        {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": JSON_FIELDS,
+            "rename_fields": {"levelname": "level", "name": "logger"},
+            "timestamp": "time",  # ISO 8601, UTC
+        }
+        if json_format
+        else {"()": "pie.logconfig.TextFormatter", "fmt": TEXT_FORMAT}
+    )
+    quiet = {"level": "WARNING"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"context": {"()": "pie.logconfig.ContextFilter"}},
+        "formatters": {"pie": formatter},
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "pie",
+                "filters": ["context"],
+            }
+        },
+        "root": {"handlers": ["default"], "level": level.upper()},
+        "loggers": {
+            # uvicorn's own lines go through the same handler; its access log is replaced by
+            # PIE's (logger pie.access, written by the request middleware)
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},
+            # pgserver logs every pg_ctl invocation with its full output at INFO; alembic its plugins
+            "pgserver": quiet,
+            "alembic.runtime.plugins": quiet,
+        },
+    }
+
+
+def configure_logging(log_format: str = "text", level: str = "info") -> None:
+    logging.config.dictConfig(logging_config(log_format, level))

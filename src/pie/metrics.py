@@ -1,0 +1,270 @@
+"""Prometheus metrics (``GET /metrics``), built on ``prometheus-client``.
+
+One process: the default in-memory registry. Several processes (``pie serve --workers N``):
+the parent calls :func:`prepare_multiprocess` before the workers start, so every worker writes
+its samples to files under ``PROMETHEUS_MULTIPROC_DIR`` and a scrape (answered by any worker)
+aggregates the files of all of them (prometheus-client's multiprocess mode).
+
+Label values are bounded: route templates (never raw paths), HTTP methods, status codes, job
+types, handler types, job statuses. The queue depth is read from the database at scrape time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_HANDLER_TYPES = frozenset({"lambda", "ecs_task", "in_process"})
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0)
+
+HTTP_REQUESTS = Counter(
+    "pie_http_requests", "HTTP requests answered, by route template, method and status", ["route", "method", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "pie_http_request_duration_seconds",
+    "Time from the request's arrival to the end of its response, by route template and method",
+    ["route", "method"],
+    buckets=_LATENCY_BUCKETS,
+)
+JOBS_CREATED = Counter("pie_jobs_created", "Jobs created (committed), by job type", ["job_type"])
+JOBS_ENDED = Counter(
+    "pie_jobs_ended", "Jobs ended (committed), by job type, handler type and final status",
+    ["job_type", "handler_type", "status"],
+)
+JOB_QUEUE_SECONDS = Histogram(
+    "pie_job_queue_seconds", "Time from a job's creation to its (latest) start, by job type", ["job_type"],
+    buckets=_JOB_BUCKETS,
+)
+JOB_END_SECONDS = Histogram(
+    "pie_job_end_seconds", "Time from a job's creation to its end, by job type and final status",
+    ["job_type", "status"], buckets=_JOB_BUCKETS,
+)
+DISPATCH_ATTEMPTS = Counter("pie_dispatch_attempts", "Jobs handed to a backend, by backend", ["backend"])
+DISPATCH_FAILURES = Counter(
+    "pie_dispatch_failures", "Hand-overs that failed (retried or not), by backend", ["backend", "retryable"]
+)
+FREEZE_CHECKS = Counter("pie_freeze_checks", "Default-assignment freeze checks, by result", ["result"])
+FREEZE_SECONDS = Histogram(
+    "pie_freeze_check_duration_seconds", "Duration of a freeze check", buckets=_LATENCY_BUCKETS
+)
+DB_POOL_IN_USE = Gauge(
+    "pie_db_pool_connections_in_use", "Database connections checked out of the pool (summed over processes)",
+    multiprocess_mode="livesum",
+)
+WORKER_UP = Gauge(
+    "pie_worker_up", "1 per serving process (with a pid label under --workers)", multiprocess_mode="liveall"
+)
+LONG_POLLS = Gauge(
+    "pie_long_polls_waiting", "Requests waiting for a job to end (?wait=N), summed over processes",
+    multiprocess_mode="livesum",
+)
+
+
+def prepare_multiprocess(directory: str | os.PathLike[str]) -> Path:
+    """Call in the parent before ``--workers`` processes start: empties ``directory`` and sets
+    ``PROMETHEUS_MULTIPROC_DIR`` for the children (which import prometheus-client afresh)."""
+    path = Path(directory)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def process_exited(pid: int | None = None) -> None:
+    """A worker stops: drop its live gauges (multiprocess mode only)."""
+    if multiprocess_enabled():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())
+
+
+# ---------------------------------------------------------------------------------------------
+# recording (cheap: a dict lookup and a locked add each)
+
+
+def route_label(route_path: str | None) -> str:
+    return route_path or "unmatched"
+
+
+def method_label(method: str) -> str:
+    return method if method in _METHODS else "other"
+
+
+def handler_label(handler_type: Any) -> str:
+    if handler_type is None:
+        return "none"
+    return handler_type if handler_type in _HANDLER_TYPES else "other"
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(route, method, str(status)).inc()
+    HTTP_LATENCY.labels(route, method).observe(seconds)
+
+
+def on_commit(session: Any, callback: Callable[[], None]) -> None:
+    """Run ``callback`` when ``session``'s transaction commits (dropped on rollback), so a job
+    counts as created or ended only once it really is."""
+    sync_session = getattr(session, "sync_session", session)
+    sync_session.info.setdefault("pie_on_commit", []).append(callback)
+
+
+def _install_session_hooks() -> None:
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    def run(session: Session) -> None:
+        for callback in session.info.pop("pie_on_commit", ()):
+            callback()
+
+    def drop(session: Session) -> None:
+        session.info.pop("pie_on_commit", None)
+
+    event.listen(Session, "after_commit", run)
+    event.listen(Session, "after_soft_rollback", lambda session, previous: drop(session))
+
+
+_install_session_hooks()
+
+
+def jobs_created(job_types: Iterable[str]) -> Callable[[], None]:
+    types = list(job_types)
+
+    def record() -> None:
+        for job_type in types:
+            JOBS_CREATED.labels(job_type).inc()
+
+    return record
+
+
+def jobs_ended(rows: Iterable[tuple[str, Any, str, float | None]]) -> Callable[[], None]:
+    """``rows``: (job_type, handler_type, status, seconds since creation)."""
+    items = list(rows)
+
+    def record() -> None:
+        for job_type, handler_type, status, seconds in items:
+            JOBS_ENDED.labels(job_type, handler_label(handler_type), status).inc()
+            if seconds is not None:
+                JOB_END_SECONDS.labels(job_type, status).observe(max(seconds, 0.0))
+
+    return record
+
+
+def job_started(job_type: str, queued_seconds: float | None) -> None:
+    if queued_seconds is not None:
+        JOB_QUEUE_SECONDS.labels(job_type).observe(max(float(queued_seconds), 0.0))
+
+
+def dispatch_attempt(backend: Any) -> None:
+    DISPATCH_ATTEMPTS.labels(handler_label(backend)).inc()
+
+
+def dispatch_failure(backend: Any, retryable: bool) -> None:
+    DISPATCH_FAILURES.labels(handler_label(backend), "true" if retryable else "false").inc()
+
+
+class freeze_check:
+    """``with metrics.freeze_check():`` times a freeze check: ``passed``, ``blocked`` (it raised
+    ``AssignmentBlocked``: some service's features fail the contract) or ``error`` (bad input)."""
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        FREEZE_SECONDS.observe(time.perf_counter() - self.start)
+        if exc_type is None:
+            result = "passed"
+        else:
+            result = "blocked" if exc_type.__name__ == "AssignmentBlocked" else "error"
+        FREEZE_CHECKS.labels(result).inc()
+
+
+def instrument_pool(engine: Any) -> None:
+    """Track connections checked out of ``engine``'s pool."""
+    from sqlalchemy import event
+
+    pool = engine.sync_engine.pool if hasattr(engine, "sync_engine") else engine.pool
+    event.listen(pool, "checkout", lambda *a: DB_POOL_IN_USE.inc())
+    event.listen(pool, "checkin", lambda *a: DB_POOL_IN_USE.dec())
+
+
+# ---------------------------------------------------------------------------------------------
+# scraping
+
+_QUEUE_SQL = """
+    SELECT status, job_type, count(*) AS n,
+           EXTRACT(EPOCH FROM now() - min(CASE WHEN status = 'started' THEN started_at ELSE created_at END)) AS oldest
+    FROM jobs WHERE status IN ('pending', 'started')
+    GROUP BY status, job_type
+"""
+
+
+class _Snapshot:
+    def __init__(self, rows: list[Any]):
+        self.rows = rows
+
+    def collect(self) -> Iterable[Any]:
+        depth = GaugeMetricFamily(
+            "pie_jobs_queue_depth", "Jobs waiting (pending) or running (started), read at scrape time",
+            labels=["status", "job_type"],
+        )
+        oldest = GaugeMetricFamily(
+            "pie_jobs_oldest_age_seconds",
+            "Age of the oldest pending job (since creation) / started job (since its start), read at scrape time",
+            labels=["status", "job_type"],
+        )
+        seen = set()
+        for row in self.rows:
+            seen.add((row.status, row.job_type))
+            depth.add_metric([row.status, row.job_type], row.n)
+            oldest.add_metric([row.status, row.job_type], float(row.oldest or 0.0))
+        for status in ("pending", "started"):  # the series exist even when the queue is empty
+            for job_type in ("inference", "training"):
+                if (status, job_type) not in seen:
+                    depth.add_metric([status, job_type], 0)
+                    oldest.add_metric([status, job_type], 0.0)
+        yield depth
+        yield oldest
+
+
+async def render(engine: Any) -> tuple[bytes, str]:
+    """The exposition text: this process's (or every worker's) samples plus the queue depth."""
+    from sqlalchemy import text
+
+    from prometheus_client import REGISTRY
+
+    if multiprocess_enabled():
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    body = generate_latest(registry)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(_QUEUE_SQL))).all()
+    snapshot = CollectorRegistry()
+    snapshot.register(_Snapshot(rows))
+    return body + generate_latest(snapshot), CONTENT_TYPE_LATEST
