@@ -189,3 +189,20 @@ def test_pie_keys_cli(database_url, tmp_path):
     assert pie("retire", "cb-nope").returncode == 2
     with __import__("psycopg").connect(database_url) as conn:  # leave no keys behind for other tests
         conn.execute("DELETE FROM signing_keys WHERE kid = ANY(%s)", ([kid1, kid2],))
+
+
+async def test_a_batch_of_hand_overs_reads_the_signing_key_once(engine):
+    """Regression: 20 hand-overs at once each opened a connection to read the key (with three
+    dispatchers the database ran out of connections)."""
+    import asyncio
+
+    opened = []
+
+    class CountingEngine:
+        def begin(self):
+            opened.append(1)
+            return engine.begin()
+
+    cache = callbacks.KeyCache()
+    keys = await asyncio.gather(*(cache.get(CountingEngine()) for _ in range(20)))
+    assert len(set(keys)) == 1 and len(opened) == 1

@@ -15,6 +15,7 @@ A lower module: it imports only configuration, the database base and the error t
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass
@@ -82,13 +83,23 @@ class KeyCache:
         self.ttl = ttl
         self._key: Key | None = None
         self._read_at = 0.0
+        self._lock: asyncio.Lock | None = None
+
+    def _fresh(self) -> bool:
+        return self._key is not None and time.monotonic() - self._read_at < self.ttl
 
     async def get(self, engine: Any) -> Key:
-        if self._key is None or time.monotonic() - self._read_at >= self.ttl:
-            async with engine.begin() as conn:
-                self._key = await current_key(conn)
-            self._read_at = time.monotonic()
-        return self._key
+        if self._fresh():
+            return self._key  # type: ignore[return-value]
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        # one reader per refresh: a batch of hand-overs must not each open a connection
+        async with self._lock:
+            if not self._fresh():
+                async with engine.begin() as conn:
+                    self._key = await current_key(conn)
+                self._read_at = time.monotonic()
+        return self._key  # type: ignore[return-value]
 
 
 def mint(key: Key, job: Any, ttl_seconds: float, *, now: float | None = None) -> str:
