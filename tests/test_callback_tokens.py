@@ -171,24 +171,26 @@ async def test_rotation_keeps_jobs_in_flight_and_retirement_revokes(client, sess
 
 
 def test_pie_keys_cli(database_url, tmp_path):
+    import psycopg
+
     env = clean_subprocess_env(PIE_DATABASE_URL=database_url, PIE_DATA_DIR=str(tmp_path))
 
     def pie(*args):
         return subprocess.run([*pie_command(), "keys", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
-    first = pie("rotate")
-    assert first.returncode == 0, first.stderr
-    kid1 = first.stdout.split()[3].rstrip(":")
-    kid2 = pie("rotate").stdout.split()[3].rstrip(":")
-    listed = pie("list").stdout
-    assert f"{kid1} " in listed and f"{kid2} " in listed and "active, signing" in listed.splitlines()[-1]
-    refused = pie("retire", kid2)
+    old = callbacks.new_key()
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO signing_keys (kid, secret, created_at) VALUES (%s, %s, now() - interval '1 day')", (old.kid, old.secret))
+    rotated = pie("rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    new_kid = rotated.stdout.split()[3].rstrip(":")
+    refused = pie("retire", new_kid)  # the signing key: refused without --force
     assert refused.returncode == 2 and "pie keys rotate" in refused.stderr
-    assert pie("retire", kid1).returncode == 0
-    assert "retired" in [line for line in pie("list").stdout.splitlines() if line.startswith(kid1)][0]
-    assert pie("retire", "cb-nope").returncode == 2
-    with __import__("psycopg").connect(database_url) as conn:  # leave no keys behind for other tests
-        conn.execute("DELETE FROM signing_keys WHERE kid = ANY(%s)", ([kid1, kid2],))
+    assert pie("retire", old.kid).returncode == 0
+    listed = {line.split()[0]: line for line in pie("list").stdout.splitlines()}
+    assert "retired" in listed[old.kid] and listed[new_kid].endswith("active, signing")
+    with psycopg.connect(database_url) as conn:  # leave no keys behind for other tests
+        conn.execute("DELETE FROM signing_keys WHERE kid = ANY(%s)", ([old.kid, new_kid],))
 
 
 async def test_a_batch_of_hand_overs_reads_the_signing_key_once(engine):
