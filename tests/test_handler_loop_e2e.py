@@ -25,7 +25,6 @@ from test_dispatch_aws import (  # noqa: F401  (fixtures)
     aws,
     aws_settings,
     ecs_cluster,
-    lambda_function,
     moto_endpoint,
     recorded_invocations,
     seed,
@@ -67,6 +66,25 @@ def run_bare(example: Path, mode: str, *, stdin: str = "", env: dict[str, str] |
         text=True,
         timeout=120,
     )
+
+
+@pytest.fixture(scope="module")
+def lambda_function(moto_endpoint) -> dict[str, str]:
+    """A function of this module's own (moto's state is per process, shared with
+    test_dispatch_aws's server)."""
+    import io
+    import zipfile
+
+    role = aws("iam", moto_endpoint).create_role(RoleName="pie-handler-e2e", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    code = io.BytesIO()
+    with zipfile.ZipFile(code, "w") as z:
+        z.write(LAMBDA_EXAMPLE / "handler.py", "handler.py")
+        z.write(KIT / "pie_handler_kit.py", "pie_handler_kit.py")
+    lam = aws("lambda", moto_endpoint)
+    fn = lam.create_function(
+        FunctionName="pie-e2e", Runtime="python3.12", Role=role, Handler="handler.handler", Code={"ZipFile": code.getvalue()}
+    )
+    return {"arn": fn["FunctionArn"], "version": lam.publish_version(FunctionName="pie-e2e")["Version"]}
 
 
 def test_the_bare_interpreter_cannot_import_pie():
