@@ -6,6 +6,7 @@ One cycle:
    ``locked_by``, a lease) in one short transaction, so any number of dispatchers on any number
    of machines can share the database and each job is claimed by exactly one of them;
 2. after that commit, hand each job to the backend of its version's handler for its job_type:
+   with a payload carrying the job's callback token (:mod:`pie.callbacks`):
    Lambda ``Invoke`` (``Event``) or ECS ``RunTask`` in a thread, then the lease is cleared and the
    job stays ``started`` until the completion callback; in-process implementations run in a
    thread pool (the lease is renewed while they run) and their result ends the job through
@@ -15,7 +16,7 @@ One cycle:
 
 Dispatchers wake on ``LISTEN pie_jobs`` (``create_job`` notifies at commit) with a polling
 fallback. Every ``dispatch_sweep_interval`` seconds a dispatcher also ends started jobs older than
-``job_timeout_seconds`` ("timed out") and returns jobs whose lease expired (their dispatcher
+their handler's ``timeout_seconds`` (else ``job_timeout_seconds``) ("timed out") and returns jobs whose lease expired (their dispatcher
 died) to the queue.
 """
 
@@ -39,9 +40,8 @@ from typing import Any
 import psycopg
 from sqlalchemy import text
 
-from pie import db
+from pie import callbacks, db
 from pie.config import Settings
-from pie import callbacks
 from pie.dispatch.backends import AwsBackends, DispatchError, build_payload, callback_token_ttl, public_url_warning
 from pie.dispatch.inprocess import HandlerFailure, get_implementation
 from pie.jobs.logic import NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
