@@ -114,6 +114,7 @@ async def test_handler_receives_the_documented_payload(session, settings):
         session, input={"a": 1}, features={"f": 2}, client_id="sealink", domain_id="pricing", service_id="svc-1"
     )
     await dispatch_until_idle(settings)
+    assert CAPTURED[0].pop("callback_token").count(".") == 2  # spec 14.5 (test_callback_tokens.py)
     assert CAPTURED == [
         {
             "job_id": job_id,

@@ -1,4 +1,4 @@
-"""``pie`` command line: serve, worker, migrate, token."""
+"""``pie`` command line: serve, worker, migrate, token, keys."""
 
 from __future__ import annotations
 
@@ -108,6 +108,44 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Callback-token signing keys (spec 14.5): list, rotate, retire."""
+    from pie import callbacks, db
+    from pie.embedded import resolve_database_url
+
+    url = resolve_database_url(get_settings(), migrate=False)
+
+    async def run() -> int:
+        db.init_engine(url)
+        try:
+            async with db.sessionmaker()() as session, session.begin():
+                if args.action == "rotate":
+                    key = await callbacks.rotate(session)
+                    print(f"new signing key {key.kid}: it signs callback tokens from now on (dispatchers pick it up "
+                          f"within {callbacks.KEY_CACHE_SECONDS:g} s); older keys keep verifying until retired")
+                elif args.action == "retire":
+                    try:
+                        key = await callbacks.retire(session, args.kid, force=args.force)
+                    except (LookupError, ValueError) as exc:
+                        print(f"pie keys retire: {exc.args[0]}", file=sys.stderr)
+                        return 2
+                    print(f"signing key {key.kid} retired: callback tokens it signed are refused from now on")
+                else:
+                    keys = await callbacks.list_keys(session)
+                    current = next((k.kid for k in reversed(keys) if k.retired_at is None), None)
+                    for key in keys:
+                        state = "retired " + key.retired_at.isoformat() if key.retired_at else (
+                            "active, signing" if key.kid == current else "active")
+                        print(f"{key.kid}  created {key.created_at.isoformat()}  {state}")
+                    if not keys:
+                        print("no signing keys yet (the first dispatch creates one)")
+            return 0
+        finally:
+            await db.dispose_engine()
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pie", description="PIE v2 server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--username", default=None, help="username claim (marks a human token)")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.set_defaults(func=cmd_token)
+
+    keys = sub.add_parser("keys", help="callback-token signing keys: list, rotate, retire")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    keys_sub.add_parser("list", help="list the signing keys (newest active one signs)")
+    keys_sub.add_parser("rotate", help="add a new signing key; older keys keep verifying until retired")
+    retire = keys_sub.add_parser("retire", help="refuse callback tokens signed with KID from now on")
+    retire.add_argument("kid")
+    retire.add_argument("--force", action="store_true", help="also retire the key that currently signs")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     in_process_workers: int = 4
     # how often a dispatcher looks for timed-out jobs and expired in-process leases
     dispatch_sweep_interval: float = 5.0
+    # a job's callback token expires this long after the job's time-out
+    callback_token_margin_seconds: float = Field(default=900.0, ge=0)
+    # the largest Lambda Event (asynchronous) invocation payload: 256 KB is the limit every
+    # region had until AWS raised it to 1 MB in 2025; set 1048576 where your functions allow it
+    lambda_max_payload_bytes: int = Field(default=256 * 1024, gt=0)
 
     # AWS
     aws_region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "PIE_AWS_REGION"))

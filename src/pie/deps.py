@@ -37,6 +37,8 @@ async def current_principal(
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+# the raw bearer credentials (for routes that accept another kind of token, e.g. callback tokens)
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 async def authenticate(request: Request) -> Principal:

@@ -7,11 +7,16 @@ of what AWS accepted, or raise :class:`DispatchError`. A dispatched Lambda/ECS j
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from pie.config import Settings
+
+log = logging.getLogger("pie.dispatch")
 
 # ECS caps the overrides structure at 8192 characters of JSON, formatting included (the payload
 # sits in it as a string, so its quotes and backslashes count twice)
@@ -45,9 +50,22 @@ def callback_url(settings: Settings, model_id: str, model_version: str, job_id: 
     return f"{base}/v2/models/{model_id}/versions/{model_version}/jobs/{job_id}/complete"
 
 
-def build_payload(settings: Settings, job: Any) -> dict[str, Any]:
-    """What every handler receives (spec 9.2)."""
-    return {
+def job_timeout(settings: Settings, handler: dict[str, Any] | None) -> float:
+    """The time-out of a job run by ``handler``: its ``timeout_seconds``, else the global one."""
+    value = (handler or {}).get("timeout_seconds")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return settings.job_timeout_seconds
+
+
+def callback_token_ttl(settings: Settings, handler: dict[str, Any] | None) -> float:
+    """A callback token outlives the job's time-out by ``PIE_CALLBACK_TOKEN_MARGIN_SECONDS``."""
+    return job_timeout(settings, handler) + settings.callback_token_margin_seconds
+
+
+def build_payload(settings: Settings, job: Any, callback_token: str | None = None) -> dict[str, Any]:
+    """What every handler receives (spec 9.2, 14.5)."""
+    payload = {
         "job_id": job.job_id,
         "job_type": job.job_type,
         "model_id": job.model_id,
@@ -60,6 +78,80 @@ def build_payload(settings: Settings, job: Any) -> dict[str, Any]:
         "features": job.features,
         "callback_url": callback_url(settings, job.model_id, job.model_version, job.job_id),
     }
+    if callback_token is not None:
+        payload["callback_token"] = callback_token
+    return payload
+
+
+def ecs_overrides(settings: Settings, payload: dict[str, Any]) -> dict[str, Any]:
+    """The RunTask ``overrides``: the payload as JSON in the container's environment variable."""
+    body = json.dumps(payload, separators=(",", ":"))
+    return {
+        "containerOverrides": [
+            {"name": settings.ecs_container_name, "environment": [{"name": settings.ecs_payload_env_var, "value": body}]}
+        ]
+    }
+
+
+def lambda_payload(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def payload_limit_problem(settings: Settings, handler: dict[str, Any] | None, payload: dict[str, Any]) -> str | None:
+    """Why ``payload`` cannot be handed to ``handler`` (its type's size limit), or None."""
+    kind = (handler or {}).get("type")
+    if kind == "ecs_task":
+        size = len(json.dumps(ecs_overrides(settings, payload), separators=(",", ":")))
+        if size > ECS_MAX_OVERRIDES_CHARS:
+            return (
+                f"the job payload makes the ECS container overrides {size} characters of JSON; "
+                f"ECS allows at most {ECS_MAX_OVERRIDES_CHARS} (limit: ECS RunTask overrides)"
+            )
+    elif kind == "lambda":
+        size = len(lambda_payload(payload))
+        if size > settings.lambda_max_payload_bytes:
+            return (
+                f"the job payload is {size} bytes; a Lambda Event invocation accepts at most "
+                f"{settings.lambda_max_payload_bytes} (limit: PIE_LAMBDA_MAX_PAYLOAD_BYTES)"
+            )
+    elif kind == "in_process":
+        size = len(json.dumps(payload).encode())
+        if size > settings.max_request_bytes:
+            return (
+                f"the job payload is {size} bytes; in-process jobs accept at most "
+                f"{settings.max_request_bytes} (limit: PIE_MAX_REQUEST_BYTES)"
+            )
+    return None
+
+
+LOOPBACK_WARNING = (
+    "PIE_PUBLIC_URL {url} is a loopback address: a Lambda function or ECS task cannot reach it, "
+    "so this job's callback cannot arrive (set PIE_PUBLIC_URL to an address AWS can reach)"
+)
+_warned_loopback: set[str] = set()
+
+
+def is_loopback_url(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def public_url_warning(settings: Settings, kind: str | None) -> str | None:
+    """The job warning for an AWS dispatch while PIE_PUBLIC_URL is loopback (logged once per
+    process and URL), or None."""
+    if kind not in ("lambda", "ecs_task") or not is_loopback_url(settings.public_url):
+        return None
+    warning = LOOPBACK_WARNING.format(url=settings.public_url)
+    if settings.public_url not in _warned_loopback:
+        _warned_loopback.add(settings.public_url)
+        log.warning(warning.replace("this job's callback cannot arrive", "callbacks of Lambda and ECS jobs cannot arrive"))
+    return warning
 
 
 _STARTED_BY_UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
@@ -128,10 +220,13 @@ class AwsBackends:
         arn = handler.get("arn")
         if not isinstance(arn, str) or not arn:
             raise DispatchError("invalid_handler", "lambda handler has no arn", retryable=False)
+        problem = payload_limit_problem(self.settings, handler, payload)
+        if problem is not None:
+            raise DispatchError("payload_too_large", problem, retryable=False)
         kwargs: dict[str, Any] = {
             "FunctionName": arn,
             "InvocationType": "Event",
-            "Payload": json.dumps(payload).encode(),
+            "Payload": lambda_payload(payload),
         }
         qualifier = handler.get("version")
         if qualifier:
@@ -151,19 +246,15 @@ class AwsBackends:
         if match is None:
             raise DispatchError("invalid_handler", f"ecs_task handler value {value!r} is not '<cluster>/<task_definition>'", retryable=False)
         cluster, task_definition = match.group(1), match.group(2)
-        body = json.dumps(payload, separators=(",", ":"))
         s = self.settings
-        overrides = {
-            "containerOverrides": [{"name": s.ecs_container_name, "environment": [{"name": s.ecs_payload_env_var, "value": body}]}]
-        }
-        size = len(json.dumps(overrides, separators=(",", ":")))
-        if size > ECS_MAX_OVERRIDES_CHARS:
+        overrides = ecs_overrides(s, payload)
+        problem = payload_limit_problem(s, handler, payload)
+        if problem is not None:
             raise DispatchError(
                 "payload_too_large",
-                f"the job payload makes the ECS container overrides {size} characters of JSON; "
-                f"ECS allows at most {ECS_MAX_OVERRIDES_CHARS}",
+                problem,
                 retryable=False,
-                details={"payload_chars": len(body)},
+                details={"payload_chars": len(overrides["containerOverrides"][0]["environment"][0]["value"])},
             )
         kwargs: dict[str, Any] = {
             "cluster": cluster,

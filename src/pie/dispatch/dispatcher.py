@@ -6,6 +6,7 @@ One cycle:
    ``locked_by``, a lease) in one short transaction, so any number of dispatchers on any number
    of machines can share the database and each job is claimed by exactly one of them;
 2. after that commit, hand each job to the backend of its version's handler for its job_type:
+   with a payload carrying the job's callback token (:mod:`pie.callbacks`):
    Lambda ``Invoke`` (``Event``) or ECS ``RunTask`` in a thread, then the lease is cleared and the
    job stays ``started`` until the completion callback; in-process implementations run in a
    thread pool (the lease is renewed while they run) and their result ends the job through
@@ -15,7 +16,7 @@ One cycle:
 
 Dispatchers wake on ``LISTEN pie_jobs`` (``create_job`` notifies at commit) with a polling
 fallback. Every ``dispatch_sweep_interval`` seconds a dispatcher also ends started jobs older than
-``job_timeout_seconds`` ("timed out") and returns jobs whose lease expired (their dispatcher
+their handler's ``timeout_seconds`` (else ``job_timeout_seconds``) ("timed out") and returns jobs whose lease expired (their dispatcher
 died) to the queue.
 """
 
@@ -40,9 +41,9 @@ from typing import Any
 import psycopg
 from sqlalchemy import text
 
-from pie import db, metrics
+from pie import callbacks, db, metrics
 from pie.config import Settings
-from pie.dispatch.backends import AwsBackends, DispatchError, build_payload
+from pie.dispatch.backends import AwsBackends, DispatchError, build_payload, callback_token_ttl, public_url_warning
 from pie.dispatch.inprocess import HandlerFailure, get_implementation
 from pie.dispatch.threads import DaemonThreadPool
 from pie.jobs.logic import NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
@@ -67,7 +68,8 @@ _CLAIM = text(
     )
     UPDATE jobs AS j
     SET status = 'started', attempts = j.attempts + 1, started_at = now(), updated_at = now(),
-        locked_by = :me, lease_expires_at = now() + make_interval(secs => :lease)
+        locked_by = :me, lease_expires_at = now() + make_interval(secs => :lease),
+        timeout_seconds = CAST(mv.handlers -> j.job_type ->> 'timeout_seconds' AS double precision)
     FROM due, model_versions AS mv
     WHERE j.job_id = due.job_id AND mv.model_id = j.model_id AND mv.version = j.model_version
     RETURNING j.job_id, j.job_type, j.model_id, j.model_version, j.assignment_id, j.client_id,
@@ -83,9 +85,13 @@ _RENEW = text(
     """
 )
 # an AWS handler accepted the job: no lease any more, the time-out applies from now on
+# (plus a warning when its callback cannot arrive, once)
 _DISPATCHED = text(
     """
-    UPDATE jobs SET lease_expires_at = NULL, error = NULL, updated_at = now()
+    UPDATE jobs SET lease_expires_at = NULL, error = NULL, updated_at = now(),
+        warnings = CASE WHEN CAST(:warning AS text) IS NULL
+                          OR warnings @> jsonb_build_array(CAST(:warning AS text)) THEN warnings
+                        ELSE warnings || jsonb_build_array(CAST(:warning AS text)) END
     WHERE job_id = :job_id AND status = 'started' AND locked_by = :me
     """
 )
@@ -105,8 +111,8 @@ _RELEASE = text(
 )
 _TIMED_OUT = text(
     """
-    SELECT job_id, attempts, started_at FROM jobs
-    WHERE status = 'started' AND started_at < now() - make_interval(secs => :timeout)
+    SELECT job_id, attempts, started_at, coalesce(timeout_seconds, :timeout) AS timeout FROM jobs
+    WHERE status = 'started' AND started_at < now() - make_interval(secs => coalesce(timeout_seconds, :timeout))
     ORDER BY started_at LIMIT 200
     FOR UPDATE SKIP LOCKED
     """
@@ -192,6 +198,7 @@ class Dispatcher:
         self.dispatched = 0
         self._aws = AwsBackends(settings)
         self._aws_slots = asyncio.Semaphore(AWS_CONCURRENCY)
+        self._keys = callbacks.KeyCache()
         self._pool: DaemonThreadPool | None = None
         self._completions: asyncio.Queue[Completion] = asyncio.Queue()
         self._inflight: set[str] = set()  # claimed by us and not yet handed over / ended
@@ -356,8 +363,11 @@ class Dispatcher:
         handler = row.handler if isinstance(row.handler, dict) else None
         kind = handler.get("type") if handler else None
         metrics.dispatch_attempt(kind)
-        payload = build_payload(self.settings, row)
+        warning = public_url_warning(self.settings, kind)
         try:
+            key = await self._keys.get(db.get_engine())
+            token = callbacks.mint(key, row, callback_token_ttl(self.settings, handler))
+            payload = build_payload(self.settings, row, token)
             if kind == "in_process":
                 implementation = get_implementation(str(handler.get("value")))
                 if implementation is None:
@@ -390,7 +400,7 @@ class Dispatcher:
         self._leased.discard(row.job_id)
         try:
             async with db.get_engine().begin() as conn:
-                await conn.execute(_DISPATCHED, {"job_id": row.job_id, "me": self.worker_id})
+                await conn.execute(_DISPATCHED, {"job_id": row.job_id, "me": self.worker_id, "warning": warning})
         finally:
             self._done(row.job_id)
         log.info("job %s dispatched to %s (attempt %d): %s", row.job_id, kind, row.attempts, info)
@@ -533,7 +543,8 @@ class Dispatcher:
                 timed_out,
                 lambda r: {
                     "code": "timed_out",
-                    "message": f"timed out: the handler did not report back within {s.job_timeout_seconds:g} seconds",
+                    "message": f"timed out: the handler did not report back within {r.timeout:g} seconds",
+                    "timeout_seconds": r.timeout,
                     "attempts": r.attempts,
                     "started_at": r.started_at.isoformat(),
                 },

@@ -1,32 +1,124 @@
 """In-process handler implementations, registered by name (``handlers.*.value`` of type
 ``in_process``). Each takes the job payload (a dict) and returns the job output; raising makes
-the job fail with the exception as a structured error."""
+the job fail with the exception as a structured error.
+
+Besides the built-ins below, any installed distribution can provide implementations through
+Python entry points in the group ``pie.handlers`` (the entry point's name is the handler name,
+its object the callable), e.g. in its ``pyproject.toml``::
+
+    [project.entry-points."pie.handlers"]
+    my_model = "my_package.handlers:predict"
+
+They are discovered once per process, on first use (``reload_entry_points()`` looks again).
+A built-in name cannot be taken over; an entry point that fails to load is logged and listed
+with its error, and is not usable.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
-Implementation = Callable[[dict[str, Any]], Any]
+log = logging.getLogger("pie.dispatch")
 
-_REGISTRY: dict[str, Implementation] = {}
+Implementation = Callable[[dict[str, Any]], Any]
+ENTRY_POINT_GROUP = "pie.handlers"
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    source: str  # "builtin" | "entry_point" | "code" (register() called by other code)
+    target: str  # "module:qualname"
+    distribution: str | None = None
+    implementation: Implementation | None = None
+    error: str | None = None  # why an entry point could not be loaded
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "target": self.target,
+            "distribution": self.distribution,
+            "usable": self.implementation is not None,
+            "error": self.error,
+        }
+
+
+_BUILTINS: dict[str, Registered] = {}
+_PLUGINS: dict[str, Registered] | None = None
+_plugins_lock = threading.Lock()
 
 
 def register(name: str) -> Callable[[Implementation], Implementation]:
+    """Register a built-in implementation (used by this module)."""
+
     def decorator(fn: Implementation) -> Implementation:
-        _REGISTRY[name] = fn
+        source = "builtin" if fn.__module__.startswith("pie.") else "code"  # "code": register() elsewhere
+        _BUILTINS[name] = Registered(name, source, f"{fn.__module__}:{fn.__qualname__}", "pie" if source == "builtin" else None, fn)
         return fn
 
     return decorator
 
 
+def _load_plugins() -> dict[str, Registered]:
+    found: dict[str, Registered] = {}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        dist = getattr(getattr(ep, "dist", None), "name", None)
+        if ep.name in _BUILTINS:
+            log.warning("in-process handler entry point %s (%s) ignored: %r is a built-in", ep.value, dist, ep.name)
+            continue
+        if ep.name in found:
+            log.warning("in-process handler entry point %s (%s) ignored: %r is already provided by %s",
+                        ep.value, dist, ep.name, found[ep.name].target)
+            continue
+        try:
+            fn = ep.load()
+            if not callable(fn):
+                raise TypeError(f"{ep.value} is not callable")
+        except Exception as exc:  # a broken plugin must not take the registry down
+            log.error("in-process handler entry point %r (%s) cannot be loaded: %s", ep.name, ep.value, exc)
+            found[ep.name] = Registered(ep.name, "entry_point", ep.value, dist, None, f"{exc.__class__.__name__}: {exc}")
+            continue
+        found[ep.name] = Registered(ep.name, "entry_point", ep.value, dist, fn)
+    return found
+
+
+def _plugins() -> dict[str, Registered]:
+    global _PLUGINS
+    if _PLUGINS is None:
+        with _plugins_lock:
+            if _PLUGINS is None:
+                _PLUGINS = _load_plugins()
+    return _PLUGINS
+
+
+def reload_entry_points() -> None:
+    """Discover the ``pie.handlers`` entry points again (after installing a distribution)."""
+    global _PLUGINS
+    with _plugins_lock:
+        _PLUGINS = _load_plugins()
+
+
+def registrations() -> list[Registered]:
+    """Every built-in and entry-point implementation (also unusable ones), by name."""
+    merged = {**_plugins(), **_BUILTINS}
+    return [merged[name] for name in sorted(merged)]
+
+
 def registered_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """The names usable as ``in_process`` handler values."""
+    return [r.name for r in registrations() if r.implementation is not None]
 
 
 def get_implementation(name: str) -> Implementation | None:
-    return _REGISTRY.get(name)
+    found = _BUILTINS.get(name) or _plugins().get(name)
+    return found.implementation if found is not None else None
 
 
 class HandlerFailure(Exception):

@@ -15,15 +15,18 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from fastapi import Response
 from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pie import metrics
+from pie import callbacks, metrics
 from pie.auth import Principal
-from pie.errors import Conflict, Forbidden, NotFound
+from pie.config import get_settings
+from pie.dispatch.backends import build_payload, callback_token_ttl, payload_limit_problem
+from pie.errors import Conflict, Forbidden, NotFound, Unprocessable
 from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
@@ -56,7 +59,19 @@ async def create_job(
     purpose: str | None = None,
     warnings: list[Any] | None = None,
 ) -> Job:
-    """Record a pending job in the caller's transaction; dispatch happens after commit."""
+    """Record a pending job in the caller's transaction; dispatch happens after commit.
+
+    422 when the payload its handler would receive exceeds the limit of the handler's type
+    (ECS overrides, Lambda Event payload, the body limit for in-process jobs)."""
+    from pie.registry.models import ModelVersion
+
+    handler = await session.scalar(
+        select(ModelVersion.handlers[job_type]).where(
+            ModelVersion.model_id == model_id, ModelVersion.version == model_version
+        )
+    )
+    handler = handler if isinstance(handler, dict) else None
+    settings = get_settings()
     job = Job(
         job_type=job_type,
         model_id=model_id,
@@ -70,7 +85,18 @@ async def create_job(
         subscription_id=subscription_id,
         purpose=purpose,
         warnings=list(warnings or []),
+        timeout_seconds=(handler or {}).get("timeout_seconds"),
     )
+    # the payload as a dispatch will build it: a job id and a callback token of the real length
+    shaped = SimpleNamespace(
+        job_id=str(uuid.UUID(int=0)), job_type=job_type, model_id=model_id, model_version=model_version,
+        assignment_id=assignment_id, client_id=client_id, domain_id=domain_id, service_id=service_id,
+        input=job.input, features=features,
+    )
+    payload = build_payload(settings, shaped, callbacks.placeholder(shaped, callback_token_ttl(settings, handler)))
+    problem = payload_limit_problem(settings, handler, payload)
+    if problem is not None:
+        raise Unprocessable(f"job payload too large: {problem}")
     session.add(job)
     await session.flush()
     await session.refresh(job)

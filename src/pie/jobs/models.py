@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy import CheckConstraint, ForeignKeyConstraint, Index, Integer, String, text
+from sqlalchemy import CheckConstraint, Float, ForeignKeyConstraint, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pie.db import Base, Timestamps
@@ -38,6 +38,9 @@ class Job(Timestamps, Base):
     error: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
     warnings: Mapped[list[Any]] = mapped_column(server_default=text("'[]'::jsonb"))
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # the handler's own time-out (``timeout_seconds`` of its configuration); NULL: the global
+    # PIE_JOB_TIMEOUT_SECONDS applies. Set at creation and again when a dispatcher claims the job.
+    timeout_seconds: Mapped[float | None] = mapped_column(Float)
     # dispatch bookkeeping
     next_attempt_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
     locked_by: Mapped[str | None] = mapped_column(String(128))

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
-from pie import db
+from pie import callbacks, db
 from pie.auth import Principal
-from pie.deps import CurrentPrincipal, ModelIdPath, ModelVersionPath, Session, require
+from pie.deps import BearerCredentials, CurrentPrincipal, ModelIdPath, ModelVersionPath, Session, current_principal
 from pie.errors import Forbidden
 from pie.jobs import logic
 from pie.jobs.models import Job
@@ -78,6 +78,32 @@ async def list_jobs(
     )
 
 
+async def completion_caller(
+    request: Request,
+    credentials: BearerCredentials,
+    session: Session,
+    model_id: ModelIdPath,
+    model_version: ModelVersionPath,
+    job_id: JobIdPath,
+) -> Principal:
+    """Who may complete this job: the job's own callback token (spec 14.5), or a caller token
+    holding complete_jobs. A callback token for another job is 403; an expired one, or one
+    whose signing key was retired, is 401."""
+    if credentials is not None and credentials.scheme.lower() == "bearer" and callbacks.is_callback_token(credentials.credentials):
+        grant = await callbacks.verify(session, credentials.credentials)
+        if (grant.job_id, grant.model_id, grant.model_version) != (job_id, model_id, model_version):
+            raise Forbidden(f"this callback token completes job {grant.job_id} of {grant.model_id} version {grant.model_version} only")
+        return Principal(
+            subject=f"callback:{grant.job_id}",
+            permissions=frozenset({"complete_jobs"}),
+            tenants=frozenset({grant.client_id}) if grant.client_id else frozenset(),
+            claims={"callback_job_id": grant.job_id, "kid": grant.kid},
+        )
+    principal = await current_principal(request, credentials)
+    principal.require("complete_jobs")
+    return principal
+
+
 @router.post(
     "/v2/models/{model_id}/versions/{model_version}/jobs/{job_id}/complete",
     operation_id="completemodeljob",
@@ -94,9 +120,10 @@ async def complete_job(
     body: JobCompletion,
     session: Session,
     response: Response,
-    principal: Principal = require("complete_jobs"),
+    principal: Annotated[Principal, Depends(completion_caller)],
 ):
-    """Report the end of a job (handlers call this at ``callback_url``). Repeating the same
+    """Report the end of a job (handlers call this at ``callback_url`` with the payload's
+    ``callback_token`` as bearer token, or any token holding complete_jobs). Repeating the same
     status is a no-op; the other status is 409. 207 when a triggered subscription failed."""
     outcome = await logic.complete_job(
         session,

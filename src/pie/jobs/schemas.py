@@ -26,6 +26,9 @@ class JobOut(ResponseBody):
     error: Any = None
     warnings: list[Any] = Field(default_factory=list)
     attempts: int
+    timeout_seconds: float | None = Field(
+        default=None, description="the handler's time-out in seconds; null: the global PIE_JOB_TIMEOUT_SECONDS applies"
+    )
     created_at: UtcDatetime
     started_at: UtcDatetime | None = None
     completed_at: UtcDatetime | None = None

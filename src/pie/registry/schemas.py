@@ -21,14 +21,32 @@ InputSource = Literal["stored", "trigger_output"]
 JsonSchema = dict[str, Any] | bool
 
 
+# at most a week: an ECS task has no hard limit, a Lambda function at most 15 minutes
+MAX_HANDLER_TIMEOUT_SECONDS = 7 * 24 * 3600
+TimeoutSeconds = Annotated[
+    float | None,
+    Field(
+        default=None,
+        gt=0,
+        le=MAX_HANDLER_TIMEOUT_SECONDS,
+        allow_inf_nan=False,
+        description="seconds a started job of this handler may run before it fails as timed out "
+        "(overrides PIE_JOB_TIMEOUT_SECONDS; the callback token expires after it plus a margin)",
+        examples=[900],
+    ),
+]
+
+
 class LambdaHandler(RequestBody):
     type: Literal["lambda"]
+    timeout_seconds: TimeoutSeconds
     arn: str = Field(description="Lambda function ARN", examples=["arn:aws:lambda:us-west-2:123456789012:function:infer"])
     version: str | None = Field(default=None, description="version or alias qualifier")
 
 
 class EcsTaskHandler(RequestBody):
     type: Literal["ecs_task"]
+    timeout_seconds: TimeoutSeconds
     value: str = Field(
         description="<cluster>/<task_definition>: the cluster short name (no '/') and the task family "
         "(optionally family:revision)",
@@ -38,6 +56,7 @@ class EcsTaskHandler(RequestBody):
 
 class InProcessHandler(RequestBody):
     type: Literal["in_process"]
+    timeout_seconds: TimeoutSeconds
     value: str = Field(description="a registered in-process implementation (GET /v2/handlers/in-process)")
 
 
