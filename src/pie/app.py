@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -131,7 +132,11 @@ def _include_routers(app: FastAPI) -> None:
     from pie.registry.routes import router as registry_router
     from pie.tenancy.routes import router as tenancy_router
 
+    from pie.console.routes import STATIC_DIR
+    from pie.console.routes import router as console_router
+
     for router in (
+        console_router,
         health_router,
         clients_router,
         tenancy_router,
@@ -141,6 +146,8 @@ def _include_routers(app: FastAPI) -> None:
         dispatch_router,
     ):
         app.include_router(router)
+    # the console's stylesheet and vendored script (served locally: no CDN, no build step)
+    app.mount("/console/static", StaticFiles(directory=STATIC_DIR), name="console-static")
 
 
 def _install_openapi(app: FastAPI) -> None:
