@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pie import db
 from pie.auth import TokenVerifier
 from pie.config import Settings, get_settings
+from pie.openapi_names import name_inline_schemas
 from pie.errors import (
     ERROR_ENVELOPE_SCHEMA,
     envelope,
@@ -175,6 +176,8 @@ def _install_openapi(app: FastAPI) -> None:
                     responses.setdefault("403", error_response_doc("Missing permission or tenant access"))
                 if "requestBody" in operation:
                     responses.setdefault("413", error_response_doc("Request body larger than PIE_MAX_REQUEST_BYTES"))
+        # named enums and unions: generated clients get one type per concept (README: Typed clients)
+        name_inline_schemas(schema)
         if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
             components.pop("HTTPValidationError", None)
             components.pop("ValidationError", None)
