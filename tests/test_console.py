@@ -54,7 +54,10 @@ async def test_a_bad_token_is_refused_on_the_sign_in_page(client):
 async def test_an_expired_session_sends_back_to_sign_in(client, make_token):
     client.cookies.set("pie_console", make_token(admin=True, ttl=-10), path="/console")
     r = await client.get("/console/models")
-    assert r.status_code == 303 and "/console/login" in r.headers["location"] and "session+ended" in r.headers["location"]
+    assert r.status_code == 303 and "/console/login" in r.headers["location"] and "reason=session_ended" in r.headers["location"]
+    assert "Your session ended" in (await client.get(r.headers["location"])).text
+    # the notice is one of the page's own: text in the URL is never shown
+    assert "call 555" not in (await client.get("/console/login", params={"reason": "call 555"})).text
 
 
 async def test_sign_out_needs_the_csrf_token_and_clears_the_cookie(client, make_token):

@@ -83,10 +83,14 @@ def error_page(request: Request, status_code: int, message: str) -> HTMLResponse
     )
 
 
-def _login_redirect(request: Request, message: str | None) -> Response:
+# the sign-in page shows only these fixed notices (no text from the URL: no crafted messages)
+REASONS = {"session_ended": "Your session ended (the token expired or is no longer valid). Sign in again."}
+
+
+def _login_redirect(request: Request, ended: bool) -> Response:
     query = {"next": request.url.path + (f"?{request.url.query}" if request.url.query else "")}
-    if message:
-        query["reason"] = message[:200]
+    if ended:
+        query["reason"] = "session_ended"
     if request.headers.get("hx-request"):  # an htmx poll: reload the whole page to sign in
         return Response(status_code=204, headers={"HX-Redirect": "/console/login?" + urlencode(query)})
     response = RedirectResponse("/console/login?" + urlencode(query), status_code=303)
@@ -105,7 +109,7 @@ class ConsoleRoute(APIRoute):
             try:
                 response = await handler(request)
             except SignInRequired as exc:
-                response = _login_redirect(request, None if exc.message == exc.default_message else exc.message)
+                response = _login_redirect(request, ended=exc.message != exc.default_message)
             except PieError as exc:
                 response = error_page(request, exc.status_code, exc.message)
             except RequestValidationError as exc:
@@ -164,7 +168,7 @@ Cursor = Annotated[str | None, Query(max_length=2048)]
 async def login_page(request: Request, next: str | None = None, reason: str | None = None):
     settings = request.app.state.settings
     return render(
-        request, "login.html", next=signin.safe_next(next), reason=reason, user=None,
+        request, "login.html", next=signin.safe_next(next), reason=REASONS.get(reason or ""), user=None,
         cognito=signin.cognito_configured(settings),
     )
 
