@@ -152,6 +152,24 @@ async def test_a_refused_launch_shows_the_form_again_and_writes_nothing(client, 
     assert (await session.execute(Job.__table__.select())).all() == []
 
 
+async def test_without_run_inference_there_is_no_launch_form_and_the_post_is_403(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await sign_in(client, make_token(scopes=["read_domains"], client_id="acme"))
+    url = "/console/clients/acme/domains/south_australia/assignments/default"
+    page = (await client.get(url)).text
+    assert "Revision history" in page and "Launch through" not in page
+    r = await client.post(url + "/jobs", data={"csrf_token": csrf_of(page), "input": "{}"})
+    assert r.status_code == 403 and "missing permission run_inference" in r.text
+    assert (await session.execute(Job.__table__.select())).all() == []
+
+
+async def test_malformed_path_ids_are_a_400_page(client, make_token):
+    await sign_in(client, make_token(admin=True))
+    r = await client.get("/console/clients/acme/domains/sa/assignments/NOT A KEY")
+    assert r.status_code == 400 and "assignment_key" in r.text and "<html" in r.text
+    assert (await client.get("/console/jobs/%00")).status_code == 400
+
+
 async def test_another_tenants_job_page_is_403(client, session, admin, make_token):
     await tenant_setup(client, session, admin, client_id="acme")
     await make_client(session, "globex")

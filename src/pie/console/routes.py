@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
@@ -36,7 +37,7 @@ from pie.jobs.summary import queue_summary
 from pie.pagination import NEXT_CURSOR_HEADER, PageParams
 from pie.registry import logic as registry
 from pie.registry import subscriptions
-from pie.schemas import KEY_PATTERN, iso_z
+from pie.schemas import ID_PATTERN, KEY_PATTERN, iso_z
 from pie.tenancy import logic as tenancy
 
 HERE = Path(__file__).parent
@@ -159,6 +160,8 @@ class Pager:
 
 
 Cursor = Annotated[str | None, Query(max_length=2048)]
+KeyPath = Annotated[str, PathParam(pattern=KEY_PATTERN)]
+JobIdPath = Annotated[str, PathParam(pattern=ID_PATTERN)]
 
 
 # -- sign-in ---------------------------------------------------------------------------------------
@@ -297,7 +300,6 @@ async def service_page(request: Request, client_id: ClientIdPath, domain_id: Dom
 async def _assignment(request: Request, user: ConsoleUser, session: Any, client_id: str, domain_id: str,
                       service_id: str | None, key: str, cursor: str | None, *, error: str | None = None,
                       form_input: str | None = None, status_code: int = 200) -> HTMLResponse:
-    _check_key(key)
     scope = await tenant_scope(session, user.principal, client_id, "read_domains")
     pager = Pager(request, cursor)
     revisions = await assignments.list_revisions(
@@ -320,16 +322,9 @@ async def _assignment(request: Request, user: ConsoleUser, session: Any, client_
     )
 
 
-def _check_key(key: str) -> None:
-    import re
-
-    if not re.fullmatch(KEY_PATTERN, key):
-        raise BadRequest(f"invalid assignment key {key!r}")
-
-
 @router.get("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}", response_class=HTMLResponse)
 async def domain_assignment_page(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath,
-                                 assignment_key: str, user: User, session: Session, cursor: Cursor = None):
+                                 assignment_key: KeyPath, user: User, session: Session, cursor: Cursor = None):
     return await _assignment(request, user, session, client_id, domain_id, None, assignment_key, cursor)
 
 
@@ -338,7 +333,7 @@ async def domain_assignment_page(request: Request, client_id: ClientIdPath, doma
     response_class=HTMLResponse,
 )
 async def service_assignment_page(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath,
-                                  service_id: ServiceIdPath, assignment_key: str, user: User, session: Session,
+                                  service_id: ServiceIdPath, assignment_key: KeyPath, user: User, session: Session,
                                   cursor: Cursor = None):
     return await _assignment(request, user, session, client_id, domain_id, service_id, assignment_key, cursor)
 
@@ -348,7 +343,6 @@ async def _launch(request: Request, user: ConsoleUser, session: Any, client_id: 
     """The one action of this console: an inference job through an assignment, by the logic the
     API route ``rundomainmodelassignmentjob`` / ``runservicemodelassignmentjob`` calls."""
     signin.check_csrf(request, user, csrf_token)
-    _check_key(key)
     scope = await tenant_scope(session, user.principal, client_id, "run_inference")
     try:
         value = json.loads(input_text or "{}")
@@ -381,7 +375,7 @@ CsrfField = Annotated[str, Form()]
 
 
 @router.post("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/jobs")
-async def launch_domain_job(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, assignment_key: str,
+async def launch_domain_job(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, assignment_key: KeyPath,
                             user: User, session: Session, csrf_token: CsrfField = "", input_text: InputField = "{}"):
     return await _launch_or_form(request, user, session, client_id, domain_id, None, assignment_key, csrf_token,
                                  input_text)
@@ -389,7 +383,7 @@ async def launch_domain_job(request: Request, client_id: ClientIdPath, domain_id
 
 @router.post("/clients/{client_id}/domains/{domain_id}/services/{service_id}/assignments/{assignment_key}/jobs")
 async def launch_service_job(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath,
-                             service_id: ServiceIdPath, assignment_key: str, user: User, session: Session,
+                             service_id: ServiceIdPath, assignment_key: KeyPath, user: User, session: Session,
                              csrf_token: CsrfField = "", input_text: InputField = "{}"):
     return await _launch_or_form(request, user, session, client_id, domain_id, service_id, assignment_key,
                                  csrf_token, input_text)
@@ -471,15 +465,15 @@ async def jobs_page(
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-async def job_page(request: Request, job_id: str, user: User, session: Session):
-    job = await jobs.get_job(session, user.principal, job_id[:64])
+async def job_page(request: Request, job_id: JobIdPath, user: User, session: Session):
+    job = await jobs.get_job(session, user.principal, job_id)
     return render(request, "job.html", job=job)
 
 
 @router.get("/jobs/{job_id}/live", response_class=HTMLResponse)
-async def job_fragment(request: Request, job_id: str, user: User, session: Session):
+async def job_fragment(request: Request, job_id: JobIdPath, user: User, session: Session):
     """The job's live part (status, times, output, error): htmx polls it while the job runs."""
-    job = await jobs.get_job(session, user.principal, job_id[:64])
+    job = await jobs.get_job(session, user.principal, job_id)
     return render(request, "job_live.html", job=job)
 
 
