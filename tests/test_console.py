@@ -332,3 +332,72 @@ async def test_cognito_hosted_ui_sign_in_with_pkce(app, engine, session, setting
 async def test_cognito_routes_are_404_when_not_configured(client):
     assert (await client.get("/console/login/cognito")).status_code == 404
     assert (await client.get("/console/auth/callback", params={"code": "x", "state": "y"})).status_code == 404
+
+
+# -- zero-setup local mode: the one-time sign-in link --------------------------------------------
+
+
+async def test_one_time_sign_in_link_works_once_in_local_mode(app, engine, settings, tmp_path):
+    from pie.console.signin import issue_signin_code
+
+    local = settings.model_copy(update={"jwt_secret": None, "data_dir": tmp_path})
+    original, original_verifier = app.state.settings, app.state.verifier
+    from pie.auth import TokenVerifier
+
+    app.state.settings, app.state.verifier = local, TokenVerifier(local)
+    try:
+        code = issue_signin_code(local)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as browser:
+            r = await browser.get("/console/login/once", params={"code": code})
+            assert r.status_code == 200 and "HttpOnly" in r.headers["set-cookie"]
+            assert (await browser.get("/console/clients")).status_code == 200  # an admin session
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as other:
+            r = await other.get("/console/login/once", params={"code": code})
+            assert r.status_code == 403 and "already used or has expired" in r.text
+            assert (await other.get("/console/login/once", params={"code": "guess"})).status_code == 403
+    finally:
+        app.state.settings, app.state.verifier = original, original_verifier
+
+
+async def test_one_time_links_are_refused_outside_local_mode(client, settings):
+    from pie.console.signin import issue_signin_code
+
+    code = issue_signin_code(settings)  # the test settings have PIE_JWT_SECRET: not local mode
+    assert (await client.get("/console/login/once", params={"code": code})).status_code == 403
+
+
+def test_pie_serve_prints_a_working_one_time_link_in_local_mode(settings, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import uvicorn
+
+    from pie import cli, embedded
+    from pie.console.signin import redeem_signin_code
+
+    local = settings.model_copy(update={"jwt_secret": None, "data_dir": tmp_path})
+    monkeypatch.setattr(cli, "get_settings", lambda: local)
+    monkeypatch.setattr(embedded, "resolve_database_url", lambda *a, **k: "postgresql://unused/unused")
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(signal, "signal", lambda *a, **k: None)
+    assert cli.main(["serve", "--port", "8123"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Console: "))
+    url = line.split()[1]
+    assert url.startswith("http://127.0.0.1:8123/console/login/once?code=")
+    code = url.split("code=", 1)[1]
+    assert redeem_signin_code(local, code) is not None
+    assert redeem_signin_code(local, code) is None  # once
+
+
+def test_pie_serve_prints_no_link_with_a_configured_secret(settings, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import uvicorn
+
+    from pie import cli, embedded
+
+    monkeypatch.setattr(cli, "get_settings", lambda: settings.model_copy(update={"data_dir": tmp_path}))
+    monkeypatch.setattr(embedded, "resolve_database_url", lambda *a, **k: "postgresql://unused/unused")
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(signal, "signal", lambda *a, **k: None)
+    assert cli.main(["serve", "--port", "8123"]) == 0
+    assert "Console:" not in capsys.readouterr().out

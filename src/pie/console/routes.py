@@ -31,7 +31,7 @@ from pie.clients import logic as clients
 from pie.console import signin
 from pie.console.signin import ConsoleUser, SignInRequired, console_user
 from pie.deps import ClientIdPath, DomainIdPath, ModelIdPath, ModelVersionPath, ServiceIdPath, Session, tenant_scope
-from pie.errors import BadRequest, NotFound, PieError
+from pie.errors import BadRequest, Forbidden, NotFound, PieError
 from pie.jobs import logic as jobs
 from pie.jobs.summary import queue_summary
 from pie.pagination import NEXT_CURSOR_HEADER, PageParams
@@ -196,6 +196,20 @@ async def logout(request: Request, user: User, csrf_token: Annotated[str, Form()
     signin.check_csrf(request, user, csrf_token)
     response = RedirectResponse("/console/login", status_code=303)
     signin.clear_session_cookie(response, request)
+    return response
+
+
+@router.get("/login/once", response_class=HTMLResponse)
+async def login_once(request: Request, code: Annotated[str | None, Query(max_length=128)] = None):
+    """The one-time link `pie serve` prints in zero-setup local mode: an admin session."""
+    token = signin.redeem_signin_code(request.app.state.settings, code)
+    if token is None:
+        raise Forbidden(
+            "this sign-in link was already used or has expired: paste a token from `pie token --admin`, "
+            "or restart `pie serve` for a new link"
+        )
+    response = render(request, "continue.html", next="/console", user=None)
+    signin.set_session_cookie(response, request, token)
     return response
 
 

@@ -14,8 +14,11 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,7 +26,7 @@ import httpx
 from fastapi import Request
 from starlette.responses import Response
 
-from pie.auth import Principal, TokenVerifier
+from pie.auth import Principal, TokenVerifier, mint_dev_token
 from pie.config import Settings
 from pie.errors import BadRequest, Forbidden, PieError, Unauthorized
 
@@ -211,3 +214,45 @@ async def exchange_code(settings: Settings, code: str, verifier: str) -> str:
 class BadGateway(PieError):
     status_code = 502
     default_message = "the sign-in service failed"
+
+
+# -- zero-setup local mode: the one-time sign-in link `pie serve` prints -------------------------
+
+ONCE_PREFIX = "console-signin-"
+ONCE_TTL_SECONDS = 600
+LOCAL_SESSION_SECONDS = 8 * 3600
+
+
+def local_mode(settings: Settings) -> bool:
+    """Zero-setup local mode: neither PIE_JWT_SECRET nor Cognito configured."""
+    return not settings.jwt_secret and not settings.cognito_jwks_url
+
+
+def _once_path(settings: Settings, code: str) -> Path:
+    return Path(settings.data_dir) / (ONCE_PREFIX + hashlib.sha256(code.encode()).hexdigest())
+
+
+def issue_signin_code(settings: Settings) -> str:
+    """A one-time code (its hash is a file under PIE_DATA_DIR, so every server process on this
+    machine can redeem it, once)."""
+    code = secrets.token_urlsafe(32)
+    path = _once_path(settings, code)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return code
+
+
+def redeem_signin_code(settings: Settings, code: str | None) -> str | None:
+    """An admin development token for a valid, unused, unexpired code, else None. Removing the
+    file is the atomic step: of two concurrent redeems, one wins."""
+    if not local_mode(settings) or not code or len(code) > 128:
+        return None
+    path = _once_path(settings, code)
+    try:
+        age = time.time() - path.stat().st_mtime
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    if age > ONCE_TTL_SECONDS:
+        return None
+    return mint_dev_token(settings, admin=True, subject="pie-console-local", ttl=LOCAL_SESSION_SECONDS)
