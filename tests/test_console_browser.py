@@ -12,18 +12,14 @@ Set PIE_TEST_CONSOLE_SCREENSHOTS=<dir> to also save screenshots of the main page
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 
-from conftest import clean_subprocess_env, start_pie_server
+from conftest import scratch_pie_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -61,36 +57,17 @@ class _AcceptingLambda(BaseHTTPRequestHandler):
 def console_server():
     stub = ThreadingHTTPServer(("127.0.0.1", 0), _AcceptingLambda)
     threading.Thread(target=stub.serve_forever, daemon=True).start()
-    data_dir = Path(tempfile.mkdtemp(prefix="pie-console-"))
-    overrides = {
-        "PIE_JWT_SECRET": SECRET,
-        "PIE_RUN_DISPATCHER": "true",
-        "PIE_DISPATCH_POLL_INTERVAL": "0.2",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{stub.server_port}",
-    }
-    # the machine's PostgreSQL when the suite uses one (a database of our own), else embedded
-    server_url = os.environ.get("PIE_TEST_DATABASE_URL")
-    dbname = f"pie_console_{uuid.uuid4().hex[:10]}"
-    if server_url:
-        from sqlalchemy.engine import make_url
-
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{dbname}"')
-        from pie.migrate import upgrade
-
-        overrides["PIE_DATABASE_URL"] = make_url(server_url).set(database=dbname).render_as_string(hide_password=False)
-        upgrade(overrides["PIE_DATABASE_URL"])
-    server = start_pie_server(data_dir, env=clean_subprocess_env(**overrides))
     try:
-        yield server
+        with scratch_pie_server(
+            PIE_JWT_SECRET=SECRET,
+            PIE_RUN_DISPATCHER="true",
+            PIE_DISPATCH_POLL_INTERVAL="0.2",
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{stub.server_port}",
+        ) as server:
+            yield server
     finally:
-        server.stop()
         stub.shutdown()
         stub.server_close()
-        shutil.rmtree(data_dir, ignore_errors=True)
-        if server_url:
-            with psycopg.connect(server_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import scratch_pie_server
+
 GENERATOR = shutil.which("openapi-python-client") or str(Path(sys.executable).with_name("openapi-python-client"))
 if not Path(GENERATOR).exists():
     pytest.skip("openapi-python-client is not installed (pip install openapi-python-client)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def pie_server():
+    """A server of this module's own (its writes never show up in other modules' servers)."""
+    with scratch_pie_server(PIE_RUN_DISPATCHER="false") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
