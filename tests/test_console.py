@@ -133,6 +133,22 @@ async def test_launching_a_job_through_an_assignment(client, session, admin, mak
     assert fragment.status_code == 200 and 'id="job-live"' in fragment.text and "<html" not in fragment.text
 
 
+async def test_service_scope_key_history_and_launch(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await init_service(client, admin, "ferry-1", {**ROUTE, "competitor_count": 3}, client_id="acme")
+    await assign(client, admin, "acme", "south_australia", "forecast", service_id="ferry-1")
+    await sign_in(client, make_token(admin=True))
+    service_page = (await client.get("/console/clients/acme/domains/south_australia/services/ferry-1")).text
+    url = "/console/clients/acme/domains/south_australia/services/ferry-1/assignments/forecast"
+    assert f'href="{url}"' in service_page
+    page = (await client.get(url)).text
+    assert "service ferry-1" in page and "first revision" in page
+    r = await client.post(url + "/jobs", data={"csrf_token": csrf_of(page), "input": "{}"})
+    assert r.status_code == 303
+    job = await stored_job(session, r.headers["location"].rsplit("/", 1)[1])
+    assert job.service_id == "ferry-1" and job.features["competitor_count"] == 3
+
+
 async def test_a_refused_launch_shows_the_form_again_and_writes_nothing(client, session, admin, make_token):
     await tenant_setup(client, session, admin, client_id="acme")
     await sign_in(client, make_token(admin=True))
@@ -248,6 +264,12 @@ async def test_queue_page_counts_only_visible_jobs(client, session, admin, make_
     await sign_in(client, make_token(admin=True))
     page = (await client.get("/console/queue")).text
     assert re.search(r'status=pending">1<', page)
+
+
+async def test_an_unknown_console_page_is_a_404_page(client):
+    r = await client.get("/console/nowhere/at/all")
+    assert r.status_code == 404 and "<html" in r.text and "no console page /console/nowhere/at/all" in r.text
+    assert (await client.get("/console/static/nope.js")).status_code == 404
 
 
 async def test_static_assets_are_served_locally(client):

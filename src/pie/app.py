@@ -136,6 +136,9 @@ def _include_routers(app: FastAPI) -> None:
     from pie.console.routes import STATIC_DIR
     from pie.console.routes import router as console_router
 
+    # the console's stylesheet and vendored script (served locally: no CDN, no build step);
+    # mounted before the console's routes, whose catch-all answers unknown pages
+    app.mount("/console/static", StaticFiles(directory=STATIC_DIR), name="console-static")
     for router in (
         console_router,
         health_router,
@@ -147,8 +150,6 @@ def _include_routers(app: FastAPI) -> None:
         dispatch_router,
     ):
         app.include_router(router)
-    # the console's stylesheet and vendored script (served locally: no CDN, no build step)
-    app.mount("/console/static", StaticFiles(directory=STATIC_DIR), name="console-static")
 
 
 def _install_openapi(app: FastAPI) -> None:

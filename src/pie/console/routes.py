@@ -499,3 +499,9 @@ async def _summary(session: Any, user: ConsoleUser):
 @router.get("/queue", response_class=HTMLResponse)
 async def queue_page(request: Request, user: User, session: Session):
     return render(request, "queue.html", summary=await _summary(session, user))
+
+
+@router.get("/{unknown:path}", response_class=HTMLResponse)
+async def unknown_page(request: Request, unknown: str):
+    """Any other console path: the 404 page (not the API's JSON envelope)."""
+    raise NotFound(f"no console page {request.url.path}")
