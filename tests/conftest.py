@@ -4,6 +4,7 @@ embedded pgserver), migrated with Alembic; every test starts from empty tables."
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -339,3 +340,32 @@ def pie_server() -> Iterator[PieServer]:
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_pie_server(**env: str) -> Iterator[PieServer]:
+    """A ``pie serve`` of its own: on a scratch database of the suite's PostgreSQL
+    (PIE_TEST_DATABASE_URL, migrated here; quick to start) or else the embedded one, with ``env``
+    (PIE_JWT_SECRET defaults to the fixture secret). Stopped, and its database dropped, on exit."""
+    data_dir = Path(tempfile.mkdtemp(prefix="pie-scratch-"))
+    overrides = {"PIE_JWT_SECRET": SERVE_JWT_SECRET, "PIE_JWT_ISSUER": "pie-dev", **env}
+    server_url = os.environ.get("PIE_TEST_DATABASE_URL")
+    name = f"pie_scratch_{uuid.uuid4().hex[:10]}"
+    if server_url:
+        from pie.migrate import upgrade
+
+        with psycopg.connect(db.libpq_url(server_url), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        overrides["PIE_DATABASE_URL"] = _with_dbname(db.libpq_url(server_url), name)
+        upgrade(overrides["PIE_DATABASE_URL"])
+    try:
+        server = start_pie_server(data_dir, env=clean_subprocess_env(**overrides))
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        if server_url:
+            with psycopg.connect(db.libpq_url(server_url), autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -16,12 +16,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pie import db, metrics
 from pie.auth import TokenVerifier
 from pie.config import Settings, get_settings
+from pie.openapi_names import name_inline_schemas
 from pie.errors import (
     ERROR_ENVELOPE_SCHEMA,
     envelope,
@@ -237,7 +239,14 @@ def _include_routers(app: FastAPI) -> None:
     from pie.registry.routes import router as registry_router
     from pie.tenancy.routes import router as tenancy_router
 
+    from pie.console.routes import STATIC_DIR
+    from pie.console.routes import router as console_router
+
+    # the console's stylesheet and vendored script (served locally: no CDN, no build step);
+    # mounted before the console's routes, whose catch-all answers unknown pages
+    app.mount("/console/static", StaticFiles(directory=STATIC_DIR), name="console-static")
     for router in (
+        console_router,
         health_router,
         clients_router,
         tenancy_router,
@@ -274,6 +283,8 @@ def _install_openapi(app: FastAPI) -> None:
                     responses.setdefault("403", error_response_doc("Missing permission or tenant access"))
                 if "requestBody" in operation:
                     responses.setdefault("413", error_response_doc("Request body larger than PIE_MAX_REQUEST_BYTES"))
+        # named enums and unions: generated clients get one type per concept (README: Typed clients)
+        name_inline_schemas(schema)
         if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
             components.pop("HTTPValidationError", None)
             components.pop("ValidationError", None)

@@ -55,6 +55,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     print(f"PIE v2 listening on http://{host}:{port}  (docs: /v2/docs)", flush=True)
+    from pie.console.signin import issue_signin_code, local_mode
+
+    if local_mode(settings):
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        code = issue_signin_code(settings)
+        print(
+            f"Console: http://{shown}:{port}/console/login/once?code={code}  (one-time sign-in link, 10 minutes)",
+            flush=True,
+        )
     level = (args.log_level or settings.log_level).lower()
     uvicorn.run(
         app, host=host, port=port, log_level=level, proxy_headers=True, **_uvicorn_operations_options(settings, level)

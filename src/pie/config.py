@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     jwt_rs256_issuer: str | None = None
     jwks_refetch_cooldown_seconds: float = 30.0
 
+    # operator console: Cognito hosted UI sign-in (authorization code + PKCE) when both are set
+    console_cognito_domain: str | None = None  # e.g. https://pie.auth.eu-west-1.amazoncognito.com
+    console_cognito_client_id: str | None = None
+    console_cognito_client_secret: str | None = None  # only for a confidential app client
+    console_cognito_scopes: str = "openid"
+
     # HTTP (`pie serve` defaults; --host/--port/--log-level override)
     host: str = "127.0.0.1"
     port: int = 8000

@@ -77,16 +77,22 @@ class TenantScope:
         return self.client.client_id
 
 
+async def tenant_scope(session: AsyncSession, principal: Principal, client_id: str, permission: str) -> TenantScope:
+    """The tenant rule shared by the API and the console: permission (403), tenant access (403),
+    then client existence (404)."""
+    principal.require(permission)
+    principal.require_tenant(client_id)
+    client = await session.get(Client, client_id)
+    if client is None:
+        raise NotFound(f"client {client_id} not found")
+    return TenantScope(principal=principal, client=client)
+
+
 def tenant(permission: str):
     """Dependency: permission check, tenant access (403) and client existence (404)."""
 
     async def dependency(client_id: ClientIdPath, principal: CurrentPrincipal, session: Session) -> TenantScope:
-        principal.require(permission)
-        principal.require_tenant(client_id)
-        client = await session.get(Client, client_id)
-        if client is None:
-            raise NotFound(f"client {client_id} not found")
-        return TenantScope(principal=principal, client=client)
+        return await tenant_scope(session, principal, client_id, permission)
 
     dependency.__name__ = f"tenant_{permission}"
     return Depends(dependency)

@@ -7,7 +7,7 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, PlainSerializer, StringConstraints, WithJsonSchema, model_validator
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 KEY_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
@@ -22,7 +22,12 @@ def iso_z(value: datetime) -> str:
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-UtcDatetime = Annotated[datetime, PlainSerializer(iso_z, return_type=str, when_used="json")]
+# documented as an RFC 3339 ``date-time`` (typed clients parse it into a datetime)
+UtcDatetime = Annotated[
+    datetime,
+    PlainSerializer(iso_z, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
 
 
 _UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")

@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Response
 from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import ColumnElement
 
 from pie import callbacks, metrics
 from pie.auth import Principal
@@ -125,6 +127,25 @@ async def get_job(session: AsyncSession, principal: Principal, job_id: str) -> J
     return job
 
 
+def visible_jobs(principal: Principal, client_id: str | None = None) -> ColumnElement[bool] | None | Literal[False]:
+    """The jobs ``principal`` may list (optionally only ``client_id``'s, 403 without access): a
+    SQL condition, None for every job (admins), False for none. 403 without read_models or
+    run_inference."""
+    if not (principal.has("read_models") or principal.has("run_inference")):
+        raise Forbidden("missing permission read_models or run_inference")
+    if client_id is not None:
+        principal.require_tenant(client_id)
+        return Job.client_id == client_id
+    if principal.is_admin:
+        return None
+    visible = [Job.client_id.in_(sorted(principal.tenants))] if principal.tenants else []
+    if principal.has("read_models"):
+        visible.append(Job.client_id.is_(None))
+    if not visible:
+        return False
+    return or_(*visible)
+
+
 async def list_jobs(
     session: AsyncSession,
     principal: Principal,
@@ -136,22 +157,24 @@ async def list_jobs(
     service_id: str | None = None,
     status: str | None = None,
     model_id: str | None = None,
+    job_type: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
 ) -> list[Job]:
     """Newest first. Non-admins see jobs of the clients they may access, and jobs launched
     outside any tenant only when they hold read_models."""
-    if not (principal.has("read_models") or principal.has("run_inference")):
-        raise Forbidden("missing permission read_models or run_inference")
     stmt = select(Job)
-    if client_id is not None:
-        principal.require_tenant(client_id)
-        stmt = stmt.where(Job.client_id == client_id)
-    elif not principal.is_admin:
-        visible = [Job.client_id.in_(sorted(principal.tenants))] if principal.tenants else []
-        if principal.has("read_models"):
-            visible.append(Job.client_id.is_(None))
-        if not visible:
-            return []
-        stmt = stmt.where(or_(*visible))
+    condition = visible_jobs(principal, client_id)
+    if condition is False:
+        return []
+    if condition is not None:
+        stmt = stmt.where(condition)
+    if job_type is not None:
+        stmt = stmt.where(Job.job_type == job_type)
+    if created_after is not None:
+        stmt = stmt.where(Job.created_at >= created_after)
+    if created_before is not None:
+        stmt = stmt.where(Job.created_at < created_before)
     if domain_id is not None:
         stmt = stmt.where(Job.domain_id == domain_id)
     if service_id is not None:

@@ -12,8 +12,8 @@ JobStatus = Literal["pending", "started", "success", "failure"]
 
 class JobOut(ResponseBody):
     job_id: str
-    job_type: str
-    status: str
+    job_type: Literal["inference", "training"]
+    status: JobStatus
     model_id: str
     model_version: str
     assignment_id: uuid.UUID | None = None
