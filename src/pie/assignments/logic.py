@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.assignments import freeze
 from pie.assignments.models import Assignment
+from pie.audit import context as audit
 from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert
 from pie.deps import TenantScope
 from pie.errors import NotFound, Unprocessable
@@ -93,6 +94,7 @@ async def _write_revision(
             role=body.role,
             settings=body.settings,
             metadata_=body.metadata,
+            created_by=audit.actor(session),
             created_at=func.clock_timestamp(),
             updated_at=func.clock_timestamp(),
         )
@@ -304,6 +306,7 @@ async def run_assignment_job(
         domain_id=domain_id,
         service_id=service_id,
     )
+    audit.describe(session, target_id=job.job_id)
     if body.subscribe:
         # the registry's one way to store a replay (UUIDv7 id, input warnings, an identical
         # active replay reused), bound to this key in this scope

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
 
+from pie.audit.schemas import CREATED_BY, Actor
 from pie.schemas import AssignmentKey, Identifier, RequestBody, ResponseBody, UtcDatetime
 from pie.tenancy.schemas import JsonObject
 
@@ -50,6 +51,7 @@ class AssignmentOut(ResponseBody):
     role: str | None
     settings: dict[str, Any]
     metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
+    created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime
 

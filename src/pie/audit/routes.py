@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from pie.audit import logic
 from pie.audit.schemas import AuditRecordOut
-from pie.deps import CurrentPrincipal, Session
+from pie.auth import Principal
+from pie.deps import Session, require
 from pie.errors import error_responses
 from pie.pagination import PageParams
 from pie.schemas import ID_PATTERN
@@ -29,7 +30,7 @@ async def list_audit(
     session: Session,
     response: Response,
     page: Annotated[PageParams, Depends()],
-    principal: CurrentPrincipal,
+    principal: Principal = require("read_domains"),
     client_id: Annotated[str | None, Query(pattern=ID_PATTERN, description="only this tenant's rows")] = None,
     target_type: Annotated[str | None, Query(pattern=r"^[a-z_]{1,32}$", description="e.g. `assignment`")] = None,
     target_id: Text = None,
@@ -39,9 +40,9 @@ async def list_audit(
     occurred_before: Annotated[datetime | None, Query(description="exclusive, ISO 8601")] = None,
 ):
     """Every write (one row each, written in the write's transaction), newest first; a bare
-    array, next page via `X-Next-Cursor`. Admins see all rows; other callers the rows of the
-    clients they may access (platform rows — models, versions, direct inference — are for
-    admins). `actor` matches the actor's `sub`, `username` or `client_id`."""
+    array, next page via `X-Next-Cursor`. Needs `read_domains`: admins see all rows; other
+    callers the rows of the clients they may access (platform rows — models, versions, direct
+    inference — are for admins). `actor` matches the actor's `sub`, `username` or `client_id`."""
     return await logic.list_audit(
         session,
         principal,

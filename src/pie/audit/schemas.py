@@ -47,3 +47,10 @@ class StatusChangeOut(ResponseBody):
     to_status: str
     changed_by: Actor | None = Field(description="null when the platform made the change")
     changed_at: UtcDatetime
+
+
+CREATED_BY = Field(
+    default=None,
+    description="who wrote the record (`{sub, username, client_id}`, see Actor); null for records "
+    "from before the audit trail and for records the platform wrote on its own",
+)

@@ -21,6 +21,7 @@ from fastapi import Response
 from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pie.audit import context as audit
 from pie.auth import Principal
 from pie.errors import Conflict, Forbidden, NotFound
 from pie.jobs.models import Job
@@ -69,6 +70,9 @@ async def create_job(
         subscription_id=subscription_id,
         purpose=purpose,
         warnings=list(warnings or []),
+        # the actor of the write that launched it (a subscription's trigger included); None
+        # for jobs the dispatcher creates on its own
+        created_by=audit.actor(session),
     )
     session.add(job)
     await session.flush()
@@ -348,6 +352,7 @@ async def complete_job(
         raise NotFound(f"job {job_id} not found for model {model_id} version {model_version}")
     if principal is not None and job.client_id is not None and not principal.can_access(job.client_id):
         raise Forbidden(f"no access to client {job.client_id}")
+    audit.describe(session, client_id=job.client_id)
     outcome = (await finish_jobs(session, [Completion(job_id, status, output, error)]))[job_id]
     if outcome.result == "conflict":
         raise Conflict(f"job {job_id} already ended with status {outcome.status}")

@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from pie.audit.schemas import CREATED_BY, Actor
 from pie.schemas import RequestBody, ResponseBody, UtcDatetime
 
 JobStatus = Literal["pending", "started", "success", "failure"]
@@ -26,6 +27,7 @@ class JobOut(ResponseBody):
     error: Any = None
     warnings: list[Any] = Field(default_factory=list)
     attempts: int
+    created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     started_at: UtcDatetime | None = None
     completed_at: UtcDatetime | None = None
