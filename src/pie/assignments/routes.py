@@ -8,8 +8,10 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 
 from pie.audit.routing import AuditedRoute
 from pie.assignments import logic
+from pie.assignments.models import Assignment
 from pie.assignments.schemas import (
     AssignmentCreate,
+    AssignmentDryRun,
     AssignmentJobRequest,
     AssignmentOut,
     AssignmentUpsert,
@@ -23,8 +25,29 @@ from pie.tenancy.schemas import error_responses
 router = APIRouter(prefix="/v2/clients/{client_id}/domains/{domain_id}", tags=["assignments"], route_class=AuditedRoute)
 
 KeyPath = Annotated[str, Path(pattern=KEY_PATTERN, examples=["default", "forecast"])]
+DryRunQuery = Annotated[
+    bool,
+    Query(
+        description="run every check (the freeze check included) and answer what would happen "
+        "(200 with the would-be revision and the counts, or the 422 `blocking_services` body); "
+        "nothing is written"
+    ),
+]
+UPSERT_ANSWER = AssignmentOut | AssignmentDryRun
 StatusQuery = Annotated[Literal["active", "archived"] | None, Query(description="only revisions in this status")]
 Page = Annotated[PageParams, Depends()]
+
+
+def _answer(result: Assignment | logic.DryRun) -> AssignmentOut | AssignmentDryRun:
+    if isinstance(result, logic.DryRun):
+        return AssignmentDryRun.model_validate(
+            {
+                "revision": result.revision,
+                "services_checked": result.services_checked,
+                "services_re_resolved": result.services_re_resolved,
+            }
+        )
+    return AssignmentOut.model_validate(result)
 
 
 # -- domain scope --------------------------------------------------------------------------------
@@ -33,16 +56,21 @@ Page = Annotated[PageParams, Depends()]
 @router.post(
     "/assignments",
     operation_id="upsertdomainmodelassignment",
-    response_model=AssignmentOut,
+    response_model=UPSERT_ANSWER,
     responses=error_responses(400, 404, blocked=True),
 )
 async def upsert_domain_assignment(
-    domain_id: DomainIdPath, body: AssignmentCreate, session: Session, scope: TenantScope = tenant("manage_domains")
+    domain_id: DomainIdPath,
+    body: AssignmentCreate,
+    session: Session,
+    dry_run: DryRunQuery = False,
+    scope: TenantScope = tenant("manage_domains"),
 ):
     """Create or update a domain assignment by the key in the body: the previous active
     revision is archived and a new one inserted, after the freeze check of every non-departed
-    service (for an active revision)."""
-    return await logic.upsert_domain_assignment(session, scope, domain_id, body.assignment_key, body)
+    service (for an active revision). With `?dry_run=true` the answer is an
+    `AssignmentDryRun` and nothing is written."""
+    return _answer(await logic.upsert_domain_assignment(session, scope, domain_id, body.assignment_key, body, dry_run=dry_run))
 
 
 @router.get(
@@ -65,7 +93,7 @@ async def list_domain_assignments(
 @router.put(
     "/assignments/{assignment_key}",
     operation_id="putdomainmodelassignment",
-    response_model=AssignmentOut,
+    response_model=UPSERT_ANSWER,
     responses=error_responses(400, 404, blocked=True),
 )
 async def put_domain_assignment(
@@ -73,9 +101,11 @@ async def put_domain_assignment(
     assignment_key: KeyPath,
     body: AssignmentUpsert,
     session: Session,
+    dry_run: DryRunQuery = False,
     scope: TenantScope = tenant("manage_domains"),
 ):
-    return await logic.upsert_domain_assignment(session, scope, domain_id, assignment_key, body)
+    """As the POST, with the key in the path; `?dry_run=true` likewise."""
+    return _answer(await logic.upsert_domain_assignment(session, scope, domain_id, assignment_key, body, dry_run=dry_run))
 
 
 @router.get(

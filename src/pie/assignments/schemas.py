@@ -68,3 +68,34 @@ class AssignmentJobRequest(RequestBody):
 
 class JobStarted(ResponseBody):
     job_id: str
+
+
+class AssignmentPreview(ResponseBody):
+    """The revision a dry run would insert: no id, no timestamps (it does not exist)."""
+
+    assignment_id: None = None
+    client_id: str
+    domain_id: str
+    service_id: None = None
+    assignment_key: str
+    model_id: str
+    model_version: str
+    status: str
+    role: str | None
+    settings: dict[str, Any]
+    metadata: dict[str, Any]
+    created_by: None = None
+    created_at: None = None
+    updated_at: None = None
+
+
+class AssignmentDryRun(ResponseBody):
+    """``?dry_run=true`` (spec 14.7): what the upsert would do; nothing was written."""
+
+    dry_run: Literal[True] = True
+    revision: AssignmentPreview
+    services_checked: int = Field(description="non-departed services the freeze check covered (0 for an archived revision)")
+    services_re_resolved: int = Field(
+        description="services whose resolved_features the upsert would rewrite (`default` key only; "
+        "patched services count)"
+    )
