@@ -70,7 +70,8 @@ async def upsert_domain_assignment(
     revision is archived and a new one inserted, after the freeze check of every non-departed
     service (for an active revision). With `?dry_run=true` the answer is an
     `AssignmentDryRun` and nothing is written."""
-    return _answer(await logic.upsert_domain_assignment(session, scope, domain_id, body.assignment_key, body, dry_run=dry_run))
+    key = body.assignment_key
+    return _answer(await logic.upsert_domain_assignment(session, scope, domain_id, key, body, dry_run=dry_run))
 
 
 @router.get(
@@ -105,7 +106,8 @@ async def put_domain_assignment(
     scope: TenantScope = tenant("manage_domains"),
 ):
     """As the POST, with the key in the path; `?dry_run=true` likewise."""
-    return _answer(await logic.upsert_domain_assignment(session, scope, domain_id, assignment_key, body, dry_run=dry_run))
+    result = await logic.upsert_domain_assignment(session, scope, domain_id, assignment_key, body, dry_run=dry_run)
+    return _answer(result)
 
 
 @router.get(

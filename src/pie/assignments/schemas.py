@@ -94,7 +94,9 @@ class AssignmentDryRun(ResponseBody):
 
     dry_run: Literal[True] = True
     revision: AssignmentPreview
-    services_checked: int = Field(description="non-departed services the freeze check covered (0 for an archived revision)")
+    services_checked: int = Field(
+        description="non-departed services the freeze check covered (0 for an archived revision)"
+    )
     services_re_resolved: int = Field(
         description="services whose resolved_features the upsert would rewrite (`default` key only; "
         "patched services count)"

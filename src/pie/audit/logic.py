@@ -67,7 +67,11 @@ async def list_audit(
         stmt = stmt.where(AuditRecord.target_id == target_id)
     if actor is not None:
         stmt = stmt.where(
-            or_(AuditRecord.actor_sub == actor, AuditRecord.actor_username == actor, AuditRecord.actor_client_id == actor)
+            or_(
+                AuditRecord.actor_sub == actor,
+                AuditRecord.actor_username == actor,
+                AuditRecord.actor_client_id == actor,
+            )
         )
     if action is not None:
         stmt = stmt.where(AuditRecord.action == action)

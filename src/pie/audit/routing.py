@@ -10,7 +10,6 @@ refuses to start an app with a write route that is not audited.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -106,11 +105,10 @@ def summarize(body: Any) -> dict[str, Any]:
 
 
 async def _body(request: Request) -> Any:
-    raw = await request.body()  # already read and cached by FastAPI
-    if not raw:
+    if not await request.body():  # read and cached by FastAPI
         return None
     try:
-        return json.loads(raw)
+        return await request.json()  # parsed and cached by FastAPI for a JSON body: no second parse
     except ValueError:
         return None
 
