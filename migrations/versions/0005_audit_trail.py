@@ -48,7 +48,6 @@ def upgrade() -> None:
     sa.Column('summary', postgresql.JSONB(astext_type=sa.Text()), server_default=sa.text("'{}'::jsonb"), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_audit_log'))
     )
-    op.create_index('ix_audit_log_actor_sub', 'audit_log', ['actor_sub', 'id'], unique=False)
     op.create_index('ix_audit_log_client', 'audit_log', ['client_id', 'id'], unique=False)
     op.create_index('ix_audit_log_target', 'audit_log', ['target_type', 'target_id', 'id'], unique=False)
     op.create_table('model_version_status_history',
@@ -76,7 +75,6 @@ def downgrade() -> None:
     op.drop_table('model_version_status_history')
     op.drop_index('ix_audit_log_target', table_name='audit_log')
     op.drop_index('ix_audit_log_client', table_name='audit_log')
-    op.drop_index('ix_audit_log_actor_sub', table_name='audit_log')
     op.drop_table('audit_log')
     op.execute("DROP FUNCTION IF EXISTS pie_append_only()")
     for table in CREATED_BY_TABLES:
