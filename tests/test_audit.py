@@ -339,3 +339,22 @@ async def test_dry_run_keeps_every_other_check(client, session, admin):
     assert r.status_code == 422 and "does not exist" in r.json()["message"]
     r = await client.put(f"{D}/assignments/default?dry_run=maybe", json={"model_id": "pricing-model", "model_version": "1"}, headers=admin)
     assert r.status_code == 400
+
+
+def test_openapi_documents_the_audit_trail(app):
+    doc = app.openapi()
+    paths, schemas = doc["paths"], doc["components"]["schemas"]
+    assert paths["/v2/audit"]["get"]["operationId"] == "listauditrecords"
+    assert {p["name"] for p in paths["/v2/audit"]["get"]["parameters"]} >= {
+        "client_id", "target_type", "target_id", "actor", "action", "occurred_after", "occurred_before", "limit", "cursor"
+    }
+    history = paths["/v2/models/{model_id}/versions/{model_version}/status-history"]["get"]
+    assert history["operationId"] == "listmodelversionstatushistory"
+    for name in ("AssignmentOut", "VersionOut", "JobOut", "SubscriptionOut", "DomainOut", "ServiceOut"):
+        assert "created_by" in schemas[name]["properties"], name
+    for path in ("/v2/clients/{client_id}/domains/{domain_id}/assignments", "/v2/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}"):
+        operation = next(op for method, op in paths[path].items() if method in ("post", "put"))
+        assert "dry_run" in {p["name"] for p in operation["parameters"]}
+        answer = operation["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
+        assert {"$ref": "#/components/schemas/AssignmentDryRun"} in answer
+    assert set(schemas["AssignmentDryRun"]["properties"]) == {"dry_run", "revision", "services_checked", "services_re_resolved"}

@@ -70,23 +70,14 @@ class JobStarted(ResponseBody):
     job_id: str
 
 
-class AssignmentPreview(ResponseBody):
-    """The revision a dry run would insert: no id, no timestamps (it does not exist)."""
+class AssignmentPreview(AssignmentOut):
+    """The revision a dry run would insert: no id, no timestamps, no author (it does not exist)."""
 
-    assignment_id: None = None
-    client_id: str
-    domain_id: str
+    assignment_id: None = None  # type: ignore[assignment]
     service_id: None = None
-    assignment_key: str
-    model_id: str
-    model_version: str
-    status: str
-    role: str | None
-    settings: dict[str, Any]
-    metadata: dict[str, Any]
-    created_by: None = None
-    created_at: None = None
-    updated_at: None = None
+    created_by: None = None  # type: ignore[assignment]
+    created_at: None = None  # type: ignore[assignment]
+    updated_at: None = None  # type: ignore[assignment]
 
 
 class AssignmentDryRun(ResponseBody):
