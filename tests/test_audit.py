@@ -358,3 +358,10 @@ def test_openapi_documents_the_audit_trail(app):
         answer = operation["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
         assert {"$ref": "#/components/schemas/AssignmentDryRun"} in answer
     assert set(schemas["AssignmentDryRun"]["properties"]) == {"dry_run", "revision", "services_checked", "services_re_resolved"}
+
+
+def test_the_summary_is_compact_and_masks_credentials():
+    from pie.audit.routing import summarize
+
+    summary = summarize({"name": "x" * 500, "input": {"secret_price_floor": 123}, "callback_secret": "s3", "n": 2})
+    assert summary == {"name": "x" * 200, "callback_secret": "***", "n": 2, "fields": ["input"]}

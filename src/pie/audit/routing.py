@@ -10,6 +10,7 @@ refuses to start an app with a write route that is not audited.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -50,6 +51,8 @@ TARGET_TYPES: dict[str, str] = {
 }
 
 _SUMMARY_TEXT = 200  # characters kept of a text value in the summary
+# a scalar field whose name says it is a credential is summarised as "***"
+_SECRET_NAMES = re.compile(r"secret|password|token|credential|api_?key", re.IGNORECASE)
 
 
 def target_id(target_type: str, path: dict[str, Any], body: Any) -> str | None:
@@ -87,7 +90,7 @@ def target_id(target_type: str, path: dict[str, Any], body: Any) -> str | None:
 def summarize(body: Any) -> dict[str, Any]:
     """What changed, compactly: a body's scalar fields (text cut at 200 characters) and the
     names of its object and array fields (their contents — inputs, features, settings — may be
-    large or confidential and stay in the records themselves)."""
+    large or confidential and stay in the records themselves); credentials are masked."""
     if not isinstance(body, dict):
         return {}
     summary: dict[str, Any] = {}
@@ -95,6 +98,8 @@ def summarize(body: Any) -> dict[str, Any]:
     for name, value in body.items():
         if isinstance(value, (dict, list)):
             nested.append(name)
+        elif _SECRET_NAMES.search(name):
+            summary[name] = "***"
         elif isinstance(value, str):
             summary[name] = value[:_SUMMARY_TEXT]
         else:
