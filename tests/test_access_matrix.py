@@ -97,6 +97,10 @@ REQUIRED: dict[str, frozenset[str]] = {
     "completemodeljob": frozenset({"complete_jobs"}),
     # 9.3 the in-process handler names are part of the model registry
     "listinprocesshandlers": frozenset({"read_models"}),
+    # 14.6 audit: the version status history is registry data; the audit log is tenant data
+    # (admins: every row; tenant readers: their clients' rows)
+    "listmodelversionstatushistory": frozenset({"read_models"}),
+    "listauditrecords": frozenset({"read_domains"}),
 }
 PUBLIC = {"health", "healthlive", "healthready"}
 

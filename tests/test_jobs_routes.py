@@ -76,7 +76,7 @@ async def test_getjob_returns_the_job_record(client, session, admin):
     body = r.json()
     assert set(body) == {
         "job_id", "job_type", "status", "model_id", "model_version", "assignment_id", "client_id", "domain_id",
-        "service_id", "subscription_id", "input", "output", "error", "warnings", "attempts", "timeout_seconds", "created_at",
+        "service_id", "subscription_id", "input", "output", "error", "warnings", "attempts", "timeout_seconds", "created_by", "created_at",
         "started_at", "completed_at", "updated_at",
     }
     assert body["job_id"] == job.job_id and body["status"] == "pending" and body["job_type"] == "inference"

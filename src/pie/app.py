@@ -232,6 +232,8 @@ def _chain_shutdown_signals(callback: Callable[[], None]) -> Callable[[], None]:
 
 def _include_routers(app: FastAPI) -> None:
     from pie.assignments.routes import router as assignments_router
+    from pie.audit.routes import router as audit_router
+    from pie.audit.routing import check_routes
     from pie.clients.routes import router as clients_router
     from pie.dispatch.routes import router as dispatch_router
     from pie.health.routes import router as health_router
@@ -254,8 +256,10 @@ def _include_routers(app: FastAPI) -> None:
         registry_router,
         jobs_router,
         dispatch_router,
+        audit_router,
     ):
         app.include_router(router)
+    check_routes(app)
 
 
 def _install_openapi(app: FastAPI) -> None:

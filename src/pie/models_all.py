@@ -2,10 +2,14 @@
 
 from pie.assignments.models import Assignment
 from pie.callbacks import SigningKey
+from pie.audit.models import AuditRecord, VersionStatusChange
 from pie.clients.models import Client
 from pie.db import Base
 from pie.jobs.models import Job
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.tenancy.models import Domain, Service
 
-__all__ = ["Assignment", "Base", "Client", "Domain", "EventSubscription", "Job", "Model", "ModelVersion", "Service", "SigningKey"]
+__all__ = [
+    "Assignment", "AuditRecord", "Base", "Client", "Domain", "EventSubscription", "Job", "Model",
+    "ModelVersion", "Service", "SigningKey", "VersionStatusChange",
+]

@@ -212,3 +212,32 @@ async def apply_plan(session: AsyncSession, *, client_id: str, domain_id: str, p
         {**params, "defaults": _dumps(plan.defaults), "unknown": plan.unknown_keys},
     )
     return changed + result.rowcount
+
+
+async def count_plan(
+    session: AsyncSession, *, client_id: str, domain_id: str, plan: FreezePlan, re_resolve: bool
+) -> tuple[int, int]:
+    """What a passing check would touch, without writing (a dry run): the non-departed services
+    checked, and how many ``apply_plan`` would re-resolve (the patched ones plus those whose
+    ``resolved_features`` would change: the same predicate as its ``UPDATE``). One query."""
+    row = (
+        await session.execute(
+            text(
+                f"""SELECT count(*) AS checked,
+                           count(*) FILTER (
+                               WHERE s.service_id = ANY(CAST(:patched AS text[]))
+                                  OR s.resolved_features IS DISTINCT FROM
+                                     (CAST(:defaults AS jsonb) || s.provided_features) - CAST(:unknown AS text[])
+                           ) AS re_resolved
+                    FROM services s WHERE {_SCOPE} AND {_NON_DEPARTED}"""
+            ),
+            {
+                "client_id": client_id,
+                "domain_id": domain_id,
+                "patched": list(plan.patched),
+                "defaults": _dumps(plan.defaults),
+                "unknown": plan.unknown_keys,
+            },
+        )
+    ).one()
+    return int(row.checked), int(row.re_resolved) if re_resolve else 0

@@ -10,6 +10,7 @@ regardless.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Response
@@ -21,6 +22,7 @@ from pie import metrics
 from pie.assignments import freeze
 from pie.assignments.models import Assignment
 from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert
+from pie.audit import context as audit
 from pie.deps import TenantScope
 from pie.errors import NotFound, Unprocessable
 from pie.jobs.logic import create_job
@@ -94,20 +96,42 @@ async def _write_revision(
             role=body.role,
             settings=body.settings,
             metadata_=body.metadata,
+            created_by=audit.actor(session),
             created_at=func.clock_timestamp(),
             updated_at=func.clock_timestamp(),
         )
         .returning(Assignment)
     )
-    return (await session.scalars(stmt, execution_options={"populate_existing": True})).one()
+    revision = (await session.scalars(stmt, execution_options={"populate_existing": True})).one()
+    audit.describe(session, assignment_id=str(revision.assignment_id))
+    return revision
+
+
+@dataclass
+class DryRun:
+    """What a domain upsert would do (spec 14.7): nothing of it is written."""
+
+    revision: dict[str, Any]
+    services_checked: int
+    services_re_resolved: int
 
 
 async def upsert_domain_assignment(
-    session: AsyncSession, scope: TenantScope, domain_id: str, key: str, body: AssignmentUpsert
-) -> Assignment:
+    session: AsyncSession,
+    scope: TenantScope,
+    domain_id: str,
+    key: str,
+    body: AssignmentUpsert,
+    *,
+    dry_run: bool = False,
+) -> Assignment | DryRun:
     """Domain scope: for an active revision, the freeze check (6.2) of every non-departed
-    service first; for the ``default`` key, then the patches and the re-resolve of everyone."""
-    domain = await load_domain(session, scope.client_id, domain_id, lock="update")
+    service first; for the ``default`` key, then the patches and the re-resolve of everyone.
+
+    ``dry_run`` (14.7): every check runs (the same 4xx, the same 422 ``blocking_services``),
+    then the would-be revision and the counts are answered and nothing is written — no
+    revision, no re-resolve, no audit row. It holds the domain row only ``FOR SHARE``."""
+    domain = await load_domain(session, scope.client_id, domain_id, lock="share" if dry_run else "update")
     await ensure_writable(session, scope)
     ensure_domain_active(domain)
     updates = body.service_updates or []
@@ -134,12 +158,42 @@ async def upsert_domain_assignment(
                 model_id=body.model_id,
                 model_version=body.model_version,
             )
+    if dry_run:
+        audit.skip(session)
+        checked, re_resolved = (
+            await freeze.count_plan(
+                session, client_id=scope.client_id, domain_id=domain_id, plan=plan, re_resolve=key == DEFAULT_KEY
+            )
+            if plan is not None
+            else (0, 0)
+        )
+        return DryRun(_would_be(scope.client_id, domain_id, key, body), checked, re_resolved)
     revision = await _write_revision(
         session, client_id=scope.client_id, domain_id=domain_id, service_id=None, key=key, body=body
     )
     if plan is not None and key == DEFAULT_KEY:
         await freeze.apply_plan(session, client_id=scope.client_id, domain_id=domain_id, plan=plan)
     return revision
+
+
+def _would_be(client_id: str, domain_id: str, key: str, body: AssignmentUpsert) -> dict[str, Any]:
+    """The revision a dry run would insert (no id and no timestamps: it does not exist)."""
+    return {
+        "assignment_id": None,
+        "client_id": client_id,
+        "domain_id": domain_id,
+        "service_id": None,
+        "assignment_key": key,
+        "model_id": body.model_id,
+        "model_version": body.model_version,
+        "status": body.status,
+        "role": body.role,
+        "settings": body.settings,
+        "metadata": body.metadata,
+        "created_by": None,
+        "created_at": None,
+        "updated_at": None,
+    }
 
 
 async def upsert_service_assignment(
@@ -306,6 +360,7 @@ async def run_assignment_job(
         domain_id=domain_id,
         service_id=service_id,
     )
+    audit.describe(session, target_id=job.job_id)
     if body.subscribe:
         # the registry's one way to store a replay (UUIDv7 id, input warnings, an identical
         # active replay reused), bound to this key in this scope

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import CheckConstraint, ForeignKeyConstraint, Index, String, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pie.db import Base, Timestamps
@@ -25,6 +26,8 @@ class Assignment(Timestamps, Base):
     role: Mapped[str | None]
     settings: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=text("'{}'::jsonb"))
+    # who wrote the row (pie.audit.schemas.Actor); NULL before the audit trail and for platform writes
+    created_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
 
     __table_args__ = (
         CheckConstraint("status IN ('active', 'archived')", name="status"),

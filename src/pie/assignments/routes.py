@@ -6,9 +6,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
+from pie.audit.routing import AuditedRoute
 from pie.assignments import logic
+from pie.assignments.models import Assignment
 from pie.assignments.schemas import (
     AssignmentCreate,
+    AssignmentDryRun,
     AssignmentJobRequest,
     AssignmentOut,
     AssignmentUpsert,
@@ -19,11 +22,32 @@ from pie.pagination import PageParams
 from pie.schemas import KEY_PATTERN
 from pie.tenancy.schemas import error_responses
 
-router = APIRouter(prefix="/v2/clients/{client_id}/domains/{domain_id}", tags=["assignments"])
+router = APIRouter(prefix="/v2/clients/{client_id}/domains/{domain_id}", tags=["assignments"], route_class=AuditedRoute)
 
 KeyPath = Annotated[str, Path(pattern=KEY_PATTERN, examples=["default", "forecast"])]
+DryRunQuery = Annotated[
+    bool,
+    Query(
+        description="run every check (the freeze check included) and answer what would happen "
+        "(200 with the would-be revision and the counts, or the 422 `blocking_services` body); "
+        "nothing is written"
+    ),
+]
+UPSERT_ANSWER = AssignmentOut | AssignmentDryRun
 StatusQuery = Annotated[Literal["active", "archived"] | None, Query(description="only revisions in this status")]
 Page = Annotated[PageParams, Depends()]
+
+
+def _answer(result: Assignment | logic.DryRun) -> AssignmentOut | AssignmentDryRun:
+    if isinstance(result, logic.DryRun):
+        return AssignmentDryRun.model_validate(
+            {
+                "revision": result.revision,
+                "services_checked": result.services_checked,
+                "services_re_resolved": result.services_re_resolved,
+            }
+        )
+    return AssignmentOut.model_validate(result)
 
 
 # -- domain scope --------------------------------------------------------------------------------
@@ -32,16 +56,22 @@ Page = Annotated[PageParams, Depends()]
 @router.post(
     "/assignments",
     operation_id="upsertdomainmodelassignment",
-    response_model=AssignmentOut,
+    response_model=UPSERT_ANSWER,
     responses=error_responses(400, 404, blocked=True),
 )
 async def upsert_domain_assignment(
-    domain_id: DomainIdPath, body: AssignmentCreate, session: Session, scope: TenantScope = tenant("manage_domains")
+    domain_id: DomainIdPath,
+    body: AssignmentCreate,
+    session: Session,
+    dry_run: DryRunQuery = False,
+    scope: TenantScope = tenant("manage_domains"),
 ):
     """Create or update a domain assignment by the key in the body: the previous active
     revision is archived and a new one inserted, after the freeze check of every non-departed
-    service (for an active revision)."""
-    return await logic.upsert_domain_assignment(session, scope, domain_id, body.assignment_key, body)
+    service (for an active revision). With `?dry_run=true` the answer is an
+    `AssignmentDryRun` and nothing is written."""
+    key = body.assignment_key
+    return _answer(await logic.upsert_domain_assignment(session, scope, domain_id, key, body, dry_run=dry_run))
 
 
 @router.get(
@@ -64,7 +94,7 @@ async def list_domain_assignments(
 @router.put(
     "/assignments/{assignment_key}",
     operation_id="putdomainmodelassignment",
-    response_model=AssignmentOut,
+    response_model=UPSERT_ANSWER,
     responses=error_responses(400, 404, blocked=True),
 )
 async def put_domain_assignment(
@@ -72,9 +102,12 @@ async def put_domain_assignment(
     assignment_key: KeyPath,
     body: AssignmentUpsert,
     session: Session,
+    dry_run: DryRunQuery = False,
     scope: TenantScope = tenant("manage_domains"),
 ):
-    return await logic.upsert_domain_assignment(session, scope, domain_id, assignment_key, body)
+    """As the POST, with the key in the path; `?dry_run=true` likewise."""
+    result = await logic.upsert_domain_assignment(session, scope, domain_id, assignment_key, body, dry_run=dry_run)
+    return _answer(result)
 
 
 @router.get(

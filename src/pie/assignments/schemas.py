@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
 
+from pie.audit.schemas import CREATED_BY, Actor
 from pie.schemas import AssignmentKey, Identifier, RequestBody, ResponseBody, UtcDatetime
 from pie.tenancy.schemas import JsonObject
 
@@ -50,6 +51,7 @@ class AssignmentOut(ResponseBody):
     role: str | None
     settings: dict[str, Any]
     metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
+    created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -66,3 +68,27 @@ class AssignmentJobRequest(RequestBody):
 
 class JobStarted(ResponseBody):
     job_id: str
+
+
+class AssignmentPreview(AssignmentOut):
+    """The revision a dry run would insert: no id, no timestamps, no author (it does not exist)."""
+
+    assignment_id: None = None  # type: ignore[assignment]
+    service_id: None = None
+    created_by: None = None  # type: ignore[assignment]
+    created_at: None = None  # type: ignore[assignment]
+    updated_at: None = None  # type: ignore[assignment]
+
+
+class AssignmentDryRun(ResponseBody):
+    """``?dry_run=true`` (spec 14.7): what the upsert would do; nothing was written."""
+
+    dry_run: Literal[True] = True
+    revision: AssignmentPreview
+    services_checked: int = Field(
+        description="non-departed services the freeze check covered (0 for an archived revision)"
+    )
+    services_re_resolved: int = Field(
+        description="services whose resolved_features the upsert would rewrite (`default` key only; "
+        "patched services count)"
+    )

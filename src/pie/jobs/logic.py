@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
 from pie import callbacks, metrics
+from pie.audit import context as audit
 from pie.auth import Principal
 from pie.config import get_settings
 from pie.dispatch.backends import build_payload, callback_token_ttl, payload_limit_problem
@@ -88,6 +89,9 @@ async def create_job(
         purpose=purpose,
         warnings=list(warnings or []),
         timeout_seconds=(handler or {}).get("timeout_seconds"),
+        # the actor of the write that launched it (a subscription's trigger included); None
+        # for jobs the dispatcher creates on its own
+        created_by=audit.actor(session),
     )
     # the payload as a dispatch will build it: a job id and a callback token of the real length
     shaped = SimpleNamespace(
@@ -416,6 +420,7 @@ async def complete_job(
         raise NotFound(f"job {job_id} not found for model {model_id} version {model_version}")
     if principal is not None and job.client_id is not None and not principal.can_access(job.client_id):
         raise Forbidden(f"no access to client {job.client_id}")
+    audit.describe(session, client_id=job.client_id)
     outcome = (await finish_jobs(session, [Completion(job_id, status, output, error)]))[job_id]
     if outcome.result == "conflict":
         raise Conflict(f"job {job_id} already ended with status {outcome.status}")

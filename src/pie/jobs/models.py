@@ -47,6 +47,8 @@ class Job(Timestamps, Base):
     lease_expires_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
+    # who wrote the row (pie.audit.schemas.Actor); NULL before the audit trail and for platform writes
+    created_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
 
     __table_args__ = (
         CheckConstraint("job_type IN ('inference', 'training')", name="job_type"),

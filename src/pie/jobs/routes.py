@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from pie import callbacks, db
+from pie.audit.routing import AuditedRoute
 from pie.auth import Principal
 from pie.deps import BearerCredentials, CurrentPrincipal, ModelIdPath, ModelVersionPath, Session, current_principal
 from pie.errors import Forbidden
@@ -16,7 +17,7 @@ from pie.pagination import PageParams
 from pie.registry.schemas import error_responses
 from pie.schemas import ID_PATTERN
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=AuditedRoute)
 
 JobIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="job id", examples=["0192f1c4-7d1e-7c3a-9f3e-5b1f0e6a2d41"])]
 IdQuery = Annotated[str | None, Query(pattern=ID_PATTERN)]

@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from pie.audit.schemas import CREATED_BY, Actor
 from pie.schemas import RequestBody, ResponseBody, UtcDatetime
 
 JobStatus = Literal["pending", "started", "success", "failure"]
@@ -29,6 +30,7 @@ class JobOut(ResponseBody):
     timeout_seconds: float | None = Field(
         default=None, description="the handler's time-out in seconds; null: the global PIE_JOB_TIMEOUT_SECONDS applies"
     )
+    created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     started_at: UtcDatetime | None = None
     completed_at: UtcDatetime | None = None

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.assignments.models import Assignment
+from pie.audit import context as audit
 from pie.auth import Principal
 from pie.clients.models import Client
 from pie.jobs.logic import notify_new_jobs
@@ -266,8 +267,10 @@ async def fire_triggers(session: AsyncSession, trigger_event: str, triggers: lis
         job_ids = await session.scalars(
             select(cast(func.pie_uuid7(), Text)).select_from(func.generate_series(1, len(ready)))
         )
+        actor = audit.actor(session)  # the triggering write's actor (None in the dispatcher)
         for firing, job_id in zip(ready, job_ids):
             firing.job["job_id"] = job_id
+            firing.job["created_by"] = actor
         try:
             async with session.begin_nested():
                 # Core, not ORM bulk: one executemany for all rows (the ORM splits a batch

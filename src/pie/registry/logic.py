@@ -18,6 +18,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
+from pie.audit import context as audit
+from pie.audit.logic import record_status_change
 from pie.auth import Principal
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.features import validate_feature_definitions
@@ -94,6 +96,7 @@ async def create_model(session: AsyncSession, body: ModelCreate) -> Model:
     model = await session.scalar(stmt)
     if model is None:
         raise Conflict(f"model {model_id} already exists")
+    audit.describe(session, target_id=model_id)
     return model
 
 
@@ -211,6 +214,7 @@ async def _insert_version(
             handlers=model.handlers,
             handler_contracts=json_or_null(model.handler_contracts),
             features=json_or_null(features),
+            created_by=audit.actor(session),
         )
         .on_conflict_do_nothing(index_elements=[ModelVersion.model_id, ModelVersion.version])
         .returning(ModelVersion)
@@ -227,6 +231,7 @@ async def create_version(session: AsyncSession, model_id: str, body: VersionCrea
     created = await _insert_version(
         session, model, version=body.version, description=body.description, metadata=body.metadata, features=features
     )
+    audit.describe(session, target_id=f"{model_id}/{created.version}")
     return await get_model(session, model_id), created
 
 
@@ -266,6 +271,8 @@ async def set_version_status(
         .where(ModelVersion.model_id == model_id, ModelVersion.version == version)
         .values(status=status)
     )
+    await record_status_change(session, model_id, version, previous, status)
+    audit.describe(session, **{"from": previous, "to": status})
     if status == "active":
         # a model becomes active when one of its versions first becomes active
         await session.execute(
@@ -302,6 +309,7 @@ async def run_inference(session: AsyncSession, model_id: str, version: str, body
                 f"input does not match the inference input_schema of model {model_id} version {version}: {error}"
             )
     job = await create_job(session, job_type="inference", model_id=model_id, model_version=version, input=body.input)
+    audit.describe(session, target_id=job.job_id, client_id=job.client_id)
     if body.subscribe:
         await subscribe_inference(session, model_id=model_id, input=body.input)
     return job

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, ForeignKeyConstraint, Identity, Index, String, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pie.db import Base, Timestamps
@@ -40,6 +41,8 @@ class ModelVersion(Timestamps, Base):
     handler_contracts: Mapped[dict[str, Any] | None]
     # the frozen feature schema; NULL until set, then never changed
     features: Mapped[list[Any] | None]
+    # who wrote the row (pie.audit.schemas.Actor); NULL before the audit trail and for platform writes
+    created_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     # creation order (newest active version = highest seq)
     seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True), unique=True)
 
@@ -68,6 +71,8 @@ class EventSubscription(Timestamps, Base):
     domain_id: Mapped[str | None] = mapped_column(String(128))
     service_id: Mapped[str | None] = mapped_column(String(128))
     assignment_key: Mapped[str | None] = mapped_column(String(64))
+    # who wrote the row (pie.audit.schemas.Actor); NULL before the audit trail and for platform writes
+    created_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
 
     __table_args__ = (
         CheckConstraint("trigger_event IN ('training_complete', 'inference_complete')", name="trigger_event"),

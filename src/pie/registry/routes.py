@@ -7,6 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Response
 
+from pie.audit import logic as audit_logic
+from pie.audit.routing import AuditedRoute
+from pie.audit.schemas import StatusChangeOut
 from pie.auth import Principal
 from pie.deps import ModelIdPath, ModelVersionPath, Session, require
 from pie.pagination import PageParams
@@ -29,7 +32,7 @@ from pie.registry.schemas import (
     error_responses,
 )
 
-router = APIRouter(prefix="/v2/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 422))
+router = APIRouter(prefix="/v2/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 422), route_class=AuditedRoute)
 _CONFLICT = error_responses(409)
 
 Page = Annotated[PageParams, Depends()]
@@ -105,6 +108,26 @@ async def get_model_version(
     principal: Principal = require("read_models"),
 ):
     return await logic.get_model_version(session, model_id, model_version)
+
+
+@router.get(
+    "/{model_id}/versions/{model_version}/status-history",
+    operation_id="listmodelversionstatushistory",
+    response_model=list[StatusChangeOut],
+)
+async def list_model_version_status_history(
+    model_id: ModelIdPath,
+    model_version: ModelVersionPath,
+    session: Session,
+    response: Response,
+    page: Page,
+    principal: Principal = require("read_models"),
+):
+    """Every status change of the version, oldest first: who (`changed_by`, null when the
+    platform made it), from, to, when. A version's first status (`pending`, at creation) is not
+    a change; its creator is the version's `created_by`. Bare array, cursor in `X-Next-Cursor`."""
+    await logic.get_model_version(session, model_id, model_version)
+    return await audit_logic.list_status_history(session, model_id, model_version, page, response)
 
 
 @router.post(

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, model_serializer
 
+from pie.audit.schemas import CREATED_BY, Actor
 from pie.errors import error_response_doc
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
 
@@ -176,6 +177,7 @@ class VersionOut(ResponseBody):
     handlers: dict[str, Any]
     handler_contracts: dict[str, Any] | None
     features: list[Any] | None
+    created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -228,5 +230,6 @@ class SubscriptionOut(ResponseBody):
     domain_id: str | None = None
     service_id: str | None = None
     assignment_key: str | None = None
+    created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime

@@ -17,6 +17,7 @@ from sqlalchemy import ColumnElement, delete, func, null, or_, select, text, tru
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
+from pie.audit import context as audit
 from pie.auth import Principal
 from pie.errors import BadRequest, NotFound, Unprocessable
 from pie.jsonschemas import validation_error
@@ -183,10 +184,12 @@ async def create_subscription(session: AsyncSession, model_id: str, body: Subscr
         label=body.label,
         status=body.status,
         warnings=input_warnings(target, body.target_action, body.input),
+        created_by=audit.actor(session),
     )
     session.add(subscription)
     await session.flush()
     await session.refresh(subscription)
+    audit.describe(session, target_id=str(subscription.id))
     return subscription
 
 
@@ -286,6 +289,7 @@ async def subscribe_inference(
         domain_id=domain_id,
         service_id=service_id,
         assignment_key=assignment_key,
+        created_by=audit.actor(session),
     )
     session.add(subscription)
     await session.flush()

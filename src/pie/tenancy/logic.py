@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
 from pie.assignments.models import Assignment
+from pie.audit import context as audit
 from pie.clients.models import Client
 from pie.deps import TenantScope
 from pie.errors import Conflict, NotFound, Unprocessable
@@ -84,13 +85,20 @@ async def create_domain(session: AsyncSession, scope: TenantScope, body: DomainC
     domain_id = body.domain_id or str(uuid6.uuid7())
     stmt = (
         insert(Domain)
-        .values(client_id=scope.client_id, domain_id=domain_id, name=body.name, features=features)
+        .values(
+            client_id=scope.client_id,
+            domain_id=domain_id,
+            name=body.name,
+            features=features,
+            created_by=audit.actor(session),
+        )
         .on_conflict_do_nothing(index_elements=[Domain.client_id, Domain.domain_id])
         .returning(Domain)
     )
     domain = await session.scalar(stmt)
     if domain is None:
         raise Conflict(f"domain {domain_id} already exists")
+    audit.describe(session, target_id=domain_id)
     return domain
 
 
@@ -196,6 +204,7 @@ async def init_service(session: AsyncSession, scope: TenantScope, domain_id: str
             departure_datetime=body.departure_datetime,
             provided_features=body.static_features,
             resolved_features=resolved,
+            created_by=audit.actor(session),
         )
         .on_conflict_do_nothing(index_elements=[Service.client_id, Service.domain_id, Service.service_id])
         .returning(Service)
@@ -297,6 +306,7 @@ async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_
         literal(SERVICE_INIT),
         Service.resolved_features,
         Service.resolved_features,
+        literal(audit.actor(session), type_=Job.created_by.type),
     ).where(Service.client_id == scope.client_id, Service.domain_id == domain_id, not_departed())
     stmt = (
         insert(Job)
@@ -312,6 +322,7 @@ async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_
                 Job.purpose,
                 Job.input,
                 Job.features,
+                Job.created_by,
             ],
             rows,
         )

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import CheckConstraint, ForeignKey, ForeignKeyConstraint, Index, String, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pie.db import Base, Timestamps
@@ -20,6 +21,8 @@ class Domain(Timestamps, Base):
     status: Mapped[str] = mapped_column(String(16), server_default="active")
     # the live feature definitions (the next-train draft)
     features: Mapped[list[Any]] = mapped_column(server_default=text("'[]'::jsonb"))
+    # who wrote the row (pie.audit.schemas.Actor); NULL before the audit trail and for platform writes
+    created_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
 
     __table_args__ = (CheckConstraint("status IN ('active', 'inactive')", name="status"),)
 
@@ -34,6 +37,8 @@ class Service(Timestamps, Base):
     departure_datetime: Mapped[datetime | None]
     provided_features: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     resolved_features: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    # who wrote the row (pie.audit.schemas.Actor); NULL before the audit trail and for platform writes
+    created_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
 
     __table_args__ = (
         ForeignKeyConstraint(

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
+from pie.audit.schemas import CREATED_BY, Actor
 from pie.errors import error_response_doc
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
 
@@ -80,6 +81,7 @@ class DomainOut(ResponseBody):
     name: str | None
     status: str
     features: list[Any]
+    created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -118,6 +120,7 @@ class ServiceOut(ResponseBody):
     departed: bool
     provided_features: dict[str, Any]
     resolved_features: dict[str, Any]
+    created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
