@@ -9,6 +9,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pie import callbacks, db
 from pie.auth import Principal, TokenVerifier
 from pie.clients.models import Client
 from pie.db import get_session
@@ -30,15 +31,37 @@ async def current_principal(
         raise Unauthorized("missing bearer token")
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthorized("malformed Authorization header; expected 'Bearer <token>'")
-    verifier: TokenVerifier = request.app.state.verifier
-    principal = await verifier.verify(credentials.credentials)
+    token = credentials.credentials
+    if callbacks.is_callback_token(token):
+        principal = await _callback_principal(request, token)
+    else:
+        verifier: TokenVerifier = request.app.state.verifier
+        principal = await verifier.verify(token)
     request.state.principal = principal  # the access log line names the caller
     return principal
 
 
+CALLBACK_OPERATION = "completemodeljob"
+
+
+async def _callback_principal(request: Request, token: str) -> Principal:
+    """A job's callback token (spec 14.5) authenticates on ``completemodeljob`` only (401 on
+    every other route); the route checks it names that job (``callback_grant``)."""
+    route = request.scope.get("route")
+    if getattr(route, "operation_id", None) != CALLBACK_OPERATION:
+        raise Unauthorized("a callback token is valid only for completing its own job")
+    async with db.sessionmaker()() as session:
+        grant = await callbacks.verify(session, token)
+    return Principal(
+        subject=f"callback:{grant.job_id}",
+        permissions=frozenset({"complete_jobs"}),
+        tenants=frozenset({grant.client_id}) if grant.client_id else frozenset(),
+        claims={"callback_job_id": grant.job_id, "callback_model_id": grant.model_id,
+                "callback_model_version": grant.model_version, "kid": grant.kid},
+    )
+
+
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
-# the raw bearer credentials (for routes that accept another kind of token, e.g. callback tokens)
-BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 async def authenticate(request: Request) -> Principal:

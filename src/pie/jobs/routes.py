@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 
-from pie import callbacks, db
+from pie import db
 from pie.audit.routing import AuditedRoute
 from pie.auth import Principal
-from pie.deps import BearerCredentials, CurrentPrincipal, ModelIdPath, ModelVersionPath, Session, current_principal
+from pie.deps import CurrentPrincipal, ModelIdPath, ModelVersionPath, Session
 from pie.errors import Forbidden
 from pie.jobs import logic
 from pie.jobs.models import Job
@@ -80,27 +80,20 @@ async def list_jobs(
 
 
 async def completion_caller(
-    request: Request,
-    credentials: BearerCredentials,
-    session: Session,
+    principal: CurrentPrincipal,
     model_id: ModelIdPath,
     model_version: ModelVersionPath,
     job_id: JobIdPath,
 ) -> Principal:
-    """Who may complete this job: the job's own callback token (spec 14.5), or a caller token
-    holding complete_jobs. A callback token for another job is 403; an expired one, or one
-    whose signing key was retired, is 401."""
-    if credentials is not None and credentials.scheme.lower() == "bearer" and callbacks.is_callback_token(credentials.credentials):
-        grant = await callbacks.verify(session, credentials.credentials)
-        if (grant.job_id, grant.model_id, grant.model_version) != (job_id, model_id, model_version):
-            raise Forbidden(f"this callback token completes job {grant.job_id} of {grant.model_id} version {grant.model_version} only")
-        return Principal(
-            subject=f"callback:{grant.job_id}",
-            permissions=frozenset({"complete_jobs"}),
-            tenants=frozenset({grant.client_id}) if grant.client_id else frozenset(),
-            claims={"callback_job_id": grant.job_id, "kid": grant.kid},
-        )
-    principal = await current_principal(request, credentials)
+    """Who may complete this job: the job's own callback token (spec 14.5; authenticated by
+    ``pie.deps.current_principal``), or a caller token holding complete_jobs. A callback token
+    for another job is 403; an expired one, or one whose signing key was retired, is 401."""
+    bound = principal.claims.get("callback_job_id")
+    if bound is not None:
+        grant = (bound, principal.claims.get("callback_model_id"), principal.claims.get("callback_model_version"))
+        if grant != (job_id, model_id, model_version):
+            raise Forbidden(f"this callback token completes job {grant[0]} of {grant[1]} version {grant[2]} only")
+        return principal
     principal.require("complete_jobs")
     return principal
 
