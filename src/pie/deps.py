@@ -9,7 +9,8 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pie.auth import Principal, TokenVerifier
+from pie.auth import Principal, TokenVerifier, with_tenant
+from pie.clients.app_clients import tenant_of_app_client
 from pie.clients.models import Client
 from pie.db import get_session
 from pie.errors import NotFound, Unauthorized
@@ -31,7 +32,11 @@ async def current_principal(
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthorized("malformed Authorization header; expected 'Bearer <token>'")
     verifier: TokenVerifier = request.app.state.verifier
-    return await verifier.verify(credentials.credentials)
+    principal = await verifier.verify(credentials.credentials)
+    if principal.machine_claim is not None:
+        ttl = request.app.state.settings.tenant_cache_seconds
+        principal = with_tenant(principal, await tenant_of_app_client(principal.machine_claim, ttl))
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -113,6 +113,9 @@ def _describe_validation_error(exc: RequestValidationError) -> str:
         if err.get("type") == "json_invalid":
             parts.append("malformed JSON body")
             continue
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {where!r}")
+            continue
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts) if parts else "invalid request"
 

@@ -1,10 +1,10 @@
 """Import every table so the metadata is complete (Alembic, tests)."""
 
 from pie.assignments.models import Assignment
-from pie.clients.models import Client
+from pie.clients.models import Client, ClientAppClient
 from pie.db import Base
 from pie.jobs.models import Job
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.tenancy.models import Domain, Service
 
-__all__ = ["Assignment", "Base", "Client", "Domain", "EventSubscription", "Job", "Model", "ModelVersion", "Service"]
+__all__ = ["Assignment", "Base", "Client", "ClientAppClient", "Domain", "EventSubscription", "Job", "Model", "ModelVersion", "Service"]

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
 from pie.auth import Principal
+from pie.clients.models import Client
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.features import validate_feature_definitions
 from pie.jobs.logic import create_job
@@ -230,10 +231,11 @@ async def create_version(session: AsyncSession, model_id: str, body: VersionCrea
     return await get_model(session, model_id), created
 
 
-async def latest_training_output(session: AsyncSession, model_id: str, version: str) -> Any:
-    """Output of the version's latest successful training job, else ``{}``."""
-    output = await session.scalar(
-        select(Job.output)
+async def latest_training(session: AsyncSession, model_id: str, version: str) -> tuple[Any, str | None, bool]:
+    """(output, tenant, found) of the version's latest successful training job; ``({}, None,
+    False)`` when there is none."""
+    row = (await session.execute(
+        select(Job.output, Job.client_id)
         .where(
             Job.model_id == model_id,
             Job.model_version == version,
@@ -242,8 +244,22 @@ async def latest_training_output(session: AsyncSession, model_id: str, version: 
         )
         .order_by(Job.completed_at.desc().nulls_last(), Job.job_id.desc())
         .limit(1)
-    )
-    return output if output is not None else {}
+    )).first()
+    if row is None:
+        return {}, None, False
+    return (row.output if row.output is not None else {}), row.client_id, True
+
+
+async def latest_training_output(session: AsyncSession, model_id: str, version: str) -> Any:
+    """Output of the version's latest successful training job, else ``{}``."""
+    return (await latest_training(session, model_id, version))[0]
+
+
+def only_tenant(principal: Principal | None) -> str | None:
+    """The caller's tenant when it has exactly one (and is not an admin), else None."""
+    if principal is None or principal.is_admin or len(principal.tenants) != 1:
+        return None
+    return next(iter(principal.tenants))
 
 
 async def set_version_status(
@@ -273,12 +289,16 @@ async def set_version_status(
         )
     triggered: list[dict[str, Any]] = []
     if previous == "training" and status == "active":
+        # the event's tenant (inherited by the jobs it fires, spec 14.1): that of the training
+        # job whose output it carries; without one, the tenant of the caller changing the status
+        output, tenant, found_training = await latest_training(session, model_id, version)
         triggered = await fire_subscriptions(
             session,
             source_model_id=model_id,
             trigger_event="training_complete",
-            trigger_output=await latest_training_output(session, model_id, version),
+            trigger_output=output,
             source_model_version=version,
+            client_id=tenant if found_training else only_tenant(principal),
         )
     found = await get_model_version(session, model_id, version)
     triggered = shown_to(principal, triggered)
@@ -288,9 +308,33 @@ async def set_version_status(
 # ---- direct inference ------------------------------------------------------------------------
 
 
-async def run_inference(session: AsyncSession, model_id: str, version: str, body: InferenceRequest) -> Job:
-    """An inference job on this exact version (no tenant). ``subscribe`` stores the input as a
-    ``training_complete -> inference / stored`` subscription on the model."""
+async def inference_tenant(session: AsyncSession, principal: Principal, requested: str | None) -> str | None:
+    """The tenant a direct-inference job records (spec 14.1): the named ``client_id`` (which the
+    caller must be able to access: 403); else the caller's only tenant; else None (a platform
+    job). The tenant must exist (404) and be active (422), as for any job launch under it."""
+    if requested is not None:
+        principal.require_tenant(requested)
+        tenant = requested
+    else:
+        tenant = only_tenant(principal)
+    if tenant is None:
+        return None
+    status = await session.scalar(select(Client.status).where(Client.client_id == tenant).with_for_update(read=True))
+    if status is None:
+        raise NotFound(f"client {tenant} not found")
+    if status != "active":
+        raise Unprocessable(f"client {tenant} is suspended")
+    return tenant
+
+
+async def run_inference(
+    session: AsyncSession, model_id: str, version: str, body: InferenceRequest, principal: Principal
+) -> Job:
+    """An inference job on this exact version, recording the caller's tenant (``inference_tenant``).
+    ``subscribe`` stores the input as a ``training_complete -> inference / stored`` subscription
+    on the model, in the same tenant (so only that tenant sees the stored input, and its replays
+    are that tenant's jobs)."""
+    tenant = await inference_tenant(session, principal, body.client_id)
     found = await get_model_version(session, model_id, version, for_share=True)
     if found.status == "failed":
         raise Unprocessable(f"model {model_id} version {version} has failed; it cannot run inference")
@@ -301,7 +345,9 @@ async def run_inference(session: AsyncSession, model_id: str, version: str, body
             raise Unprocessable(
                 f"input does not match the inference input_schema of model {model_id} version {version}: {error}"
             )
-    job = await create_job(session, job_type="inference", model_id=model_id, model_version=version, input=body.input)
+    job = await create_job(
+        session, job_type="inference", model_id=model_id, model_version=version, input=body.input, client_id=tenant
+    )
     if body.subscribe:
-        await subscribe_inference(session, model_id=model_id, input=body.input)
+        await subscribe_inference(session, model_id=model_id, input=body.input, client_id=tenant)
     return job

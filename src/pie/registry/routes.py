@@ -146,8 +146,11 @@ async def infer_model_version(
     principal: Principal = require("run_inference"),
 ):
     """Start an inference job on this version (not `failed`); `input` must match the version's
-    inference `input_schema`. `subscribe: true` replays this input after each retraining."""
-    job = await logic.run_inference(session, model_id, model_version, body)
+    inference `input_schema`. `subscribe: true` replays this input after each retraining.
+    The job records a tenant: `client_id` when given (the caller must have access to it: 403),
+    else the caller's only tenant, else none (a platform job, visible to admins and to machine
+    callers without a tenant)."""
+    job = await logic.run_inference(session, model_id, model_version, body, principal)
     return {"inference_job_id": job.job_id}
 
 

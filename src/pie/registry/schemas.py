@@ -101,6 +101,11 @@ class VersionStatusUpdate(RequestBody):
 class InferenceRequest(RequestBody):
     input: dict[str, Any]
     subscribe: bool = False
+    client_id: Identifier | None = Field(
+        default=None,
+        description="the tenant the job belongs to, for callers with several tenants and admins (403 when the "
+        "caller cannot access it); by default the caller's only tenant, else none (a platform job)",
+    )
 
 
 class SubscriptionCreate(RequestBody):
