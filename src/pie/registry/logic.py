@@ -13,7 +13,10 @@ import logging
 from typing import Any
 
 from fastapi import Response
-from sqlalchemy import select, update
+from dataclasses import dataclass
+
+from sqlalchemy import and_, cast, null, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
@@ -27,7 +30,13 @@ from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
 from pie.registry.events import fire_subscriptions, shown_to
-from pie.registry.handlers import input_schema, stale_actions, validate_contracts, validate_handlers
+from pie.registry.handlers import (
+    input_schema,
+    stale_actions,
+    stale_output_events,
+    validate_contracts,
+    validate_handlers,
+)
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.registry.schemas import InferenceRequest, ModelCreate, ModelUpdate, VersionCreate
 from pie.registry.subscriptions import json_or_null, subscribe_inference
@@ -98,13 +107,28 @@ async def create_model(session: AsyncSession, body: ModelCreate) -> Model:
     return model
 
 
-async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) -> tuple[Model, ModelVersion | None]:
-    """Full replacement of the model's fields. Subscriptions targeting it go stale when the input
-    contract (or, without contracts, the handler) of their action changes. An active model whose
-    handlers or contracts change gets a new pending version carrying them."""
+@dataclass
+class ModelUpdateResult:
+    model: Model
+    new_version: ModelVersion | None
+    versions_keeping_old_handlers: list[str]
+    stale_subscriptions: list[str]
+
+
+async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) -> ModelUpdateResult:
+    """Full replacement of the model's fields.
+
+    Staleness: subscriptions targeting the model go stale when the input contract (or, without
+    contracts, the handler) of their action changes; ``trigger_output`` subscriptions from the
+    model go stale when the output contract of the action whose completion fires them changes.
+
+    Versions snapshot handlers and contracts when they are created, so a change never alters an
+    existing version: the answer lists the existing versions that keep the previous ones; and an
+    active model gets a new pending version carrying the new ones (spec 7.1)."""
     model = await get_model(session, model_id, for_update=True)  # 404 before any 422
     handlers, contracts = _checked_handlers(body)
     stale = stale_actions(model.handlers, model.handler_contracts, handlers, contracts)
+    stale_events = stale_output_events(model.handler_contracts, contracts)
     runtime_changed = model.handlers != handlers or model.handler_contracts != contracts
     await session.execute(
         update(Model)
@@ -117,15 +141,50 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
             metadata_=body.metadata,
         )
     )
+    went_stale: list[str] = []
+    conditions = []
     if stale:
-        await session.execute(
-            update(EventSubscription)
-            .where(
-                EventSubscription.target_model_id == model_id,
-                EventSubscription.target_action.in_(stale),
-                EventSubscription.status.in_(("active", "paused")),
+        conditions.append(
+            and_(EventSubscription.target_model_id == model_id, EventSubscription.target_action.in_(stale))
+        )
+    if stale_events:
+        conditions.append(
+            and_(
+                EventSubscription.source_model_id == model_id,
+                EventSubscription.trigger_event.in_(stale_events),
+                EventSubscription.input_source == "trigger_output",
             )
-            .values(status="stale")
+        )
+    if conditions:
+        went_stale = sorted(
+            str(i)
+            for i in (
+                await session.scalars(
+                    update(EventSubscription)
+                    .where(or_(*conditions), EventSubscription.status.in_(("active", "paused")))
+                    .values(status="stale")
+                    .returning(EventSubscription.id)
+                )
+            ).all()
+        )
+    keeping: list[str] = []
+    if runtime_changed:
+        keeping = list(
+            (
+                await session.scalars(
+                    select(ModelVersion.version)
+                    .where(
+                        ModelVersion.model_id == model_id,
+                        or_(
+                            ModelVersion.handlers != handlers,
+                            ModelVersion.handler_contracts.is_distinct_from(
+                                cast(contracts, JSONB) if contracts is not None else null()
+                            ),
+                        ),
+                    )
+                    .order_by(ModelVersion.seq)
+                )
+            ).all()
         )
     new_version = None
     model = await get_model(session, model_id)
@@ -134,7 +193,7 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
             session, model, version=None, description="generated by a model update", metadata={}, features=None
         )
         model = await get_model(session, model_id)
-    return model, new_version
+    return ModelUpdateResult(model, new_version, keeping, went_stale)
 
 
 # ---- versions --------------------------------------------------------------------------------
