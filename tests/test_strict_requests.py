@@ -114,3 +114,10 @@ async def test_listjobs_filters_by_type_and_creation_time(app, client, session, 
     # documented in the OpenAPI document
     params = {p["name"] for p in app.openapi()["paths"]["/v2/jobs"]["get"]["parameters"]}
     assert {"job_type", "created_after", "created_before"} <= params
+
+
+async def test_unknown_fields_are_named_before_the_fields_they_make_missing(client, admin, engine):
+    r = await client.post("/v2/models", json={"nam": "m", "descriptio": "", "handler": {}, "metdata": {}}, headers=admin)
+    assert r.status_code == 400
+    for misspelt in ("nam", "descriptio", "handler", "metdata"):
+        assert f"unknown field '{misspelt}'" in r.json()["message"]

@@ -107,7 +107,9 @@ def envelope(status_code: int, message: str, headers: dict[str, str] | None = No
 
 def _describe_validation_error(exc: RequestValidationError) -> str:
     parts: list[str] = []
-    for err in exc.errors()[:5]:
+    # unknown fields first: a misspelt field also makes the field it meant "missing"
+    errors = sorted(exc.errors(), key=lambda err: err.get("type") != "extra_forbidden")
+    for err in errors[:5]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
         where = ".".join(loc) if loc else "body"
         if err.get("type") == "json_invalid":
