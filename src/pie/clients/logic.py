@@ -6,6 +6,7 @@ from fastapi import Response
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
 
 from pie.auth import Principal
 from pie.clients.app_clients import forget_on_commit
@@ -16,7 +17,7 @@ from pie.pagination import PageParams, paginate
 
 
 def visible_clients(principal: Principal):
-    stmt = select(Client)
+    stmt = select(Client).options(selectinload(Client.app_clients))
     if not principal.is_admin:
         stmt = stmt.where(Client.client_id.in_(sorted(principal.tenants)))
     return stmt
@@ -27,7 +28,12 @@ async def list_clients(session: AsyncSession, principal: Principal, page: PagePa
 
 
 async def get_client(session: AsyncSession, client_id: str, *, for_update: bool = False) -> Client:
-    stmt = select(Client).where(Client.client_id == client_id).execution_options(populate_existing=True)
+    stmt = (
+        select(Client)
+        .where(Client.client_id == client_id)
+        .options(selectinload(Client.app_clients))
+        .execution_options(populate_existing=True)
+    )
     if for_update:
         stmt = stmt.with_for_update()
     client = await session.scalar(stmt)
@@ -105,5 +111,5 @@ async def update_client(session: AsyncSession, client_id: str, body: ClientUpdat
     if changed:
         client.updated_at = func.now()
         await session.flush()
-        await session.refresh(client)  # the server-side updated_at, the app clients
+        client = await get_client(session, client_id)  # the server-side updated_at, the app clients
     return client

@@ -19,9 +19,10 @@ class Client(Timestamps, Base):
     name: Mapped[str]
     status: Mapped[str] = mapped_column(String(16), server_default="active")
 
-    # the Cognito app clients whose machine tokens act for this tenant (spec 14.2)
+    # the Cognito app clients whose machine tokens act for this tenant (spec 14.2); loaded only
+    # where a client is answered (``pie.clients.logic``), not by every tenant route's lookup
     app_clients: Mapped[list[ClientAppClient]] = relationship(
-        lazy="selectin", order_by="ClientAppClient.app_client_id", passive_deletes=True
+        lazy="raise", order_by="ClientAppClient.app_client_id", passive_deletes=True
     )
 
     __table_args__ = (CheckConstraint("status IN ('active', 'suspended')", name="status"),)

@@ -43,9 +43,9 @@ async def create_client(body: ClientCreate, session: Session, principal: Princip
 
 
 @router.get("/{client_id}", operation_id="getclient", response_model=ClientOut, responses=error_responses(e404=_NOT_FOUND))
-async def get_client(scope: TenantScope = tenant("read_domains")):
+async def get_client(session: Session, scope: TenantScope = tenant("read_domains")):
     """One client the caller may access."""
-    return scope.client
+    return await logic.get_client(session, scope.client_id)
 
 
 @router.patch(
