@@ -10,14 +10,12 @@ versions referencing the row), so firing subscriptions across models cannot dead
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Response
-from dataclasses import dataclass
-
 from sqlalchemy import and_, cast, null, or_, select, update
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
@@ -293,7 +291,7 @@ async def create_version(session: AsyncSession, model_id: str, body: VersionCrea
 async def latest_training(session: AsyncSession, model_id: str, version: str) -> tuple[Any, str | None, bool]:
     """(output, tenant, found) of the version's latest successful training job; ``({}, None,
     False)`` when there is none."""
-    row = (await session.execute(
+    stmt = (
         select(Job.output, Job.client_id)
         .where(
             Job.model_id == model_id,
@@ -303,15 +301,11 @@ async def latest_training(session: AsyncSession, model_id: str, version: str) ->
         )
         .order_by(Job.completed_at.desc().nulls_last(), Job.job_id.desc())
         .limit(1)
-    )).first()
+    )
+    row = (await session.execute(stmt)).first()
     if row is None:
         return {}, None, False
     return (row.output if row.output is not None else {}), row.client_id, True
-
-
-async def latest_training_output(session: AsyncSession, model_id: str, version: str) -> Any:
-    """Output of the version's latest successful training job, else ``{}``."""
-    return (await latest_training(session, model_id, version))[0]
 
 
 def only_tenant(principal: Principal | None) -> str | None:
