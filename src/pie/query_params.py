@@ -14,13 +14,12 @@ from fastapi.security.base import SecurityBase
 
 from pie.errors import BadRequest
 
-# route object id -> (declared query parameter names, whether the route needs a bearer token)
-_DECLARED: dict[int, tuple[frozenset[str], bool]] = {}
+# cached on the route object itself: (declared query parameter names, needs a bearer token)
+_ATTRIBUTE = "_pie_declared_query"
 
 
 def _declared(route: object) -> tuple[frozenset[str], bool]:
-    key = id(route)
-    found = _DECLARED.get(key)
+    found = getattr(route, _ATTRIBUTE, None)
     if found is None:
         names: set[str] = set()
         secured = False
@@ -33,7 +32,7 @@ def _declared(route: object) -> tuple[frozenset[str], bool]:
             secured = secured or isinstance(dependant.call, SecurityBase)
             pending.extend(dependant.dependencies)
         found = (frozenset(names), secured)
-        _DECLARED[key] = found
+        setattr(route, _ATTRIBUTE, found)
     return found
 
 
