@@ -78,39 +78,49 @@ async def two_tenants(client, session, admin, auth) -> dict[str, dict[str, str]]
     return world
 
 
+# reads of data that belongs to no tenant (the model registry's catalogue, health)
+GLOBAL_READS = {
+    "health",
+    "listmodels",
+    "getmodel",
+    "listmodelversions",
+    "getmodelversion",
+    "listinprocesshandlers",
+}
+# the tenant reads this file knows; each must show the tenant its own marked row
+KNOWN_READS = {
+    "getclient",
+    "listdomains",
+    "getdomain",
+    "getdomainfeatures",
+    "listdomainservices",
+    "getdomainservice",
+    "listdomainmodelassignments",
+    "getdomainmodelassignment",
+    "listdomainmodelassignmentrevisions",
+    "listservicemodelassignments",
+    "getservicemodelassignment",
+    "listservicemodelassignmentrevisions",
+    "listjobs",
+    "getjob",
+    "listmodeleventsubscriptions",
+    "getmodeleventsubscription",
+}
+
+
 def reads(app) -> list[tuple[str, str]]:
-    """(operation id, path template) of every read that returns tenant data."""
+    """(operation id, path template) of every GET except the global ones: a read added later
+    (e.g. an audit log) is walked too, and must at least never show the other tenant's rows."""
     found = []
     for path, methods in app.openapi()["paths"].items():
         spec = methods.get("get")
-        if spec is None:
-            continue
-        if path.startswith("/v2/clients/{client_id}") or path.startswith("/v2/jobs") or "event-subscriptions" in path:
+        if spec is not None and spec["operationId"] not in GLOBAL_READS and spec["operationId"] != "listclients":
             found.append((spec["operationId"], path))
     return found
 
 
 def test_the_walk_covers_the_tenant_reads(app):
-    ids = {op for op, _ in reads(app)}
-    for expected in (
-        "getclient",
-        "listdomains",
-        "getdomain",
-        "getdomainfeatures",
-        "listdomainservices",
-        "getdomainservice",
-        "listdomainmodelassignments",
-        "getdomainmodelassignment",
-        "listdomainmodelassignmentrevisions",
-        "listservicemodelassignments",
-        "getservicemodelassignment",
-        "listservicemodelassignmentrevisions",
-        "listjobs",
-        "getjob",
-        "listmodeleventsubscriptions",
-        "getmodeleventsubscription",
-    ):
-        assert expected in ids, expected
+    assert KNOWN_READS <= {op for op, _ in reads(app)}
 
 
 async def test_every_read_shows_each_tenant_only_its_own_rows(app, client, auth, two_tenants):
@@ -119,15 +129,17 @@ async def test_every_read_shows_each_tenant_only_its_own_rows(app, client, auth,
         params = two_tenants[tenant]
         headers = human(auth, tenant)
         for op_id, template in reads(app) + [("listclients", "/v2/clients")]:
+            if not set(re.findall(r"\{(\w+)\}", template)) <= set(params):
+                continue  # a later read addressed by ids this world does not have
             url = re.sub(r"\{(\w+)\}", lambda m: params[m.group(1)], template)
             r = await client.get(url, headers=headers)
-            if r.status_code != 200:
+            if r.status_code != 200 and op_id in KNOWN_READS:
                 failures.append(f"{tenant} {op_id} {url}: {r.status_code} {r.text[:160]}")
                 continue
             text = r.text
             if MARK[OTHER[tenant]] in text or "MARK-P" in text:
                 failures.append(f"{tenant} {op_id} {url}: shows another tenant's (or a platform) row: {text[:300]}")
-            elif op_id not in ("getjob",) and MARK[tenant] not in text:
+            elif op_id in KNOWN_READS and op_id != "getjob" and MARK[tenant] not in text:
                 failures.append(f"{tenant} {op_id} {url}: its own row is missing: {text[:300]}")
         # a job listing filtered by the shared ids stays tenant-filtered
         r = await client.get(f"/v2/jobs?domain_id={D}&service_id={S}", headers=headers)
@@ -141,11 +153,18 @@ async def test_a_tenant_cannot_address_the_other_tenants_rows(app, client, auth,
     for tenant in (A, B):
         params = {**two_tenants[OTHER[tenant]]}
         for op_id, template in reads(app):
+            if not set(re.findall(r"\{(\w+)\}", template)) <= set(params):
+                continue
             url = re.sub(r"\{(\w+)\}", lambda m: params[m.group(1)], template)
             r = await client.get(url, headers=human(auth, tenant))
-            expected = {403} if op_id not in ("listjobs", "listmodeleventsubscriptions") else {200}
-            if op_id == "getmodeleventsubscription":
+            if op_id not in KNOWN_READS:
+                expected = {200, 403, 404}  # a read this file does not know: at least no leak
+            elif op_id in ("listjobs", "listmodeleventsubscriptions"):
+                expected = {200}  # no tenant in the path: filtered
+            elif op_id == "getmodeleventsubscription":
                 expected = {404}  # another tenant's replay subscription does not exist for this caller
+            else:
+                expected = {403}
             if r.status_code not in expected:
                 failures.append(f"{tenant} -> {op_id} {url}: {r.status_code} {r.text[:160]}")
             if r.status_code == 200 and MARK[OTHER[tenant]] in r.text:
