@@ -11,9 +11,9 @@ clears this process's cache when it commits; other processes see it within the c
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
+from cachetools import TTLCache
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,28 +30,31 @@ _LOOKUP = text(
 )
 
 
+_MISSING: Any = object()
+
+
 class TenantCache:
-    """claim -> (expiry on the monotonic clock, tenant or None)."""
+    """claim -> tenant (or None), a ``cachetools.TTLCache`` whose time-to-live follows the
+    setting (a changed ``PIE_TENANT_CACHE_SECONDS`` starts a fresh cache; 0 caches nothing)."""
 
     def __init__(self, max_entries: int = 10_000):
         self.max_entries = max_entries
-        self._entries: dict[str, tuple[float, str | None]] = {}
+        self._cache: TTLCache[str, str | None] = TTLCache(max_entries, 1.0)
 
-    def get(self, claim: str) -> tuple[bool, str | None]:
-        entry = self._entries.get(claim)
-        if entry is None or entry[0] < time.monotonic():
+    def get(self, claim: str, ttl: float) -> tuple[bool, str | None]:
+        if ttl <= 0:
             return False, None
-        return True, entry[1]
+        if self._cache.ttl != ttl:
+            self._cache = TTLCache(self.max_entries, ttl)
+        found = self._cache.get(claim, _MISSING)
+        return (False, None) if found is _MISSING else (True, found)
 
     def put(self, claim: str, tenant: str | None, ttl: float) -> None:
-        if ttl <= 0:
-            return
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()  # bounded: a flood of distinct claims cannot grow it for ever
-        self._entries[claim] = (time.monotonic() + ttl, tenant)
+        if ttl > 0 and self._cache.ttl == ttl:
+            self._cache[claim] = tenant
 
     def clear(self, *_: Any) -> None:
-        self._entries.clear()
+        self._cache.clear()
 
 
 cache = TenantCache()
@@ -59,7 +62,7 @@ cache = TenantCache()
 
 async def tenant_of_app_client(claim: str, ttl: float) -> str | None:
     """The tenant of a machine token whose ``client_id`` claim is ``claim`` (None: no tenant)."""
-    hit, tenant = cache.get(claim)
+    hit, tenant = cache.get(claim, ttl)
     if hit:
         return tenant
     async with db.get_engine().connect() as conn:
