@@ -25,6 +25,9 @@ os.environ.update(
         "PIE_RUN_DISPATCHER": "false",
         "PIE_PUBLIC_URL": "http://testserver",
         "PIE_DATA_DIR": _TMP,
+        # tests insert clients behind the API's back: no cached machine-token tenants (the
+        # cache has its own test, which turns it on)
+        "PIE_TENANT_CACHE_SECONDS": "0",
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_REGION": "us-east-1",

@@ -32,7 +32,8 @@ async def test_create_get_list(client, admin):
     for ts in ("created_at", "updated_at"):
         assert body[ts].endswith("Z")
         datetime.fromisoformat(body[ts].replace("Z", "+00:00"))
-    assert set(body) == {"client_id", "client_uuid", "name", "status", "created_at", "updated_at"}
+    assert set(body) == {"client_id", "client_uuid", "name", "status", "app_client_ids", "created_at", "updated_at"}
+    assert body["app_client_ids"] == []
     r = await client.get("/v2/clients/sealink", headers=admin)
     assert r.status_code == 200 and r.json() == body
     r = await client.get("/v2/clients", headers=admin)

@@ -111,8 +111,13 @@ async def test_getjob_checks_tenant_of_the_job(client, session, auth):
     assert r.status_code == 403 and "sealink" in r.json()["message"]
     human = auth(groups=["client:sealink"], username="alice")
     assert (await client.get(f"/v2/jobs/{tenant_job.job_id}", headers=human)).status_code == 200
-    # a job launched outside any tenant (direct inference): readable with run_inference
-    assert (await client.get(f"/v2/jobs/{loose_job.job_id}", headers=sealink)).status_code == 200
+    # a platform job (no tenant): not for tenant callers (spec 14.1), for machine callers
+    # without a tenant and admins
+    r = await client.get(f"/v2/jobs/{loose_job.job_id}", headers=sealink)
+    assert r.status_code == 403 and "platform" in r.json()["message"]
+    assert (await client.get(f"/v2/jobs/{loose_job.job_id}", headers=human)).status_code == 403
+    assert (await client.get(f"/v2/jobs/{loose_job.job_id}", headers=auth(scopes=["run_inference"]))).status_code == 200
+    assert (await client.get(f"/v2/jobs/{loose_job.job_id}", headers=auth(admin=True))).status_code == 200
 
 
 async def test_getjob_wait_returns_when_the_job_ends(client, session, admin, auth):
@@ -203,12 +208,13 @@ async def test_listjobs_is_tenant_filtered(client, session, auth):
         assert resp.status_code == 200, resp.text
         return [j["job_id"] for j in resp.json()]
 
-    # run_inference only: own tenant's jobs, not tenantless ones
+    # tenant callers: their tenant's jobs only, never platform jobs (spec 14.1)
     assert await ids(auth(scopes=["run_inference"], client_id="sealink")) == [mine.job_id]
-    # read_models also shows jobs without a tenant
-    assert await ids(auth(scopes=["run_inference", "read_models"], client_id="sealink")) == [loose.job_id, mine.job_id]
-    # a registry reader without any tenant sees only tenantless jobs
+    assert await ids(auth(scopes=["run_inference", "read_models"], client_id="sealink")) == [mine.job_id]
+    assert await ids(auth(groups=["client:sealink"], username="alice")) == [mine.job_id]
+    # a machine caller without a tenant sees only platform jobs
     assert await ids(auth(scopes=["read_models"])) == [loose.job_id]
+    assert await ids(auth(scopes=["run_inference"], client_id="no-such-client")) == [loose.job_id]
     assert await ids(auth(admin=True)) == [loose.job_id, theirs.job_id, mine.job_id]
     # asking for another tenant explicitly is forbidden
     r = await client.get("/v2/jobs?client_id=other", headers=auth(scopes=["run_inference"], client_id="sealink"))

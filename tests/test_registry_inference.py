@@ -106,9 +106,15 @@ async def test_request_errors(client, admin, auth, model):
     assert (await infer(client, admin, {"input": {"route": "x"}}, version="b@d")).status_code == 400
     assert (await infer(client, auth(scopes=["read_models", "manage_models"]), {"input": {"route": "x"}})).status_code == 403
     assert (await infer(client, {}, {"input": {"route": "x"}})).status_code == 401
-    # humans of a client group may run inference
+    # humans of a client group may run inference; the job is their tenant's (spec 14.1), which
+    # must exist
     human = auth(groups=["client:sealink"], username="alice")
-    assert (await infer(client, human, {"input": {"route": "x"}})).status_code == 202
+    r = await infer(client, human, {"input": {"route": "x"}})
+    assert r.status_code == 404 and "sealink" in r.json()["message"]
+    assert (await client.post("/v2/clients", json={"client_id": "sealink", "name": "S"}, headers=admin)).status_code == 201
+    r = await infer(client, human, {"input": {"route": "x"}})
+    assert r.status_code == 202
+    assert (await client.get(f"/v2/jobs/{r.json()['inference_job_id']}", headers=human)).json()["client_id"] == "sealink"
 
 
 async def test_subscribe_stores_a_replay_subscription(client, admin, session, model):

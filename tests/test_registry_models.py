@@ -27,6 +27,14 @@ def model_body(**overrides):
     return body
 
 
+def update_body(**overrides):
+    """An updatemodel body: the model's fields without ``id`` (the path names the model; an
+    unknown field is a 400)."""
+    body = model_body(**overrides)
+    body.pop("id", None)
+    return body
+
+
 async def create(client, admin, **overrides):
     r = await client.post("/v2/models", json=model_body(**overrides), headers=admin)
     assert r.status_code == 201, r.text
@@ -223,12 +231,12 @@ async def test_contract_with_an_unresolvable_reference_is_422(client, admin, sch
     assert "inference.input_schema" in r.json()["message"] and "cannot be resolved" in r.json()["message"]
     await create(client, admin)
     contracts = {"training": {"output_schema": schema}}
-    r = await client.put("/v2/models/model_price_reco_v1", json=model_body(handler_contracts=contracts), headers=admin)
+    r = await client.put("/v2/models/model_price_reco_v1", json=update_body(handler_contracts=contracts), headers=admin)
     assert r.status_code == 422, r.text
     assert (await client.get("/v2/models/model_price_reco_v1", headers=admin)).json()["handler_contracts"] is None
     # references inside the schema are fine
     contracts = {"inference": {"input_schema": {"$defs": {"r": {"type": "string"}}, "properties": {"route": {"$ref": "#/$defs/r"}}}}}
-    r = await client.put("/v2/models/model_price_reco_v1", json=model_body(handler_contracts=contracts), headers=admin)
+    r = await client.put("/v2/models/model_price_reco_v1", json=update_body(handler_contracts=contracts), headers=admin)
     assert r.status_code == 200, r.text
 
 
@@ -252,7 +260,7 @@ async def test_model_permissions(client, admin, auth):
     assert (await client.get("/v2/models/model_price_reco_v1", headers=reader)).status_code == 200
     r = await client.post("/v2/models", json=model_body(id="other"), headers=reader)
     assert r.status_code == 403
-    r = await client.put("/v2/models/model_price_reco_v1", json=model_body(), headers=reader)
+    r = await client.put("/v2/models/model_price_reco_v1", json=update_body(), headers=reader)
     assert r.status_code == 403
 
     # humans of a client group read models but may not manage them
@@ -289,14 +297,14 @@ async def test_update_pending_model_replaces_fields_without_a_version(client, ad
 
 
 async def test_update_unknown_model_is_404_and_invalid_update_is_422(client, admin):
-    r = await client.put("/v2/models/nope", json=model_body(), headers=admin)
+    r = await client.put("/v2/models/nope", json=update_body(), headers=admin)
     assert r.status_code == 404
     # the unknown model is the first thing to fix: 404 before any 422 about the body
     unknown_handler = {"training": ECHO, "inference": {"type": "in_process", "value": "missing"}}
-    r = await client.put("/v2/models/nope", json=model_body(handlers=unknown_handler), headers=admin)
+    r = await client.put("/v2/models/nope", json=update_body(handlers=unknown_handler), headers=admin)
     assert r.status_code == 404, r.text
     await create(client, admin)
-    bad = model_body(handlers={"training": ECHO, "inference": {"type": "in_process", "value": "missing"}})
+    bad = update_body(handlers={"training": ECHO, "inference": {"type": "in_process", "value": "missing"}})
     r = await client.put("/v2/models/model_price_reco_v1", json=bad, headers=admin)
     assert r.status_code == 422
     r = await client.get("/v2/models/model_price_reco_v1", headers=admin)
@@ -307,7 +315,7 @@ async def test_update_of_active_model_generates_pending_version(client, admin):
     await create(client, admin)
     await activate_version(client, admin, "model_price_reco_v1", "1")
     new_handlers = {"training": LAMBDA_TRAIN, "inference": ECHO}
-    r = await client.put("/v2/models/model_price_reco_v1", json=model_body(handlers=new_handlers), headers=admin)
+    r = await client.put("/v2/models/model_price_reco_v1", json=update_body(handlers=new_handlers), headers=admin)
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["status"] == "active"
@@ -325,7 +333,7 @@ async def test_update_of_active_model_generates_pending_version(client, admin):
 
     # a change that touches neither handlers nor contracts makes no version
     r = await client.put(
-        "/v2/models/model_price_reco_v1", json=model_body(handlers=new_handlers, name="just renamed"), headers=admin
+        "/v2/models/model_price_reco_v1", json=update_body(handlers=new_handlers, name="just renamed"), headers=admin
     )
     assert r.status_code == 200
     assert r.json()["new_version"] is None and r.json()["name"] == "just renamed"
@@ -333,7 +341,7 @@ async def test_update_of_active_model_generates_pending_version(client, admin):
     # a contract change does
     r = await client.put(
         "/v2/models/model_price_reco_v1",
-        json=model_body(handlers=new_handlers, handler_contracts={"inference": {"input_schema": OBJ_SCHEMA}}),
+        json=update_body(handlers=new_handlers, handler_contracts={"inference": {"input_schema": OBJ_SCHEMA}}),
         headers=admin,
     )
     assert r.json()["new_version"]["version"] == "3"
@@ -375,7 +383,7 @@ async def test_handler_change_without_contracts_stales_that_action_only(client, 
 
     r = await client.put(
         "/v2/models/target",
-        json=model_body(handlers={"training": LAMBDA_TRAIN, "inference": ECHO}),
+        json=update_body(handlers={"training": LAMBDA_TRAIN, "inference": ECHO}),
         headers=admin,
     )
     assert r.status_code == 200
@@ -389,7 +397,7 @@ async def test_handler_change_without_contracts_stales_that_action_only(client, 
     # an update that changes nothing relevant stales nothing more
     r = await client.put(
         "/v2/models/target",
-        json=model_body(name="x", handlers={"training": LAMBDA_TRAIN, "inference": ECHO}),
+        json=update_body(name="x", handlers={"training": LAMBDA_TRAIN, "inference": ECHO}),
         headers=admin,
     )
     assert (await statuses(client, admin, "source"))[train] == "active"
@@ -409,7 +417,7 @@ async def test_with_contracts_only_input_schema_changes_stale(client, admin):
     }
     r = await client.put(
         "/v2/models/target",
-        json=model_body(handlers={"training": ECHO, "inference": ECHO}, handler_contracts=changed),
+        json=update_body(handlers={"training": ECHO, "inference": ECHO}, handler_contracts=changed),
         headers=admin,
     )
     assert r.status_code == 200
@@ -419,14 +427,14 @@ async def test_with_contracts_only_input_schema_changes_stale(client, admin):
     changed["training"]["input_schema"] = {"type": "object", "required": ["epochs"]}
     r = await client.put(
         "/v2/models/target",
-        json=model_body(handlers={"training": ECHO, "inference": ECHO}, handler_contracts=changed),
+        json=update_body(handlers={"training": ECHO, "inference": ECHO}, handler_contracts=changed),
         headers=admin,
     )
     assert await statuses(client, admin, "source") == {infer: "active", train: "stale"}
 
     # dropping the contracts changes the inference input_schema too
     r = await client.put(
-        "/v2/models/target", json=model_body(handlers={"training": ECHO, "inference": ECHO}), headers=admin
+        "/v2/models/target", json=update_body(handlers={"training": ECHO, "inference": ECHO}), headers=admin
     )
     assert await statuses(client, admin, "source") == {infer: "stale", train: "stale"}
 
@@ -441,12 +449,12 @@ async def test_contracts_without_any_schema_are_no_contracts(client, admin):
     infer = await subscribe(client, admin, "source", "target", "inference")
     r = await client.put(
         "/v2/models/target",
-        json=model_body(handlers={"training": LAMBDA_TRAIN, "inference": ECHO}, handler_contracts={"inference": {}}),
+        json=update_body(handlers={"training": LAMBDA_TRAIN, "inference": ECHO}, handler_contracts={"inference": {}}),
         headers=admin,
     )
     assert r.status_code == 200 and r.json()["handler_contracts"] is None
     assert await statuses(client, admin, "source") == {infer: "stale"}
     # a contract with one schema keeps just that entry
     only = {"training": {}, "inference": {"input_schema": OBJ_SCHEMA}}
-    r = await client.put("/v2/models/target", json=model_body(handler_contracts=only), headers=admin)
+    r = await client.put("/v2/models/target", json=update_body(handler_contracts=only), headers=admin)
     assert r.json()["handler_contracts"] == {"inference": {"input_schema": OBJ_SCHEMA}}

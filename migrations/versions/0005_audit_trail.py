@@ -21,7 +21,7 @@ $$ LANGUAGE plpgsql
 APPEND_ONLY_TABLES = ("audit_log", "model_version_status_history")
 
 revision = '0005'
-down_revision = '0001'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 

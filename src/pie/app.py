@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
@@ -24,6 +24,7 @@ from pie import db, metrics
 from pie.auth import TokenVerifier
 from pie.config import Settings, get_settings
 from pie.openapi_names import name_inline_schemas
+from pie.query_params import reject_unknown_query_params
 from pie.errors import (
     ERROR_ENVELOPE_SCHEMA,
     envelope,
@@ -360,6 +361,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         # `/v2/clients/` is an unknown route (404 envelope), not a redirect to another host/path
         redirect_slashes=False,
         lifespan=lifespan,
+        # unknown query parameters are a 400 on every route (spec 14.3)
+        dependencies=[Depends(reject_unknown_query_params)],
     )
     app.state.settings = settings
     app.state.verifier = TokenVerifier(settings)

@@ -7,6 +7,7 @@ token into a :class:`Principal` and answers permission and tenant questions abou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -61,6 +62,9 @@ class Principal:
     is_admin: bool = False
     # client ids this caller may address (ignored when is_admin)
     tenants: frozenset[str] = frozenset()
+    # a machine token (no username) with a well-formed ``client_id`` claim: its tenant is
+    # looked up (``pie.clients.app_clients``) and replaces the provisional ``tenants``
+    machine_claim: str | None = None
     claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def has(self, permission: str) -> bool:
@@ -101,10 +105,14 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
             if _CLIENT_ID.fullmatch(tenant_id):
                 tenants.add(tenant_id)
             permissions |= CLIENT_GROUP_PERMISSIONS
-    # A machine token (client-credentials: no username) is scoped to the tenant its client_id
-    # claim names. A human token's client_id is the app client, never a tenant.
+    # A machine token (client-credentials: no username) acts for one tenant, found from its
+    # client_id claim (spec 14.2). Provisionally the claim itself (development tokens); the
+    # request's dependency resolves it through the clients' app_client_ids (``with_tenant``).
+    # A human token's client_id is the app client, never a tenant.
+    machine_claim = None
     if username is None and app_client_id and _CLIENT_ID.fullmatch(app_client_id):
         tenants.add(app_client_id)
+        machine_claim = app_client_id
     if is_admin:
         permissions = set(PERMISSIONS)
     return Principal(
@@ -116,8 +124,14 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
         permissions=frozenset(permissions),
         is_admin=is_admin,
         tenants=frozenset(tenants),
+        machine_claim=machine_claim,
         claims=claims,
     )
+
+
+def with_tenant(principal: Principal, tenant: str | None) -> Principal:
+    """A machine principal acting for ``tenant`` (None: no tenant, a platform caller)."""
+    return dataclasses.replace(principal, tenants=frozenset({tenant}) if tenant else frozenset())
 
 
 def dev_secret(settings: Settings) -> str | None:

@@ -179,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--admin", action="store_true", help="grant streamline/admin")
     token.add_argument("--scope", action="append", default=[], help="scope (streamline/ prefix optional); repeatable")
     token.add_argument("--group", action="append", default=[], help="cognito group, e.g. client:sealink; repeatable")
-    token.add_argument("--client-id", default=None, help="client_id claim (machine token tenant)")
+    token.add_argument(
+        "--client-id",
+        default=None,
+        help="client_id claim: a machine token acts for the client whose app_client_ids hold it, else the client with this id",
+    )
     token.add_argument("--sub", default="pie-dev-user")
     token.add_argument("--username", default=None, help="username claim (marks a human token)")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     jwks_url: str | None = None
     jwt_rs256_issuer: str | None = None
     jwks_refetch_cooldown_seconds: float = 30.0
+    # how long a machine token's tenant (its app client -> client mapping) is cached per process
+    tenant_cache_seconds: float = Field(default=10.0, ge=0)
 
     # operator console: Cognito hosted UI sign-in (authorization code + PKCE) when both are set
     console_cognito_domain: str | None = None  # e.g. https://pie.auth.eu-west-1.amazoncognito.com

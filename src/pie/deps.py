@@ -10,7 +10,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie import callbacks, db
-from pie.auth import Principal, TokenVerifier
+from pie.auth import Principal, TokenVerifier, with_tenant
+from pie.clients.app_clients import tenant_of_app_client
 from pie.clients.models import Client
 from pie.db import get_session
 from pie.errors import NotFound, Unauthorized
@@ -37,6 +38,9 @@ async def current_principal(
     else:
         verifier: TokenVerifier = request.app.state.verifier
         principal = await verifier.verify(token)
+        if principal.machine_claim is not None:
+            ttl = request.app.state.settings.tenant_cache_seconds
+            principal = with_tenant(principal, await tenant_of_app_client(principal.machine_claim, ttl))
     request.state.principal = principal  # the access log line names the caller
     return principal
 

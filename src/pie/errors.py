@@ -107,11 +107,16 @@ def envelope(status_code: int, message: str, headers: dict[str, str] | None = No
 
 def _describe_validation_error(exc: RequestValidationError) -> str:
     parts: list[str] = []
-    for err in exc.errors()[:5]:
+    # unknown fields first: a misspelt field also makes the field it meant "missing"
+    errors = sorted(exc.errors(), key=lambda err: err.get("type") != "extra_forbidden")
+    for err in errors[:5]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
         where = ".".join(loc) if loc else "body"
         if err.get("type") == "json_invalid":
             parts.append("malformed JSON body")
+            continue
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {where!r}")
             continue
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts) if parts else "invalid request"

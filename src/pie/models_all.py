@@ -3,13 +3,13 @@
 from pie.assignments.models import Assignment
 from pie.callbacks import SigningKey
 from pie.audit.models import AuditRecord, VersionStatusChange
-from pie.clients.models import Client
+from pie.clients.models import Client, ClientAppClient
 from pie.db import Base
 from pie.jobs.models import Job
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.tenancy.models import Domain, Service
 
 __all__ = [
-    "Assignment", "AuditRecord", "Base", "Client", "Domain", "EventSubscription", "Job", "Model",
-    "ModelVersion", "Service", "SigningKey", "VersionStatusChange",
+    "Assignment", "AuditRecord", "Base", "Client", "ClientAppClient", "Domain", "EventSubscription", "Job",
+    "Model", "ModelVersion", "Service", "SigningKey", "VersionStatusChange",
 ]

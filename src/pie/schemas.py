@@ -69,10 +69,13 @@ def unstorable_json(value: Any) -> str | None:
 
 
 class RequestBody(BaseModel):
-    """Base of request bodies: strict types (no silent coercion of "5" into 5), and only JSON
-    that PostgreSQL can store (a 400 naming the field, not a database error later)."""
+    """Base of request bodies: strict types (no silent coercion of "5" into 5), no unknown fields
+    (a misspelt field is a 400 naming it, never silently dropped: PUTs replace, so a typo would
+    erase data), and only JSON that PostgreSQL can store (a 400 naming the field, not a database
+    error later). Free-form JSON fields (``input``, ``metadata``, ``settings`` ...) are plain
+    dicts and keep whatever keys they are given."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     @model_validator(mode="before")
     @classmethod

@@ -35,25 +35,29 @@ _NOT_FOUND = "no client with this client_id"
     operation_id="createclient",
     response_model=ClientOut,
     status_code=201,
-    responses=error_responses(e409="a client with this client_id already exists"),
+    responses=error_responses(e409="a client with this client_id already exists, or an app client id belongs to another client"),
 )
 async def create_client(body: ClientCreate, session: Session, principal: Principal = require("admin")):
-    """Register a tenant (admin only). 409 if `client_id` exists."""
+    """Register a tenant (admin only). 409 if `client_id` exists or one of `app_client_ids`
+    belongs to another client."""
     return await logic.create_client(session, body)
 
 
 @router.get("/{client_id}", operation_id="getclient", response_model=ClientOut, responses=error_responses(e404=_NOT_FOUND))
-async def get_client(scope: TenantScope = tenant("read_domains")):
+async def get_client(session: Session, scope: TenantScope = tenant("read_domains")):
     """One client the caller may access."""
-    return scope.client
+    return await logic.get_client(session, scope.client_id)
 
 
 @router.patch(
-    "/{client_id}", operation_id="updateclient", response_model=ClientOut, responses=error_responses(e404=_NOT_FOUND)
+    "/{client_id}",
+    operation_id="updateclient",
+    response_model=ClientOut,
+    responses=error_responses(e404=_NOT_FOUND, e409="an app client id belongs to another client"),
 )
 async def update_client(
     client_id: ClientIdPath, body: ClientUpdate, session: Session, principal: Principal = require("admin")
 ):
-    """Rename, suspend or reactivate a client (admin only). A suspended client can still be
-    read; writes and job launches under it are 422."""
+    """Rename, suspend or reactivate a client, or replace its `app_client_ids` (admin only). A
+    suspended client can still be read; writes and job launches under it are 422."""
     return await logic.update_client(session, client_id, body)

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
-from sqlalchemy import false
+
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from pie.assignments import logic as assignments
@@ -492,8 +492,7 @@ async def job_fragment(request: Request, job_id: JobIdPath, user: User, session:
 
 
 async def _summary(session: Any, user: ConsoleUser):
-    where = jobs.visible_jobs(user.principal)
-    return await queue_summary(session, where=false() if where is False else where)
+    return await queue_summary(session, where=jobs.visible_jobs(user.principal))
 
 
 @router.get("/queue", response_class=HTMLResponse)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import datetime
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import SimpleNamespace
@@ -115,12 +116,29 @@ async def create_job(
 # reading
 
 
+def can_see_job(principal: Principal, client_id: str | None) -> bool:
+    """Spec 14.1: a tenant's job is for callers with access to that tenant; a platform job (no
+    tenant) is for admins and for callers without any tenant (machine tokens whose ``client_id``
+    claim maps to no client). Tenant callers never see platform jobs."""
+    if principal.is_admin:
+        return True
+    if client_id is None:
+        return not principal.tenants
+    return principal.can_access(client_id)
+
+
+def ensure_job_access(principal: Principal, job: Job) -> None:
+    if not can_see_job(principal, job.client_id):
+        if job.client_id is None:
+            raise Forbidden("platform jobs are not visible to tenant callers")
+        raise Forbidden(f"no access to client {job.client_id}")
+
+
 def ensure_can_read(principal: Principal, job: Job) -> None:
-    """read_models or run_inference; a job launched in a tenant scope needs that tenant."""
+    """read_models or run_inference, and access to the job's tenant (see ``can_see_job``)."""
     if not (principal.has("read_models") or principal.has("run_inference")):
         raise Forbidden("missing permission read_models or run_inference")
-    if job.client_id is not None and not principal.can_access(job.client_id):
-        raise Forbidden(f"no access to client {job.client_id}")
+    ensure_job_access(principal, job)
 
 
 async def get_job(session: AsyncSession, principal: Principal, job_id: str) -> Job:
@@ -131,10 +149,10 @@ async def get_job(session: AsyncSession, principal: Principal, job_id: str) -> J
     return job
 
 
-def visible_jobs(principal: Principal, client_id: str | None = None) -> ColumnElement[bool] | None | Literal[False]:
-    """The jobs ``principal`` may list (optionally only ``client_id``'s, 403 without access): a
-    SQL condition, None for every job (admins), False for none. 403 without read_models or
-    run_inference."""
+def visible_jobs(principal: Principal, client_id: str | None = None) -> ColumnElement[bool] | None:
+    """The jobs ``principal`` may list (spec 14.1, the rule of ``can_see_job`` as SQL; optionally
+    only ``client_id``'s, 403 without access): a SQL condition, or None for every job (admins).
+    403 without read_models or run_inference."""
     if not (principal.has("read_models") or principal.has("run_inference")):
         raise Forbidden("missing permission read_models or run_inference")
     if client_id is not None:
@@ -142,12 +160,9 @@ def visible_jobs(principal: Principal, client_id: str | None = None) -> ColumnEl
         return Job.client_id == client_id
     if principal.is_admin:
         return None
-    visible = [Job.client_id.in_(sorted(principal.tenants))] if principal.tenants else []
-    if principal.has("read_models"):
-        visible.append(Job.client_id.is_(None))
-    if not visible:
-        return False
-    return or_(*visible)
+    if principal.tenants:
+        return Job.client_id.in_(sorted(principal.tenants))
+    return Job.client_id.is_(None)
 
 
 async def list_jobs(
@@ -165,20 +180,13 @@ async def list_jobs(
     created_after: datetime | None = None,
     created_before: datetime | None = None,
 ) -> list[Job]:
-    """Newest first. Non-admins see jobs of the clients they may access, and jobs launched
-    outside any tenant only when they hold read_models."""
+    """Newest first. Admins see every job; tenant callers the jobs of their tenants; callers
+    without a tenant the platform jobs (``visible_jobs``). ``client_id`` names a tenant the
+    caller must be able to access (403)."""
     stmt = select(Job)
     condition = visible_jobs(principal, client_id)
-    if condition is False:
-        return []
     if condition is not None:
         stmt = stmt.where(condition)
-    if job_type is not None:
-        stmt = stmt.where(Job.job_type == job_type)
-    if created_after is not None:
-        stmt = stmt.where(Job.created_at >= created_after)
-    if created_before is not None:
-        stmt = stmt.where(Job.created_at < created_before)
     if domain_id is not None:
         stmt = stmt.where(Job.domain_id == domain_id)
     if service_id is not None:
@@ -187,6 +195,12 @@ async def list_jobs(
         stmt = stmt.where(Job.status == status)
     if model_id is not None:
         stmt = stmt.where(Job.model_id == model_id)
+    if job_type is not None:
+        stmt = stmt.where(Job.job_type == job_type)
+    if created_after is not None:
+        stmt = stmt.where(Job.created_at > created_after)
+    if created_before is not None:
+        stmt = stmt.where(Job.created_at < created_before)
     return await paginate(session, stmt, [Job.job_id], page, response, descending=True)
 
 
@@ -390,7 +404,8 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
         entries = await fire_triggers(
             session,
             "inference_complete",
-            [Trigger(r.model_id, by_id[r.job_id].output, r.model_version) for r in fired],
+            # fired jobs inherit the tenant of the job that fired them (spec 14.1)
+            [Trigger(r.model_id, by_id[r.job_id].output, r.model_version, r.client_id) for r in fired],
         )
         for row, triggered in zip(fired, entries):
             outcomes[row.job_id].triggered_events = triggered
@@ -413,13 +428,13 @@ async def complete_job(
     error: Any = None,
     principal: Principal | None = None,
 ) -> Outcome:
-    """The completion route: 404 unless the job belongs to that version, 403 without tenant
-    access, 409 when it already ended with the other status, a no-op when it ended the same way."""
+    """The completion route: 404 unless the job belongs to that version, 403 without access to
+    the job's tenant (a platform job: 403 for tenant callers), 409 when it already ended with the other status, a no-op when it ended the same way."""
     job = await session.scalar(select(Job).where(Job.job_id == job_id))
     if job is None or job.model_id != model_id or job.model_version != model_version:
         raise NotFound(f"job {job_id} not found for model {model_id} version {model_version}")
-    if principal is not None and job.client_id is not None and not principal.can_access(job.client_id):
-        raise Forbidden(f"no access to client {job.client_id}")
+    if principal is not None:
+        ensure_job_access(principal, job)
     audit.describe(session, client_id=job.client_id)
     outcome = (await finish_jobs(session, [Completion(job_id, status, output, error)]))[job_id]
     if outcome.result == "conflict":

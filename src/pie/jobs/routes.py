@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
@@ -64,8 +65,19 @@ async def list_jobs(
     service_id: IdQuery = None,
     model_id: IdQuery = None,
     status: Annotated[Literal["pending", "started", "success", "failure"] | None, Query()] = None,
+    job_type: Annotated[Literal["inference", "training"] | None, Query(description="only jobs of this type")] = None,
+    created_after: Annotated[
+        datetime | None,
+        Query(description="only jobs created after this ISO-8601 instant (no offset: UTC)", examples=["2026-01-01T00:00:00Z"]),
+    ] = None,
+    created_before: Annotated[
+        datetime | None,
+        Query(description="only jobs created before this ISO-8601 instant (no offset: UTC)", examples=["2026-02-01T00:00:00Z"]),
+    ] = None,
 ):
-    """Jobs the caller may see, newest first (a bare array; next page via ``X-Next-Cursor``)."""
+    """Jobs the caller may see, newest first (a bare array; next page via ``X-Next-Cursor``).
+    Admins see every job; tenant callers only their tenants' jobs; machine callers without a
+    tenant only platform jobs (jobs with no tenant). Unknown query parameters are a 400."""
     return await logic.list_jobs(
         session,
         principal,
@@ -76,6 +88,9 @@ async def list_jobs(
         service_id=service_id,
         status=status,
         model_id=model_id,
+        job_type=job_type,
+        created_after=_utc(created_after),
+        created_before=_utc(created_before),
     )
 
 
@@ -96,6 +111,12 @@ async def completion_caller(
         return principal
     principal.require("complete_jobs")
     return principal
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
 
 
 @router.post(

@@ -48,6 +48,9 @@ class Trigger:
     source_model_id: str
     trigger_output: Any
     source_model_version: str | None = None
+    # the tenant of the job or status change that fired (None: a platform event); jobs fired
+    # by a subscription without a tenant of its own inherit it (spec 14.1)
+    client_id: str | None = None
 
 
 @dataclass
@@ -142,11 +145,12 @@ def _scope_label(s: EventSubscription) -> str:
 
 def _plan(
     subscription: EventSubscription,
-    trigger_output: Any,
+    trigger: Trigger,
     versions: dict[str, ModelVersion],
     assignments: dict[_ScopeKey, Any],
 ) -> _Firing:
     firing = _Firing(subscription)
+    trigger_output = trigger.trigger_output
     if subscription.input_source == "stored":
         job_input = subscription.input if subscription.input is not None else {}
     else:
@@ -159,7 +163,8 @@ def _plan(
         "input": job_input,
         "subscription_id": subscription.id,
         "assignment_id": None,
-        "client_id": None,
+        # a subscription's own tenant (replay subscriptions) wins; else the trigger's
+        "client_id": subscription.client_id if subscription.client_id is not None else trigger.client_id,
         "domain_id": None,
         "service_id": None,
         "features": None,
@@ -213,13 +218,14 @@ async def fire_subscriptions(
     trigger_event: str,
     trigger_output: Any,
     source_model_version: str | None = None,
+    client_id: str | None = None,
 ) -> list[dict]:
     """Fire every ACTIVE subscription with this source and trigger; return one entry per firing:
     {"subscription_id": str, "job_id": str} or {"subscription_id": str, "error": str}, plus the
     internal TENANT_KEY (pass entries through ``shown_to`` before answering a caller).
     One failing target never stops the others (each firing is isolated in a savepoint)."""
     (entries,) = await fire_triggers(
-        session, trigger_event, [Trigger(source_model_id, trigger_output, source_model_version)]
+        session, trigger_event, [Trigger(source_model_id, trigger_output, source_model_version, client_id)]
     )
     return entries
 
@@ -254,7 +260,7 @@ async def fire_triggers(session: AsyncSession, trigger_event: str, triggers: lis
     )
     assignments = await _active_assignments(session, [s for s in subscriptions if s.assignment_key is not None])
     firings = [
-        (index, _plan(subscription, trigger.trigger_output, versions, assignments))
+        (index, _plan(subscription, trigger, versions, assignments))
         for index, trigger in enumerate(triggers)
         for subscription in by_source.get(trigger.source_model_id, ())
     ]

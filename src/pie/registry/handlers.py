@@ -91,16 +91,23 @@ def input_schema(contracts: dict[str, Any] | None, action: str) -> Any | None:
     return (contracts.get(action) or {}).get("input_schema")
 
 
+def contract_schema(contracts: dict[str, Any] | None, action: str, field: str) -> Any | None:
+    if not contracts:
+        return None
+    return (contracts.get(action) or {}).get(field)
+
+
 def stale_actions(
     old_handlers: dict[str, Any],
     old_contracts: dict[str, Any] | None,
     new_handlers: dict[str, Any],
     new_contracts: dict[str, Any] | None,
 ) -> list[str]:
-    """The actions whose subscriptions go stale (spec 7.1 "Staleness").
+    """The actions whose subscriptions TARGETING the model go stale (spec 7.1 "Staleness").
 
     With contracts (before or after the update) staleness follows the contract ``input_schema``
-    of the action; a model without contracts on either side falls back to its handler."""
+    of the action (what the subscription's input must fit); a model without contracts on either
+    side falls back to its handler."""
     changed: list[str] = []
     for action in ACTIONS:
         if old_contracts or new_contracts:
@@ -109,3 +116,18 @@ def stale_actions(
         elif old_handlers.get(action) != new_handlers.get(action):
             changed.append(action)
     return changed
+
+
+# the event a completed job of each action fires
+COMPLETION_EVENT = {"training": "training_complete", "inference": "inference_complete"}
+
+
+def stale_output_events(old_contracts: dict[str, Any] | None, new_contracts: dict[str, Any] | None) -> list[str]:
+    """The trigger events whose ``trigger_output`` subscriptions FROM the model go stale: the
+    contract ``output_schema`` of the action completing changed, so the output they feed on
+    to their target has a new shape (the docs: staleness follows the contract schemas)."""
+    return [
+        COMPLETION_EVENT[action]
+        for action in ACTIONS
+        if contract_schema(old_contracts, action, "output_schema") != contract_schema(new_contracts, action, "output_schema")
+    ]

@@ -10,17 +10,19 @@ versions referencing the row), so firing subscriptions across models cannot dead
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Response
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import and_, cast, null, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
 from pie.audit import context as audit
 from pie.audit.logic import record_status_change
 from pie.auth import Principal
+from pie.clients.models import Client
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.features import validate_feature_definitions
 from pie.jobs.logic import create_job
@@ -28,7 +30,13 @@ from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
 from pie.registry.events import fire_subscriptions, shown_to
-from pie.registry.handlers import input_schema, stale_actions, validate_contracts, validate_handlers
+from pie.registry.handlers import (
+    input_schema,
+    stale_actions,
+    stale_output_events,
+    validate_contracts,
+    validate_handlers,
+)
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.registry.schemas import InferenceRequest, ModelCreate, ModelUpdate, VersionCreate
 from pie.registry.subscriptions import json_or_null, subscribe_inference
@@ -100,13 +108,28 @@ async def create_model(session: AsyncSession, body: ModelCreate) -> Model:
     return model
 
 
-async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) -> tuple[Model, ModelVersion | None]:
-    """Full replacement of the model's fields. Subscriptions targeting it go stale when the input
-    contract (or, without contracts, the handler) of their action changes. An active model whose
-    handlers or contracts change gets a new pending version carrying them."""
+@dataclass
+class ModelUpdateResult:
+    model: Model
+    new_version: ModelVersion | None
+    versions_keeping_old_handlers: list[str]
+    stale_subscriptions: list[str]
+
+
+async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) -> ModelUpdateResult:
+    """Full replacement of the model's fields.
+
+    Staleness: subscriptions targeting the model go stale when the input contract (or, without
+    contracts, the handler) of their action changes; ``trigger_output`` subscriptions from the
+    model go stale when the output contract of the action whose completion fires them changes.
+
+    Versions snapshot handlers and contracts when they are created, so a change never alters an
+    existing version: the answer lists the existing versions that keep the previous ones; and an
+    active model gets a new pending version carrying the new ones (spec 7.1)."""
     model = await get_model(session, model_id, for_update=True)  # 404 before any 422
     handlers, contracts = _checked_handlers(body)
     stale = stale_actions(model.handlers, model.handler_contracts, handlers, contracts)
+    stale_events = stale_output_events(model.handler_contracts, contracts)
     runtime_changed = model.handlers != handlers or model.handler_contracts != contracts
     await session.execute(
         update(Model)
@@ -119,15 +142,50 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
             metadata_=body.metadata,
         )
     )
+    went_stale: list[str] = []
+    conditions = []
     if stale:
-        await session.execute(
-            update(EventSubscription)
-            .where(
-                EventSubscription.target_model_id == model_id,
-                EventSubscription.target_action.in_(stale),
-                EventSubscription.status.in_(("active", "paused")),
+        conditions.append(
+            and_(EventSubscription.target_model_id == model_id, EventSubscription.target_action.in_(stale))
+        )
+    if stale_events:
+        conditions.append(
+            and_(
+                EventSubscription.source_model_id == model_id,
+                EventSubscription.trigger_event.in_(stale_events),
+                EventSubscription.input_source == "trigger_output",
             )
-            .values(status="stale")
+        )
+    if conditions:
+        went_stale = sorted(
+            str(i)
+            for i in (
+                await session.scalars(
+                    update(EventSubscription)
+                    .where(or_(*conditions), EventSubscription.status.in_(("active", "paused")))
+                    .values(status="stale")
+                    .returning(EventSubscription.id)
+                )
+            ).all()
+        )
+    keeping: list[str] = []
+    if runtime_changed:
+        keeping = list(
+            (
+                await session.scalars(
+                    select(ModelVersion.version)
+                    .where(
+                        ModelVersion.model_id == model_id,
+                        or_(
+                            ModelVersion.handlers != handlers,
+                            ModelVersion.handler_contracts.is_distinct_from(
+                                cast(contracts, JSONB) if contracts is not None else null()
+                            ),
+                        ),
+                    )
+                    .order_by(ModelVersion.seq)
+                )
+            ).all()
         )
     new_version = None
     model = await get_model(session, model_id)
@@ -136,7 +194,7 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
             session, model, version=None, description="generated by a model update", metadata={}, features=None
         )
         model = await get_model(session, model_id)
-    return model, new_version
+    return ModelUpdateResult(model, new_version, keeping, went_stale)
 
 
 # ---- versions --------------------------------------------------------------------------------
@@ -235,10 +293,11 @@ async def create_version(session: AsyncSession, model_id: str, body: VersionCrea
     return await get_model(session, model_id), created
 
 
-async def latest_training_output(session: AsyncSession, model_id: str, version: str) -> Any:
-    """Output of the version's latest successful training job, else ``{}``."""
-    output = await session.scalar(
-        select(Job.output)
+async def latest_training(session: AsyncSession, model_id: str, version: str) -> tuple[Any, str | None, bool]:
+    """(output, tenant, found) of the version's latest successful training job; ``({}, None,
+    False)`` when there is none."""
+    stmt = (
+        select(Job.output, Job.client_id)
         .where(
             Job.model_id == model_id,
             Job.model_version == version,
@@ -248,7 +307,17 @@ async def latest_training_output(session: AsyncSession, model_id: str, version: 
         .order_by(Job.completed_at.desc().nulls_last(), Job.job_id.desc())
         .limit(1)
     )
-    return output if output is not None else {}
+    row = (await session.execute(stmt)).first()
+    if row is None:
+        return {}, None, False
+    return (row.output if row.output is not None else {}), row.client_id, True
+
+
+def only_tenant(principal: Principal | None) -> str | None:
+    """The caller's tenant when it has exactly one (and is not an admin), else None."""
+    if principal is None or principal.is_admin or len(principal.tenants) != 1:
+        return None
+    return next(iter(principal.tenants))
 
 
 async def set_version_status(
@@ -280,12 +349,16 @@ async def set_version_status(
         )
     triggered: list[dict[str, Any]] = []
     if previous == "training" and status == "active":
+        # the event's tenant (inherited by the jobs it fires, spec 14.1): that of the training
+        # job whose output it carries; without one, the tenant of the caller changing the status
+        output, tenant, found_training = await latest_training(session, model_id, version)
         triggered = await fire_subscriptions(
             session,
             source_model_id=model_id,
             trigger_event="training_complete",
-            trigger_output=await latest_training_output(session, model_id, version),
+            trigger_output=output,
             source_model_version=version,
+            client_id=tenant if found_training else only_tenant(principal),
         )
     found = await get_model_version(session, model_id, version)
     triggered = shown_to(principal, triggered)
@@ -295,9 +368,33 @@ async def set_version_status(
 # ---- direct inference ------------------------------------------------------------------------
 
 
-async def run_inference(session: AsyncSession, model_id: str, version: str, body: InferenceRequest) -> Job:
-    """An inference job on this exact version (no tenant). ``subscribe`` stores the input as a
-    ``training_complete -> inference / stored`` subscription on the model."""
+async def inference_tenant(session: AsyncSession, principal: Principal, requested: str | None) -> str | None:
+    """The tenant a direct-inference job records (spec 14.1): the named ``client_id`` (which the
+    caller must be able to access: 403); else the caller's only tenant; else None (a platform
+    job). The tenant must exist (404) and be active (422), as for any job launch under it."""
+    if requested is not None:
+        principal.require_tenant(requested)
+        tenant = requested
+    else:
+        tenant = only_tenant(principal)
+    if tenant is None:
+        return None
+    status = await session.scalar(select(Client.status).where(Client.client_id == tenant).with_for_update(read=True))
+    if status is None:
+        raise NotFound(f"client {tenant} not found")
+    if status != "active":
+        raise Unprocessable(f"client {tenant} is suspended")
+    return tenant
+
+
+async def run_inference(
+    session: AsyncSession, model_id: str, version: str, body: InferenceRequest, principal: Principal
+) -> Job:
+    """An inference job on this exact version, recording the caller's tenant (``inference_tenant``).
+    ``subscribe`` stores the input as a ``training_complete -> inference / stored`` subscription
+    on the model, in the same tenant (so only that tenant sees the stored input, and its replays
+    are that tenant's jobs)."""
+    tenant = await inference_tenant(session, principal, body.client_id)
     found = await get_model_version(session, model_id, version, for_share=True)
     if found.status == "failed":
         raise Unprocessable(f"model {model_id} version {version} has failed; it cannot run inference")
@@ -308,8 +405,10 @@ async def run_inference(session: AsyncSession, model_id: str, version: str, body
             raise Unprocessable(
                 f"input does not match the inference input_schema of model {model_id} version {version}: {error}"
             )
-    job = await create_job(session, job_type="inference", model_id=model_id, model_version=version, input=body.input)
+    job = await create_job(
+        session, job_type="inference", model_id=model_id, model_version=version, input=body.input, client_id=tenant
+    )
     audit.describe(session, target_id=job.job_id, client_id=job.client_id)
     if body.subscribe:
-        await subscribe_inference(session, model_id=model_id, input=body.input)
+        await subscribe_inference(session, model_id=model_id, input=body.input, client_id=tenant)
     return job

@@ -63,13 +63,23 @@ async def get_model(model_id: ModelIdPath, session: Session, principal: Principa
 async def update_model(
     model_id: ModelIdPath, body: ModelUpdate, session: Session, principal: Principal = require("manage_models")
 ):
-    """Replace the model's fields. When the model is `active` and its handlers or contracts
-    change, a new `pending` version carrying them is generated and returned as `new_version`.
-    Subscriptions targeting the model go `stale` when the input contract (without contracts: the
-    handler) of their action changes."""
-    model, new_version = await logic.update_model(session, model_id, body)
-    out = ModelUpdated.model_validate(model)
-    out.new_version = VersionOut.model_validate(new_version) if new_version is not None else None
+    """Replace the model's fields (every field the body omits takes its default; unknown fields
+    are a 400, so a misspelt field never erases one).
+
+    Versions snapshot handlers and contracts when created, so a change never alters an existing
+    version: `versions_keeping_old_handlers` lists the existing versions that keep the previous
+    handlers or contracts. When the model is `active`, a new `pending` version carrying the new
+    ones is generated and returned as `new_version`.
+
+    Staleness (`stale_subscriptions`): subscriptions targeting the model go `stale` when the
+    input contract (without contracts: the handler) of their action changes; `trigger_output`
+    subscriptions from the model go `stale` when the output contract of the action whose
+    completion fires them changes."""
+    result = await logic.update_model(session, model_id, body)
+    out = ModelUpdated.model_validate(result.model)
+    out.new_version = VersionOut.model_validate(result.new_version) if result.new_version is not None else None
+    out.versions_keeping_old_handlers = result.versions_keeping_old_handlers
+    out.stale_subscriptions = result.stale_subscriptions
     return out
 
 
@@ -169,8 +179,11 @@ async def infer_model_version(
     principal: Principal = require("run_inference"),
 ):
     """Start an inference job on this version (not `failed`); `input` must match the version's
-    inference `input_schema`. `subscribe: true` replays this input after each retraining."""
-    job = await logic.run_inference(session, model_id, model_version, body)
+    inference `input_schema`. `subscribe: true` replays this input after each retraining.
+    The job records a tenant: `client_id` when given (the caller must have access to it: 403),
+    else the caller's only tenant, else none (a platform job, visible to admins and to machine
+    callers without a tenant)."""
+    job = await logic.run_inference(session, model_id, model_version, body, principal)
     return {"inference_job_id": job.job_id}
 
 

@@ -121,6 +121,11 @@ class VersionStatusUpdate(RequestBody):
 class InferenceRequest(RequestBody):
     input: dict[str, Any]
     subscribe: bool = False
+    client_id: Identifier | None = Field(
+        default=None,
+        description="the tenant the job belongs to, for callers with several tenants and admins (403 when the "
+        "caller cannot access it); by default the caller's only tenant, else none (a platform job)",
+    )
 
 
 class SubscriptionCreate(RequestBody):
@@ -136,7 +141,13 @@ class SubscriptionCreate(RequestBody):
 class SubscriptionUpdate(RequestBody):
     input: dict[str, Any] | None = None
     label: str | None = None
-    status: Literal["active", "paused"] | None = None
+    # not nullable and never `stale` (the server's verdict, lifted by setting `active`): omit the
+    # field to keep the current status
+    status: Literal["active", "paused"] = Field(
+        default=None,  # type: ignore[assignment]  # absent = unchanged; an explicit null is a 400
+        description="`active` or `paused`; omit to keep the current status (`stale` is set by the server; "
+        "`active` re-activates a stale subscription)",
+    )
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -186,6 +197,14 @@ class ModelUpdated(ModelOut):
     new_version: VersionOut | None = Field(
         default=None, description="the pending version generated because the model is active (null otherwise)"
     )
+    versions_keeping_old_handlers: list[str] = Field(
+        default_factory=list,
+        description="when this update changed handlers or handler_contracts: the existing versions (by "
+        "creation) that keep the previous ones (versions snapshot them when created); empty otherwise",
+    )
+    stale_subscriptions: list[str] = Field(
+        default_factory=list, description="ids of the event subscriptions this update turned `stale`"
+    )
 
 
 class ModelAndVersion(BaseModel):
@@ -222,7 +241,7 @@ class SubscriptionOut(ResponseBody):
     input_source: str
     input: dict[str, Any] | None
     label: str | None
-    status: str
+    status: Literal["active", "paused", "stale"]
     warnings: list[str]
     # set on replay subscriptions (``subscribe: true`` on an assignment job): the replay re-runs
     # through this assignment key in this scope

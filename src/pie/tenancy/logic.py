@@ -266,9 +266,14 @@ async def list_services(
 
 async def update_service(
     session: AsyncSession, scope: TenantScope, domain_id: str, service_id: str, body: ServiceUpdate
-) -> Service:
+) -> tuple[Service, list[str]]:
     """Shallow-merge ``static_features`` (null removes a key), re-resolve against the governing
-    schema (422, nothing written, on failure), replace ``departure_datetime`` when given."""
+    schema (422, nothing written, on failure), replace ``departure_datetime`` when given.
+
+    Stored keys the governing schema no longer defines (a feature dropped by a newer default
+    version) are not the caller's doing: they are kept in ``provided_features``, left out of
+    ``resolved_features`` and returned as the update's ``undefined_features``. A key the request
+    sends is validated as always (an undefined one is 422)."""
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
     # an unknown service is 404 before any 422, as on every other service-addressed route
     service = await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
@@ -277,14 +282,16 @@ async def update_service(
     default = await active_default(session, scope.client_id, domain_id)
     definitions = schema_of(default[1] if default else None, domain)
     provided = merge_patch(service.provided_features, body.static_features)
-    resolved = _resolve_or_422(provided, definitions)
+    defined = {d["name"] for d in definitions}
+    undefined = sorted(k for k in provided if k not in defined and k not in body.static_features)
+    resolved = _resolve_or_422({k: v for k, v in provided.items() if k not in undefined}, definitions)
     service.provided_features = provided
     service.resolved_features = resolved
     if "departure_datetime" in body.model_fields_set:
         service.departure_datetime = body.departure_datetime
     await session.flush()
     await session.refresh(service)
-    return service
+    return service, undefined
 
 
 async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_id: str) -> list[str]:

@@ -21,6 +21,7 @@ from pie.tenancy.schemas import (
     ServiceInitOut,
     ServiceOut,
     ServiceUpdate,
+    ServiceUpdated,
     error_responses,
 )
 
@@ -163,7 +164,7 @@ async def get_domain_service(
     "/{domain_id}/service/{service_id}",
     operation_id="updatedomainservice",
     responses=error_responses(400, 404, 422),
-    response_model=ServiceOut,
+    response_model=ServiceUpdated,
 )
 async def update_domain_service(
     domain_id: DomainIdPath,
@@ -172,4 +173,11 @@ async def update_domain_service(
     session: Session,
     scope: TenantScope = tenant("init_services"),
 ):
-    return await logic.update_service(session, scope, domain_id, service_id, body)
+    """Shallow-merge `static_features` (a null value removes the key) and re-resolve against the
+    governing schema; only the keys sent are validated (422). Stored keys the governing schema
+    no longer defines are kept, left out of `resolved_features` and listed in
+    `undefined_features`."""
+    service, undefined = await logic.update_service(session, scope, domain_id, service_id, body)
+    out = ServiceUpdated.model_validate(service)
+    out.undefined_features = undefined
+    return out

@@ -125,6 +125,14 @@ class ServiceOut(ResponseBody):
     updated_at: UtcDatetime
 
 
+class ServiceUpdated(ServiceOut):
+    undefined_features: list[str] = Field(
+        default_factory=list,
+        description="keys of provided_features that the governing schema no longer defines (a feature "
+        "dropped by a newer default version): kept, not resolved, not an error",
+    )
+
+
 class ServiceInitOut(ResponseBody):
     service_id: str
     job_id: str
