@@ -111,12 +111,13 @@ _sessionmaker: async_sessionmaker[AsyncSession] | None = None
 _url: str | None = None
 
 
-def init_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """Create (or replace) the process-wide engine."""
+def init_engine(url: str, settings: Any = None, **kwargs: Any) -> AsyncEngine:
+    """Create (or replace) the process-wide engine (pool size and timeouts from ``settings``,
+    default the process settings)."""
     global _engine, _sessionmaker, _url
     from pie.config import get_settings
 
-    settings = get_settings()
+    settings = settings or get_settings()
     kwargs.setdefault("pool_size", settings.db_pool_size)
     kwargs.setdefault("max_overflow", settings.db_max_overflow)
     kwargs.setdefault("pool_pre_ping", True)
