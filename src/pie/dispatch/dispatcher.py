@@ -464,9 +464,12 @@ class Dispatcher:
                 errors = 0
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 errors += 1
-                log.exception("dispatcher %s: dispatch cycle failed", self.worker_id)
+                if is_transient_db_error(exc):  # the database is away: no traceback per cycle
+                    log.warning("dispatcher %s: dispatch cycle failed: %s", self.worker_id, str(exc).splitlines()[0][:200])
+                else:
+                    log.exception("dispatcher %s: dispatch cycle failed", self.worker_id)
                 await asyncio.sleep(min(0.5 * 2**errors, 30.0))
                 continue
             if claimed and (len(self._local) < self.workers or len(self._inflight) - len(self._local) < self.capacity):
