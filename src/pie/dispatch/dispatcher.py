@@ -87,8 +87,9 @@ _RETRY = text(
     """
 )
 # Claim due pending jobs: at most :local_limit with an in-process handler (the free workers of
-# this dispatcher) and :remote_limit others (Lambda/ECS hand-offs, invalid handlers). SKIP LOCKED:
-# rows another transaction holds are skipped, never waited for.
+# this dispatcher) and :remote_limit others (Lambda/ECS hand-offs, invalid handlers) among the
+# :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
+# SKIP LOCKED: rows another transaction holds are skipped, never waited for.
 _CLAIM = text(
     """
     WITH local_due AS (
@@ -102,7 +103,10 @@ _CLAIM = text(
     ), remote_due AS (
         SELECT j.job_id FROM jobs AS j
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
-        WHERE j.status = 'pending' AND j.next_attempt_at <= now()
+        WHERE j.job_id IN (
+                SELECT job_id FROM jobs WHERE status = 'pending' AND next_attempt_at <= now()
+                ORDER BY next_attempt_at LIMIT :lookahead)
+          AND j.status = 'pending' AND j.next_attempt_at <= now()
           AND (mv.handlers -> j.job_type ->> 'type') IS DISTINCT FROM 'in_process'
         ORDER BY j.next_attempt_at
         LIMIT :remote_limit
@@ -300,10 +304,12 @@ class Dispatcher:
         self._completions: asyncio.Queue[Completion] = asyncio.Queue()
         self._inflight: set[str] = set()  # claimed by us and not yet handed over / ended
         self._leased: set[str] = set()  # the subset whose lease we renew
-        self._local: set[str] = set()  # the in-process subset (each holds a worker until recorded)
+        self._local: set[str] = set()  # the in-process subset, until their result is recorded
+        self._busy: set[str] = set()  # in-process jobs whose handler has not returned (a worker each)
         self._lease_until: dict[str, float] = {}  # job id -> monotonic end of its lease as we know it
         self._recording: list[Completion] = []  # the batch the completer is recording right now
         self._registered = False
+        self._more_due = False
         self._healthy_since: float | None = None  # monotonic start of our unbroken heartbeats
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
@@ -472,7 +478,7 @@ class Dispatcher:
                     log.exception("dispatcher %s: dispatch cycle failed", self.worker_id)
                 await asyncio.sleep(min(0.5 * 2**errors, 30.0))
                 continue
-            if claimed and (len(self._local) < self.workers or len(self._inflight) - len(self._local) < self.capacity):
+            if claimed and self._more_due:
                 continue  # there may be more due right now
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.dispatch_poll_interval)
@@ -484,7 +490,11 @@ class Dispatcher:
         """Claim up to the free capacity of due jobs and start handing them over."""
         remote = len(self._inflight) - len(self._local)
         remote_limit = max(min(self.settings.dispatch_batch_size, self.capacity - remote), 0)
-        local_limit = max(min(self.settings.dispatch_batch_size, self.workers - len(self._local)), 0)
+        # free workers; results waiting to be recorded hold no worker, but at most a batch of them
+        unrecorded_cap = self.workers + self.settings.dispatch_batch_size
+        local_limit = max(
+            min(self.settings.dispatch_batch_size, self.workers - len(self._busy), unrecorded_cap - len(self._local)), 0
+        )
         if remote_limit <= 0 and local_limit <= 0:
             return 0
         if not self._registered:
@@ -495,9 +505,20 @@ class Dispatcher:
             rows = (
                 await conn.execute(
                     _CLAIM,
-                    {"local_limit": local_limit, "remote_limit": remote_limit, "me": self.worker_id, "lease": lease},
+                    {
+                        "local_limit": local_limit,
+                        "remote_limit": remote_limit,
+                        "lookahead": max(self.settings.dispatch_batch_size * 10, 500),
+                        "me": self.worker_id,
+                        "lease": lease,
+                    },
                 )
             ).all()
+        n_local = sum(1 for r in rows if isinstance(r.handler, dict) and r.handler.get("type") == "in_process")
+        # claim again at once only if a kind filled its limit and this dispatcher has room for more of it
+        self._more_due = (local_limit > 0 and n_local == local_limit and self.workers > len(self._busy) + n_local) or (
+            remote_limit > 0 and len(rows) - n_local == remote_limit
+        )
         if not rows:
             return 0
         self._idle.clear()
@@ -507,6 +528,7 @@ class Dispatcher:
             self._lease_until[row.job_id] = claimed_at + lease
             if isinstance(row.handler, dict) and row.handler.get("type") == "in_process":
                 self._local.add(row.job_id)
+                self._busy.add(row.job_id)
             self._spawn(self._hand_over(row))
         self.dispatched += len(rows)
         return len(rows)
@@ -575,6 +597,8 @@ class Dispatcher:
                     {"code": "handler_exception", "message": str(exc) or exc.__class__.__name__, "exception": exc.__class__.__name__}
                 ),
             )
+        self._busy.discard(row.job_id)  # the worker is free; the result waits to be recorded
+        self._wake.set()
         await self._completions.put(completion)
 
     async def _dispatch_failed(self, row: Any, exc: DispatchError, kind: str | None) -> None:
@@ -601,6 +625,7 @@ class Dispatcher:
         self._inflight.discard(job_id)
         self._leased.discard(job_id)
         self._local.discard(job_id)
+        self._busy.discard(job_id)
         self._lease_until.pop(job_id, None)
         if not self._inflight:
             self._idle.set()
