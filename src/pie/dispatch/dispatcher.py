@@ -310,6 +310,10 @@ class Dispatcher:
         self._recording: list[Completion] = []  # the batch the completer is recording right now
         self._registered = False
         self._more_due = False
+        # look for Lambda/ECS jobs on the next claim? Only when something may have made one due
+        # (a NOTIFY, the polling fallback, a retry timer, a finished hand-off): a worker that
+        # became free needs only the in-process scan
+        self._check_remote = True
         self._healthy_since: float | None = None  # monotonic start of our unbroken heartbeats
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
@@ -446,10 +450,10 @@ class Dispatcher:
                 conn = await psycopg.AsyncConnection.connect(db.get_database_url(), autocommit=True)
                 try:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    self._wake.set()  # catch up with anything that arrived before LISTEN
+                    self._wake_all()  # catch up with anything that arrived before LISTEN
                     delay = 0.5
                     async for _ in conn.notifies():
-                        self._wake.set()
+                        self._wake_all()
                 finally:
                     with contextlib.suppress(Exception):
                         await conn.close()
@@ -480,8 +484,10 @@ class Dispatcher:
                 continue
             if claimed and self._more_due:
                 continue  # there may be more due right now
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.dispatch_poll_interval)
+            except asyncio.TimeoutError:
+                self._check_remote = True  # the polling fallback looks for every kind of job
 
     # ---------------------------------------------------------------------------------------
     # claiming and handing over
@@ -489,7 +495,8 @@ class Dispatcher:
     async def claim_and_dispatch(self) -> int:
         """Claim up to the free capacity of due jobs and start handing them over."""
         remote = len(self._inflight) - len(self._local)
-        remote_limit = max(min(self.settings.dispatch_batch_size, self.capacity - remote), 0)
+        remote_limit = max(min(self.settings.dispatch_batch_size, self.capacity - remote), 0) if self._check_remote else 0
+        self._checked_remote = self._check_remote
         # free workers; results waiting to be recorded hold no worker, but at most a batch of them
         unrecorded_cap = self.workers + self.settings.dispatch_batch_size
         local_limit = max(
@@ -519,6 +526,7 @@ class Dispatcher:
         self._more_due = (local_limit > 0 and n_local == local_limit and self.workers > len(self._busy) + n_local) or (
             remote_limit > 0 and len(rows) - n_local == remote_limit
         )
+        self._check_remote = remote_limit > 0 and len(rows) - n_local == remote_limit
         if not rows:
             return 0
         self._idle.clear()
@@ -611,7 +619,7 @@ class Dispatcher:
                     await conn.execute(
                         _RETRY, {"job_id": row.job_id, "me": self.worker_id, "delay": delay, "error": json.dumps(error)}
                     )
-                asyncio.get_running_loop().call_later(delay, self._wake.set)
+                asyncio.get_running_loop().call_later(delay, self._wake_all)
                 log.warning("job %s: dispatch attempt %d failed (%s); retrying in %.2fs", row.job_id, row.attempts, exc.message, delay)
             else:
                 if exc.retryable:
@@ -621,7 +629,14 @@ class Dispatcher:
         finally:
             self._done(row.job_id)
 
+    def _wake_all(self) -> None:
+        """Wake the loop to look for due jobs of every kind (a NOTIFY, a retry coming due)."""
+        self._check_remote = True
+        self._wake.set()
+
     def _done(self, job_id: str) -> None:
+        if job_id not in self._local:
+            self._check_remote = True  # room for another hand-off
         self._inflight.discard(job_id)
         self._leased.discard(job_id)
         self._local.discard(job_id)
@@ -846,7 +861,10 @@ class Dispatcher:
             claimed = await self.claim_and_dispatch()
             total += claimed
             if not claimed and not self._inflight:
-                return total
+                if self._checked_remote:
+                    return total
+                self._check_remote = True  # nothing in-process left: look for every kind once more
+                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"jobs still running after {timeout}s ({len(self._inflight)} in flight)")
