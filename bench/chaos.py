@@ -191,7 +191,9 @@ def main() -> int:
             held = run.query(
                 "SELECT job_id, attempts FROM jobs WHERE status = 'started' AND lease_expires_at IS NOT NULL"
             )
+            killed_at = time.monotonic()
             serve, restarted_at = run.start_serve()
+            restart_took = restarted_at - killed_at
             procs = [serve]
             if args.worker:
                 procs.append(run.spawn("worker", "--name", "chaos-worker"))
@@ -243,6 +245,7 @@ def main() -> int:
             print(f"jobs held by killed procs:  {len(attempts_at_kill)}")
             print(f"time to recover after kill: {'NOT RECOVERED in 60 s' if recover is None else f'{recover:.2f} s'} "
                   f"(restart -> every held job running again or ended)")
+            print(f"pie serve restart took:     {restart_took:.2f} s (kill -> healthy again; launches meanwhile are refused)")
             print(f"PostgreSQL stopped for:     {outage:.1f} s")
             print(f"total:                      {time.monotonic() - began:.1f} s")
             ok = not lost and not twice and recover is not None and recover <= 15

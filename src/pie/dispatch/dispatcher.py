@@ -447,7 +447,9 @@ class Dispatcher:
         delay = 0.5
         while not self._stopping:
             try:
-                conn = await psycopg.AsyncConnection.connect(db.get_database_url(), autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(
+                    db.get_database_url(), autocommit=True, connect_timeout=max(1, math.ceil(self.settings.db_connect_timeout or 10))
+                )
                 try:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     self._wake_all()  # catch up with anything that arrived before LISTEN
