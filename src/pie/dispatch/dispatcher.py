@@ -153,7 +153,8 @@ _ORPHANS = text(
 _REQUEUE_ORPHANS = text(
     """
     UPDATE jobs AS j SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
-        next_attempt_at = now(), updated_at = now(),
+        -- its old due time: back at the head of the queue, not behind the backlog that grew since
+        next_attempt_at = LEAST(j.next_attempt_at, now()), updated_at = now(),
         error = jsonb_build_object('code', 'dispatcher_died', 'message',
             'the dispatcher running this job stopped heartbeating; the job was queued again',
             'previous_dispatcher', j.locked_by, 'attempts', j.attempts)
