@@ -79,12 +79,17 @@ class OwnCluster:
 
     def freeze(self) -> None:
         """SIGSTOP the postmaster and every backend: the server accepts TCP but answers nothing."""
-        for proc in self._processes():
-            proc.send_signal(signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def thaw(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
         for proc in self._processes():
-            proc.send_signal(signal.SIGCONT)
+            try:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:  # a backend that just ended
+                pass
 
     def destroy(self) -> None:
         try:
