@@ -146,42 +146,79 @@ async def _all_ended(session, n: int) -> bool:
     return await count(session, Job.status.in_(["success", "failure"])) == n
 
 
-async def test_killed_dispatcher_loses_no_job(session, settings, database_url, tmp_path):
-    record = tmp_path / "invocations.log"
-    _RECORD_FILE["path"] = str(record)
-    await seed(session)
-    lease = {"PIE_IN_PROCESS_LEASE_SECONDS": "1", "PIE_DISPATCH_SWEEP_INTERVAL": "0.2"}
-    # the victim's handler takes a minute: it is certainly mid-run when killed
-    victim = await start_worker("victim", database_url, record, PIE_TEST_SLEEP="60", PIE_IN_PROCESS_WORKERS="4", **lease)
+async def _kill_victim_mid_run(session, database_url, record: Path, **env: str) -> asyncio.subprocess.Process:
+    """A ``pie worker`` (4 in-process workers, default 300 s lease) whose handler takes a minute
+    claims jobs from 10 due ones and is killed -9 while running them."""
+    victim = await start_worker("victim", database_url, record, PIE_TEST_SLEEP="60", PIE_IN_PROCESS_WORKERS="4", **env)
     try:
         await insert_jobs(session, 10)
-        await wait_until(session, lambda: _started(session, 10), timeout=30)
         deadline = time.monotonic() + 30
         while len(invocations(record)) < 4 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # would it claim more than its free workers?
         victim.send_signal(signal.SIGKILL)
         await victim.wait()
     finally:
         if victim.returncode is None:
             victim.kill()
             await victim.wait()
+    return victim
+
+
+async def test_killed_dispatcher_loses_no_job_and_its_jobs_run_again_within_seconds(session, settings, database_url, tmp_path):
+    """kill -9 of a dispatcher: it had claimed only as many in-process jobs as it has workers
+    (4 of 10), and a live dispatcher on the same host sees its process gone and requeues them at
+    once — not after the 300 s lease."""
+    record = tmp_path / "invocations.log"
+    _RECORD_FILE["path"] = str(record)
+    await seed(session)
+    victim = await _kill_victim_mid_run(session, database_url, record)
     victim_calls = invocations(record)
     assert {pid for pid, _ in victim_calls} == {victim.pid} and len(victim_calls) == 4
-    # every job was claimed by the dead dispatcher; none ended
-    assert await count(session, Job.status == "started") == 10
+    assert await count(session, Job.status == "started") == 4
+    assert await count(session, Job.status == "pending") == 6
 
-    rescuer = Dispatcher(
-        settings.model_copy(update={"in_process_lease_seconds": 1.0, "dispatch_sweep_interval": 0.2, "dispatch_poll_interval": 0.2}),
-        name="rescuer",
-    )
+    rescuer = Dispatcher(settings.model_copy(update={"dispatch_poll_interval": 0.2}), name="rescuer")
+    started = time.monotonic()
     await rescuer.start()
     try:
-        await wait_until(session, lambda: _all_ended(session, 10), timeout=60)
+        await wait_until(session, lambda: _all_ended(session, 10), timeout=30)
     finally:
         await rescuer.stop()
-    assert await count(session, Job.status == "success", Job.attempts == 2) == 10
+    assert time.monotonic() - started < 15
+    assert await count(session, Job.status == "success", Job.attempts == 2) == 4
+    assert await count(session, Job.status == "success", Job.attempts == 1) == 6
     rescued = [job_id for pid, job_id in invocations(record) if pid == os.getpid()]
     assert len(rescued) == 10 and len(set(rescued)) == 10
+
+
+async def test_jobs_of_a_silent_dispatcher_on_another_host_are_requeued_after_its_heartbeat_expires(
+    session, settings, database_url, tmp_path
+):
+    """A dispatcher elsewhere cannot check the process: it requeues the dead one's jobs once its
+    heartbeat is older than PIE_DISPATCH_DEAD_AFTER (here 2 s), long before the lease ends."""
+    record = tmp_path / "invocations.log"
+    _RECORD_FILE["path"] = str(record)
+    await seed(session)
+    fast = {"dispatch_dead_after": 2.0, "dispatch_heartbeat_interval": 0.5, "dispatch_sweep_interval": 0.2, "dispatch_poll_interval": 0.2}
+    victim = await _kill_victim_mid_run(
+        session, database_url, record, PIE_DISPATCH_HEARTBEAT_INTERVAL="0.5", PIE_DISPATCH_DEAD_AFTER="2"
+    )
+    assert len(invocations(record)) == 4
+    rescuer = Dispatcher(settings.model_copy(update=fast), name="rescuer")
+    rescuer.host = "another-host"  # as if on another machine: the victim's pid means nothing here
+    killed_at = time.monotonic()
+    await rescuer.start()
+    try:
+        await wait_until(session, lambda: _all_ended(session, 10), timeout=30)
+    finally:
+        await rescuer.stop()
+    # dead after 2 s of silence, judged only once the rescuer itself is 2 s healthy; not 300 s
+    assert time.monotonic() - killed_at < 10
+    assert await count(session, Job.status == "success", Job.attempts == 2) == 4
+    requeued = (await session.execute(select(Job.error).where(Job.attempts == 2))).scalars().all()
+    assert requeued == [None] * 4  # the requeue note is cleared by the successful end
+    assert victim.pid not in {pid for pid, _ in invocations(record)[4:]}
 
 
 async def _started(session, n: int) -> bool:

@@ -314,7 +314,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         except RuntimeError:
             from pie.embedded import resolve_database_url
 
-            db.init_engine(database_url or resolve_database_url(settings))
+            db.init_engine(database_url or resolve_database_url(settings), settings)
             owns_engine = True
             metrics.instrument_pool(db.get_engine())
         listener.reset()

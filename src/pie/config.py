@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".pie")
     db_pool_size: int = 10
     db_max_overflow: int = 10
+    # timeouts to the database (requests that hit one get the 503 envelope at once); 0 = none
+    db_connect_timeout: float = Field(default=5.0, ge=0)
+    db_statement_timeout_ms: int = Field(default=30_000, ge=0)
+    db_lock_timeout_ms: int = Field(default=5_000, ge=0)
 
     # auth: development HS256
     jwt_secret: str | None = None
@@ -80,6 +84,10 @@ class Settings(BaseSettings):
     # the largest Lambda Event (asynchronous) invocation payload: 256 KB is the limit every
     # region had until AWS raised it to 1 MB in 2025; set 1048576 where your functions allow it
     lambda_max_payload_bytes: int = Field(default=256 * 1024, gt=0)
+    # dispatchers heartbeat in the database this often; one silent for dispatch_dead_after
+    # seconds is dead and its in-process jobs go back to the queue (seconds, not the lease)
+    dispatch_heartbeat_interval: float = Field(default=2.0, gt=0)
+    dispatch_dead_after: float = Field(default=10.0, gt=0)
 
     # AWS
     aws_region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "PIE_AWS_REGION"))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
 
+import psycopg
 from sqlalchemy import DateTime, MetaData, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -50,20 +52,76 @@ def libpq_url(url: str) -> str:
     return url
 
 
+class GuardedConnection(psycopg.AsyncConnection):  # type: ignore[type-arg]
+    """A psycopg connection that gives up on a server that does not answer at all.
+
+    PostgreSQL's own ``statement_timeout`` and ``lock_timeout`` end slow statements, but a frozen
+    or unreachable server (SIGSTOP, a network black hole) answers nothing, not even the cancel:
+    every wait on the socket is bounded by ``response_timeout`` seconds, after which the
+    connection is closed and an ``OperationalError`` raised (the request gets the 503 envelope,
+    the pool discards the connection)."""
+
+    response_timeout: float | None = None
+
+    async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("timeout") is None and self.response_timeout:
+            kwargs["timeout"] = self.response_timeout
+        try:
+            return await super().wait(gen, *args, **kwargs)
+        except _WAIT_TIMEOUT:
+            self.pgconn.finish()
+            raise psycopg.OperationalError(
+                f"the database did not answer within {kwargs['timeout']:g} seconds; connection closed"
+            ) from None
+
+
+_WAIT_TIMEOUT: Any = getattr(psycopg.errors, "_WaitTimeout", ())
+
+
+def connect_args(settings: Any) -> dict[str, Any]:
+    """psycopg connection arguments carrying the database timeouts of ``settings``:
+    ``connect_timeout`` (libpq, whole seconds, at least 1 when set), the server-side
+    ``statement_timeout`` and ``lock_timeout``, and the client-side response guard
+    (statement timeout + connect timeout) of :class:`GuardedConnection`."""
+    options = []
+    if settings.db_statement_timeout_ms:
+        options.append(f"-c statement_timeout={int(settings.db_statement_timeout_ms)}")
+    if settings.db_lock_timeout_ms:
+        options.append(f"-c lock_timeout={int(settings.db_lock_timeout_ms)}")
+    args: dict[str, Any] = {}
+    if options:
+        args["options"] = " ".join(options)
+    if settings.db_connect_timeout:
+        args["connect_timeout"] = max(1, math.ceil(settings.db_connect_timeout))
+    guard = None
+    if settings.db_statement_timeout_ms:
+        guard = settings.db_statement_timeout_ms / 1000 + max(settings.db_connect_timeout, 1.0)
+
+    async def connect(*a: Any, **kw: Any) -> GuardedConnection:
+        conn = await GuardedConnection.connect(*a, **kw)
+        conn.response_timeout = guard
+        return conn
+
+    args["async_creator_fn"] = connect
+    return args
+
+
 _engine: AsyncEngine | None = None
 _sessionmaker: async_sessionmaker[AsyncSession] | None = None
 _url: str | None = None
 
 
-def init_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """Create (or replace) the process-wide engine."""
+def init_engine(url: str, settings: Any = None, **kwargs: Any) -> AsyncEngine:
+    """Create (or replace) the process-wide engine (pool size and timeouts from ``settings``,
+    default the process settings)."""
     global _engine, _sessionmaker, _url
     from pie.config import get_settings
 
-    settings = get_settings()
+    settings = settings or get_settings()
     kwargs.setdefault("pool_size", settings.db_pool_size)
     kwargs.setdefault("max_overflow", settings.db_max_overflow)
     kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("connect_args", connect_args(settings))
     _url = libpq_url(url)
     _engine = create_async_engine(async_url(url), **kwargs)
     _sessionmaker = async_sessionmaker(_engine, expire_on_commit=False, autoflush=True)

@@ -131,7 +131,12 @@ _INTEGRITY_STATUS = {
     "23502": (422, "a required value is missing"),  # not_null_violation
 }
 # transaction conflicts: safe for the caller to retry
-_RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization, deadlock, lock not available
+_RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization, deadlock
+# a database timeout (PIE_DB_STATEMENT_TIMEOUT_MS / PIE_DB_LOCK_TIMEOUT_MS): the 503 envelope
+_TIMEOUT_SQLSTATES = {
+    "57014": "database timeout: the statement took longer than the configured limit; try again later",  # query_canceled
+    "55P03": "database timeout: a lock was not granted within the configured limit; try again later",  # lock_not_available
+}
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -155,10 +160,12 @@ def database_error_response(exc: BaseException) -> JSONResponse | None:
         return envelope(status, f"{message} ({constraint})" if constraint else message)
     if isinstance(exc, sa_exc.DBAPIError) and state in _RETRYABLE_SQLSTATES:
         return envelope(409, "conflict with a concurrent change; retry the request")
+    if isinstance(exc, sa_exc.DBAPIError) and state in _TIMEOUT_SQLSTATES:
+        return envelope(503, _TIMEOUT_SQLSTATES[state], {"Retry-After": "1"})
     if isinstance(exc, (sa_exc.TimeoutError, sa_exc.InterfaceError)) or (
         isinstance(exc, sa_exc.OperationalError) and (state is None or state.startswith("08") or state.startswith("57P"))
     ):
-        return envelope(503, "database unavailable; try again later")
+        return envelope(503, "database unavailable; try again later", {"Retry-After": "1"})
     return None
 
 

@@ -5,11 +5,12 @@ from pie.callbacks import SigningKey
 from pie.audit.models import AuditRecord, VersionStatusChange
 from pie.clients.models import Client, ClientAppClient
 from pie.db import Base
+from pie.dispatch.models import DispatcherRow
 from pie.jobs.models import Job
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.tenancy.models import Domain, Service
 
 __all__ = [
-    "Assignment", "AuditRecord", "Base", "Client", "ClientAppClient", "Domain", "EventSubscription", "Job",
-    "Model", "ModelVersion", "Service", "SigningKey", "VersionStatusChange",
+    "Assignment", "AuditRecord", "Base", "Client", "ClientAppClient", "DispatcherRow", "Domain", "EventSubscription",
+    "Job", "Model", "ModelVersion", "Service", "SigningKey", "VersionStatusChange",
 ]

@@ -18,6 +18,18 @@ Dispatchers wake on ``LISTEN pie_jobs`` (``create_job`` notifies at commit) with
 fallback. Every ``dispatch_sweep_interval`` seconds a dispatcher also ends started jobs older than
 their handler's ``timeout_seconds`` (else ``job_timeout_seconds``) ("timed out") and returns jobs whose lease expired (their dispatcher
 died) to the queue.
+
+Liveness: every dispatcher registers in the ``dispatchers`` table and heartbeats there every
+``dispatch_heartbeat_interval`` seconds. The sweep requeues the leased jobs of dispatchers whose
+heartbeat is older than ``dispatch_dead_after`` (or, on the same host, whose process is gone —
+so a restarted ``pie serve`` recovers its predecessor's jobs at once), instead of waiting for the
+lease. A dispatcher only judges others after its own heartbeats have succeeded for
+``dispatch_dead_after`` seconds in a row, so after a database outage (when every heartbeat is
+stale) nobody requeues the jobs of dispatchers that are alive.
+
+A dispatcher claims no more in-process jobs than it has free workers. Recording an in-process
+result retries transient database errors with backoff for as long as the job's lease lasts (the
+lease is extended while it retries), so a database blip never makes a job run twice.
 """
 
 from __future__ import annotations
@@ -57,26 +69,6 @@ _UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 AWS_CONCURRENCY = 16
 COMPLETION_BATCH = 500
 
-_CLAIM = text(
-    """
-    WITH due AS (
-        SELECT job_id FROM jobs
-        WHERE status = 'pending' AND next_attempt_at <= now()
-        ORDER BY next_attempt_at
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE jobs AS j
-    SET status = 'started', attempts = j.attempts + 1, started_at = now(), updated_at = now(),
-        locked_by = :me, lease_expires_at = now() + make_interval(secs => :lease),
-        timeout_seconds = CAST(mv.handlers -> j.job_type ->> 'timeout_seconds' AS double precision)
-    FROM due, model_versions AS mv
-    WHERE j.job_id = due.job_id AND mv.model_id = j.model_id AND mv.version = j.model_version
-    RETURNING j.job_id, j.job_type, j.model_id, j.model_version, j.assignment_id, j.client_id,
-              j.domain_id, j.service_id, j.input, j.features, j.attempts, mv.handlers -> j.job_type AS handler,
-              EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds
-    """
-)
 _RENEW = text(
     """
     UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease)
@@ -100,6 +92,89 @@ _RETRY = text(
     UPDATE jobs SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
         next_attempt_at = now() + make_interval(secs => :delay), error = CAST(:error AS jsonb), updated_at = now()
     WHERE job_id = :job_id AND status = 'started' AND locked_by = :me
+    """
+)
+# Claim due pending jobs: at most :local_limit with an in-process handler (the free workers of
+# this dispatcher) and :remote_limit others (Lambda/ECS hand-offs, invalid handlers) among the
+# :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
+# SKIP LOCKED: rows another transaction holds are skipped, never waited for.
+_CLAIM = text(
+    """
+    WITH local_due AS (
+        SELECT j.job_id FROM jobs AS j
+        JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
+        WHERE j.status = 'pending' AND j.next_attempt_at <= now()
+          AND (mv.handlers -> j.job_type ->> 'type') IS NOT DISTINCT FROM 'in_process'
+        ORDER BY j.next_attempt_at
+        LIMIT :local_limit
+        FOR UPDATE OF j SKIP LOCKED
+    ), remote_due AS (
+        SELECT j.job_id FROM jobs AS j
+        JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
+        WHERE j.job_id IN (
+                SELECT job_id FROM jobs WHERE status = 'pending' AND next_attempt_at <= now()
+                ORDER BY next_attempt_at LIMIT :lookahead)
+          AND j.status = 'pending' AND j.next_attempt_at <= now()
+          AND (mv.handlers -> j.job_type ->> 'type') IS DISTINCT FROM 'in_process'
+        ORDER BY j.next_attempt_at
+        LIMIT :remote_limit
+        FOR UPDATE OF j SKIP LOCKED
+    ), due AS (
+        SELECT job_id FROM local_due UNION ALL SELECT job_id FROM remote_due
+    )
+    UPDATE jobs AS j
+    SET status = 'started', attempts = j.attempts + 1, started_at = now(), updated_at = now(),
+        locked_by = :me, lease_expires_at = now() + make_interval(secs => :lease),
+        timeout_seconds = CAST(mv.handlers -> j.job_type ->> 'timeout_seconds' AS double precision)
+    FROM due, model_versions AS mv
+    WHERE j.job_id = due.job_id AND mv.model_id = j.model_id AND mv.version = j.model_version
+    RETURNING j.job_id, j.job_type, j.model_id, j.model_version, j.assignment_id, j.client_id,
+              j.domain_id, j.service_id, j.input, j.features, j.attempts, mv.handlers -> j.job_type AS handler,
+              EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds
+    """
+)
+# registration and heartbeat (re-registers a dispatcher whose row a peer removed as dead)
+_HEARTBEAT = text(
+    """
+    INSERT INTO dispatchers (id, name, host, pid, workers) VALUES (:me, :name, :host, :pid, :workers)
+    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+    """
+)
+_UNREGISTER = text("DELETE FROM dispatchers WHERE id = :me")
+# dispatchers that stopped heartbeating (judged only by a dispatcher that is itself healthy)
+_SILENT = text(
+    """
+    SELECT id FROM dispatchers
+    WHERE id <> :me AND heartbeat_at < now() - make_interval(secs => :dead_after)
+    """
+)
+_SAME_HOST = text("SELECT id, pid FROM dispatchers WHERE host = :host AND id <> :me")
+# leased (in-process, or claimed and not yet handed over) jobs of dead dispatchers
+_ORPHANS = text(
+    """
+    SELECT job_id, attempts, locked_by FROM jobs
+    WHERE status = 'started' AND lease_expires_at IS NOT NULL AND locked_by <> :me
+      AND (locked_by = ANY(CAST(:dead AS text[]))
+           OR (:judge AND NOT EXISTS (SELECT 1 FROM dispatchers AS d WHERE d.id = jobs.locked_by)))
+    ORDER BY job_id LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+    """
+)
+_REQUEUE_ORPHANS = text(
+    """
+    UPDATE jobs AS j SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
+        -- its old due time: back at the head of the queue, not behind the backlog that grew since
+        next_attempt_at = LEAST(j.next_attempt_at, now()), updated_at = now(),
+        error = jsonb_build_object('code', 'dispatcher_died', 'message',
+            'the dispatcher running this job stopped heartbeating; the job was queued again',
+            'previous_dispatcher', j.locked_by, 'attempts', j.attempts)
+    WHERE j.job_id = ANY(CAST(:ids AS text[])) AND j.status = 'started'
+    """
+)
+_FORGET = text(
+    """
+    DELETE FROM dispatchers WHERE id = ANY(CAST(:ids AS text[]))
+      AND (id = ANY(CAST(:gone AS text[])) OR heartbeat_at < now() - make_interval(secs => :dead_after))
     """
 )
 _RELEASE = text(
@@ -182,6 +257,41 @@ def backoff_delay(settings: Settings, attempts: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+# SQLSTATE classes/codes worth retrying: connection failures (08), shutdown/crash (57P),
+# resources (53), query_canceled (57014: statement timeout), serialization, deadlock, lock timeout
+_TRANSIENT_SQLSTATES = {"57014", "40001", "40P01", "55P03"}
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "57P", "53")
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """True for database errors that go away by themselves: the server is down or restarting,
+    the connection broke, a timeout or a transaction conflict."""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, (sa_exc.TimeoutError, sa_exc.InterfaceError, psycopg.OperationalError, psycopg.InterfaceError, OSError)):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        orig = exc.orig
+        state = getattr(orig, "sqlstate", None)
+        if state is None:
+            return isinstance(exc, sa_exc.OperationalError) or isinstance(orig, (psycopg.OperationalError, psycopg.InterfaceError))
+        return state in _TRANSIENT_SQLSTATES or state.startswith(_TRANSIENT_SQLSTATE_CLASSES)
+    return False
+
+
+def _process_gone(pid: int) -> bool:
+    """True if no process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False
+    return False
+
+
 async def _fail_all(session: Any, rows: Sequence[Any], error_for: Callable[[Any], dict[str, Any]]) -> None:
     """End every job of ``rows`` in failure with ``error_for(row)`` (through the one completion path)."""
     if rows:
@@ -194,7 +304,10 @@ class Dispatcher:
         self.name = name
         # unique per dispatcher instance: leases and releases are keyed on it
         self.worker_id = f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"[:128]
-        self.capacity = max(settings.dispatch_batch_size * 2, settings.in_process_workers * 2, 1)
+        # Lambda/ECS hand-offs in flight; in-process jobs are limited by the worker threads
+        self.capacity = max(settings.dispatch_batch_size * 2, 1)
+        self.workers = max(settings.in_process_workers, 1)
+        self.host = socket.gethostname()[:255]
         self.dispatched = 0
         self._aws = AwsBackends(settings)
         self._aws_slots = asyncio.Semaphore(AWS_CONCURRENCY)
@@ -203,6 +316,17 @@ class Dispatcher:
         self._completions: asyncio.Queue[Completion] = asyncio.Queue()
         self._inflight: set[str] = set()  # claimed by us and not yet handed over / ended
         self._leased: set[str] = set()  # the subset whose lease we renew
+        self._local: set[str] = set()  # the in-process subset, until their result is recorded
+        self._busy: set[str] = set()  # in-process jobs whose handler has not returned (a worker each)
+        self._lease_until: dict[str, float] = {}  # job id -> monotonic end of its lease as we know it
+        self._recording: list[Completion] = []  # the batch the completer is recording right now
+        self._registered = False
+        self._more_due = False
+        # look for Lambda/ECS jobs on the next claim? Only when something may have made one due
+        # (a NOTIFY, the polling fallback, a retry timer, a finished hand-off): a worker that
+        # became free needs only the in-process scan
+        self._check_remote = True
+        self._healthy_since: float | None = None  # monotonic start of our unbroken heartbeats
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
         self._wake = asyncio.Event()
@@ -216,10 +340,11 @@ class Dispatcher:
     # lifecycle
 
     def _start_workers(self) -> None:
-        self._pool = DaemonThreadPool(max_workers=max(self.settings.in_process_workers, 1), thread_name_prefix="pie-job")
+        self._pool = DaemonThreadPool(max_workers=self.workers, thread_name_prefix="pie-job")
         self._background += [
             asyncio.create_task(self._completer(), name=f"{self.name}-completer"),
             asyncio.create_task(self._renewer(), name=f"{self.name}-lease-renewer"),
+            asyncio.create_task(self._heartbeater(), name=f"{self.name}-heartbeat"),
         ]
 
     async def start(self) -> None:
@@ -251,25 +376,35 @@ class Dispatcher:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
-        # whatever ended but was not recorded yet
-        leftovers: list[Completion] = []
+        # whatever ended but was not recorded yet (with retries for at most the grace period)
+        leftovers: list[Completion] = list(self._recording)
+        self._recording = []
         while not self._completions.empty():
             leftovers.append(self._completions.get_nowait())
         if leftovers:
-            await self._finish(leftovers)
+            with contextlib.suppress(Exception):
+                await self._finish(leftovers, retry_until=time.monotonic() + grace)
+            for completion in leftovers:
+                self._done(completion.job_id)
         await self.release_unfinished()
+        if self._registered:
+            with contextlib.suppress(Exception):
+                async with db.get_engine().begin() as conn:
+                    await conn.execute(_UNREGISTER, {"me": self.worker_id})
+            self._registered = False
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._running = False
         log.info("dispatcher %s stopped after %d dispatches", self.worker_id, self.dispatched)
 
     async def release_unfinished(self) -> int:
-        """Give the jobs this dispatcher claimed but did not finish back to the queue (pending,
-        due now, no lease) and wake the other dispatchers, so one takes them at once instead
-        of after the lease. Returns how many were released."""
-        if not self._inflight:
-            return 0
+        """Give every job this dispatcher claimed and has not finished back to the queue at
+        once (pending, due now, no lease), so another dispatcher runs it without waiting for a
+        lease or heartbeat to expire. Called by :meth:`stop` after the grace period; safe to
+        call again. Returns how many jobs were released."""
         ids = sorted(self._inflight)
+        if not ids:
+            return 0
         released = 0
         try:
             async with db.get_engine().begin() as conn:
@@ -278,11 +413,46 @@ class Dispatcher:
             log.info("dispatcher %s released %d unfinished jobs", self.worker_id, released)
             for job_id in ids:
                 log.info("job %s released to the queue (unfinished at stop)", job_id, extra={"job_id": job_id})
-        except Exception as exc:  # the lease expiry recovers them later
+        except Exception as exc:  # the database is away: the heartbeat expiry recovers them
             log.warning("dispatcher %s could not release %d unfinished jobs: %s", self.worker_id, len(ids), exc)
-        self._inflight.clear()
-        self._leased.clear()
+        for job_id in ids:
+            self._done(job_id)
         return released
+
+    # ---------------------------------------------------------------------------------------
+    # liveness
+
+    async def register(self) -> None:
+        """Register (or heartbeat) in the ``dispatchers`` table."""
+        started = time.monotonic()
+        async with db.get_engine().begin() as conn:
+            await conn.execute(
+                _HEARTBEAT,
+                {"me": self.worker_id, "name": self.name[:64], "host": self.host, "pid": os.getpid(), "workers": self.workers},
+            )
+        self._registered = True
+        if self._healthy_since is None:
+            self._healthy_since = started
+
+    def _judges_peers(self) -> bool:
+        """Only a dispatcher whose own heartbeats succeeded for ``dispatch_dead_after`` seconds
+        in a row may call a silent peer dead (after an outage everyone's heartbeat is stale)."""
+        return (
+            self._healthy_since is not None
+            and time.monotonic() - self._healthy_since >= self.settings.dispatch_dead_after
+        )
+
+    async def _heartbeater(self) -> None:
+        while True:
+            try:
+                await self.register()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._healthy_since is not None:
+                    log.warning("dispatcher %s: heartbeat failed: %s", self.worker_id, exc)
+                self._healthy_since = None
+            await asyncio.sleep(self.settings.dispatch_heartbeat_interval)
 
     # ---------------------------------------------------------------------------------------
     # waking up
@@ -291,13 +461,15 @@ class Dispatcher:
         delay = 0.5
         while not self._stopping:
             try:
-                conn = await psycopg.AsyncConnection.connect(db.get_database_url(), autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(
+                    db.get_database_url(), autocommit=True, connect_timeout=max(1, math.ceil(self.settings.db_connect_timeout or 10))
+                )
                 try:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    self._wake.set()  # catch up with anything that arrived before LISTEN
+                    self._wake_all()  # catch up with anything that arrived before LISTEN
                     delay = 0.5
                     async for _ in conn.notifies():
-                        self._wake.set()
+                        self._wake_all()
                 finally:
                     with contextlib.suppress(Exception):
                         await conn.close()
@@ -318,30 +490,59 @@ class Dispatcher:
                 errors = 0
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 errors += 1
-                log.exception("dispatcher %s: dispatch cycle failed", self.worker_id)
+                if is_transient_db_error(exc):  # the database is away: no traceback per cycle
+                    log.warning("dispatcher %s: dispatch cycle failed: %s", self.worker_id, str(exc).splitlines()[0][:200])
+                else:
+                    log.exception("dispatcher %s: dispatch cycle failed", self.worker_id)
                 await asyncio.sleep(min(0.5 * 2**errors, 30.0))
                 continue
-            if claimed and len(self._inflight) < self.capacity:
+            if claimed and self._more_due:
                 continue  # there may be more due right now
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.dispatch_poll_interval)
+            except asyncio.TimeoutError:
+                self._check_remote = True  # the polling fallback looks for every kind of job
 
     # ---------------------------------------------------------------------------------------
     # claiming and handing over
 
     async def claim_and_dispatch(self) -> int:
         """Claim up to the free capacity of due jobs and start handing them over."""
-        limit = min(self.settings.dispatch_batch_size, self.capacity - len(self._inflight))
-        if limit <= 0:
+        remote = len(self._inflight) - len(self._local)
+        remote_limit = max(min(self.settings.dispatch_batch_size, self.capacity - remote), 0) if self._check_remote else 0
+        self._checked_remote = self._check_remote
+        # free workers; results waiting to be recorded hold no worker, but at most a batch of them
+        unrecorded_cap = self.workers + self.settings.dispatch_batch_size
+        local_limit = max(
+            min(self.settings.dispatch_batch_size, self.workers - len(self._busy), unrecorded_cap - len(self._local)), 0
+        )
+        if remote_limit <= 0 and local_limit <= 0:
             return 0
+        if not self._registered:
+            await self.register()  # peers must see us alive before we hold any job
+        lease = self.settings.in_process_lease_seconds
+        claimed_at = time.monotonic()
         async with db.get_engine().begin() as conn:
             rows = (
                 await conn.execute(
-                    _CLAIM, {"limit": limit, "me": self.worker_id, "lease": self.settings.in_process_lease_seconds}
+                    _CLAIM,
+                    {
+                        "local_limit": local_limit,
+                        "remote_limit": remote_limit,
+                        "lookahead": max(self.settings.dispatch_batch_size * 10, 500),
+                        "me": self.worker_id,
+                        "lease": lease,
+                    },
                 )
             ).all()
+        n_local = sum(1 for r in rows if isinstance(r.handler, dict) and r.handler.get("type") == "in_process")
+        # claim again at once only if a kind filled its limit and this dispatcher has room for more of it
+        self._more_due = (local_limit > 0 and n_local == local_limit and self.workers > len(self._busy) + n_local) or (
+            remote_limit > 0 and len(rows) - n_local == remote_limit
+        )
+        self._check_remote = remote_limit > 0 and len(rows) - n_local == remote_limit
         if not rows:
             return 0
         self._idle.clear()
@@ -349,6 +550,10 @@ class Dispatcher:
             metrics.job_started(row.job_type, row.queued_seconds)
             self._inflight.add(row.job_id)
             self._leased.add(row.job_id)
+            self._lease_until[row.job_id] = claimed_at + lease
+            if isinstance(row.handler, dict) and row.handler.get("type") == "in_process":
+                self._local.add(row.job_id)
+                self._busy.add(row.job_id)
             self._spawn(self._hand_over(row))
         self.dispatched += len(rows)
         return len(rows)
@@ -424,6 +629,8 @@ class Dispatcher:
                     {"code": "handler_exception", "message": str(exc) or exc.__class__.__name__, "exception": exc.__class__.__name__}
                 ),
             )
+        self._busy.discard(row.job_id)  # the worker is free; the result waits to be recorded
+        self._wake.set()
         await self._completions.put(completion)
 
     async def _dispatch_failed(self, row: Any, exc: DispatchError, kind: str | None) -> None:
@@ -437,7 +644,7 @@ class Dispatcher:
                     await conn.execute(
                         _RETRY, {"job_id": row.job_id, "me": self.worker_id, "delay": delay, "error": json.dumps(error)}
                     )
-                asyncio.get_running_loop().call_later(delay, self._wake.set)
+                asyncio.get_running_loop().call_later(delay, self._wake_all)
                 log.warning("job %s: dispatch attempt %d failed (%s); retrying in %.2fs", row.job_id, row.attempts, exc.message, delay)
             else:
                 if exc.retryable:
@@ -447,9 +654,19 @@ class Dispatcher:
         finally:
             self._done(row.job_id)
 
+    def _wake_all(self) -> None:
+        """Wake the loop to look for due jobs of every kind (a NOTIFY, a retry coming due)."""
+        self._check_remote = True
+        self._wake.set()
+
     def _done(self, job_id: str) -> None:
+        if job_id not in self._local:
+            self._check_remote = True  # room for another hand-off
         self._inflight.discard(job_id)
         self._leased.discard(job_id)
+        self._local.discard(job_id)
+        self._busy.discard(job_id)
+        self._lease_until.pop(job_id, None)
         if not self._inflight:
             self._idle.set()
         self._wake.set()  # capacity is free again
@@ -462,66 +679,117 @@ class Dispatcher:
             batch = [await self._completions.get()]
             while len(batch) < COMPLETION_BATCH and not self._completions.empty():
                 batch.append(self._completions.get_nowait())
+            self._recording = batch  # if stop() cancels us mid-way, it records these itself
             try:
                 await self._finish(batch)
-            finally:
-                for completion in batch:
-                    self._done(completion.job_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatcher %s: recording %d results failed", self.worker_id, len(batch))
+            self._recording = []
+            for completion in batch:
+                self._done(completion.job_id)
 
-    async def _finish(self, completions: list[Completion], *, attempt: int = 0) -> None:
-        """End jobs through the completion logic. A failing batch is retried job by job, so one
-        bad job never blocks the others; a job that still cannot be ended is tried once more as
-        it is (the failure may have been transient: a deadlock, a dropped connection), then
-        recorded as a failure ``unrecordable_result`` so it does not sit in ``started`` until
-        its lease expires and run again only to fail the same way. If even that cannot be
-        written (the database is down), the lease expiry recovers the job later."""
-        try:
-            async with db.sessionmaker()() as session, session.begin():
-                outcomes = await finish_jobs(session, completions)
-        except Exception as exc:
-            if len(completions) > 1:
-                for completion in completions:
-                    await self._finish([completion])
-                return
-            completion = completions[0]
-            if attempt == 0:
-                await self._finish([completion], attempt=1)
-                return
-            log.exception("dispatcher %s: could not record the end of job %s", self.worker_id, completion.job_id)
-            if attempt == 1:
-                await self._finish(
-                    [
-                        Completion(
-                            completion.job_id,
-                            "failure",
-                            error={
-                                "code": "unrecordable_result",
-                                "message": f"the handler's result could not be recorded ({exc.__class__.__name__})",
-                                "reported_status": completion.status,
-                            },
-                        )
-                    ],
-                    attempt=2,
+    def _recording_deadline(self, completions: list[Completion]) -> float:
+        """Until when recording these results may be retried: the earliest end of their leases
+        as this dispatcher knows it (past it a peer may requeue the job), less a safety margin."""
+        ends = [self._lease_until[c.job_id] for c in completions if c.job_id in self._lease_until]
+        if not ends:
+            return time.monotonic()
+        return min(ends) - min(1.0, self.settings.in_process_lease_seconds / 10)
+
+    async def _finish(self, completions: list[Completion], *, attempt: int = 0, retry_until: float | None = None) -> None:
+        """End jobs through the completion logic.
+
+        A transient database error (the server is down or restarting, a broken connection, a
+        timeout, a conflict) is retried with exponential backoff for as long as the jobs' leases
+        last; the lease is extended whenever the database answers again, so an outage shorter
+        than the lease never makes a job run twice. Other errors: a failing batch is retried job
+        by job, so one bad job never blocks the others; a job that still cannot be ended is
+        tried once more as it is, then recorded as a failure ``unrecordable_result`` so it does
+        not sit in ``started`` until its lease expires and run again only to fail the same way.
+        If even that cannot be written, the lease expiry recovers the job later."""
+        delay = 0.05
+        while True:
+            try:
+                async with db.sessionmaker()() as session, session.begin():
+                    outcomes = await finish_jobs(session, completions)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not is_transient_db_error(exc):
+                    return await self._finish_fallback(completions, exc, attempt)
+                until = retry_until if retry_until is not None else self._recording_deadline(completions)
+                if time.monotonic() + delay >= until:
+                    log.error(
+                        "dispatcher %s: could not record %d results before their leases end (%s); "
+                        "the lease expiry will recover them",
+                        self.worker_id, len(completions), exc,
+                    )
+                    return None
+                log.warning(
+                    "dispatcher %s: recording %d results failed (%s: %s); retrying in %.2fs",
+                    self.worker_id, len(completions), exc.__class__.__name__, str(exc).splitlines()[0][:200], delay,
                 )
-            return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                await self._renew([c.job_id for c in completions])
         for outcome in outcomes.values():
             if outcome.result == "conflict":
                 log.warning("job %s had already ended as %s; result discarded", outcome.job_id, outcome.status)
+        return None
+
+    async def _finish_fallback(self, completions: list[Completion], exc: Exception, attempt: int) -> None:
+        if len(completions) > 1:
+            for completion in completions:
+                await self._finish([completion])
+            return
+        completion = completions[0]
+        if attempt == 0:
+            await self._finish([completion], attempt=1)
+            return
+        log.error("dispatcher %s: could not record the end of job %s: %r", self.worker_id, completion.job_id, exc)
+        if attempt == 1:
+            await self._finish(
+                [
+                    Completion(
+                        completion.job_id,
+                        "failure",
+                        error={
+                            "code": "unrecordable_result",
+                            "message": f"the handler's result could not be recorded ({exc.__class__.__name__})",
+                            "reported_status": completion.status,
+                        },
+                    )
+                ],
+                attempt=2,
+            )
+
+    async def _renew(self, ids: Sequence[str]) -> bool:
+        """Extend the leases of ``ids`` (those still ours); False if the database did not answer."""
+        ids = sorted(i for i in ids if i in self._leased)
+        if not ids:
+            return True
+        lease = self.settings.in_process_lease_seconds
+        started = time.monotonic()
+        try:
+            async with db.get_engine().begin() as conn:
+                await conn.execute(_RENEW, {"ids": ids, "me": self.worker_id, "lease": lease})
+        except Exception as exc:
+            log.warning("dispatcher %s: lease renewal failed: %s", self.worker_id, exc)
+            return False
+        for job_id in ids:
+            if job_id in self._lease_until:
+                self._lease_until[job_id] = started + lease
+        return True
 
     async def _renewer(self) -> None:
         interval = max(self.settings.in_process_lease_seconds / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
-            if not self._leased:
-                continue
-            try:
-                async with db.get_engine().begin() as conn:
-                    await conn.execute(
-                        _RENEW,
-                        {"ids": sorted(self._leased), "me": self.worker_id, "lease": self.settings.in_process_lease_seconds},
-                    )
-            except Exception as exc:
-                log.warning("dispatcher %s: lease renewal failed: %s", self.worker_id, exc)
+            if self._leased:
+                await self._renew(list(self._leased))
 
     # ---------------------------------------------------------------------------------------
     # sweeps
@@ -532,9 +800,24 @@ class Dispatcher:
             self._last_sweep = now
             await self.sweep()
 
+    async def _dead_peers(self, session: Any) -> tuple[list[str], list[str]]:
+        """(dead dispatcher ids, the subset known dead because their process is gone)."""
+        gone = [
+            row.id
+            for row in (await session.execute(_SAME_HOST, {"host": self.host, "me": self.worker_id})).all()
+            if _process_gone(row.pid)
+        ]
+        silent: list[str] = []
+        if self._judges_peers():
+            silent = list(
+                (await session.execute(_SILENT, {"me": self.worker_id, "dead_after": self.settings.dispatch_dead_after})).scalars()
+            )
+        return sorted(set(gone) | set(silent)), gone
+
     async def sweep(self) -> dict[str, int]:
-        """End started jobs that timed out; requeue jobs whose lease expired (their dispatcher
-        died), or fail them when they used up their attempts."""
+        """End started jobs that timed out; requeue jobs whose lease expired or whose dispatcher
+        died (stopped heartbeating, or its process is gone), or fail them when they used up
+        their attempts."""
         s = self.settings
         async with db.sessionmaker()() as session, session.begin():
             timed_out = (await session.execute(_TIMED_OUT, {"timeout": s.job_timeout_seconds})).all()
@@ -549,6 +832,26 @@ class Dispatcher:
                     "started_at": r.started_at.isoformat(),
                 },
             )
+            dead, gone = await self._dead_peers(session)
+            orphans = (
+                await session.execute(_ORPHANS, {"me": self.worker_id, "dead": dead, "judge": self._judges_peers()})
+            ).all()
+            retry = [r.job_id for r in orphans if r.attempts < s.dispatch_max_attempts]
+            if retry:
+                await session.execute(_REQUEUE_ORPHANS, {"ids": retry})
+            orphans_exhausted = [r for r in orphans if r.attempts >= s.dispatch_max_attempts]
+            await _fail_all(
+                session,
+                orphans_exhausted,
+                lambda r: {
+                    "code": "dispatcher_died",
+                    "message": f"gave up after {r.attempts} attempts: the dispatcher running the job stopped heartbeating",
+                    "attempts": r.attempts,
+                    "previous_dispatcher": r.locked_by,
+                },
+            )
+            if dead:
+                await session.execute(_FORGET, {"ids": dead, "gone": gone, "dead_after": s.dispatch_dead_after})
             requeued = (await session.execute(_REQUEUE_EXPIRED, {"max_attempts": s.dispatch_max_attempts})).all()
             exhausted = (await session.execute(_EXPIRED_EXHAUSTED, {"max_attempts": s.dispatch_max_attempts})).all()
             await _fail_all(
@@ -561,11 +864,15 @@ class Dispatcher:
                     "previous_dispatcher": r.locked_by,
                 },
             )
-            if requeued:
+            if requeued or retry:
                 await notify_new_jobs(session)
-        counts = {"timed_out": len(timed_out), "requeued": len(requeued), "exhausted": len(exhausted)}
-        if any(counts.values()):
-            log.warning("dispatcher %s sweep: %s", self.worker_id, counts)
+        counts = {
+            "timed_out": len(timed_out),
+            "requeued": len(requeued) + len(retry),
+            "exhausted": len(exhausted) + len(orphans_exhausted),
+        }
+        if any(counts.values()) or dead:
+            log.warning("dispatcher %s sweep: %s; dead dispatchers: %s", self.worker_id, counts, dead)
         return counts
 
     # ---------------------------------------------------------------------------------------
@@ -580,7 +887,10 @@ class Dispatcher:
             claimed = await self.claim_and_dispatch()
             total += claimed
             if not claimed and not self._inflight:
-                return total
+                if self._checked_remote:
+                    return total
+                self._check_remote = True  # nothing in-process left: look for every kind once more
+                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"jobs still running after {timeout}s ({len(self._inflight)} in flight)")

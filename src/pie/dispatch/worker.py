@@ -23,7 +23,7 @@ async def run_worker(settings: Settings, name: str | None = None) -> None:
     try:
         db.get_engine()
     except RuntimeError:
-        db.init_engine(resolve_database_url(settings))
+        db.init_engine(resolve_database_url(settings), settings)
         owns_engine = True
     dispatcher = Dispatcher(settings, name=name or "worker")  # the id adds host and pid
     stop = asyncio.Event()

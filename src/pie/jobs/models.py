@@ -64,6 +64,8 @@ class Job(Timestamps, Base):
         Index("ix_jobs_pending_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
         # started jobs, for the time-out and lease-recovery sweeps
         Index("ix_jobs_started", "started_at", postgresql_where=text("status = 'started'")),
+        # started jobs by dispatcher, for the dead-dispatcher sweep
+        Index("ix_jobs_locked_by", "locked_by", postgresql_where=text("status = 'started'")),
         Index("ix_jobs_client", "client_id", "domain_id", "service_id", "job_id"),
         Index("ix_jobs_model", "model_id", "model_version", "job_id"),
         Index("ix_jobs_assignment", "assignment_id"),

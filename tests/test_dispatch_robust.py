@@ -1,0 +1,194 @@
+"""Robustness of dispatch and of the database connection: SKIP LOCKED claims, results that
+survive a database outage, database timeouts that answer 503 at once. The outage and freeze tests
+run on a PostgreSQL cluster of their own (never the shared server)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import select, text
+
+from pgcluster import OwnCluster
+from pie import db
+from pie.dispatch.dispatcher import Dispatcher
+from pie.dispatch.inprocess import register
+from pie.jobs.models import Job
+from test_dispatch_inprocess import new_job, seed_version, stored
+
+
+async def test_claim_skips_a_locked_pending_job_and_takes_the_others_without_waiting(session, settings, database_url):
+    """Another transaction holds the oldest due job's row: the claim skips it and takes the
+    other due jobs at once (with a plain FOR UPDATE it would wait for the lock)."""
+    await seed_version(session)
+    locked = await new_job(session, input={"n": 0})
+    others = [await new_job(session, input={"n": i}) for i in (1, 2)]
+    holder = await psycopg.AsyncConnection.connect(db.libpq_url(database_url))
+    try:
+        await holder.execute("SELECT 1 FROM jobs WHERE job_id = %s FOR UPDATE", (locked,))
+        dispatcher = Dispatcher(settings, name="skipper")
+        dispatcher._start_workers()
+        try:
+            started = time.monotonic()
+            claimed = await asyncio.wait_for(dispatcher.claim_and_dispatch(), timeout=3.0)
+            assert claimed == 2 and time.monotonic() - started < 2.0
+            assert dispatcher._inflight == set(others)
+        finally:
+            await dispatcher.stop(grace=5.0)
+        assert (await stored(session, locked)).status == "pending"
+        for job_id in others:
+            assert (await stored(session, job_id)).status == "success"
+    finally:
+        await holder.rollback()
+        await holder.close()
+
+
+async def test_dispatcher_claims_no_more_in_process_jobs_than_free_workers(session, settings):
+    await seed_version(session, inference="test_gated")
+    from test_dispatch_inprocess import GATE, SLOW_CALLS
+
+    SLOW_CALLS.clear()
+    GATE.clear()
+    for i in range(10):
+        await new_job(session, input={"n": i})
+    dispatcher = Dispatcher(settings.model_copy(update={"in_process_workers": 3, "dispatch_batch_size": 50}), name="small")
+    dispatcher._start_workers()
+    try:
+        assert await dispatcher.claim_and_dispatch() == 3
+        assert await dispatcher.claim_and_dispatch() == 0  # every worker busy
+        started = (await session.execute(select(Job.job_id).where(Job.status == "started"))).scalars().all()
+        assert len(started) == 3
+    finally:
+        GATE.set()
+        await dispatcher.stop(grace=5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# a cluster of our own, and the process-wide engine pointed at it for one test
+
+
+@pytest.fixture
+async def own_db(engine, settings) -> AsyncIterator[OwnCluster]:
+    """An own PostgreSQL cluster, migrated; the process-wide engine points at it during the test."""
+    from pie.migrate import upgrade
+
+    cluster = await asyncio.to_thread(OwnCluster)
+    saved = (db._engine, db._sessionmaker, db._url)
+    try:
+        await asyncio.to_thread(cluster.start)
+        await asyncio.to_thread(upgrade, cluster.url)
+        yield cluster
+    finally:
+        if db._engine is not saved[0]:
+            await db._engine.dispose()
+        db._engine, db._sessionmaker, db._url = saved
+        await asyncio.to_thread(cluster.destroy)
+
+
+OUTAGE: dict[str, Any] = {}
+
+
+@register("test_outage")
+def _outage(payload: dict[str, Any]) -> dict[str, Any]:
+    """Counts its runs; the first one stops the database for a few seconds just before
+    returning, so the result is recorded while PostgreSQL is down."""
+    OUTAGE["calls"].append(payload["job_id"])
+    if len(OUTAGE["calls"]) == 1:
+        cluster: OwnCluster = OUTAGE["cluster"]
+        cluster.stop()
+        OUTAGE["stopped_at"] = time.monotonic()
+        threading.Timer(OUTAGE["down_for"], cluster.start).start()
+    return {"ran": len(OUTAGE["calls"])}
+
+
+async def test_a_result_finished_during_a_database_outage_is_recorded_once_it_is_back(own_db, settings):
+    """PostgreSQL is stopped for 4 s while an in-process result is being recorded: the
+    dispatcher retries with backoff (the lease is 300 s), the job ends in success and ran once."""
+    db.init_engine(own_db.url, settings)
+    OUTAGE.update(calls=[], cluster=own_db, down_for=4.0)
+    async with db.sessionmaker()() as session:
+        await seed_version(session, inference="test_outage")
+        job_id = await new_job(session, input={"n": 1})
+    dispatcher = Dispatcher(settings.model_copy(update={"dispatch_poll_interval": 0.2}), name="outage")
+    await dispatcher.start()
+    try:
+        deadline = time.monotonic() + 40
+        job = None
+        while time.monotonic() < deadline:
+            try:
+                async with db.sessionmaker()() as session:
+                    job = await stored(session, job_id)
+                if job.status in ("success", "failure"):
+                    break
+            except Exception:
+                pass  # the database is down
+            await asyncio.sleep(0.2)
+    finally:
+        await dispatcher.stop(grace=5.0)
+    assert job is not None and (job.status, job.attempts, job.output) == ("success", 1, {"ran": 1})
+    assert OUTAGE["calls"] == [job_id]
+
+
+async def test_requests_get_503_at_once_when_the_database_is_frozen_or_a_lock_times_out(own_db, settings, admin):
+    """No database timeouts used to mean a request waited as long as PostgreSQL was frozen
+    (SIGSTOP). Now: the client-side guard (statement timeout + connect timeout), the connect
+    timeout and the lock timeout all answer the 503 envelope within seconds."""
+    from pie.app import create_app
+
+    fast = settings.model_copy(
+        update={"db_connect_timeout": 1.0, "db_statement_timeout_ms": 1000, "db_lock_timeout_ms": 300}
+    )
+    db.init_engine(own_db.url, fast)
+    app = create_app(fast)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        r = await client.post("/v2/clients", json={"client_id": "sealink", "name": "SeaLink"}, headers=admin)
+        assert r.status_code in (200, 201), r.text
+        assert (await client.get("/v2/clients", headers=admin)).status_code == 200
+
+        # statement timeout (server side)
+        async with db.get_engine().connect() as conn:
+            with pytest.raises(Exception) as caught:
+                await conn.execute(text("SELECT pg_sleep(3)"))
+        from pie.errors import database_error_response
+
+        response = database_error_response(caught.value)
+        assert response is not None and response.status_code == 503
+
+        # lock timeout: another transaction holds the client row that PATCH locks
+        holder = await psycopg.AsyncConnection.connect(own_db.url)
+        try:
+            await holder.execute("SELECT 1 FROM clients WHERE client_id = 'sealink' FOR UPDATE")
+            started = time.monotonic()
+            r = await client.patch("/v2/clients/sealink", json={"name": "Renamed"}, headers=admin)
+            assert r.status_code == 503 and r.json() == {
+                "success": False,
+                "message": "database timeout: a lock was not granted within the configured limit; try again later",
+            }
+            assert time.monotonic() - started < 3
+        finally:
+            await holder.rollback()
+            await holder.close()
+
+        # frozen server: pooled connections and new ones both give up
+        own_db.freeze()
+        try:
+            for _ in range(2):
+                started = time.monotonic()
+                r = await asyncio.wait_for(client.get("/v2/clients", headers=admin), timeout=20)
+                assert r.status_code == 503 and r.json()["success"] is False, r.text
+                assert time.monotonic() - started < 8
+        finally:
+            own_db.thaw()
+        for _ in range(50):
+            r = await client.get("/v2/clients", headers=admin)
+            if r.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert r.status_code == 200
