@@ -18,9 +18,7 @@ class BuildPyWithMigrations(build_py):
             return
         target = Path(self.build_lib) / "pie" / "_migrations"
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(
-            HERE / "migrations", target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
+        shutil.copytree(HERE / "migrations", target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 setup(cmdclass={"build_py": BuildPyWithMigrations})

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-
 from conftest import _with_dbname, clean_subprocess_env, free_port, pie_command
+
 from pie.auth import mint_dev_token
 from pie.config import Settings
 from pie.db import libpq_url
@@ -59,7 +59,7 @@ class Serve:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = cwd / f"serve-{self.port}.log"
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - open while the process runs
         self.process = subprocess.Popen(
             [*command, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
             env=clean_subprocess_env(
@@ -145,11 +145,16 @@ def build_wheel(dest: Path) -> Path:
     shutil.copytree(
         ROOT,
         src,
-        ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pie", ".pytest_cache", ".hypothesis"),
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pie", ".pytest_cache", ".hypothesis"
+        ),
     )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest / "dist"), str(src)],
-        check=True, capture_output=True, text=True, timeout=300,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     (wheel,) = (dest / "dist").glob("pie_server-*.whl")
     return wheel
@@ -164,11 +169,16 @@ def fresh_venv_with(wheel: Path, where: Path) -> Path:
     python = venv / "bin" / "python"
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
-        check=True, capture_output=True, text=True, timeout=300,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     # appended after the venv's own site-packages; .pth files in it (the editable install of
     # the checkout) are not processed, so `pie` can only come from the wheel
@@ -190,7 +200,10 @@ def test_wheel_serves_from_any_directory_and_concurrent_starts_migrate_once(empt
         unrelated.mkdir()
         where = subprocess.run(
             [str(bindir / "python"), "-c", "import pie.migrate as m; print(m.__file__); print(m.migrations_dir())"],
-            cwd=unrelated, check=True, capture_output=True, text=True,
+            cwd=unrelated,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.split()
         assert all(p.startswith(str(work / "venv")) for p in where), where
 
@@ -201,8 +214,16 @@ def test_wheel_serves_from_any_directory_and_concurrent_starts_migrate_once(empt
         b.wait_ready()
         assert current_revision(empty_database) == head_revision()
         ran = [s.log().count("Running upgrade") for s in (a, b)]
-        assert sorted(ran) == [0, len(re.findall(r"^revision", "\n".join(
-            p.read_text() for p in (ROOT / "migrations" / "versions").glob("*.py")), re.M))], ran
+        assert sorted(ran) == [
+            0,
+            len(
+                re.findall(
+                    r"^revision",
+                    "\n".join(p.read_text() for p in (ROOT / "migrations" / "versions").glob("*.py")),
+                    re.M,
+                )
+            ),
+        ], ran
         r = httpx.post(f"{a.url}/v2/clients", json={"client_id": "wheel", "name": "Wheel"}, headers=admin_headers())
         assert r.status_code == 201, r.text
         r = httpx.get(f"{b.url}/v2/clients/wheel", headers=admin_headers())
@@ -219,8 +240,14 @@ def test_wheel_serves_from_any_directory_and_concurrent_starts_migrate_once(empt
 def test_two_workers_answer_on_one_port_and_both_dispatch(empty_database, tmp_path, serves):
     serves.append(
         serve := Serve(
-            pie_command(), tmp_path, empty_database, "--workers", "2",
-            PIE_EXPOSE_WORKER_PID="true", PIE_RUN_DISPATCHER="true", PIE_DISPATCH_BATCH_SIZE="1",
+            pie_command(),
+            tmp_path,
+            empty_database,
+            "--workers",
+            "2",
+            PIE_EXPOSE_WORKER_PID="true",
+            PIE_RUN_DISPATCHER="true",
+            PIE_DISPATCH_BATCH_SIZE="1",
             PIE_DISPATCH_POLL_INTERVAL="0.1",
         )
     )
@@ -242,8 +269,15 @@ def test_two_workers_answer_on_one_port_and_both_dispatch(empty_database, tmp_pa
 
     # a model with an in-process handler, then jobs: both processes' dispatchers run some
     api, headers = serve.url, admin_headers()
-    model = {"id": "echo", "name": "Echo", "description": "in-process echo", "handlers": {
-        "training": {"type": "in_process", "value": "echo"}, "inference": {"type": "in_process", "value": "echo"}}}
+    model = {
+        "id": "echo",
+        "name": "Echo",
+        "description": "in-process echo",
+        "handlers": {
+            "training": {"type": "in_process", "value": "echo"},
+            "inference": {"type": "in_process", "value": "echo"},
+        },
+    }
     r = httpx.post(f"{api}/v2/models", json=model, headers=headers)
     assert r.status_code == 201, r.text
     r = httpx.post(f"{api}/v2/models/echo/new_version", json={"description": "v"}, headers=headers)
@@ -253,7 +287,9 @@ def test_two_workers_answer_on_one_port_and_both_dispatch(empty_database, tmp_pa
     assert r.status_code == 200, r.text
 
     def run_job(i: int) -> str:
-        r = httpx.post(f"{api}/v2/models/echo/versions/{version}/inference", json={"input": {"i": i}}, headers=headers, timeout=30)
+        r = httpx.post(
+            f"{api}/v2/models/echo/versions/{version}/inference", json={"input": {"i": i}}, headers=headers, timeout=30
+        )
         assert r.status_code == 202, r.text
         return r.json()["inference_job_id"]
 
@@ -272,7 +308,10 @@ def test_two_workers_answer_on_one_port_and_both_dispatch(empty_database, tmp_pa
     # each process stops its dispatcher gracefully and says how many jobs it handed over
     serve.stop()
     assert serve.process.returncode == 0, serve.log()[-3000:]
-    counts = {pid: int(n) for pid, n in re.findall(r"dispatcher api@[^:]+:(\d+):[0-9a-f]+ stopped after (\d+) dispatches", serve.log())}
+    counts = {
+        pid: int(n)
+        for pid, n in re.findall(r"dispatcher api@[^:]+:(\d+):[0-9a-f]+ stopped after (\d+) dispatches", serve.log())
+    }
     assert set(counts) == pids, (counts, pids, serve.log()[-3000:])
     assert all(n > 0 for n in counts.values()) and sum(counts.values()) == len(job_ids), counts
 

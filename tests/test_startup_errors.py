@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import clean_subprocess_env, pie_command, free_port
+from conftest import clean_subprocess_env, free_port, pie_command
 
 COMMANDS = {
     "serve": ["serve", "--port", "0"],
@@ -27,7 +26,12 @@ def unreachable_url() -> str:
 def run_pie(args: list[str], cwd: Path, timeout: float = 60, **env: str | None) -> subprocess.CompletedProcess[str]:
     env.setdefault("PIE_DATA_DIR", str(cwd / "data"))
     return subprocess.run(
-        [*pie_command(), *args], env=clean_subprocess_env(**env), cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [*pie_command(), *args],
+        env=clean_subprocess_env(**env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -43,7 +47,9 @@ def assert_config_error(result: subprocess.CompletedProcess[str], *names: str) -
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_invalid_log_level_names_the_variable(tmp_path, command):
-    line = assert_config_error(run_pie(COMMANDS[command], tmp_path, PIE_LOG_LEVEL="verbose"), "PIE_LOG_LEVEL", "verbose")
+    line = assert_config_error(
+        run_pie(COMMANDS[command], tmp_path, PIE_LOG_LEVEL="verbose"), "PIE_LOG_LEVEL", "verbose"
+    )
     assert line.startswith(f"pie {command}: ")
     assert "'info'" in line  # says what is allowed
 
@@ -61,7 +67,9 @@ def test_workers_flag_out_of_range(tmp_path):
 def test_data_dir_that_is_a_file(tmp_path, command):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    assert_config_error(run_pie(COMMANDS[command], tmp_path, PIE_DATA_DIR=str(blocker)), "PIE_DATA_DIR", "not a directory")
+    assert_config_error(
+        run_pie(COMMANDS[command], tmp_path, PIE_DATA_DIR=str(blocker)), "PIE_DATA_DIR", "not a directory"
+    )
     nested = blocker / "sub"
     assert_config_error(run_pie(COMMANDS[command], tmp_path, PIE_DATA_DIR=str(nested)), "PIE_DATA_DIR")
 

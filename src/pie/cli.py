@@ -181,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pie", description="PIE v2 server")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="migrate and serve the API (embedded PostgreSQL when PIE_DATABASE_URL is unset)")
+    serve = sub.add_parser(
+        "serve", help="migrate and serve the API (embedded PostgreSQL when PIE_DATABASE_URL is unset)"
+    )
     serve.add_argument("--host", default=None, help="bind address (PIE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (PIE_PORT, default 8000)")
     serve.add_argument("--workers", type=int, default=None, help="API processes on the port (PIE_WORKERS, default 1)")
@@ -198,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--down", action="store_true", help="downgrade to REVISION (default base)")
     migrate.set_defaults(func=cmd_migrate)
 
-    token = sub.add_parser("token", help="print a development token (PIE_JWT_SECRET or the secret `pie serve` generated)")
+    token = sub.add_parser(
+        "token", help="print a development token (PIE_JWT_SECRET or the secret `pie serve` generated)"
+    )
     token.add_argument("--admin", action="store_true", help="grant streamline/admin")
     token.add_argument("--scope", action="append", default=[], help="scope (streamline/ prefix optional); repeatable")
     token.add_argument("--group", action="append", default=[], help="cognito group, e.g. client:sealink; repeatable")

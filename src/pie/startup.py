@@ -9,7 +9,6 @@ database is retried for ``PIE_DB_STARTUP_TIMEOUT`` seconds, one log line per att
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import tempfile
 import time
@@ -184,7 +183,7 @@ def display_url(url: str) -> str:
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for display
+    except Exception:
         return "<unparseable URL>"
 
 
@@ -212,10 +211,10 @@ def wait_for_database(url: str, timeout: float, *, interval: float = 2.0) -> Non
                 ) from None
             log.warning(
                 "database %s not reachable (attempt %d, retrying for %.0fs more): %s",
-                display_url(url), attempt, remaining, reason,
+                display_url(url),
+                attempt,
+                remaining,
+                reason,
             )
             time.sleep(min(interval, remaining))
 
-
-def abs_data_dir(settings: Settings) -> Path:
-    return Path(os.path.expanduser(settings.data_dir)).absolute()
