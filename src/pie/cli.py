@@ -105,6 +105,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         # uvicorn's multi-process mode: the parent binds the port and supervises N processes that
         # each import the app factory (and run their own dispatcher, see the README)
         os.environ["PIE_DATABASE_URL"] = url
+        os.environ["PIE_LOG_LEVEL"] = log_level
         uvicorn.run(
             "pie.cli:app_factory",
             factory=True,
