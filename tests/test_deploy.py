@@ -195,6 +195,7 @@ def test_wheel_serves_from_any_directory_and_concurrent_starts_migrate_once(empt
         import zipfile
 
         names = zipfile.ZipFile(wheel).namelist()
+        assert "pie/py.typed" in names
         assert "pie/_migrations/env.py" in names and any(n.startswith("pie/_migrations/versions/0001") for n in names)
         unrelated = work / "somewhere-else"
         unrelated.mkdir()
