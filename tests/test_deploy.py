@@ -355,3 +355,32 @@ async def test_docs_reference_only_local_assets(client, page):
         assert any(u.endswith("redoc.standalone.js") for u in urls)
     if page == "/":
         assert {"/v2/docs", "/v2/openapi.json", "/v2/health"} <= set(urls)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
+@pytest.mark.parametrize("page, rendered", [("/v2/docs", 'class="opblock'), ("/v2/redoc", "listclients")])
+def test_docs_render_in_a_headless_browser_without_internet(pie_server, tmp_path, page, rendered):
+    """Every host but 127.0.0.1 is unresolvable for the browser: the page must still render the
+    operations (Swagger UI's opblocks, ReDoc's operation ids) from local assets only."""
+    result = subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path}",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            f"{pie_server.url}{page}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert rendered in result.stdout, result.stdout[-3000:]
+    assert "/v2/clients" in result.stdout
