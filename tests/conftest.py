@@ -82,6 +82,20 @@ def database_url() -> Iterator[str]:
         shutil.rmtree(_TMP, ignore_errors=True)
 
 
+@pytest.fixture
+def scratch_url(database_url: str) -> Iterator[str]:
+    """An empty database of its own on the test server (never migrated), dropped afterwards."""
+    server_url = _with_dbname(database_url, "postgres")
+    name = f"pie_scratch_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_dbname(database_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return get_settings()

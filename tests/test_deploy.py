@@ -12,7 +12,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from conftest import _with_dbname, clean_subprocess_env, free_port, pie_command
+from conftest import clean_subprocess_env, free_port, pie_command
 
 from pie.auth import mint_dev_token
 from pie.config import Settings
@@ -31,20 +30,6 @@ from pie.migrate import current_revision, head_revision
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "deploy-test-secret"
 START_TIMEOUT = 120.0
-
-
-@pytest.fixture
-def empty_database(database_url: str) -> Iterator[str]:
-    """A new, empty database on the test server (never migrated)."""
-    server_url = _with_dbname(database_url, "postgres")
-    name = f"pie_deploy_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_dbname(database_url, name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def admin_headers() -> dict[str, str]:
@@ -117,22 +102,22 @@ def tables(url: str) -> set[str]:
 # --- pie serve migrates whatever database it serves --------------------------------------------
 
 
-def test_serve_migrates_an_empty_external_database(empty_database, tmp_path, serves):
+def test_serve_migrates_an_empty_external_database(scratch_url, tmp_path, serves):
     """Seen before: /v2/health was 200 while every API call was a 500 (relation does not exist)."""
-    assert current_revision(empty_database) == ""
-    serves.append(serve := Serve(pie_command(), tmp_path, empty_database))
+    assert current_revision(scratch_url) == ""
+    serves.append(serve := Serve(pie_command(), tmp_path, scratch_url))
     serve.wait_ready()
-    assert current_revision(empty_database) == head_revision() != ""
+    assert current_revision(scratch_url) == head_revision() != ""
     r = httpx.post(f"{serve.url}/v2/clients", json={"client_id": "acme", "name": "Acme"}, headers=admin_headers())
     assert r.status_code == 201, r.text
     assert httpx.get(f"{serve.url}/v2/clients", headers=admin_headers()).json()[0]["client_id"] == "acme"
     assert "auth mode: development (HS256 tokens signed with PIE_JWT_SECRET)" in serve.log()
 
 
-def test_serve_no_migrate_leaves_the_database_alone(empty_database, tmp_path, serves):
-    serves.append(serve := Serve(pie_command(), tmp_path, empty_database, "--no-migrate"))
+def test_serve_no_migrate_leaves_the_database_alone(scratch_url, tmp_path, serves):
+    serves.append(serve := Serve(pie_command(), tmp_path, scratch_url, "--no-migrate"))
     serve.wait_ready()
-    assert "alembic_version" not in tables(empty_database)
+    assert "alembic_version" not in tables(scratch_url)
     assert "--no-migrate: the database is at revision '(empty)'" in serve.log()
 
 
@@ -186,7 +171,7 @@ def fresh_venv_with(wheel: Path, where: Path) -> Path:
     return venv / "bin"
 
 
-def test_wheel_serves_from_any_directory_and_concurrent_starts_migrate_once(empty_database, serves):
+def test_wheel_serves_from_any_directory_and_concurrent_starts_migrate_once(scratch_url, serves):
     work = Path(tempfile.mkdtemp(prefix="pie-wheel-"))
     try:
         wheel = build_wheel(work)
@@ -209,11 +194,11 @@ def test_wheel_serves_from_any_directory_and_concurrent_starts_migrate_once(empt
         assert all(p.startswith(str(work / "venv")) for p in where), where
 
         # two replicas started at once on the same empty database
-        serves.append(a := Serve([str(bindir / "pie")], unrelated, empty_database))
-        serves.append(b := Serve([str(bindir / "pie")], unrelated, empty_database))
+        serves.append(a := Serve([str(bindir / "pie")], unrelated, scratch_url))
+        serves.append(b := Serve([str(bindir / "pie")], unrelated, scratch_url))
         a.wait_ready()
         b.wait_ready()
-        assert current_revision(empty_database) == head_revision()
+        assert current_revision(scratch_url) == head_revision()
         ran = [s.log().count("Running upgrade") for s in (a, b)]
         assert sorted(ran) == [
             0,
@@ -238,12 +223,12 @@ def test_wheel_serves_from_any_directory_and_concurrent_starts_migrate_once(empt
 # --- several processes on one port -------------------------------------------------------------
 
 
-def test_two_workers_answer_on_one_port_and_both_dispatch(empty_database, tmp_path, serves):
+def test_two_workers_answer_on_one_port_and_both_dispatch(scratch_url, tmp_path, serves):
     serves.append(
         serve := Serve(
             pie_command(),
             tmp_path,
-            empty_database,
+            scratch_url,
             "--workers",
             "2",
             PIE_EXPOSE_WORKER_PID="true",
@@ -297,7 +282,7 @@ def test_two_workers_answer_on_one_port_and_both_dispatch(empty_database, tmp_pa
     with ThreadPoolExecutor(8) as pool:
         job_ids = list(pool.map(run_job, range(60)))
     deadline = time.monotonic() + 60
-    with psycopg.connect(libpq_url(empty_database)) as conn:
+    with psycopg.connect(libpq_url(scratch_url)) as conn:
         while time.monotonic() < deadline:
             done = conn.execute(
                 "SELECT count(*) FROM jobs WHERE job_id = ANY(%s) AND status = 'success'", (job_ids,)
