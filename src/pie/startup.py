@@ -217,4 +217,3 @@ def wait_for_database(url: str, timeout: float, *, interval: float = 2.0) -> Non
                 reason,
             )
             time.sleep(min(interval, remaining))
-
