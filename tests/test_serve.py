@@ -206,6 +206,10 @@ def test_lock_files_cover_pyproject():
     everything = _pinned(ROOT / "constraints.txt")
     for extra in project["optional-dependencies"].values():
         assert _requirement_names(extra) <= set(everything)
+    # nothing machine-specific: no local index, no path to a checkout
+    for name in ("requirements.txt", "constraints.txt"):
+        text = (ROOT / name).read_text()
+        assert "file://" not in text and "--extra-index-url" not in text and "--find-links" not in text, name
     # the two agree wherever both pin a package
     assert {k: v for k, v in everything.items() if k in production} == production
 
