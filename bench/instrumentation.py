@@ -9,7 +9,7 @@ OFF = PIE_METRICS_ENABLED=false, PIE_ACCESS_LOG=false, PIE_LOG_FORMAT=text; ON =
 access log on, PIE_LOG_FORMAT=json (log lines written to a file, as a shipper would read them).
 
 Database: as bench/dispatch.py (PIE_BENCH_DATABASE_URL, else a scratch database on the local
-PostgreSQL, else an embedded pgserver).
+PostgreSQL, else an embedded PostgreSQL).
 
     .venv/bin/python bench/instrumentation.py [--rounds 3] [--seconds 5] [--concurrency 16]
 """

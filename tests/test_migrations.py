@@ -4,35 +4,18 @@ between the ORM models and the migration (what `alembic check` reports)."""
 from __future__ import annotations
 
 import subprocess
-import uuid
-from collections.abc import Iterator
 
 import psycopg
-import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, pool, text
 
-from conftest import _with_dbname, clean_subprocess_env, pie_command
+from conftest import clean_subprocess_env, pie_command
 from pie.db import async_url, libpq_url
 from pie.migrate import alembic_config, downgrade, upgrade
 from pie.models_all import Base
-
-
-@pytest.fixture
-def scratch_url(database_url) -> Iterator[str]:
-    """An empty database of its own on the test server, dropped afterwards."""
-    server_url = _with_dbname(database_url, "postgres")
-    name = f"pie_mig_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_dbname(database_url, name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def snapshot(url: str) -> tuple[set[str], bool, str | None]:

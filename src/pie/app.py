@@ -9,6 +9,7 @@ import logging
 import signal
 import threading
 import time
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from pie.auth import TokenVerifier
 from pie.config import Settings, get_settings
 from pie.openapi_names import name_inline_schemas
 from pie.query_params import reject_unknown_query_params
+from pie.docs import install_docs
 from pie.errors import (
     ERROR_ENVELOPE_SCHEMA,
     envelope,
@@ -231,6 +233,27 @@ def _chain_shutdown_signals(callback: Callable[[], None]) -> Callable[[], None]:
     return restore
 
 
+class WorkerPidMiddleware:
+    """``X-PIE-Worker-PID``: the process that answered (PIE_EXPOSE_WORKER_PID, for debugging
+    ``pie serve --workers N``)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.pid = str(os.getpid()).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_pid(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-pie-worker-pid", self.pid))
+            await send(message)
+
+        await self.app(scope, receive, send_with_pid)
+
+
 def _include_routers(app: FastAPI) -> None:
     from pie.assignments.routes import router as assignments_router
     from pie.audit.routes import router as audit_router
@@ -355,8 +378,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         description="Model-serving control plane: tenants, domains, services, assignments, "
         "the model registry and durable jobs.",
         openapi_url="/v2/openapi.json",
-        docs_url="/v2/docs",
-        swagger_ui_oauth2_redirect_url="/v2/docs/oauth2-redirect",
+        # served by pie.docs from local assets (no CDN): /v2/docs, /v2/redoc and the landing page /
+        docs_url=None,
         redoc_url=None,
         # `/v2/clients/` is an unknown route (404 envelope), not a redirect to another host/path
         redirect_slashes=False,
@@ -384,7 +407,10 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
             allow_headers=["*"],
             expose_headers=["X-Next-Cursor", "X-Request-ID"],
         )
+    if settings.expose_worker_pid:
+        app.add_middleware(WorkerPidMiddleware)
     _include_routers(app)
+    install_docs(app)
     _install_openapi(app)
     if settings.otel_enabled:
         from pie import tracing

