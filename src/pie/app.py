@@ -235,5 +235,9 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
             expose_headers=["X-Next-Cursor", "X-Request-ID"],
         )
     _include_routers(app)
+    from pie.jsonbody import unbounded_routes
+
+    if unbounded := unbounded_routes(app.routes):  # every JSON body goes through the one bounded parser
+        raise RuntimeError(f"routes without route_class=BoundedJsonRoute: {unbounded}")
     _install_openapi(app)
     return app

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
+from pie.jsonbody import BoundedJsonRoute
 from pie.assignments import logic
 from pie.assignments.schemas import (
     AssignmentCreate,
@@ -19,7 +20,7 @@ from pie.pagination import PageParams
 from pie.schemas import KEY_PATTERN
 from pie.tenancy.schemas import error_responses
 
-router = APIRouter(prefix="/v2/clients/{client_id}/domains/{domain_id}", tags=["assignments"])
+router = APIRouter(route_class=BoundedJsonRoute, prefix="/v2/clients/{client_id}/domains/{domain_id}", tags=["assignments"])
 
 KeyPath = Annotated[str, Path(pattern=KEY_PATTERN, examples=["default", "forecast"])]
 StatusQuery = Annotated[Literal["active", "archived"] | None, Query(description="only revisions in this status")]

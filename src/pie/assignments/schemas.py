@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
 
+from pie.jsonbody import StoredObject
 from pie.schemas import AssignmentKey, Identifier, RequestBody, ResponseBody, UtcDatetime
 from pie.tenancy.schemas import JsonObject
 
@@ -48,8 +49,8 @@ class AssignmentOut(ResponseBody):
     model_version: str
     status: str
     role: str | None
-    settings: dict[str, Any]
-    metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
+    settings: StoredObject
+    metadata: StoredObject = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     created_at: UtcDatetime
     updated_at: UtcDatetime
 

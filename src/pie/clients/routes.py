@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 
+from pie.jsonbody import BoundedJsonRoute
 from pie.auth import Principal
 from pie.clients import logic
 from pie.clients.schemas import ClientCreate, ClientOut, ClientUpdate
@@ -11,7 +12,7 @@ from pie.deps import ClientIdPath, Session, TenantScope, require, tenant
 from pie.errors import error_responses
 from pie.pagination import PageParams
 
-router = APIRouter(prefix="/v2/clients", tags=["clients"])
+router = APIRouter(route_class=BoundedJsonRoute, prefix="/v2/clients", tags=["clients"])
 
 
 @router.get("", operation_id="listclients", response_model=list[ClientOut])

@@ -4,6 +4,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
+from pie.jsonbody import BoundedJsonRoute
 from pie import db
 from pie.auth import Principal
 from pie.deps import CurrentPrincipal, ModelIdPath, ModelVersionPath, Session, require
@@ -16,7 +17,7 @@ from pie.pagination import PageParams
 from pie.registry.schemas import error_responses
 from pie.schemas import ID_PATTERN
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(route_class=BoundedJsonRoute, tags=["jobs"])
 
 JobIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="job id", examples=["0192f1c4-7d1e-7c3a-9f3e-5b1f0e6a2d41"])]
 IdQuery = Annotated[str | None, Query(pattern=ID_PATTERN)]

@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from pie.jsonbody import StoredJson, StoredList
 from pie.schemas import RequestBody, ResponseBody, UtcDatetime
 
 JobStatus = Literal["pending", "started", "success", "failure"]
@@ -21,10 +22,10 @@ class JobOut(ResponseBody):
     domain_id: str | None = None
     service_id: str | None = None
     subscription_id: uuid.UUID | None = None
-    input: Any = None
-    output: Any = None
-    error: Any = None
-    warnings: list[Any] = Field(default_factory=list)
+    input: StoredJson = None
+    output: StoredJson = None
+    error: StoredJson = None
+    warnings: StoredList = Field(default_factory=list)
     attempts: int
     created_at: UtcDatetime
     started_at: UtcDatetime | None = None

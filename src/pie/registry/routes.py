@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Response
 
+from pie.jsonbody import BoundedJsonRoute
 from pie.auth import Principal
 from pie.deps import ModelIdPath, ModelVersionPath, Session, require
 from pie.pagination import PageParams
@@ -29,7 +30,7 @@ from pie.registry.schemas import (
     error_responses,
 )
 
-router = APIRouter(prefix="/v2/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 422))
+router = APIRouter(route_class=BoundedJsonRoute, prefix="/v2/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 422))
 _CONFLICT = error_responses(409)
 
 Page = Annotated[PageParams, Depends()]

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, model_serializer
 
+from pie.jsonbody import StoredList, StoredObject
 from pie.errors import error_response_doc
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
 
@@ -140,9 +141,9 @@ class ModelOut(ResponseBody):
     id: str
     name: str
     description: str
-    handlers: dict[str, Any]
-    handler_contracts: dict[str, Any] | None
-    metadata: dict[str, Any] = _metadata
+    handlers: StoredObject
+    handler_contracts: StoredObject | None
+    metadata: StoredObject = _metadata
     status: str
     created_at: UtcDatetime
     updated_at: UtcDatetime
@@ -152,11 +153,11 @@ class VersionOut(ResponseBody):
     model_id: str
     version: str
     description: str
-    metadata: dict[str, Any] = _metadata
+    metadata: StoredObject = _metadata
     status: str
-    handlers: dict[str, Any]
-    handler_contracts: dict[str, Any] | None
-    features: list[Any] | None
+    handlers: StoredObject
+    handler_contracts: StoredObject | None
+    features: StoredList | None
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -199,7 +200,7 @@ class SubscriptionOut(ResponseBody):
     target_model_id: str
     target_action: str
     input_source: str
-    input: dict[str, Any] | None
+    input: StoredObject | None
     label: str | None
     status: str
     warnings: list[str]

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response
 
+from pie.jsonbody import BoundedJsonRoute
 from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
 from pie.pagination import PageParams
 from pie.tenancy import logic
@@ -23,7 +24,7 @@ from pie.tenancy.schemas import (
     error_responses,
 )
 
-router = APIRouter(prefix="/v2/clients/{client_id}/domains", tags=["domains"])
+router = APIRouter(route_class=BoundedJsonRoute, prefix="/v2/clients/{client_id}/domains", tags=["domains"])
 
 
 @router.post(

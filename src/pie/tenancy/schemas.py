@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
+from pie.jsonbody import StoredJson, StoredList, StoredObject
 from pie.errors import error_response_doc
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
 
@@ -79,7 +80,7 @@ class DomainOut(ResponseBody):
     domain_id: str
     name: str | None
     status: str
-    features: list[Any]
+    features: StoredList
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -89,7 +90,7 @@ class FeaturesUpdate(RequestBody):
 
 
 class FeaturesOut(ResponseBody):
-    features: list[Any]
+    features: StoredList
 
 
 # -- services ------------------------------------------------------------------------------------
@@ -116,8 +117,8 @@ class ServiceOut(ResponseBody):
     status: str
     departure_datetime: UtcDatetime | None
     departed: bool
-    provided_features: dict[str, Any]
-    resolved_features: dict[str, Any]
+    provided_features: StoredObject
+    resolved_features: StoredObject
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -144,7 +145,7 @@ class ErrorEnvelope(ResponseBody):
 class BlockingService(ResponseBody):
     service_id: str
     feature: str
-    value: Any = Field(description="the stored (patched) value; null when a mandatory feature is missing")
+    value: StoredJson = Field(description="the stored (patched) value; null when a mandatory feature is missing")
     reason: str
 
 
