@@ -411,3 +411,35 @@ def test_cognito_settings_derive_issuer_and_jwks_url(tmp_path):
     s = Settings(_env_file=None, cognito_region="ap-southeast-2", cognito_user_pool_id="ap-southeast-2_Abc", data_dir=tmp_path)
     assert s.cognito_issuer == "https://cognito-idp.ap-southeast-2.amazonaws.com/ap-southeast-2_Abc"
     assert s.cognito_jwks_url == s.cognito_issuer + "/.well-known/jwks.json"
+
+
+# ---- time claims (issue 8, item 8): numbers only, iat not in the future, a documented leeway ----
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"exp": str(int(time.time()) + 3600)},  # a numeric string: python-jose int()s it
+        {"exp": int(time.time()) + 3600, "nbf": str(int(time.time()) - 10)},
+        {"exp": int(time.time()) + 3600, "iat": str(int(time.time()))},
+        {"exp": True},
+        {"exp": int(time.time()) + 3600, "iat": [int(time.time())]},
+        {"exp": int(time.time()) + 3600, "iat": int(time.time()) + 3600},  # issued an hour from now
+        {"exp": int(time.time()) + 3600, "nbf": int(time.time()) + 3600},  # not valid for an hour
+        {"exp": int(time.time()) + 3600, "nbf": int(time.time()) + 90},  # beyond the leeway
+    ],
+    ids=["exp string", "nbf string", "iat string", "exp bool", "iat list", "iat future", "nbf future", "nbf 90s"],
+)
+async def test_bad_time_claims_are_401(client, settings, overrides):
+    token = forge({"alg": "HS256", "typ": "JWT"}, dev_claims(**overrides), settings.jwt_secret.encode())
+    await assert_401(client, {"Authorization": f"Bearer {token}"})
+
+
+async def test_time_claims_within_the_leeway_are_accepted(client, settings):
+    """PIE_JWT_LEEWAY_SECONDS (60) absorbs the issuer's clock running ahead: iat/nbf 30 s ahead
+    (exp stays strict: test_expired_token_is_401); fractional NumericDates are numbers too."""
+    now = int(time.time())
+    for overrides in ({"iat": now + 30, "nbf": now + 30}, {"iat": now + 0.5, "exp": now + 60.5}):
+        token = forge({"alg": "HS256", "typ": "JWT"}, dev_claims(**overrides), settings.jwt_secret.encode())
+        r = await client.get("/v2/clients", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, (overrides, r.text)

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     jwks_url: str | None = None
     jwt_rs256_issuer: str | None = None
     jwks_refetch_cooldown_seconds: float = 30.0
+    # clock skew tolerated on exp / nbf / iat (seconds)
+    jwt_leeway_seconds: int = Field(default=60, ge=0, le=600)
 
     # HTTP (`pie serve` defaults; --host/--port/--log-level override)
     host: str = "127.0.0.1"
