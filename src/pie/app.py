@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pie import db
 from pie.auth import TokenVerifier
 from pie.config import Settings, get_settings
+from pie.httpserver import HeaderCountGuard
 from pie.errors import (
     ERROR_ENVELOPE_SCHEMA,
     envelope,
@@ -224,6 +225,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     install_error_handlers(app)
     # the last added middleware is the outermost: CORS wraps everything, 500s included
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HeaderCountGuard, max_headers=settings.http_max_headers)
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:

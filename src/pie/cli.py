@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from pie.app import create_app
     from pie.embedded import resolve_database_url
+    from pie.httpserver import uvicorn_options
 
     settings = get_settings()
     # embedded: started (and always migrated) here; an external database unless --no-migrate
@@ -41,7 +42,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     print(f"PIE v2 listening on http://{host}:{port}  (docs: /v2/docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=(args.log_level or settings.log_level).lower(), proxy_headers=True)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=(args.log_level or settings.log_level).lower(),
+        proxy_headers=True,
+        **uvicorn_options(settings),  # header size, request/keep-alive timeouts, concurrency cap
+    )
     return 0
 
 

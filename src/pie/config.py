@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     http_max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     http_max_headers: int = Field(default=100, gt=0)
     http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    http_body_timeout_seconds: float = Field(default=60.0, gt=0)
     http_keep_alive_seconds: float = Field(default=5.0, gt=0)
     http_limit_concurrency: int = Field(default=1000, gt=0)
     http_backlog: int = Field(default=2048, gt=0)
