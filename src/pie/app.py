@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pie import db
+from pie import db, idempotency
 from pie.auth import TokenVerifier
 from pie.config import Settings, get_settings
 from pie.httpserver import HeaderCountGuard
@@ -223,6 +223,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.state.settings = settings
     app.state.verifier = TokenVerifier(settings)
     install_error_handlers(app)
+    idempotency.install(app)
     # the last added middleware is the outermost: CORS wraps everything, 500s included
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(HeaderCountGuard, max_headers=settings.http_max_headers)
@@ -237,9 +238,9 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
             expose_headers=["X-Next-Cursor", "X-Request-ID"],
         )
     _include_routers(app)
-    from pie.jsonbody import unbounded_routes
+    from pie.routing import routes_without_pie_route
 
-    if unbounded := unbounded_routes(app.routes):  # every JSON body goes through the one bounded parser
-        raise RuntimeError(f"routes without route_class=BoundedJsonRoute: {unbounded}")
+    if stray := routes_without_pie_route(app.routes):  # the bounded JSON parser and the response hooks
+        raise RuntimeError(f"routes without route_class=PieRoute: {stray}")
     _install_openapi(app)
     return app

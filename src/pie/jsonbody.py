@@ -1,8 +1,7 @@
 """The one parse step for JSON request bodies, bounded in depth and container size, and the
 read-side guard that keeps every stored JSON value renderable.
 
-Parsing: every API route uses :class:`BoundedJsonRoute` (``APIRouter(route_class=...)``;
-``create_app`` refuses to start if a route does not), whose request class parses the body once
+Parsing: every API route uses :class:`pie.routing.PieRoute`, whose request class parses the body once
 with the C parser (``json.loads`` on the received bytes, no decoded copy) and then walks the
 result without recursion to enforce ``PIE_JSON_MAX_DEPTH`` and ``PIE_JSON_MAX_ITEMS``. The parsed
 Python objects go to pydantic's ``model_validate`` as FastAPI does anyway, so schema rules
@@ -19,11 +18,9 @@ below ``RENDER_DEPTH`` as their JSON text, so a get or a list never fails becaus
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import Request, Response
-from fastapi.routing import APIRoute
+from fastapi import Request
 from pydantic import SerializationInfo, SerializerFunctionWrapHandler, WrapSerializer
 
 DEFAULT_MAX_DEPTH = 64
@@ -107,27 +104,6 @@ class BoundedJsonRequest(Request):
             max_depth, max_items = _limits(self)
             self._json = parse_bounded(await self.body(), max_depth=max_depth, max_items=max_items)
         return self._json
-
-
-class BoundedJsonRoute(APIRoute):
-    """The route class of every PIE router: its handler sees a :class:`BoundedJsonRequest`."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def bounded_handler(request: Request) -> Response:
-            return await handler(BoundedJsonRequest(request.scope, request.receive, request._send))
-
-        return bounded_handler
-
-
-def unbounded_routes(routes: list[Any]) -> list[str]:
-    """Paths of API routes that would parse JSON bodies without the limits."""
-    return [
-        f"{sorted(route.methods or [])} {route.path}"
-        for route in routes
-        if isinstance(route, APIRoute) and not isinstance(route, BoundedJsonRoute)
-    ]
 
 
 # ---- read side ---------------------------------------------------------------------------------

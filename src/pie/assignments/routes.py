@@ -6,7 +6,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
-from pie.jsonbody import BoundedJsonRoute
 from pie.assignments import logic
 from pie.assignments.schemas import (
     AssignmentCreate,
@@ -16,11 +15,13 @@ from pie.assignments.schemas import (
     JobStarted,
 )
 from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
+from pie.idempotency import IDEMPOTENT
 from pie.pagination import PageParams
+from pie.routing import PieRoute
 from pie.schemas import KEY_PATTERN
 from pie.tenancy.schemas import error_responses
 
-router = APIRouter(route_class=BoundedJsonRoute, prefix="/v2/clients/{client_id}/domains/{domain_id}", tags=["assignments"])
+router = APIRouter(route_class=PieRoute, prefix="/v2/clients/{client_id}/domains/{domain_id}", tags=["assignments"])
 
 KeyPath = Annotated[str, Path(pattern=KEY_PATTERN, examples=["default", "forecast"])]
 StatusQuery = Annotated[Literal["active", "archived"] | None, Query(description="only revisions in this status")]
@@ -111,7 +112,7 @@ async def list_domain_assignment_revisions(
 
 @router.post(
     "/assignments/{assignment_key}/jobs",
-    operation_id="rundomainmodelassignmentjob",
+    operation_id="rundomainmodelassignmentjob", dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 422),
     response_model=JobStarted,
     status_code=202,
@@ -221,7 +222,7 @@ async def list_service_assignment_revisions(
 
 @router.post(
     "/service/{service_id}/assignments/{assignment_key}/jobs",
-    operation_id="runservicemodelassignmentjob",
+    operation_id="runservicemodelassignmentjob", dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 422),
     response_model=JobStarted,
     status_code=202,

@@ -4,15 +4,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 
-from pie.jsonbody import BoundedJsonRoute
 from pie.auth import Principal
 from pie.clients import logic
 from pie.clients.schemas import ClientCreate, ClientOut, ClientUpdate
 from pie.deps import ClientIdPath, Session, TenantScope, require, tenant
 from pie.errors import error_responses
+from pie.idempotency import IDEMPOTENT
 from pie.pagination import PageParams
+from pie.routing import PieRoute
 
-router = APIRouter(route_class=BoundedJsonRoute, prefix="/v2/clients", tags=["clients"])
+router = APIRouter(route_class=PieRoute, prefix="/v2/clients", tags=["clients"])
 
 
 @router.get("", operation_id="listclients", response_model=list[ClientOut])
@@ -32,7 +33,7 @@ _NOT_FOUND = "no client with this client_id"
 
 @router.post(
     "",
-    operation_id="createclient",
+    operation_id="createclient", dependencies=[IDEMPOTENT],
     response_model=ClientOut,
     status_code=201,
     responses=error_responses(e409="a client with this client_id already exists"),

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from pie.jsonbody import BoundedJsonRoute
 from pie.auth import Principal
 from pie.deps import require
 from pie.dispatch.inprocess import registered_names
+from pie.routing import PieRoute
 
-router = APIRouter(route_class=BoundedJsonRoute, tags=["handlers"])
+router = APIRouter(route_class=PieRoute, tags=["handlers"])
 
 
 @router.get("/v2/handlers/in-process", operation_id="listinprocesshandlers", response_model=list[str])

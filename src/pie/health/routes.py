@@ -10,10 +10,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from pie.jsonbody import BoundedJsonRoute
 from pie import db
+from pie.routing import PieRoute
 
-router = APIRouter(route_class=BoundedJsonRoute, tags=["health"])
+router = APIRouter(route_class=PieRoute, tags=["health"])
 log = logging.getLogger("pie.health")
 
 HEALTH_DB_TIMEOUT = 3.0

@@ -4,7 +4,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
-from pie.jsonbody import BoundedJsonRoute
 from pie import db
 from pie.auth import Principal
 from pie.deps import CurrentPrincipal, ModelIdPath, ModelVersionPath, Session, require
@@ -15,9 +14,10 @@ from pie.jobs.schemas import CompletionOut, JobCompletion, JobOut
 from pie.jobs.waiting import wait_for_end
 from pie.pagination import PageParams
 from pie.registry.schemas import error_responses
+from pie.routing import PieRoute
 from pie.schemas import ID_PATTERN
 
-router = APIRouter(route_class=BoundedJsonRoute, tags=["jobs"])
+router = APIRouter(route_class=PieRoute, tags=["jobs"])
 
 JobIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="job id", examples=["0192f1c4-7d1e-7c3a-9f3e-5b1f0e6a2d41"])]
 IdQuery = Annotated[str | None, Query(pattern=ID_PATTERN)]
