@@ -1,8 +1,8 @@
 """Peak memory a `pie serve` process spends to accept one JSON body (issue #10 target: a 1 MB
 body costs at most ~10 MB of peak RSS).
 
-Starts `pie serve` on a scratch database (created on PIE_TEST_DATABASE_URL's server, or
---database-url's, and dropped afterwards), then for each body size and shape: resets the
+Starts `pie serve` on a scratch database (created on the server of --database-url,
+PIE_BENCH_DATABASE_URL, PIE_TEST_DATABASE_URL or the local PostgreSQL, and dropped afterwards), then for each body size and shape: resets the
 process's peak RSS (``/proc/PID/clear_refs`` 5), posts one direct-inference request whose
 ``input`` is that large, and reads ``VmHWM`` (peak) against ``VmRSS`` just before. The baseline
 is the same measurement for a tiny body in the same run; each line prints the extra peak in MB
@@ -91,7 +91,7 @@ class Server:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--database-url", default=os.environ.get("PIE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--database-url", default=os.environ.get("PIE_BENCH_DATABASE_URL") or os.environ.get("PIE_TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--sizes", default="0.1,1,5", help="body sizes in MB")
     parser.add_argument("--shapes", default="numbers,records,string")
     parser.add_argument("--repeat", type=int, default=1, help="fresh servers per measurement (the minimum is kept)")
