@@ -416,21 +416,22 @@ def test_cognito_settings_derive_issuer_and_jwks_url(tmp_path):
 # ---- time claims (issue 8, item 8): numbers only, iat not in the future, a documented leeway ----
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {"exp": str(int(time.time()) + 3600)},  # a numeric string: python-jose int()s it
-        {"exp": int(time.time()) + 3600, "nbf": str(int(time.time()) - 10)},
-        {"exp": int(time.time()) + 3600, "iat": str(int(time.time()))},
-        {"exp": True},
-        {"exp": int(time.time()) + 3600, "iat": [int(time.time())]},
-        {"exp": int(time.time()) + 3600, "iat": int(time.time()) + 3600},  # issued an hour from now
-        {"exp": int(time.time()) + 3600, "nbf": int(time.time()) + 3600},  # not valid for an hour
-        {"exp": int(time.time()) + 3600, "nbf": int(time.time()) + 90},  # beyond the leeway
-    ],
-    ids=["exp string", "nbf string", "iat string", "exp bool", "iat list", "iat future", "nbf future", "nbf 90s"],
-)
-async def test_bad_time_claims_are_401(client, settings, overrides):
+# claims as functions of the current time (parameters are built at collection, minutes earlier)
+BAD_TIME_CLAIMS = {
+    "exp string": lambda now: {"exp": str(now + 3600)},  # a numeric string: python-jose int()s it
+    "nbf string": lambda now: {"exp": now + 3600, "nbf": str(now - 10)},
+    "iat string": lambda now: {"exp": now + 3600, "iat": str(now)},
+    "exp bool": lambda now: {"exp": True},
+    "iat list": lambda now: {"exp": now + 3600, "iat": [now]},
+    "iat future": lambda now: {"exp": now + 3600, "iat": now + 3600},  # issued an hour from now
+    "nbf future": lambda now: {"exp": now + 3600, "nbf": now + 3600},  # not valid for an hour
+    "nbf 90s": lambda now: {"exp": now + 3600, "nbf": now + 90},  # beyond the leeway
+}
+
+
+@pytest.mark.parametrize("claims_at", BAD_TIME_CLAIMS.values(), ids=BAD_TIME_CLAIMS.keys())
+async def test_bad_time_claims_are_401(client, settings, claims_at):
+    overrides = claims_at(int(time.time()))
     token = forge({"alg": "HS256", "typ": "JWT"}, dev_claims(**overrides), settings.jwt_secret.encode())
     await assert_401(client, {"Authorization": f"Bearer {token}"})
 
