@@ -167,3 +167,7 @@ async def test_the_openapi_document_declares_the_header(client):
         "initdomainservice",
         "initalldomainservices",
     }
+    for item in spec["paths"].values():
+        for op in item.values():
+            if isinstance(op, dict) and op.get("operationId") in keyed:
+                assert "Idempotency-Key" in op["responses"]["422"]["description"]

@@ -169,6 +169,9 @@ def _install_openapi(app: FastAPI) -> None:
                     responses.setdefault("403", error_response_doc("Missing permission or tenant access"))
                 if "requestBody" in operation:
                     responses.setdefault("413", error_response_doc("Request body larger than PIE_MAX_REQUEST_BYTES"))
+                if any(p.get("name") == idempotency.HEADER for p in operation.get("parameters", [])):
+                    responses.setdefault("422", error_response_doc("Invalid request"))
+                    responses["422"]["description"] += "; or the Idempotency-Key was used with a different request"
         if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
             components.pop("HTTPValidationError", None)
             components.pop("ValidationError", None)
