@@ -166,9 +166,24 @@ async def test_rows_stored_deeper_before_the_limit_still_read_and_list(client, a
     for _ in range(64):
         inner = inner["k"] if isinstance(inner, dict) else inner[0]
     assert isinstance(inner, str) and json.loads(inner) == deep(900 - 64)
+    # deeper than Python's own parser goes (written by hand with SQL): still loads and renders
+    abyss = await create_job(session, job_type="inference", model_id="m", model_version="1", input={"x": 3})
+    await session.commit()
+    await session.execute(
+        text("UPDATE jobs SET input = CAST(:v AS jsonb) WHERE job_id = :id"),
+        {"v": '{"a": ' + "[" * 5000 + "1" + "]" * 5000 + "}", "id": abyss.job_id},
+    )
+    await session.commit()
+    r = await client.get(f"/v2/jobs/{abyss.job_id}", headers=admin)
+    assert r.status_code == 200, r.text
+    inner, levels = r.json()["input"]["a"], 0
+    while isinstance(inner, list):
+        inner, levels = inner[0], levels + 1
+    # 64 levels as JSON (the input object and 63 arrays), the rest as its JSON text
+    assert levels == 63 and inner == "[" * (5000 - 63) + "1" + "]" * (5000 - 63)
     r = await client.get("/v2/jobs", headers=admin)
     assert r.status_code == 200, r.text
-    assert {j["job_id"] for j in r.json()} == {poisoned.job_id, healthy.job_id}
+    assert {j["job_id"] for j in r.json()} == {poisoned.job_id, healthy.job_id, abyss.job_id}
     assert next(j for j in r.json() if j["job_id"] == healthy.job_id)["input"] == {"x": 2}
     for url in ("/v2/models/m", "/v2/models"):
         r = await client.get(url, headers=admin)
