@@ -411,3 +411,36 @@ def test_cognito_settings_derive_issuer_and_jwks_url(tmp_path):
     s = Settings(_env_file=None, cognito_region="ap-southeast-2", cognito_user_pool_id="ap-southeast-2_Abc", data_dir=tmp_path)
     assert s.cognito_issuer == "https://cognito-idp.ap-southeast-2.amazonaws.com/ap-southeast-2_Abc"
     assert s.cognito_jwks_url == s.cognito_issuer + "/.well-known/jwks.json"
+
+
+# ---- time claims (issue 8, item 8): numbers only, iat not in the future, a documented leeway ----
+
+
+# claims as functions of the current time (parameters are built at collection, minutes earlier)
+BAD_TIME_CLAIMS = {
+    "exp string": lambda now: {"exp": str(now + 3600)},  # a numeric string: python-jose int()s it
+    "nbf string": lambda now: {"exp": now + 3600, "nbf": str(now - 10)},
+    "iat string": lambda now: {"exp": now + 3600, "iat": str(now)},
+    "exp bool": lambda now: {"exp": True},
+    "iat list": lambda now: {"exp": now + 3600, "iat": [now]},
+    "iat future": lambda now: {"exp": now + 3600, "iat": now + 3600},  # issued an hour from now
+    "nbf future": lambda now: {"exp": now + 3600, "nbf": now + 3600},  # not valid for an hour
+    "nbf 90s": lambda now: {"exp": now + 3600, "nbf": now + 90},  # beyond the leeway
+}
+
+
+@pytest.mark.parametrize("claims_at", BAD_TIME_CLAIMS.values(), ids=BAD_TIME_CLAIMS.keys())
+async def test_bad_time_claims_are_401(client, settings, claims_at):
+    overrides = claims_at(int(time.time()))
+    token = forge({"alg": "HS256", "typ": "JWT"}, dev_claims(**overrides), settings.jwt_secret.encode())
+    await assert_401(client, {"Authorization": f"Bearer {token}"})
+
+
+async def test_time_claims_within_the_leeway_are_accepted(client, settings):
+    """PIE_JWT_LEEWAY_SECONDS (60) absorbs the issuer's clock running ahead: iat/nbf 30 s ahead
+    (exp stays strict: test_expired_token_is_401); fractional NumericDates are numbers too."""
+    now = int(time.time())
+    for overrides in ({"iat": now + 30, "nbf": now + 30}, {"iat": now + 0.5, "exp": now + 60.5}):
+        token = forge({"alg": "HS256", "typ": "JWT"}, dev_claims(**overrides), settings.jwt_secret.encode())
+        r = await client.get("/v2/clients", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, (overrides, r.text)

@@ -328,7 +328,10 @@ async def test_openapi_is_served_with_operation_ids(client):
     create = doc["paths"]["/v2/clients"]["post"]
     for status in ("400", "401", "403"):
         assert create["responses"][status]["content"]["application/json"]["schema"] == envelope_ref
-    assert "422" not in create["responses"]
+    # FastAPI's 422 is gone; createclient's 422 is the reused Idempotency-Key, as an envelope
+    assert create["responses"]["422"]["content"]["application/json"]["schema"] == envelope_ref
+    assert "Idempotency-Key" in create["responses"]["422"]["description"]
+    assert "422" not in doc["paths"]["/v2/clients/{client_id}"]["patch"]["responses"]
     health = doc["paths"]["/v2/health"]["get"]
     assert "security" not in health and "401" not in health["responses"]
 

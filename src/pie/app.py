@@ -21,12 +21,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pie import db, metrics
+from pie import db, idempotency, metrics
 from pie.auth import TokenVerifier
 from pie.config import Settings, get_settings
+from pie.docs import install_docs
+from pie.httpserver import HeaderCountGuard
 from pie.openapi_names import name_inline_schemas
 from pie.query_params import reject_unknown_query_params
-from pie.docs import install_docs
 from pie.errors import (
     ERROR_ENVELOPE_SCHEMA,
     envelope,
@@ -311,6 +312,9 @@ def _install_openapi(app: FastAPI) -> None:
                     responses.setdefault("403", error_response_doc("Missing permission or tenant access"))
                 if "requestBody" in operation:
                     responses.setdefault("413", error_response_doc("Request body larger than PIE_MAX_REQUEST_BYTES"))
+                if any(p.get("name") == idempotency.HEADER for p in operation.get("parameters", [])):
+                    responses.setdefault("422", error_response_doc("Invalid request"))
+                    responses["422"]["description"] += "; or the Idempotency-Key was used with a different request"
         # named enums and unions: generated clients get one type per concept (README: Typed clients)
         name_inline_schemas(schema)
         if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
@@ -390,8 +394,10 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.state.settings = settings
     app.state.verifier = TokenVerifier(settings)
     install_error_handlers(app)
+    idempotency.install(app)
     # the last added middleware is the outermost: CORS wraps everything, 500s included
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HeaderCountGuard, max_headers=settings.http_max_headers)
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(
         RequestIdMiddleware,
@@ -410,7 +416,11 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     if settings.expose_worker_pid:
         app.add_middleware(WorkerPidMiddleware)
     _include_routers(app)
-    install_docs(app)
+    from pie.routing import routes_without_pie_route
+
+    if stray := routes_without_pie_route(app.routes):  # the bounded JSON parser and the response hooks
+        raise RuntimeError(f"routes without route_class=PieRoute: {stray}")
+    install_docs(app)  # static pages (docs, landing page): no bodies, no transactions
     _install_openapi(app)
     if settings.otel_enabled:
         from pie import tracing

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import re
 import secrets
@@ -304,21 +305,46 @@ class TokenVerifier:
             raise Unauthorized("app client not allowed")
         return claims
 
-    @staticmethod
-    def _decode(token: str, key: Any, algorithm: str, issuer: str | None) -> dict[str, Any]:
+    def _decode(self, token: str, key: Any, algorithm: str, issuer: str | None) -> dict[str, Any]:
         if not issuer:
             raise Unauthorized("no issuer configured for this token type")
+        leeway = self.settings.jwt_leeway_seconds
         try:
             claims = jwt.decode(
                 token,
                 key,
                 algorithms=[algorithm],
                 issuer=issuer,
-                options={"require_exp": True, "require_iss": True, "verify_aud": False},
+                # exp: python-jose, strictly; nbf and iat: check_time_claims, with the leeway
+                options={"require_exp": True, "require_iss": True, "verify_aud": False, "verify_nbf": False},
             )
         # ArithmeticError: an infinite exp/nbf/iat (1e400); RecursionError: absurdly nested claims
         except (JOSEError, ValueError, TypeError, ArithmeticError, RecursionError) as exc:
             raise Unauthorized(f"invalid token: {exc}") from exc
         if not isinstance(claims, dict):
             raise Unauthorized("invalid token: claims are not an object")
+        check_time_claims(claims, now=time.time(), leeway=leeway)
         return claims
+
+
+TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def check_time_claims(claims: dict[str, Any], *, now: float, leeway: float) -> None:
+    """RFC 7519 NumericDate claims are JSON numbers: ``exp``/``nbf``/``iat``, where present, must
+    be finite numbers (python-jose accepts ``"exp": "9999999999"`` by calling ``int()`` on it),
+    and a token cannot be used before ``nbf`` or be issued in the future (``iat``; python-jose does
+    not check it), ``leeway`` seconds of issuer clock skew allowed. ``exp`` is python-jose's, strict:
+    an expired token is refreshed, not tolerated."""
+    for name in TIME_CLAIMS:
+        if name not in claims:
+            continue
+        value = claims[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise Unauthorized(f"invalid token: the {name} claim must be a number (seconds since the epoch)")
+    nbf = claims.get("nbf")
+    if nbf is not None and nbf > now + leeway:
+        raise Unauthorized("invalid token: not valid yet (nbf)")
+    iat = claims.get("iat")
+    if iat is not None and iat > now + leeway:
+        raise Unauthorized("invalid token: issued in the future (iat)")

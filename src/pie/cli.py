@@ -76,6 +76,7 @@ def app_factory() -> FastAPI:
     """The app of one ``pie serve --workers N`` process (uvicorn imports it by name in each
     worker process; the parent passed the database URL in PIE_DATABASE_URL)."""
     from pie.app import create_app
+    from pie.httpserver import uvicorn_options
 
     settings = get_settings()
     _configure_logging(settings.log_level)
@@ -121,7 +122,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             f"Console: http://{shown}:{port}/console/login/once?code={code}  (one-time sign-in link, 10 minutes)",
             flush=True,
         )
-    options = _uvicorn_operations_options(settings, log_level)
+    # HTTP limits (header size, request/keep-alive timeouts, concurrency cap) and the operations
+    # setup (log format, access log, shutdown grace period)
+    options = {**uvicorn_options(settings), **_uvicorn_operations_options(settings, log_level)}
     if workers == 1:
         from pie.app import create_app
 

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     console_cognito_client_secret: str | None = None  # only for a confidential app client
     console_cognito_scopes: str = "openid"
 
+    # clock skew tolerated on exp / nbf / iat (seconds)
+    jwt_leeway_seconds: int = Field(default=60, ge=0, le=600)
+
     # HTTP (`pie serve` defaults; --host/--port/--log-level override)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -77,6 +80,19 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # larger request bodies are refused with 413 before they are read into memory
     max_request_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    # JSON bodies: deeper nesting or larger arrays/objects are a 400 naming the limit
+    json_max_depth: int = Field(default=64, ge=2, le=200)
+    json_max_items: int = Field(default=100_000, gt=0)
+    # HTTP server limits (uvicorn/h11/httptools; see the README table)
+    http_max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    http_max_headers: int = Field(default=100, gt=0)
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    http_body_timeout_seconds: float = Field(default=60.0, gt=0)
+    http_keep_alive_seconds: float = Field(default=5.0, gt=0)
+    http_limit_concurrency: int = Field(default=1000, gt=0)
+    http_backlog: int = Field(default=2048, gt=0)
+    # idempotency keys (Idempotency-Key header): how long a key's first response is replayed
+    idempotency_key_ttl_seconds: int = Field(default=24 * 3600, ge=3600)
 
     # jobs and dispatch
     run_dispatcher: bool = True

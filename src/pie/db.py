@@ -122,6 +122,9 @@ def init_engine(url: str, settings: Any = None, **kwargs: Any) -> AsyncEngine:
     kwargs.setdefault("max_overflow", settings.db_max_overflow)
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("connect_args", connect_args(settings))
+    from pie.jsonbody import load_stored
+
+    kwargs.setdefault("json_deserializer", load_stored)  # any stored depth loads
     _url = libpq_url(url)
     _engine = create_async_engine(async_url(url), **kwargs)
     _sessionmaker = async_sessionmaker(_engine, expire_on_commit=False, autoflush=True)

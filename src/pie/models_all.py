@@ -6,11 +6,12 @@ from pie.audit.models import AuditRecord, VersionStatusChange
 from pie.clients.models import Client, ClientAppClient
 from pie.db import Base
 from pie.dispatch.models import DispatcherRow
+from pie.idempotency import IdempotencyKey
 from pie.jobs.models import Job
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.tenancy.models import Domain, Service
 
 __all__ = [
     "Assignment", "AuditRecord", "Base", "Client", "ClientAppClient", "DispatcherRow", "Domain", "EventSubscription",
-    "Job", "Model", "ModelVersion", "Service", "SigningKey", "VersionStatusChange",
+    "IdempotencyKey", "Job", "Model", "ModelVersion", "Service", "SigningKey", "VersionStatusChange",
 ]

@@ -42,11 +42,37 @@ def _text_problem(value: str) -> str | None:
     return "text must not contain unpaired UTF-16 surrogates"
 
 
+def _storable_fast(value: Any) -> bool:
+    """True when every string and number in ``value`` can be stored (no allocation per item)."""
+    stack: list[Any] = [value]
+    pop, extend = stack.pop, stack.extend
+    search, isfinite = _UNSTORABLE_TEXT.search, math.isfinite
+    while stack:
+        item = pop()
+        if isinstance(item, str):
+            if search(item) is not None:
+                return False
+        elif isinstance(item, float):
+            if not isfinite(item):
+                return False
+        elif isinstance(item, dict):
+            for key in item:
+                if isinstance(key, str) and search(key) is not None:
+                    return False
+            extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            extend(item)
+    return True
+
+
 def unstorable_json(value: Any) -> str | None:
     """Why parsed JSON ``value`` cannot be stored in PostgreSQL (text and jsonb reject NUL
     characters and unpaired surrogates; jsonb rejects NaN and Infinity, which Python's JSON
     parser accepts, also from numbers such as 1e400), naming the place; None when storable.
-    Iterative, so any nesting the parser accepted is fine."""
+    Iterative, so any nesting the parser accepted is fine; the places are only spelled out once
+    a problem was found (a path string per element would cost several times the body's size)."""
+    if _storable_fast(value):
+        return None
     stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
         item, where = stack.pop()

@@ -18,7 +18,9 @@ from pie.assignments.schemas import (
     JobStarted,
 )
 from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
+from pie.idempotency import IDEMPOTENT
 from pie.pagination import PageParams
+from pie.routing import PieRoute
 from pie.schemas import KEY_PATTERN
 from pie.tenancy.schemas import error_responses
 
@@ -143,7 +145,7 @@ async def list_domain_assignment_revisions(
 
 @router.post(
     "/assignments/{assignment_key}/jobs",
-    operation_id="rundomainmodelassignmentjob",
+    operation_id="rundomainmodelassignmentjob", dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 422),
     response_model=JobStarted,
     status_code=202,
@@ -253,7 +255,7 @@ async def list_service_assignment_revisions(
 
 @router.post(
     "/service/{service_id}/assignments/{assignment_key}/jobs",
-    operation_id="runservicemodelassignmentjob",
+    operation_id="runservicemodelassignmentjob", dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 422),
     response_model=JobStarted,
     status_code=202,

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field
 
 from pie.audit.schemas import CREATED_BY, Actor
+from pie.jsonbody import StoredObject
 from pie.schemas import AssignmentKey, Identifier, RequestBody, ResponseBody, UtcDatetime
 from pie.tenancy.schemas import JsonObject
 
@@ -49,8 +50,8 @@ class AssignmentOut(ResponseBody):
     model_version: str
     status: str
     role: str | None
-    settings: dict[str, Any]
-    metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
+    settings: StoredObject
+    metadata: StoredObject = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime

@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 from pie.audit import context
 from pie.audit.logic import record
 from pie.deps import CurrentPrincipal, Session
+from pie.routing import PieRoute
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -142,8 +143,8 @@ async def audited(request: Request, session: Session, principal: CurrentPrincipa
         context.end(session)
 
 
-class AuditedRoute(APIRoute):
-    """An APIRoute whose write methods declare the ``audited`` dependency."""
+class AuditedRoute(PieRoute):
+    """A PieRoute (bounded JSON parse, response hooks) whose write methods declare the ``audited`` dependency."""
 
     def __init__(self, path: str, endpoint: Any, **kwargs: Any):
         methods = {m.upper() for m in (kwargs.get("methods") or ())}

@@ -10,7 +10,9 @@ from pie.clients import logic
 from pie.clients.schemas import ClientCreate, ClientOut, ClientUpdate
 from pie.deps import ClientIdPath, Session, TenantScope, require, tenant
 from pie.errors import error_responses
+from pie.idempotency import IDEMPOTENT
 from pie.pagination import PageParams
+from pie.routing import PieRoute
 
 router = APIRouter(prefix="/v2/clients", tags=["clients"], route_class=AuditedRoute)
 
@@ -32,7 +34,7 @@ _NOT_FOUND = "no client with this client_id"
 
 @router.post(
     "",
-    operation_id="createclient",
+    operation_id="createclient", dependencies=[IDEMPOTENT],
     response_model=ClientOut,
     status_code=201,
     responses=error_responses(e409="a client with this client_id already exists, or an app client id belongs to another client"),

@@ -30,6 +30,7 @@ from pie.assignments.schemas import AssignmentJobRequest
 from pie.clients import logic as clients
 from pie.console import signin
 from pie.console.signin import ConsoleUser, SignInRequired, console_user
+from pie.routing import PieRoute
 from pie.deps import ClientIdPath, DomainIdPath, ModelIdPath, ModelVersionPath, ServiceIdPath, Session, tenant_scope
 from pie.errors import BadRequest, Forbidden, NotFound, PieError
 from pie.jobs import logic as jobs
@@ -99,9 +100,10 @@ def _login_redirect(request: Request, ended: bool) -> Response:
     return response
 
 
-class ConsoleRoute(APIRoute):
-    """Domain errors as HTML pages (same status as the API), sign-in as a redirect, and the
-    console's security headers on every answer."""
+class ConsoleRoute(PieRoute):
+    """A PieRoute (bounded JSON parse, response hooks) rendering domain errors as HTML pages
+    (same status as the API), sign-in as a redirect, and the console's security headers on
+    every answer."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

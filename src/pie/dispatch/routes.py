@@ -9,8 +9,9 @@ from pie.auth import Principal
 from pie.deps import require
 from pie.dispatch.inprocess import ENTRY_POINT_GROUP, registrations
 from pie.schemas import ResponseBody
+from pie.routing import PieRoute
 
-router = APIRouter(tags=["handlers"])
+router = APIRouter(route_class=PieRoute, tags=["handlers"])
 
 
 class InProcessHandlerOut(ResponseBody):

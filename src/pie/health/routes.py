@@ -11,8 +11,9 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from pie import db
+from pie.routing import PieRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=PieRoute, tags=["health"])
 log = logging.getLogger("pie.health")
 
 HEALTH_DB_TIMEOUT = 3.0

@@ -106,10 +106,17 @@ async def create_job(
         raise Unprocessable(f"job payload too large: {problem}")
     session.add(job)
     await session.flush()
-    await session.refresh(job)
+    # the server-generated columns only: reloading the JSON just written would parse a second
+    # copy of a possibly large input (the largest share of the memory a big request costs)
+    await session.refresh(job, attribute_names=_GENERATED_JOB_COLUMNS)
     await notify_new_jobs(session)
     metrics.on_commit(session, metrics.jobs_created([job_type]))
     return job
+
+
+_GENERATED_JOB_COLUMNS = [
+    attr.key for attr in Job.__mapper__.column_attrs if attr.key not in ("input", "features", "warnings")
+]
 
 
 # --------------------------------------------------------------------------------------------

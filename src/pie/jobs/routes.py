@@ -16,6 +16,7 @@ from pie.jobs.schemas import CompletionOut, JobCompletion, JobOut
 from pie.jobs.waiting import wait_for_end
 from pie.pagination import PageParams
 from pie.registry.schemas import error_responses
+from pie.routing import PieRoute
 from pie.schemas import ID_PATTERN
 
 router = APIRouter(tags=["jobs"], route_class=AuditedRoute)

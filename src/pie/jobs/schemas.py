@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pie.audit.schemas import CREATED_BY, Actor
+from pie.jsonbody import StoredJson, StoredList
 from pie.schemas import RequestBody, ResponseBody, UtcDatetime
 
 JobStatus = Literal["pending", "started", "success", "failure"]
@@ -22,10 +23,10 @@ class JobOut(ResponseBody):
     domain_id: str | None = None
     service_id: str | None = None
     subscription_id: uuid.UUID | None = None
-    input: Any = None
-    output: Any = None
-    error: Any = None
-    warnings: list[Any] = Field(default_factory=list)
+    input: StoredJson = None
+    output: StoredJson = None
+    error: StoredJson = None
+    warnings: StoredList = Field(default_factory=list)
     attempts: int
     timeout_seconds: float | None = Field(
         default=None, description="the handler's time-out in seconds; null: the global PIE_JOB_TIMEOUT_SECONDS applies"

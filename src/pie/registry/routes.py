@@ -12,6 +12,7 @@ from pie.audit.routing import AuditedRoute
 from pie.audit.schemas import StatusChangeOut
 from pie.auth import Principal
 from pie.deps import ModelIdPath, ModelVersionPath, Session, require
+from pie.idempotency import IDEMPOTENT
 from pie.pagination import PageParams
 from pie.registry import logic, subscriptions
 from pie.registry.schemas import (
@@ -31,6 +32,7 @@ from pie.registry.schemas import (
     VersionStatusUpdate,
     error_responses,
 )
+from pie.routing import PieRoute
 
 router = APIRouter(prefix="/v2/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 422), route_class=AuditedRoute)
 _CONFLICT = error_responses(409)
@@ -48,7 +50,7 @@ async def list_models(session: Session, response: Response, page: Page, principa
     return await logic.list_models(session, page, response)
 
 
-@router.post("", operation_id="createmodel", response_model=ModelOut, status_code=201, responses=_CONFLICT)
+@router.post("", operation_id="createmodel", dependencies=[IDEMPOTENT], response_model=ModelOut, status_code=201, responses=_CONFLICT)
 async def create_model(body: ModelCreate, session: Session, principal: Principal = require("manage_models")):
     """Register a model (status `pending`). `id` is a new UUIDv7 when omitted; 409 if it exists."""
     return await logic.create_model(session, body)
@@ -88,7 +90,7 @@ async def update_model(
 
 @router.post(
     "/{model_id}/new_version",
-    operation_id="createmodelversion",
+    operation_id="createmodelversion", dependencies=[IDEMPOTENT],
     response_model=ModelAndVersion,
     status_code=201,
     responses=_CONFLICT,
@@ -167,7 +169,7 @@ async def set_model_version_status(
 
 @router.post(
     "/{model_id}/versions/{model_version}/inference",
-    operation_id="infermodelversion",
+    operation_id="infermodelversion", dependencies=[IDEMPOTENT],
     response_model=InferenceStarted,
     status_code=202,
 )
@@ -202,7 +204,7 @@ async def list_event_subscriptions(
 
 @router.post(
     "/{model_id}/event-subscriptions",
-    operation_id="createmodeleventsubscription",
+    operation_id="createmodeleventsubscription", dependencies=[IDEMPOTENT],
     response_model=SubscriptionOut,
     status_code=201,
 )

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, Field, model_serializer
 
 from pie.audit.schemas import CREATED_BY, Actor
+from pie.jsonbody import StoredList, StoredObject
 from pie.errors import error_response_doc
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
 
@@ -171,9 +172,9 @@ class ModelOut(ResponseBody):
     id: str
     name: str
     description: str
-    handlers: dict[str, Any]
-    handler_contracts: dict[str, Any] | None
-    metadata: dict[str, Any] = _metadata
+    handlers: StoredObject
+    handler_contracts: StoredObject | None
+    metadata: StoredObject = _metadata
     status: str
     created_at: UtcDatetime
     updated_at: UtcDatetime
@@ -183,11 +184,11 @@ class VersionOut(ResponseBody):
     model_id: str
     version: str
     description: str
-    metadata: dict[str, Any] = _metadata
+    metadata: StoredObject = _metadata
     status: str
-    handlers: dict[str, Any]
-    handler_contracts: dict[str, Any] | None
-    features: list[Any] | None
+    handlers: StoredObject
+    handler_contracts: StoredObject | None
+    features: StoredList | None
     created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime
@@ -239,7 +240,7 @@ class SubscriptionOut(ResponseBody):
     target_model_id: str
     target_action: str
     input_source: str
-    input: dict[str, Any] | None
+    input: StoredObject | None
     label: str | None
     status: Literal["active", "paused", "stale"]
     warnings: list[str]

@@ -8,7 +8,9 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from pie.audit.routing import AuditedRoute
 from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
+from pie.idempotency import IDEMPOTENT
 from pie.pagination import PageParams
+from pie.routing import PieRoute
 from pie.tenancy import logic
 from pie.tenancy.schemas import (
     BatchInitOut,
@@ -30,7 +32,7 @@ router = APIRouter(prefix="/v2/clients/{client_id}/domains", tags=["domains"], r
 
 @router.post(
     "",
-    operation_id="createdomain",
+    operation_id="createdomain", dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 409, 422),
     response_model=DomainOut,
     status_code=201,
@@ -103,7 +105,7 @@ async def update_domain_features(
 
 @router.post(
     "/{domain_id}/service/init",
-    operation_id="initdomainservice",
+    operation_id="initdomainservice", dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 409, 422),
     response_model=ServiceInitOut,
     status_code=202,
@@ -136,7 +138,7 @@ async def list_domain_services(
 
 @router.post(
     "/{domain_id}/services/init",
-    operation_id="initalldomainservices",
+    operation_id="initalldomainservices", dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 422),
     response_model=BatchInitOut,
     status_code=202,

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field
 
 from pie.audit.schemas import CREATED_BY, Actor
+from pie.jsonbody import StoredJson, StoredList, StoredObject
 from pie.errors import error_response_doc
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
 
@@ -80,7 +81,7 @@ class DomainOut(ResponseBody):
     domain_id: str
     name: str | None
     status: str
-    features: list[Any]
+    features: StoredList
     created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime
@@ -91,7 +92,7 @@ class FeaturesUpdate(RequestBody):
 
 
 class FeaturesOut(ResponseBody):
-    features: list[Any]
+    features: StoredList
 
 
 # -- services ------------------------------------------------------------------------------------
@@ -118,8 +119,8 @@ class ServiceOut(ResponseBody):
     status: str
     departure_datetime: UtcDatetime | None
     departed: bool
-    provided_features: dict[str, Any]
-    resolved_features: dict[str, Any]
+    provided_features: StoredObject
+    resolved_features: StoredObject
     created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime
@@ -155,7 +156,7 @@ class ErrorEnvelope(ResponseBody):
 class BlockingService(ResponseBody):
     service_id: str
     feature: str
-    value: Any = Field(description="the stored (patched) value; null when a mandatory feature is missing")
+    value: StoredJson = Field(description="the stored (patched) value; null when a mandatory feature is missing")
     reason: str
 
 

@@ -1,0 +1,177 @@
+"""Idempotency keys (spec 14.4, Stripe's semantics) for the POSTs that create jobs or records.
+
+A route opts in with ``dependencies=[IDEMPOTENT]``. With an ``Idempotency-Key`` header (1-255
+printable ASCII characters) the request's own transaction first inserts
+``idempotency_keys(caller, key)``:
+
+- the insert succeeds: this request owns the key. When the endpoint has answered, the rendered
+  response (status, body, content type, location) is written into that row *in the same
+  transaction* as the endpoint's writes (:class:`pie.routing.PieRoute` runs the hook after the
+  response is rendered and before the commit). A failed request rolls back, key included, so
+  the caller can retry it;
+- another request with the key is still running: PostgreSQL makes the insert wait for it (the
+  unique key), so concurrent requests with one key produce one effect;
+- the key was used before by the same caller: with the same request (method, path, query and
+  body bytes) the first response is replayed (``Idempotent-Replayed: true``) and nothing is
+  written; with a different request it is a 422.
+
+The caller is the token's issuer + subject + app client. Keys live PIE_IDEMPOTENCY_KEY_TTL_SECONDS
+(24 h); an expired key counts as new, and every keyed request purges a few expired rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+from fastapi.responses import Response
+from sqlalchemy import DateTime, Index, Integer, LargeBinary, String, Text, func, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from pie.auth import Principal
+from pie.db import Base
+from pie.deps import CurrentPrincipal, Session
+from pie.errors import BadRequest, Conflict, PieError, Unprocessable
+
+HEADER = "Idempotency-Key"
+_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+_PURGE_BATCH = 100
+_KEPT_HEADERS = ("content-type", "location")
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+
+    caller: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    response_headers: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+
+class Replay(PieError):
+    """Answers the stored first response (rendered by :func:`replay_response`)."""
+
+    def __init__(self, status_code: int, body: bytes, headers: dict[str, str]):
+        super().__init__("replayed")
+        self.status_code = status_code
+        self.content = body
+        self.replay_headers = headers
+
+
+async def replay_response(request: Request, exc: Replay) -> Response:
+    return Response(
+        content=exc.content, status_code=exc.status_code, headers={**exc.replay_headers, "Idempotent-Replayed": "true"}
+    )
+
+
+def caller_of(principal: Principal) -> str:
+    claims = principal.claims or {}
+    return json.dumps([claims.get("iss"), principal.subject, principal.app_client_id], separators=(",", ":"))
+
+
+def fingerprint(request: Request, body: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in (request.method.encode(), request.url.path.encode(), request.url.query.encode()):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    digest.update(body)
+    return digest.hexdigest()
+
+
+_CLAIM = text(
+    """
+    INSERT INTO idempotency_keys (caller, key, fingerprint, expires_at)
+    VALUES (:caller, :key, :fingerprint, now() + make_interval(secs => :ttl))
+    ON CONFLICT (caller, key) DO UPDATE
+        SET fingerprint = EXCLUDED.fingerprint, expires_at = EXCLUDED.expires_at, created_at = now(),
+            status_code = NULL, response_body = NULL, response_headers = NULL
+        WHERE idempotency_keys.expires_at <= now()
+    RETURNING caller
+    """
+)
+_STORED = text(
+    "SELECT fingerprint, status_code, response_body, response_headers FROM idempotency_keys "
+    "WHERE caller = :caller AND key = :key"
+)
+_PURGE = text(
+    "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY("
+    "SELECT ctid FROM idempotency_keys WHERE expires_at <= now() LIMIT :n FOR UPDATE SKIP LOCKED))"
+)
+_RECORD = text(
+    "UPDATE idempotency_keys SET status_code = :status, response_body = :body, "
+    "response_headers = CAST(:headers AS jsonb) WHERE caller = :caller AND key = :key"
+)
+_RELEASE = text("DELETE FROM idempotency_keys WHERE caller = :caller AND key = :key")
+
+
+async def purge_expired(session: Any, limit: int = _PURGE_BATCH) -> int:
+    result = await session.execute(_PURGE, {"n": limit})
+    return result.rowcount or 0
+
+
+async def _idempotency(
+    request: Request,
+    principal: CurrentPrincipal,
+    session: Session,
+    key: Annotated[
+        str | None,
+        Header(
+            alias=HEADER,
+            description="Makes a retry safe: the same key, caller and request replay the first response "
+            "(`Idempotent-Replayed: true`) without writing; the same key with a different request is a 422. "
+            "1-255 printable ASCII characters; kept 24 hours.",
+            examples=["6f1c0a7e-3f43-4d0e-9a4c-1b2d3e4f5a6b"],
+        ),
+    ] = None,
+) -> None:
+    if key is None:
+        return
+    if not _KEY.fullmatch(key):
+        raise BadRequest(f"{HEADER} must be 1-255 printable ASCII characters")
+    settings = request.app.state.settings
+    caller = caller_of(principal)
+    mine = fingerprint(request, await request.body())
+    await purge_expired(session)
+    claimed = (
+        await session.execute(
+            _CLAIM, {"caller": caller, "key": key, "fingerprint": mine, "ttl": settings.idempotency_key_ttl_seconds}
+        )
+    ).first()
+    if claimed is None:
+        stored = (await session.execute(_STORED, {"caller": caller, "key": key})).one()
+        if stored.fingerprint != mine:
+            raise Unprocessable(f"{HEADER} {key!r} was already used with a different request")
+        if stored.status_code is None:  # not expected: responses are recorded before the commit
+            raise Conflict(f"the request with {HEADER} {key!r} has no recorded response; retry later")
+        raise Replay(stored.status_code, bytes(stored.response_body or b""), dict(stored.response_headers or {}))
+
+    async def record(response: Response) -> None:
+        params = {"caller": caller, "key": key}
+        body = getattr(response, "body", None)
+        if response.status_code >= 500 or not isinstance(body, (bytes, bytearray)):
+            await session.execute(_RELEASE, params)  # nothing to replay: the key stays usable
+            return
+        headers = {name: response.headers[name] for name in _KEPT_HEADERS if name in response.headers}
+        await session.execute(
+            _RECORD, {**params, "status": response.status_code, "body": bytes(body), "headers": json.dumps(headers)}
+        )
+
+    request.state.after_response = [*getattr(request.state, "after_response", []), record]
+
+
+#: ``dependencies=[IDEMPOTENT]`` on a POST route that creates something
+IDEMPOTENT = Depends(_idempotency)
+
+
+def install(app: Any) -> None:
+    app.add_exception_handler(Replay, replay_response)
