@@ -76,7 +76,6 @@ def app_factory() -> FastAPI:
     """The app of one ``pie serve --workers N`` process (uvicorn imports it by name in each
     worker process; the parent passed the database URL in PIE_DATABASE_URL)."""
     from pie.app import create_app
-    from pie.httpserver import uvicorn_options
 
     settings = get_settings()
     _configure_logging(settings.log_level)
@@ -86,6 +85,7 @@ def app_factory() -> FastAPI:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from pie.httpserver import uvicorn_options
     from pie.migrate import current_revision, head_revision, upgrade
 
     host = args.host or settings.host
