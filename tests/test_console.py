@@ -393,12 +393,13 @@ def test_pie_serve_prints_a_working_one_time_link_in_local_mode(settings, tmp_pa
 
     import uvicorn
 
-    from pie import cli, embedded
+    from pie import cli, migrate
     from pie.console.signin import redeem_signin_code
 
     local = settings.model_copy(update={"jwt_secret": None, "data_dir": tmp_path})
-    monkeypatch.setattr(cli, "get_settings", lambda: local)
-    monkeypatch.setattr(embedded, "resolve_database_url", lambda *a, **k: "postgresql://unused/unused")
+    monkeypatch.setattr(cli, "load_settings", lambda: local)
+    monkeypatch.setattr(cli, "_database_url", lambda *a, **k: "postgresql://unused/unused")
+    monkeypatch.setattr(migrate, "upgrade", lambda *a, **k: None)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     monkeypatch.setattr(signal, "signal", lambda *a, **k: None)
     assert cli.main(["serve", "--port", "8123"]) == 0
@@ -415,10 +416,11 @@ def test_pie_serve_prints_no_link_with_a_configured_secret(settings, tmp_path, m
 
     import uvicorn
 
-    from pie import cli, embedded
+    from pie import cli, migrate
 
-    monkeypatch.setattr(cli, "get_settings", lambda: settings.model_copy(update={"data_dir": tmp_path}))
-    monkeypatch.setattr(embedded, "resolve_database_url", lambda *a, **k: "postgresql://unused/unused")
+    monkeypatch.setattr(cli, "load_settings", lambda: settings.model_copy(update={"data_dir": tmp_path}))
+    monkeypatch.setattr(cli, "_database_url", lambda *a, **k: "postgresql://unused/unused")
+    monkeypatch.setattr(migrate, "upgrade", lambda *a, **k: None)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     monkeypatch.setattr(signal, "signal", lambda *a, **k: None)
     assert cli.main(["serve", "--port", "8123"]) == 0

@@ -213,12 +213,12 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     """Callback-token signing keys (spec 14.5): list, rotate, retire."""
     from pie import callbacks, db
-    from pie.embedded import resolve_database_url
 
-    url = resolve_database_url(get_settings(), migrate=False)
+    check_settings(settings)
+    url = _database_url(settings)
 
     async def run() -> int:
         db.init_engine(url)
