@@ -153,7 +153,7 @@ def dev_secret(settings: Settings) -> str | None:
             if value:
                 return value
             time.sleep(0.01)
-        raise RuntimeError(f"{path} is empty; delete it or set PIE_JWT_SECRET")
+        raise RuntimeError(f"{path} is empty; delete it or set PIE_JWT_SECRET") from None
     value = secrets.token_urlsafe(48)
     with os.fdopen(fd, "w") as f:
         f.write(value)

@@ -46,7 +46,7 @@ async def reject_unknown_query_params(request: Request) -> None:
     if route is None:
         return
     declared, authenticated = _declared(route)
-    unknown = sorted({name for name in request.query_params.keys() if name not in declared})
+    unknown = sorted({name for name in request.query_params if name not in declared})
     if not unknown:
         return
     if authenticated:

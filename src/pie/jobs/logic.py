@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import SimpleNamespace
