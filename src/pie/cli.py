@@ -225,8 +225,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         try:
             async with db.sessionmaker()() as session, session.begin():
                 if args.action == "rotate":
-                    key = await callbacks.rotate(session)
-                    print(f"new signing key {key.kid}: it signs callback tokens from now on (dispatchers pick it up "
+                    new_key = await callbacks.rotate(session)
+                    print(f"new signing key {new_key.kid}: it signs callback tokens from now on (dispatchers pick it up "
                           f"within {callbacks.KEY_CACHE_SECONDS:g} s); older keys keep verifying until retired")
                 elif args.action == "retire":
                     try:

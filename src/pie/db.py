@@ -52,7 +52,7 @@ def libpq_url(url: str) -> str:
     return url
 
 
-class GuardedConnection(psycopg.AsyncConnection):  # type: ignore[type-arg]
+class GuardedConnection(psycopg.AsyncConnection):
     """A psycopg connection that gives up on a server that does not answer at all.
 
     PostgreSQL's own ``statement_timeout`` and ``lock_timeout`` end slow statements, but a frozen

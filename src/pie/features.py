@@ -249,8 +249,9 @@ def _compile_keyword(keyword: str, arg: Any, schema: dict[str, Any]) -> Check | 
     if keyword in ("oneOf", "anyOf", "allOf"):
         if not isinstance(arg, list) or not arg:
             return None
-        subs = [compile_check(s) for s in arg]
-        if any(s is None for s in subs):
+        compiled = [compile_check(s) for s in arg]
+        subs = [s for s in compiled if s is not None]
+        if len(subs) != len(compiled):
             return None
         if keyword == "anyOf":
             return lambda v: any(s(v) for s in subs)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from json.decoder import scanstring  # type: ignore[attr-defined]
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import Request
 from pydantic import SerializationInfo, SerializerFunctionWrapHandler, WrapSerializer
@@ -169,7 +170,8 @@ _CONSTANTS = {"true": True, "false": False, "null": None}
 def loads_iterative(text: str) -> Any:
     """``json.loads`` for any depth (no recursion) - for stored values deeper than the C parser
     goes (PostgreSQL's jsonb text, so well-formed)."""
-    ws = _WS.match
+    # _WS matches the empty string, so it matches at every position (even past the end): never None
+    ws = cast("Callable[[str, int], re.Match[str]]", _WS.match)
     stack: list[list[Any]] = []  # [container, pending key]
     i = ws(text, 0).end()
     while True:

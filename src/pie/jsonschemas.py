@@ -119,7 +119,7 @@ class _BoundedRe:
             raise PatternTooExpensive(pattern) from exc
 
 
-_jsonschema_utils.re = _BoundedRe()  # type: ignore[attr-defined]
+_jsonschema_utils.re = _BoundedRe()
 
 
 # Draft 2020-12 with time-bounded pattern keywords

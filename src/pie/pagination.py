@@ -94,10 +94,10 @@ def _typed(column: Any, value: Any) -> Any:
         if kind is datetime and isinstance(value, str):
             return datetime.fromisoformat(value)
         if kind is Decimal and isinstance(value, (int, str)) and not isinstance(value, bool):
-            number = Decimal(value)
+            decimal = Decimal(value)
             # PostgreSQL numeric: at most 131072 digits before the point and 16383 after
-            if number.is_finite() and (number.is_zero() or -16383 <= number.adjusted() < 131072):
-                return number
+            if decimal.is_finite() and (decimal.is_zero() or -16383 <= decimal.adjusted() < 131072):
+                return decimal
     except (ValueError, ArithmeticError) as exc:
         raise BadRequest("invalid cursor") from exc
     raise BadRequest("invalid cursor")

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import text
+from sqlalchemy import CursorResult, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.errors import AssignmentBlocked, Unprocessable
@@ -199,7 +199,7 @@ async def apply_plan(session: AsyncSession, *, client_id: str, domain_id: str, p
             ),
             {**params, "patches": _dumps(patches)},
         )
-        changed += result.rowcount
+        changed += cast(CursorResult[Any], result).rowcount  # a textual UPDATE's result is a cursor result
     result = await session.execute(
         text(
             f"""UPDATE services AS s
@@ -211,7 +211,7 @@ async def apply_plan(session: AsyncSession, *, client_id: str, domain_id: str, p
         ),
         {**params, "defaults": _dumps(plan.defaults), "unknown": plan.unknown_keys},
     )
-    return changed + result.rowcount
+    return changed + cast(CursorResult[Any], result).rowcount
 
 
 async def count_plan(

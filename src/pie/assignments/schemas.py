@@ -76,7 +76,7 @@ class AssignmentPreview(AssignmentOut):
 
     assignment_id: None = None  # type: ignore[assignment]
     service_id: None = None
-    created_by: None = None  # type: ignore[assignment]
+    created_by: None = None
     created_at: None = None  # type: ignore[assignment]
     updated_at: None = None  # type: ignore[assignment]
 

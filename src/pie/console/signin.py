@@ -131,6 +131,14 @@ def _redirect_uri(settings: Settings) -> str:
     return settings.public_url.rstrip("/") + CALLBACK_PATH
 
 
+def _cognito_domain(settings: Settings) -> str:
+    """The hosted UI's base URL; only called once ``cognito_configured`` holds (the routes 404 before)."""
+    domain = settings.console_cognito_domain
+    if not domain:
+        raise RuntimeError("Cognito sign-in is not configured")
+    return domain.rstrip("/")
+
+
 def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -151,7 +159,7 @@ def start_cognito(request: Request, settings: Settings, next_path: str) -> tuple
             "code_challenge_method": "S256",
         }
     )
-    url = f"{settings.console_cognito_domain.rstrip('/')}/oauth2/authorize?{query}"
+    url = f"{_cognito_domain(settings)}/oauth2/authorize?{query}"
     cookie = _b64url(json.dumps({"state": state, "verifier": verifier, "next": next_path}).encode())
     return url, cookie
 
@@ -194,10 +202,10 @@ async def exchange_code(settings: Settings, code: str, verifier: str) -> str:
     auth = None
     if settings.console_cognito_client_secret:
         auth = httpx.BasicAuth(settings.console_cognito_client_id or "", settings.console_cognito_client_secret)
-    url = f"{settings.console_cognito_domain.rstrip('/')}/oauth2/token"
+    url = f"{_cognito_domain(settings)}/oauth2/token"
     try:
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            answer = await client.post(url, data=form, auth=auth)
+        async with httpx.AsyncClient(timeout=10.0, auth=auth) as client:
+            answer = await client.post(url, data=form)
     except httpx.HTTPError as exc:
         raise BadGateway(f"cannot reach the sign-in service: {exc.__class__.__name__}") from exc
     if answer.status_code != 200:

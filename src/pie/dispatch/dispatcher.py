@@ -565,7 +565,7 @@ class Dispatcher:
 
     async def _hand_over(self, row: Any) -> None:
         job_id_var.set(row.job_id)  # this task's log lines carry the job id
-        handler = row.handler if isinstance(row.handler, dict) else None
+        handler: dict[str, Any] = row.handler if isinstance(row.handler, dict) else {}
         kind = handler.get("type") if handler else None
         metrics.dispatch_attempt(kind)
         warning = public_url_warning(self.settings, kind)

@@ -253,7 +253,7 @@ DEFAULT_FAILURE = {"code": "handler_failure", "message": "the handler reported a
 
 _jobs = Job.__table__
 _finish_stmt = (
-    update(_jobs)
+    update(_jobs)  # type: ignore[arg-type]  # __table__ is typed FromClause; a declarative model's is a Table
     .where(_jobs.c.job_id == bindparam("b_job_id"))
     .values(
         status=bindparam("b_status"),
@@ -369,7 +369,7 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
         svc = Service.__table__
         newer = Job.__table__.alias("newer")
         await session.execute(
-            update(svc)
+            update(svc)  # type: ignore[arg-type]  # __table__ is typed FromClause; a declarative model's is a Table
             .where(
                 and_(
                     svc.c.client_id == bindparam("b_client"),

@@ -281,14 +281,14 @@ async def fire_triggers(session: AsyncSession, trigger_event: str, triggers: lis
             async with session.begin_nested():
                 # Core, not ORM bulk: one executemany for all rows (the ORM splits a batch
                 # wherever the set of non-null values changes)
-                await session.execute(insert(Job.__table__), [f.job for f in ready])
+                await session.execute(insert(Job.__table__), [f.job for f in ready])  # type: ignore[arg-type]  # __table__: a Table
             recorded = {f.job["job_id"] for f in ready}
         except SQLAlchemyError as exc:
             log.warning("bulk firing of %d subscriptions failed (%s); firing one by one", len(ready), exc)
             for firing in ready:
                 try:
                     async with session.begin_nested():
-                        await session.execute(insert(Job.__table__).values(**firing.job))
+                        await session.execute(insert(Job.__table__).values(**firing.job))  # type: ignore[arg-type]  # __table__: a Table
                     recorded.add(firing.job["job_id"])
                 except SQLAlchemyError as single:
                     firing.error = f"could not record the job: {getattr(single, 'orig', None) or single}"

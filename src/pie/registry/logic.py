@@ -374,7 +374,7 @@ async def inference_tenant(session: AsyncSession, principal: Principal, requeste
     job). The tenant must exist (404) and be active (422), as for any job launch under it."""
     if requested is not None:
         principal.require_tenant(requested)
-        tenant = requested
+        tenant: str | None = requested
     else:
         tenant = only_tenant(principal)
     if tenant is None:

@@ -145,7 +145,7 @@ class SubscriptionUpdate(RequestBody):
     # not nullable and never `stale` (the server's verdict, lifted by setting `active`): omit the
     # field to keep the current status
     status: Literal["active", "paused"] = Field(
-        default=None,  # type: ignore[assignment]  # absent = unchanged; an explicit null is a 400
+        default=None,  # type: ignore[arg-type]  # absent = unchanged; an explicit null is a 400
         description="`active` or `paused`; omit to keep the current status (`stale` is set by the server; "
         "`active` re-activates a stale subscription)",
     )

@@ -13,7 +13,7 @@ either refused by a suspension that committed first or commits before the suspen
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import uuid6
 from fastapi import Response
@@ -335,7 +335,8 @@ async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_
         )
         .returning(Job.service_id)
     )
-    dispatched = sorted((await session.scalars(stmt)).all())
+    # service_id is copied from services' primary key: never NULL here
+    dispatched = sorted(cast("list[str]", (await session.scalars(stmt)).all()))
     if dispatched:
         await notify_new_jobs(session)
     return dispatched
