@@ -333,7 +333,7 @@ def _assignment_url(client_id: str, domain_id: str, service_id: str | None, key:
 
 async def _assignment(request: Request, user: ConsoleUser, session: Any, client_id: str, domain_id: str,
                       service_id: str | None, key: str, cursor: str | None, *, error: str | None = None,
-                      form_input: str | None = None, status_code: int = 200) -> HTMLResponse:
+                      form_input: str | None = None, status_code: int = 200, moved: bool = False) -> HTMLResponse:
     scope = await tenant_scope(session, user.principal, client_id, "read_domains")
     pager = Pager(request, cursor)
     revisions = await assignments.list_revisions(
@@ -357,14 +357,16 @@ async def _assignment(request: Request, user: ConsoleUser, session: Any, client_
         can_launch=user.principal.has("run_inference"), action=f"{url}/jobs",
         error=error, form_input=form_input if form_input is not None else "{}",
         can_move=can_move, move_action=f"{url}/move/preview", versions=versions,
-        moved=request.query_params.get("moved") == "1",
+        moved=moved,
     )
 
 
 @router.get("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}", response_class=HTMLResponse)
 async def domain_assignment_page(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath,
-                                 assignment_key: KeyPath, user: User, session: Session, cursor: Cursor = None):
-    return await _assignment(request, user, session, client_id, domain_id, None, assignment_key, cursor)
+                                 assignment_key: KeyPath, user: User, session: Session, cursor: Cursor = None,
+                                 moved: Annotated[str | None, Query(max_length=1, description="after a move")] = None):
+    return await _assignment(request, user, session, client_id, domain_id, None, assignment_key, cursor,
+                             moved=moved == "1")
 
 
 @router.get(
