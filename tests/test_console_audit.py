@@ -289,3 +289,21 @@ async def test_pages_show_who_wrote_records_and_the_version_status_history(clien
     # a version without a recorded change: an explicit empty state
     old = (await client.get("/console/models/pricing-model/versions/1")).text
     assert "No status change recorded" in old
+
+
+# -- the queue summary and the metrics read one query ----------------------------------------------
+
+
+async def test_the_queue_page_and_the_metrics_agree(client, session, admin, make_token):
+    from test_operations import _scrape, _value
+
+    await tenant_setup(client, session, admin, client_id="acme")
+    for name in ("a", "b", "c"):
+        await init_service(client, admin, name, {"route": "Adelaide to Sydney"}, client_id="acme")
+    await sign_in(client, make_token(admin=True))
+    page = (await client.get("/console/queue")).text
+    shown = int(re.search(r'status=pending">(\d+)<', page).group(1))
+    samples = await _scrape(client)
+    exported = sum(_value(samples, "pie_jobs_queue_depth", status="pending", job_type=t) for t in ("inference", "training"))
+    assert shown == exported == 3
+    assert _value(samples, "pie_jobs_oldest_age_seconds", status="pending", job_type="inference") >= 0
