@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import insert, select
-
 from factories import IN_PROCESS_HANDLERS, create_domain, init_service, make_client, make_version, tenant_setup
-from pie.assignments.models import Assignment
-from pie.audit.models import AuditRecord
+from sqlalchemy import insert, select
 from test_assignments_freeze import LIVE, V2_FEATURES
 from test_audit import audit_rows, table_counts
 from test_console import csrf_of, sign_in
+
+from pie.assignments.models import Assignment
+from pie.audit.models import AuditRecord
 
 A = "/console/clients/acme/domains/south_australia/assignments/default"
 V2 = {"model_id": "pricing-model", "model_version": "2"}

@@ -11,6 +11,7 @@ Set PIE_TEST_CONSOLE_SCREENSHOTS=<dir> to also save screenshots of the main page
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import scratch_pie_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -284,15 +284,15 @@ def _stored_state(server) -> dict:
 
 async def test_the_dry_run_preview_of_a_blocked_move_lists_the_blocking_services_and_writes_nothing(browser, world):
     # version 3 freezes a schema ferry-1's route does not satisfy
-    r = httpx.post(
-        f"{world.url}/v2/models/fares/new_version",
-        json={"version": "3", "description": "Adelaide-Sydney only",
-              "features": [{"name": "route", "json_schema": {"type": "string", "enum": ["Adelaide to Sydney"]},
-                            "mandatory": True}]},
-        headers=world.headers(admin=True), timeout=30,
-    )
+    async with httpx.AsyncClient(base_url=world.url, headers=world.headers(admin=True), timeout=30) as api:
+        r = await api.post(
+            "/v2/models/fares/new_version",
+            json={"version": "3", "description": "Adelaide-Sydney only",
+                  "features": [{"name": "route", "json_schema": {"type": "string", "enum": ["Adelaide to Sydney"]},
+                                "mandatory": True}]},
+        )
     assert r.status_code == 201, r.text
-    before = _stored_state(world)
+    before = await asyncio.to_thread(_stored_state, world)
     for width in (1280, 400):
         context, page = await _sign_in(browser, world, world.token(groups=["client:acme"], username="alice"), width)
         try:
@@ -313,7 +313,7 @@ async def test_the_dry_run_preview_of_a_blocked_move_lists_the_blocking_services
             await _shoot(page, "move-blocked")
         finally:
             await context.close()
-    assert _stored_state(world) == before
+    assert await asyncio.to_thread(_stored_state, world) == before
 
 
 async def test_a_confirmed_move_shows_in_the_history_and_in_the_audit_log(browser, world):

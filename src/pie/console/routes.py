@@ -24,7 +24,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
-
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from pie.assignments import logic as assignments
