@@ -127,6 +127,29 @@ async def test_a_confirm_after_the_key_moved_elsewhere_is_refused_and_writes_not
     assert await table_counts(session) == before
 
 
+async def test_two_confirms_of_one_preview_move_the_key_once(client, session, admin, make_token):
+    """Two operators confirm the same preview at once: the domain row lock orders them, the
+    second sees the key already moved and is refused (409) — one new revision, one audit row."""
+    import asyncio
+
+    await _passing_world(client, session, admin)
+    await make_version(session, version="3", features=V2_FEATURES)
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    csrf = csrf_of((await client.get(A)).text)
+    preview = await client.post(A + "/move/preview", data={"csrf_token": csrf, **V2})
+    expected = re.search(r'name="expected" value="([^"]*)"', preview.text).group(1)
+    audit_before = len(await audit_rows(session))
+    answers = await asyncio.gather(
+        client.post(A + "/move", data={"csrf_token": csrf, "expected": expected, **V2}),
+        client.post(A + "/move", data={"csrf_token": csrf, "expected": expected, "model_id": "pricing-model",
+                                       "model_version": "3"}),
+    )
+    assert sorted(r.status_code for r in answers) == [303, 409]
+    revisions = await _revisions(session)
+    assert len(revisions) == 2 and revisions[0] == ("1", "archived") and revisions[1][1] == "active"
+    assert len(await audit_rows(session)) == audit_before + 1
+
+
 async def test_moves_need_the_csrf_token_manage_domains_and_a_valid_version(client, session, admin, make_token):
     await _passing_world(client, session, admin)
     await sign_in(client, make_token(scopes=["read_domains", "run_inference"], client_id="acme"))
