@@ -477,6 +477,18 @@ def _preview(request: Request, scope: Any, domain_id: str, key: str, current: An
     )
 
 
+def _refused(request: Request, scope: Any, domain_id: str, key: str, current: Any, body: AssignmentUpsert,
+             exc: PieError) -> HTMLResponse:
+    """The preview page of a refused move: the blocking services (422), or the reason (409: the
+    key moved since the preview; 422: e.g. an unknown or failed version). Other errors propagate
+    (the error page)."""
+    if isinstance(exc, AssignmentBlocked):
+        return _preview(request, scope, domain_id, key, current, body, status_code=422, blocked=exc)
+    if exc.status_code not in (409, 422):
+        raise exc
+    return _preview(request, scope, domain_id, key, current, body, status_code=exc.status_code, error=exc.message)
+
+
 @router.post("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/move/preview",
              response_class=HTMLResponse)
 async def move_preview(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, assignment_key: KeyPath,
@@ -492,13 +504,8 @@ async def move_preview(request: Request, client_id: ClientIdPath, domain_id: Dom
         dry_run = await assignments.upsert_domain_assignment(
             session, scope, domain_id, assignment_key, body, dry_run=True
         )
-    except AssignmentBlocked as exc:
-        return _preview(request, scope, domain_id, assignment_key, current, body, status_code=422, blocked=exc)
     except PieError as exc:
-        if exc.status_code not in (409, 422):
-            raise
-        return _preview(request, scope, domain_id, assignment_key, current, body, status_code=exc.status_code,
-                        error=exc.message)
+        return _refused(request, scope, domain_id, assignment_key, current, body, exc)
     return _preview(request, scope, domain_id, assignment_key, current, body, dry_run=dry_run)
 
 
@@ -526,13 +533,8 @@ async def move(request: Request, client_id: ClientIdPath, domain_id: DomainIdPat
             async with _audited(request, session, user, MOVE_ACTION, path,
                                 body.model_dump(mode="json", include={"model_id", "model_version", "status"})):
                 await assignments.upsert_domain_assignment(session, scope, domain_id, assignment_key, body)
-    except AssignmentBlocked as exc:
-        return _preview(request, scope, domain_id, assignment_key, current, body, status_code=422, blocked=exc)
     except PieError as exc:
-        if exc.status_code not in (409, 422):
-            raise
-        return _preview(request, scope, domain_id, assignment_key, current, body, status_code=exc.status_code,
-                        error=exc.message)
+        return _refused(request, scope, domain_id, assignment_key, current, body, exc)
     return RedirectResponse(_assignment_url(client_id, domain_id, None, assignment_key) + "?moved=1", status_code=303)
 
 
