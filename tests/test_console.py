@@ -388,18 +388,26 @@ async def test_one_time_links_are_refused_outside_local_mode(client, settings):
     assert (await client.get("/console/login/once", params={"code": code})).status_code == 403
 
 
+def _serve_without_a_database(monkeypatch, settings) -> None:
+    """`pie serve` with these settings, its database start and migration skipped."""
+    from pie import cli, migrate
+
+    monkeypatch.setattr(cli, "load_settings", lambda: settings)
+    monkeypatch.setattr(cli, "_database_url", lambda s: "postgresql://unused/unused")
+    monkeypatch.setattr(migrate, "upgrade", lambda *a, **k: None)
+    monkeypatch.setattr(migrate, "head_revision", lambda *a, **k: "head")
+
+
 def test_pie_serve_prints_a_working_one_time_link_in_local_mode(settings, tmp_path, monkeypatch, capsys):
     import signal
 
     import uvicorn
 
-    from pie import cli, migrate
+    from pie import cli
     from pie.console.signin import redeem_signin_code
 
     local = settings.model_copy(update={"jwt_secret": None, "data_dir": tmp_path})
-    monkeypatch.setattr(cli, "load_settings", lambda: local)
-    monkeypatch.setattr(cli, "_database_url", lambda *a, **k: "postgresql://unused/unused")
-    monkeypatch.setattr(migrate, "upgrade", lambda *a, **k: None)
+    _serve_without_a_database(monkeypatch, local)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     monkeypatch.setattr(signal, "signal", lambda *a, **k: None)
     assert cli.main(["serve", "--port", "8123"]) == 0
@@ -416,11 +424,9 @@ def test_pie_serve_prints_no_link_with_a_configured_secret(settings, tmp_path, m
 
     import uvicorn
 
-    from pie import cli, migrate
+    from pie import cli
 
-    monkeypatch.setattr(cli, "load_settings", lambda: settings.model_copy(update={"data_dir": tmp_path}))
-    monkeypatch.setattr(cli, "_database_url", lambda *a, **k: "postgresql://unused/unused")
-    monkeypatch.setattr(migrate, "upgrade", lambda *a, **k: None)
+    _serve_without_a_database(monkeypatch, settings.model_copy(update={"data_dir": tmp_path}))
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     monkeypatch.setattr(signal, "signal", lambda *a, **k: None)
     assert cli.main(["serve", "--port", "8123"]) == 0

@@ -11,6 +11,7 @@ Set PIE_TEST_CONSOLE_SCREENSHOTS=<dir> to also save screenshots of the main page
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import scratch_pie_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -239,6 +239,8 @@ async def test_screenshots_of_the_main_pages(browser, world):
         "model": "/console/models/fares",
         "jobs": "/console/jobs",
         "queue": "/console/queue",
+        "version": "/console/models/fares/versions/2",
+        "audit": "/console/audit",
     }
     for width in (1280, 400):
         context, page = await _sign_in(browser, world, world.token(admin=True, username="operator"), width=width)
@@ -253,3 +255,101 @@ async def test_screenshots_of_the_main_pages(browser, world):
             await _shoot(page, "job")
         finally:
             await context.close()
+
+
+# -- phase 2: moving an assignment key with a dry-run preview; the audit log ------------------------
+
+
+def _stored_state(server) -> dict:
+    """Row counts of every table of the server's database, plus what the API shows of the key,
+    its audit trail and the service (what a blocked move must leave untouched)."""
+    admin = server.headers(admin=True)
+    d = f"{server.url}/v2/clients/acme/domains/south_australia"
+    state = {
+        "revisions": httpx.get(f"{d}/assignments/default/revisions", headers=admin, timeout=30).json(),
+        "audit": httpx.get(f"{server.url}/v2/audit?limit=1000", headers=admin, timeout=30).json(),
+        "service": httpx.get(f"{d}/service/ferry-1", headers=admin, timeout=30).json(),
+    }
+    url = server.env.get("PIE_DATABASE_URL")
+    if url:
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            tables = [r[0] for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+            )]
+            state["rows"] = {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
+    return state
+
+
+async def test_the_dry_run_preview_of_a_blocked_move_lists_the_blocking_services_and_writes_nothing(browser, world):
+    # version 3 freezes a schema ferry-1's route does not satisfy
+    async with httpx.AsyncClient(base_url=world.url, headers=world.headers(admin=True), timeout=30) as api:
+        r = await api.post(
+            "/v2/models/fares/new_version",
+            json={"version": "3", "description": "Adelaide-Sydney only",
+                  "features": [{"name": "route", "json_schema": {"type": "string", "enum": ["Adelaide to Sydney"]},
+                                "mandatory": True}]},
+        )
+    assert r.status_code == 201, r.text
+    before = await asyncio.to_thread(_stored_state, world)
+    for width in (1280, 400):
+        context, page = await _sign_in(browser, world, world.token(groups=["client:acme"], username="alice"), width)
+        try:
+            await page.goto("/console/clients/acme/domains/south_australia/assignments/default")
+            await expect(page.get_by_label("Model", exact=True)).to_have_value("fares")
+            await page.get_by_label("Version", exact=True).fill("3")
+            await page.get_by_role("button", name="Preview move").click()
+            await expect(page.get_by_role("heading", name="Move assignment default")).to_be_visible()
+            await expect(page.get_by_role("alert")).to_contain_text("Blocked")
+            await expect(page.get_by_role("alert")).to_contain_text("Nothing was written")
+            rows = page.locator("table.blocking tbody tr")
+            await expect(rows).to_have_count(1)
+            await expect(rows.first).to_contain_text("ferry-1")
+            await expect(rows.first).to_contain_text("route")
+            await expect(rows.first).to_contain_text("Adelaide to Kangaroo Island")
+            await expect(page.get_by_role("button", name="Confirm", exact=False)).to_have_count(0)
+            assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            await _shoot(page, "move-blocked")
+        finally:
+            await context.close()
+    assert await asyncio.to_thread(_stored_state, world) == before
+
+
+async def test_a_confirmed_move_shows_in_the_history_and_in_the_audit_log(browser, world):
+    context, page = await _sign_in(browser, world, world.token(groups=["client:acme"], username="alice"))
+    try:
+        await page.goto("/console/clients/acme/domains/south_australia/assignments/default")
+        await page.get_by_label("Version", exact=True).fill("1")
+        await page.keyboard.press("Enter")  # the keyboard submits the preview form
+        status = page.locator("#move-result")
+        await expect(status).to_contain_text("The dry run passed")
+        await expect(status).to_contain_text("1 service checked")
+        await expect(status).to_contain_text("0 services would have their resolved features re-resolved")  # same schema
+        await _shoot(page, "move-preview")
+        confirm = page.get_by_role("button", name="Confirm move to fares v1")
+        await confirm.focus()
+        await page.keyboard.press("Enter")
+        await page.wait_for_url("**/assignments/default?moved=1")
+
+        rows = page.locator("table.history tbody tr")
+        await expect(rows.nth(0)).to_contain_text("fares v1")
+        await expect(rows.nth(0)).to_contain_text("fares v2")  # from v2
+        await expect(rows.nth(0)).to_contain_text("alice")  # who
+        await expect(rows.nth(0)).to_contain_text("active")
+
+        await page.get_by_role("status").get_by_role("link", name="audit log").click()
+        await expect(page.get_by_role("heading", name="Audit log")).to_be_visible()
+        first = page.locator("table.audit tbody tr").first
+        await expect(first).to_contain_text("putdomainmodelassignment")
+        await expect(first).to_contain_text("alice")
+        await expect(first).to_contain_text("south_australia/default")
+        await expect(first).to_contain_text('"via": "console"')
+        # the filter form: by actor, keyboard only
+        await page.get_by_label("Target id").fill("")
+        await page.get_by_label("Actor").fill("alice")
+        await page.get_by_label("Actor").press("Enter")
+        await page.wait_for_url("**actor=alice**")
+        await expect(page.locator("table.audit tbody tr")).to_have_count(1)
+    finally:
+        await context.close()

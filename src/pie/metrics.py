@@ -213,14 +213,6 @@ def instrument_pool(engine: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # scraping
 
-_QUEUE_SQL = """
-    SELECT status, job_type, count(*) AS n,
-           EXTRACT(EPOCH FROM now() - min(CASE WHEN status = 'started' THEN started_at ELSE created_at END)) AS oldest
-    FROM jobs WHERE status IN ('pending', 'started')
-    GROUP BY status, job_type
-"""
-
-
 class _Snapshot:
     def __init__(self, rows: list[Any]):
         self.rows = rows
@@ -251,9 +243,9 @@ class _Snapshot:
 
 async def render(engine: Any) -> tuple[bytes, str]:
     """The exposition text: this process's (or every worker's) samples plus the queue depth."""
-    from sqlalchemy import text
-
     from prometheus_client import REGISTRY
+
+    from pie.jobs.summary import queue_query
 
     if multiprocess_enabled():
         from prometheus_client import multiprocess
@@ -264,7 +256,8 @@ async def render(engine: Any) -> tuple[bytes, str]:
         registry = REGISTRY
     body = generate_latest(registry)
     async with engine.connect() as conn:
-        rows = (await conn.execute(text(_QUEUE_SQL))).all()
+        # the query of the console's queue summary (one source for both), waiting and running jobs
+        rows = (await conn.execute(queue_query(statuses=("pending", "started")))).all()
     snapshot = CollectorRegistry()
     snapshot.register(_Snapshot(rows))
     return body + generate_latest(snapshot), CONTENT_TYPE_LATEST

@@ -119,13 +119,12 @@ async def _body(request: Request) -> Any:
         return None
 
 
-async def audited(request: Request, session: Session, principal: CurrentPrincipal) -> AsyncIterator[None]:
-    route = request.scope.get("route")
-    action = getattr(route, "operation_id", None) or request.scope.get("path", "")
-    body = await _body(request)
-    path = dict(request.path_params)
+def new_entry(request: Request, principal: Any, action: str, path: dict[str, Any], body: Any) -> context.AuditEntry:
+    """The audit entry of one write by ``principal`` as the operation ``action`` (an operation
+    id of ``TARGET_TYPES``) on the target named by ``path`` (and ``body``). The API routes get
+    it from ``audited``; the console's actions build theirs with the API's operation id."""
     target_type = TARGET_TYPES.get(action, "other")
-    entry = context.AuditEntry(
+    return context.AuditEntry(
         action=action,
         actor=context.actor_of(principal.subject, principal.username, principal.app_client_id),
         request_id=(request.scope.get("state") or {}).get("request_id"),
@@ -134,6 +133,13 @@ async def audited(request: Request, session: Session, principal: CurrentPrincipa
         target_id=target_id(target_type, path, body),
         summary=summarize(body),
     )
+
+
+async def audited(request: Request, session: Session, principal: CurrentPrincipal) -> AsyncIterator[None]:
+    route = request.scope.get("route")
+    action = getattr(route, "operation_id", None) or request.scope.get("path", "")
+    body = await _body(request)
+    entry = new_entry(request, principal, action, dict(request.path_params), body)
     context.begin(session, entry)
     try:
         yield  # an exception from the endpoint propagates: no row

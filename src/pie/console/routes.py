@@ -10,7 +10,9 @@ missing or ended session becomes a redirect to the sign-in page.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,17 +24,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
-
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from pie.assignments import logic as assignments
-from pie.assignments.schemas import AssignmentJobRequest
+from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert
+from pie.audit import context as audit_context
+from pie.audit import logic as audit
+from pie.audit.routing import new_entry
 from pie.clients import logic as clients
 from pie.console import signin
 from pie.console.signin import ConsoleUser, SignInRequired, console_user
 from pie.routing import PieRoute
 from pie.deps import ClientIdPath, DomainIdPath, ModelIdPath, ModelVersionPath, ServiceIdPath, Session, tenant_scope
-from pie.errors import BadRequest, Forbidden, NotFound, PieError
+from pie.errors import AssignmentBlocked, BadRequest, Conflict, Forbidden, NotFound, PieError
 from pie.jobs import logic as jobs
 from pie.jobs.summary import queue_summary
 from pie.pagination import NEXT_CURSOR_HEADER, PageParams
@@ -313,9 +317,24 @@ async def service_page(request: Request, client_id: ClientIdPath, domain_id: Dom
     )
 
 
+async def _current(session: Any, scope: Any, domain_id: str, service_id: str | None, key: str) -> Any:
+    """The key's active revision, or None (a key whose revisions are all archived)."""
+    try:
+        return await assignments.get_active(session, scope, domain_id, service_id, key)
+    except NotFound:
+        return None
+
+
+def _assignment_url(client_id: str, domain_id: str, service_id: str | None, key: str) -> str:
+    base = f"/console/clients/{client_id}/domains/{domain_id}"
+    if service_id:
+        base += f"/services/{service_id}"
+    return f"{base}/assignments/{key}"
+
+
 async def _assignment(request: Request, user: ConsoleUser, session: Any, client_id: str, domain_id: str,
                       service_id: str | None, key: str, cursor: str | None, *, error: str | None = None,
-                      form_input: str | None = None, status_code: int = 200) -> HTMLResponse:
+                      form_input: str | None = None, status_code: int = 200, moved: bool = False) -> HTMLResponse:
     scope = await tenant_scope(session, user.principal, client_id, "read_domains")
     pager = Pager(request, cursor)
     revisions = await assignments.list_revisions(
@@ -326,22 +345,29 @@ async def _assignment(request: Request, user: ConsoleUser, session: Any, client_
     for index, revision in enumerate(revisions):
         before = revisions[index + 1] if index + 1 < len(revisions) else None
         history.append((revision, before))
-    active = next((r for r in revisions if r.status == "active"), None)
-    base = f"/console/clients/{client_id}/domains/{domain_id}"
-    if service_id:
-        base += f"/services/{service_id}"
+    active = await _current(session, scope, domain_id, service_id, key)
+    url = _assignment_url(client_id, domain_id, service_id, key)
+    # the move action: domain-scope keys (their upsert has the freeze check and its dry run)
+    can_move = service_id is None and user.principal.has("manage_domains")
+    versions: list[Any] = []
+    if can_move and active is not None and user.principal.has("read_models"):
+        versions = await registry.list_versions(session, active.model_id, PageParams(limit=200), Response())
     return render(
         request, "assignment.html", status_code=status_code, client=scope.client, domain_id=domain_id,
         service_id=service_id, key=key, history=history, active=active, next_url=pager.next_url,
-        can_launch=user.principal.has("run_inference"), action=f"{base}/assignments/{key}/jobs",
+        can_launch=user.principal.has("run_inference"), action=f"{url}/jobs",
         error=error, form_input=form_input if form_input is not None else "{}",
+        can_move=can_move, move_action=f"{url}/move/preview", versions=versions,
+        moved=moved,
     )
 
 
 @router.get("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}", response_class=HTMLResponse)
 async def domain_assignment_page(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath,
-                                 assignment_key: KeyPath, user: User, session: Session, cursor: Cursor = None):
-    return await _assignment(request, user, session, client_id, domain_id, None, assignment_key, cursor)
+                                 assignment_key: KeyPath, user: User, session: Session, cursor: Cursor = None,
+                                 moved: Annotated[str | None, Query(max_length=1, description="after a move")] = None):
+    return await _assignment(request, user, session, client_id, domain_id, None, assignment_key, cursor,
+                             moved=moved == "1")
 
 
 @router.get(
@@ -354,10 +380,28 @@ async def service_assignment_page(request: Request, client_id: ClientIdPath, dom
     return await _assignment(request, user, session, client_id, domain_id, service_id, assignment_key, cursor)
 
 
+@asynccontextmanager
+async def _audited(request: Request, session: Any, user: ConsoleUser, action: str, path: dict[str, Any],
+                   body: dict[str, Any]) -> AsyncIterator[audit_context.AuditEntry]:
+    """A console write as the API audits it (``pie.audit.routing.audited``): one audit row with
+    the API's operation id as ``action``, the signed-in caller as actor, inserted in the same
+    transaction when the block ends normally (an exception leaves no row). The row's method and
+    path are the console request's; ``summary.via`` says it came from the console."""
+    entry = new_entry(request, user.principal, action, path, body)
+    entry.summary["via"] = "console"
+    audit_context.begin(session, entry)
+    try:
+        yield entry
+        if not entry.skipped:
+            await audit.record(session, entry, method=request.method, path=request.url.path)
+    finally:
+        audit_context.end(session)
+
+
 async def _launch(request: Request, user: ConsoleUser, session: Any, client_id: str, domain_id: str,
                   service_id: str | None, key: str, csrf_token: str, input_text: str) -> Response:
-    """The one action of this console: an inference job through an assignment, by the logic the
-    API route ``rundomainmodelassignmentjob`` / ``runservicemodelassignmentjob`` calls."""
+    """Launch an inference job through an assignment, by the logic the API route
+    ``rundomainmodelassignmentjob`` / ``runservicemodelassignmentjob`` calls, audited as it."""
     signin.check_csrf(request, user, csrf_token)
     scope = await tenant_scope(session, user.principal, client_id, "run_inference")
     try:
@@ -366,7 +410,12 @@ async def _launch(request: Request, user: ConsoleUser, session: Any, client_id: 
     except ValueError as exc:  # json.JSONDecodeError and pydantic's ValidationError
         message = _describe(exc.errors()) if isinstance(exc, ValidationError) else f"input is not valid JSON: {exc}"
         raise BadRequest(message) from exc
-    job = await assignments.run_assignment_job(session, scope, domain_id, service_id, key, body)
+    path = {"client_id": client_id, "domain_id": domain_id, "assignment_key": key}
+    if service_id is not None:
+        path["service_id"] = service_id
+    action = "rundomainmodelassignmentjob" if service_id is None else "runservicemodelassignmentjob"
+    async with _audited(request, session, user, action, path, body.model_dump(mode="json")):
+        job = await assignments.run_assignment_job(session, scope, domain_id, service_id, key, body)
     return RedirectResponse(f"/console/jobs/{job.job_id}", status_code=303)
 
 
@@ -405,6 +454,92 @@ async def launch_service_job(request: Request, client_id: ClientIdPath, domain_i
                                  csrf_token, input_text)
 
 
+# -- moving an assignment key: dry-run preview, then the confirmed move --------------------------------
+
+VersionField = Annotated[str, Form(max_length=256)]
+MOVE_ACTION = "putdomainmodelassignment"  # the API operation the move is (audit action)
+
+
+def _move_body(model_id: str, model_version: str) -> AssignmentUpsert:
+    """The body of ``PUT .../assignments/{key}`` the move sends: an active revision of that version."""
+    try:
+        return AssignmentUpsert.model_validate({"model_id": model_id.strip(), "model_version": model_version.strip()})
+    except ValidationError as exc:
+        raise BadRequest(_describe(exc.errors())) from exc
+
+
+def _preview(request: Request, scope: Any, domain_id: str, key: str, current: Any, body: AssignmentUpsert, *,
+             status_code: int = 200, dry_run: Any = None, blocked: AssignmentBlocked | None = None,
+             error: str | None = None) -> HTMLResponse:
+    url = _assignment_url(scope.client_id, domain_id, None, key)
+    return render(
+        request, "move_preview.html", status_code=status_code, client=scope.client, domain_id=domain_id, key=key,
+        current=current, target=body, dry_run=dry_run, blocked=blocked, error=error, assignment_url=url,
+        confirm_action=f"{url}/move", expected=str(current.assignment_id) if current is not None else "",
+    )
+
+
+def _refused(request: Request, scope: Any, domain_id: str, key: str, current: Any, body: AssignmentUpsert,
+             exc: PieError) -> HTMLResponse:
+    """The preview page of a refused move: the blocking services (422), or the reason (409: the
+    key moved since the preview; 422: e.g. an unknown or failed version). Other errors propagate
+    (the error page)."""
+    if isinstance(exc, AssignmentBlocked):
+        return _preview(request, scope, domain_id, key, current, body, status_code=422, blocked=exc)
+    if exc.status_code not in (409, 422):
+        raise exc
+    return _preview(request, scope, domain_id, key, current, body, status_code=exc.status_code, error=exc.message)
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/move/preview",
+             response_class=HTMLResponse)
+async def move_preview(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, assignment_key: KeyPath,
+                       user: User, session: Session, csrf_token: CsrfField = "", model_id: VersionField = "",
+                       model_version: VersionField = ""):
+    """The dry run (``PUT ...?dry_run=true``): every check of the move, nothing written; the
+    answer is the page that asks to confirm (or lists the services that block it)."""
+    signin.check_csrf(request, user, csrf_token)
+    scope = await tenant_scope(session, user.principal, client_id, "manage_domains")
+    body = _move_body(model_id, model_version)
+    current = await _current(session, scope, domain_id, None, assignment_key)
+    try:
+        dry_run = await assignments.upsert_domain_assignment(
+            session, scope, domain_id, assignment_key, body, dry_run=True
+        )
+    except PieError as exc:
+        return _refused(request, scope, domain_id, assignment_key, current, body, exc)
+    return _preview(request, scope, domain_id, assignment_key, current, body, dry_run=dry_run)
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/move",
+             response_class=HTMLResponse)
+async def move(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, assignment_key: KeyPath,
+               user: User, session: Session, csrf_token: CsrfField = "", model_id: VersionField = "",
+               model_version: VersionField = "", expected: Annotated[str, Form(max_length=64)] = ""):
+    """The confirmed move: the logic of ``PUT .../assignments/{key}`` (same checks, same writes),
+    audited as that operation. ``expected`` is the active revision the preview showed: if the
+    key moved since, nothing is written and the preview is shown again (409)."""
+    signin.check_csrf(request, user, csrf_token)
+    scope = await tenant_scope(session, user.principal, client_id, "manage_domains")
+    body = _move_body(model_id, model_version)
+    path = {"client_id": client_id, "domain_id": domain_id, "assignment_key": assignment_key}
+    current = None
+    try:
+        async with session.begin_nested():  # a refused move leaves nothing behind
+            # the row lock the upsert takes, taken first: the key cannot move between this
+            # comparison with the preview and the write
+            await tenancy.load_domain(session, scope.client_id, domain_id, lock="update")
+            current = await _current(session, scope, domain_id, None, assignment_key)
+            if expected != (str(current.assignment_id) if current is not None else ""):
+                raise Conflict(f"assignment {assignment_key} changed since the preview: check the new preview")
+            async with _audited(request, session, user, MOVE_ACTION, path,
+                                body.model_dump(mode="json", include={"model_id", "model_version", "status"})):
+                await assignments.upsert_domain_assignment(session, scope, domain_id, assignment_key, body)
+    except PieError as exc:
+        return _refused(request, scope, domain_id, assignment_key, current, body, exc)
+    return RedirectResponse(_assignment_url(client_id, domain_id, None, assignment_key) + "?moved=1", status_code=303)
+
+
 # -- models ------------------------------------------------------------------------------------------
 
 
@@ -431,7 +566,8 @@ async def version_page(request: Request, model_id: ModelIdPath, model_version: M
                        session: Session):
     user.principal.require("read_models")
     version = await registry.get_model_version(session, model_id, model_version)
-    return render(request, "version.html", version=version)
+    history = await audit.list_status_history(session, model_id, model_version, PageParams(limit=200), Response())
+    return render(request, "version.html", version=version, history=history)
 
 
 # -- jobs ----------------------------------------------------------------------------------------------
@@ -491,6 +627,88 @@ async def job_fragment(request: Request, job_id: JobIdPath, user: User, session:
     """The job's live part (status, times, output, error): htmx polls it while the job runs."""
     job = await jobs.get_job(session, user.principal, job_id)
     return render(request, "job_live.html", job=job)
+
+
+# -- the audit log ---------------------------------------------------------------------------------------
+
+AUDIT_TARGET_TYPES = ("client", "domain", "service", "assignment", "model", "model_version", "subscription", "job")
+AUDIT_FILTERS = {  # name -> (pattern of GET /v2/audit, label in messages)
+    "client": (ID_PATTERN, "client"),
+    "target_type": (r"^[a-z_]{1,32}$", "target type"),
+    "target_id": (r"^.{1,512}$", "target id"),
+    "actor": (r"^.{1,512}$", "actor"),
+    "action": (r"^[a-z]{1,64}$", "action"),
+}
+FilterText = Annotated[str | None, Query(max_length=512)]
+
+
+def target_url(record: Any) -> str | None:
+    """The console page of an audit row's target, when it has one."""
+    kind, target, tenant = record.target_type, record.target_id, record.client_id
+    if not target:
+        return "/console/clients/" + tenant if kind == "client" and tenant else None
+    parts = target.split("/")
+    if kind == "client":
+        return f"/console/clients/{target}"
+    if kind == "model":
+        return f"/console/models/{target}"
+    if kind == "model_version" and len(parts) == 2:
+        return f"/console/models/{parts[0]}/versions/{parts[1]}"
+    if kind == "job":
+        return f"/console/jobs/{target}"
+    if tenant is None:
+        return None
+    base = f"/console/clients/{tenant}/domains/{parts[0]}"
+    if kind == "domain":
+        return base
+    if kind == "service" and len(parts) == 2:
+        return f"{base}/services/{parts[1]}"
+    if kind == "assignment" and len(parts) == 2:
+        return f"{base}/assignments/{parts[1]}"
+    if kind == "assignment" and len(parts) == 3:
+        return f"{base}/services/{parts[1]}/assignments/{parts[2]}"
+    return None
+
+
+templates.env.filters["target_url"] = target_url
+
+
+@router.get("/audit", response_class=HTMLResponse)
+async def audit_page(
+    request: Request,
+    user: User,
+    session: Session,
+    client: FilterText = None,
+    target_type: FilterText = None,
+    target_id: FilterText = None,
+    actor: FilterText = None,
+    action: FilterText = None,
+    occurred_after: Annotated[str | None, Query(max_length=40)] = None,
+    occurred_before: Annotated[str | None, Query(max_length=40)] = None,
+    cursor: Cursor = None,
+):
+    """``GET /v2/audit`` as a page: the same permission (``read_domains``) and tenant rules
+    (admins every row; others the rows of their tenants; 403 for a caller without any)."""
+    user.principal.require("read_domains")
+    given = {"client": client, "target_type": target_type, "target_id": target_id, "actor": actor, "action": action}
+    values: dict[str, str | None] = {}
+    for name, value in given.items():
+        value = (value or "").strip() or None
+        pattern, label = AUDIT_FILTERS[name]
+        if value is not None and not re.fullmatch(pattern, value):
+            raise BadRequest(f"{label}: not a valid value ({value[:80]!r})")
+        values[name] = value
+    pager = Pager(request, cursor)
+    rows = await audit.list_audit(
+        session, user.principal, pager.params, pager.response,
+        client_id=values["client"], target_type=values["target_type"], target_id=values["target_id"],
+        actor=values["actor"], action=values["action"],
+        after=_parse_time("occurred after", occurred_after), before=_parse_time("occurred before", occurred_before),
+    )
+    filters = {name: value or "" for name, value in values.items()}
+    filters.update(occurred_after=occurred_after or "", occurred_before=occurred_before or "")
+    return render(request, "audit.html", records=rows, filters=filters, target_types=AUDIT_TARGET_TYPES,
+                  next_url=pager.next_url)
 
 
 async def _summary(session: Any, user: ConsoleUser):
