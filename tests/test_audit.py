@@ -137,6 +137,27 @@ def test_an_unaudited_write_route_refuses_to_start():
         check_routes(app)
 
 
+def test_the_start_up_checks_see_the_routes_of_included_routers():
+    """The app includes routers (kept as one entry each by FastAPI): a plain write route or a
+    route without the bounded parser inside one must still stop the app from starting."""
+    from fastapi import APIRouter
+
+    from pie.audit.routing import check_routes
+    from pie.routing import routes_without_pie_route
+
+    router = APIRouter()
+
+    @router.post("/v2/sneaky", operation_id="sneaky")
+    async def sneaky() -> None:  # pragma: no cover - never served
+        return None
+
+    app = FastAPI()
+    app.include_router(router)
+    with pytest.raises(RuntimeError, match="not audited"):
+        check_routes(app)
+    assert routes_without_pie_route(app.routes) == ["['POST'] /v2/sneaky"]
+
+
 # ---- actors and created_by ------------------------------------------------------------------
 
 

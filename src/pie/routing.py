@@ -11,7 +11,7 @@ refuses to start when a route does not use it):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 from fastapi import Request, Response
@@ -34,10 +34,21 @@ class PieRoute(APIRoute):
         return pie_handler
 
 
-def routes_without_pie_route(routes: list[Any]) -> list[str]:
+def flat_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """Every route of an app, those of included routers too (FastAPI >= 0.16x keeps an included
+    router as one ``_IncludedRouter`` entry of ``app.routes``, holding the router it wraps)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from flat_routes(included.routes)
+        else:
+            yield route
+
+
+def routes_without_pie_route(routes: Iterable[Any]) -> list[str]:
     """API routes that would bypass the bounded parser and the after-response hooks."""
     return [
         f"{sorted(route.methods or [])} {route.path}"
-        for route in routes
+        for route in flat_routes(routes)
         if isinstance(route, APIRoute) and not isinstance(route, PieRoute)
     ]

@@ -7,6 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
 
+from pie.routing import PieRoute
+
 from pie.audit import logic
 from pie.audit.schemas import AuditRecordOut
 from pie.auth import Principal
@@ -15,7 +17,7 @@ from pie.errors import error_responses
 from pie.pagination import PageParams
 from pie.schemas import ID_PATTERN
 
-router = APIRouter(tags=["audit"])
+router = APIRouter(route_class=PieRoute, tags=["audit"])
 
 Text = Annotated[str | None, Query(min_length=1, max_length=512)]
 
