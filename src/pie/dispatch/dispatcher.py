@@ -68,6 +68,14 @@ log = logging.getLogger("pie.dispatch")
 _UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 AWS_CONCURRENCY = 16
 COMPLETION_BATCH = 500
+# While other in-process jobs are running, the recorder waits this long for their results too,
+# so instant handlers end in one transaction per several jobs (not one per job); a result that
+# ends while nothing else runs is recorded at once. The worker is free meanwhile.
+COMPLETION_LINGER = 0.01
+# A worker frees while others still run the jobs of the same claim (instant handlers end within
+# microseconds of each other): the claim waits this long for them, so one claim transaction
+# serves every free worker instead of one claim for the first and another for the rest.
+CLAIM_COALESCE = 0.001
 
 _RENEW = text(
     """
@@ -335,6 +343,7 @@ class Dispatcher:
         self._stopping = False
         self._running = False
         self._last_sweep = 0.0
+        self._backlog = False
 
     # ---------------------------------------------------------------------------------------
     # lifecycle
@@ -484,6 +493,8 @@ class Dispatcher:
         errors = 0
         while not self._stopping:
             self._wake.clear()
+            if 0 < len(self._busy) < self.workers:
+                await asyncio.sleep(CLAIM_COALESCE)
             try:
                 await self.sweep_if_due()
                 claimed = await self.claim_and_dispatch()
@@ -543,6 +554,8 @@ class Dispatcher:
             remote_limit > 0 and len(rows) - n_local == remote_limit
         )
         self._check_remote = remote_limit > 0 and len(rows) - n_local == remote_limit
+        # every free worker got a job: probably more are due (the recorder waits for their results)
+        self._backlog = local_limit > 0 and n_local == local_limit
         if not rows:
             return 0
         self._idle.clear()
@@ -677,6 +690,8 @@ class Dispatcher:
     async def _completer(self) -> None:
         while True:
             batch = [await self._completions.get()]
+            if self._busy or self._backlog:  # more results are on their way
+                await asyncio.sleep(COMPLETION_LINGER)
             while len(batch) < COMPLETION_BATCH and not self._completions.empty():
                 batch.append(self._completions.get_nowait())
             self._recording = batch  # if stop() cancels us mid-way, it records these itself
