@@ -27,7 +27,10 @@ lease. A dispatcher only judges others after its own heartbeats have succeeded f
 ``dispatch_dead_after`` seconds in a row, so after a database outage (when every heartbeat is
 stale) nobody requeues the jobs of dispatchers that are alive.
 
-A dispatcher claims no more in-process jobs than it has free workers. Recording an in-process
+A dispatcher claims no more in-process jobs than it has free workers. So that this costs little
+with instant handlers, a claim is one autocommit statement on the dispatcher's own connection,
+it waits up to ``CLAIM_COALESCE`` for the workers of the previous claim to free together, and
+results are recorded in batches (``COMPLETION_LINGER``) while other jobs run. Recording an in-process
 result retries transient database errors with backoff for as long as the job's lease lasts (the
 lease is extended while it retries), so a database blip never makes a job run twice.
 """
