@@ -313,6 +313,8 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
     if not completions:
         return {}
     by_id = {c.job_id: c for c in completions}
+    if session.new or session.dirty or session.deleted:
+        await session.flush()  # the caller's own changes first (a Core statement does not autoflush)
     rows = (await session.execute(_lock_for_finish(), {"ids": sorted(by_id)})).all()
     outcomes: dict[str, Outcome] = {}
     to_end = []
