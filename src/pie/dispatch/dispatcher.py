@@ -589,18 +589,25 @@ class Dispatcher:
     async def _claim(self, params: dict[str, Any]) -> list[Any]:
         """Run the claim on this dispatcher's own connection (autocommit: the statement is its
         transaction; no pool checkout, ping, BEGIN or COMMIT round trips). A connection that
-        failed or was interrupted is closed and replaced at the next claim."""
-        conn = self._claim_conn
-        if conn is None or conn.closed:
-            conn = self._claim_conn = await db.connect(self.settings, autocommit=True, row_factory=namedtuple_row)
-        try:
-            cursor = await conn.execute(_CLAIM, params)
-            return await cursor.fetchall()
-        except BaseException:
-            self._claim_conn = None
-            with contextlib.suppress(Exception):
-                await conn.close()
-            raise
+        failed or was interrupted is closed and replaced; when a connection that sat idle turns
+        out broken (the server restarted, a proxy or firewall closed it), the claim is tried once
+        more at once on a new one instead of waiting for the next cycle."""
+        for retry in (False, True):
+            conn = self._claim_conn
+            fresh = conn is None or conn.closed
+            if fresh:
+                conn = self._claim_conn = await db.connect(self.settings, autocommit=True, row_factory=namedtuple_row)
+            try:
+                cursor = await conn.execute(_CLAIM, params)
+                return await cursor.fetchall()
+            except BaseException as exc:
+                self._claim_conn = None
+                broken = conn.broken
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                if fresh or retry or not broken or not isinstance(exc, psycopg.OperationalError):
+                    raise
+        raise AssertionError("unreachable")
 
     async def _close_claim_connection(self) -> None:
         conn, self._claim_conn = self._claim_conn, None
