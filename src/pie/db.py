@@ -106,6 +106,15 @@ def connect_args(settings: Any) -> dict[str, Any]:
     return args
 
 
+async def connect(settings: Any, **kwargs: Any) -> GuardedConnection:
+    """A connection of its own (outside the pool) to the engine's database, with the same
+    timeouts as the pool's connections (``connect_args``); ``kwargs`` go to psycopg
+    (e.g. ``autocommit=True``, ``row_factory``)."""
+    args = connect_args(settings)
+    creator = args.pop("async_creator_fn")
+    return await creator(get_database_url(), **args, **kwargs)
+
+
 _engine: AsyncEngine | None = None
 _sessionmaker: async_sessionmaker[AsyncSession] | None = None
 _url: str | None = None

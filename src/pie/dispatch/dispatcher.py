@@ -27,7 +27,10 @@ lease. A dispatcher only judges others after its own heartbeats have succeeded f
 ``dispatch_dead_after`` seconds in a row, so after a database outage (when every heartbeat is
 stale) nobody requeues the jobs of dispatchers that are alive.
 
-A dispatcher claims no more in-process jobs than it has free workers. Recording an in-process
+A dispatcher claims no more in-process jobs than it has free workers. So that this costs little
+with instant handlers, a claim is one autocommit statement on the dispatcher's own connection,
+it waits up to ``CLAIM_COALESCE`` for the workers of the previous claim to free together, and
+results are recorded in batches (``COMPLETION_LINGER``) while other jobs run. Recording an in-process
 result retries transient database errors with backoff for as long as the job's lease lasts (the
 lease is extended while it retries), so a database blip never makes a job run twice.
 """
@@ -51,6 +54,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
+from psycopg.rows import namedtuple_row
 from sqlalchemy import text
 
 from pie import callbacks, db, metrics
@@ -68,6 +72,14 @@ log = logging.getLogger("pie.dispatch")
 _UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 AWS_CONCURRENCY = 16
 COMPLETION_BATCH = 500
+# While other in-process jobs are running, the recorder waits this long for their results too,
+# so instant handlers end in one transaction per several jobs (not one per job); a result that
+# ends while nothing else runs is recorded at once. The worker is free meanwhile.
+COMPLETION_LINGER = 0.01
+# A worker frees while others still run the jobs of the same claim (instant handlers end within
+# microseconds of each other): the claim waits this long for them, so one claim transaction
+# serves every free worker instead of one claim for the first and another for the rest.
+CLAIM_COALESCE = 0.001
 
 _RENEW = text(
     """
@@ -98,7 +110,8 @@ _RETRY = text(
 # this dispatcher) and :remote_limit others (Lambda/ECS hand-offs, invalid handlers) among the
 # :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
 # SKIP LOCKED: rows another transaction holds are skipped, never waited for.
-_CLAIM = text(
+# One statement, run in autocommit on the dispatcher's own connection: one round trip per claim.
+_CLAIM = (
     """
     WITH local_due AS (
         SELECT j.job_id FROM jobs AS j
@@ -106,25 +119,25 @@ _CLAIM = text(
         WHERE j.status = 'pending' AND j.next_attempt_at <= now()
           AND (mv.handlers -> j.job_type ->> 'type') IS NOT DISTINCT FROM 'in_process'
         ORDER BY j.next_attempt_at
-        LIMIT :local_limit
+        LIMIT %(local_limit)s
         FOR UPDATE OF j SKIP LOCKED
     ), remote_due AS (
         SELECT j.job_id FROM jobs AS j
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
         WHERE j.job_id IN (
                 SELECT job_id FROM jobs WHERE status = 'pending' AND next_attempt_at <= now()
-                ORDER BY next_attempt_at LIMIT :lookahead)
+                ORDER BY next_attempt_at LIMIT %(lookahead)s)
           AND j.status = 'pending' AND j.next_attempt_at <= now()
           AND (mv.handlers -> j.job_type ->> 'type') IS DISTINCT FROM 'in_process'
         ORDER BY j.next_attempt_at
-        LIMIT :remote_limit
+        LIMIT %(remote_limit)s
         FOR UPDATE OF j SKIP LOCKED
     ), due AS (
         SELECT job_id FROM local_due UNION ALL SELECT job_id FROM remote_due
     )
     UPDATE jobs AS j
     SET status = 'started', attempts = j.attempts + 1, started_at = now(), updated_at = now(),
-        locked_by = :me, lease_expires_at = now() + make_interval(secs => :lease),
+        locked_by = %(me)s, lease_expires_at = now() + make_interval(secs => %(lease)s),
         timeout_seconds = CAST(mv.handlers -> j.job_type ->> 'timeout_seconds' AS double precision)
     FROM due, model_versions AS mv
     WHERE j.job_id = due.job_id AND mv.model_id = j.model_id AND mv.version = j.model_version
@@ -335,6 +348,8 @@ class Dispatcher:
         self._stopping = False
         self._running = False
         self._last_sweep = 0.0
+        self._backlog = False
+        self._claim_conn: psycopg.AsyncConnection[Any] | None = None
 
     # ---------------------------------------------------------------------------------------
     # lifecycle
@@ -386,6 +401,7 @@ class Dispatcher:
                 await self._finish(leftovers, retry_until=time.monotonic() + grace)
             for completion in leftovers:
                 self._done(completion.job_id)
+        await self._close_claim_connection()
         await self.release_unfinished()
         if self._registered:
             with contextlib.suppress(Exception):
@@ -484,6 +500,7 @@ class Dispatcher:
         errors = 0
         while not self._stopping:
             self._wake.clear()
+            await self._gather_free_workers()
             try:
                 await self.sweep_if_due()
                 claimed = await self.claim_and_dispatch()
@@ -505,6 +522,19 @@ class Dispatcher:
             except asyncio.TimeoutError:
                 self._check_remote = True  # the polling fallback looks for every kind of job
 
+    async def _gather_free_workers(self) -> None:
+        """Some workers just became free while others still run: wait up to ``CLAIM_COALESCE``
+        for those to end too (instant handlers end together), so one claim serves them all."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLAIM_COALESCE
+        while 0 < len(self._busy) < self.workers and not self._stopping:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=remaining)
+
     # ---------------------------------------------------------------------------------------
     # claiming and handing over
 
@@ -524,25 +554,23 @@ class Dispatcher:
             await self.register()  # peers must see us alive before we hold any job
         lease = self.settings.in_process_lease_seconds
         claimed_at = time.monotonic()
-        async with db.get_engine().begin() as conn:
-            rows = (
-                await conn.execute(
-                    _CLAIM,
-                    {
-                        "local_limit": local_limit,
-                        "remote_limit": remote_limit,
-                        "lookahead": max(self.settings.dispatch_batch_size * 10, 500),
-                        "me": self.worker_id,
-                        "lease": lease,
-                    },
-                )
-            ).all()
+        rows = await self._claim(
+            {
+                "local_limit": local_limit,
+                "remote_limit": remote_limit,
+                "lookahead": max(self.settings.dispatch_batch_size * 10, 500),
+                "me": self.worker_id,
+                "lease": lease,
+            }
+        )
         n_local = sum(1 for r in rows if isinstance(r.handler, dict) and r.handler.get("type") == "in_process")
         # claim again at once only if a kind filled its limit and this dispatcher has room for more of it
         self._more_due = (local_limit > 0 and n_local == local_limit and self.workers > len(self._busy) + n_local) or (
             remote_limit > 0 and len(rows) - n_local == remote_limit
         )
         self._check_remote = remote_limit > 0 and len(rows) - n_local == remote_limit
+        # every free worker got a job: probably more are due (the recorder waits for their results)
+        self._backlog = local_limit > 0 and n_local == local_limit
         if not rows:
             return 0
         self._idle.clear()
@@ -557,6 +585,35 @@ class Dispatcher:
             self._spawn(self._hand_over(row))
         self.dispatched += len(rows)
         return len(rows)
+
+    async def _claim(self, params: dict[str, Any]) -> list[Any]:
+        """Run the claim on this dispatcher's own connection (autocommit: the statement is its
+        transaction; no pool checkout, ping, BEGIN or COMMIT round trips). A connection that
+        failed or was interrupted is closed and replaced; when a connection that sat idle turns
+        out broken (the server restarted, a proxy or firewall closed it), the claim is tried once
+        more at once on a new one instead of waiting for the next cycle."""
+        for retry in (False, True):
+            conn = self._claim_conn
+            fresh = conn is None or conn.closed
+            if fresh:
+                conn = self._claim_conn = await db.connect(self.settings, autocommit=True, row_factory=namedtuple_row)
+            try:
+                cursor = await conn.execute(_CLAIM, params)
+                return await cursor.fetchall()
+            except BaseException as exc:
+                self._claim_conn = None
+                broken = conn.broken
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                if fresh or retry or not broken or not isinstance(exc, psycopg.OperationalError):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _close_claim_connection(self) -> None:
+        conn, self._claim_conn = self._claim_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -677,6 +734,8 @@ class Dispatcher:
     async def _completer(self) -> None:
         while True:
             batch = [await self._completions.get()]
+            if self._busy or self._backlog:  # more results are on their way
+                await asyncio.sleep(COMPLETION_LINGER)
             while len(batch) < COMPLETION_BATCH and not self._completions.empty():
                 batch.append(self._completions.get_nowait())
             self._recording = batch  # if stop() cancels us mid-way, it records these itself

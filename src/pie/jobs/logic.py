@@ -12,6 +12,7 @@ subscriptions and announces the end on ``pie_job_done`` (``?wait=`` long-polls l
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -268,42 +269,59 @@ _finish_stmt = (
 )
 
 
+@functools.cache
+def _lock_for_finish() -> Any:
+    """The rows ``finish_jobs`` ends, locked ``FOR UPDATE`` in job_id order (a Core statement
+    built once), with what the rest of the step needs to know: the handler type and age (for
+    the metrics), whether the version has an output schema for the job type and whether the
+    model has active ``inference_complete`` subscriptions (so the batch of an instant handler
+    does not pay a query for contracts or subscriptions it does not have)."""
+    from pie.registry.models import EventSubscription, ModelVersion
+
+    mv = ModelVersion.__table__
+    sub = EventSubscription.__table__
+    version = and_(mv.c.model_id == _jobs.c.model_id, mv.c.version == _jobs.c.model_version)
+    output_schema = mv.c.handler_contracts[_jobs.c.job_type]["output_schema"]
+    return (
+        select(
+            _jobs.c.job_id,
+            _jobs.c.job_type,
+            _jobs.c.status,
+            _jobs.c.model_id,
+            _jobs.c.model_version,
+            _jobs.c.purpose,
+            _jobs.c.client_id,
+            _jobs.c.domain_id,
+            _jobs.c.service_id,
+            _jobs.c.warnings,
+            select(mv.c.handlers[_jobs.c.job_type]["type"].astext).where(version).scalar_subquery().label("handler_type"),
+            exists()
+            .where(version, func.coalesce(func.jsonb_typeof(output_schema), "null") != "null")
+            .label("has_output_schema"),
+            exists()
+            .where(
+                sub.c.source_model_id == _jobs.c.model_id,
+                sub.c.trigger_event == "inference_complete",
+                sub.c.status == "active",
+            )
+            .label("has_subscriptions"),
+            func.extract("epoch", func.now() - _jobs.c.created_at).label("age_seconds"),
+        )
+        .where(_jobs.c.job_id.in_(bindparam("ids", expanding=True)))
+        .order_by(_jobs.c.job_id)
+        .with_for_update()
+    )
+
+
 async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> dict[str, Outcome]:
     """End jobs, set-based, in the caller's transaction. Returns an outcome per job found
     (missing job ids are simply absent). Rows are locked ``FOR UPDATE`` in job_id order."""
     if not completions:
         return {}
-    from pie.registry.models import ModelVersion
-
     by_id = {c.job_id: c for c in completions}
-    ids = sorted(by_id)
-    # for the metrics: the handler type behind the job and its age
-    handler_type = (
-        select(ModelVersion.handlers[Job.job_type]["type"].astext)
-        .where(ModelVersion.model_id == Job.model_id, ModelVersion.version == Job.model_version)
-        .scalar_subquery()
-    )
-    rows = (
-        await session.execute(
-            select(
-                Job.job_id,
-                Job.job_type,
-                Job.status,
-                Job.model_id,
-                Job.model_version,
-                Job.purpose,
-                Job.client_id,
-                Job.domain_id,
-                Job.service_id,
-                Job.warnings,
-                handler_type.label("handler_type"),
-                func.extract("epoch", func.now() - Job.created_at).label("age_seconds"),
-            )
-            .where(Job.job_id.in_(ids))
-            .order_by(Job.job_id)
-            .with_for_update()
-        )
-    ).all()
+    if session.new or session.dirty or session.deleted:
+        await session.flush()  # the caller's own changes first (a Core statement does not autoflush)
+    rows = (await session.execute(_lock_for_finish(), {"ids": sorted(by_id)})).all()
     outcomes: dict[str, Outcome] = {}
     to_end = []
     for row in rows:
@@ -318,8 +336,10 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
     if not to_end:
         return outcomes
 
-    # output contracts of the versions involved, one query
-    with_output = {(r.model_id, r.model_version) for r in to_end if by_id[r.job_id].status == "success"}
+    # output contracts of the versions involved (those that have an output schema), one query
+    with_output = {
+        (r.model_id, r.model_version) for r in to_end if r.has_output_schema and by_id[r.job_id].status == "success"
+    }
     contracts: dict[tuple[str, str], Any] = {}
     if with_output:
         from pie.registry.models import ModelVersion
@@ -403,7 +423,7 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
 
     # successful inference jobs fire their model's inference_complete subscriptions (all of the
     # batch at once: a fixed number of queries, whatever the number of jobs)
-    fired = [r for r in to_end if r.job_type == "inference" and by_id[r.job_id].status == "success"]
+    fired = [r for r in to_end if r.job_type == "inference" and by_id[r.job_id].status == "success" and r.has_subscriptions]
     if fired:
         from pie.registry.events import Trigger, fire_triggers
 
