@@ -30,10 +30,28 @@ from __future__ import annotations
 
 import sys
 
-# this file is named like the standard library's ``http`` package: drop its own folder from the
-# import path before anything imports ``http.client``
-if sys.path and sys.path[0] and __import__("os").path.samefile(sys.path[0], __import__("os").path.dirname(__file__) or "."):
-    sys.path.pop(0)
+if __name__ == "http":
+    # A script run from this folder (``python bench/x.py``) has the folder first on sys.path, so
+    # its ``import http`` (httpx, urllib, starlette ...) finds this file: put the standard
+    # library's package in its place (the import statement then binds that one).
+    import importlib.machinery
+    import importlib.util
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _search = [p for p in sys.path if _os.path.abspath(p or ".") != _here]
+    _spec = importlib.machinery.PathFinder.find_spec("http", _search)
+    assert _spec is not None and _spec.loader is not None
+    _stdlib_http = importlib.util.module_from_spec(_spec)
+    sys.modules["http"] = _stdlib_http
+    _spec.loader.exec_module(_stdlib_http)
+else:
+    # run as the benchmark: drop this folder from the import path before anything imports
+    # ``http.client``
+    import os as _os
+
+    if sys.path and _os.path.abspath(sys.path[0] or ".") == _os.path.dirname(_os.path.abspath(__file__)):
+        sys.path.pop(0)
 
 import argparse
 import asyncio
