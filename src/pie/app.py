@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pie import db, metrics
-from pie.auth import TokenVerifier
+from pie.auth import make_verifier
 from pie.config import Settings, get_settings
 from pie.openapi_names import name_inline_schemas
 from pie.query_params import reject_unknown_query_params
@@ -388,7 +388,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         dependencies=[Depends(reject_unknown_query_params)],
     )
     app.state.settings = settings
-    app.state.verifier = TokenVerifier(settings)
+    app.state.verifier = make_verifier(settings)  # verified-token cache (README: Performance)
     install_error_handlers(app)
     # the last added middleware is the outermost: CORS wraps everything, 500s included
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
