@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import SimpleNamespace
@@ -25,13 +25,14 @@ from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_,
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
-from pie import callbacks, metrics
+from pie import callbacks, metrics, reads
 from pie.audit import context as audit
 from pie.auth import Principal
 from pie.config import get_settings
 from pie.dispatch.backends import build_payload, callback_token_ttl, payload_limit_problem
 from pie.errors import Conflict, Forbidden, NotFound, Unprocessable
 from pie.jobs.models import Job
+from pie.jobs.schemas import JobOut
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
 
@@ -127,14 +128,15 @@ def can_see_job(principal: Principal, client_id: str | None) -> bool:
     return principal.can_access(client_id)
 
 
-def ensure_job_access(principal: Principal, job: Job) -> None:
-    if not can_see_job(principal, job.client_id):
-        if job.client_id is None:
+def ensure_job_access(principal: Principal, job: Job | Mapping[str, Any]) -> None:
+    client_id = job["client_id"] if isinstance(job, Mapping) else job.client_id
+    if not can_see_job(principal, client_id):
+        if client_id is None:
             raise Forbidden("platform jobs are not visible to tenant callers")
-        raise Forbidden(f"no access to client {job.client_id}")
+        raise Forbidden(f"no access to client {client_id}")
 
 
-def ensure_can_read(principal: Principal, job: Job) -> None:
+def ensure_can_read(principal: Principal, job: Job | Mapping[str, Any]) -> None:
     """read_models or run_inference, and access to the job's tenant (see ``can_see_job``)."""
     if not (principal.has("read_models") or principal.has("run_inference")):
         raise Forbidden("missing permission read_models or run_inference")
@@ -147,6 +149,19 @@ async def get_job(session: AsyncSession, principal: Principal, job_id: str) -> J
         raise NotFound(f"job {job_id} not found")
     ensure_can_read(principal, job)
     return job
+
+
+_JOB_OUT_COLUMNS = [c for c in Job.__table__.c if c.key in JobOut.model_fields]
+
+
+async def read_job(principal: Principal, job_id: str) -> Mapping[str, Any]:
+    """``get_job`` as one Core read outside any transaction (the hot path of ``GET
+    /v2/jobs/{id}`` and its long-poll): the row's ``JobOut`` columns."""
+    row = await reads.fetch_one(select(*_JOB_OUT_COLUMNS).where(Job.job_id == job_id))
+    if row is None:
+        raise NotFound(f"job {job_id} not found")
+    ensure_can_read(principal, row)  # type: ignore[arg-type]
+    return row
 
 
 def visible_jobs(principal: Principal, client_id: str | None = None) -> ColumnElement[bool] | None:
