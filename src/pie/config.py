@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     # at most PIE_TOKEN_CACHE_SECONDS; 0 entries disables the cache
     token_cache_size: int = Field(default=4096, ge=0)
     token_cache_seconds: float = Field(default=300.0, ge=0)
+    # the hot GETs' success case served by one pure ASGI layer (pie.fastpath); off: FastAPI only
+    fast_reads: bool = True
 
     # operator console: Cognito hosted UI sign-in (authorization code + PKCE) when both are set
     console_cognito_domain: str | None = None  # e.g. https://pie.auth.eu-west-1.amazoncognito.com

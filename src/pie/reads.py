@@ -18,13 +18,13 @@ from sqlalchemy.sql import Executable
 from pie import db
 
 
-async def fetch_one(stmt: Executable) -> Mapping[str, Any] | None:
+async def fetch_one(stmt: Executable, params: Mapping[str, Any] | None = None) -> Mapping[str, Any] | None:
     """The first row of ``stmt`` as a mapping (None when there is none), read outside any
     transaction. Database errors surface as SQLAlchemy's (the 503 envelope; a broken connection
     is invalidated by the pool)."""
     async with db.get_engine().connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
-        return (await conn.execute(stmt)).mappings().first()
+        return (await conn.execute(stmt, params)).mappings().first()
 
 
 def json_response(model: type[BaseModel], data: Mapping[str, Any], status_code: int = 200) -> Response:

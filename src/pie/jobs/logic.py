@@ -151,13 +151,16 @@ async def get_job(session: AsyncSession, principal: Principal, job_id: str) -> J
     return job
 
 
-_JOB_OUT_COLUMNS = [c for c in Job.__table__.c if c.key in JobOut.model_fields]
+# built once: its compiled form is cached by SQLAlchemy; only the bound id changes
+_READ_JOB = select(*[c for c in Job.__table__.c if c.key in JobOut.model_fields]).where(
+    Job.__table__.c.job_id == bindparam("job_id")
+)
 
 
 async def read_job(principal: Principal, job_id: str) -> Mapping[str, Any]:
     """``get_job`` as one Core read outside any transaction (the hot path of ``GET
     /v2/jobs/{id}`` and its long-poll): the row's ``JobOut`` columns."""
-    row = await reads.fetch_one(select(*_JOB_OUT_COLUMNS).where(Job.job_id == job_id))
+    row = await reads.fetch_one(_READ_JOB, {"job_id": job_id})
     if row is None:
         raise NotFound(f"job {job_id} not found")
     ensure_can_read(principal, row)  # type: ignore[arg-type]
