@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pie import callbacks
 from pie.auth import Principal
 from pie.errors import PieError
+from pie.reads import json_bytes
 from pie.schemas import ID_PATTERN, KEY_PATTERN
 
 
@@ -155,7 +156,7 @@ class FastReadMiddleware:
             await self.app(scope, receive, send)
             return
         model, row = answer
-        body = model.model_validate(row).model_dump_json(by_alias=True).encode()
+        body = json_bytes(model, row)
         scope["route"] = fast.label
         scope.setdefault("state", {})["principal"] = principal
         await send(
