@@ -1,6 +1,8 @@
 """Fast reads (README: Performance): the success case of the hottest GETs answered by one pure
 ASGI layer, without FastAPI's routing and dependency solving.
 
+``GET /v2/health`` (no token): ``SELECT 1`` through the pool, ``{"status": "ok", ...}``.
+
 ``GET /v2/jobs/{job_id}``, ``GET /v2/clients/{c}/domains/{d}/assignments/{key}`` and
 ``GET /v2/clients/{c}/domains/{d}/service/{id}`` are matched here when the request is a plain
 ``GET`` with no query string and a bearer token: the token is verified by the app's verifier
@@ -17,19 +19,21 @@ come from ``RequestIdMiddleware`` around this layer as for any request.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
+from sqlalchemy import literal_column, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pie import callbacks
 from pie.auth import Principal
 from pie.errors import PieError
-from pie.reads import json_bytes
+from pie.reads import fetch_one, json_bytes
 from pie.schemas import ID_PATTERN, KEY_PATTERN
 
 
@@ -41,7 +45,7 @@ class RouteLabel:
     operation_id: str
 
 
-Reader = Callable[[Principal, dict[str, str]], Awaitable[tuple[type[BaseModel], Any] | None]]
+Reader = Callable[[Principal | None, dict[str, str]], Awaitable[tuple[type[BaseModel], Any] | None]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class FastRead:
     label: RouteLabel
     regex: re.Pattern[str]
     read: Reader
+    public: bool = False  # no bearer token (the route has no authentication)
 
 
 def _segment(pattern: str) -> str:
@@ -93,6 +98,19 @@ async def _service(principal: Principal, params: dict[str, str]) -> tuple[type[B
     return None if row is None else (ServiceOut, row)
 
 
+_SELECT_1 = select(literal_column("1").label("ok"))
+_HEALTHY = {"status": "ok", "database": "ok"}
+
+
+async def _health(_principal: Principal | None, _params: dict[str, str]) -> tuple[type[BaseModel], Any] | None:
+    """``SELECT 1`` through the pool (bounded like the route's); a failure is the route's 503."""
+    from pie.health.routes import HEALTH_DB_TIMEOUT, HealthOut
+
+    async with asyncio.timeout(HEALTH_DB_TIMEOUT):
+        await fetch_one(_SELECT_1)
+    return HealthOut, _HEALTHY
+
+
 _PATTERNS = {
     "job_id": ID_PATTERN,
     "client_id": ID_PATTERN,
@@ -105,9 +123,9 @@ _ROUTES = [
     ("/v2/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}", "getdomainmodelassignment", _domain_assignment),
     ("/v2/clients/{client_id}/domains/{domain_id}/service/{service_id}", "getdomainservice", _service),
 ]
-FAST_READS = tuple(
-    FastRead(RouteLabel(template, operation_id), _compile(template, _PATTERNS), read)
-    for template, operation_id, read in _ROUTES
+FAST_READS = (
+    FastRead(RouteLabel("/v2/health", "health"), re.compile(re.escape("/v2/health")), _health, public=True),
+    *(FastRead(RouteLabel(template, operation_id), _compile(template, _PATTERNS), read) for template, operation_id, read in _ROUTES),
 )
 
 
@@ -140,9 +158,14 @@ class FastReadMiddleware:
         else:
             await self.app(scope, receive, send)
             return
-        token = _bearer_token(scope)
-        answer = None
-        if token is not None:
+        token = None if fast.public else _bearer_token(scope)
+        answer = principal = None
+        if fast.public:
+            try:
+                answer = await fast.read(None, {})
+            except (PieError, SQLAlchemyError, TimeoutError):
+                answer = None
+        elif token is not None:
             from pie.deps import bearer_principal
 
             try:
@@ -158,7 +181,8 @@ class FastReadMiddleware:
         model, row = answer
         body = json_bytes(model, row)
         scope["route"] = fast.label
-        scope.setdefault("state", {})["principal"] = principal
+        if principal is not None:
+            scope.setdefault("state", {})["principal"] = principal
         await send(
             {
                 "type": "http.response.start",

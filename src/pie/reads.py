@@ -4,7 +4,8 @@ serialized once, by the response model's own pydantic-core serializer.
 
 The statement is a SQLAlchemy Core construct compiled once for the engine's dialect; it runs
 on the pooled connection's psycopg driver connection directly (no per-statement greenlet hops
-or result-proxy work). A database error is raised as SQLAlchemy's wrapped exception (the 503
+or result-proxy work); ``before_cursor_execute`` listeners of the engine are called (with no
+execution context), so statement counters still see it. A database error is raised as SQLAlchemy's wrapped exception (the 503
 envelope of ``pie.errors``), and a connection it broke is invalidated, as SQLAlchemy would.
 
 Routes using :func:`json_response` keep ``response_model=`` for the OpenAPI document; FastAPI
@@ -50,6 +51,10 @@ async def fetch_one(stmt: ClauseElement, params: Mapping[str, Any] | None = None
             await pg.set_autocommit(True)
             try:
                 cur = pg.cursor(row_factory=dict_row)
+                dispatch = conn.sync_engine.dispatch
+                if dispatch.before_cursor_execute:  # listeners (statement counters) see it too
+                    for listener in dispatch.before_cursor_execute:
+                        listener(conn.sync_connection, cur, sql, params, None, False)
                 await cur.execute(sql, params)
                 return await cur.fetchone()
             finally:
