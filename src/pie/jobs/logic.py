@@ -63,18 +63,23 @@ async def create_job(
     subscription_id: uuid.UUID | None = None,
     purpose: str | None = None,
     warnings: list[Any] | None = None,
+    handlers: dict[str, Any] | None = None,
 ) -> Job:
     """Record a pending job in the caller's transaction; dispatch happens after commit.
 
-    422 when the payload its handler would receive exceeds the limit of the handler's type
-    (ECS overrides, Lambda Event payload, the body limit for in-process jobs)."""
+    ``handlers``: the version's handlers when the caller has already read the version (saves a
+    query). 422 when the payload its handler would receive exceeds the limit of the handler's
+    type (ECS overrides, Lambda Event payload, the body limit for in-process jobs)."""
     from pie.registry.models import ModelVersion
 
-    handler = await session.scalar(
-        select(ModelVersion.handlers[job_type]).where(
-            ModelVersion.model_id == model_id, ModelVersion.version == model_version
+    if handlers is not None:
+        handler = handlers.get(job_type)
+    else:
+        handler = await session.scalar(
+            select(ModelVersion.handlers[job_type]).where(
+                ModelVersion.model_id == model_id, ModelVersion.version == model_version
+            )
         )
-    )
     handler = handler if isinstance(handler, dict) else None
     settings = get_settings()
     job = Job(
@@ -106,8 +111,7 @@ async def create_job(
     if problem is not None:
         raise Unprocessable(f"job payload too large: {problem}")
     session.add(job)
-    await session.flush()
-    await session.refresh(job)
+    await session.flush()  # INSERT ... RETURNING the server defaults (Job: eager_defaults)
     await notify_new_jobs(session)
     metrics.on_commit(session, metrics.jobs_created([job_type]))
     return job
