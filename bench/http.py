@@ -399,6 +399,17 @@ def _pg_connections(db_url: str) -> int:
         ).fetchone()[0]
 
 
+def _pg_connection_states(db_url: str) -> tuple[int, int, int]:
+    """(connections of the server, LISTEN connections, connections in use) on this database."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE query LIKE 'LISTEN%%'),"
+            " count(*) FILTER (WHERE state NOT IN ('idle') AND query NOT LIKE 'LISTEN%%')"
+            " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend'"
+        ).fetchone()
+
+
 def scenario_longpoll(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
     pie = start_pie(db_url, tmp, name="pie-longpoll")
     try:
@@ -414,33 +425,49 @@ def scenario_longpoll(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
         quiet = load(probe, headers=s.tenant, duration=args.duration, connections=8, tmp=tmp)
         idle_conns = _pg_connections(db_url)
 
-        async def waiters() -> tuple[list[float], list[float], Result, int]:
-            limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
-            async with httpx.AsyncClient(base_url=pie.url, headers=admin, timeout=wait + 30, limits=limits) as c:
-                async def one(job_id: str) -> tuple[float, float]:
-                    """(seconds waited, the moment it answered)"""
-                    t0 = time.monotonic()
-                    r = await c.get(f"/v2/jobs/{job_id}", params={"wait": wait})
-                    r.raise_for_status()
-                    return time.monotonic() - t0, time.monotonic()
+        async def waiters() -> tuple[list[float], list[float], Result, tuple[int, int, int]]:
+            # raw keep-alive sockets, all opened before any request is sent, so each long-poll is
+            # timed from the moment its request is written (no client-side queueing in the figure)
+            u = httpx.URL(pie.url)
+            conns = [await asyncio.open_connection(u.host, u.port) for _ in jobs]
 
-                tasks = [asyncio.create_task(one(j)) for j in jobs]
-                await asyncio.sleep(3)  # all waiting
-                busy_conns = _pg_connections(db_url)
-                loaded = await asyncio.to_thread(load, probe, headers=s.tenant, duration=min(args.duration, wait - 8),
-                                                 connections=8, tmp=tmp)
-                # end the first 50 jobs: their long-polls must answer at once
-                ended_at = time.monotonic()
-                async with httpx.AsyncClient(base_url=pie.url, headers=admin, timeout=30) as c2:
-                    await asyncio.gather(*(c2.post(f"/v2/models/{MODEL}/versions/1/jobs/{j}/complete",
-                                                   json={"status": "success", "output": {}}) for j in jobs[:50]))
-                early = [answered - ended_at for _, answered in await asyncio.gather(*tasks[:50])]
-                rest = [waited for waited, _ in await asyncio.gather(*tasks[50:])]
-                return early, rest, loaded, busy_conns
+            async def one(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], job_id: str) -> tuple[float, float]:
+                """(seconds waited, the moment it answered)"""
+                reader, writer = conn
+                writer.write(f"GET /v2/jobs/{job_id}?wait={wait:g} HTTP/1.1\r\nHost: {u.host}:{u.port}\r\n"
+                             f"Authorization: {admin['Authorization']}\r\n\r\n".encode())
+                t0 = time.monotonic()
+                status = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                answered = time.monotonic()
+                writer.close()
+                if b" 200 " not in status:
+                    raise SystemExit(f"long-poll answered {status!r}")
+                return answered - t0, answered
+
+            tasks = [asyncio.create_task(one(c, j)) for c, j in zip(conns, jobs)]
+            await asyncio.sleep(3)  # all waiting
+            busy_conns = _pg_connection_states(db_url)
+            loaded = await asyncio.to_thread(load, probe, headers=s.tenant, duration=min(args.duration, wait - 8),
+                                             connections=8, tmp=tmp)
+            # end the first 50 jobs: their long-polls must answer at once
+            ended_at = time.monotonic()
+            async with httpx.AsyncClient(base_url=pie.url, headers=admin, timeout=30) as c2:
+                await asyncio.gather(*(c2.post(f"/v2/models/{MODEL}/versions/1/jobs/{j}/complete",
+                                               json={"status": "success", "output": {}}) for j in jobs[:50]))
+            early = [answered - ended_at for _, answered in await asyncio.gather(*tasks[:50])]
+            rest = [waited for waited, _ in await asyncio.gather(*tasks[50:])]
+            return early, rest, loaded, busy_conns
 
         early, rest, loaded, busy_conns = asyncio.run(waiters())
         print(f"\n## long-poll: {n} concurrent GET /v2/jobs/{{id}}?wait={wait:.0f}, one process")
-        print(f"database connections of the server: idle {idle_conns}, with {n} waiters {busy_conns}")
+        total, listening, busy = busy_conns
+        print(f"database connections of the server: {idle_conns} before; with {n} waiters {total}, of which "
+              f"{listening} LISTEN and {busy} in use (the others idle in the pool) (target: 1 for waiting)")
         print(f"other requests (GET job, 8 connections) without waiters: {quiet.row()}")
         print(f"other requests (GET job, 8 connections) with {n} waiters:  {loaded.row()}")
         print(f"p99 ratio with/without waiters: {loaded.p99_ms / quiet.p99_ms:.2f}x (target <= 2x)")
