@@ -24,9 +24,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     data_dir: Path = Path(".pie")
     # sized for the usual concurrency of one process so the pool does not churn (overflow
-    # connections are opened and closed per burst); see README "Performance"
-    db_pool_size: int = Field(default=20, ge=1)
-    db_max_overflow: int = Field(default=5, ge=0)
+    # connections are opened and closed per burst); connections are opened lazily, so an idle
+    # process holds few; see README "Performance"
+    db_pool_size: int = Field(default=32, ge=1)
+    db_max_overflow: int = Field(default=8, ge=0)
     # connections older than this are replaced at checkout (0 = never); no pre-ping per checkout
     db_pool_recycle_seconds: float = Field(default=1800.0, ge=0)
     # timeouts to the database (requests that hit one get the 503 envelope at once); 0 = none
