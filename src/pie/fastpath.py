@@ -30,10 +30,18 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pie import callbacks
+from pie.assignments.logic import read_active_domain_revision
+from pie.assignments.schemas import AssignmentOut
 from pie.auth import Principal
+from pie.deps import bearer_principal
 from pie.errors import PieError
+from pie.health.routes import health
+from pie.jobs.logic import read_job
+from pie.jobs.schemas import JobOut
 from pie.reads import json_bytes
 from pie.schemas import ID_PATTERN, KEY_PATTERN
+from pie.tenancy.logic import read_service
+from pie.tenancy.schemas import ServiceOut
 
 
 @dataclass(frozen=True)
@@ -69,18 +77,12 @@ def _compile(template: str, patterns: dict[str, str]) -> re.Pattern[str]:
 
 
 async def _job(principal: Principal, params: dict[str, str]) -> tuple[type[BaseModel], Any] | None:
-    from pie.jobs.logic import read_job
-    from pie.jobs.schemas import JobOut
-
     if not (principal.has("read_models") or principal.has("run_inference")):
         return None
     return JobOut, await read_job(principal, params["job_id"])  # 404 / 403 raise: the route answers
 
 
 async def _domain_assignment(principal: Principal, params: dict[str, str]) -> tuple[type[BaseModel], Any] | None:
-    from pie.assignments.logic import read_active_domain_revision
-    from pie.assignments.schemas import AssignmentOut
-
     if not (principal.has("read_domains") and principal.can_access(params["client_id"])):
         return None
     row = await read_active_domain_revision(params["client_id"], params["domain_id"], params["assignment_key"])
@@ -88,9 +90,6 @@ async def _domain_assignment(principal: Principal, params: dict[str, str]) -> tu
 
 
 async def _service(principal: Principal, params: dict[str, str]) -> tuple[type[BaseModel], Any] | None:
-    from pie.tenancy.logic import read_service
-    from pie.tenancy.schemas import ServiceOut
-
     if not (principal.has("read_domains") and principal.can_access(params["client_id"])):
         return None
     row = await read_service(params["client_id"], params["domain_id"], params["service_id"])
@@ -99,8 +98,6 @@ async def _service(principal: Principal, params: dict[str, str]) -> tuple[type[B
 
 async def _health(_principal: Principal | None, _params: dict[str, str]) -> Response:
     """The route's own function (``SELECT 1`` through the pool; 200, or the 503 it logs)."""
-    from pie.health.routes import health
-
     return await health()
 
 
@@ -133,7 +130,7 @@ def _bearer_token(scope: Scope) -> str | None:
 
 
 class FastReadMiddleware:
-    """Pure ASGI; see the module docstring. ``reads`` defaults to the three hot GETs."""
+    """Pure ASGI; see the module docstring. ``reads`` defaults to health and the three hot GETs."""
 
     def __init__(self, app: ASGIApp, reads: tuple[FastRead, ...] = FAST_READS):
         self.app = app
@@ -156,8 +153,6 @@ class FastReadMiddleware:
         if fast.public:
             answer = await fast.read(None, {})
         elif token is not None:
-            from pie.deps import bearer_principal
-
             try:
                 principal = await bearer_principal(scope["app"].state, token)
                 # a callback token (its claims name the callback issuer) is for the route to refuse
