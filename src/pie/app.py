@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pie import db, idempotency, metrics
-from pie.auth import TokenVerifier
+from pie.auth import make_verifier
 from pie.config import Settings, get_settings
 from pie.docs import install_docs
 from pie.httpserver import HeaderCountGuard
@@ -272,8 +272,9 @@ def _include_routers(app: FastAPI) -> None:
     # the console's stylesheet and vendored script (served locally: no CDN, no build step);
     # mounted before the console's routes, whose catch-all answers unknown pages
     app.mount("/console/static", StaticFiles(directory=STATIC_DIR), name="console-static")
+    # the console router (its own prefix, out of the OpenAPI document) comes last: API requests
+    # do not walk its routes first
     for router in (
-        console_router,
         health_router,
         clients_router,
         tenancy_router,
@@ -282,6 +283,7 @@ def _include_routers(app: FastAPI) -> None:
         jobs_router,
         dispatch_router,
         audit_router,
+        console_router,
     ):
         app.include_router(router)
     check_routes(app)
@@ -392,10 +394,14 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         dependencies=[Depends(reject_unknown_query_params)],
     )
     app.state.settings = settings
-    app.state.verifier = TokenVerifier(settings)
+    app.state.verifier = make_verifier(settings)  # verified-token cache (README: Performance)
     install_error_handlers(app)
     idempotency.install(app)
     # the last added middleware is the outermost: CORS wraps everything, 500s included
+    if settings.fast_reads and not settings.otel_enabled:  # (traces name FastAPI's routes)
+        from pie.fastpath import FastReadMiddleware
+
+        app.add_middleware(FastReadMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(HeaderCountGuard, max_headers=settings.http_max_headers)
     app.add_middleware(HeadAsGetMiddleware)

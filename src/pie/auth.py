@@ -348,3 +348,61 @@ def check_time_claims(claims: dict[str, Any], *, now: float, leeway: float) -> N
     iat = claims.get("iat")
     if iat is not None and iat > now + leeway:
         raise Unauthorized("invalid token: issued in the future (iat)")
+
+
+class CachedTokenVerifier:
+    """A bounded LRU of verified tokens wrapped around a :class:`TokenVerifier` (whose checks —
+    signature, issuer, claims — all stay inside it and run on every miss).
+
+    Keyed on the raw token string, so an entry is never shared between different tokens; an
+    entry expires at the token's ``exp`` (and at most ``max_age`` seconds after it was verified,
+    so a retired signing key stops being honoured soon). A token whose ``exp`` has passed is
+    refused here even when the wrapped verifier would still accept it (its clock has whole-second
+    granularity). Failures are never cached. ``clock`` (wall-clock seconds) is injectable."""
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        *,
+        maxsize: int,
+        max_age: float,
+        clock: Callable[[], float] = time.time,
+    ):
+        from cachetools import TLRUCache
+
+        self.verifier = verifier
+        self.max_age = max_age
+        self.clock = clock
+        # an item is dropped once clock() >= its expiry (the ttu value computed at insertion)
+        self._cache: TLRUCache[str, tuple[Principal, float]] = TLRUCache(
+            maxsize=maxsize, ttu=lambda _token, entry, _now: entry[1], timer=clock
+        )
+
+    def __getattr__(self, name: str) -> Any:  # settings, jwks, ... of the wrapped verifier
+        return getattr(self.verifier, name)
+
+    async def verify(self, token: str) -> Principal:
+        entry = self._cache.get(token)
+        now = self.clock()
+        if entry is not None and now < entry[1]:
+            return entry[0]
+        principal = await self.verifier.verify(token)
+        exp = principal.claims.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+            return principal  # no usable exp (the verifier requires one): never cached
+        if now >= exp:
+            raise Unauthorized("invalid token: Signature has expired.")
+        if self._cache.maxsize > 0 and self.max_age > 0:
+            self._cache[token] = (principal, min(float(exp), now + self.max_age))
+        return principal
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def make_verifier(settings: Settings) -> TokenVerifier | CachedTokenVerifier:
+    """The process's verifier: cached unless PIE_TOKEN_CACHE_SIZE or _SECONDS is 0."""
+    verifier = TokenVerifier(settings)
+    if settings.token_cache_size <= 0 or settings.token_cache_seconds <= 0:
+        return verifier
+    return CachedTokenVerifier(verifier, maxsize=settings.token_cache_size, max_age=settings.token_cache_seconds)

@@ -23,8 +23,13 @@ class Settings(BaseSettings):
     # database
     database_url: str | None = None
     data_dir: Path = Path(".pie")
-    db_pool_size: int = 10
-    db_max_overflow: int = 10
+    # sized for the usual concurrency of one process so the pool does not churn (overflow
+    # connections are opened and closed per burst); connections are opened lazily, so an idle
+    # process holds few; see README "Performance"
+    db_pool_size: int = Field(default=32, ge=1)
+    db_max_overflow: int = Field(default=8, ge=0)
+    # connections older than this are replaced at checkout (0 = never); no pre-ping per checkout
+    db_pool_recycle_seconds: float = Field(default=1800.0, ge=0)
     # timeouts to the database (requests that hit one get the 503 envelope at once); 0 = none
     db_connect_timeout: float = Field(default=5.0, ge=0)
     db_statement_timeout_ms: int = Field(default=30_000, ge=0)
@@ -49,6 +54,12 @@ class Settings(BaseSettings):
     jwks_refetch_cooldown_seconds: float = 30.0
     # how long a machine token's tenant (its app client -> client mapping) is cached per process
     tenant_cache_seconds: float = Field(default=10.0, ge=0)
+    # verified bearer tokens cached per process (keyed on the raw token), each until its exp and
+    # at most PIE_TOKEN_CACHE_SECONDS; 0 entries disables the cache
+    token_cache_size: int = Field(default=4096, ge=0)
+    token_cache_seconds: float = Field(default=300.0, ge=0)
+    # the hot GETs' success case served by one pure ASGI layer (pie.fastpath); off: FastAPI only
+    fast_reads: bool = True
 
     # operator console: Cognito hosted UI sign-in (authorization code + PKCE) when both are set
     console_cognito_domain: str | None = None  # e.g. https://pie.auth.eu-west-1.amazoncognito.com

@@ -129,7 +129,12 @@ def init_engine(url: str, settings: Any = None, **kwargs: Any) -> AsyncEngine:
     settings = settings or get_settings()
     kwargs.setdefault("pool_size", settings.db_pool_size)
     kwargs.setdefault("max_overflow", settings.db_max_overflow)
-    kwargs.setdefault("pool_pre_ping", True)
+    # no per-checkout pre-ping (a round trip on every request): connections are recycled after
+    # PIE_DB_POOL_RECYCLE_SECONDS, and a connection that fails with a disconnect error is
+    # invalidated by SQLAlchemy (that request gets the 503 envelope; the next checkout opens a
+    # fresh connection) -- error-driven reconnect
+    kwargs.setdefault("pool_pre_ping", False)
+    kwargs.setdefault("pool_recycle", settings.db_pool_recycle_seconds or -1)
     kwargs.setdefault("connect_args", connect_args(settings))
     from pie.jsonbody import load_stored
 

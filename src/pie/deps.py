@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -36,12 +36,20 @@ async def current_principal(
     if callbacks.is_callback_token(token):
         principal = await _callback_principal(request, token)
     else:
-        verifier: TokenVerifier = request.app.state.verifier
-        principal = await verifier.verify(token)
-        if principal.machine_claim is not None:
-            ttl = request.app.state.settings.tenant_cache_seconds
-            principal = with_tenant(principal, await tenant_of_app_client(principal.machine_claim, ttl))
+        principal = await bearer_principal(request.app.state, token)
     request.state.principal = principal  # the access log line names the caller
+    return principal
+
+
+async def bearer_principal(app_state: Any, token: str) -> Principal:
+    """The caller of a (non-callback) bearer token: verified (``app_state.verifier``, cached
+    until the token's exp) and, for a machine token, bound to its client's tenant (401 when the
+    token is not valid)."""
+    verifier: TokenVerifier = app_state.verifier
+    principal = await verifier.verify(token)
+    if principal.machine_claim is not None:
+        ttl = app_state.settings.tenant_cache_seconds
+        principal = with_tenant(principal, await tenant_of_app_client(principal.machine_claim, ttl))
     return principal
 
 

@@ -119,9 +119,20 @@ def handler_label(handler_type: Any) -> str:
     return handler_type if handler_type in _HANDLER_TYPES else "other"
 
 
+_REQUEST_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
-    HTTP_REQUESTS.labels(route, method, str(status)).inc()
-    HTTP_LATENCY.labels(route, method).observe(seconds)
+    # the labelled children are looked up once per (route, method, status), not per request
+    key = (route, method, status)
+    children = _REQUEST_CHILDREN.get(key)
+    if children is None:
+        children = _REQUEST_CHILDREN[key] = (
+            HTTP_REQUESTS.labels(route, method, str(status)),
+            HTTP_LATENCY.labels(route, method),
+        )
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 def on_commit(session: Any, callback: Callable[[], None]) -> None:

@@ -10,15 +10,16 @@ regardless.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Response
-from sqlalchemy import Text, cast, func, or_, select, update
+from sqlalchemy import Text, bindparam, cast, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pie import metrics
+from pie import metrics, reads
 from pie.assignments import freeze
 from pie.assignments.models import Assignment
 from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert
@@ -265,6 +266,25 @@ async def list_revisions(
     )
     return await paginate(
         session, stmt, [Assignment.created_at, Assignment.assignment_id], page, response, descending=True
+    )
+
+
+_ASSIGNMENTS = Assignment.__table__.c
+_READ_ACTIVE_DOMAIN_REVISION = select(*_ASSIGNMENTS).where(
+    _ASSIGNMENTS.client_id == bindparam("client_id"),
+    _ASSIGNMENTS.domain_id == bindparam("domain_id"),
+    _ASSIGNMENTS.service_id.is_(None),
+    _ASSIGNMENTS.assignment_key == bindparam("key"),
+    _ASSIGNMENTS.status == "active",
+)
+
+
+async def read_active_domain_revision(client_id: str, domain_id: str, key: str) -> Mapping[str, Any] | None:
+    """The key's active domain revision from one Core read outside any transaction (None when
+    there is none: its client and domain exist whenever it does). The fast read of ``GET
+    .../assignments/{key}`` (``pie.fastpath``)."""
+    return await reads.fetch_one(
+        _READ_ACTIVE_DOMAIN_REVISION, {"client_id": client_id, "domain_id": domain_id, "key": key}
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import SimpleNamespace
@@ -25,13 +26,14 @@ from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_,
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
-from pie import callbacks, metrics
+from pie import callbacks, metrics, reads
 from pie.audit import context as audit
 from pie.auth import Principal
 from pie.config import get_settings
 from pie.dispatch.backends import build_payload, callback_token_ttl, payload_limit_problem
 from pie.errors import Conflict, Forbidden, NotFound, Unprocessable
 from pie.jobs.models import Job
+from pie.jobs.schemas import JobOut
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
 
@@ -62,18 +64,23 @@ async def create_job(
     subscription_id: uuid.UUID | None = None,
     purpose: str | None = None,
     warnings: list[Any] | None = None,
+    handlers: dict[str, Any] | None = None,
 ) -> Job:
     """Record a pending job in the caller's transaction; dispatch happens after commit.
 
-    422 when the payload its handler would receive exceeds the limit of the handler's type
-    (ECS overrides, Lambda Event payload, the body limit for in-process jobs)."""
+    ``handlers``: the version's handlers when the caller has already read the version (saves a
+    query). 422 when the payload its handler would receive exceeds the limit of the handler's
+    type (ECS overrides, Lambda Event payload, the body limit for in-process jobs)."""
     from pie.registry.models import ModelVersion
 
-    handler = await session.scalar(
-        select(ModelVersion.handlers[job_type]).where(
-            ModelVersion.model_id == model_id, ModelVersion.version == model_version
+    if handlers is not None:
+        handler = handlers.get(job_type)
+    else:
+        handler = await session.scalar(
+            select(ModelVersion.handlers[job_type]).where(
+                ModelVersion.model_id == model_id, ModelVersion.version == model_version
+            )
         )
-    )
     handler = handler if isinstance(handler, dict) else None
     settings = get_settings()
     job = Job(
@@ -105,18 +112,10 @@ async def create_job(
     if problem is not None:
         raise Unprocessable(f"job payload too large: {problem}")
     session.add(job)
-    await session.flush()
-    # the server-generated columns only: reloading the JSON just written would parse a second
-    # copy of a possibly large input (the largest share of the memory a big request costs)
-    await session.refresh(job, attribute_names=_GENERATED_JOB_COLUMNS)
+    await session.flush()  # INSERT ... RETURNING the server defaults (Job: eager_defaults)
     await notify_new_jobs(session)
     metrics.on_commit(session, metrics.jobs_created([job_type]))
     return job
-
-
-_GENERATED_JOB_COLUMNS = [
-    attr.key for attr in Job.__mapper__.column_attrs if attr.key not in ("input", "features", "warnings")
-]
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,14 +133,15 @@ def can_see_job(principal: Principal, client_id: str | None) -> bool:
     return principal.can_access(client_id)
 
 
-def ensure_job_access(principal: Principal, job: Job) -> None:
-    if not can_see_job(principal, job.client_id):
-        if job.client_id is None:
+def ensure_job_access(principal: Principal, job: Job | Mapping[str, Any]) -> None:
+    client_id = job["client_id"] if isinstance(job, Mapping) else job.client_id
+    if not can_see_job(principal, client_id):
+        if client_id is None:
             raise Forbidden("platform jobs are not visible to tenant callers")
-        raise Forbidden(f"no access to client {job.client_id}")
+        raise Forbidden(f"no access to client {client_id}")
 
 
-def ensure_can_read(principal: Principal, job: Job) -> None:
+def ensure_can_read(principal: Principal, job: Job | Mapping[str, Any]) -> None:
     """read_models or run_inference, and access to the job's tenant (see ``can_see_job``)."""
     if not (principal.has("read_models") or principal.has("run_inference")):
         raise Forbidden("missing permission read_models or run_inference")
@@ -154,6 +154,22 @@ async def get_job(session: AsyncSession, principal: Principal, job_id: str) -> J
         raise NotFound(f"job {job_id} not found")
     ensure_can_read(principal, job)
     return job
+
+
+# built once: its compiled form is cached by SQLAlchemy; only the bound id changes
+_READ_JOB = select(*[c for c in Job.__table__.c if c.key in JobOut.model_fields]).where(
+    Job.__table__.c.job_id == bindparam("job_id")
+)
+
+
+async def read_job(principal: Principal, job_id: str) -> Mapping[str, Any]:
+    """``get_job`` as one Core read outside any transaction (the hot path of ``GET
+    /v2/jobs/{id}`` and its long-poll): the row's ``JobOut`` columns."""
+    row = await reads.fetch_one(_READ_JOB, {"job_id": job_id})
+    if row is None:
+        raise NotFound(f"job {job_id} not found")
+    ensure_can_read(principal, row)  # type: ignore[arg-type]
+    return row
 
 
 def visible_jobs(principal: Principal, client_id: str | None = None) -> ColumnElement[bool] | None:

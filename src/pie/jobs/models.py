@@ -15,6 +15,9 @@ from pie.db import Base, Timestamps
 
 class Job(Timestamps, Base):
     __tablename__ = "jobs"
+    # the INSERT returns the server defaults (id, status, timestamps) in its own round trip: no
+    # refresh SELECT after a job is created
+    __mapper_args__ = {"eager_defaults": True}
 
     job_id: Mapped[str] = mapped_column(
         String(64), primary_key=True, server_default=text("pie_uuid7()::text")

@@ -1,21 +1,21 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
-from pie import db
 from pie.audit.routing import AuditedRoute
 from pie.auth import Principal
 from pie.deps import CurrentPrincipal, ModelIdPath, ModelVersionPath, Session
 from pie.errors import Forbidden
 from pie.jobs import logic
-from pie.jobs.models import Job
 from pie.jobs.schemas import CompletionOut, JobCompletion, JobOut
 from pie.jobs.waiting import wait_for_end
 from pie.pagination import PageParams
 from pie.registry.schemas import error_responses
+from pie.reads import json_response
 from pie.routing import PieRoute
 from pie.schemas import ID_PATTERN
 
@@ -45,14 +45,15 @@ async def get_job(
     """A job. With ``?wait=N`` the answer comes when the job ends or after N seconds, whichever
     is first; no database transaction is held while waiting."""
 
-    async def read() -> Job:
-        async with db.sessionmaker()() as s:
-            return await logic.get_job(s, principal, job_id)
+    async def read() -> Mapping[str, Any]:
+        return await logic.read_job(principal, job_id)
 
     if wait <= 0:
-        return await read()
-    # 404 / 403 at once (the first read); then no query until the job ends or time is up
-    return await wait_for_end(job_id, wait, read, lambda j: j.status in logic.ENDED)
+        row = await read()
+    else:
+        # 404 / 403 at once (the first read); then no query until the job ends or time is up
+        row = await wait_for_end(job_id, wait, read, lambda j: j["status"] in logic.ENDED)
+    return json_response(JobOut, row)
 
 
 @router.get("/v2/jobs", operation_id="listjobs", response_model=list[JobOut])

@@ -406,7 +406,8 @@ async def run_inference(
                 f"input does not match the inference input_schema of model {model_id} version {version}: {error}"
             )
     job = await create_job(
-        session, job_type="inference", model_id=model_id, model_version=version, input=body.input, client_id=tenant
+        session, job_type="inference", model_id=model_id, model_version=version, input=body.input, client_id=tenant,
+        handlers=found.handlers if isinstance(found.handlers, dict) else None,
     )
     audit.describe(session, target_id=job.job_id, client_id=job.client_id)
     if body.subscribe:

@@ -13,15 +13,17 @@ either refused by a suspension that committed first or commits before the suspen
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any, Literal, cast
 
 import uuid6
 from fastapi import Response
-from sqlalchemy import and_, func, literal, or_, select
+from sqlalchemy import and_, bindparam, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
+from pie import reads
 from pie.assignments.models import Assignment
 from pie.audit import context as audit
 from pie.clients.models import Client
@@ -240,6 +242,26 @@ async def load_service(
     if service is None:
         raise NotFound(f"service {service_id} not found in domain {domain_id}")
     return service
+
+
+_READ_SERVICE = select(*Service.__table__.c).where(
+    Service.__table__.c.client_id == bindparam("client_id"),
+    Service.__table__.c.domain_id == bindparam("domain_id"),
+    Service.__table__.c.service_id == bindparam("service_id"),
+)
+
+
+async def read_service(client_id: str, domain_id: str, service_id: str) -> dict[str, Any] | None:
+    """The service's ``ServiceOut`` fields from one Core read outside any transaction (None when
+    it does not exist: its client and domain exist whenever it does). The fast read of ``GET
+    .../service/{id}`` (``pie.fastpath``)."""
+    row = await reads.fetch_one(_READ_SERVICE, {"client_id": client_id, "domain_id": domain_id, "service_id": service_id})
+    if row is None:
+        return None
+    out = dict(row)
+    departure = out["departure_datetime"]
+    out["departed"] = departure is not None and departure <= datetime.now(timezone.utc)
+    return out
 
 
 async def get_service(session: AsyncSession, scope: TenantScope, domain_id: str, service_id: str) -> Service:

@@ -1,0 +1,79 @@
+"""Hot reads (README: Performance): one statement on a pooled connection in autocommit (no ORM
+session, no identity map, no BEGIN/COMMIT round trips for a single read), and the answer
+serialized once, by the response model's own pydantic-core serializer.
+
+The statement is a SQLAlchemy Core construct compiled once for the engine's dialect; it runs
+on the pooled connection's psycopg driver connection directly (no per-statement greenlet hops
+or result-proxy work); ``before_cursor_execute`` listeners of the engine are called (with no
+execution context), so statement counters still see it. A database error is raised as SQLAlchemy's wrapped exception (the 503
+envelope of ``pie.errors``), and a connection it broke is invalidated, as SQLAlchemy would.
+
+Routes using :func:`json_response` keep ``response_model=`` for the OpenAPI document; FastAPI
+skips its own response validation for an endpoint that returns a ``Response``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from fastapi.responses import Response
+from psycopg.rows import dict_row
+from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.sql import ClauseElement
+
+from pie import db
+
+_compiled: dict[tuple[int, int], tuple[str, dict[str, Any]]] = {}
+
+
+def _sql(stmt: ClauseElement) -> tuple[str, dict[str, Any]]:
+    """The statement's SQL for the engine's dialect and the values of its constant binds."""
+    engine = db.get_engine()
+    key = (id(stmt), id(engine.dialect))
+    found = _compiled.get(key)
+    if found is None:
+        compiled = stmt.compile(dialect=engine.dialect)
+        found = _compiled[key] = (str(compiled), dict(compiled.params))
+    return found
+
+
+async def fetch_one(stmt: ClauseElement, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The first row of ``stmt`` (a module-level constant: its SQL is compiled once) as a dict
+    (None when there is none), read outside any transaction."""
+    sql, constants = _sql(stmt)
+    params = {**constants, **(params or {})}
+    async with db.get_engine().connect() as conn:
+        raw = await conn.get_raw_connection()
+        pg: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+        try:
+            await pg.set_autocommit(True)
+            try:
+                cur = pg.cursor(row_factory=dict_row)
+                dispatch = conn.sync_engine.dispatch
+                if dispatch.before_cursor_execute:  # listeners (statement counters) see it too
+                    for listener in dispatch.before_cursor_execute:
+                        listener(conn.sync_connection, cur, sql, params, None, False)
+                await cur.execute(sql, params)
+                return await cur.fetchone()
+            finally:
+                if not pg.closed:
+                    await pg.set_autocommit(False)
+        except psycopg.Error as exc:
+            broken = pg.closed or pg.broken
+            if broken:
+                await conn.invalidate(exc)
+            raise sa_exc.DBAPIError.instance(
+                sql, params, exc, psycopg.Error, connection_invalidated=broken
+            ) from exc
+
+
+def json_response(model: type[BaseModel], data: Mapping[str, Any], status_code: int = 200) -> Response:
+    """``data`` validated into ``model`` and serialized to JSON bytes in one pass (the same
+    output FastAPI's ``response_model`` handling would produce)."""
+    return Response(content=json_bytes(model, data), status_code=status_code, media_type="application/json")
+
+
+def json_bytes(model: type[BaseModel], data: Mapping[str, Any]) -> bytes:
+    return model.model_validate(data).model_dump_json(by_alias=True).encode()

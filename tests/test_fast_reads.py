@@ -1,0 +1,109 @@
+"""The fast reads (pie.fastpath): the hot GETs answer exactly as their FastAPI routes do — the
+success case from the fast layer, every other case (401, 403, 404, 400, query strings) from the
+route itself."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+
+from pie.app import create_app
+from factories import domain_url, init_service, tenant_setup
+
+D = domain_url("client-1", "south_australia")
+
+
+@pytest.fixture
+async def plain(engine, settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The same application without the fast layer (PIE_FAST_READS=false)."""
+    app = create_app(settings.model_copy(update={"fast_reads": False}))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+@pytest.fixture
+async def world(client, session, admin, auth) -> dict[str, str]:
+    await tenant_setup(client, session, admin)
+    await init_service(client, admin, "svc-1", {"route": "Adelaide to Sydney"})
+    await init_service(client, admin, "svc-gone", {"route": "Sydney to Adelaide"})
+    past = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+    r = await client.put(f"{D}/service/svc-gone", json={"departure_datetime": past}, headers=admin)
+    assert r.status_code == 200, r.text
+    r = await client.post(f"{D}/assignments/default/jobs", json={"input": {"route": "Adelaide to Sydney"}}, headers=admin)
+    assert r.status_code == 202, r.text
+    return {"job": r.json()["job_id"]}
+
+
+def paths(job_id: str) -> list[str]:
+    return [
+        f"/v2/jobs/{job_id}",
+        "/v2/health",
+        f"{D}/assignments/default",
+        f"{D}/service/svc-1",
+        f"{D}/service/svc-gone",
+        # not found at every level: the route's own 404s
+        "/v2/jobs/no-such-job",
+        f"{D}/assignments/nokey",
+        f"{D}/service/no-such-service",
+        "/v2/clients/client-1/domains/nodomain/service/svc-1",
+        "/v2/clients/client-2/domains/south_australia/service/svc-1",
+        "/v2/clients/client-2/domains/south_australia/assignments/default",
+        # invalid ids (400), query strings (strict, and ?wait)
+        f"{D}/assignments/UPPER",
+        "/v2/jobs/-bad",
+        f"{D}/service/svc-1?unknown=1",
+        f"/v2/jobs/{job_id}?wait=0",
+    ]
+
+
+async def test_every_caller_gets_the_answer_of_the_route(client, plain, world, admin, auth):
+    callers = {
+        "none": {},
+        "admin": admin,
+        "machine tenant": auth(scopes=["read_models", "read_domains", "run_inference"], client_id="client-1"),
+        "human tenant": auth(groups=["client:client-1"], username="alice"),
+        "other tenant": auth(groups=["client:client-2"], username="bob"),
+        "no permission": auth(scopes=["manage_models"], client_id="client-1"),
+        "malformed": {"Authorization": "Bearer not-a-token"},
+        "wrong scheme": {"Authorization": "Basic abc"},
+    }
+    for name, headers in callers.items():
+        for path in paths(world["job"]):
+            for method in ("GET", "HEAD"):
+                fast = await client.request(method, path, headers=headers)
+                slow = await plain.request(method, path, headers=headers)
+                what = f"{method} {path} as {name}"
+                assert fast.status_code == slow.status_code, what
+                assert fast.headers.get("content-type") == slow.headers.get("content-type"), what
+                if method == "HEAD":
+                    assert fast.content == b"", what
+                elif fast.status_code == 200:
+                    assert fast.json() == slow.json(), what
+                else:
+                    assert fast.json() == slow.json(), what
+
+
+async def test_the_success_case_never_reaches_the_route(client, world, auth, monkeypatch):
+    from pie.assignments import logic as assignments
+    from pie.jobs import routes as jobs
+    from pie.tenancy import logic as tenancy
+
+    def route_ran(*args, **kwargs):
+        raise AssertionError("the FastAPI route answered")
+
+    monkeypatch.setattr(assignments, "get_active", route_ran)
+    monkeypatch.setattr(tenancy, "get_service", route_ran)
+    monkeypatch.setattr(jobs, "json_response", route_ran)
+    tenant = auth(scopes=["read_models", "read_domains"], client_id="client-1")
+    for path in [p for p in paths(world["job"])[:5] if p != "/v2/health"]:
+        r = await client.get(path, headers=tenant)
+        assert r.status_code == 200, (path, r.text)
+        assert r.headers["x-request-id"]  # the outer layers still run
+    assert (await client.get(f"{D}/service/svc-gone", headers=tenant)).json()["departed"] is True
+    # anything else is the route's: here it reaches the patched route (a 500 envelope)
+    assert (await client.get(f"{D}/service/svc-1?x=1", headers=tenant)).status_code == 400
+    assert (await client.get(f"{D}/assignments/default", headers={})).status_code == 401
