@@ -32,9 +32,8 @@ os.environ.setdefault("PIE_JWT_SECRET", "bench-secret")
 os.environ.setdefault("PIE_RUN_DISPATCHER", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import httpx  # noqa: E402
-
-from freeze_check import bench_database, ensure_schema, log  # noqa: E402
+import httpx
+from freeze_check import bench_database, ensure_schema, log
 
 D = "/v2/clients/bench-client/domains/bench-domain"
 SERVICES = 20
@@ -59,7 +58,10 @@ async def run(url: str, writes: int, repeat: int) -> tuple[float, float]:
 
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
-        handlers = {"inference": {"type": "in_process", "value": "echo"}, "training": {"type": "in_process", "value": "echo"}}
+        handlers = {
+            "inference": {"type": "in_process", "value": "echo"},
+            "training": {"type": "in_process", "value": "echo"},
+        }
         for method, path, body in (
             ("POST", "/v2/clients", {"client_id": "bench-client", "name": "Bench"}),
             ("POST", "/v2/models", {"id": "bench-model", "name": "m", "description": "d", "handlers": handlers}),

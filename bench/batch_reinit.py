@@ -32,7 +32,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from freeze_check import MODEL_ID, Tenant, run_sizes, timed  # noqa: E402
+from freeze_check import MODEL_ID, Tenant, run_sizes, timed
 
 TYPICAL = {
     "route": "Adelaide to Sydney",

@@ -74,7 +74,11 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = Path(data_dir) / f"serve-{self.port}.log"
         self.proc = subprocess.Popen(
-            [pie, "serve", "--port", str(self.port)], env=env, cwd=data_dir, stdout=open(self.log, "w"), stderr=subprocess.STDOUT
+            [pie, "serve", "--port", str(self.port)],
+            env=env,
+            cwd=data_dir,
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
         )
         for _ in range(300):
             try:
@@ -91,7 +95,12 @@ class Server:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--database-url", default=os.environ.get("PIE_BENCH_DATABASE_URL") or os.environ.get("PIE_TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("PIE_BENCH_DATABASE_URL")
+        or os.environ.get("PIE_TEST_DATABASE_URL")
+        or "postgresql://postgres@127.0.0.1:5432/postgres",
+    )
     parser.add_argument("--sizes", default="0.1,1,5", help="body sizes in MB")
     parser.add_argument("--shapes", default="numbers,records,string")
     parser.add_argument("--repeat", type=int, default=1, help="fresh servers per measurement (the minimum is kept)")
@@ -103,12 +112,23 @@ def main() -> int:
     url = args.database_url.rsplit("/", 1)[0] + "/" + name
     data_dir = tempfile.mkdtemp(prefix="pie-bench-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIE_")}
-    env.update(PIE_DATABASE_URL=url, PIE_RUN_DISPATCHER="false", PIE_JWT_SECRET="bench", PIE_LOG_LEVEL="warning", PIE_DATA_DIR=data_dir)
+    env.update(
+        PIE_DATABASE_URL=url,
+        PIE_RUN_DISPATCHER="false",
+        PIE_JWT_SECRET="bench",
+        PIE_LOG_LEVEL="warning",
+        PIE_DATA_DIR=data_dir,
+    )
     pie = str(Path(sys.executable).with_name("pie"))
     subprocess.run([pie, "migrate"], env=env, cwd=data_dir, check=True, capture_output=True)
-    token = subprocess.run([pie, "token", "--admin"], env=env, cwd=data_dir, capture_output=True, text=True, check=True).stdout.strip()
+    token = subprocess.run(
+        [pie, "token", "--admin"], env=env, cwd=data_dir, capture_output=True, text=True, check=True
+    ).stdout.strip()
     headers = {"Authorization": f"Bearer {token}"}
-    handlers = {"inference": {"type": "in_process", "value": "echo"}, "training": {"type": "in_process", "value": "echo"}}
+    handlers = {
+        "inference": {"type": "in_process", "value": "echo"},
+        "training": {"type": "in_process", "value": "echo"},
+    }
 
     def one(body: bytes) -> float:
         """Extra peak RSS (MB) of accepting ``body`` on a fresh, warmed-up server."""
@@ -129,8 +149,14 @@ def main() -> int:
         with httpx.Client(timeout=60) as http:
             setup = Server(env, data_dir, pie)
             try:
-                http.post(f"{setup.base}/v2/models", json={"id": "m", "name": "m", "description": "", "handlers": handlers}, headers=headers).raise_for_status()
-                http.post(f"{setup.base}/v2/models/m/new_version", json={"version": "1"}, headers=headers).raise_for_status()
+                http.post(
+                    f"{setup.base}/v2/models",
+                    json={"id": "m", "name": "m", "description": "", "handlers": handlers},
+                    headers=headers,
+                ).raise_for_status()
+                http.post(
+                    f"{setup.base}/v2/models/m/new_version", json={"version": "1"}, headers=headers
+                ).raise_for_status()
             finally:
                 setup.stop()
         baseline = min(one(body_of("numbers", 200)) for _ in range(args.repeat))
@@ -141,7 +167,10 @@ def main() -> int:
                 body = body_of(shape, int(size_mb * MB))
                 extra = min(one(body) for _ in range(args.repeat))
                 over = extra - baseline
-                print(f"{shape:8} {len(body) / MB:8.2f} {extra:14.1f} {over:14.1f} {over / (len(body) / MB):7.1f}", flush=True)
+                print(
+                    f"{shape:8} {len(body) / MB:8.2f} {extra:14.1f} {over:14.1f} {over / (len(body) / MB):7.1f}",
+                    flush=True,
+                )
     finally:
         with psycopg.connect(args.database_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

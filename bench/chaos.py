@@ -20,7 +20,6 @@ Everything is bounded: the run stops by itself (``--max-seconds``) and removes i
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import socket
@@ -92,8 +91,12 @@ class Run:
         log = open(self.workdir / f"{cli[0]}-{len(self.logs)}.log", "w")
         self.logs.append(log)
         return subprocess.Popen(
-            [sys.executable, "-c", SERVE_CODE, *cli], env=self.env, cwd=self.workdir,
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [sys.executable, "-c", SERVE_CODE, *cli],
+            env=self.env,
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
 
     def start_serve(self) -> tuple[subprocess.Popen, float]:
@@ -115,7 +118,10 @@ class Run:
         return mint_dev_token(Settings(_env_file=None, jwt_secret=SECRET), admin=True, ttl=3600)
 
     def seed(self, headers: dict[str, str]) -> None:
-        handlers = {"inference": {"type": "in_process", "value": "chaos_record"}, "training": {"type": "in_process", "value": "chaos_record"}}
+        handlers = {
+            "inference": {"type": "in_process", "value": "chaos_record"},
+            "training": {"type": "in_process", "value": "chaos_record"},
+        }
         with psycopg.connect(self.pg.url, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO models (id, name, handlers, status) VALUES ('chaos', 'chaos', %s, 'active')",
@@ -134,7 +140,9 @@ class Run:
                     return
                 t0 = time.monotonic()
                 try:
-                    r = client.post(f"{self.url}/v2/models/chaos/versions/1/inference", json={"input": {"n": n}}, headers=headers)
+                    r = client.post(
+                        f"{self.url}/v2/models/chaos/versions/1/inference", json={"input": {"n": n}}, headers=headers
+                    )
                     if r.status_code == 202:
                         self.acked.append(r.json()["inference_job_id"])
                     else:
@@ -204,7 +212,10 @@ def main() -> int:
                 rows = run.query(
                     "SELECT job_id, status, attempts FROM jobs WHERE job_id = ANY(%s)", list(attempts_at_kill)
                 )
-                if all(status in ("success", "failure") or attempts > attempts_at_kill[job_id] for job_id, status, attempts in rows):
+                if all(
+                    status in ("success", "failure") or attempts > attempts_at_kill[job_id]
+                    for job_id, status, attempts in rows
+                ):
                     recover = time.monotonic() - restarted_at
                     break
                 time.sleep(0.1)
@@ -236,16 +247,22 @@ def main() -> int:
                 per_job.setdefault(job_id, []).append(pid)
             rerun_after_kill = [j for j, pids in per_job.items() if len(pids) > 1 and pids[0] in run.killed_pids]
             twice = [j for j, pids in per_job.items() if len(pids) > 1 and pids[0] not in run.killed_pids]
-            print(f"chaos run: {args.jobs} launches at {args.rate:g}/s, handler {args.job_seconds:g} s, "
-                  f"{'serve + worker' if args.worker else 'serve'}, own PostgreSQL cluster")
+            print(
+                f"chaos run: {args.jobs} launches at {args.rate:g}/s, handler {args.job_seconds:g} s, "
+                f"{'serve + worker' if args.worker else 'serve'}, own PostgreSQL cluster"
+            )
             print(f"acked jobs:                 {len(run.acked)}  (refused: {dict(run.refused)})")
             print(f"lost (acked, not success):  {len(lost)}  {lost[:5]}")
             print(f"run twice (not killed run): {len(twice)}  {twice[:5]}")
             print(f"killed mid-run, run again:  {len(rerun_after_kill)}  (their first run died with its process)")
             print(f"jobs held by killed procs:  {len(attempts_at_kill)}")
-            print(f"time to recover after kill: {'NOT RECOVERED in 60 s' if recover is None else f'{recover:.2f} s'} "
-                  f"(restart -> every held job running again or ended)")
-            print(f"pie serve restart took:     {restart_took:.2f} s (kill -> healthy again; launches meanwhile are refused)")
+            print(
+                f"time to recover after kill: {'NOT RECOVERED in 60 s' if recover is None else f'{recover:.2f} s'} "
+                f"(restart -> every held job running again or ended)"
+            )
+            print(
+                f"pie serve restart took:     {restart_took:.2f} s (kill -> healthy again; launches meanwhile are refused)"
+            )
             print(f"PostgreSQL stopped for:     {outage:.1f} s")
             print(f"total:                      {time.monotonic() - began:.1f} s")
             ok = not lost and not twice and recover is not None and recover <= 15

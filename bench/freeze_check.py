@@ -43,18 +43,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 SEVEN_FEATURES = [
-    {"name": "route", "json_schema": {"type": "string", "enum": ["Adelaide to Sydney", "Sydney to Adelaide"]}, "mandatory": True},
+    {
+        "name": "route",
+        "json_schema": {"type": "string", "enum": ["Adelaide to Sydney", "Sydney to Adelaide"]},
+        "mandatory": True,
+    },
     {"name": "competitor_count", "json_schema": {"type": "integer", "minimum": 0, "maximum": 20}, "mandatory": False},
     {"name": "advertising_spend", "json_schema": {"type": "number", "minimum": 0, "maximum": 100}, "mandatory": False},
     {"name": "on_demand", "json_schema": {"type": "boolean"}, "mandatory": False},
-    {"name": "weekly_demand", "json_schema": {"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 7, "maxItems": 7}, "mandatory": False},
-    {"name": "origin_destination_pair", "json_schema": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "string"}], "items": False, "minItems": 2, "maxItems": 2}, "mandatory": False},
-    {"name": "market_ref", "json_schema": {"oneOf": [{"type": "string", "enum": ["spot", "auction"]}, {"type": "integer", "minimum": 0}]}, "mandatory": False},
+    {
+        "name": "weekly_demand",
+        "json_schema": {"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 7, "maxItems": 7},
+        "mandatory": False,
+    },
+    {
+        "name": "origin_destination_pair",
+        "json_schema": {
+            "type": "array",
+            "prefixItems": [{"type": "string"}, {"type": "string"}],
+            "items": False,
+            "minItems": 2,
+            "maxItems": 2,
+        },
+        "mandatory": False,
+    },
+    {
+        "name": "market_ref",
+        "json_schema": {"oneOf": [{"type": "string", "enum": ["spot", "auction"]}, {"type": "integer", "minimum": 0}]},
+        "mandatory": False,
+    },
 ]
 WITH_FARE = SEVEN_FEATURES + [
     {"name": "fare", "json_schema": {"type": "number", "minimum": 0, "default": 99.5}, "mandatory": False}
 ]
-HANDLERS = {"training": {"type": "in_process", "value": "echo"}, "inference": {"type": "in_process", "value": "reference_pricing"}}
+HANDLERS = {
+    "training": {"type": "in_process", "value": "echo"},
+    "inference": {"type": "in_process", "value": "reference_pricing"},
+}
 MODEL_ID = "bench-pricing"
 
 # N services with seven-feature provided sets: most values vary per service (weekly demand,
@@ -216,7 +241,10 @@ async def bench_size(url: str, n: int, repeat: int) -> tuple[float, float, int]:
                 async with db.sessionmaker()() as session, session.begin():
                     scope = await tenant.scope(session)
                     await upsert_domain_assignment(
-                        session, scope, tenant.domain_id, "default",
+                        session,
+                        scope,
+                        tenant.domain_id,
+                        "default",
                         AssignmentUpsert(model_id=MODEL_ID, model_version=target),
                     )
 
@@ -230,7 +258,11 @@ async def bench_size(url: str, n: int, repeat: int) -> tuple[float, float, int]:
                         """UPDATE services SET resolved_features = (provided_features - 'legacy_code') || CAST(:extra AS jsonb)
                            WHERE client_id = :c AND domain_id = :d"""
                     ),
-                    {"c": tenant.client_id, "d": tenant.domain_id, "extra": "{}" if target == "2" else '{"fare": 99.5}'},
+                    {
+                        "c": tenant.client_id,
+                        "d": tenant.domain_id,
+                        "extra": "{}" if target == "2" else '{"fare": 99.5}',
+                    },
                 )
             tenant.vacuum()
             upserts.append(await timed(upsert))

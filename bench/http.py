@@ -150,11 +150,23 @@ def start_bare(db_url: str, tmp: Path) -> Server:
     port = free_port()
     log = tmp / "bare.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning", "--no-access-log"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.bare_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
         cwd=ROOT,
         env={**os.environ, "BARE_DATABASE_URL": db_url},
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
     server = Server("bare", f"http://127.0.0.1:{port}", proc, log)
     wait_healthy(server, "/bare/health")
@@ -164,8 +176,12 @@ def start_bare(db_url: str, tmp: Path) -> Server:
 def pie_env(db_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIE_")}
     env.update(
-        PIE_DATABASE_URL=db_url, PIE_JWT_SECRET=SECRET, PIE_JWT_ISSUER="pie-dev", PIE_RUN_DISPATCHER="false",
-        PIE_DATA_DIR=str(data_dir), **extra,
+        PIE_DATABASE_URL=db_url,
+        PIE_JWT_SECRET=SECRET,
+        PIE_JWT_ISSUER="pie-dev",
+        PIE_RUN_DISPATCHER="false",
+        PIE_DATA_DIR=str(data_dir),
+        **extra,
     )
     return env
 
@@ -178,8 +194,9 @@ def start_pie(db_url: str, tmp: Path, *, workers: int | None = None, name: str =
     cmd = [str(PIE_BIN), "serve", "--host", "127.0.0.1", "--port", str(port)]
     if workers is not None:
         cmd += ["--workers", str(workers)]
-    proc = subprocess.Popen(cmd, cwd=data_dir, env=pie_env(db_url, data_dir, **extra),
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=data_dir, env=pie_env(db_url, data_dir, **extra), stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     server = Server(name, f"http://127.0.0.1:{port}", proc, log)
     wait_healthy(server, "/v2/health")
     return server
@@ -207,30 +224,58 @@ def seed(pie: Server) -> Seed:
     admin = {"Authorization": f"Bearer {token(admin=True)}"}
     tenant_token = token(scopes=["read_models", "read_domains", "run_inference", "init_services"], client_id=CLIENT)
     tenant = {"Authorization": f"Bearer {tenant_token}"}
-    handlers = {"training": {"type": "in_process", "value": "echo"}, "inference": {"type": "in_process", "value": "echo"}}
+    handlers = {
+        "training": {"type": "in_process", "value": "echo"},
+        "inference": {"type": "in_process", "value": "echo"},
+    }
     with httpx.Client(base_url=pie.url, headers=admin, timeout=30) as c:
+
         def ok(resp: httpx.Response) -> dict:
             if resp.status_code >= 300:
-                raise SystemExit(f"seeding failed: {resp.request.method} {resp.request.url} -> {resp.status_code} {resp.text}")
+                raise SystemExit(
+                    f"seeding failed: {resp.request.method} {resp.request.url} -> {resp.status_code} {resp.text}"
+                )
             return resp.json()
 
         ok(c.post("/v2/clients", json={"client_id": CLIENT, "name": "Bench"}))
         ok(c.post("/v2/models", json={"id": MODEL, "name": "bench", "description": "bench", "handlers": handlers}))
         ok(c.post(f"/v2/models/{MODEL}/new_version", json={"version": "1"}))
         ok(c.post(f"/v2/models/{MODEL}/versions/1/new_status", json={"status": "active"}))
-        ok(c.post(f"/v2/clients/{CLIENT}/domains", json={
-            "domain_id": DOMAIN, "name": "bench",
-            "features": [
-                {"name": "route", "mandatory": True, "json_schema": {"type": "string"}},
-                {"name": "competitor_count", "mandatory": False, "json_schema": {"type": "integer", "default": 2}},
-            ],
-        }))
-        ok(c.put(f"/v2/clients/{CLIENT}/domains/{DOMAIN}/assignments/default",
-                 json={"model_id": MODEL, "model_version": "1"}))
-        ok(c.post(f"/v2/clients/{CLIENT}/domains/{DOMAIN}/service/init",
-                  json={"service_id": SERVICE, "static_features": {"route": "Adelaide to Sydney"}}))
-        job = ok(c.post(f"/v2/clients/{CLIENT}/domains/{DOMAIN}/assignments/default/jobs",
-                        json={"input": {"route": "Adelaide to Sydney"}}))
+        ok(
+            c.post(
+                f"/v2/clients/{CLIENT}/domains",
+                json={
+                    "domain_id": DOMAIN,
+                    "name": "bench",
+                    "features": [
+                        {"name": "route", "mandatory": True, "json_schema": {"type": "string"}},
+                        {
+                            "name": "competitor_count",
+                            "mandatory": False,
+                            "json_schema": {"type": "integer", "default": 2},
+                        },
+                    ],
+                },
+            )
+        )
+        ok(
+            c.put(
+                f"/v2/clients/{CLIENT}/domains/{DOMAIN}/assignments/default",
+                json={"model_id": MODEL, "model_version": "1"},
+            )
+        )
+        ok(
+            c.post(
+                f"/v2/clients/{CLIENT}/domains/{DOMAIN}/service/init",
+                json={"service_id": SERVICE, "static_features": {"route": "Adelaide to Sydney"}},
+            )
+        )
+        job = ok(
+            c.post(
+                f"/v2/clients/{CLIENT}/domains/{DOMAIN}/assignments/default/jobs",
+                json={"input": {"route": "Adelaide to Sydney"}},
+            )
+        )
     return Seed(job_id=job["job_id"], admin=admin, tenant=tenant)
 
 
@@ -260,8 +305,9 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(url: str, *, method: str, body: bytes | None, headers: dict[str, str], duration: float,
-            connections: int, tmp: Path) -> Result:
+def run_wrk(
+    url: str, *, method: str, body: bytes | None, headers: dict[str, str], duration: float, connections: int, tmp: Path
+) -> Result:
     lua = ["wrk.method = " + json.dumps(method)]
     if body is not None:
         lua.append("wrk.body = " + json.dumps(body.decode()))
@@ -272,7 +318,9 @@ def run_wrk(url: str, *, method: str, body: bytes | None, headers: dict[str, str
     script.write_text("\n".join(lua) + "\n")
     out = subprocess.run(
         ["wrk", "-t2", f"-c{connections}", f"-d{max(1, int(duration))}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
@@ -283,8 +331,9 @@ def run_wrk(url: str, *, method: str, body: bytes | None, headers: dict[str, str
     return Result(rps, p50, p99, errors)
 
 
-async def _asyncio_load(url: str, method: str, body: bytes | None, headers: dict[str, str], duration: float,
-                        connections: int) -> Result:
+async def _asyncio_load(
+    url: str, method: str, body: bytes | None, headers: dict[str, str], duration: float, connections: int
+) -> Result:
     u = httpx.URL(url)
     head = [f"{method} {u.raw_path.decode()} HTTP/1.1", f"Host: {u.host}:{u.port}"]
     head += [f"{k}: {v}" for k, v in headers.items()]
@@ -331,11 +380,21 @@ def _median_result(results: list[Result]) -> Result:
     )
 
 
-def load(url: str, *, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None,
-         duration: float, connections: int, tmp: Path) -> Result:
+def load(
+    url: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    duration: float,
+    connections: int,
+    tmp: Path,
+) -> Result:
     headers = headers or {}
     if shutil.which("wrk"):
-        return run_wrk(url, method=method, body=body, headers=headers, duration=duration, connections=connections, tmp=tmp)
+        return run_wrk(
+            url, method=method, body=body, headers=headers, duration=duration, connections=connections, tmp=tmp
+        )
     return asyncio.run(_asyncio_load(url, method, body, headers, duration, connections))
 
 
@@ -355,37 +414,78 @@ def scenario_routes(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
         body = json.dumps({"input": {"route": "Adelaide to Sydney", "competitor_count": 3}}).encode()
         pairs = [
             ("GET job", f"/v2/jobs/{s.job_id}", f"/bare/jobs/{s.job_id}", "GET", None, s.tenant, 0.7),
-            ("GET domain assignment", f"/v2/clients/{CLIENT}/domains/{DOMAIN}/assignments/default",
-             f"/bare/clients/{CLIENT}/domains/{DOMAIN}/assignments/default", "GET", None, s.tenant, 0.7),
-            ("GET service", f"/v2/clients/{CLIENT}/domains/{DOMAIN}/service/{SERVICE}",
-             f"/bare/clients/{CLIENT}/domains/{DOMAIN}/service/{SERVICE}", "GET", None, s.tenant, 0.7),
+            (
+                "GET domain assignment",
+                f"/v2/clients/{CLIENT}/domains/{DOMAIN}/assignments/default",
+                f"/bare/clients/{CLIENT}/domains/{DOMAIN}/assignments/default",
+                "GET",
+                None,
+                s.tenant,
+                0.7,
+            ),
+            (
+                "GET service",
+                f"/v2/clients/{CLIENT}/domains/{DOMAIN}/service/{SERVICE}",
+                f"/bare/clients/{CLIENT}/domains/{DOMAIN}/service/{SERVICE}",
+                "GET",
+                None,
+                s.tenant,
+                0.7,
+            ),
             ("GET health", "/v2/health", "/bare/health", "GET", None, {}, 0.9),
-            ("POST inference", f"/v2/models/{MODEL}/versions/1/inference", f"/bare/models/{MODEL}/versions/1/inference",
-             "POST", body, s.tenant, 0.5),
+            (
+                "POST inference",
+                f"/v2/models/{MODEL}/versions/1/inference",
+                f"/bare/models/{MODEL}/versions/1/inference",
+                "POST",
+                body,
+                s.tenant,
+                0.5,
+            ),
         ]
-        print(f"\n## routes: one process each, {generator_name()} x {args.connections} connections, "
-              f"{args.rounds} alternating rounds of {args.duration:.0f} s per side (after a 2 s warm-up); "
-              "medians of the rounds, ratio = median of the per-round ratios")
+        print(
+            f"\n## routes: one process each, {generator_name()} x {args.connections} connections, "
+            f"{args.rounds} alternating rounds of {args.duration:.0f} s per side (after a 2 s warm-up); "
+            "medians of the rounds, ratio = median of the per-round ratios"
+        )
         print(f"{'route':24} {'':5} {'result (median round)':56} ratio  target")
         for label, pie_path, bare_path, method, payload, headers, target in pairs:
             runs: dict[str, list[Result]] = {"bare": [], "pie": []}
             ratios = []
             sides = (("bare", bare, bare_path, {}), ("pie", pie, pie_path, headers))
-            for name, server, path, hdrs in sides:
-                load(server.url + path, method=method, body=payload, headers=hdrs, duration=2,
-                     connections=args.connections, tmp=tmp)
+            for _name, server, path, hdrs in sides:  # warm-up
+                load(
+                    server.url + path,
+                    method=method,
+                    body=payload,
+                    headers=hdrs,
+                    duration=2,
+                    connections=args.connections,
+                    tmp=tmp,
+                )
             for i in range(args.rounds):
                 # alternate which side goes first: a load swing on the shared machine hits both
-                for name, server, path, hdrs in (sides if i % 2 == 0 else sides[::-1]):
-                    runs[name].append(load(server.url + path, method=method, body=payload, headers=hdrs,
-                                           duration=args.duration, connections=args.connections, tmp=tmp))
+                for name, server, path, hdrs in sides if i % 2 == 0 else sides[::-1]:
+                    runs[name].append(
+                        load(
+                            server.url + path,
+                            method=method,
+                            body=payload,
+                            headers=hdrs,
+                            duration=args.duration,
+                            connections=args.connections,
+                            tmp=tmp,
+                        )
+                    )
                 ratios.append(runs["pie"][-1].rps / runs["bare"][-1].rps)
             ratio = statistics.median(ratios)
             med = {name: _median_result(results) for name, results in runs.items()}
             spread = f"  rounds {' '.join(f'{r:.2f}' for r in ratios)}" if args.rounds > 1 else ""
             print(f"{label:24} bare  {med['bare'].row()}")
-            print(f"{'':24} pie   {med['pie'].row()}  {ratio:4.2f}x  >= {target}x "
-                  f"{'met' if ratio >= target else 'MISSED'}{spread}")
+            print(
+                f"{'':24} pie   {med['pie'].row()}  {ratio:4.2f}x  >= {target}x "
+                f"{'met' if ratio >= target else 'MISSED'}{spread}"
+            )
     finally:
         pie.stop()
         bare.stop()
@@ -401,13 +501,16 @@ def scenario_workers(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
                 s = seed(pie)
             path = f"/v2/clients/{CLIENT}/domains/{DOMAIN}/assignments/default"
             load(pie.url + path, headers=s.tenant, duration=2, connections=args.connections, tmp=tmp)
-            results[workers] = load(pie.url + path, headers=s.tenant, duration=args.duration,
-                                    connections=args.connections, tmp=tmp)
+            results[workers] = load(
+                pie.url + path, headers=s.tenant, duration=args.duration, connections=args.connections, tmp=tmp
+            )
             print(f"--workers {workers}  {results[workers].row()}")
         finally:
             pie.stop()
-    print(f"ratio --workers 2 / --workers 1: {results[2].rps / results[1].rps:.2f}x  (expected >= 1.6x on 2 cores;"
-          " the load generator shares the same 2 cores)")
+    print(
+        f"ratio --workers 2 / --workers 1: {results[2].rps / results[1].rps:.2f}x  (expected >= 1.6x on 2 cores;"
+        " the load generator shares the same 2 cores)"
+    )
 
 
 def _pg_connections(db_url: str) -> int:
@@ -437,8 +540,10 @@ def scenario_longpoll(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
         admin = s.admin
         # one pending job per waiter (dispatcher off: they stay pending until completed below)
         with httpx.Client(base_url=pie.url, headers=admin, timeout=60) as c:
-            jobs = [c.post(f"/v2/models/{MODEL}/versions/1/inference", json={"input": {"i": i}}).json()["inference_job_id"]
-                    for i in range(n)]
+            jobs = [
+                c.post(f"/v2/models/{MODEL}/versions/1/inference", json={"input": {"i": i}}).json()["inference_job_id"]
+                for i in range(n)
+            ]
         probe = f"{pie.url}/v2/jobs/{s.job_id}"
         quiet = load(probe, headers=s.tenant, duration=args.duration, connections=8, tmp=tmp)
         idle_conns = _pg_connections(db_url)
@@ -452,8 +557,10 @@ def scenario_longpoll(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
             async def one(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], job_id: str) -> tuple[float, float]:
                 """(seconds waited, the moment it answered)"""
                 reader, writer = conn
-                writer.write(f"GET /v2/jobs/{job_id}?wait={wait:g} HTTP/1.1\r\nHost: {u.host}:{u.port}\r\n"
-                             f"Authorization: {admin['Authorization']}\r\n\r\n".encode())
+                writer.write(
+                    f"GET /v2/jobs/{job_id}?wait={wait:g} HTTP/1.1\r\nHost: {u.host}:{u.port}\r\n"
+                    f"Authorization: {admin['Authorization']}\r\n\r\n".encode()
+                )
                 t0 = time.monotonic()
                 status = await reader.readline()
                 length = 0
@@ -470,13 +577,20 @@ def scenario_longpoll(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
             tasks = [asyncio.create_task(one(c, j)) for c, j in zip(conns, jobs)]
             await asyncio.sleep(3)  # all waiting
             busy_conns = _pg_connection_states(db_url)
-            loaded = await asyncio.to_thread(load, probe, headers=s.tenant, duration=min(args.duration, wait - 8),
-                                             connections=8, tmp=tmp)
+            loaded = await asyncio.to_thread(
+                load, probe, headers=s.tenant, duration=min(args.duration, wait - 8), connections=8, tmp=tmp
+            )
             # end the first 50 jobs: their long-polls must answer at once
             ended_at = time.monotonic()
             async with httpx.AsyncClient(base_url=pie.url, headers=admin, timeout=30) as c2:
-                await asyncio.gather(*(c2.post(f"/v2/models/{MODEL}/versions/1/jobs/{j}/complete",
-                                               json={"status": "success", "output": {}}) for j in jobs[:50]))
+                await asyncio.gather(
+                    *(
+                        c2.post(
+                            f"/v2/models/{MODEL}/versions/1/jobs/{j}/complete", json={"status": "success", "output": {}}
+                        )
+                        for j in jobs[:50]
+                    )
+                )
             early = [answered - ended_at for _, answered in await asyncio.gather(*tasks[:50])]
             rest = [waited for waited, _ in await asyncio.gather(*tasks[50:])]
             return early, rest, loaded, busy_conns
@@ -484,16 +598,22 @@ def scenario_longpoll(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
         early, rest, loaded, busy_conns = asyncio.run(waiters())
         print(f"\n## long-poll: {n} concurrent GET /v2/jobs/{{id}}?wait={wait:.0f}, one process")
         total, listening, busy = busy_conns
-        print(f"database connections of the server: {idle_conns} before; with {n} waiters {total}, of which "
-              f"{listening} LISTEN and {busy} in use (the others idle in the pool) (target: 1 for waiting)")
+        print(
+            f"database connections of the server: {idle_conns} before; with {n} waiters {total}, of which "
+            f"{listening} LISTEN and {busy} in use (the others idle in the pool) (target: 1 for waiting)"
+        )
         print(f"other requests (GET job, 8 connections) without waiters: {quiet.row()}")
         print(f"other requests (GET job, 8 connections) with {n} waiters:  {loaded.row()}")
         print(f"p99 ratio with/without waiters: {loaded.p99_ms / quiet.p99_ms:.2f}x (target <= 2x)")
         over = [d - wait for d in rest]
-        print(f"long-polls whose job did not end: {len(rest)} answered after wait + "
-              f"max {max(over):.2f} s, median {statistics.median(over):.2f} s (target: within wait + 1 s)")
-        print(f"long-polls whose job ended (50): answered at most {max(early) * 1000:.0f} ms after the"
-              " completions were sent (all 50 sent at once)")
+        print(
+            f"long-polls whose job did not end: {len(rest)} answered after wait + "
+            f"max {max(over):.2f} s, median {statistics.median(over):.2f} s (target: within wait + 1 s)"
+        )
+        print(
+            f"long-polls whose job ended (50): answered at most {max(early) * 1000:.0f} ms after the"
+            " completions were sent (all 50 sent at once)"
+        )
     finally:
         pie.stop()
 
@@ -515,8 +635,11 @@ def scenario_memory(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
             small = json.dumps({"input": {"x": 1}}).encode()
             with httpx.Client(base_url=pie.url, headers=headers, timeout=120) as c:
                 for _ in range(20):  # warm up every code path with small bodies
-                    c.post(f"/v2/models/{MODEL}/versions/1/inference", content=small,
-                           headers={"Content-Type": "application/json"})
+                    c.post(
+                        f"/v2/models/{MODEL}/versions/1/inference",
+                        content=small,
+                        headers={"Content-Type": "application/json"},
+                    )
                 pid = pie.pids[-1]
                 before = _rss_peak_kb(pid)
                 # a wide, shallow body: many short strings and numbers (the expensive shape to parse)
@@ -524,13 +647,18 @@ def scenario_memory(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
                 count = size_mb * 1024 * 1024 // len(json.dumps(item))
                 body = json.dumps({"input": {"items": [item] * count}}).encode()
                 t0 = time.monotonic()
-                r = c.post(f"/v2/models/{MODEL}/versions/1/inference", content=body,
-                           headers={"Content-Type": "application/json"})
+                r = c.post(
+                    f"/v2/models/{MODEL}/versions/1/inference",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                )
                 elapsed = time.monotonic() - t0
                 after = _rss_peak_kb(pid)
             growth_mb = (after - before) / 1024
-            print(f"{len(body) / 1e6:5.1f} MB body -> {r.status_code}, {elapsed * 1000:6.0f} ms, peak RSS +{growth_mb:6.1f} MB"
-                  f" ({growth_mb / (len(body) / 1048576):4.1f}x the body; target ~10x for 1 MB)")
+            print(
+                f"{len(body) / 1e6:5.1f} MB body -> {r.status_code}, {elapsed * 1000:6.0f} ms, peak RSS +{growth_mb:6.1f} MB"
+                f" ({growth_mb / (len(body) / 1048576):4.1f}x the body; target ~10x for 1 MB)"
+            )
             _ = s
         finally:
             pie.stop()
@@ -550,8 +678,9 @@ def main() -> None:
     try:
         for name in chosen:
             with scratch_database() as db_url:
-                subprocess.run([str(PIE_BIN), "migrate"], env=pie_env(db_url, tmp), cwd=tmp, check=True,
-                               capture_output=True)
+                subprocess.run(
+                    [str(PIE_BIN), "migrate"], env=pie_env(db_url, tmp), cwd=tmp, check=True, capture_output=True
+                )
                 globals()[f"scenario_{name}"](db_url, tmp, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -31,7 +31,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from dispatch import bench_database  # noqa: E402
+from dispatch import bench_database
 
 SECRET = "bench-instrumentation-secret"
 
@@ -51,7 +51,10 @@ def start(url: str, workdir: Path, port: int, on: bool) -> subprocess.Popen:
     script = Path(sys.executable).with_name("pie")
     return subprocess.Popen(
         [str(script), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        cwd=workdir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -96,7 +99,10 @@ async def in_process(rounds: int, requests: int) -> None:
 
     config = logging_config("json", "info")
     config["handlers"]["default"] = {
-        "class": "logging.FileHandler", "filename": os.devnull, "formatter": "pie", "filters": ["context"]
+        "class": "logging.FileHandler",
+        "filename": os.devnull,
+        "formatter": "pie",
+        "filters": ["context"],
     }
     logging.config.dictConfig(config)
     apps = {
@@ -142,7 +148,8 @@ async def main() -> None:
     parser.add_argument("--in-process-requests", type=int, default=2000)
     args = parser.parse_args()
 
-    from conftest import free_port  # noqa: E402
+    from conftest import free_port
+
     from pie.auth import mint_dev_token
     from pie.config import Settings
     from pie.migrate import upgrade

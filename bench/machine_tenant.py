@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("PIE_JWT_SECRET", "bench-secret")
 os.environ["PIE_RUN_DISPATCHER"] = "false"
 
-from freeze_check import bench_database, ensure_schema, log  # noqa: E402
+from freeze_check import bench_database, ensure_schema, log
 
 TENANT = "bench-tenant"
 APP_CLIENT = "4f1abcdefghij2klmnop3qrstu"
@@ -74,12 +74,9 @@ async def main() -> int:
         app = create_app(settings)
         admin = {"Authorization": f"Bearer {mint_dev_token(settings, admin=True)}"}
         human = {
-            "Authorization": "Bearer "
-            + mint_dev_token(settings, groups=[f"client:{TENANT}"], username="bench-user")
+            "Authorization": "Bearer " + mint_dev_token(settings, groups=[f"client:{TENANT}"], username="bench-user")
         }
-        machine = {
-            "Authorization": "Bearer " + mint_dev_token(settings, scopes=["read_domains"], client_id=APP_CLIENT)
-        }
+        machine = {"Authorization": "Bearer " + mint_dev_token(settings, scopes=["read_domains"], client_id=APP_CLIENT)}
         transport = httpx.ASGITransport(app=app)
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:

@@ -69,7 +69,7 @@ def start(workers: int, database_url: str, workdir: Path) -> tuple[subprocess.Po
         PIE_DATA_DIR=str(workdir / ".pie"),
         PIE_LOG_LEVEL="warning",
     )
-    log = open(workdir / f"serve-{workers}.log", "wb")  # noqa: SIM115 - open while it runs
+    log = open(workdir / f"serve-{workers}.log", "wb")
     proc = subprocess.Popen(
         [*pie_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
         env=env,

@@ -37,8 +37,9 @@ import random
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = [
@@ -121,7 +122,11 @@ def parse_payload(source: Any) -> tuple[Job, Any, Any]:
             raise PayloadError(f"the job payload is not JSON: {exc}") from None
     if not isinstance(source, Mapping):
         raise PayloadError(f"the job payload must be a JSON object, not {type(source).__name__}")
-    missing = [k for k in ("job_id", "job_type", "model_id", "model_version", "callback_url") if not isinstance(source.get(k), str)]
+    missing = [
+        k
+        for k in ("job_id", "job_type", "model_id", "model_version", "callback_url")
+        if not isinstance(source.get(k), str)
+    ]
     if missing:
         raise PayloadError(f"not a PIE job payload: missing {', '.join(missing)}")
     token = source.get("callback_token")
@@ -178,7 +183,11 @@ def report(
         body["error"] = error
     data = json.dumps(body, allow_nan=False).encode("utf-8")
     bearer = token or job.callback_token
-    headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": f"pie-handler-kit/{__version__}"}
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": f"pie-handler-kit/{__version__}",
+    }
     if bearer:
         headers["Authorization"] = f"Bearer {bearer}"
     last: CallbackError | None = None
@@ -196,7 +205,9 @@ def report(
             except ValueError:
                 answer = raw.decode("utf-8", "replace")
             message = answer.get("message") if isinstance(answer, dict) else answer
-            last = CallbackError(f"PIE answered {exc.code} to the {status} report of job {job.job_id}: {message}", exc.code, answer)
+            last = CallbackError(
+                f"PIE answered {exc.code} to the {status} report of job {job.job_id}: {message}", exc.code, answer
+            )
             if exc.code not in RETRYABLE_STATUS:
                 raise last from None
             wait = _retry_after(exc.headers)
@@ -321,11 +332,23 @@ def _outcome(fn: Handler, job: Job, input: Any, features: Any, output_schema: An
         return "failure", None, exc.as_error()
     except Exception as exc:  # the job fails with the exception, it is never lost
         log.exception("handler for job %s raised", job.job_id)
-        return "failure", None, {"code": "handler_exception", "message": str(exc) or exc.__class__.__name__, "exception": exc.__class__.__name__}
+        return (
+            "failure",
+            None,
+            {
+                "code": "handler_exception",
+                "message": str(exc) or exc.__class__.__name__,
+                "exception": exc.__class__.__name__,
+            },
+        )
     try:
         output = json.loads(json.dumps(output, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        return "failure", None, {"code": "invalid_output", "message": f"the handler returned output that is not JSON: {exc}"}
+        return (
+            "failure",
+            None,
+            {"code": "invalid_output", "message": f"the handler returned output that is not JSON: {exc}"},
+        )
     if output_schema is not None:
         problem = check_output(output, output_schema)
         if problem is not None:
@@ -343,7 +366,9 @@ def run(fn: Handler, payload: Any, *, output_schema: Any = None, **report_option
     return {"job_id": job.job_id, "status": status, "error": error, "callback": answer}
 
 
-def lambda_handler(fn: Handler, *, output_schema: Any = None, **report_options: Any) -> Callable[[Any, Any], dict[str, Any]]:
+def lambda_handler(
+    fn: Handler, *, output_schema: Any = None, **report_options: Any
+) -> Callable[[Any, Any], dict[str, Any]]:
     """A Lambda handler ``(event, context)`` running ``fn`` on the job in the event. A report
     PIE could not take raises, so Lambda's asynchronous retries try again (a repeated report
     of the same outcome is a no-op in PIE)."""

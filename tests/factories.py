@@ -131,7 +131,11 @@ async def create_domain(
 ) -> dict[str, Any]:
     r = await http.post(
         f"/v2/clients/{client_id}/domains",
-        json={"domain_id": domain_id, "name": domain_id, "features": seven_features() if features is None else features},
+        json={
+            "domain_id": domain_id,
+            "name": domain_id,
+            "features": seven_features() if features is None else features,
+        },
         headers=headers,
     )
     assert r.status_code == 201, r.text
@@ -205,7 +209,9 @@ async def fresh(session: AsyncSession, stmt: Any) -> list[Any]:
     return list((await session.scalars(stmt.execution_options(populate_existing=True))).all())
 
 
-async def stored_service(session: AsyncSession, service_id: str, client_id: str = "client-1", domain_id: str = "south_australia") -> Service | None:
+async def stored_service(
+    session: AsyncSession, service_id: str, client_id: str = "client-1", domain_id: str = "south_australia"
+) -> Service | None:
     return await session.scalar(
         select(Service)
         .where(Service.client_id == client_id, Service.domain_id == domain_id, Service.service_id == service_id)
@@ -224,7 +230,9 @@ async def jobs_of(session: AsyncSession, **filters: Any) -> list[Job]:
     return list((await session.scalars(stmt)).all())
 
 
-async def racing_uncommitted(engine: AsyncEngine, change_sql: str, params: dict[str, Any], request: Awaitable[httpx.Response]) -> httpx.Response:
+async def racing_uncommitted(
+    engine: AsyncEngine, change_sql: str, params: dict[str, Any], request: Awaitable[httpx.Response]
+) -> httpx.Response:
     """Run ``request`` while another transaction holds an uncommitted ``change_sql`` (e.g. a
     version turning failed, a client being suspended); commit the change once the request has
     either finished or is waiting for a lock, and return the request's response. A request that

@@ -61,8 +61,13 @@ class OwnCluster:
 
     def _run(self, tool: str, *args: str) -> None:
         subprocess.run(
-            [str(self.bin / tool), *args], check=True, user=self.user, cwd=self.dir,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
+            [str(self.bin / tool), *args],
+            check=True,
+            user=self.user,
+            cwd=self.dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
         )
 
     def start(self) -> None:
@@ -102,7 +107,7 @@ class OwnCluster:
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "OwnCluster":
+    def __enter__(self) -> OwnCluster:
         self.start()
         return self
 

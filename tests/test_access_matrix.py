@@ -20,8 +20,15 @@ from typing import Any
 
 import httpx
 import pytest
-
-from factories import IN_PROCESS_HANDLERS, assign, create_domain, init_service, make_client, seven_features, tenant_setup
+from factories import (
+    IN_PROCESS_HANDLERS,
+    assign,
+    create_domain,
+    init_service,
+    make_client,
+    seven_features,
+    tenant_setup,
+)
 
 A, B = "tenant-a", "tenant-b"
 DOMAIN = "south_australia"
@@ -171,7 +178,9 @@ class World:
         return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], op.template)
 
 
-async def call(http: httpx.AsyncClient, op: Op, world: World, headers: dict[str, str], **override: str) -> httpx.Response:
+async def call(
+    http: httpx.AsyncClient, op: Op, world: World, headers: dict[str, str], **override: str
+) -> httpx.Response:
     kwargs: dict[str, Any] = {"headers": headers}
     if op.op_id in BODIES:
         kwargs["json"] = BODIES[op.op_id]
@@ -254,7 +263,8 @@ async def test_no_token_is_401_whatever_the_body(app, client, world):
             attempts["malformed JSON, garbage token"] = await client.request(
                 op.method,
                 world.url(op),
-                content=b"{", headers={"content-type": "application/json", "Authorization": "Bearer x.y.z"},
+                content=b"{",
+                headers={"content-type": "application/json", "Authorization": "Bearer x.y.z"},
             )
         attempts["wrong scheme"] = await call(client, op, world, {"Authorization": "Basic YTpi"})
         attempts["garbage token"] = await call(client, op, world, {"Authorization": "Bearer not.a.jwt"})
@@ -351,7 +361,9 @@ async def test_human_client_group_outcomes(client, auth, world):
     r = await client.post("/v2/models", json=BODIES["createmodel"], headers=human_a)
     assert r.status_code == 403 and r.json() == {"success": False, "message": "missing permission manage_models"}
     r = await client.post(
-        f"/v2/clients/{A}/domains/{DOMAIN}/service/init", json={"service_id": "svc-h", "static_features": ROUTE}, headers=human_a
+        f"/v2/clients/{A}/domains/{DOMAIN}/service/init",
+        json={"service_id": "svc-h", "static_features": ROUTE},
+        headers=human_a,
     )
     assert r.status_code == 202, r.text
     r = await client.get(f"/v2/jobs/{r.json()['job_id']}", headers=human_a)
@@ -393,7 +405,9 @@ async def test_jobs_are_tenant_scoped(client, auth, session, world):
     r = await client.get(f"/v2/clients/{A}/domains/{DOMAIN}/service/svc-1", headers=machine(auth, {"read_domains"}))
     assert r.status_code == 200 and r.json()["status"] == "initializing"
     # the owning tenant's handler completes it
-    r = await client.post(a_complete, json={"status": "success", "output": {}}, headers=machine(auth, {"complete_jobs"}))
+    r = await client.post(
+        a_complete, json={"status": "success", "output": {}}, headers=machine(auth, {"complete_jobs"})
+    )
     assert r.status_code == 200 and r.json()["status"] == "success"
     # and the A-side listing shows A's job, not B's
     r = await client.get("/v2/jobs", headers=a_reader)

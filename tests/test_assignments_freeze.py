@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import select
-
 from factories import (
     SEVEN_FEATURES,
     assign,
@@ -20,6 +18,8 @@ from factories import (
     stored_service,
     tenant_setup,
 )
+from sqlalchemy import select
+
 from pie.assignments.models import Assignment
 from pie.tenancy.models import Service
 
@@ -47,7 +47,9 @@ async def snapshot(session) -> dict:
     assignments = await fresh(session, select(Assignment).order_by(Assignment.created_at))
     return {
         "services": [(s.service_id, s.provided_features, s.resolved_features, s.updated_at) for s in services],
-        "assignments": [(a.assignment_id, a.assignment_key, a.model_version, a.status, a.updated_at) for a in assignments],
+        "assignments": [
+            (a.assignment_id, a.assignment_key, a.model_version, a.status, a.updated_at) for a in assignments
+        ],
     }
 
 
@@ -64,7 +66,9 @@ async def test_blocked_upsert_writes_nothing(client, session, admin):
     r = await assign(client, admin, model_version="2", expect=422)
     body = r.json()
     assert set(body) == {"error", "blocking_services"}
-    assert body["error"] == "cannot assign model pricing-model version 2: 2 service(s) have incompatible provided_features"
+    assert (
+        body["error"] == "cannot assign model pricing-model version 2: 2 service(s) have incompatible provided_features"
+    )
     entries = [(b["service_id"], b["feature"], b["value"]) for b in body["blocking_services"]]
     assert entries == [
         ("svc-a", "cabin", None),  # mandatory and missing: value null
@@ -120,7 +124,12 @@ async def test_service_updates_fixing_the_only_blocker_make_the_request_succeed(
     assert s1.provided_features == {"route": "Adelaide to Sydney", "cabin": "deck"}
     assert s1.resolved_features == {"route": "Adelaide to Sydney", "cabin": "deck", "fare": 99.5}
     assert s2.provided_features == {"route": "Sydney to Adelaide", "competitor_count": 2, "cabin": "suite"}
-    assert s2.resolved_features == {"route": "Sydney to Adelaide", "cabin": "suite", "competitor_count": 2, "fare": 99.5}
+    assert s2.resolved_features == {
+        "route": "Sydney to Adelaide",
+        "cabin": "suite",
+        "competitor_count": 2,
+        "fare": 99.5,
+    }
     history = (await client.get(f"{D}/assignments/default/revisions", headers=admin)).json()
     assert [(h["model_version"], h["status"]) for h in history] == [("2", "active"), ("1", "archived")]
 
@@ -144,7 +153,10 @@ async def test_service_updates_validation_errors_use_the_envelope(client, sessio
     cases = [
         ([{"service_id": "ghost", "static_features": {}}], "ghost"),
         ([{"service_id": "gone", "static_features": {"competitor_count": 1}}], "departed"),
-        ([{"service_id": "live", "static_features": {}}, {"service_id": "live", "static_features": {}}], "more than once"),
+        (
+            [{"service_id": "live", "static_features": {}}, {"service_id": "live", "static_features": {}}],
+            "more than once",
+        ),
     ]
     for updates, detail in cases:
         r = await assign(client, admin, service_updates=updates, expect=422)
@@ -186,7 +198,10 @@ async def test_default_upsert_re_resolves_every_non_departed_service(client, ses
         assert service.provided_features == {"route": "Adelaide to Sydney", "competitor_count": index % 3}
     # moving back to version 1 (no frozen schema): the live features govern again
     await assign(client, admin, model_version="1")
-    assert (await stored_service(session, "s0")).resolved_features == {"route": "Adelaide to Sydney", "competitor_count": 0}
+    assert (await stored_service(session, "s0")).resolved_features == {
+        "route": "Adelaide to Sydney",
+        "competitor_count": 0,
+    }
 
 
 async def test_non_default_domain_keys_are_checked_but_resolve_nothing(client, session, admin):
@@ -197,7 +212,11 @@ async def test_non_default_domain_keys_are_checked_but_resolve_nothing(client, s
     assert r.json()["blocking_services"][0]["service_id"] == "s"
     assert (await client.get(f"{D}/assignments/forecast", headers=admin)).status_code == 404
     # a compatible frozen schema passes and leaves resolved_features alone
-    await make_version(session, version="3", features=[feature("route", {"type": "string"}, True), feature("x", {"type": "integer", "default": 1})])
+    await make_version(
+        session,
+        version="3",
+        features=[feature("route", {"type": "string"}, True), feature("x", {"type": "integer", "default": 1})],
+    )
     before = await stored_service(session, "s")
     await assign(client, admin, key="forecast", model_version="3")
     after = await stored_service(session, "s")
@@ -210,12 +229,20 @@ async def test_target_without_frozen_schema_is_checked_against_live_features(cli
     await tenant_setup(client, session, admin)
     await init_service(client, admin, "s", {"route": "Adelaide to Sydney", "competitor_count": 12})
     # live features tightened after the service was initialised (persist-only PUT)
-    tightened = [feature("route", {"type": "string"}, True), feature("competitor_count", {"type": "integer", "maximum": 10})]
+    tightened = [
+        feature("route", {"type": "string"}, True),
+        feature("competitor_count", {"type": "integer", "maximum": 10}),
+    ]
     await client.put(f"{D}/features", json={"features": tightened}, headers=admin)
     await make_version(session, version="2")
     r = await assign(client, admin, model_version="2", expect=422)
     assert r.json()["blocking_services"] == [
-        {"service_id": "s", "feature": "competitor_count", "value": 12, "reason": r.json()["blocking_services"][0]["reason"]}
+        {
+            "service_id": "s",
+            "feature": "competitor_count",
+            "value": 12,
+            "reason": r.json()["blocking_services"][0]["reason"],
+        }
     ]
     assert "12" in r.json()["blocking_services"][0]["reason"]
 
@@ -293,7 +320,9 @@ async def test_concurrent_init_and_compatible_default_upsert_resolves_under_the_
         service_id = f"svc-{round_}"
         init_r, upsert_r = await asyncio.gather(
             client.post(f"{D}/service/init", json={"service_id": service_id, "static_features": SA}, headers=admin),
-            client.put(f"{D}/assignments/default", json={"model_id": "pricing-model", "model_version": target}, headers=admin),
+            client.put(
+                f"{D}/assignments/default", json={"model_id": "pricing-model", "model_version": target}, headers=admin
+            ),
         )
         assert init_r.status_code == 202 and upsert_r.status_code == 200, (init_r.text, upsert_r.text)
         expected = {**SA, "fare": 7} if target == "2" else SA
@@ -378,7 +407,9 @@ async def test_an_invalid_default_in_a_frozen_schema_blocks_services_that_need_i
     await tenant_setup(client, session, admin, features=[feature("route", {"type": "string"}, True)])
     await init_service(client, admin, "has-fare", {"route": "a"})
     await make_version(
-        session, version="2", features=[feature("route", {"type": "string"}, True), feature("fare", {"type": "number", "default": "free"})]
+        session,
+        version="2",
+        features=[feature("route", {"type": "string"}, True), feature("fare", {"type": "number", "default": "free"})],
     )
     r = await assign(client, admin, model_version="2", expect=422)
     (entry,) = r.json()["blocking_services"]
@@ -392,7 +423,12 @@ async def test_blocking_entries_for_many_services_and_null_values(client, sessio
         cabin = None if index % 3 == 0 else ("deck" if index % 3 == 1 else "cave")
         await init_service(client, admin, f"s{index:02d}", {"route": "r", "cabin": cabin})
     await make_version(
-        session, version="2", features=[feature("route", {"type": "string"}, True), feature("cabin", {"type": "string", "enum": ["deck", "suite"]})]
+        session,
+        version="2",
+        features=[
+            feature("route", {"type": "string"}, True),
+            feature("cabin", {"type": "string", "enum": ["deck", "suite"]}),
+        ],
     )
     r = await assign(client, admin, model_version="2", expect=422)
     body = r.json()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, text
-
 from factories import (
     SEVEN_FEATURES,
     assign,
@@ -16,6 +14,8 @@ from factories import (
     stored_job,
     tenant_setup,
 )
+from sqlalchemy import select, text
+
 from pie.registry.models import EventSubscription, Model, ModelVersion
 
 D = "/v2/clients/client-1/domains/south_australia"
@@ -70,8 +70,12 @@ async def test_unknown_and_archived_keys(client, session, admin):
     # a domain key is not a service key
     await assign(client, admin, key="domain_only")
     assert (await client.post(f"{S}/assignments/domain_only/jobs", json={}, headers=admin)).status_code == 404
-    assert (await client.post(f"{D}/service/ghost/assignments/forecast/jobs", json={}, headers=admin)).status_code == 404
-    assert (await client.post("/v2/clients/client-1/domains/ghost/assignments/default/jobs", json={}, headers=admin)).status_code == 404
+    assert (
+        await client.post(f"{D}/service/ghost/assignments/forecast/jobs", json={}, headers=admin)
+    ).status_code == 404
+    assert (
+        await client.post("/v2/clients/client-1/domains/ghost/assignments/default/jobs", json={}, headers=admin)
+    ).status_code == 404
 
     await assign(client, admin, key="forecast", service_id="service-1", status="archived")
     r = await client.post(f"{S}/assignments/forecast/jobs", json={}, headers=admin)
@@ -96,7 +100,9 @@ async def test_inactive_domain_and_suspended_client(client, session, admin):
 
 async def test_subscribe(client, session, admin):
     revision = await setup(client, session, admin)
-    r = await client.post(f"{S}/assignments/forecast/jobs", json={"job_type": "training", "subscribe": True}, headers=admin)
+    r = await client.post(
+        f"{S}/assignments/forecast/jobs", json={"job_type": "training", "subscribe": True}, headers=admin
+    )
     assert r.status_code == 422 and "subscribe" in r.json()["message"]
     assert await fresh(session, select(EventSubscription)) == []
 
@@ -137,9 +143,13 @@ async def test_subscribed_replays_are_registry_subscriptions(client, session, ad
     await session.commit()
 
     for _ in range(2):
-        r = await client.post(f"{S}/assignments/forecast/jobs", json={"input": {"day": 1}, "subscribe": True}, headers=admin)
+        r = await client.post(
+            f"{S}/assignments/forecast/jobs", json={"input": {"day": 1}, "subscribe": True}, headers=admin
+        )
         assert r.status_code == 202, r.text
-    r = await client.post(f"{D}/assignments/default/jobs", json={"input": {"day_of_week": 2}, "subscribe": True}, headers=admin)
+    r = await client.post(
+        f"{D}/assignments/default/jobs", json={"input": {"day_of_week": 2}, "subscribe": True}, headers=admin
+    )
     assert r.status_code == 202, r.text
     assert len(await jobs_of(session, job_type="inference", purpose=None)) == 3
 
@@ -170,12 +180,16 @@ async def test_input_is_validated_against_the_contract(client, session, admin):
     for body in ({}, {"input": {"day_of_week": 9}}, {"input": {"day_of_week": "Mon"}}):
         r = await client.post(f"{S}/assignments/forecast/jobs", json=body, headers=admin)
         assert r.status_code == 422 and "input_schema" in r.json()["message"], r.text
-    r = await client.post(f"{S}/assignments/forecast/jobs", json={"job_type": "training", "input": {"epochs": "x"}}, headers=admin)
+    r = await client.post(
+        f"{S}/assignments/forecast/jobs", json={"job_type": "training", "input": {"epochs": "x"}}, headers=admin
+    )
     assert r.status_code == 422 and "training" in r.json()["message"]
     assert len(await jobs_of(session)) == jobs_before
     r = await client.post(f"{S}/assignments/forecast/jobs", json={"input": {"day_of_week": 3}}, headers=admin)
     assert r.status_code == 202
-    r = await client.post(f"{S}/assignments/forecast/jobs", json={"job_type": "training", "input": {"epochs": 3}}, headers=admin)
+    r = await client.post(
+        f"{S}/assignments/forecast/jobs", json={"job_type": "training", "input": {"epochs": 3}}, headers=admin
+    )
     assert r.status_code == 202
 
 
@@ -198,7 +212,9 @@ async def test_training_through_a_domain_assignment_freezes_the_live_features(cl
     await client.post(f"{D}/assignments/default/jobs", json={}, headers=admin)
     assert (await version(session)).features is None
 
-    r = await client.post(f"{D}/assignments/default/jobs", json={"job_type": "training", "input": {"epochs": 1}}, headers=admin)
+    r = await client.post(
+        f"{D}/assignments/default/jobs", json={"job_type": "training", "input": {"epochs": 1}}, headers=admin
+    )
     assert r.status_code == 202
     job = await stored_job(session, r.json()["job_id"])
     assert job.job_type == "training" and job.input == {"epochs": 1}
@@ -252,7 +268,9 @@ async def test_a_launch_racing_a_suspension_is_refused_or_lands_first(client, se
     await setup(client, session, admin)
     jobs_before = len(await jobs_of(session))
     suspend = "UPDATE clients SET status = 'suspended', updated_at = now() WHERE client_id = 'client-1'"
-    r = await racing_uncommitted(engine, suspend, {}, client.post(f"{S}/assignments/forecast/jobs", json={}, headers=admin))
+    r = await racing_uncommitted(
+        engine, suspend, {}, client.post(f"{S}/assignments/forecast/jobs", json={}, headers=admin)
+    )
     assert r.status_code == 422 and "suspended" in r.json()["message"], r.text
     assert len(await jobs_of(session)) == jobs_before
 
@@ -276,7 +294,10 @@ async def test_an_assignment_job_racing_its_version_failing_is_refused_or_lands_
     params = {"m": revision["model_id"], "v": revision["model_version"]}
     for job_type in ("inference", "training"):
         r = await racing_uncommitted(
-            engine, fail, params, client.post(f"{S}/assignments/forecast/jobs", json={"job_type": job_type}, headers=admin)
+            engine,
+            fail,
+            params,
+            client.post(f"{S}/assignments/forecast/jobs", json={"job_type": job_type}, headers=admin),
         )
         assert r.status_code == 422 and "failed" in r.json()["message"], r.text
         assert len(await jobs_of(session)) == jobs_before

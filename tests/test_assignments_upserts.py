@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from sqlalchemy import select
-
 from factories import (
-    racing_uncommitted,
     assign,
     create_domain,
     feature,
@@ -16,8 +13,11 @@ from factories import (
     init_service,
     make_client,
     make_version,
+    racing_uncommitted,
     tenant_setup,
 )
+from sqlalchemy import select
+
 from pie.assignments.models import Assignment
 
 D = "/v2/clients/client-1/domains/south_australia"
@@ -56,7 +56,9 @@ async def test_domain_upsert_via_collection_post_and_keyed_put(client, session, 
     assert first["metadata"] == {"owner": "pricing team"}
     assert first["created_at"].endswith("Z") and len(first["assignment_id"]) == 36
 
-    r = await client.put(f"{D}/assignments/forecast", json={"model_id": "pricing-model", "model_version": "2"}, headers=admin)
+    r = await client.put(
+        f"{D}/assignments/forecast", json={"model_id": "pricing-model", "model_version": "2"}, headers=admin
+    )
     assert r.status_code == 200, r.text
     second = r.json()
     assert second["assignment_id"] != first["assignment_id"] and second["model_version"] == "2"
@@ -73,7 +75,9 @@ async def test_domain_upsert_via_collection_post_and_keyed_put(client, session, 
 
     r = await client.get(f"{D}/assignments/forecast/revisions?limit=1", headers=admin)
     assert [h["assignment_id"] for h in r.json()] == [second["assignment_id"]]
-    r = await client.get(f"{D}/assignments/forecast/revisions?limit=1&cursor={r.headers['X-Next-Cursor']}", headers=admin)
+    r = await client.get(
+        f"{D}/assignments/forecast/revisions?limit=1&cursor={r.headers['X-Next-Cursor']}", headers=admin
+    )
     assert [h["assignment_id"] for h in r.json()] == [first["assignment_id"]] and "X-Next-Cursor" not in r.headers
 
     stored = await revisions(session, "forecast")
@@ -219,7 +223,11 @@ async def test_service_scope_crud(client, session, admin):
     assert r.status_code == 200, r.text
     first = r.json()
     assert first["service_id"] == "service-1" and first["assignment_key"] == "cabin_recommendation"
-    r = await client.put(f"{S}/assignments/cabin_recommendation", json={"model_id": "pricing-model", "model_version": "1", "role": "b"}, headers=admin)
+    r = await client.put(
+        f"{S}/assignments/cabin_recommendation",
+        json={"model_id": "pricing-model", "model_version": "1", "role": "b"},
+        headers=admin,
+    )
     second = r.json()
     assert r.status_code == 200 and second["role"] == "b"
     assert (await client.get(f"{S}/assignments/cabin_recommendation", headers=admin)).json() == second
@@ -287,7 +295,10 @@ async def test_concurrent_upserts_of_one_key_leave_exactly_one_active_revision(c
         assert [a.status for a in stored].count("active") == 1
         # the newest revision is the active one
         assert stored[-1].status == "active"
-        r = await client.get(f"{D}{'' if service_id is None else '/service/' + service_id}/assignments/forecast/revisions?limit=1", headers=admin)
+        r = await client.get(
+            f"{D}{'' if service_id is None else '/service/' + service_id}/assignments/forecast/revisions?limit=1",
+            headers=admin,
+        )
         assert r.json()[0]["assignment_id"] == str(stored[-1].assignment_id)
 
 
@@ -317,7 +328,9 @@ async def test_a_version_failing_during_an_upsert_is_never_assigned(client, sess
         engine,
         "UPDATE model_versions SET status = 'failed' WHERE model_id = 'pricing-model' AND version = '2'",
         {},
-        client.put(f"{D}/assignments/forecast", json={"model_id": "pricing-model", "model_version": "2"}, headers=admin),
+        client.put(
+            f"{D}/assignments/forecast", json={"model_id": "pricing-model", "model_version": "2"}, headers=admin
+        ),
     )
     assert r.status_code == 422 and "invalid model reference" in r.json()["message"], r.text
     assert await revisions(session, "forecast") == []

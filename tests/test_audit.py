@@ -8,15 +8,15 @@ import uuid
 from typing import Any
 
 import pytest
+from factories import assign, create_domain, init_service, make_client, make_version, tenant_setup
 from fastapi import FastAPI
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
+from test_access_matrix import BODIES, DOMAIN, A, World, call, operations, world  # noqa: F401 (fixture)
+from test_assignments_freeze import LIVE, V2_FEATURES
 
-from factories import assign, create_domain, init_service, make_client, make_version, tenant_setup
 from pie.audit.models import AuditRecord
 from pie.models_all import Base
-from test_access_matrix import A, BODIES, DOMAIN, World, call, operations, world  # noqa: F401 (fixture)
-from test_assignments_freeze import LIVE, V2_FEATURES
 
 D = "/v2/clients/client-1/domains/south_australia"
 ADMIN_ACTOR = {"sub": "pie-dev-user", "username": None, "client_id": None}
@@ -75,7 +75,11 @@ async def test_the_audit_row_names_the_target_and_what_changed(client, session, 
     assert row.summary["model_version"] == "7"
     assert row.summary["assignment_id"] == r.json()["assignment_id"]
     # generated ids are recorded: a model created without an id
-    r = await client.post("/v2/models", json={"name": "m", "description": "d", "handlers": BODIES["createmodel"]["handlers"]}, headers=admin)
+    r = await client.post(
+        "/v2/models",
+        json={"name": "m", "description": "d", "handlers": BODIES["createmodel"]["handlers"]},
+        headers=admin,
+    )
     assert r.status_code == 201, r.text
     row = (await audit_rows(session))[-1]
     assert (row.target_type, row.target_id, row.client_id) == ("model", r.json()["id"], None)
@@ -88,11 +92,21 @@ async def test_refused_and_failed_writes_leave_no_audit_row(client, session, adm
     await make_version(session, version="2", features=V2_FEATURES)
     rows = len(await audit_rows(session))
     await assign(client, admin, model_version="2", expect=422)  # blocked by the freeze check
-    assert (await client.post(f"{D}/assignments?dry_run=true", json={"assignment_key": "x", "model_id": "pricing-model", "model_version": "1"}, headers=admin)).status_code == 200
-    assert (await client.post("/v2/clients/client-1/domains", json={"domain_id": DOMAIN_ID}, headers=admin)).status_code == 409
+    assert (
+        await client.post(
+            f"{D}/assignments?dry_run=true",
+            json={"assignment_key": "x", "model_id": "pricing-model", "model_version": "1"},
+            headers=admin,
+        )
+    ).status_code == 200
+    assert (
+        await client.post("/v2/clients/client-1/domains", json={"domain_id": DOMAIN_ID}, headers=admin)
+    ).status_code == 409
     r = await client.post("/v2/models/pricing-model/versions/1/new_status", json={"status": "pending"}, headers=admin)
     assert r.status_code == 422  # active -> pending is not a transition
-    r = await client.post(f"{D}/service/init", json={"service_id": "svc-x"}, headers=auth(scopes=["read_domains"], client_id="client-1"))
+    r = await client.post(
+        f"{D}/service/init", json={"service_id": "svc-x"}, headers=auth(scopes=["read_domains"], client_id="client-1")
+    )
     assert r.status_code == 403
     assert len(await audit_rows(session)) == rows
 
@@ -171,7 +185,9 @@ async def test_actor_of_humans_and_machines_on_rows_and_records(client, session,
     assert r.status_code == 201, r.text
     alice = {"sub": "u-123", "username": "alice", "client_id": None}
     assert r.json()["created_by"] == alice
-    r = await client.put(f"{D}/assignments/default", json={"model_id": "pricing-model", "model_version": "1"}, headers=machine)
+    r = await client.put(
+        f"{D}/assignments/default", json={"model_id": "pricing-model", "model_version": "1"}, headers=machine
+    )
     assert r.status_code == 200, r.text
     robot = {"sub": "app-9", "username": None, "client_id": "client-1"}
     assert r.json()["created_by"] == robot
@@ -196,7 +212,13 @@ async def test_jobs_fired_by_a_write_carry_its_actor(client, session, admin, aut
     await make_version(session, status="training")
     r = await client.post(
         "/v2/models/pricing-model/event-subscriptions",
-        json={"trigger_event": "training_complete", "target_model_id": "pricing-model", "target_action": "inference", "input_source": "stored", "input": {"x": 1}},
+        json={
+            "trigger_event": "training_complete",
+            "target_model_id": "pricing-model",
+            "target_action": "inference",
+            "input_source": "stored",
+            "input": {"x": 1},
+        },
         headers=admin,
     )
     assert r.status_code == 201 and r.json()["created_by"] == ADMIN_ACTOR
@@ -222,7 +244,14 @@ async def test_version_status_history_shows_each_transition(client, session, adm
     url = f"/v2/models/pricing-model/versions/{version['version']}"
     assert (await client.get(f"{url}/status-history", headers=dave)).json() == []
 
-    for who, status in ((dave, "training"), (dave, "training"), (erin, "failed"), (dave, "pending"), (erin, "training"), (erin, "active")):
+    for who, status in (
+        (dave, "training"),
+        (dave, "training"),
+        (erin, "failed"),
+        (dave, "pending"),
+        (erin, "training"),
+        (erin, "active"),
+    ):
         await client.post(f"{url}/new_status", json={"status": status}, headers=who)
     history = (await client.get(f"{url}/status-history", headers=dave)).json()
     assert [(h["from_status"], h["to_status"], h["changed_by"]["username"]) for h in history] == [
@@ -248,7 +277,11 @@ async def test_audit_listing_is_tenant_filtered(client, session, admin, auth):
     await make_client(session, "client-b")
     await create_domain(client, admin, "client-b", "same")
     await assign(client, admin, "client-b", "same")
-    await client.post("/v2/models", json={"name": "platform", "description": "d", "handlers": BODIES["createmodel"]["handlers"]}, headers=admin)
+    await client.post(
+        "/v2/models",
+        json={"name": "platform", "description": "d", "handlers": BODIES["createmodel"]["handlers"]},
+        headers=admin,
+    )
 
     everything = (await client.get("/v2/audit", headers=admin)).json()
     assert [(r["action"], r["client_id"]) for r in everything] == [
@@ -259,14 +292,19 @@ async def test_audit_listing_is_tenant_filtered(client, session, admin, auth):
         ("createdomain", "client-a"),
     ]
     for tenant in ("client-a", "client-b"):
-        for headers in (auth(username="u", groups=[f"client:{tenant}"]), auth(scopes=["read_domains"], client_id=tenant)):
+        for headers in (
+            auth(username="u", groups=[f"client:{tenant}"]),
+            auth(scopes=["read_domains"], client_id=tenant),
+        ):
             rows = (await client.get("/v2/audit", headers=headers)).json()
             assert [r["client_id"] for r in rows] == [tenant, tenant]
             assert {r["target_id"] for r in rows} == {"same", "same/default"}
     tenant_a = auth(username="u", groups=["client:client-a"])
     assert (await client.get("/v2/audit?client_id=client-b", headers=tenant_a)).status_code == 403
     assert (await client.get("/v2/audit", headers=auth(scopes=["read_domains"]))).status_code == 403
-    assert (await client.get("/v2/audit", headers=auth(scopes=["read_models"], client_id="client-a"))).status_code == 403
+    assert (
+        await client.get("/v2/audit", headers=auth(scopes=["read_models"], client_id="client-a"))
+    ).status_code == 403
 
 
 async def test_audit_listing_filters_and_pages(client, session, admin, auth):
@@ -305,7 +343,9 @@ async def test_dry_run_of_a_blocked_upsert_answers_the_same_422_and_writes_nothi
     before = await table_counts(session)
     body = {"model_id": "pricing-model", "model_version": "2"}
     dry_put = await client.put(f"{D}/assignments/default?dry_run=true", json=body, headers=admin)
-    dry_post = await client.post(f"{D}/assignments?dry_run=true", json={"assignment_key": "default", **body}, headers=admin)
+    dry_post = await client.post(
+        f"{D}/assignments?dry_run=true", json={"assignment_key": "default", **body}, headers=admin
+    )
     assert await table_counts(session) == before
     real = await client.put(f"{D}/assignments/default", json=body, headers=admin)
     assert real.status_code == dry_put.status_code == dry_post.status_code == 422
@@ -341,7 +381,9 @@ async def test_dry_run_of_a_passing_upsert_answers_the_counts_and_writes_nothing
     r = await client.post(f"{D}/assignments?dry_run=true", json={"assignment_key": "forecast", **body}, headers=admin)
     assert (r.json()["services_checked"], r.json()["services_re_resolved"]) == (2, 0)
     r = await client.post(
-        f"{D}/assignments?dry_run=true", json={"assignment_key": "forecast", **body, "status": "archived"}, headers=admin
+        f"{D}/assignments?dry_run=true",
+        json={"assignment_key": "forecast", **body, "status": "archived"},
+        headers=admin,
     )
     assert (r.json()["services_checked"], r.json()["services_re_resolved"]) == (0, 0)
     assert await table_counts(session) == before
@@ -356,9 +398,15 @@ async def test_dry_run_of_a_passing_upsert_answers_the_counts_and_writes_nothing
 
 async def test_dry_run_keeps_every_other_check(client, session, admin):
     await tenant_setup(client, session, admin)
-    r = await client.put(f"{D}/assignments/default?dry_run=true", json={"model_id": "pricing-model", "model_version": "9"}, headers=admin)
+    r = await client.put(
+        f"{D}/assignments/default?dry_run=true", json={"model_id": "pricing-model", "model_version": "9"}, headers=admin
+    )
     assert r.status_code == 422 and "does not exist" in r.json()["message"]
-    r = await client.put(f"{D}/assignments/default?dry_run=maybe", json={"model_id": "pricing-model", "model_version": "1"}, headers=admin)
+    r = await client.put(
+        f"{D}/assignments/default?dry_run=maybe",
+        json={"model_id": "pricing-model", "model_version": "1"},
+        headers=admin,
+    )
     assert r.status_code == 400
 
 
@@ -367,18 +415,34 @@ def test_openapi_documents_the_audit_trail(app):
     paths, schemas = doc["paths"], doc["components"]["schemas"]
     assert paths["/v2/audit"]["get"]["operationId"] == "listauditrecords"
     assert {p["name"] for p in paths["/v2/audit"]["get"]["parameters"]} >= {
-        "client_id", "target_type", "target_id", "actor", "action", "occurred_after", "occurred_before", "limit", "cursor"
+        "client_id",
+        "target_type",
+        "target_id",
+        "actor",
+        "action",
+        "occurred_after",
+        "occurred_before",
+        "limit",
+        "cursor",
     }
     history = paths["/v2/models/{model_id}/versions/{model_version}/status-history"]["get"]
     assert history["operationId"] == "listmodelversionstatushistory"
     for name in ("AssignmentOut", "VersionOut", "JobOut", "SubscriptionOut", "DomainOut", "ServiceOut"):
         assert "created_by" in schemas[name]["properties"], name
-    for path in ("/v2/clients/{client_id}/domains/{domain_id}/assignments", "/v2/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}"):
+    for path in (
+        "/v2/clients/{client_id}/domains/{domain_id}/assignments",
+        "/v2/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}",
+    ):
         operation = next(op for method, op in paths[path].items() if method in ("post", "put"))
         assert "dry_run" in {p["name"] for p in operation["parameters"]}
         answer = operation["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
         assert {"$ref": "#/components/schemas/AssignmentDryRun"} in answer
-    assert set(schemas["AssignmentDryRun"]["properties"]) == {"dry_run", "revision", "services_checked", "services_re_resolved"}
+    assert set(schemas["AssignmentDryRun"]["properties"]) == {
+        "dry_run",
+        "revision",
+        "services_checked",
+        "services_re_resolved",
+    }
 
 
 def test_the_summary_is_compact_and_masks_credentials():

@@ -149,7 +149,9 @@ async def test_routes_enforce_tenant_table(client, auth, two_clients, caller):
     assert r.status_code == (200 if is_admin else 403)
 
 
-@pytest.mark.parametrize("scope", ["read_models", "manage_models", "manage_domains", "init_services", "run_inference", "complete_jobs"])
+@pytest.mark.parametrize(
+    "scope", ["read_models", "manage_models", "manage_domains", "init_services", "run_inference", "complete_jobs"]
+)
 async def test_scopes_without_read_domains_cannot_read_clients(client, auth, two_clients, scope):
     headers = auth(scopes=[scope], client_id="sealink")
     r = await client.get("/v2/clients", headers=headers)
@@ -169,8 +171,12 @@ async def test_unknown_client_is_404_only_for_callers_with_access(client, auth, 
     r = await client.get("/v2/clients/ghost", headers=admin)
     assert r.status_code == 404 and r.json() == {"success": False, "message": "client ghost not found"}
     # a caller who may address "ghost" learns it does not exist; anyone else gets 403
-    assert (await client.get("/v2/clients/ghost", headers=auth(username="e", groups=["client:ghost"]))).status_code == 404
-    assert (await client.get("/v2/clients/ghost", headers=auth(scopes=["read_domains"], client_id="sealink"))).status_code == 403
+    assert (
+        await client.get("/v2/clients/ghost", headers=auth(username="e", groups=["client:ghost"]))
+    ).status_code == 404
+    assert (
+        await client.get("/v2/clients/ghost", headers=auth(scopes=["read_domains"], client_id="sealink"))
+    ).status_code == 403
     r = await client.patch("/v2/clients/ghost", json={"name": "x"}, headers=admin)
     assert r.status_code == 404
 

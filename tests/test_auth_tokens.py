@@ -93,7 +93,7 @@ class JwksServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 outer.requests += 1
                 body = json.dumps({"keys": outer.keys}).encode()
                 self.send_response(outer.status)
@@ -213,7 +213,9 @@ async def test_badly_signed_token_is_401(client, settings):
     tampered = f"{head}.{payload}.{('A' if sig[0] != 'A' else 'B')}{sig[1:]}"
     await assert_401(client, {"Authorization": f"Bearer {tampered}"})
     # a valid signature over claims that were then edited (privilege escalation attempt)
-    low = forge({"alg": "HS256", "typ": "JWT"}, dev_claims(scope="streamline/read_models"), settings.jwt_secret.encode())
+    low = forge(
+        {"alg": "HS256", "typ": "JWT"}, dev_claims(scope="streamline/read_models"), settings.jwt_secret.encode()
+    )
     h, _, s = low.split(".")
     await assert_401(client, {"Authorization": f"Bearer {h}.{b64url(json.dumps(dev_claims()).encode())}.{s}"})
 
@@ -392,7 +394,9 @@ async def test_rs256_through_the_app(engine, jwks_server, keys, tmp_path, admin,
         r = await prod.get("/v2/clients", headers=admin)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         # HS256 keyed with the public key
-        forged = forge({"alg": "HS256", "kid": "key-1"}, cognito_claims(scope="streamline/admin"), keys["key-1"].public_pem)
+        forged = forge(
+            {"alg": "HS256", "kid": "key-1"}, cognito_claims(scope="streamline/admin"), keys["key-1"].public_pem
+        )
         r = await prod.get("/v2/clients", headers={"Authorization": f"Bearer {forged}"})
         assert r.status_code == 401
         # JWKS down and an unknown kid: 503 envelope, not a 500
@@ -408,7 +412,9 @@ def test_jwks_without_issuer_is_a_configuration_error(tmp_path):
 
 
 def test_cognito_settings_derive_issuer_and_jwks_url(tmp_path):
-    s = Settings(_env_file=None, cognito_region="ap-southeast-2", cognito_user_pool_id="ap-southeast-2_Abc", data_dir=tmp_path)
+    s = Settings(
+        _env_file=None, cognito_region="ap-southeast-2", cognito_user_pool_id="ap-southeast-2_Abc", data_dir=tmp_path
+    )
     assert s.cognito_issuer == "https://cognito-idp.ap-southeast-2.amazonaws.com/ap-southeast-2_Abc"
     assert s.cognito_jwks_url == s.cognito_issuer + "/.well-known/jwks.json"
 

@@ -8,18 +8,18 @@ import subprocess
 import time
 
 import pytest
+from conftest import clean_subprocess_env, pie_command
 from jose import jwt
 from sqlalchemy import select, text
 
-from conftest import clean_subprocess_env, pie_command
 from pie import callbacks, db
+from pie.clients.models import Client
 from pie.dispatch.backends import callback_token_ttl
 from pie.dispatch.dispatcher import dispatch_until_idle
 from pie.dispatch.inprocess import register
 from pie.jobs.logic import create_job
 from pie.jobs.models import Job
 from pie.registry.models import Model, ModelVersion
-from pie.clients.models import Client
 
 SEEN: list[dict] = []
 
@@ -41,8 +41,13 @@ async def seed(session, model_id="cb", handler=None):
 
 async def started_job(session, settings, model_id="cb", client_id=None, *, key=None, now=None):
     """A job as a dispatcher leaves it (started) and the token the dispatcher signs for it."""
-    job = await create_job(session, job_type="inference", model_id=model_id, model_version="1", input={"x": 1}, client_id=client_id)
-    await session.execute(text("UPDATE jobs SET status = 'started', attempts = 1, started_at = now() WHERE job_id = :j"), {"j": job.job_id})
+    job = await create_job(
+        session, job_type="inference", model_id=model_id, model_version="1", input={"x": 1}, client_id=client_id
+    )
+    await session.execute(
+        text("UPDATE jobs SET status = 'started', attempts = 1, started_at = now() WHERE job_id = :j"),
+        {"j": job.job_id},
+    )
     await session.commit()
     handler = (await session.get(ModelVersion, (model_id, "1"))).handlers["inference"]
     if key is None:
@@ -59,7 +64,9 @@ def complete_url(job, model_id="cb"):
 
 
 async def status_of(session, job_id):
-    return await session.scalar(select(Job.status).where(Job.job_id == job_id).execution_options(populate_existing=True))
+    return await session.scalar(
+        select(Job.status).where(Job.job_id == job_id).execution_options(populate_existing=True)
+    )
 
 
 async def test_dispatched_payload_carries_a_token_bound_to_the_job(session, settings):
@@ -90,7 +97,9 @@ async def test_token_completes_its_own_job_only(client, session, settings, auth)
     assert r.status_code == 403 and r.json()["success"] is False and job_a.job_id in r.json()["message"]
     assert await status_of(session, job_b.job_id) == "started"
     # same job id under another model path: 403 too
-    r = await client.post(f"/v2/models/other/versions/1/jobs/{job_a.job_id}/complete", json={"status": "success"}, headers=bearer(token_a))
+    r = await client.post(
+        f"/v2/models/other/versions/1/jobs/{job_a.job_id}/complete", json={"status": "success"}, headers=bearer(token_a)
+    )
     assert r.status_code == 403
 
     # any other route: 401 (not a caller token)
@@ -104,8 +113,12 @@ async def test_token_completes_its_own_job_only(client, session, settings, auth)
     assert r.json()["status"] == "success"
     assert await status_of(session, job_a.job_id) == "success"
     # a repeat is the documented no-op; the other status is 409
-    assert (await client.post(complete_url(job_a), json={"status": "success", "output": {"p": 1}}, headers=bearer(token_a))).status_code == 200
-    assert (await client.post(complete_url(job_a), json={"status": "failure"}, headers=bearer(token_a))).status_code == 409
+    assert (
+        await client.post(complete_url(job_a), json={"status": "success", "output": {"p": 1}}, headers=bearer(token_a))
+    ).status_code == 200
+    assert (
+        await client.post(complete_url(job_a), json={"status": "failure"}, headers=bearer(token_a))
+    ).status_code == 409
 
     # regular tokens with complete_jobs keep working; without it they are 403
     r = await client.post(complete_url(job_b), json={"status": "failure"}, headers=auth(scopes=["read_models"]))
@@ -128,7 +141,9 @@ async def test_expired_or_forged_token_is_401(client, session, settings):
     ttl = 600 + settings.callback_token_margin_seconds
     job, expired = await started_job(session, settings, now=time.time() - ttl - 5)
     r = await client.post(complete_url(job), json={"status": "success"}, headers=bearer(expired))
-    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "expired" in r.json()["message"].lower()
+    assert (
+        r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "expired" in r.json()["message"].lower()
+    )
 
     _, good = await started_job(session, settings)
     head, body, sig = good.split(".")
@@ -139,7 +154,9 @@ async def test_expired_or_forged_token_is_401(client, session, settings):
         assert r.status_code == 401, r.text
     # an unknown key id
     unknown = callbacks.mint(callbacks.new_key(), job, 60)
-    assert (await client.post(complete_url(job), json={"status": "success"}, headers=bearer(unknown))).status_code == 401
+    assert (
+        await client.post(complete_url(job), json={"status": "success"}, headers=bearer(unknown))
+    ).status_code == 401
     assert await status_of(session, job.job_id) == "started"
 
 
@@ -157,7 +174,9 @@ async def test_rotation_keeps_jobs_in_flight_and_retirement_revokes(client, sess
     r = await client.post(complete_url(job_old), json={"status": "success", "output": "old"}, headers=bearer(token_old))
     assert r.status_code == 200, r.text
 
-    job_late, token_late = await started_job(session, settings, key=callbacks.Key(old_kid, (await session.get(callbacks.SigningKey, old_kid)).secret))
+    job_late, token_late = await started_job(
+        session, settings, key=callbacks.Key(old_kid, (await session.get(callbacks.SigningKey, old_kid)).secret)
+    )
     # the key that signs cannot be retired by mistake
     async with db.sessionmaker()() as s, s.begin():
         with pytest.raises(ValueError):
@@ -176,11 +195,16 @@ def test_pie_keys_cli(database_url, tmp_path):
     env = clean_subprocess_env(PIE_DATABASE_URL=database_url, PIE_DATA_DIR=str(tmp_path))
 
     def pie(*args):
-        return subprocess.run([*pie_command(), "keys", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [*pie_command(), "keys", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
 
     old = callbacks.new_key()
     with psycopg.connect(database_url) as conn:
-        conn.execute("INSERT INTO signing_keys (kid, secret, created_at) VALUES (%s, %s, now() - interval '1 day')", (old.kid, old.secret))
+        conn.execute(
+            "INSERT INTO signing_keys (kid, secret, created_at) VALUES (%s, %s, now() - interval '1 day')",
+            (old.kid, old.secret),
+        )
     rotated = pie("rotate")
     assert rotated.returncode == 0, rotated.stderr
     new_kid = rotated.stdout.split()[3].rstrip(":")

@@ -9,9 +9,9 @@ import uuid
 
 import psycopg
 import pytest
+from conftest import _with_dbname, clean_subprocess_env, pie_command
 from jose import jwt
 
-from conftest import _with_dbname, clean_subprocess_env, pie_command
 from pie.cli import main
 from pie.db import libpq_url
 
@@ -34,7 +34,9 @@ def bearer(token: str) -> dict[str, str]:
 @pytest.fixture
 async def sealink(client, admin):
     for cid in ("sealink", "other"):
-        assert (await client.post("/v2/clients", json={"client_id": cid, "name": cid}, headers=admin)).status_code == 201
+        assert (
+            await client.post("/v2/clients", json={"client_id": cid, "name": cid}, headers=admin)
+        ).status_code == 201
 
 
 async def test_token_admin(client, capsys, sealink, settings):
@@ -53,11 +55,15 @@ async def test_token_scope_and_client_id(client, capsys, sealink):
     r = await client.get("/v2/clients", headers=bearer(token))
     assert [x["client_id"] for x in r.json()] == ["sealink"]
     assert (await client.get("/v2/clients/other", headers=bearer(token))).status_code == 403
-    assert (await client.post("/v2/clients", json={"client_id": "n", "name": "N"}, headers=bearer(token))).status_code == 403
+    assert (
+        await client.post("/v2/clients", json={"client_id": "n", "name": "N"}, headers=bearer(token))
+    ).status_code == 403
 
 
 async def test_token_repeated_and_prefixed_scopes(client, capsys, sealink):
-    token = token_from_cli(capsys, "--scope", "streamline/read_models", "--scope", "read_domains", "--client-id", "sealink")
+    token = token_from_cli(
+        capsys, "--scope", "streamline/read_models", "--scope", "read_domains", "--client-id", "sealink"
+    )
     assert claims(token)["scope"].split() == ["streamline/read_models", "streamline/read_domains"]
     assert (await client.get("/v2/clients/sealink", headers=bearer(token))).status_code == 200
 
@@ -97,7 +103,9 @@ def test_token_refuses_without_a_development_secret(tmp_path):
     env = clean_subprocess_env(
         PIE_COGNITO_REGION="ap-southeast-2", PIE_COGNITO_USER_POOL_ID="ap-southeast-2_X", PIE_DATA_DIR=str(tmp_path)
     )
-    result = subprocess.run([*pie_command(), "token", "--admin"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*pie_command(), "token", "--admin"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and result.stdout == ""
     assert "PIE_JWT_SECRET" in result.stderr
     assert not (tmp_path / "dev-jwt-secret").exists()
@@ -105,7 +113,14 @@ def test_token_refuses_without_a_development_secret(tmp_path):
 
 def test_token_uses_pie_jwt_secret_and_issuer(tmp_path):
     env = clean_subprocess_env(PIE_JWT_SECRET="cli-secret", PIE_JWT_ISSUER="my-issuer", PIE_DATA_DIR=str(tmp_path))
-    result = subprocess.run([*pie_command(), "token", "--scope", "read_models"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*pie_command(), "token", "--scope", "read_models"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     c = jwt.decode(result.stdout.strip(), "cli-secret", algorithms=["HS256"], issuer="my-issuer")
     assert c["scope"] == "streamline/read_models"
@@ -124,7 +139,9 @@ def test_migrate_against_a_scratch_database(database_url, tmp_path):
 
     def pie(*args: str) -> subprocess.CompletedProcess[str]:
         env = clean_subprocess_env(PIE_DATABASE_URL=url, PIE_DATA_DIR=str(tmp_path))
-        return subprocess.run([*pie_command(), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [*pie_command(), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
 
     try:
         result = pie("migrate")
@@ -150,8 +167,12 @@ def test_migrate_unreachable_database_is_a_clear_error(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = clean_subprocess_env(
-        PIE_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/nope", PIE_DATA_DIR=str(tmp_path), PIE_DB_STARTUP_TIMEOUT="0"
+        PIE_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/nope",
+        PIE_DATA_DIR=str(tmp_path),
+        PIE_DB_STARTUP_TIMEOUT="0",
     )
-    result = subprocess.run([*pie_command(), "migrate"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*pie_command(), "migrate"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert "cannot use the database" in result.stderr and "Traceback" not in result.stderr

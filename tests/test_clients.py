@@ -18,7 +18,9 @@ from pie.pagination import NEXT_CURSOR_HEADER, PageParams, encode_cursor, pagina
 
 
 async def create(client, admin, client_id: str, name: str | None = None):
-    r = await client.post("/v2/clients", json={"client_id": client_id, "name": name or client_id.title()}, headers=admin)
+    r = await client.post(
+        "/v2/clients", json={"client_id": client_id, "name": name or client_id.title()}, headers=admin
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -140,7 +142,9 @@ async def walk(session, keys, limit: int, descending: bool = False) -> list[Clie
     cursor = None
     while True:
         response = Response()
-        rows = await paginate(session, select(Client), keys, PageParams(limit=limit, cursor=cursor), response, descending=descending)
+        rows = await paginate(
+            session, select(Client), keys, PageParams(limit=limit, cursor=cursor), response, descending=descending
+        )
         out += rows
         cursor = response.headers.get(NEXT_CURSOR_HEADER)
         if not cursor:
@@ -167,7 +171,9 @@ async def test_paginate_timestamp_and_text_keys(session, five_clients):
     assert len(rows) == 5 and len({r.client_id for r in rows}) == 5
     assert [(r.created_at, r.client_id) for r in rows] == sorted((r.created_at, r.client_id) for r in rows)
     rows = await walk(session, [Client.created_at, Client.client_id], 3, descending=True)
-    assert [(r.created_at, r.client_id) for r in rows] == sorted(((r.created_at, r.client_id) for r in rows), reverse=True)
+    assert [(r.created_at, r.client_id) for r in rows] == sorted(
+        ((r.created_at, r.client_id) for r in rows), reverse=True
+    )
 
 
 @pytest.mark.parametrize(
@@ -183,7 +189,9 @@ async def test_paginate_timestamp_and_text_keys(session, five_clients):
     ],
 )
 async def test_paginate_rejects_bad_cursors(session, keys_name, values):
-    keys = {"uuid": [Client.client_uuid], "ts": [Client.created_at, Client.client_id], "text": [Client.client_id]}[keys_name]
+    keys = {"uuid": [Client.client_uuid], "ts": [Client.created_at, Client.client_id], "text": [Client.client_id]}[
+        keys_name
+    ]
     crafted = base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
     with pytest.raises(BadRequest, match="invalid cursor"):
         await paginate(session, select(Client), keys, PageParams(limit=2, cursor=crafted), Response())

@@ -12,8 +12,8 @@ from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
-
 from factories import assign, init_service, make_client, make_version, stored_job, tenant_setup
+
 from pie.jobs.models import Job
 from pie.jobs.summary import queue_summary
 
@@ -37,7 +37,9 @@ async def test_sign_in_sets_an_http_only_strict_cookie_and_pages_need_it(client,
     r = await sign_in(client, make_token(admin=True))
     assert r.status_code == 303 and r.headers["location"] == "/console/clients"
     cookie = r.headers["set-cookie"]
-    assert "pie_console=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/console" in cookie
+    assert (
+        "pie_console=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/console" in cookie
+    )
     assert "Max-Age" not in cookie and "expires" not in cookie.lower()  # the browser session only
 
     r = await client.get("/console/clients")
@@ -54,7 +56,11 @@ async def test_a_bad_token_is_refused_on_the_sign_in_page(client):
 async def test_an_expired_session_sends_back_to_sign_in(client, make_token):
     client.cookies.set("pie_console", make_token(admin=True, ttl=-10), path="/console")
     r = await client.get("/console/models")
-    assert r.status_code == 303 and "/console/login" in r.headers["location"] and "reason=session_ended" in r.headers["location"]
+    assert (
+        r.status_code == 303
+        and "/console/login" in r.headers["location"]
+        and "reason=session_ended" in r.headers["location"]
+    )
     assert "Your session ended" in (await client.get(r.headers["location"])).text
     # the notice is one of the page's own: text in the URL is never shown
     assert "call 555" not in (await client.get("/console/login", params={"reason": "call 555"})).text
@@ -82,7 +88,10 @@ async def test_a_tenant_sees_only_its_own_tenant(client, session, admin, make_to
     r = await client.get("/console/clients/globex/domains/south_australia/assignments/default")
     assert r.status_code == 403
     # the API agrees
-    api = await client.get("/v2/clients/globex", headers={"Authorization": f"Bearer {make_token(groups=['client:acme'], username='alice')}"})
+    api = await client.get(
+        "/v2/clients/globex",
+        headers={"Authorization": f"Bearer {make_token(groups=['client:acme'], username='alice')}"},
+    )
     assert api.status_code == 403
 
 
@@ -233,10 +242,14 @@ async def test_queue_summary_counts_by_status_in_one_query(client, session, admi
         await init_service(client, admin, name, ROUTE, client_id="acme")
     rows = (await session.execute(Job.__table__.select().order_by(Job.job_id))).all()
     await session.execute(
-        Job.__table__.update().where(Job.job_id == rows[0].job_id).values(status="failure", completed_at=datetime.now(timezone.utc))
+        Job.__table__.update()
+        .where(Job.job_id == rows[0].job_id)
+        .values(status="failure", completed_at=datetime.now(timezone.utc))
     )
     await session.execute(
-        Job.__table__.update().where(Job.job_id == rows[1].job_id).values(status="success", completed_at=datetime.now(timezone.utc))
+        Job.__table__.update()
+        .where(Job.job_id == rows[1].job_id)
+        .values(status="success", completed_at=datetime.now(timezone.utc))
     )
     await session.commit()
 
@@ -286,7 +299,7 @@ class _FakeCognito(BaseHTTPRequestHandler):
     token = ""
     seen: list[dict] = []
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         form = parse_qs(self.rfile.read(int(self.headers["content-length"])).decode())
         type(self).seen.append({k: v[0] for k, v in form.items()})
         body = json.dumps({"access_token": type(self).token, "token_type": "Bearer", "expires_in": 3600}).encode()
@@ -338,11 +351,13 @@ async def test_cognito_hosted_ui_sign_in_with_pkce(app, engine, session, setting
             assert r.status_code == 400 and "pie_console=" not in r.headers.get("set-cookie", "")
 
             r = await client.get("/console/auth/callback", params={"code": "good-code", "state": query["state"]})
-            assert r.status_code == 200 and 'url=/console/clients' in r.text
+            assert r.status_code == 200 and "url=/console/clients" in r.text
             assert "HttpOnly" in r.headers["set-cookie"]
             exchange = _FakeCognito.seen[-1]
             assert exchange["grant_type"] == "authorization_code" and exchange["code"] == "good-code"
-            challenge = base64.urlsafe_b64encode(hashlib.sha256(exchange["code_verifier"].encode()).digest()).rstrip(b"=")
+            challenge = base64.urlsafe_b64encode(hashlib.sha256(exchange["code_verifier"].encode()).digest()).rstrip(
+                b"="
+            )
             assert challenge.decode() == query["code_challenge"]
 
             r = await client.get("/console/clients")

@@ -22,7 +22,9 @@ V2 = {"model_id": "pricing-model", "model_version": "2"}
 async def _blocked_world(client, session, admin) -> None:
     """Version 2 freezes a schema two services of acme's domain do not satisfy."""
     await tenant_setup(client, session, admin, client_id="acme", features=LIVE)
-    await init_service(client, admin, "svc-a", {"route": "Adelaide to Sydney", "competitor_count": 15}, client_id="acme")
+    await init_service(
+        client, admin, "svc-a", {"route": "Adelaide to Sydney", "competitor_count": 15}, client_id="acme"
+    )
     await init_service(client, admin, "svc-c", {"route": "Sydney to Adelaide", "cabin": "cave"}, client_id="acme")
     await make_version(session, version="2", features=V2_FEATURES)
 
@@ -78,7 +80,10 @@ async def test_a_confirmed_move_writes_a_revision_and_an_audit_row_of_the_api_op
     preview = await client.post(A + "/move/preview", data={"csrf_token": csrf, **V2})
     assert preview.status_code == 200
     assert "The dry run passed" in preview.text
-    assert "2 services checked" in preview.text and "2 services would have their resolved features re-resolved" in preview.text
+    assert (
+        "2 services checked" in preview.text
+        and "2 services would have their resolved features re-resolved" in preview.text
+    )
     assert await table_counts(session) == before  # the preview wrote nothing
     expected = re.search(r'name="expected" value="([^"]*)"', preview.text).group(1)
 
@@ -93,7 +98,10 @@ async def test_a_confirmed_move_writes_a_revision_and_an_audit_row_of_the_api_op
 
     row = (await audit_rows(session))[-1]
     assert (row.action, row.target_type, row.target_id, row.client_id) == (
-        "putdomainmodelassignment", "assignment", "south_australia/default", "acme"
+        "putdomainmodelassignment",
+        "assignment",
+        "south_australia/default",
+        "acme",
     )
     assert row.actor == {"sub": "pie-dev-user", "username": "alice", "client_id": None}
     assert row.summary["model_version"] == "2" and row.summary["via"] == "console"
@@ -118,7 +126,8 @@ async def test_a_confirm_after_the_key_moved_elsewhere_is_refused_and_writes_not
     # meanwhile someone moves the key to v3 through the API
     moved = await client.put(
         "/v2/clients/acme/domains/south_australia/assignments/default",
-        json={"model_id": "pricing-model", "model_version": "3"}, headers=admin,
+        json={"model_id": "pricing-model", "model_version": "3"},
+        headers=admin,
     )
     assert moved.status_code == 200
     before = await table_counts(session)
@@ -141,8 +150,10 @@ async def test_two_confirms_of_one_preview_move_the_key_once(client, session, ad
     audit_before = len(await audit_rows(session))
     answers = await asyncio.gather(
         client.post(A + "/move", data={"csrf_token": csrf, "expected": expected, **V2}),
-        client.post(A + "/move", data={"csrf_token": csrf, "expected": expected, "model_id": "pricing-model",
-                                       "model_version": "3"}),
+        client.post(
+            A + "/move",
+            data={"csrf_token": csrf, "expected": expected, "model_id": "pricing-model", "model_version": "3"},
+        ),
     )
     assert sorted(r.status_code for r in answers) == [303, 409]
     revisions = await _revisions(session)
@@ -164,12 +175,17 @@ async def test_moves_need_the_csrf_token_manage_domains_and_a_valid_version(clie
     csrf = csrf_of((await client.get(A)).text)
     before = await table_counts(session)
     assert (await client.post(A + "/move/preview", data={"csrf_token": "0" * 64, **V2})).status_code == 403
-    r = await client.post(A + "/move", data={"csrf_token": csrf, "expected": "x", **V2},
-                          headers={"Origin": "https://evil.example"})
+    r = await client.post(
+        A + "/move", data={"csrf_token": csrf, "expected": "x", **V2}, headers={"Origin": "https://evil.example"}
+    )
     assert r.status_code == 403
-    r = await client.post(A + "/move/preview", data={"csrf_token": csrf, "model_id": "pricing-model", "model_version": "9"})
+    r = await client.post(
+        A + "/move/preview", data={"csrf_token": csrf, "model_id": "pricing-model", "model_version": "9"}
+    )
     assert r.status_code == 422 and "does not exist" in r.text
-    r = await client.post(A + "/move/preview", data={"csrf_token": csrf, "model_id": "pricing model", "model_version": ""})
+    r = await client.post(
+        A + "/move/preview", data={"csrf_token": csrf, "model_id": "pricing model", "model_version": ""}
+    )
     assert r.status_code == 400 and "model_id" in r.text
     assert await table_counts(session) == before
 
@@ -183,7 +199,10 @@ async def test_launching_a_job_from_the_console_is_audited(client, session, admi
     job_id = r.headers["location"].rsplit("/", 1)[1]
     row = (await audit_rows(session))[-1]
     assert (row.action, row.target_type, row.target_id, row.client_id) == (
-        "rundomainmodelassignmentjob", "job", job_id, "acme"
+        "rundomainmodelassignmentjob",
+        "job",
+        job_id,
+        "acme",
     )
     assert row.actor["username"] == "alice" and row.summary["fields"] == ["input"]
     assert "Adelaide" not in str(row.summary)  # the input stays in the job, not in the log
@@ -204,7 +223,9 @@ async def _two_tenants(client, session, admin) -> None:
     await make_client(session, "globex")
     await create_domain(client, admin, "globex", "north_sea")
     r = await client.post(
-        "/v2/models", json={"id": "platform-model", "name": "p", "description": "p", "handlers": IN_PROCESS_HANDLERS}, headers=admin
+        "/v2/models",
+        json={"id": "platform-model", "name": "p", "description": "p", "handlers": IN_PROCESS_HANDLERS},
+        headers=admin,
     )
     assert r.status_code == 201, r.text
 
@@ -265,8 +286,18 @@ async def test_the_audit_page_filters_and_pages(client, session, admin, make_tok
     # cursor paging: 50 rows a page, the next page's link carries the filters on
     await session.execute(
         insert(AuditRecord),
-        [{"action": "updatedomain", "method": "PATCH", "path": "/x", "target_type": "domain",
-          "target_id": f"d{i:03}", "client_id": "acme", "summary": {}} for i in range(60)],
+        [
+            {
+                "action": "updatedomain",
+                "method": "PATCH",
+                "path": "/x",
+                "target_type": "domain",
+                "target_id": f"d{i:03}",
+                "client_id": "acme",
+                "summary": {},
+            }
+            for i in range(60)
+        ],
     )
     await session.commit()
     first = await client.get("/console/audit", params={"action": "updatedomain"})
@@ -291,8 +322,9 @@ async def test_pages_show_who_wrote_records_and_the_version_status_history(clien
     number = version.json()["version"]["version"]
     operator = {"Authorization": f"Bearer {make_token(admin=True, username='olivia')}"}
     for who, status in ((operator, "training"), (admin, "active")):
-        r = await client.post(f"/v2/models/pricing-model/versions/{number}/new_status", json={"status": status},
-                              headers=who)
+        r = await client.post(
+            f"/v2/models/pricing-model/versions/{number}/new_status", json={"status": status}, headers=who
+        )
         assert r.status_code == 200, r.text
     await sign_in(client, make_token(admin=True))
 
@@ -327,6 +359,8 @@ async def test_the_queue_page_and_the_metrics_agree(client, session, admin, make
     page = (await client.get("/console/queue")).text
     shown = int(re.search(r'status=pending">(\d+)<', page).group(1))
     samples = await _scrape(client)
-    exported = sum(_value(samples, "pie_jobs_queue_depth", status="pending", job_type=t) for t in ("inference", "training"))
+    exported = sum(
+        _value(samples, "pie_jobs_queue_depth", status="pending", job_type=t) for t in ("inference", "training")
+    )
     assert shown == exported == 3
     assert _value(samples, "pie_jobs_oldest_age_seconds", status="pending", job_type="inference") >= 0

@@ -43,7 +43,7 @@ if not Path(CHROMIUM).exists():
 class _AcceptingLambda(BaseHTTPRequestHandler):
     """Answers every Lambda Invoke like an asynchronous invocation that was accepted."""
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length") or 0))
         self.send_response(202)
         self.send_header("content-length", "0")
@@ -98,18 +98,28 @@ def world(console_server):
         201,
     )
     for _ in range(2):
-        version = call("POST", "/v2/models/fares/new_version", {"description": "ferry fares"}, 201)["version"]["version"]
+        version = call("POST", "/v2/models/fares/new_version", {"description": "ferry fares"}, 201)["version"][
+            "version"
+        ]
         call("POST", f"/v2/models/fares/versions/{version}/new_status", {"status": "active"})
     features = [
         {"name": "route", "json_schema": {"type": "string"}, "mandatory": True},
-        {"name": "competitor_count", "json_schema": {"type": "integer", "minimum": 0, "default": 2}, "mandatory": False},
+        {
+            "name": "competitor_count",
+            "json_schema": {"type": "integer", "minimum": 0, "default": 2},
+            "mandatory": False,
+        },
     ]
     domain = "/v2/clients/acme/domains"
     call("POST", domain, {"domain_id": "south_australia", "name": "South Australia", "features": features}, 201)
     call("PUT", f"{domain}/south_australia/assignments/default", {"model_id": "fares", "model_version": "1"})
     call("PUT", f"{domain}/south_australia/assignments/default", {"model_id": "fares", "model_version": "2"})
-    call("POST", f"{domain}/south_australia/service/init",
-         {"service_id": "ferry-1", "static_features": {"route": "Adelaide to Kangaroo Island"}}, 202)
+    call(
+        "POST",
+        f"{domain}/south_australia/service/init",
+        {"service_id": "ferry-1", "static_features": {"route": "Adelaide to Kangaroo Island"}},
+        202,
+    )
     return console_server
 
 
@@ -275,9 +285,9 @@ def _stored_state(server) -> dict:
         import psycopg
 
         with psycopg.connect(url) as conn:
-            tables = [r[0] for r in conn.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
-            )]
+            tables = [
+                r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+            ]
             state["rows"] = {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
     return state
 
@@ -287,9 +297,17 @@ async def test_the_dry_run_preview_of_a_blocked_move_lists_the_blocking_services
     async with httpx.AsyncClient(base_url=world.url, headers=world.headers(admin=True), timeout=30) as api:
         r = await api.post(
             "/v2/models/fares/new_version",
-            json={"version": "3", "description": "Adelaide-Sydney only",
-                  "features": [{"name": "route", "json_schema": {"type": "string", "enum": ["Adelaide to Sydney"]},
-                                "mandatory": True}]},
+            json={
+                "version": "3",
+                "description": "Adelaide-Sydney only",
+                "features": [
+                    {
+                        "name": "route",
+                        "json_schema": {"type": "string", "enum": ["Adelaide to Sydney"]},
+                        "mandatory": True,
+                    }
+                ],
+            },
         )
     assert r.status_code == 201, r.text
     before = await asyncio.to_thread(_stored_state, world)

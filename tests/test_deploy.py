@@ -44,7 +44,7 @@ class Serve:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = cwd / f"serve-{self.port}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - open while the process runs
+        self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [*command, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
             env=clean_subprocess_env(

@@ -63,7 +63,11 @@ def lambda_function(moto_endpoint) -> dict[str, str]:
         z.writestr("handler.py", "def handler(event, context):\n    return event\n")
     lam = aws("lambda", moto_endpoint)
     fn = lam.create_function(
-        FunctionName="pie-infer", Runtime="python3.12", Role=role, Handler="handler.handler", Code={"ZipFile": code.getvalue()}
+        FunctionName="pie-infer",
+        Runtime="python3.12",
+        Role=role,
+        Handler="handler.handler",
+        Code={"ZipFile": code.getvalue()},
     )
     version = lam.publish_version(FunctionName="pie-infer")["Version"]
     return {"arn": fn["FunctionArn"], "version": version}
@@ -75,15 +79,23 @@ def ecs_cluster(moto_endpoint) -> str:
     instance = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]
     document = json.dumps(
         {
-            "instanceId": instance["InstanceId"], "region": REGION, "availabilityZone": "us-east-1a",
-            "privateIp": "10.0.0.1", "imageId": "ami-12c6146b", "instanceType": "t2.micro",
-            "accountId": "123456789012", "architecture": "x86_64", "pendingTime": "2026-01-01T00:00:00Z",
+            "instanceId": instance["InstanceId"],
+            "region": REGION,
+            "availabilityZone": "us-east-1a",
+            "privateIp": "10.0.0.1",
+            "imageId": "ami-12c6146b",
+            "instanceType": "t2.micro",
+            "accountId": "123456789012",
+            "architecture": "x86_64",
+            "pendingTime": "2026-01-01T00:00:00Z",
             "version": "2017-09-30",
         }
     )
     ecs.create_cluster(clusterName="pie-jobs")
     ecs.register_container_instance(cluster="pie-jobs", instanceIdentityDocument=document)
-    ecs.register_task_definition(family="pie-train", containerDefinitions=[{"name": "main", "image": "pie/train", "memory": 128}])
+    ecs.register_task_definition(
+        family="pie-train", containerDefinitions=[{"name": "main", "image": "pie/train", "memory": 128}]
+    )
     return "pie-jobs"
 
 
@@ -139,14 +151,18 @@ async def stored(session, job_id: str) -> Job:
     return await session.scalar(select(Job).where(Job.job_id == job_id).execution_options(populate_existing=True))
 
 
-async def test_lambda_invoke_event_with_qualifier_and_payload(session, client, auth, aws_settings, moto_endpoint, lambda_function):
+async def test_lambda_invoke_event_with_qualifier_and_payload(
+    session, client, auth, aws_settings, moto_endpoint, lambda_function
+):
     await seed(
         session,
         "lam",
         {"type": "lambda", "arn": lambda_function["arn"], "version": lambda_function["version"]},
         {"type": "lambda", "arn": lambda_function["arn"]},
     )
-    infer = await create_job(session, job_type="inference", model_id="lam", model_version="1", input={"route": "ADL-SYD"})
+    infer = await create_job(
+        session, job_type="inference", model_id="lam", model_version="1", input={"route": "ADL-SYD"}
+    )
     train = await create_job(session, job_type="training", model_id="lam", model_version="1")
     await session.commit()
     start_recording(moto_endpoint)
@@ -242,7 +258,11 @@ async def test_aws_error_is_retried_then_recorded_as_failure(session, aws_settin
 
 async def test_unreachable_aws_endpoint_is_retried_then_fails(session, settings, unused_tcp_port):
     closed = settings.model_copy(
-        update={"aws_endpoint_url": f"http://127.0.0.1:{unused_tcp_port}", "dispatch_max_attempts": 2, "dispatch_backoff_base": 0.01}
+        update={
+            "aws_endpoint_url": f"http://127.0.0.1:{unused_tcp_port}",
+            "dispatch_max_attempts": 2,
+            "dispatch_backoff_base": 0.01,
+        }
     )
     await seed(session, "lam", {"type": "lambda", "arn": "arn:aws:lambda:us-east-1:123456789012:function:x"})
     job = await create_job(session, job_type="inference", model_id="lam", model_version="1")
@@ -268,7 +288,9 @@ async def insert_job_row(session, **values) -> Job:
 
 async def test_ecs_payload_too_large_fails_at_once(session, aws_settings, ecs_cluster):
     await seed(session, "ecs-big", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"})
-    job = await insert_job_row(session, job_type="training", model_id="ecs-big", model_version="1", input={"blob": "x" * 10000})
+    job = await insert_job_row(
+        session, job_type="training", model_id="ecs-big", model_version="1", input={"blob": "x" * 10000}
+    )
     await session.commit()
     assert await dispatch_until_idle(aws_settings) == 1
     row = await stored(session, job.job_id)
@@ -281,7 +303,9 @@ async def test_ecs_payload_whose_override_is_too_large_once_escaped_fails_at_onc
     and every quote in it is escaped: a payload under the limit that grows past it once escaped
     fails at once (AWS would refuse it), instead of being retried."""
     await seed(session, "ecs-quotes", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"})
-    job = await insert_job_row(session, job_type="training", model_id="ecs-quotes", model_version="1", input={"q": ['"'] * 1300})
+    job = await insert_job_row(
+        session, job_type="training", model_id="ecs-quotes", model_version="1", input={"q": ['"'] * 1300}
+    )
     await session.commit()
     assert await dispatch_until_idle(aws_settings) == 1
     row = await stored(session, job.job_id)
@@ -319,9 +343,15 @@ def test_ecs_fargate_request_carries_the_configured_network(settings):
                 "startedBy": "pie-j1",
                 "launchType": "FARGATE",
                 "networkConfiguration": {
-                    "awsvpcConfiguration": {"subnets": ["subnet-1", "subnet-2"], "securityGroups": ["sg-1"], "assignPublicIp": "ENABLED"}
+                    "awsvpcConfiguration": {
+                        "subnets": ["subnet-1", "subnet-2"],
+                        "securityGroups": ["sg-1"],
+                        "assignPublicIp": "ENABLED",
+                    }
                 },
-                "overrides": {"containerOverrides": [{"name": "model", "environment": [{"name": "JOB", "value": ANY}]}]},
+                "overrides": {
+                    "containerOverrides": [{"name": "model", "environment": [{"name": "JOB", "value": ANY}]}]
+                },
             },
         )
         info = backends.run_ecs_task({"type": "ecs_task", "value": "c1/train:3"}, payload)
@@ -337,7 +367,11 @@ def test_ecs_failures_in_the_answer_are_a_dispatch_error(settings):
     backends = AwsBackends(settings.model_copy(update={"ecs_launch_type": "EC2"}))
     with Stubber(backends.ecs_client) as stub:
         stub.add_response(
-            "run_task", {"tasks": [], "failures": [{"arn": "arn:aws:ecs:us-east-1:1:container-instance/x", "reason": "RESOURCE:MEMORY"}]}
+            "run_task",
+            {
+                "tasks": [],
+                "failures": [{"arn": "arn:aws:ecs:us-east-1:1:container-instance/x", "reason": "RESOURCE:MEMORY"}],
+            },
         )
         try:
             backends.run_ecs_task({"type": "ecs_task", "value": "c1/train"}, {"job_id": "j1"})

@@ -60,7 +60,13 @@ async def start_worker(name: str, database_url: str, record: Path, **env: str) -
         **env,
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WORKER_CODE, name, env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        sys.executable,
+        "-c",
+        WORKER_CODE,
+        name,
+        env=environment,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
     assert b"dispatching" in line, line
@@ -73,14 +79,17 @@ async def stop_worker(proc: asyncio.subprocess.Process) -> int:
         proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), timeout=20)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
     return proc.returncode
 
 
 async def seed(session) -> None:
-    hs = {"inference": {"type": "in_process", "value": "test_record"}, "training": {"type": "in_process", "value": "test_record"}}
+    hs = {
+        "inference": {"type": "in_process", "value": "test_record"},
+        "training": {"type": "in_process", "value": "test_record"},
+    }
     session.add(Model(id="m1", name="m1", handlers=hs, status="active"))
     await session.flush()
     session.add(ModelVersion(model_id="m1", version="1", status="active", handlers=hs))
@@ -100,7 +109,9 @@ async def insert_jobs(session, n: int) -> None:
 
 
 async def count(session, *conditions) -> int:
-    return await session.scalar(select(func.count()).select_from(Job).where(*conditions).execution_options(populate_existing=True))
+    return await session.scalar(
+        select(func.count()).select_from(Job).where(*conditions).execution_options(populate_existing=True)
+    )
 
 
 async def wait_until(session, condition, timeout: float) -> None:
@@ -165,7 +176,9 @@ async def _kill_victim_mid_run(session, database_url, record: Path, **env: str) 
     return victim
 
 
-async def test_killed_dispatcher_loses_no_job_and_its_jobs_run_again_within_seconds(session, settings, database_url, tmp_path):
+async def test_killed_dispatcher_loses_no_job_and_its_jobs_run_again_within_seconds(
+    session, settings, database_url, tmp_path
+):
     """kill -9 of a dispatcher: it had claimed only as many in-process jobs as it has workers
     (4 of 10), and a live dispatcher on the same host sees its process gone and requeues them at
     once — not after the 300 s lease."""
@@ -200,7 +213,12 @@ async def test_jobs_of_a_silent_dispatcher_on_another_host_are_requeued_after_it
     record = tmp_path / "invocations.log"
     _RECORD_FILE["path"] = str(record)
     await seed(session)
-    fast = {"dispatch_dead_after": 2.0, "dispatch_heartbeat_interval": 0.5, "dispatch_sweep_interval": 0.2, "dispatch_poll_interval": 0.2}
+    fast = {
+        "dispatch_dead_after": 2.0,
+        "dispatch_heartbeat_interval": 0.5,
+        "dispatch_sweep_interval": 0.2,
+        "dispatch_poll_interval": 0.2,
+    }
     victim = await _kill_victim_mid_run(
         session, database_url, record, PIE_DISPATCH_HEARTBEAT_INTERVAL="0.5", PIE_DISPATCH_DEAD_AFTER="2"
     )

@@ -20,7 +20,10 @@ from pie.tenancy.models import Domain, Service
 
 
 def handlers(inference: str = "echo", training: str = "echo") -> dict[str, Any]:
-    return {"training": {"type": "in_process", "value": training}, "inference": {"type": "in_process", "value": inference}}
+    return {
+        "training": {"type": "in_process", "value": training},
+        "inference": {"type": "in_process", "value": inference},
+    }
 
 
 async def seed_version(session, model_id="m1", version="1", *, inference="echo", training="echo", contracts=None):
@@ -29,7 +32,11 @@ async def seed_version(session, model_id="m1", version="1", *, inference="echo",
         await session.flush()
     session.add(
         ModelVersion(
-            model_id=model_id, version=version, status="active", handlers=handlers(inference, training), handler_contracts=contracts
+            model_id=model_id,
+            version=version,
+            status="active",
+            handlers=handlers(inference, training),
+            handler_contracts=contracts,
         )
     )
     await session.commit()
@@ -115,7 +122,7 @@ async def test_handler_receives_the_documented_payload(session, settings):
     )
     await dispatch_until_idle(settings)
     assert CAPTURED[0].pop("callback_token").count(".") == 2  # spec 14.5 (test_callback_tokens.py)
-    assert CAPTURED == [
+    assert [
         {
             "job_id": job_id,
             "job_type": "inference",
@@ -129,7 +136,7 @@ async def test_handler_receives_the_documented_payload(session, settings):
             "features": {"f": 2},
             "callback_url": f"http://testserver/v2/models/m1/versions/1/jobs/{job_id}/complete",
         }
-    ]
+    ] == CAPTURED
     assert (await stored(session, job_id)).output == {"seen": job_id}
 
 
@@ -149,7 +156,10 @@ async def test_failures_become_structured_errors(session, settings):
         "exception": "ZeroDivisionError",
     }
     assert jobs["weird"].error["code"] == "invalid_output"
-    assert jobs["ghost"].error["code"] == "unknown_in_process_handler" and "no_such_implementation" in jobs["ghost"].error["message"]
+    assert (
+        jobs["ghost"].error["code"] == "unknown_in_process_handler"
+        and "no_such_implementation" in jobs["ghost"].error["message"]
+    )
 
 
 async def test_output_postgresql_cannot_store_fails_the_job_at_once(session, settings):
@@ -216,7 +226,9 @@ async def test_a_result_that_cannot_be_recorded_still_ends_the_job(session, sett
 
 async def test_reference_pricing_and_training_jobs(session, settings):
     await seed_version(session, inference="reference_pricing", training="reference_pricing")
-    infer = await new_job(session, features={"competitor_count": 5, "advertising_spend": 10, "weekly_demand": [80, 100]})
+    infer = await new_job(
+        session, features={"competitor_count": 5, "advertising_spend": 10, "weekly_demand": [80, 100]}
+    )
     train = await new_job(session, job_type="training", features={"competitor_count": 1})
     await dispatch_until_idle(settings)
     out = (await stored(session, infer)).output
@@ -254,13 +266,21 @@ async def test_service_init_job_and_chained_subscriptions(session, settings):
     session.add(Service(client_id="sealink", domain_id="pricing", service_id="svc-1"))
     session.add(
         EventSubscription(
-            source_model_id="m1", trigger_event="inference_complete", target_model_id="m2",
-            target_action="inference", input_source="trigger_output",
+            source_model_id="m1",
+            trigger_event="inference_complete",
+            target_model_id="m2",
+            target_action="inference",
+            input_source="trigger_output",
         )
     )
     await session.commit()
     init = await new_job(
-        session, job_type="training", client_id="sealink", domain_id="pricing", service_id="svc-1", purpose="service_init"
+        session,
+        job_type="training",
+        client_id="sealink",
+        domain_id="pricing",
+        service_id="svc-1",
+        purpose="service_init",
     )
     source = await new_job(session, input={"q": 1})
     # the source job, the init job, and the job its subscription fires
@@ -268,7 +288,9 @@ async def test_service_init_job_and_chained_subscriptions(session, settings):
     service = await session.get(Service, ("sealink", "pricing", "svc-1"), populate_existing=True)
     assert service.status == "available"
     assert (await stored(session, init)).status == "success"
-    chained = (await session.scalars(select(Job).where(Job.model_id == "m2").execution_options(populate_existing=True))).all()
+    chained = (
+        await session.scalars(select(Job).where(Job.model_id == "m2").execution_options(populate_existing=True))
+    ).all()
     assert len(chained) == 1 and chained[0].input == {"input": {"q": 1}, "features": None}
     assert chained[0].status == "failure"
     assert (await stored(session, source)).status == "success"
@@ -297,7 +319,13 @@ async def test_expired_lease_is_requeued_and_run_again(session, settings):
     job_id = await new_job(session)
     job = await stored(session, job_id)
     past = datetime.now(timezone.utc) - timedelta(minutes=5)
-    job.status, job.attempts, job.locked_by, job.started_at, job.lease_expires_at = "started", 1, "dead-dispatcher", past, past
+    job.status, job.attempts, job.locked_by, job.started_at, job.lease_expires_at = (
+        "started",
+        1,
+        "dead-dispatcher",
+        past,
+        past,
+    )
     await session.commit()
     assert await dispatch_until_idle(settings) == 0  # started jobs are not claimed
     counts = await Dispatcher(settings, name="sweeper").sweep()
@@ -321,7 +349,11 @@ async def test_expired_lease_after_the_last_attempt_fails_the_job(session, setti
     counts = await Dispatcher(settings, name="sweeper").sweep()
     assert counts == {"timed_out": 0, "requeued": 0, "exhausted": 1}
     job = await stored(session, job_id)
-    assert job.status == "failure" and job.error["code"] == "lease_expired" and job.error["attempts"] == settings.dispatch_max_attempts
+    assert (
+        job.status == "failure"
+        and job.error["code"] == "lease_expired"
+        and job.error["attempts"] == settings.dispatch_max_attempts
+    )
 
 
 async def test_started_jobs_that_never_report_back_time_out(session, settings):
@@ -333,7 +365,12 @@ async def test_started_jobs_that_never_report_back_time_out(session, settings):
     session.add(Service(client_id="sealink", domain_id="pricing", service_id="svc-1"))
     await session.commit()
     old = await new_job(
-        session, job_type="training", client_id="sealink", domain_id="pricing", service_id="svc-1", purpose="service_init"
+        session,
+        job_type="training",
+        client_id="sealink",
+        domain_id="pricing",
+        service_id="svc-1",
+        purpose="service_init",
     )
     fresh = await new_job(session)
     for job_id, age in ((old, timedelta(hours=2)), (fresh, timedelta(seconds=5))):
@@ -355,7 +392,9 @@ async def test_running_jobs_keep_their_lease_and_are_not_run_twice(session, sett
     SLOW_CALLS.clear()
     GATE.clear()
     await seed_version(session, inference="test_gated")
-    fast = settings.model_copy(update={"in_process_lease_seconds": 0.6, "dispatch_sweep_interval": 0.1, "dispatch_poll_interval": 0.1})
+    fast = settings.model_copy(
+        update={"in_process_lease_seconds": 0.6, "dispatch_sweep_interval": 0.1, "dispatch_poll_interval": 0.1}
+    )
     owner, peer = Dispatcher(fast, name="owner"), Dispatcher(fast, name="peer")
     await owner.start()
     try:
@@ -378,7 +417,7 @@ async def test_running_jobs_keep_their_lease_and_are_not_run_twice(session, sett
         await peer.stop()
         await owner.stop()
     job = await stored(session, job_id)
-    assert job.status == "success" and job.attempts == 1 and SLOW_CALLS == [job_id]
+    assert job.status == "success" and job.attempts == 1 and [job_id] == SLOW_CALLS
 
 
 async def test_stop_gives_unfinished_jobs_back_to_the_queue(session, settings):

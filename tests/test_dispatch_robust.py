@@ -13,14 +13,14 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import select, text
-
 from pgcluster import OwnCluster
+from sqlalchemy import select, text
+from test_dispatch_inprocess import new_job, seed_version, stored
+
 from pie import db
 from pie.dispatch.dispatcher import Dispatcher
 from pie.dispatch.inprocess import register
 from pie.jobs.models import Job
-from test_dispatch_inprocess import new_job, seed_version, stored
 
 
 async def test_claim_skips_a_locked_pending_job_and_takes_the_others_without_waiting(session, settings, database_url):
@@ -57,7 +57,9 @@ async def test_dispatcher_claims_no_more_in_process_jobs_than_free_workers(sessi
     GATE.clear()
     for i in range(10):
         await new_job(session, input={"n": i})
-    dispatcher = Dispatcher(settings.model_copy(update={"in_process_workers": 3, "dispatch_batch_size": 50}), name="small")
+    dispatcher = Dispatcher(
+        settings.model_copy(update={"in_process_workers": 3, "dispatch_batch_size": 50}), name="small"
+    )
     dispatcher._start_workers()
     try:
         assert await dispatcher.claim_and_dispatch() == 3

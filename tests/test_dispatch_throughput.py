@@ -10,12 +10,12 @@ import time
 
 import psycopg
 from sqlalchemy import select
+from test_dispatch_inprocess import GATE, new_job, seed_version, stored
 
 from pie import db
 from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
 from pie.jobs.models import Job
 from pie.registry.models import EventSubscription
-from test_dispatch_inprocess import GATE, new_job, seed_version, stored
 
 
 async def _wait_for(session, job_id: str, statuses: tuple[str, ...], timeout: float = 15.0) -> Job:
@@ -84,8 +84,11 @@ async def test_one_batch_checks_contracts_and_fires_subscriptions_only_where_the
     await seed_version(session, "target")
     session.add(
         EventSubscription(
-            source_model_id="source", trigger_event="inference_complete", target_model_id="target",
-            target_action="inference", input_source="trigger_output",
+            source_model_id="source",
+            trigger_event="inference_complete",
+            target_model_id="target",
+            target_action="inference",
+            input_source="trigger_output",
         )
     )
     await session.commit()

@@ -33,9 +33,7 @@ def _model_with_active_version(server, inference: str) -> tuple[str, str]:
                 "training": {"type": "in_process", "value": "echo"},
                 "inference": {"type": "in_process", "value": inference},
             },
-            "handler_contracts": {
-                "inference": {"input_schema": {"type": "object", "required": ["route"]}}
-            },
+            "handler_contracts": {"inference": {"input_schema": {"type": "object", "required": ["route"]}}},
         },
         headers=manage,
     )
@@ -43,7 +41,9 @@ def _model_with_active_version(server, inference: str) -> tuple[str, str]:
     r = httpx.post(f"{api}/v2/models/{model_id}/new_version", json={"description": "first"}, headers=manage)
     assert r.status_code == 201, r.text
     version = r.json()["version"]["version"]
-    r = httpx.post(f"{api}/v2/models/{model_id}/versions/{version}/new_status", json={"status": "active"}, headers=manage)
+    r = httpx.post(
+        f"{api}/v2/models/{model_id}/versions/{version}/new_status", json={"status": "active"}, headers=manage
+    )
     assert r.status_code == 200, r.text
     assert r.json()["version"]["status"] == "active" and r.json()["model"]["status"] == "active"
     return model_id, version
@@ -57,7 +57,9 @@ def test_inference_runs_to_success_through_pie_serve(pie_server):
     model_id, version = _model_with_active_version(pie_server, "echo")
     runner = pie_server.headers(scopes=["run_inference"])
     # the input contract is checked before anything is queued
-    r = httpx.post(f"{api}/v2/models/{model_id}/versions/{version}/inference", json={"input": {"day": 3}}, headers=runner)
+    r = httpx.post(
+        f"{api}/v2/models/{model_id}/versions/{version}/inference", json={"input": {"day": 3}}, headers=runner
+    )
     assert r.status_code == 422, r.text
 
     r = httpx.post(
@@ -82,7 +84,9 @@ def test_failing_handler_ends_in_failure_with_a_structured_error(pie_server):
     model_id, version = _model_with_active_version(pie_server, "fail")
     reader = pie_server.headers(scopes=["run_inference", "read_models"])
     r = httpx.post(
-        f"{pie_server.url}/v2/models/{model_id}/versions/{version}/inference", json={"input": {"route": "x"}}, headers=reader
+        f"{pie_server.url}/v2/models/{model_id}/versions/{version}/inference",
+        json={"input": {"route": "x"}},
+        headers=reader,
     )
     assert r.status_code == 202, r.text
     job = _poll_job(pie_server, r.json()["inference_job_id"], reader)

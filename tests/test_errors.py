@@ -66,7 +66,11 @@ async def test_400_missing_field(client, admin):
 
 
 async def test_400_invalid_values(client, admin):
-    for body in ({"client_id": "bad id", "name": "x"}, {"client_id": "-x", "name": "x"}, {"client_id": "x", "name": "  "}):
+    for body in (
+        {"client_id": "bad id", "name": "x"},
+        {"client_id": "-x", "name": "x"},
+        {"client_id": "x", "name": "  "},
+    ):
         assert_envelope(await client.post("/v2/clients", json=body, headers=admin), 400)
 
 
@@ -84,7 +88,9 @@ async def test_path_id_boundaries_are_accepted(client, admin):
     assert (await client.get("/v2/clients/A1._:-z", headers=admin)).status_code == 404
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=abc", "cursor=%%%", "cursor=bm90LWpzb24", "cursor=e30"])
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=1001", "limit=abc", "cursor=%%%", "cursor=bm90LWpzb24", "cursor=e30"]
+)
 async def test_400_bad_query(client, admin, query):
     assert_envelope(await client.get(f"/v2/clients?{query}", headers=admin), 400)
 
@@ -177,7 +183,9 @@ async def local(local_app) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-@pytest.mark.parametrize("kind,status", [("400", 400), ("403", 403), ("404", 404), ("409", 409), ("422", 422), ("503", 503)])
+@pytest.mark.parametrize(
+    "kind,status", [("400", 400), ("403", 403), ("404", 404), ("409", 409), ("422", 422), ("503", 503)]
+)
 async def test_pie_errors_render_the_envelope(local, kind, status):
     assert_envelope(await local.get(f"/test/raise/{kind}"), status)
 
@@ -185,7 +193,10 @@ async def test_pie_errors_render_the_envelope(local, kind, status):
 async def test_assignment_blocked_has_its_documented_body(local):
     r = await local.get("/test/raise/blocked")
     assert r.status_code == 422
-    assert r.json() == {"error": "assignment blocked", "blocking_services": [{"service_id": "s1", "missing_features": ["x"]}]}
+    assert r.json() == {
+        "error": "assignment blocked",
+        "blocking_services": [{"service_id": "s1", "missing_features": ["x"]}],
+    }
 
 
 async def test_500_is_the_envelope_without_traceback_and_is_logged_with_request_id(local, caplog):
@@ -237,14 +248,18 @@ async def test_unit_of_work_commits_before_the_response(local, admin, engine):
     assert r.status_code == 200
     # a different connection sees the write as soon as the response is in
     async with engine.connect() as conn:
-        assert (await conn.execute(text("SELECT name FROM clients WHERE client_id = 'uow'"))).scalar_one() == "Unit of work"
+        assert (
+            await conn.execute(text("SELECT name FROM clients WHERE client_id = 'uow'"))
+        ).scalar_one() == "Unit of work"
 
 
 async def test_created_client_is_visible_right_after_the_response(client, admin, engine):
     r = await client.post("/v2/clients", json={"client_id": "visible", "name": "V"}, headers=admin)
     assert r.status_code == 201
     async with engine.connect() as conn:
-        row = (await conn.execute(text("SELECT client_uuid::text, status FROM clients WHERE client_id = 'visible'"))).one()
+        row = (
+            await conn.execute(text("SELECT client_uuid::text, status FROM clients WHERE client_id = 'visible'"))
+        ).one()
     assert row == (r.json()["client_uuid"], "active")
 
 
@@ -262,8 +277,11 @@ async def test_request_id_is_echoed_or_generated(client):
 async def test_cors_when_origins_configured(local):
     preflight = await local.options(
         "/v2/clients",
-        headers={"Origin": "https://ui.example.com", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"},
+        headers={
+            "Origin": "https://ui.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
     )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://ui.example.com"

@@ -9,9 +9,9 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
+from factories import domain_url, init_service, tenant_setup
 
 from pie.app import create_app
-from factories import domain_url, init_service, tenant_setup
 
 D = domain_url("client-1", "south_australia")
 
@@ -33,7 +33,9 @@ async def world(client, session, admin, auth) -> dict[str, str]:
     past = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
     r = await client.put(f"{D}/service/svc-gone", json={"departure_datetime": past}, headers=admin)
     assert r.status_code == 200, r.text
-    r = await client.post(f"{D}/assignments/default/jobs", json={"input": {"route": "Adelaide to Sydney"}}, headers=admin)
+    r = await client.post(
+        f"{D}/assignments/default/jobs", json={"input": {"route": "Adelaide to Sydney"}}, headers=admin
+    )
     assert r.status_code == 202, r.text
     return {"job": r.json()["job_id"]}
 

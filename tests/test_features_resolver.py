@@ -7,10 +7,10 @@ import copy
 from typing import Any
 
 import pytest
+from factories import SEVEN_FEATURES
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from factories import SEVEN_FEATURES
 from pie.errors import Unprocessable
 from pie.features import Resolver, definition_problems, merge_patch, resolve_features, validate_feature_definitions
 
@@ -100,7 +100,9 @@ def test_unknown_keys_rejected_or_ignored():
     provided = {"route": "Adelaide to Sydney", "cabin": "deck"}
     resolved, failures = resolve_features(provided, SEVEN_FEATURES)
     assert resolved == {"route": "Adelaide to Sydney"}
-    assert [(f.feature, f.value, f.reason) for f in failures] == [("cabin", "deck", "unknown feature (not in the schema)")]
+    assert [(f.feature, f.value, f.reason) for f in failures] == [
+        ("cabin", "deck", "unknown feature (not in the schema)")
+    ]
     resolved, failures = resolve_features(provided, SEVEN_FEATURES, unknown="ignore")
     assert failures == [] and resolved == {"route": "Adelaide to Sydney"}
 
@@ -118,7 +120,9 @@ def test_memo_keeps_true_one_and_one_point_zero_apart():
 def test_memo_validates_each_distinct_value_once():
     resolver = Resolver(SEVEN_FEATURES)
     for index in range(1000):
-        resolver.resolve({"route": "Adelaide to Sydney", "competitor_count": index % 5, "weekly_demand": [index % 2] * 7})
+        resolver.resolve(
+            {"route": "Adelaide to Sydney", "competitor_count": index % 5, "weekly_demand": [index % 2] * 7}
+        )
     # route (1 value) + competitor_count (5) + weekly_demand (2)
     assert resolver.validations == 8
 
@@ -149,7 +153,10 @@ def test_defaults_fill_in_and_are_validated_definitions():
         ([{"name": "a", "json_schema": {"type": 12}}], "not a valid Draft 2020-12 schema"),
         ([{"name": "a", "json_schema": {"minimum": "zero"}}], "not a valid Draft 2020-12 schema"),
         ([{"name": "a", "json_schema": {"type": "integer", "default": 1.5}}], "default does not validate"),
-        ([{"name": "a", "json_schema": {"prefixItems": [{"type": "string"}], "items": False, "default": [1]}}], "default"),
+        (
+            [{"name": "a", "json_schema": {"prefixItems": [{"type": "string"}], "items": False, "default": [1]}}],
+            "default",
+        ),
         ([{"name": "a", "json_schema": {}, "mandatory": "true"}], "mandatory must be a boolean"),
         ([7], "not an object"),
     ],
@@ -175,7 +182,9 @@ def _integer_kind(draw) -> tuple[dict, Any, Any]:
     return (
         {"type": "integer", "minimum": low, "maximum": high},
         st.integers(low, high),
-        st.one_of(st.integers(high + 1, high + 1000), st.integers(low - 1000, low - 1), st.text(max_size=3), st.booleans()),
+        st.one_of(
+            st.integers(high + 1, high + 1000), st.integers(low - 1000, low - 1), st.text(max_size=3), st.booleans()
+        ),
     )
 
 
@@ -387,7 +396,9 @@ def _leaf_schemas():
         st.builds(lambda ts: {"type": ts}, st.lists(st.sampled_from(TYPES), min_size=1, max_size=3, unique=True)),
         st.builds(lambda e: {"enum": e}, st.lists(JSON_VALUES, min_size=1, max_size=3)),
         st.builds(lambda c: {"const": c}, JSON_VALUES),
-        st.builds(lambda k, n: {k: n}, st.sampled_from(["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"]), number),
+        st.builds(
+            lambda k, n: {k: n}, st.sampled_from(["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"]), number
+        ),
         st.builds(
             lambda k, n: {k: n},
             st.sampled_from(["minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"]),
@@ -402,11 +413,19 @@ def _leaf_schemas():
 SCHEMAS = st.recursive(
     _leaf_schemas(),
     lambda children: st.one_of(
-        st.builds(lambda k, subs: {k: subs}, st.sampled_from(["oneOf", "anyOf", "allOf"]), st.lists(children, min_size=1, max_size=3)),
+        st.builds(
+            lambda k, subs: {k: subs},
+            st.sampled_from(["oneOf", "anyOf", "allOf"]),
+            st.lists(children, min_size=1, max_size=3),
+        ),
         st.builds(lambda sub: {"not": sub}, children),
         st.builds(lambda sub: {"items": sub}, children),
         st.builds(lambda subs: {"prefixItems": subs}, st.lists(children, min_size=1, max_size=3)),
-        st.builds(lambda subs, rest: {"prefixItems": subs, "items": rest}, st.lists(children, min_size=1, max_size=2), children),
+        st.builds(
+            lambda subs, rest: {"prefixItems": subs, "items": rest},
+            st.lists(children, min_size=1, max_size=2),
+            children,
+        ),
         st.builds(
             lambda props, extra: {"properties": props, **({} if extra is None else {"additionalProperties": extra})},
             st.dictionaries(st.sampled_from(["a", "b"]), children, max_size=2),

@@ -10,8 +10,8 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-
 from factories import feature, init_service, tenant_setup
+
 from pie.features import definition_problems, resolve_features
 from pie.jsonschemas import schema_error, validation_error
 
@@ -25,7 +25,7 @@ def schema_server() -> Iterator[tuple[str, list[str]]]:
     requests: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             requests.append(self.path)
             body = json.dumps({"type": "integer"}).encode()
             self.send_response(200)
@@ -129,7 +129,11 @@ async def test_api_refuses_unresolvable_references_in_live_features(client, sess
 
 
 async def test_init_with_an_unvalidatable_value_is_422_not_500(client, session, admin):
-    await tenant_setup(client, session, admin, features=[feature("route", {"type": "string"}, True),
-                                                          feature("fare", {"type": "number", "multipleOf": 0.5})])
+    await tenant_setup(
+        client,
+        session,
+        admin,
+        features=[feature("route", {"type": "string"}, True), feature("fare", {"type": "number", "multipleOf": 0.5})],
+    )
     r = await init_service(client, admin, "s1", {**SA, "fare": 10**400}, expect=422)
     assert r.json()["success"] is False and "fare" in r.json()["message"]

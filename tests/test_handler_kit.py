@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kit"))
-import pie_handler_kit as kit  # noqa: E402
+import pie_handler_kit as kit
 
 
 class Callback:
@@ -65,9 +65,19 @@ def callback():
 
 def payload(url, **extra):
     return {
-        "job_id": "j1", "job_type": "inference", "model_id": "m", "model_version": "1", "assignment_id": None,
-        "client_id": "c1", "domain_id": None, "service_id": None, "input": {"a": 1}, "features": {"f": 2},
-        "callback_url": f"{url}/v2/models/m/versions/1/jobs/j1/complete", "callback_token": "tok.en.sig", **extra,
+        "job_id": "j1",
+        "job_type": "inference",
+        "model_id": "m",
+        "model_version": "1",
+        "assignment_id": None,
+        "client_id": "c1",
+        "domain_id": None,
+        "service_id": None,
+        "input": {"a": 1},
+        "features": {"f": 2},
+        "callback_url": f"{url}/v2/models/m/versions/1/jobs/j1/complete",
+        "callback_token": "tok.en.sig",
+        **extra,
     }
 
 
@@ -83,7 +93,11 @@ def test_success_is_reported_with_the_callback_token(callback):
     assert seen == [({"a": 1}, {"f": 2}, "j1", "c1", "1")]
     assert result["status"] == "success" and result["callback"]["status"] == "success"
     assert cb.requests == [
-        {"path": "/v2/models/m/versions/1/jobs/j1/complete", "auth": "Bearer tok.en.sig", "body": {"status": "success", "output": {"sum": 3}}}
+        {
+            "path": "/v2/models/m/versions/1/jobs/j1/complete",
+            "auth": "Bearer tok.en.sig",
+            "body": {"status": "success", "output": {"sum": 3}},
+        }
     ]
 
 
@@ -180,5 +194,7 @@ def test_ecs_main_exit_status(callback):
     cb = callback((409, {}))
     assert kit.main(lambda i, f, j: 1, environ={}) == 2
     assert kit.main(lambda i, f, j: 1, environ={"PIE_JOB_PAYLOAD": "{"}) == 2
-    assert kit.main(lambda i, f, j: 1, environ={"PIE_JOB_PAYLOAD": json.dumps(payload(cb.url))}) == 1  # 409: not delivered
+    assert (
+        kit.main(lambda i, f, j: 1, environ={"PIE_JOB_PAYLOAD": json.dumps(payload(cb.url))}) == 1
+    )  # 409: not delivered
     assert kit.main(lambda i, f, j: 1, environ={"PIE_JOB_PAYLOAD": json.dumps(payload(cb.url))}) == 0

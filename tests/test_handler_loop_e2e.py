@@ -16,11 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import clean_subprocess_env, start_pie_server
-from pie.dispatch import backends
-from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
-from pie.jobs.logic import create_job
 from test_dispatch_aws import (  # noqa: F401  (fixtures)
     aws,
     aws_settings,
@@ -31,6 +27,10 @@ from test_dispatch_aws import (  # noqa: F401  (fixtures)
     start_recording,
     stored,
 )
+
+from pie.dispatch import backends
+from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
+from pie.jobs.logic import create_job
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT = ROOT / "kit"
@@ -57,7 +57,9 @@ else:
 """
 
 
-def run_bare(example: Path, mode: str, *, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_bare(
+    example: Path, mode: str, *, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*BARE_PYTHON, "-c", RUNNER, str(KIT), str(example), mode],
         input=stdin,
@@ -75,14 +77,20 @@ def lambda_function(moto_endpoint) -> dict[str, str]:
     import io
     import zipfile
 
-    role = aws("iam", moto_endpoint).create_role(RoleName="pie-handler-e2e", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    role = aws("iam", moto_endpoint).create_role(RoleName="pie-handler-e2e", AssumeRolePolicyDocument="{}")["Role"][
+        "Arn"
+    ]
     code = io.BytesIO()
     with zipfile.ZipFile(code, "w") as z:
         z.write(LAMBDA_EXAMPLE / "handler.py", "handler.py")
         z.write(KIT / "pie_handler_kit.py", "pie_handler_kit.py")
     lam = aws("lambda", moto_endpoint)
     fn = lam.create_function(
-        FunctionName="pie-e2e", Runtime="python3.12", Role=role, Handler="handler.handler", Code={"ZipFile": code.getvalue()}
+        FunctionName="pie-e2e",
+        Runtime="python3.12",
+        Role=role,
+        Handler="handler.handler",
+        Code={"ZipFile": code.getvalue()},
     )
     return {"arn": fn["FunctionArn"], "version": lam.publish_version(FunctionName="pie-e2e")["Version"]}
 
@@ -108,8 +116,12 @@ def job_from_api(server, job_id: str) -> dict:
     return r.json()
 
 
-async def test_lambda_job_completes_through_the_example_handler(session, pie_server, aws_settings, moto_endpoint, lambda_function, caplog):
-    await seed(session, "lam-e2e", {"type": "lambda", "arn": lambda_function["arn"], "version": lambda_function["version"]})
+async def test_lambda_job_completes_through_the_example_handler(
+    session, pie_server, aws_settings, moto_endpoint, lambda_function, caplog
+):
+    await seed(
+        session, "lam-e2e", {"type": "lambda", "arn": lambda_function["arn"], "version": lambda_function["version"]}
+    )
     r = httpx.post(
         f"{pie_server.url}/v2/models/lam-e2e/versions/1/inference",
         json={"input": {"route": "Adelaide to Sydney", "competitor_count": 5, "on_demand": True}},
@@ -146,11 +158,17 @@ async def test_lambda_job_completes_through_the_example_handler(session, pie_ser
     assert sum("PIE_PUBLIC_URL" in rec.getMessage() for rec in caplog.records) == 1
 
     # the token did its job and nothing more: it reads nothing
-    r = httpx.get(f"{pie_server.url}/v2/jobs/{job_id}", headers={"Authorization": f"Bearer {payload['callback_token']}"}, timeout=30)
+    r = httpx.get(
+        f"{pie_server.url}/v2/jobs/{job_id}",
+        headers={"Authorization": f"Bearer {payload['callback_token']}"},
+        timeout=30,
+    )
     assert r.status_code == 401
 
 
-async def test_lambda_handler_failure_is_reported_as_a_structured_error(session, pie_server, aws_settings, moto_endpoint, lambda_function):
+async def test_lambda_handler_failure_is_reported_as_a_structured_error(
+    session, pie_server, aws_settings, moto_endpoint, lambda_function
+):
     await seed(session, "lam-fail", {"type": "lambda", "arn": lambda_function["arn"]})
     job = await create_job(session, job_type="inference", model_id="lam-fail", model_version="1", input={"no_route": 1})
     await session.commit()
@@ -168,10 +186,16 @@ async def test_lambda_handler_failure_is_reported_as_a_structured_error(session,
     }
 
 
-async def test_ecs_job_completes_through_the_example_entrypoint(session, pie_server, aws_settings, moto_endpoint, ecs_cluster):
+async def test_ecs_job_completes_through_the_example_entrypoint(
+    session, pie_server, aws_settings, moto_endpoint, ecs_cluster
+):
     await seed(session, "ecs-e2e", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"})
     job = await create_job(
-        session, job_type="training", model_id="ecs-e2e", model_version="1", input={"weekly_demand": [10, 20, 30, 40], "epochs": 3}
+        session,
+        job_type="training",
+        model_id="ecs-e2e",
+        model_version="1",
+        input={"weekly_demand": [10, 20, 30, 40], "epochs": 3},
     )
     await session.commit()
     assert await dispatch_until_idle(aws_settings.model_copy(update={"public_url": pie_server.url})) == 1
@@ -187,7 +211,11 @@ async def test_ecs_job_completes_through_the_example_entrypoint(session, pie_ser
     # the entrypoint with the environment RunTask gave the container (and nothing else)
     done = run_bare(ECS_EXAMPLE, "ecs", env=environment)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"job_id": job.job_id, "status": "success", "error": None}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "job_id": job.job_id,
+        "status": "success",
+        "error": None,
+    }
     row = job_from_api(pie_server, job.job_id)
     assert row["status"] == "success"
     assert row["output"] == {
@@ -215,7 +243,9 @@ async def test_handler_timeout_overrides_the_global_one(session, aws_settings, m
     hour = aws_settings.model_copy(update={"job_timeout_seconds": 3600.0})
     assert await dispatch_until_idle(hour) == 2
     started = (await stored(session, short.job_id)).started_at
-    assert (await stored(session, short.job_id)).timeout_seconds == 5 and (await stored(session, long.job_id)).timeout_seconds is None
+    assert (await stored(session, short.job_id)).timeout_seconds == 5 and (
+        await stored(session, long.job_id)
+    ).timeout_seconds is None
 
     sweeper = Dispatcher(hour, name="sweeper")
     deadline = time.monotonic() + 20
@@ -235,27 +265,41 @@ async def test_oversized_payloads_are_422_at_creation(client, admin, session, la
     await seed(session, "lam-big", {"type": "lambda", "arn": lambda_function["arn"]})
     before = await session.scalar(__import__("sqlalchemy").text("SELECT count(*) FROM jobs"))
 
-    r = await client.post("/v2/models/ecs-big/versions/1/inference", json={"input": {"blob": "x" * 8000}}, headers=admin)
+    r = await client.post(
+        "/v2/models/ecs-big/versions/1/inference", json={"input": {"blob": "x" * 8000}}, headers=admin
+    )
     assert r.status_code == 422, r.text
     assert r.json()["success"] is False and "8192" in r.json()["message"] and "ECS" in r.json()["message"]
     # quotes are escaped inside the override: a smaller input can exceed it too
     r = await client.post("/v2/models/ecs-big/versions/1/inference", json={"input": {"q": ['"'] * 1300}}, headers=admin)
     assert r.status_code == 422 and "8192" in r.json()["message"]
     # just under the limit is fine
-    r = await client.post("/v2/models/ecs-big/versions/1/inference", json={"input": {"blob": "x" * 5000}}, headers=admin)
+    r = await client.post(
+        "/v2/models/ecs-big/versions/1/inference", json={"input": {"blob": "x" * 5000}}, headers=admin
+    )
     assert r.status_code == 202, r.text
 
     limit = settings.lambda_max_payload_bytes
-    r = await client.post("/v2/models/lam-big/versions/1/inference", json={"input": {"blob": "x" * limit}}, headers=admin)
+    r = await client.post(
+        "/v2/models/lam-big/versions/1/inference", json={"input": {"blob": "x" * limit}}, headers=admin
+    )
     assert r.status_code == 422 and "PIE_LAMBDA_MAX_PAYLOAD_BYTES" in r.json()["message"]
-    r = await client.post("/v2/models/lam-big/versions/1/inference", json={"input": {"blob": "x" * (limit - 2000)}}, headers=admin)
+    r = await client.post(
+        "/v2/models/lam-big/versions/1/inference", json={"input": {"blob": "x" * (limit - 2000)}}, headers=admin
+    )
     assert r.status_code == 202, r.text
     # nothing half-written: only the two accepted jobs exist
     assert await session.scalar(__import__("sqlalchemy").text("SELECT count(*) FROM jobs")) == before + 2
 
 
 def test_loopback_public_url_is_detected(settings):
-    for url in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000", "http://0.0.0.0", "http://127.1.2.3"):
+    for url in (
+        "http://127.0.0.1:8000",
+        "http://localhost:8000",
+        "http://[::1]:8000",
+        "http://0.0.0.0",
+        "http://127.1.2.3",
+    ):
         assert backends.is_loopback_url(url), url
     for url in ("https://pie.example.com", "http://10.0.0.5:8000", "http://testserver"):
         assert not backends.is_loopback_url(url), url

@@ -8,9 +8,8 @@ import asyncio
 import uuid
 
 import pytest
-from sqlalchemy import text
-
 from factories import init_service, tenant_setup
+from sqlalchemy import text
 
 ECHO = {"type": "in_process", "value": "echo"}
 HANDLERS = {"training": ECHO, "inference": ECHO}
@@ -118,7 +117,9 @@ async def test_every_creating_post_replays(client, session, admin, world):
     service init, batch re-init and both assignment job routes: the retry answers the same and
     writes nothing."""
     await init_service(client, admin, "s0", SA)
-    r = await client.put(f"{D}/service/s0/assignments/forecast", json={"model_id": "pricing-model", "model_version": "1"}, headers=admin)
+    r = await client.put(
+        f"{D}/service/s0/assignments/forecast", json={"model_id": "pricing-model", "model_version": "1"}, headers=admin
+    )
     assert r.status_code == 200, r.text
     calls = [
         ("/v2/clients", {"client_id": "client-2", "name": "Two"}, "clients"),
@@ -127,7 +128,13 @@ async def test_every_creating_post_replays(client, session, admin, world):
         ("/v2/models/pricing-model/new_version", {}, "model_versions"),
         (
             "/v2/models/pricing-model/event-subscriptions",
-            {"trigger_event": "training_complete", "target_model_id": "pricing-model", "target_action": "inference", "input_source": "stored", "input": SA},
+            {
+                "trigger_event": "training_complete",
+                "target_model_id": "pricing-model",
+                "target_action": "inference",
+                "input_source": "stored",
+                "input": SA,
+            },
             "event_subscriptions",
         ),
         (f"{D}/service/init", {"service_id": "s1", "static_features": SA}, "jobs"),
@@ -153,7 +160,8 @@ async def test_the_openapi_document_declares_the_header(client):
         op["operationId"]
         for item in spec["paths"].values()
         for op in item.values()
-        if isinstance(op, dict) and any(p.get("name") == "Idempotency-Key" and p["in"] == "header" for p in op.get("parameters", []))
+        if isinstance(op, dict)
+        and any(p.get("name") == "Idempotency-Key" and p["in"] == "header" for p in op.get("parameters", []))
     }
     assert keyed == {
         "createclient",

@@ -54,7 +54,12 @@ def plugin_distribution(tmp_path):
 
 def model_body(model_id: str, value: str) -> dict:
     handler = {"type": "in_process", "value": value}
-    return {"id": model_id, "name": model_id, "description": "", "handlers": {"training": handler, "inference": handler}}
+    return {
+        "id": model_id,
+        "name": model_id,
+        "description": "",
+        "handlers": {"training": handler, "inference": handler},
+    }
 
 
 async def test_entry_point_implementation_is_listed_and_runs_a_job(client, admin, auth, plugin_distribution, settings):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import text
-
 from factories import make_version, stored_job
+from sqlalchemy import text
 
 A, B = "sealink", "other"
 INFER = "/v2/models/pricing-model/versions/1/inference"
@@ -103,21 +102,34 @@ async def test_jobs_fired_by_subscriptions_inherit_the_tenant_of_their_trigger(c
     # an inference_complete subscription on the model feeding its output to another inference
     r = await client.post(
         "/v2/models",
-        json={"id": "follow", "name": "f", "description": "", "handlers": {
-            "training": {"type": "in_process", "value": "echo"}, "inference": {"type": "in_process", "value": "echo"}}},
+        json={
+            "id": "follow",
+            "name": "f",
+            "description": "",
+            "handlers": {
+                "training": {"type": "in_process", "value": "echo"},
+                "inference": {"type": "in_process", "value": "echo"},
+            },
+        },
         headers=admin,
     )
     assert r.status_code == 201
     await make_version(session, "follow", "1")
     r = await client.post(
         "/v2/models/pricing-model/event-subscriptions",
-        json={"trigger_event": "inference_complete", "target_model_id": "follow", "target_action": "inference",
-              "input_source": "trigger_output"},
+        json={
+            "trigger_event": "inference_complete",
+            "target_model_id": "follow",
+            "target_action": "inference",
+            "input_source": "trigger_output",
+        },
         headers=admin,
     )
     assert r.status_code == 201, r.text
     b_job = await launch(client, machine(auth, B))
-    r = await client.post(complete_url(b_job), json={"status": "success", "output": {"price": 7}}, headers=machine(auth, B))
+    r = await client.post(
+        complete_url(b_job), json={"status": "success", "output": {"price": 7}}, headers=machine(auth, B)
+    )
     assert r.status_code == 200, r.text
     (event,) = r.json()["triggered_events"]
     fired = await stored_job(session, event["job_id"])
@@ -161,16 +173,22 @@ async def test_a_mapped_app_client_acts_for_its_tenant_and_no_other(client, sess
 
 
 async def test_two_clients_cannot_claim_the_same_app_client_id(client, session, admin, tenants):
-    r = await client.post("/v2/clients", json={"client_id": "third", "name": "T", "app_client_ids": ["app-1", "app-2"]}, headers=admin)
+    r = await client.post(
+        "/v2/clients", json={"client_id": "third", "name": "T", "app_client_ids": ["app-1", "app-2"]}, headers=admin
+    )
     assert r.status_code == 201 and r.json()["app_client_ids"] == ["app-1", "app-2"]
-    r = await client.post("/v2/clients", json={"client_id": "fourth", "name": "F", "app_client_ids": ["app-2"]}, headers=admin)
+    r = await client.post(
+        "/v2/clients", json={"client_id": "fourth", "name": "F", "app_client_ids": ["app-2"]}, headers=admin
+    )
     assert r.status_code == 409 and "app-2" in r.json()["message"] and "third" in r.json()["message"]
     assert (await client.get("/v2/clients/fourth", headers=admin)).status_code == 404  # nothing written
     r = await client.patch(f"/v2/clients/{A}", json={"app_client_ids": ["app-1"]}, headers=admin)
     assert r.status_code == 409
     assert (await client.get(f"/v2/clients/{A}", headers=admin)).json()["app_client_ids"] == []
     # releasing it lets another client take it
-    assert (await client.patch("/v2/clients/third", json={"app_client_ids": ["app-2"]}, headers=admin)).status_code == 200
+    assert (
+        await client.patch("/v2/clients/third", json={"app_client_ids": ["app-2"]}, headers=admin)
+    ).status_code == 200
     r = await client.patch(f"/v2/clients/{A}", json={"app_client_ids": ["app-1"]}, headers=admin)
     assert r.status_code == 200 and r.json()["app_client_ids"] == ["app-1"]
     # only admins manage them
@@ -178,13 +196,17 @@ async def test_two_clients_cannot_claim_the_same_app_client_id(client, session, 
     assert r.json()["app_client_ids"] == ["app-1"]
 
 
-async def test_the_tenant_cache_follows_a_mapping_change_at_once(app, client, session, admin, auth, tenants, monkeypatch):
+async def test_the_tenant_cache_follows_a_mapping_change_at_once(
+    app, client, session, admin, auth, tenants, monkeypatch
+):
     """With the per-process cache on, a mapping change is seen by the next request (the cache
     is cleared when the change commits), not after the cache time."""
     monkeypatch.setattr(app.state.settings, "tenant_cache_seconds", 3600.0)
     token = auth(scopes=["read_domains"], client_id="app-x")
     assert (await client.get(f"/v2/clients/{A}", headers=token)).status_code == 403  # cached: no tenant
-    assert (await client.patch(f"/v2/clients/{A}", json={"app_client_ids": ["app-x"]}, headers=admin)).status_code == 200
+    assert (
+        await client.patch(f"/v2/clients/{A}", json={"app_client_ids": ["app-x"]}, headers=admin)
+    ).status_code == 200
     assert (await client.get(f"/v2/clients/{A}", headers=token)).status_code == 200
     assert (await client.patch(f"/v2/clients/{A}", json={"app_client_ids": []}, headers=admin)).status_code == 200
     assert (await client.get(f"/v2/clients/{A}", headers=token)).status_code == 403

@@ -7,7 +7,6 @@ import asyncio
 from typing import Any
 
 import pytest
-
 from sqlalchemy import select
 
 from pie.clients.models import Client
@@ -21,7 +20,9 @@ ECHO = {"training": {"type": "in_process", "value": "echo"}, "inference": {"type
 
 async def seed_version(session, model_id="m1", version="1", *, contracts=None, handlers=None) -> None:
     if await session.get(Model, model_id) is None:
-        session.add(Model(id=model_id, name=model_id, handlers=handlers or ECHO, handler_contracts=contracts, status="active"))
+        session.add(
+            Model(id=model_id, name=model_id, handlers=handlers or ECHO, handler_contracts=contracts, status="active")
+        )
         await session.flush()
     session.add(
         ModelVersion(
@@ -75,9 +76,27 @@ async def test_getjob_returns_the_job_record(client, session, admin):
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {
-        "job_id", "job_type", "status", "model_id", "model_version", "assignment_id", "client_id", "domain_id",
-        "service_id", "subscription_id", "input", "output", "error", "warnings", "attempts", "timeout_seconds", "created_by", "created_at",
-        "started_at", "completed_at", "updated_at",
+        "job_id",
+        "job_type",
+        "status",
+        "model_id",
+        "model_version",
+        "assignment_id",
+        "client_id",
+        "domain_id",
+        "service_id",
+        "subscription_id",
+        "input",
+        "output",
+        "error",
+        "warnings",
+        "attempts",
+        "timeout_seconds",
+        "created_by",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "updated_at",
     }
     assert body["job_id"] == job.job_id and body["status"] == "pending" and body["job_type"] == "inference"
     assert body["input"] == {"route": "ADL-SYD"} and body["output"] is None and body["attempts"] == 0
@@ -93,7 +112,10 @@ async def test_getjob_errors(client, session, admin, auth):
     r = await client.get(f"/v2/jobs/{job.job_id}")
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     r = await client.get(f"/v2/jobs/{job.job_id}", headers=auth(scopes=["manage_domains"]))
-    assert r.status_code == 403 and r.json() == {"success": False, "message": "missing permission read_models or run_inference"}
+    assert r.status_code == 403 and r.json() == {
+        "success": False,
+        "message": "missing permission read_models or run_inference",
+    }
     for bad in ("31", "-1", "soon"):
         assert (await client.get(f"/v2/jobs/{job.job_id}?wait={bad}", headers=admin)).status_code == 400
 
@@ -240,7 +262,13 @@ async def test_complete_success_stores_output_and_repeat_is_a_noop(client, sessi
     worker = auth(scopes=["complete_jobs"])
     r = await client.post(complete_url(job), json={"status": "success", "output": {"price": 99.5}}, headers=worker)
     assert r.status_code == 200, r.text
-    assert r.json() == {"job_id": job.job_id, "model_id": "m1", "model_version": "1", "status": "success", "triggered_events": []}
+    assert r.json() == {
+        "job_id": job.job_id,
+        "model_id": "m1",
+        "model_version": "1",
+        "status": "success",
+        "triggered_events": [],
+    }
     row = await stored(session, job.job_id)
     assert row.status == "success" and row.output == {"price": 99.5} and row.error is None
     first_completed_at = row.completed_at
@@ -264,7 +292,9 @@ async def test_complete_failure_keeps_the_error(client, session, auth):
     r = await client.post(complete_url(job), json=body, headers=worker)
     assert r.status_code == 200 and r.json()["status"] == "failure"
     row = await stored(session, job.job_id)
-    assert row.status == "failure" and row.error == {"code": "oom", "message": "ran out of memory"} and row.output is None
+    assert (
+        row.status == "failure" and row.error == {"code": "oom", "message": "ran out of memory"} and row.output is None
+    )
     assert (await client.post(complete_url(job), json={"status": "success"}, headers=worker)).status_code == 409
 
     other = await new_job(session)
@@ -281,7 +311,9 @@ async def test_absent_job_values_are_sql_null(client, session, auth):
     await seed_version(session)
     worker = auth(scopes=["complete_jobs"])
     ok, failed = await new_job(session), await new_job(session)
-    assert (await client.post(complete_url(ok), json={"status": "success", "output": {"a": 1}}, headers=worker)).status_code == 200
+    assert (
+        await client.post(complete_url(ok), json={"status": "success", "output": {"a": 1}}, headers=worker)
+    ).status_code == 200
     assert (await client.post(complete_url(failed), json={"status": "failure"}, headers=worker)).status_code == 200
     rows = {
         r.job_id: r
@@ -303,7 +335,9 @@ async def test_complete_errors(client, session, auth, admin):
     # the job must belong to that model version
     assert (await client.post(complete_url(job, "m1", "2"), json=ok, headers=worker)).status_code == 404
     assert (await client.post(complete_url(job, "m9", "1"), json=ok, headers=worker)).status_code == 404
-    assert (await client.post(complete_url("0192f1c4-0000-7000-8000-000000000000"), json=ok, headers=worker)).status_code == 404
+    assert (
+        await client.post(complete_url("0192f1c4-0000-7000-8000-000000000000"), json=ok, headers=worker)
+    ).status_code == 404
     # syntax
     for bad in ({"status": "done"}, {}, {"status": 1}, [1]):
         r = await client.post(complete_url(job), json=bad, headers=worker)
@@ -319,7 +353,9 @@ async def test_complete_errors(client, session, auth, admin):
     tenant_job = await new_job(session, client_id="sealink", domain_id="pricing", service_id="svc-1")
     r = await client.post(complete_url(tenant_job), json=ok, headers=auth(scopes=["complete_jobs"], client_id="other"))
     assert r.status_code == 403
-    r = await client.post(complete_url(tenant_job), json=ok, headers=auth(scopes=["complete_jobs"], client_id="sealink"))
+    r = await client.post(
+        complete_url(tenant_job), json=ok, headers=auth(scopes=["complete_jobs"], client_id="sealink")
+    )
     assert r.status_code == 200
     # nothing was half-written by the rejected calls
     assert (await stored(session, job.job_id)).status == "pending"
@@ -336,7 +372,9 @@ async def test_complete_output_contract_mismatch_is_a_warning(client, session, a
     worker = auth(scopes=["complete_jobs"])
     good = await new_job(session)
     bad = await new_job(session)
-    assert (await client.post(complete_url(good), json={"status": "success", "output": {"price": 3}}, headers=worker)).status_code == 200
+    assert (
+        await client.post(complete_url(good), json={"status": "success", "output": {"price": 3}}, headers=worker)
+    ).status_code == 200
     r = await client.post(complete_url(bad), json={"status": "success", "output": {"cost": "x"}}, headers=worker)
     assert r.status_code == 200 and r.json()["status"] == "success"
     assert (await stored(session, good.job_id)).warnings == []
@@ -352,15 +390,33 @@ async def test_complete_service_init_job_sets_service_status(client, session, au
     await seed_service(session, "sealink", "pricing", "svc-ok")
     await seed_service(session, "sealink", "pricing", "svc-bad")
     worker = auth(scopes=["complete_jobs"], client_id="sealink")
-    ok = await new_job(session, job_type="training", client_id="sealink", domain_id="pricing", service_id="svc-ok", purpose="service_init")
-    bad = await new_job(session, job_type="training", client_id="sealink", domain_id="pricing", service_id="svc-bad", purpose="service_init")
+    ok = await new_job(
+        session,
+        job_type="training",
+        client_id="sealink",
+        domain_id="pricing",
+        service_id="svc-ok",
+        purpose="service_init",
+    )
+    bad = await new_job(
+        session,
+        job_type="training",
+        client_id="sealink",
+        domain_id="pricing",
+        service_id="svc-bad",
+        purpose="service_init",
+    )
     plain = await new_job(session, client_id="sealink", domain_id="pricing", service_id="svc-bad")
-    assert (await client.post(complete_url(ok), json={"status": "success", "output": {}}, headers=worker)).status_code == 200
+    assert (
+        await client.post(complete_url(ok), json={"status": "success", "output": {}}, headers=worker)
+    ).status_code == 200
     assert (await client.post(complete_url(bad), json={"status": "failure"}, headers=worker)).status_code == 200
     assert await service_status(session, "sealink", "pricing", "svc-ok") == "available"
     assert await service_status(session, "sealink", "pricing", "svc-bad") == "failed"
     # an ordinary job of the service does not touch its status
-    assert (await client.post(complete_url(plain), json={"status": "success", "output": {}}, headers=worker)).status_code == 200
+    assert (
+        await client.post(complete_url(plain), json={"status": "success", "output": {}}, headers=worker)
+    ).status_code == 200
     assert await service_status(session, "sealink", "pricing", "svc-bad") == "failed"
 
 
@@ -381,7 +437,9 @@ async def add_subscription(session, source, target, *, input_source="trigger_out
 
 async def jobs_of(session, model_id: str) -> list[Job]:
     return list(
-        (await session.scalars(select(Job).where(Job.model_id == model_id).execution_options(populate_existing=True))).all()
+        (
+            await session.scalars(select(Job).where(Job.model_id == model_id).execution_options(populate_existing=True))
+        ).all()
     )
 
 
@@ -412,7 +470,9 @@ async def test_complete_answers_207_when_a_triggered_subscription_fails(client, 
     ok = await add_subscription(session, "m1", "m2")
     broken = await add_subscription(session, "m1", "m3", input_source="stored", input={"a": 1})
     job = await new_job(session)
-    r = await client.post(complete_url(job), json={"status": "success", "output": {"p": 1}}, headers=auth(scopes=["complete_jobs"]))
+    r = await client.post(
+        complete_url(job), json={"status": "success", "output": {"p": 1}}, headers=auth(scopes=["complete_jobs"])
+    )
     assert r.status_code == 207, r.text
     body = r.json()
     assert body["job_id"] == job.job_id and body["status"] == "success"
@@ -460,7 +520,10 @@ async def test_openapi_documents_the_registry_and_job_operations(client):
         ("post", m): ("createmodel", {"201", "400", "401", "403", "409", "422"}),
         ("get", m + "/{model_id}"): ("getmodel", {"200", "400", "401", "403", "404"}),
         ("put", m + "/{model_id}"): ("updatemodel", {"200", "400", "401", "403", "404", "422"}),
-        ("post", m + "/{model_id}/new_version"): ("createmodelversion", {"201", "400", "401", "403", "404", "409", "422"}),
+        ("post", m + "/{model_id}/new_version"): (
+            "createmodelversion",
+            {"201", "400", "401", "403", "404", "409", "422"},
+        ),
         ("get", m + "/{model_id}/versions"): ("listmodelversions", {"200", "404"}),
         ("get", v): ("getmodelversion", {"200", "404"}),
         ("post", v + "/new_status"): ("setmodelversionstatus", {"200", "400", "404", "422"}),
@@ -472,7 +535,10 @@ async def test_openapi_documents_the_registry_and_job_operations(client):
         ("delete", subs + "/{subscription_id}"): ("deletemodeleventsubscription", {"204", "404"}),
         ("get", "/v2/jobs/{job_id}"): ("getjob", {"200", "400", "401", "403", "404"}),
         ("get", "/v2/jobs"): ("listjobs", {"200", "400", "401", "403"}),
-        ("post", v + "/jobs/{job_id}/complete"): ("completemodeljob", {"200", "207", "400", "401", "403", "404", "409"}),
+        ("post", v + "/jobs/{job_id}/complete"): (
+            "completemodeljob",
+            {"200", "207", "400", "401", "403", "404", "409"},
+        ),
         ("get", "/v2/handlers/in-process"): ("listinprocesshandlers", {"200", "401", "403"}),
     }
     for (method, path), (operation_id, statuses) in expected.items():

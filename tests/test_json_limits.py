@@ -9,9 +9,9 @@ import json
 from typing import Any
 
 import pytest
+from factories import make_client
 from sqlalchemy import text
 
-from factories import make_client
 from pie.jobs.logic import create_job
 
 MAX_DEPTH = 64
@@ -105,19 +105,48 @@ async def test_the_deepest_accepted_value_reads_back_through_every_route(client,
     r = await client.post("/v2/models/m/versions/1/inference", json={"input": {"a": [v]}}, headers=h)
     assert r.status_code == 400, r.text
 
-    await ok("POST", "/v2/models", 201, json={"id": "deep", "name": "d", "description": "", "handlers": HANDLERS, "metadata": {"a": v}})
+    await ok(
+        "POST",
+        "/v2/models",
+        201,
+        json={"id": "deep", "name": "d", "description": "", "handlers": HANDLERS, "metadata": {"a": v}},
+    )
     await ok("POST", "/v2/models/deep/new_version", 201, json={"version": "1", "metadata": {"a": v}})
     await ok("POST", "/v2/models/deep/versions/1/new_status", 200, json={"status": "active"})
-    features = [{"name": "blob", "json_schema": {}, "mandatory": False}, {"name": "note", "json_schema": {"default": {"a": deep(MAX_DEPTH - 6)}}, "mandatory": False}]
+    features = [
+        {"name": "blob", "json_schema": {}, "mandatory": False},
+        {"name": "note", "json_schema": {"default": {"a": deep(MAX_DEPTH - 6)}}, "mandatory": False},
+    ]
     await ok("POST", "/v2/clients/client-1/domains", 201, json={"domain_id": "dom", "features": features})
-    await ok("PUT", f"{D}/assignments/default", 200, json={"model_id": "deep", "model_version": "1", "settings": {"a": v}, "metadata": {"a": v}})
+    await ok(
+        "PUT",
+        f"{D}/assignments/default",
+        200,
+        json={"model_id": "deep", "model_version": "1", "settings": {"a": v}, "metadata": {"a": v}},
+    )
     await ok("POST", f"{D}/service/init", 202, json={"service_id": "s1", "static_features": {"blob": v}})
     direct = await ok("POST", "/v2/models/deep/versions/1/inference", 202, json={"input": {"a": v}})
     assigned = await ok("POST", f"{D}/assignments/default/jobs", 202, json={"input": {"a": v}})
-    sub = await ok("POST", "/v2/models/deep/event-subscriptions", 201, json={"trigger_event": "training_complete", "target_model_id": "deep", "target_action": "inference", "input_source": "stored", "input": {"a": v}})
+    sub = await ok(
+        "POST",
+        "/v2/models/deep/event-subscriptions",
+        201,
+        json={
+            "trigger_event": "training_complete",
+            "target_model_id": "deep",
+            "target_action": "inference",
+            "input_source": "stored",
+            "input": {"a": v},
+        },
+    )
     done = await create_job(session, job_type="inference", model_id="deep", model_version="1")
     await session.commit()
-    await ok("POST", f"/v2/models/deep/versions/1/jobs/{done.job_id}/complete", 200, json={"status": "success", "output": {"a": v}})
+    await ok(
+        "POST",
+        f"/v2/models/deep/versions/1/jobs/{done.job_id}/complete",
+        200,
+        json={"status": "success", "output": {"a": v}},
+    )
 
     model_out = await ok("GET", "/v2/models/deep", 200)
     assert model_out["metadata"] == {"a": v}
@@ -155,7 +184,9 @@ async def test_rows_stored_deeper_before_the_limit_still_read_and_list(client, a
         text("UPDATE jobs SET input = CAST(:v AS jsonb), output = CAST(:v AS jsonb) WHERE job_id = :id"),
         {"v": very_deep, "id": poisoned.job_id},
     )
-    await session.execute(text("UPDATE models SET metadata = CAST(:v AS jsonb) WHERE id = 'm'"), {"v": json.dumps({"a": deep(400)})})
+    await session.execute(
+        text("UPDATE models SET metadata = CAST(:v AS jsonb) WHERE id = 'm'"), {"v": json.dumps({"a": deep(400)})}
+    )
     await session.commit()
 
     r = await client.get(f"/v2/jobs/{poisoned.job_id}", headers=admin)

@@ -10,9 +10,9 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from conftest import clean_subprocess_env, pie_command
 from sqlalchemy import create_engine, inspect, pool, text
 
-from conftest import clean_subprocess_env, pie_command
 from pie.db import async_url, libpq_url
 from pie.migrate import alembic_config, downgrade, upgrade
 from pie.models_all import Base
@@ -83,7 +83,14 @@ def test_concurrent_migrations_serialise(scratch_url, tmp_path):
     """Replicas starting together (each runs the migration) do not trip over each other."""
     env = clean_subprocess_env(PIE_DATABASE_URL=scratch_url, PIE_DATA_DIR=str(tmp_path))
     procs = [
-        subprocess.Popen([*pie_command(), "migrate"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [*pie_command(), "migrate"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for _ in range(3)
     ]
     outputs = [p.communicate(timeout=180)[0] for p in procs]

@@ -8,11 +8,11 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
+from test_jobs_routes import complete_url, new_job, seed_version
 
 from pie import db
 from pie.dispatch.dispatcher import dispatch_until_idle
 from pie.jobs.waiting import listener
-from test_jobs_routes import complete_url, new_job, seed_version
 
 
 class StatementCounter:
@@ -21,7 +21,7 @@ class StatementCounter:
     def __init__(self) -> None:
         self.count = 0
 
-    def __enter__(self) -> "StatementCounter":
+    def __enter__(self) -> StatementCounter:
         event.listen(db.get_engine().sync_engine, "before_cursor_execute", self._on)
         return self
 
@@ -43,9 +43,7 @@ async def test_fifty_long_polls_wait_without_a_query_and_answer_when_the_job_end
     await seed_version(session)
     job = await new_job(session)
     with StatementCounter() as statements:
-        waiters = [
-            asyncio.create_task(client.get(f"/v2/jobs/{job.job_id}?wait=25", headers=admin)) for _ in range(50)
-        ]
+        waiters = [asyncio.create_task(client.get(f"/v2/jobs/{job.job_id}?wait=25", headers=admin)) for _ in range(50)]
         await _until(lambda: len(listener.waiters.get(job.job_id, ())) == 50)
         # every waiter has made its one read, then nothing: no periodic query while they wait
         await _until(lambda: statements.count >= 50)
@@ -57,7 +55,9 @@ async def test_fifty_long_polls_wait_without_a_query_and_answer_when_the_job_end
 
         started = time.monotonic()
         r = await client.post(
-            complete_url(job), json={"status": "success", "output": {"price": 7}}, headers=auth(scopes=["complete_jobs"])
+            complete_url(job),
+            json={"status": "success", "output": {"price": 7}},
+            headers=auth(scopes=["complete_jobs"]),
         )
         assert r.status_code == 200, r.text
         answers = await asyncio.gather(*waiters)
@@ -210,4 +210,3 @@ async def test_tracing_hook_makes_a_span_per_request_with_its_route_and_request_
     assert [s.name for s in servers] == ["GET /v2/health"]
     assert servers[0].attributes["pie.request_id"] == "trace-me-1"
     assert servers[0].attributes["http.route"] == "/v2/health"
-

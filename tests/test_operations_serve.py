@@ -20,10 +20,9 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from conftest import SERVE_JWT_SECRET, _with_dbname, clean_subprocess_env, free_port, pie_command
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
-
-from conftest import SERVE_JWT_SECRET, _with_dbname, clean_subprocess_env, free_port, pie_command
 from test_jobs_routes import complete_url, new_job, seed_version
 
 # an in-process handler that outlives any grace period, registered in the server subprocess
@@ -49,7 +48,11 @@ class Proc:
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [a.replace("{port}", str(self.port)) for a in args],
-            env=self.env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 120
         while True:
@@ -85,8 +88,12 @@ def workdir():
 
 def serve_env(database_url: str, workdir: Path, **extra: str) -> dict[str, str]:
     return clean_subprocess_env(
-        PIE_DATABASE_URL=database_url, PIE_DATA_DIR=str(workdir), PIE_JWT_SECRET=SERVE_JWT_SECRET,
-        PIE_JWT_ISSUER="pie-dev", PIE_LOG_LEVEL="info", **extra,
+        PIE_DATABASE_URL=database_url,
+        PIE_DATA_DIR=str(workdir),
+        PIE_JWT_SECRET=SERVE_JWT_SECRET,
+        PIE_JWT_ISSUER="pie-dev",
+        PIE_LOG_LEVEL="info",
+        **extra,
     )
 
 
@@ -145,14 +152,20 @@ async def test_serve_json_logs_and_sigterm_with_long_polls_and_a_running_job(dat
     (workdir / "plugins").mkdir()
     (workdir / "plugins" / "sitecustomize.py").write_text(SLOW_HANDLER)
     env = serve_env(
-        database_url, workdir, PIE_LOG_FORMAT="json", PIE_RUN_DISPATCHER="true", PIE_DISPATCH_POLL_INTERVAL="0.2",
-        PIE_SHUTDOWN_GRACE_SECONDS="1", PYTHONPATH=str(workdir / "plugins"),
+        database_url,
+        workdir,
+        PIE_LOG_FORMAT="json",
+        PIE_RUN_DISPATCHER="true",
+        PIE_DISPATCH_POLL_INTERVAL="0.2",
+        PIE_SHUTDOWN_GRACE_SECONDS="1",
+        PYTHONPATH=str(workdir / "plugins"),
     )
     server = Proc([*pie_command(), "serve", "--host", "127.0.0.1", "--port", "{port}"], env, workdir)
     try:
         # -- one request: the client's request id on the app line and on the access line
         r = httpx.post(
-            server.url + complete_url(running), json={"status": "success", "output": {"no_price": 1}},
+            server.url + complete_url(running),
+            json={"status": "success", "output": {"no_price": 1}},
             headers={**headers(scopes=["complete_jobs"]), "X-Request-ID": "ops-req-42"},
         )
         assert r.status_code == 200, r.text
@@ -297,8 +310,7 @@ def test_metrics_under_two_worker_processes(database_url, workdir):
         for _ in range(3):  # whichever worker answers the scrape, it reports both workers' counts
             samples = scrape(server.url)
             live = [
-                s for s in samples
-                if s.name == "pie_http_requests_total" and s.labels.get("route") == "/v2/health/live"
+                s for s in samples if s.name == "pie_http_requests_total" and s.labels.get("route") == "/v2/health/live"
             ]
             assert sum(s.value for s in live) >= 40
     finally:

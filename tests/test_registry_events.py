@@ -51,7 +51,9 @@ async def subscribe(client, admin, source, target, **overrides):
 
 
 async def activate(client, admin, model_id, version):
-    r = await client.post(f"/v2/models/{model_id}/versions/{version}/new_status", json={"status": "active"}, headers=admin)
+    r = await client.post(
+        f"/v2/models/{model_id}/versions/{version}/new_status", json={"status": "active"}, headers=admin
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -200,9 +202,7 @@ async def test_a_database_failure_of_one_firing_is_isolated(client, admin, sessi
     try:
         body = await activate(client, admin, "source", "1")
     finally:
-        await session.execute(
-            text("DROP TRIGGER test_reject_poison ON jobs; DROP FUNCTION test_reject_poison()")
-        )
+        await session.execute(text("DROP TRIGGER test_reject_poison ON jobs; DROP FUNCTION test_reject_poison()"))
         await session.commit()
     events = {e["subscription_id"]: e for e in body["triggered_events"]}
     assert "poisoned input" in events[poison]["error"]
@@ -215,7 +215,9 @@ async def test_trigger_output_that_is_not_an_object_is_an_error_entry(engine, cl
     await make_model(client, admin, "n")
     await add_version(client, admin, "n", "1", "active")
     # (m -> m would be an inference loop, refused)
-    from_output = await subscribe(client, admin, "m", "n", trigger_event="inference_complete", input_source="trigger_output", input=...)
+    from_output = await subscribe(
+        client, admin, "m", "n", trigger_event="inference_complete", input_source="trigger_output", input=...
+    )
     stored = await subscribe(client, admin, "m", "n", trigger_event="inference_complete")
     async with db.sessionmaker()() as s, s.begin():
         entries = await fire_subscriptions(
@@ -228,7 +230,10 @@ async def test_trigger_output_that_is_not_an_object_is_an_error_entry(engine, cl
 
 
 async def test_fire_subscriptions_with_nothing_to_fire(engine, session):
-    assert await fire_subscriptions(session, source_model_id="none", trigger_event="training_complete", trigger_output={}) == []
+    assert (
+        await fire_subscriptions(session, source_model_id="none", trigger_event="training_complete", trigger_output={})
+        == []
+    )
 
 
 # ---- replay subscriptions (subscribe: true on an assignment job) -----------------------------
@@ -338,7 +343,13 @@ async def test_inference_complete_fires_through_job_completion(client, admin, se
     await add_version(client, admin, "upstream", "1", "active")
     await add_version(client, admin, "downstream", "4", "active")
     chained = await subscribe(
-        client, admin, "upstream", "downstream", trigger_event="inference_complete", input_source="trigger_output", input=...
+        client,
+        admin,
+        "upstream",
+        "downstream",
+        trigger_event="inference_complete",
+        input_source="trigger_output",
+        input=...,
     )
     no_target = await subscribe(client, admin, "upstream", "idle", trigger_event="inference_complete")
     r = await client.post("/v2/models/upstream/versions/1/inference", json={"input": {"q": 1}}, headers=admin)
@@ -382,7 +393,9 @@ async def test_a_batch_of_completions_fires_with_a_fixed_number_of_queries(engin
     await session.commit()
 
     async def end(n: int) -> tuple[int, list[str], dict]:
-        ids = [(await create_job(session, job_type="inference", model_id="up", model_version="1")).job_id for _ in range(n)]
+        ids = [
+            (await create_job(session, job_type="inference", model_id="up", model_version="1")).job_id for _ in range(n)
+        ]
         await session.commit()
         statements: list[str] = []
 

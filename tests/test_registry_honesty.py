@@ -48,10 +48,23 @@ async def test_updatemodel_on_a_pending_model_lists_the_versions_keeping_old_han
     assert version["handlers"]["inference"] == ECHO
     # a version created now snapshots the new handlers; a later change lists it too
     v3 = await new_version(client, admin, "m")
-    out = await put(client, admin, "m", handlers={"training": ECHO, "inference": REF}, contracts={"inference": {"input_schema": OBJ}})
+    out = await put(
+        client,
+        admin,
+        "m",
+        handlers={"training": ECHO, "inference": REF},
+        contracts={"inference": {"input_schema": OBJ}},
+    )
     assert out["versions_keeping_old_handlers"] == [v1, v2, v3]
     # nothing about handlers or contracts changed: nothing to report
-    out = await put(client, admin, "m", handlers={"training": ECHO, "inference": REF}, contracts={"inference": {"input_schema": OBJ}}, metadata={"x": 1})
+    out = await put(
+        client,
+        admin,
+        "m",
+        handlers={"training": ECHO, "inference": REF},
+        contracts={"inference": {"input_schema": OBJ}},
+        metadata={"x": 1},
+    )
     assert out["versions_keeping_old_handlers"] == [] and out["new_version"] is None
 
 
@@ -72,8 +85,13 @@ async def test_an_output_schema_change_stales_trigger_output_subscriptions_fed_b
     async def subscribe(trigger, source_of_input, **extra):
         r = await client.post(
             "/v2/models/source/event-subscriptions",
-            json={"trigger_event": trigger, "target_model_id": "target", "target_action": "inference",
-                  "input_source": source_of_input, **extra},
+            json={
+                "trigger_event": trigger,
+                "target_model_id": "target",
+                "target_action": "inference",
+                "input_source": source_of_input,
+                **extra,
+            },
             headers=admin,
         )
         assert r.status_code == 201, r.text
@@ -84,11 +102,15 @@ async def test_an_output_schema_change_stales_trigger_output_subscriptions_fed_b
     after_training = await subscribe("training_complete", "trigger_output")
     out = await put(client, admin, "source", contracts={"inference": {"output_schema": ROUTE_SCHEMA}})
     assert out["stale_subscriptions"] == [fed]
-    statuses = {s["id"]: s["status"] for s in (await client.get("/v2/models/source/event-subscriptions", headers=admin)).json()}
+    statuses = {
+        s["id"]: s["status"] for s in (await client.get("/v2/models/source/event-subscriptions", headers=admin)).json()
+    }
     assert statuses == {fed: "stale", stored: "active", after_training: "active"}
     # a training output_schema change stales the training_complete one
     out = await put(
-        client, admin, "source",
+        client,
+        admin,
+        "source",
         contracts={"inference": {"output_schema": ROUTE_SCHEMA}, "training": {"output_schema": OBJ}},
     )
     assert out["stale_subscriptions"] == [after_training]
@@ -98,8 +120,13 @@ async def test_an_input_schema_change_stales_subscriptions_targeting_the_action(
     await create(client, admin, "target", contracts={"inference": {"input_schema": OBJ}})
     r = await client.post(
         "/v2/models/target/event-subscriptions",
-        json={"trigger_event": "training_complete", "target_model_id": "target", "target_action": "inference",
-              "input_source": "stored", "input": {"route": "x"}},
+        json={
+            "trigger_event": "training_complete",
+            "target_model_id": "target",
+            "target_action": "inference",
+            "input_source": "stored",
+            "input": {"route": "x"},
+        },
         headers=admin,
     )
     sid = r.json()["id"]
@@ -129,8 +156,13 @@ async def test_subscription_status_enum_matches_the_openapi_document(app, client
     await create(client, admin, "m")
     r = await client.post(
         "/v2/models/m/event-subscriptions",
-        json={"trigger_event": "training_complete", "target_model_id": "m", "target_action": "inference",
-              "input_source": "stored", "input": {}},
+        json={
+            "trigger_event": "training_complete",
+            "target_model_id": "m",
+            "target_action": "inference",
+            "input_source": "stored",
+            "input": {},
+        },
         headers=admin,
     )
     sid = r.json()["id"]

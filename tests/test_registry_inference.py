@@ -89,7 +89,9 @@ async def test_input_failing_the_contract_is_422(client, admin, session, model, 
 async def test_contract_is_the_versions_snapshot(client, admin, session, model):
     # the model drops its contract; version 1 keeps its own
     r = await client.put(
-        "/v2/models/m", json={"name": "m", "description": "", "handlers": {"training": ECHO, "inference": ECHO}}, headers=admin
+        "/v2/models/m",
+        json={"name": "m", "description": "", "handlers": {"training": ECHO, "inference": ECHO}},
+        headers=admin,
     )
     assert r.status_code == 200
     assert (await infer(client, admin, {"input": {}})).status_code == 422
@@ -104,17 +106,23 @@ async def test_request_errors(client, admin, auth, model):
     assert (await infer(client, admin, {"input": {"route": "x"}}, model_id="nope")).status_code == 404
     assert (await infer(client, admin, {"input": {"route": "x"}}, version="9")).status_code == 404
     assert (await infer(client, admin, {"input": {"route": "x"}}, version="b@d")).status_code == 400
-    assert (await infer(client, auth(scopes=["read_models", "manage_models"]), {"input": {"route": "x"}})).status_code == 403
+    assert (
+        await infer(client, auth(scopes=["read_models", "manage_models"]), {"input": {"route": "x"}})
+    ).status_code == 403
     assert (await infer(client, {}, {"input": {"route": "x"}})).status_code == 401
     # humans of a client group may run inference; the job is their tenant's (spec 14.1), which
     # must exist
     human = auth(groups=["client:sealink"], username="alice")
     r = await infer(client, human, {"input": {"route": "x"}})
     assert r.status_code == 404 and "sealink" in r.json()["message"]
-    assert (await client.post("/v2/clients", json={"client_id": "sealink", "name": "S"}, headers=admin)).status_code == 201
+    assert (
+        await client.post("/v2/clients", json={"client_id": "sealink", "name": "S"}, headers=admin)
+    ).status_code == 201
     r = await infer(client, human, {"input": {"route": "x"}})
     assert r.status_code == 202
-    assert (await client.get(f"/v2/jobs/{r.json()['inference_job_id']}", headers=human)).json()["client_id"] == "sealink"
+    assert (await client.get(f"/v2/jobs/{r.json()['inference_job_id']}", headers=human)).json()[
+        "client_id"
+    ] == "sealink"
 
 
 async def test_subscribe_stores_a_replay_subscription(client, admin, session, model):
@@ -131,7 +139,9 @@ async def test_subscribe_stores_a_replay_subscription(client, admin, session, mo
 
     # the same subscribed call again does not add a second replay; another input does
     assert (await infer(client, admin, {"input": payload, "subscribe": True})).status_code == 202
-    assert (await infer(client, admin, {"input": {"route": "Sydney to Adelaide"}, "subscribe": True})).status_code == 202
+    assert (
+        await infer(client, admin, {"input": {"route": "Sydney to Adelaide"}, "subscribe": True})
+    ).status_code == 202
     subs = (await client.get("/v2/models/m/event-subscriptions", headers=admin)).json()
     assert [s["input"] for s in subs] == [payload, {"route": "Sydney to Adelaide"}]
 
@@ -166,8 +176,13 @@ async def test_a_stored_contract_that_cannot_be_applied_is_422_not_500(client, a
 
 
 async def test_a_number_too_large_for_the_contract_is_422_not_500(client, admin, session):
-    body = {"id": "big", "name": "m", "description": "", "handlers": {"training": ECHO, "inference": ECHO},
-            "handler_contracts": {"inference": {"input_schema": {"properties": {"n": {"multipleOf": 0.5}}}}}}
+    body = {
+        "id": "big",
+        "name": "m",
+        "description": "",
+        "handlers": {"training": ECHO, "inference": ECHO},
+        "handler_contracts": {"inference": {"input_schema": {"properties": {"n": {"multipleOf": 0.5}}}}},
+    }
     assert (await client.post("/v2/models", json=body, headers=admin)).status_code == 201
     assert (await client.post("/v2/models/big/new_version", json={}, headers=admin)).status_code == 201
     r = await infer(client, admin, {"input": {"n": 10**400}}, model_id="big")

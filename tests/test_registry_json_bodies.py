@@ -27,7 +27,9 @@ UNSTORABLE = {
 
 
 async def post_raw(client, url, raw, headers, method="POST"):
-    return await client.request(method, url, content=raw.encode(), headers={**headers, "content-type": "application/json"})
+    return await client.request(
+        method, url, content=raw.encode(), headers={**headers, "content-type": "application/json"}
+    )
 
 
 def assert_400(r):

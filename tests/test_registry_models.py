@@ -44,7 +44,9 @@ async def create(client, admin, **overrides):
 async def activate_version(client, admin, model_id, version="1"):
     r = await client.post(f"/v2/models/{model_id}/new_version", json={"version": version}, headers=admin)
     assert r.status_code == 201, r.text
-    r = await client.post(f"/v2/models/{model_id}/versions/{version}/new_status", json={"status": "active"}, headers=admin)
+    r = await client.post(
+        f"/v2/models/{model_id}/versions/{version}/new_status", json={"status": "active"}, headers=admin
+    )
     assert r.status_code == 200, r.text
 
 
@@ -154,7 +156,9 @@ async def test_bad_model_id_in_path_is_400(client, admin):
     ],
 )
 async def test_malformed_handler_is_422(client, admin, handler):
-    r = await client.post("/v2/models", json=model_body(handlers={"training": handler, "inference": ECHO}), headers=admin)
+    r = await client.post(
+        "/v2/models", json=model_body(handlers={"training": handler, "inference": ECHO}), headers=admin
+    )
     assert r.status_code == 422, r.text
     assert r.json()["success"] is False
     assert "training" in r.json()["message"]
@@ -174,7 +178,9 @@ async def test_malformed_handler_is_422(client, admin, handler):
     ],
 )
 async def test_valid_handler_variants_are_accepted(client, admin, handler):
-    r = await client.post("/v2/models", json=model_body(handlers={"training": handler, "inference": ECHO}), headers=admin)
+    r = await client.post(
+        "/v2/models", json=model_body(handlers={"training": handler, "inference": ECHO}), headers=admin
+    )
     assert r.status_code == 201, r.text
     assert r.json()["handlers"]["training"] == handler
 
@@ -235,7 +241,11 @@ async def test_contract_with_an_unresolvable_reference_is_422(client, admin, sch
     assert r.status_code == 422, r.text
     assert (await client.get("/v2/models/model_price_reco_v1", headers=admin)).json()["handler_contracts"] is None
     # references inside the schema are fine
-    contracts = {"inference": {"input_schema": {"$defs": {"r": {"type": "string"}}, "properties": {"route": {"$ref": "#/$defs/r"}}}}}
+    contracts = {
+        "inference": {
+            "input_schema": {"$defs": {"r": {"type": "string"}}, "properties": {"route": {"$ref": "#/$defs/r"}}}
+        }
+    }
     r = await client.put("/v2/models/model_price_reco_v1", json=update_body(handler_contracts=contracts), headers=admin)
     assert r.status_code == 200, r.text
 

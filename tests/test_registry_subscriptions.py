@@ -120,7 +120,10 @@ async def test_unknown_source_and_subscription_are_404(client, admin, models):
     unknown = uuid.uuid4()
     for method in ("GET", "PUT", "DELETE"):
         r = await client.request(
-            method, f"/v2/models/source/event-subscriptions/{unknown}", json={} if method == "PUT" else None, headers=admin
+            method,
+            f"/v2/models/source/event-subscriptions/{unknown}",
+            json={} if method == "PUT" else None,
+            headers=admin,
         )
         assert r.status_code == 404, method
     r = await client.get("/v2/models/source/event-subscriptions/not-a-uuid", headers=admin)
@@ -200,7 +203,9 @@ async def test_permissions(client, admin, auth, models):
     reader = auth(scopes=["read_models"])
     assert (await client.get("/v2/models/source/event-subscriptions", headers=reader)).status_code == 200
     assert (await client.get(url, headers=reader)).status_code == 200
-    assert (await client.post("/v2/models/source/event-subscriptions", json=sub_body(), headers=reader)).status_code == 403
+    assert (
+        await client.post("/v2/models/source/event-subscriptions", json=sub_body(), headers=reader)
+    ).status_code == 403
     assert (await client.put(url, json={"label": "x"}, headers=reader)).status_code == 403
     assert (await client.delete(url, headers=reader)).status_code == 403
     assert (await client.get(url, headers=auth(scopes=["run_inference"]))).status_code == 403
@@ -271,7 +276,9 @@ async def test_a_subscription_closing_an_inference_loop_is_422(client, admin, se
 
     r = await client.post(url.format("a"), json=loop_body("a"), headers=admin)
     assert r.status_code == 422 and "inference loop (a -> a)" in r.json()["message"], r.text
-    r = await client.post(url.format("a"), json=loop_body("a", input_source="trigger_output", input=None), headers=admin)
+    r = await client.post(
+        url.format("a"), json=loop_body("a", input_source="trigger_output", input=None), headers=admin
+    )
     assert r.status_code == 422
     assert (await client.post(url.format("a"), json=loop_body("b"), headers=admin)).status_code == 201
     assert (await client.post(url.format("b"), json=loop_body("c"), headers=admin)).status_code == 201
@@ -280,7 +287,9 @@ async def test_a_subscription_closing_an_inference_loop_is_422(client, admin, se
     assert await session.scalar(text("SELECT count(*) FROM event_subscriptions WHERE source_model_id = 'c'")) == 0
 
     # edges that cannot chain are fine: training targets, training_complete triggers, paused ones
-    assert (await client.post(url.format("c"), json=loop_body("a", target_action="training"), headers=admin)).status_code == 201
+    assert (
+        await client.post(url.format("c"), json=loop_body("a", target_action="training"), headers=admin)
+    ).status_code == 201
     r = await client.post(url.format("c"), json=loop_body("a", trigger_event="training_complete"), headers=admin)
     assert r.status_code == 201
     r = await client.post(url.format("c"), json=loop_body("a", status="paused"), headers=admin)
@@ -292,10 +301,16 @@ async def test_a_subscription_closing_an_inference_loop_is_422(client, admin, se
     assert (await client.get(url.format("c") + f"/{paused}", headers=admin)).json()["status"] == "paused"
     # pausing a link of the loop lets it through
     b_to_c = (await client.get(url.format("b"), headers=admin)).json()[0]["id"]
-    assert (await client.put(url.format("b") + f"/{b_to_c}", json={"status": "paused"}, headers=admin)).status_code == 200
-    assert (await client.put(url.format("c") + f"/{paused}", json={"status": "active"}, headers=admin)).status_code == 200
+    assert (
+        await client.put(url.format("b") + f"/{b_to_c}", json={"status": "paused"}, headers=admin)
+    ).status_code == 200
+    assert (
+        await client.put(url.format("c") + f"/{paused}", json={"status": "active"}, headers=admin)
+    ).status_code == 200
     # and now re-activating the paused link is the one refused
-    assert (await client.put(url.format("b") + f"/{b_to_c}", json={"status": "active"}, headers=admin)).status_code == 422
+    assert (
+        await client.put(url.format("b") + f"/{b_to_c}", json={"status": "active"}, headers=admin)
+    ).status_code == 422
 
 
 async def test_concurrent_halves_of_a_loop_do_not_both_succeed(client, admin, session, models):

@@ -12,7 +12,11 @@ ECHO = {"type": "in_process", "value": "echo"}
 LAMBDA = {"type": "lambda", "arn": "arn:aws:lambda:us-east-1:123456789012:function:infer"}
 CONTRACTS = {"inference": {"input_schema": {"type": "object", "required": ["route"]}}}
 FEATURES = [
-    {"name": "route", "json_schema": {"type": "string", "enum": ["Adelaide to Sydney", "Sydney to Adelaide"]}, "mandatory": True},
+    {
+        "name": "route",
+        "json_schema": {"type": "string", "enum": ["Adelaide to Sydney", "Sydney to Adelaide"]},
+        "mandatory": True,
+    },
     {"name": "competitor_count", "json_schema": {"type": "integer", "minimum": 0, "maximum": 20, "default": 3}},
 ]
 
@@ -135,7 +139,9 @@ async def test_concurrent_allocation_gives_distinct_consecutive_integers(client,
 
 async def test_concurrent_explicit_and_allocated_versions_do_not_collide(client, admin):
     await make_model(client, admin)
-    calls = [new_version(client, admin) for _ in range(6)] + [new_version(client, admin, version=str(n)) for n in (2, 4)]
+    calls = [new_version(client, admin) for _ in range(6)] + [
+        new_version(client, admin, version=str(n)) for n in (2, 4)
+    ]
     responses = await asyncio.gather(*calls)
     allocated, explicit = responses[:6], responses[6:]
     # allocation never collides: it skips whatever an explicit request took first

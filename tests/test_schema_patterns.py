@@ -42,12 +42,19 @@ def test_the_resolver_fails_closed_on_an_exponential_pattern():
 
 
 async def test_inference_input_with_an_exponential_pattern_is_422(client, admin):
-    contracts = {"inference": {"input_schema": {"type": "object", "properties": {"x": {"type": "string", "pattern": EVIL}}}}}
+    contracts = {
+        "inference": {"input_schema": {"type": "object", "properties": {"x": {"type": "string", "pattern": EVIL}}}}
+    }
     echo = {"type": "in_process", "value": "echo"}
     r = await client.post(
         "/v2/models",
-        json={"id": "m", "name": "m", "description": "d", "handlers": {"training": echo, "inference": echo},
-              "handler_contracts": contracts},
+        json={
+            "id": "m",
+            "name": "m",
+            "description": "d",
+            "handlers": {"training": echo, "inference": echo},
+            "handler_contracts": contracts,
+        },
         headers=admin,
     )
     assert r.status_code == 201, r.text

@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import httpx
-
 from conftest import clean_subprocess_env, start_pie_server
 
 
@@ -40,7 +39,9 @@ def test_writes_persist_and_auth_is_enforced(pie_server):
     )
     assert r.status_code == 201, r.text
     # a tenant-scoped machine token sees exactly its own client
-    r = httpx.get(f"{pie_server.url}/v2/clients", headers=pie_server.headers(scopes=["read_domains"], client_id=client_id))
+    r = httpx.get(
+        f"{pie_server.url}/v2/clients", headers=pie_server.headers(scopes=["read_domains"], client_id=client_id)
+    )
     assert r.status_code == 200 and [c["client_id"] for c in r.json()] == [client_id]
 
 
@@ -170,7 +171,9 @@ def test_dockerfile_installs_locked_dependencies_before_the_code():
     lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
     deps = lines.index("RUN pip install -r requirements.txt")
     assert lines.index("COPY requirements.txt ./") < deps
-    first_code_copy = min(i for i, line in enumerate(lines) if line.startswith("COPY") and "requirements.txt" not in line)
+    first_code_copy = min(
+        i for i, line in enumerate(lines) if line.startswith("COPY") and "requirements.txt" not in line
+    )
     assert deps < first_code_copy
     assert any(line.startswith("RUN pip install --no-deps .") for line in lines[first_code_copy:])
     assert "[embedded]" not in "\n".join(lines)

@@ -8,9 +8,8 @@ import copy
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from factories import IN_PROCESS_HANDLERS
 from sqlalchemy import text
-
-from factories import IN_PROCESS_HANDLERS, make_version
 from test_access_matrix import BODIES, operations, world  # noqa: F401  (world: fixture)
 
 
@@ -53,7 +52,12 @@ async def test_a_misspelt_field_never_erases_data(client, session, admin, world)
     """The issue's case: updatemodel with `handler_contract` (sic) answered 200, set
     handler_contracts to null and turned a subscription stale."""
     contracts = {"inference": {"input_schema": {"type": "object"}}}
-    body = {"name": "pricing-model", "description": "d", "handlers": IN_PROCESS_HANDLERS, "handler_contracts": contracts}
+    body = {
+        "name": "pricing-model",
+        "description": "d",
+        "handlers": IN_PROCESS_HANDLERS,
+        "handler_contracts": contracts,
+    }
     assert (await client.put("/v2/models/pricing-model", json=body, headers=admin)).status_code == 200
     before = (await client.get("/v2/models/pricing-model", headers=admin)).json()
     statuses = await session.scalar(text("SELECT array_agg(status ORDER BY id) FROM event_subscriptions"))
@@ -98,7 +102,9 @@ async def test_listjobs_filters_by_type_and_creation_time(app, client, session, 
     r = await client.post("/v2/models/pricing-model/versions/1/inference", json={"input": {}}, headers=admin)
     inference = r.json()["inference_job_id"]
     await session.execute(
-        text("INSERT INTO jobs (job_type, model_id, model_version, created_at) VALUES ('training', 'pricing-model', '1', now() - interval '2 days')")
+        text(
+            "INSERT INTO jobs (job_type, model_id, model_version, created_at) VALUES ('training', 'pricing-model', '1', now() - interval '2 days')"
+        )
     )
     await session.commit()
     training = await session.scalar(text("SELECT job_id FROM jobs WHERE job_type = 'training'"))
@@ -113,7 +119,9 @@ async def test_listjobs_filters_by_type_and_creation_time(app, client, session, 
     assert await ids("?job_type=training") == {training}
     assert inference in await ids("?job_type=inference") and training not in await ids("?job_type=inference")
     yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat().replace("+00:00", "Z")
-    assert training not in await ids(f"?created_after={yesterday}") and inference in await ids(f"?created_after={yesterday}")
+    assert training not in await ids(f"?created_after={yesterday}") and inference in await ids(
+        f"?created_after={yesterday}"
+    )
     assert await ids(f"?created_before={yesterday}") == {training}
     naive = (datetime.now(timezone.utc) - timedelta(days=1)).replace(tzinfo=None).isoformat()
     assert await ids(f"?created_before={naive}") == {training}  # no offset: UTC
@@ -125,7 +133,9 @@ async def test_listjobs_filters_by_type_and_creation_time(app, client, session, 
 
 
 async def test_unknown_fields_are_named_before_the_fields_they_make_missing(client, admin, engine):
-    r = await client.post("/v2/models", json={"nam": "m", "descriptio": "", "handler": {}, "metdata": {}}, headers=admin)
+    r = await client.post(
+        "/v2/models", json={"nam": "m", "descriptio": "", "handler": {}, "metdata": {}}, headers=admin
+    )
     assert r.status_code == 400
     for misspelt in ("nam", "descriptio", "handler", "metdata"):
         assert f"unknown field '{misspelt}'" in r.json()["message"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
-
 from factories import (
     SEVEN_FEATURES,
     create_domain,
@@ -15,6 +13,8 @@ from factories import (
     stored_service,
     tenant_setup,
 )
+from sqlalchemy import func, select
+
 from pie.tenancy.models import Domain
 
 BASE = "/v2/clients/client-1/domains"
@@ -22,7 +22,9 @@ BASE = "/v2/clients/client-1/domains"
 
 async def test_create_get_list_domain(client, session, admin):
     await make_client(session)
-    r = await client.post(BASE, json={"domain_id": "south_australia", "name": "SA", "features": SEVEN_FEATURES}, headers=admin)
+    r = await client.post(
+        BASE, json={"domain_id": "south_australia", "name": "SA", "features": SEVEN_FEATURES}, headers=admin
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["client_id"] == "client-1" and body["domain_id"] == "south_australia"
@@ -150,7 +152,9 @@ async def test_domain_permissions(client, session, admin, auth):
     assert (await client.get(f"{BASE}/south_australia/features", headers=reader)).status_code == 200
     assert (await client.post(BASE, json={}, headers=reader)).status_code == 403
     assert (await client.patch(f"{BASE}/south_australia", json={"name": "x"}, headers=reader)).status_code == 403
-    assert (await client.put(f"{BASE}/south_australia/features", json={"features": []}, headers=reader)).status_code == 403
+    assert (
+        await client.put(f"{BASE}/south_australia/features", json={"features": []}, headers=reader)
+    ).status_code == 403
     assert (await client.get(f"{BASE}/south_australia", headers=writer)).status_code == 403
     assert (await client.post(BASE, json={"domain_id": "new"}, headers=writer)).status_code == 201
     other = auth(scopes=["manage_domains"], client_id="client-2")
@@ -191,7 +195,9 @@ async def test_features_get_and_put(client, session, admin):
         headers=admin,
     )
     assert r.status_code == 200
-    assert r.json()["features"] == [{"name": "x", "json_schema": {"type": "integer"}, "mandatory": False, "description": "d"}]
+    assert r.json()["features"] == [
+        {"name": "x", "json_schema": {"type": "integer"}, "mandatory": False, "description": "d"}
+    ]
 
 
 async def test_invalid_features_put_changes_nothing(client, session, admin):
@@ -252,11 +258,23 @@ async def test_openapi_documents_the_tenant_operations(client):
         ("put", domains + "/{domain_id}/assignments/{assignment_key}"): "putdomainmodelassignment",
         ("post", domains + "/{domain_id}/assignments/{assignment_key}/jobs"): "rundomainmodelassignmentjob",
         ("post", domains + "/{domain_id}/service/{service_id}/assignments"): "upsertservicemodelassignment",
-        ("put", domains + "/{domain_id}/service/{service_id}/assignments/{assignment_key}"): "putservicemodelassignment",
-        ("post", domains + "/{domain_id}/service/{service_id}/assignments/{assignment_key}/jobs"): "runservicemodelassignmentjob",
+        (
+            "put",
+            domains + "/{domain_id}/service/{service_id}/assignments/{assignment_key}",
+        ): "putservicemodelassignment",
+        (
+            "post",
+            domains + "/{domain_id}/service/{service_id}/assignments/{assignment_key}/jobs",
+        ): "runservicemodelassignmentjob",
     }
     for (method, path), operation_id in expected.items():
         assert paths[path][method]["operationId"] == operation_id
     upsert = paths[domains + "/{domain_id}/assignments/{assignment_key}"]["put"]["responses"]
     assert "AssignmentBlockedOut" in str(upsert["422"]) and "400" in upsert
-    assert paths[domains + "/{domain_id}/service/init"]["post"]["responses"].keys() >= {"202", "400", "404", "409", "422"}
+    assert paths[domains + "/{domain_id}/service/init"]["post"]["responses"].keys() >= {
+        "202",
+        "400",
+        "404",
+        "409",
+        "422",
+    }

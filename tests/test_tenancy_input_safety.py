@@ -5,9 +5,9 @@ instant falls outside years 1-9999, and Unix timestamps posing as date-times."""
 from __future__ import annotations
 
 import pytest
+from factories import feature, fresh, init_service, jobs_of, stored_service, tenant_setup
 from sqlalchemy import func, select
 
-from factories import feature, fresh, init_service, jobs_of, stored_service, tenant_setup
 from pie.assignments.models import Assignment
 from pie.tenancy.models import Domain
 
@@ -41,14 +41,30 @@ async def test_nul_characters_are_400_on_every_write_route(client, session, admi
         ("POST", f"{D}/service/init", {"service_id": "s2", "static_features": {**SA, "note": {NUL: 1}}}),
         ("PUT", f"{D}/service/s1", {"static_features": {"note": [NUL]}}),
         ("PUT", f"{D}/assignments/forecast", {"model_id": "pricing-model", "model_version": "1", "role": NUL}),
-        ("PUT", f"{D}/assignments/forecast", {"model_id": "pricing-model", "model_version": "1", "metadata": {"a": NUL}}),
-        ("POST", f"{D}/assignments", {"assignment_key": "forecast", "model_id": "pricing-model", "model_version": "1", "settings": {NUL: 1}}),
+        (
+            "PUT",
+            f"{D}/assignments/forecast",
+            {"model_id": "pricing-model", "model_version": "1", "metadata": {"a": NUL}},
+        ),
+        (
+            "POST",
+            f"{D}/assignments",
+            {"assignment_key": "forecast", "model_id": "pricing-model", "model_version": "1", "settings": {NUL: 1}},
+        ),
         (
             "PUT",
             f"{D}/assignments/default",
-            {"model_id": "pricing-model", "model_version": "1", "service_updates": [{"service_id": "s1", "static_features": {"note": NUL}}]},
+            {
+                "model_id": "pricing-model",
+                "model_version": "1",
+                "service_updates": [{"service_id": "s1", "static_features": {"note": NUL}}],
+            },
         ),
-        ("PUT", f"{D}/service/s1/assignments/forecast", {"model_id": "pricing-model", "model_version": "1", "role": NUL}),
+        (
+            "PUT",
+            f"{D}/service/s1/assignments/forecast",
+            {"model_id": "pricing-model", "model_version": "1", "role": NUL},
+        ),
         ("POST", f"{D}/assignments/default/jobs", {"input": {"text": NUL}}),
         ("POST", f"{D}/service/s1/assignments/default/jobs", {"input": {NUL: True}}),
     ]
@@ -76,7 +92,9 @@ async def test_unstorable_or_non_iso_departure_datetimes_are_400(client, session
     await tenant_setup(client, session, admin)
     await init_service(client, admin, "s1", SA)
     r = await client.post(
-        f"{D}/service/init", json={"service_id": "s2", "departure_datetime": value, "static_features": SA}, headers=admin
+        f"{D}/service/init",
+        json={"service_id": "s2", "departure_datetime": value, "static_features": SA},
+        headers=admin,
     )
     assert r.status_code == 400, r.text
     assert r.json()["success"] is False and "departure_datetime" in r.json()["message"]

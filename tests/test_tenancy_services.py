@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select
-
 from factories import (
     assign,
-    fresh,
     feature,
+    fresh,
     init_service,
     jobs_of,
     make_client,
@@ -18,6 +16,8 @@ from factories import (
     stored_service,
     tenant_setup,
 )
+from sqlalchemy import func, select
+
 from pie.assignments.models import Assignment
 from pie.registry.models import ModelVersion
 from pie.tenancy.models import Service
@@ -162,7 +162,10 @@ async def test_init_bad_input_is_400_and_unknown_domain_404(client, session, adm
 async def test_governing_schema_is_the_frozen_schema_of_the_default_version(client, session, admin):
     """Live features say `route` is any string; version 2's frozen schema restricts it."""
     live = [feature("route", {"type": "string"}, True)]
-    frozen = [feature("route", {"type": "string", "enum": ["A-B"]}, True), feature("fare", {"type": "number", "default": 10})]
+    frozen = [
+        feature("route", {"type": "string", "enum": ["A-B"]}, True),
+        feature("fare", {"type": "number", "default": 10}),
+    ]
     await tenant_setup(client, session, admin, features=live)
     # version 1 has no frozen schema: the live features govern
     await init_service(client, admin, "s1", {"route": "anything"})
@@ -171,7 +174,11 @@ async def test_governing_schema_is_the_frozen_schema_of_the_default_version(clie
     await make_version(session, version="2", features=frozen)
     r = await assign(client, admin, model_version="2", expect=422)  # s1 blocks the swap
     assert r.json()["blocking_services"][0]["service_id"] == "s1"
-    await client.put(f"{D}/service/s1", json={"departure_datetime": iso(datetime.now(timezone.utc) - timedelta(hours=1))}, headers=admin)
+    await client.put(
+        f"{D}/service/s1",
+        json={"departure_datetime": iso(datetime.now(timezone.utc) - timedelta(hours=1))},
+        headers=admin,
+    )
     await assign(client, admin, model_version="2")
 
     r = await init_service(client, admin, "s2", {"route": "anything"}, expect=422)
@@ -271,7 +278,9 @@ async def test_update_refused_on_inactive_domain_and_needs_init_services(client,
     manager = auth(scopes=["manage_domains", "read_domains"], client_id="client-1")
     operator = auth(scopes=["init_services"], client_id="client-1")
     assert (await client.put(f"{D}/service/s", json={}, headers=manager)).status_code == 403
-    assert (await client.post(f"{D}/service/init", json={"service_id": "x", "static_features": SA}, headers=manager)).status_code == 403
+    assert (
+        await client.post(f"{D}/service/init", json={"service_id": "x", "static_features": SA}, headers=manager)
+    ).status_code == 403
     assert (await client.post(f"{D}/services/init", headers=manager)).status_code == 403
     assert (await client.put(f"{D}/service/s", json={}, headers=operator)).status_code == 200
     assert (await client.get(f"{D}/service/s", headers=operator)).status_code == 403
@@ -285,11 +294,17 @@ async def test_unknown_service_is_404_before_any_422(client, session, admin):
     exist is 404 even when the domain is inactive or the client suspended."""
     await tenant_setup(client, session, admin)
     await client.patch(D, json={"status": "inactive"}, headers=admin)
-    for url, body in ((f"{D}/service/ghost", {}), (f"{D}/service/ghost/assignments/forecast", {"model_id": "pricing-model", "model_version": "1"})):
+    for url, body in (
+        (f"{D}/service/ghost", {}),
+        (f"{D}/service/ghost/assignments/forecast", {"model_id": "pricing-model", "model_version": "1"}),
+    ):
         assert (await client.put(url, json=body, headers=admin)).status_code == 404
     await client.patch(D, json={"status": "active"}, headers=admin)
     await client.patch("/v2/clients/client-1", json={"status": "suspended"}, headers=admin)
-    for url, body in ((f"{D}/service/ghost", {}), (f"{D}/service/ghost/assignments/forecast", {"model_id": "pricing-model", "model_version": "1"})):
+    for url, body in (
+        (f"{D}/service/ghost", {}),
+        (f"{D}/service/ghost/assignments/forecast", {"model_id": "pricing-model", "model_version": "1"}),
+    ):
         r = await client.put(url, json=body, headers=admin)
         assert r.status_code == 404 and "ghost" in r.json()["message"], r.text
     r = await client.post(f"{D}/service/ghost/assignments/forecast/jobs", json={}, headers=admin)
@@ -298,7 +313,9 @@ async def test_unknown_service_is_404_before_any_422(client, session, admin):
 
 async def test_update_re_resolves_against_the_governing_schema_not_live_features(client, session, admin):
     frozen = [feature("route", {"type": "string"}, True), feature("fare", {"type": "number", "default": 5})]
-    await tenant_setup(client, session, admin, features=[feature("route", {"type": "string"}, True)], version_features=frozen)
+    await tenant_setup(
+        client, session, admin, features=[feature("route", {"type": "string"}, True)], version_features=frozen
+    )
     await init_service(client, admin, "s", {"route": "x"})
     assert (await stored_service(session, "s")).resolved_features == {"route": "x", "fare": 5}
     # live features change: they do not govern while version 1 has a frozen schema
@@ -329,7 +346,12 @@ async def test_batch_reinit_dispatches_non_departed_services(client, session, ad
         stored = before[job.service_id]
         assert job.job_type == "inference" and job.status == "pending"
         assert job.assignment_id == revision.assignment_id
-        assert (job.model_id, job.model_version, job.client_id, job.domain_id) == ("pricing-model", "1", "client-1", "south_australia")
+        assert (job.model_id, job.model_version, job.client_id, job.domain_id) == (
+            "pricing-model",
+            "1",
+            "client-1",
+            "south_australia",
+        )
         assert job.input == stored.resolved_features and job.features == stored.resolved_features
     for sid in ("a", "b", "gone"):
         after = await stored_service(session, sid)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import scratch_pie_server
 
 GENERATOR = shutil.which("openapi-python-client") or str(Path(sys.executable).with_name("openapi-python-client"))
@@ -41,9 +40,21 @@ def generated(pie_server, tmp_path_factory):
     # no post-generation formatter: the test checks the generator, not the formatting
     config.write_text('{"project_name_override": "pie_typed", "package_name_override": "pie_typed", "post_hooks": []}')
     result = subprocess.run(
-        [GENERATOR, "generate", "--path", str(document), "--config", str(config), "--meta", "none",
-         "--output-path", str(work / "pie_typed")],
-        capture_output=True, text=True, timeout=300,
+        [
+            GENERATOR,
+            "generate",
+            "--path",
+            str(document),
+            "--config",
+            str(config),
+            "--meta",
+            "none",
+            "--output-path",
+            str(work / "pie_typed"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -66,8 +77,16 @@ def test_timestamps_enums_and_handlers_are_typed(generated):
     models = importlib.import_module("pie_typed.models")
     # timestamps are date-time, parsed into datetimes
     job = models.JobOut.from_dict(
-        {"job_id": "j", "job_type": "inference", "status": "pending", "model_id": "m", "model_version": "1",
-         "attempts": 0, "created_at": "2026-01-02T03:04:05Z", "updated_at": "2026-01-02T03:04:05Z"}
+        {
+            "job_id": "j",
+            "job_type": "inference",
+            "status": "pending",
+            "model_id": "m",
+            "model_version": "1",
+            "attempts": 0,
+            "created_at": "2026-01-02T03:04:05Z",
+            "updated_at": "2026-01-02T03:04:05Z",
+        }
     )
     assert isinstance(job.created_at, datetime)
     # enums are named once and shared

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import clean_subprocess_env, start_pie_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,10 +115,10 @@ def test_walkthrough_runs_as_documented(walkthrough_server):
     text = text.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
 
     env = clean_subprocess_env(PIE_DATA_DIR=str(server.data_dir))
-    result = subprocess.run(
-        ["bash", "-c", text], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    result = subprocess.run(["bash", "-c", text], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, (
+        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\nserver:\n{server.log()[-3000:]}"
     )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\nserver:\n{server.log()[-3000:]}"
 
     outputs = re.split(r"@@walkthrough-block-(\d+)@@\n", result.stdout)
     by_block = {int(outputs[i]): outputs[i + 1] for i in range(1, len(outputs), 2)}

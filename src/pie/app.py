@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,9 +25,6 @@ from pie import db, idempotency, metrics
 from pie.auth import make_verifier
 from pie.config import Settings, get_settings
 from pie.docs import install_docs
-from pie.httpserver import HeaderCountGuard
-from pie.openapi_names import name_inline_schemas
-from pie.query_params import reject_unknown_query_params
 from pie.errors import (
     ERROR_ENVELOPE_SCHEMA,
     envelope,
@@ -35,8 +32,10 @@ from pie.errors import (
     install_error_handlers,
     internal_error_response,
 )
-
+from pie.httpserver import HeaderCountGuard
 from pie.logconfig import request_id_var
+from pie.openapi_names import name_inline_schemas
+from pie.query_params import reject_unknown_query_params
 
 log = logging.getLogger("pie")
 access_log = logging.getLogger("pie.access")
@@ -95,9 +94,7 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception(
-                "unhandled error in request %s %s %s", request_id, scope.get("method"), scope.get("path")
-            )
+            log.exception("unhandled error in request %s %s %s", request_id, scope.get("method"), scope.get("path"))
             if response_started:  # too late for an error body; let the server drop the connection
                 raise
             await internal_error_response(request_id)(scope, receive, send_with_id)
@@ -260,14 +257,13 @@ def _include_routers(app: FastAPI) -> None:
     from pie.audit.routes import router as audit_router
     from pie.audit.routing import check_routes
     from pie.clients.routes import router as clients_router
+    from pie.console.routes import STATIC_DIR
+    from pie.console.routes import router as console_router
     from pie.dispatch.routes import router as dispatch_router
     from pie.health.routes import router as health_router
     from pie.jobs.routes import router as jobs_router
     from pie.registry.routes import router as registry_router
     from pie.tenancy.routes import router as tenancy_router
-
-    from pie.console.routes import STATIC_DIR
-    from pie.console.routes import router as console_router
 
     # the console's stylesheet and vendored script (served locally: no CDN, no build step);
     # mounted before the console's routes, whose catch-all answers unknown pages
@@ -296,9 +292,7 @@ def _install_openapi(app: FastAPI) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
         for path_item in schema.get("paths", {}).values():

@@ -97,12 +97,12 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     permissions: set[str] = set()
     tenants: set[str] = set()
     for scope in scopes:
-        if scope.startswith(SCOPE_PREFIX) and scope[len(SCOPE_PREFIX):] in PERMISSIONS:
-            permissions.add(scope[len(SCOPE_PREFIX):])
+        if scope.startswith(SCOPE_PREFIX) and scope[len(SCOPE_PREFIX) :] in PERMISSIONS:
+            permissions.add(scope[len(SCOPE_PREFIX) :])
     is_admin = "admin" in permissions or ADMIN_GROUP in groups
     for group in groups:
         if group.startswith(CLIENT_GROUP_PREFIX) and len(group) > len(CLIENT_GROUP_PREFIX):
-            tenant_id = group[len(CLIENT_GROUP_PREFIX):]
+            tenant_id = group[len(CLIENT_GROUP_PREFIX) :]
             if _CLIENT_ID.fullmatch(tenant_id):
                 tenants.add(tenant_id)
             permissions |= CLIENT_GROUP_PERMISSIONS
@@ -227,9 +227,7 @@ class JWKSCache:
             log.warning("cannot fetch signing keys from %s: %s", self.url, self.last_error)
             return
         self.last_error = None
-        self.keys = {
-            k["kid"]: k for k in data["keys"] if isinstance(k, dict) and isinstance(k.get("kid"), str)
-        }
+        self.keys = {k["kid"]: k for k in data["keys"] if isinstance(k, dict) and isinstance(k.get("kid"), str)}
 
     async def get(self, kid: str) -> dict[str, Any] | None:
         """The key for ``kid``, or None when it is unknown even after a (cooldown-limited)

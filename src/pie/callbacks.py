@@ -58,7 +58,9 @@ def new_key() -> Key:
     return Key(kid=f"cb-{secrets.token_hex(8)}", secret=secrets.token_urlsafe(48))
 
 
-_CURRENT = text("SELECT kid, secret FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC LIMIT 1")
+_CURRENT = text(
+    "SELECT kid, secret FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC LIMIT 1"
+)
 
 
 async def current_key(conn: AsyncConnection | AsyncSession) -> Key:
@@ -70,7 +72,8 @@ async def current_key(conn: AsyncConnection | AsyncSession) -> Key:
         if row is None:
             key = new_key()
             await conn.execute(
-                text("INSERT INTO signing_keys (kid, secret) VALUES (:kid, :secret)"), {"kid": key.kid, "secret": key.secret}
+                text("INSERT INTO signing_keys (kid, secret) VALUES (:kid, :secret)"),
+                {"kid": key.kid, "secret": key.secret},
             )
             return key
     return Key(row.kid, row.secret)
@@ -153,9 +156,7 @@ async def verify(session: AsyncSession, token: str) -> CallbackGrant:
     kid = header.get("kid") if isinstance(header, dict) else None
     if header.get("alg") != ALGORITHM or not isinstance(kid, str) or not kid or len(kid) > 64:
         raise Unauthorized("malformed callback token")
-    row = (
-        await session.execute(select(SigningKey.secret, SigningKey.retired_at).where(SigningKey.kid == kid))
-    ).first()
+    row = (await session.execute(select(SigningKey.secret, SigningKey.retired_at).where(SigningKey.kid == kid))).first()
     if row is None or row.retired_at is not None:
         raise Unauthorized("the callback token's signing key is unknown or retired")
     try:

@@ -226,8 +226,10 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
             async with db.sessionmaker()() as session, session.begin():
                 if args.action == "rotate":
                     new_key = await callbacks.rotate(session)
-                    print(f"new signing key {new_key.kid}: it signs callback tokens from now on (dispatchers pick it up "
-                          f"within {callbacks.KEY_CACHE_SECONDS:g} s); older keys keep verifying until retired")
+                    print(
+                        f"new signing key {new_key.kid}: it signs callback tokens from now on (dispatchers pick it up "
+                        f"within {callbacks.KEY_CACHE_SECONDS:g} s); older keys keep verifying until retired"
+                    )
                 elif args.action == "retire":
                     try:
                         key = await callbacks.retire(session, args.kid, force=args.force)
@@ -239,8 +241,11 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                     keys = await callbacks.list_keys(session)
                     current = next((k.kid for k in reversed(keys) if k.retired_at is None), None)
                     for key in keys:
-                        state = "retired " + key.retired_at.isoformat() if key.retired_at else (
-                            "active, signing" if key.kid == current else "active")
+                        state = (
+                            "retired " + key.retired_at.isoformat()
+                            if key.retired_at
+                            else ("active, signing" if key.kid == current else "active")
+                        )
                         print(f"{key.kid}  created {key.created_at.isoformat()}  {state}")
                     if not keys:
                         print("no signing keys yet (the first dispatch creates one)")

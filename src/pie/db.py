@@ -38,9 +38,15 @@ def utcnow() -> datetime:
 
 def async_url(url: str) -> str:
     """Normalise any PostgreSQL URL to the psycopg 3 async driver."""
-    for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgresql+asyncpg://", "postgresql://", "postgres://"):
+    for prefix in (
+        "postgresql+psycopg://",
+        "postgresql+psycopg2://",
+        "postgresql+asyncpg://",
+        "postgresql://",
+        "postgres://",
+    ):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
@@ -48,7 +54,7 @@ def libpq_url(url: str) -> str:
     """The same URL in the plain libpq form (for psycopg.connect / LISTEN)."""
     for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgresql+asyncpg://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql://" + url[len(prefix):]
+            return "postgresql://" + url[len(prefix) :]
     return url
 
 
@@ -177,6 +183,5 @@ async def get_session() -> AsyncIterator[AsyncSession]:
     Logic functions flush, never commit. Declared with ``Depends(get_session, scope="function")``
     (see ``pie.deps.Session``) so the commit happens before the response is sent.
     """
-    async with sessionmaker()() as session:
-        async with session.begin():
-            yield session
+    async with sessionmaker()() as session, session.begin():
+        yield session

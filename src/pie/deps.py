@@ -68,8 +68,12 @@ async def _callback_principal(request: Request, token: str) -> Principal:
         subject=f"callback:{grant.job_id}",
         permissions=frozenset({"complete_jobs"}),
         tenants=frozenset({grant.client_id}) if grant.client_id else frozenset(),
-        claims={"callback_job_id": grant.job_id, "callback_model_id": grant.model_id,
-                "callback_model_version": grant.model_version, "kid": grant.kid},
+        claims={
+            "callback_job_id": grant.job_id,
+            "callback_model_id": grant.model_id,
+            "callback_model_version": grant.model_version,
+            "kid": grant.kid,
+        },
     )
 
 

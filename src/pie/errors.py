@@ -166,7 +166,8 @@ def database_error_response(exc: BaseException) -> JSONResponse | None:
     if isinstance(exc, sa_exc.DBAPIError) and state in _TIMEOUT_SQLSTATES:
         return envelope(503, _TIMEOUT_SQLSTATES[state], {"Retry-After": "1"})
     if isinstance(exc, (sa_exc.TimeoutError, sa_exc.InterfaceError)) or (
-        isinstance(exc, sa_exc.OperationalError) and (state is None or state.startswith("08") or state.startswith("57P"))
+        isinstance(exc, sa_exc.OperationalError)
+        and (state is None or state.startswith("08") or state.startswith("57P"))
     ):
         return envelope(503, "database unavailable; try again later", {"Retry-After": "1"})
     return None
@@ -249,7 +250,5 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # normally RequestIdMiddleware answers first; this covers errors outside it
         request_id = getattr(request.state, "request_id", "-")
-        log.error(
-            "unhandled error in request %s %s %s", request_id, request.method, request.url.path, exc_info=exc
-        )
+        log.error("unhandled error in request %s %s %s", request_id, request.method, request.url.path, exc_info=exc)
         return internal_error_response(request_id)

@@ -76,20 +76,23 @@ def _compile(template: str, patterns: dict[str, str]) -> re.Pattern[str]:
     return re.compile(regex)
 
 
-async def _job(principal: Principal, params: dict[str, str]) -> tuple[type[BaseModel], Any] | None:
+async def _job(principal: Principal | None, params: dict[str, str]) -> tuple[type[BaseModel], Any] | None:
+    assert principal is not None  # an authenticated read: the layer verified the token
     if not (principal.has("read_models") or principal.has("run_inference")):
         return None
     return JobOut, await read_job(principal, params["job_id"])  # 404 / 403 raise: the route answers
 
 
-async def _domain_assignment(principal: Principal, params: dict[str, str]) -> tuple[type[BaseModel], Any] | None:
+async def _domain_assignment(principal: Principal | None, params: dict[str, str]) -> tuple[type[BaseModel], Any] | None:
+    assert principal is not None  # an authenticated read: the layer verified the token
     if not (principal.has("read_domains") and principal.can_access(params["client_id"])):
         return None
     row = await read_active_domain_revision(params["client_id"], params["domain_id"], params["assignment_key"])
     return None if row is None else (AssignmentOut, row)
 
 
-async def _service(principal: Principal, params: dict[str, str]) -> tuple[type[BaseModel], Any] | None:
+async def _service(principal: Principal | None, params: dict[str, str]) -> tuple[type[BaseModel], Any] | None:
+    assert principal is not None  # an authenticated read: the layer verified the token
     if not (principal.has("read_domains") and principal.can_access(params["client_id"])):
         return None
     row = await read_service(params["client_id"], params["domain_id"], params["service_id"])
@@ -110,12 +113,19 @@ _PATTERNS = {
 }
 _ROUTES = [
     ("/v2/jobs/{job_id}", "getjob", _job),
-    ("/v2/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}", "getdomainmodelassignment", _domain_assignment),
+    (
+        "/v2/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}",
+        "getdomainmodelassignment",
+        _domain_assignment,
+    ),
     ("/v2/clients/{client_id}/domains/{domain_id}/service/{service_id}", "getdomainservice", _service),
 ]
 FAST_READS = (
     FastRead(RouteLabel("/v2/health", "health"), re.compile(re.escape("/v2/health")), _health, public=True),
-    *(FastRead(RouteLabel(template, operation_id), _compile(template, _PATTERNS), read) for template, operation_id, read in _ROUTES),
+    *(
+        FastRead(RouteLabel(template, operation_id), _compile(template, _PATTERNS), read)
+        for template, operation_id, read in _ROUTES
+    ),
 )
 
 

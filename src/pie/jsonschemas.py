@@ -18,8 +18,8 @@ import re
 from functools import lru_cache
 from typing import Any
 
-import regex as _regex
 import jsonschema._utils as _jsonschema_utils
+import regex as _regex
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
 from jsonschema_specifications import REGISTRY as _META_SCHEMAS

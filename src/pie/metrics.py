@@ -46,34 +46,39 @@ HTTP_LATENCY = Histogram(
 )
 JOBS_CREATED = Counter("pie_jobs_created", "Jobs created (committed), by job type", ["job_type"])
 JOBS_ENDED = Counter(
-    "pie_jobs_ended", "Jobs ended (committed), by job type, handler type and final status",
+    "pie_jobs_ended",
+    "Jobs ended (committed), by job type, handler type and final status",
     ["job_type", "handler_type", "status"],
 )
 JOB_QUEUE_SECONDS = Histogram(
-    "pie_job_queue_seconds", "Time from a job's creation to its (latest) start, by job type", ["job_type"],
+    "pie_job_queue_seconds",
+    "Time from a job's creation to its (latest) start, by job type",
+    ["job_type"],
     buckets=_JOB_BUCKETS,
 )
 JOB_END_SECONDS = Histogram(
-    "pie_job_end_seconds", "Time from a job's creation to its end, by job type and final status",
-    ["job_type", "status"], buckets=_JOB_BUCKETS,
+    "pie_job_end_seconds",
+    "Time from a job's creation to its end, by job type and final status",
+    ["job_type", "status"],
+    buckets=_JOB_BUCKETS,
 )
 DISPATCH_ATTEMPTS = Counter("pie_dispatch_attempts", "Jobs handed to a backend, by backend", ["backend"])
 DISPATCH_FAILURES = Counter(
     "pie_dispatch_failures", "Hand-overs that failed (retried or not), by backend", ["backend", "retryable"]
 )
 FREEZE_CHECKS = Counter("pie_freeze_checks", "Default-assignment freeze checks, by result", ["result"])
-FREEZE_SECONDS = Histogram(
-    "pie_freeze_check_duration_seconds", "Duration of a freeze check", buckets=_LATENCY_BUCKETS
-)
+FREEZE_SECONDS = Histogram("pie_freeze_check_duration_seconds", "Duration of a freeze check", buckets=_LATENCY_BUCKETS)
 DB_POOL_IN_USE = Gauge(
-    "pie_db_pool_connections_in_use", "Database connections checked out of the pool (summed over processes)",
+    "pie_db_pool_connections_in_use",
+    "Database connections checked out of the pool (summed over processes)",
     multiprocess_mode="livesum",
 )
 WORKER_UP = Gauge(
     "pie_worker_up", "1 per serving process (with a pid label under --workers)", multiprocess_mode="liveall"
 )
 LONG_POLLS = Gauge(
-    "pie_long_polls_waiting", "Requests waiting for a job to end (?wait=N), summed over processes",
+    "pie_long_polls_waiting",
+    "Requests waiting for a job to end (?wait=N), summed over processes",
     multiprocess_mode="livesum",
 )
 
@@ -224,13 +229,15 @@ def instrument_pool(engine: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # scraping
 
+
 class _Snapshot:
     def __init__(self, rows: list[Any]):
         self.rows = rows
 
     def collect(self) -> Iterable[Any]:
         depth = GaugeMetricFamily(
-            "pie_jobs_queue_depth", "Jobs waiting (pending) or running (started), read at scrape time",
+            "pie_jobs_queue_depth",
+            "Jobs waiting (pending) or running (started), read at scrape time",
             labels=["status", "job_type"],
         )
         oldest = GaugeMetricFamily(

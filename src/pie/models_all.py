@@ -1,8 +1,8 @@
 """Import every table so the metadata is complete (Alembic, tests)."""
 
 from pie.assignments.models import Assignment
-from pie.callbacks import SigningKey
 from pie.audit.models import AuditRecord, VersionStatusChange
+from pie.callbacks import SigningKey
 from pie.clients.models import Client, ClientAppClient
 from pie.db import Base
 from pie.dispatch.models import DispatcherRow
@@ -12,6 +12,19 @@ from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.tenancy.models import Domain, Service
 
 __all__ = [
-    "Assignment", "AuditRecord", "Base", "Client", "ClientAppClient", "DispatcherRow", "Domain", "EventSubscription",
-    "IdempotencyKey", "Job", "Model", "ModelVersion", "Service", "SigningKey", "VersionStatusChange",
+    "Assignment",
+    "AuditRecord",
+    "Base",
+    "Client",
+    "ClientAppClient",
+    "DispatcherRow",
+    "Domain",
+    "EventSubscription",
+    "IdempotencyKey",
+    "Job",
+    "Model",
+    "ModelVersion",
+    "Service",
+    "SigningKey",
+    "VersionStatusChange",
 ]

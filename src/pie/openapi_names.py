@@ -112,5 +112,7 @@ def name_inline_schemas(document: dict[str, Any]) -> dict[str, Any]:
                 continue
             for parameter in operation.get("parameters", []):
                 if "schema" in parameter:
-                    parameter["schema"] = walk(parameter["schema"], f"{operation.get('operationId', '')}_{parameter.get('name', '')}")
+                    parameter["schema"] = walk(
+                        parameter["schema"], f"{operation.get('operationId', '')}_{parameter.get('name', '')}"
+                    )
     return document

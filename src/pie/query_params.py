@@ -55,4 +55,6 @@ async def reject_unknown_query_params(request: Request) -> None:
         await authenticate(request)
     allowed = ", ".join(sorted(declared)) or "none"
     names = ", ".join(repr(name) for name in unknown)
-    raise BadRequest(f"unknown query parameter{'s' if len(unknown) > 1 else ''} {names} (this operation accepts: {allowed})")
+    raise BadRequest(
+        f"unknown query parameter{'s' if len(unknown) > 1 else ''} {names} (this operation accepts: {allowed})"
+    )

@@ -64,9 +64,7 @@ async def fetch_one(stmt: ClauseElement, params: Mapping[str, Any] | None = None
             broken = pg.closed or pg.broken
             if broken:
                 await conn.invalidate(exc)
-            raise sa_exc.DBAPIError.instance(
-                sql, params, exc, psycopg.Error, connection_invalidated=broken
-            ) from exc
+            raise sa_exc.DBAPIError.instance(sql, params, exc, psycopg.Error, connection_invalidated=broken) from exc
 
 
 def json_response(model: type[BaseModel], data: Mapping[str, Any], status_code: int = 200) -> Response:

@@ -57,9 +57,7 @@ def instrument(app: Any) -> None:
     try:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
     except ImportError as exc:
-        raise TracingUnavailable(
-            "PIE_OTEL_ENABLED=true needs OpenTelemetry: pip install 'pie-server[otel]'"
-        ) from exc
+        raise TracingUnavailable("PIE_OTEL_ENABLED=true needs OpenTelemetry: pip install 'pie-server[otel]'") from exc
     _ensure_provider()
     FastAPIInstrumentor.instrument_app(app, excluded_urls=EXCLUDED_URLS)
     log.info("OpenTelemetry tracing on")

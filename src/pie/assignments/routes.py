@@ -6,7 +6,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
-from pie.audit.routing import AuditedRoute
 from pie.assignments import logic
 from pie.assignments.models import Assignment
 from pie.assignments.schemas import (
@@ -17,10 +16,10 @@ from pie.assignments.schemas import (
     AssignmentUpsert,
     JobStarted,
 )
+from pie.audit.routing import AuditedRoute
 from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
 from pie.idempotency import IDEMPOTENT
 from pie.pagination import PageParams
-from pie.routing import PieRoute
 from pie.schemas import KEY_PATTERN
 from pie.tenancy.schemas import error_responses
 
@@ -145,7 +144,8 @@ async def list_domain_assignment_revisions(
 
 @router.post(
     "/assignments/{assignment_key}/jobs",
-    operation_id="rundomainmodelassignmentjob", dependencies=[IDEMPOTENT],
+    operation_id="rundomainmodelassignmentjob",
+    dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 422),
     response_model=JobStarted,
     status_code=202,
@@ -255,7 +255,8 @@ async def list_service_assignment_revisions(
 
 @router.post(
     "/service/{service_id}/assignments/{assignment_key}/jobs",
-    operation_id="runservicemodelassignmentjob", dependencies=[IDEMPOTENT],
+    operation_id="runservicemodelassignmentjob",
+    dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 422),
     response_model=JobStarted,
     status_code=202,

@@ -7,14 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
 
-from pie.routing import PieRoute
-
 from pie.audit import logic
 from pie.audit.schemas import AuditRecordOut
 from pie.auth import Principal
 from pie.deps import Session, require
 from pie.errors import error_responses
 from pie.pagination import PageParams
+from pie.routing import PieRoute
 from pie.schemas import ID_PATTERN
 
 router = APIRouter(route_class=PieRoute, tags=["audit"])

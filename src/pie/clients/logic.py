@@ -23,7 +23,9 @@ def visible_clients(principal: Principal):
     return stmt
 
 
-async def list_clients(session: AsyncSession, principal: Principal, page: PageParams, response: Response) -> list[Client]:
+async def list_clients(
+    session: AsyncSession, principal: Principal, page: PageParams, response: Response
+) -> list[Client]:
     return await paginate(session, visible_clients(principal), [Client.client_id], page, response)
 
 

@@ -40,7 +40,5 @@ class ClientAppClient(Base):
     __tablename__ = "client_app_clients"
 
     app_client_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    client_id: Mapped[str] = mapped_column(
-        String(128), ForeignKey("clients.client_id", ondelete="CASCADE"), index=True
-    )
+    client_id: Mapped[str] = mapped_column(String(128), ForeignKey("clients.client_id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())

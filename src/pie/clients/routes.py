@@ -12,7 +12,6 @@ from pie.deps import ClientIdPath, Session, TenantScope, require, tenant
 from pie.errors import error_responses
 from pie.idempotency import IDEMPOTENT
 from pie.pagination import PageParams
-from pie.routing import PieRoute
 
 router = APIRouter(prefix="/v2/clients", tags=["clients"], route_class=AuditedRoute)
 
@@ -34,10 +33,13 @@ _NOT_FOUND = "no client with this client_id"
 
 @router.post(
     "",
-    operation_id="createclient", dependencies=[IDEMPOTENT],
+    operation_id="createclient",
+    dependencies=[IDEMPOTENT],
     response_model=ClientOut,
     status_code=201,
-    responses=error_responses(e409="a client with this client_id already exists, or an app client id belongs to another client"),
+    responses=error_responses(
+        e409="a client with this client_id already exists, or an app client id belongs to another client"
+    ),
 )
 async def create_client(body: ClientCreate, session: Session, principal: Principal = require("admin")):
     """Register a tenant (admin only). 409 if `client_id` exists or one of `app_client_ids`
@@ -45,7 +47,9 @@ async def create_client(body: ClientCreate, session: Session, principal: Princip
     return await logic.create_client(session, body)
 
 
-@router.get("/{client_id}", operation_id="getclient", response_model=ClientOut, responses=error_responses(e404=_NOT_FOUND))
+@router.get(
+    "/{client_id}", operation_id="getclient", response_model=ClientOut, responses=error_responses(e404=_NOT_FOUND)
+)
 async def get_client(session: Session, scope: TenantScope = tenant("read_domains")):
     """One client the caller may access."""
     return await logic.get_client(session, scope.client_id)

@@ -21,7 +21,6 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -34,7 +33,6 @@ from pie.audit.routing import new_entry
 from pie.clients import logic as clients
 from pie.console import signin
 from pie.console.signin import ConsoleUser, SignInRequired, console_user
-from pie.routing import PieRoute
 from pie.deps import ClientIdPath, DomainIdPath, ModelIdPath, ModelVersionPath, ServiceIdPath, Session, tenant_scope
 from pie.errors import AssignmentBlocked, BadRequest, Conflict, Forbidden, NotFound, PieError
 from pie.jobs import logic as jobs
@@ -42,6 +40,7 @@ from pie.jobs.summary import queue_summary
 from pie.pagination import NEXT_CURSOR_HEADER, PageParams
 from pie.registry import logic as registry
 from pie.registry import subscriptions
+from pie.routing import PieRoute
 from pie.schemas import ID_PATTERN, KEY_PATTERN, iso_z
 from pie.tenancy import logic as tenancy
 
@@ -81,11 +80,23 @@ def render(request: Request, template: str, status_code: int = 200, **context: A
 
 
 def error_page(request: Request, status_code: int, message: str) -> HTMLResponse:
-    titles = {400: "Bad request", 401: "Not signed in", 403: "Forbidden", 404: "Not found", 409: "Conflict",
-              422: "Not possible", 502: "Sign-in service failed", 503: "Unavailable"}
+    titles = {
+        400: "Bad request",
+        401: "Not signed in",
+        403: "Forbidden",
+        404: "Not found",
+        409: "Conflict",
+        422: "Not possible",
+        502: "Sign-in service failed",
+        503: "Unavailable",
+    }
     return render(
-        request, "error.html", status_code=status_code, status=status_code,
-        title=titles.get(status_code, "Error"), message=message,
+        request,
+        "error.html",
+        status_code=status_code,
+        status=status_code,
+        title=titles.get(status_code, "Error"),
+        message=message,
     )
 
 
@@ -177,21 +188,35 @@ JobIdPath = Annotated[str, PathParam(pattern=ID_PATTERN)]
 async def login_page(request: Request, next: str | None = None, reason: str | None = None):
     settings = request.app.state.settings
     return render(
-        request, "login.html", next=signin.safe_next(next), reason=REASONS.get(reason or ""), user=None,
+        request,
+        "login.html",
+        next=signin.safe_next(next),
+        reason=REASONS.get(reason or ""),
+        user=None,
         cognito=signin.cognito_configured(settings),
     )
 
 
 @router.post("/login", response_class=HTMLResponse)
-async def login(request: Request, token: Annotated[str, Form(max_length=signin.MAX_TOKEN_LENGTH)] = "",
-                next: Annotated[str, Form()] = "/console"):
+async def login(
+    request: Request,
+    token: Annotated[str, Form(max_length=signin.MAX_TOKEN_LENGTH)] = "",
+    next: Annotated[str, Form()] = "/console",
+):
     signin.check_same_origin(request)
     settings = request.app.state.settings
     try:
         await signin.verify_token(request, token)
     except PieError as exc:
-        return render(request, "login.html", status_code=exc.status_code, next=signin.safe_next(next),
-                      error=exc.message, user=None, cognito=signin.cognito_configured(settings))
+        return render(
+            request,
+            "login.html",
+            status_code=exc.status_code,
+            next=signin.safe_next(next),
+            error=exc.message,
+            user=None,
+            cognito=signin.cognito_configured(settings),
+        )
     response = RedirectResponse(signin.safe_next(next), status_code=303)
     signin.set_session_cookie(response, request, token.strip().removeprefix("Bearer ").strip())
     return response
@@ -231,8 +256,9 @@ async def login_cognito(request: Request, next: str | None = None):
 
 
 @router.get("/auth/callback", response_class=HTMLResponse)
-async def cognito_callback(request: Request, code: str | None = None, state: str | None = None,
-                           error: str | None = None):
+async def cognito_callback(
+    request: Request, code: str | None = None, state: str | None = None, error: str | None = None
+):
     settings = request.app.state.settings
     if not signin.cognito_configured(settings):
         raise NotFound("Cognito sign-in is not configured")
@@ -279,8 +305,14 @@ async def client_page(request: Request, client_id: ClientIdPath, user: User, ses
 
 
 @router.get("/clients/{client_id}/domains/{domain_id}", response_class=HTMLResponse)
-async def domain_page(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, user: User,
-                      session: Session, cursor: Cursor = None):
+async def domain_page(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    user: User,
+    session: Session,
+    cursor: Cursor = None,
+):
     scope = await tenant_scope(session, user.principal, client_id, "read_domains")
     domain = await tenancy.load_domain(session, scope.client_id, domain_id)
     pager = Pager(request, cursor)
@@ -291,14 +323,26 @@ async def domain_page(request: Request, client_id: ClientIdPath, domain_id: Doma
     default = await tenancy.active_default(session, scope.client_id, domain_id)
     governing = default[1] if default else None
     return render(
-        request, "domain.html", client=scope.client, domain=domain, services=services, assignments=active,
-        governing=governing, next_url=pager.next_url,
+        request,
+        "domain.html",
+        client=scope.client,
+        domain=domain,
+        services=services,
+        assignments=active,
+        governing=governing,
+        next_url=pager.next_url,
     )
 
 
 @router.get("/clients/{client_id}/domains/{domain_id}/services/{service_id}", response_class=HTMLResponse)
-async def service_page(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath,
-                       service_id: ServiceIdPath, user: User, session: Session):
+async def service_page(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    user: User,
+    session: Session,
+):
     scope = await tenant_scope(session, user.principal, client_id, "read_domains")
     service = await tenancy.get_service(session, scope, domain_id, service_id)
     active = await assignments.list_assignments(
@@ -307,13 +351,24 @@ async def service_page(request: Request, client_id: ClientIdPath, domain_id: Dom
     recent_jobs: list[Any] = []
     if user.principal.has("read_models") or user.principal.has("run_inference"):
         recent_jobs = await jobs.list_jobs(
-            session, user.principal, PageParams(limit=10), Response(),
-            client_id=scope.client_id, domain_id=domain_id, service_id=service_id,
+            session,
+            user.principal,
+            PageParams(limit=10),
+            Response(),
+            client_id=scope.client_id,
+            domain_id=domain_id,
+            service_id=service_id,
         )
     names = sorted(set(service.provided_features) | set(service.resolved_features))
     return render(
-        request, "service.html", client=scope.client, domain_id=domain_id, service=service, assignments=active,
-        feature_names=names, jobs=recent_jobs,
+        request,
+        "service.html",
+        client=scope.client,
+        domain_id=domain_id,
+        service=service,
+        assignments=active,
+        feature_names=names,
+        jobs=recent_jobs,
     )
 
 
@@ -332,9 +387,21 @@ def _assignment_url(client_id: str, domain_id: str, service_id: str | None, key:
     return f"{base}/assignments/{key}"
 
 
-async def _assignment(request: Request, user: ConsoleUser, session: Any, client_id: str, domain_id: str,
-                      service_id: str | None, key: str, cursor: str | None, *, error: str | None = None,
-                      form_input: str | None = None, status_code: int = 200, moved: bool = False) -> HTMLResponse:
+async def _assignment(
+    request: Request,
+    user: ConsoleUser,
+    session: Any,
+    client_id: str,
+    domain_id: str,
+    service_id: str | None,
+    key: str,
+    cursor: str | None,
+    *,
+    error: str | None = None,
+    form_input: str | None = None,
+    status_code: int = 200,
+    moved: bool = False,
+) -> HTMLResponse:
     scope = await tenant_scope(session, user.principal, client_id, "read_domains")
     pager = Pager(request, cursor)
     revisions = await assignments.list_revisions(
@@ -353,36 +420,64 @@ async def _assignment(request: Request, user: ConsoleUser, session: Any, client_
     if can_move and active is not None and user.principal.has("read_models"):
         versions = await registry.list_versions(session, active.model_id, PageParams(limit=200), Response())
     return render(
-        request, "assignment.html", status_code=status_code, client=scope.client, domain_id=domain_id,
-        service_id=service_id, key=key, history=history, active=active, next_url=pager.next_url,
-        can_launch=user.principal.has("run_inference"), action=f"{url}/jobs",
-        error=error, form_input=form_input if form_input is not None else "{}",
-        can_move=can_move, move_action=f"{url}/move/preview", versions=versions,
+        request,
+        "assignment.html",
+        status_code=status_code,
+        client=scope.client,
+        domain_id=domain_id,
+        service_id=service_id,
+        key=key,
+        history=history,
+        active=active,
+        next_url=pager.next_url,
+        can_launch=user.principal.has("run_inference"),
+        action=f"{url}/jobs",
+        error=error,
+        form_input=form_input if form_input is not None else "{}",
+        can_move=can_move,
+        move_action=f"{url}/move/preview",
+        versions=versions,
         moved=moved,
     )
 
 
 @router.get("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}", response_class=HTMLResponse)
-async def domain_assignment_page(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath,
-                                 assignment_key: KeyPath, user: User, session: Session, cursor: Cursor = None,
-                                 moved: Annotated[str | None, Query(max_length=1, description="after a move")] = None):
-    return await _assignment(request, user, session, client_id, domain_id, None, assignment_key, cursor,
-                             moved=moved == "1")
+async def domain_assignment_page(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    cursor: Cursor = None,
+    moved: Annotated[str | None, Query(max_length=1, description="after a move")] = None,
+):
+    return await _assignment(
+        request, user, session, client_id, domain_id, None, assignment_key, cursor, moved=moved == "1"
+    )
 
 
 @router.get(
     "/clients/{client_id}/domains/{domain_id}/services/{service_id}/assignments/{assignment_key}",
     response_class=HTMLResponse,
 )
-async def service_assignment_page(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath,
-                                  service_id: ServiceIdPath, assignment_key: KeyPath, user: User, session: Session,
-                                  cursor: Cursor = None):
+async def service_assignment_page(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    cursor: Cursor = None,
+):
     return await _assignment(request, user, session, client_id, domain_id, service_id, assignment_key, cursor)
 
 
 @asynccontextmanager
-async def _audited(request: Request, session: Any, user: ConsoleUser, action: str, path: dict[str, Any],
-                   body: dict[str, Any]) -> AsyncIterator[audit_context.AuditEntry]:
+async def _audited(
+    request: Request, session: Any, user: ConsoleUser, action: str, path: dict[str, Any], body: dict[str, Any]
+) -> AsyncIterator[audit_context.AuditEntry]:
     """A console write as the API audits it (``pie.audit.routing.audited``): one audit row with
     the API's operation id as ``action``, the signed-in caller as actor, inserted in the same
     transaction when the block ends normally (an exception leaves no row). The row's method and
@@ -398,8 +493,17 @@ async def _audited(request: Request, session: Any, user: ConsoleUser, action: st
         audit_context.end(session)
 
 
-async def _launch(request: Request, user: ConsoleUser, session: Any, client_id: str, domain_id: str,
-                  service_id: str | None, key: str, csrf_token: str, input_text: str) -> Response:
+async def _launch(
+    request: Request,
+    user: ConsoleUser,
+    session: Any,
+    client_id: str,
+    domain_id: str,
+    service_id: str | None,
+    key: str,
+    csrf_token: str,
+    input_text: str,
+) -> Response:
     """Launch an inference job through an assignment, by the logic the API route
     ``rundomainmodelassignmentjob`` / ``runservicemodelassignmentjob`` calls, audited as it."""
     signin.check_csrf(request, user, csrf_token)
@@ -419,8 +523,17 @@ async def _launch(request: Request, user: ConsoleUser, session: Any, client_id: 
     return RedirectResponse(f"/console/jobs/{job.job_id}", status_code=303)
 
 
-async def _launch_or_form(request: Request, user: ConsoleUser, session: Any, client_id: str, domain_id: str,
-                          service_id: str | None, key: str, csrf_token: str, input_text: str) -> Response:
+async def _launch_or_form(
+    request: Request,
+    user: ConsoleUser,
+    session: Any,
+    client_id: str,
+    domain_id: str,
+    service_id: str | None,
+    key: str,
+    csrf_token: str,
+    input_text: str,
+) -> Response:
     try:
         # a savepoint: a refused launch leaves nothing behind, and the form can still be rendered
         async with session.begin_nested():
@@ -430,8 +543,17 @@ async def _launch_or_form(request: Request, user: ConsoleUser, session: Any, cli
             raise
         # the form again, with the reason and what was typed
         return await _assignment(
-            request, user, session, client_id, domain_id, service_id, key, None,
-            error=exc.message, form_input=input_text, status_code=exc.status_code,
+            request,
+            user,
+            session,
+            client_id,
+            domain_id,
+            service_id,
+            key,
+            None,
+            error=exc.message,
+            form_input=input_text,
+            status_code=exc.status_code,
         )
 
 
@@ -440,18 +562,36 @@ CsrfField = Annotated[str, Form()]
 
 
 @router.post("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/jobs")
-async def launch_domain_job(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, assignment_key: KeyPath,
-                            user: User, session: Session, csrf_token: CsrfField = "", input_text: InputField = "{}"):
-    return await _launch_or_form(request, user, session, client_id, domain_id, None, assignment_key, csrf_token,
-                                 input_text)
+async def launch_domain_job(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    csrf_token: CsrfField = "",
+    input_text: InputField = "{}",
+):
+    return await _launch_or_form(
+        request, user, session, client_id, domain_id, None, assignment_key, csrf_token, input_text
+    )
 
 
 @router.post("/clients/{client_id}/domains/{domain_id}/services/{service_id}/assignments/{assignment_key}/jobs")
-async def launch_service_job(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath,
-                             service_id: ServiceIdPath, assignment_key: KeyPath, user: User, session: Session,
-                             csrf_token: CsrfField = "", input_text: InputField = "{}"):
-    return await _launch_or_form(request, user, session, client_id, domain_id, service_id, assignment_key,
-                                 csrf_token, input_text)
+async def launch_service_job(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    csrf_token: CsrfField = "",
+    input_text: InputField = "{}",
+):
+    return await _launch_or_form(
+        request, user, session, client_id, domain_id, service_id, assignment_key, csrf_token, input_text
+    )
 
 
 # -- moving an assignment key: dry-run preview, then the confirmed move --------------------------------
@@ -468,19 +608,41 @@ def _move_body(model_id: str, model_version: str) -> AssignmentUpsert:
         raise BadRequest(_describe(exc.errors())) from exc
 
 
-def _preview(request: Request, scope: Any, domain_id: str, key: str, current: Any, body: AssignmentUpsert, *,
-             status_code: int = 200, dry_run: Any = None, blocked: AssignmentBlocked | None = None,
-             error: str | None = None) -> HTMLResponse:
+def _preview(
+    request: Request,
+    scope: Any,
+    domain_id: str,
+    key: str,
+    current: Any,
+    body: AssignmentUpsert,
+    *,
+    status_code: int = 200,
+    dry_run: Any = None,
+    blocked: AssignmentBlocked | None = None,
+    error: str | None = None,
+) -> HTMLResponse:
     url = _assignment_url(scope.client_id, domain_id, None, key)
     return render(
-        request, "move_preview.html", status_code=status_code, client=scope.client, domain_id=domain_id, key=key,
-        current=current, target=body, dry_run=dry_run, blocked=blocked, error=error, assignment_url=url,
-        confirm_action=f"{url}/move", expected=str(current.assignment_id) if current is not None else "",
+        request,
+        "move_preview.html",
+        status_code=status_code,
+        client=scope.client,
+        domain_id=domain_id,
+        key=key,
+        current=current,
+        target=body,
+        dry_run=dry_run,
+        blocked=blocked,
+        error=error,
+        assignment_url=url,
+        confirm_action=f"{url}/move",
+        expected=str(current.assignment_id) if current is not None else "",
     )
 
 
-def _refused(request: Request, scope: Any, domain_id: str, key: str, current: Any, body: AssignmentUpsert,
-             exc: PieError) -> HTMLResponse:
+def _refused(
+    request: Request, scope: Any, domain_id: str, key: str, current: Any, body: AssignmentUpsert, exc: PieError
+) -> HTMLResponse:
     """The preview page of a refused move: the blocking services (422), or the reason (409: the
     key moved since the preview; 422: e.g. an unknown or failed version). Other errors propagate
     (the error page)."""
@@ -491,11 +653,20 @@ def _refused(request: Request, scope: Any, domain_id: str, key: str, current: An
     return _preview(request, scope, domain_id, key, current, body, status_code=exc.status_code, error=exc.message)
 
 
-@router.post("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/move/preview",
-             response_class=HTMLResponse)
-async def move_preview(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, assignment_key: KeyPath,
-                       user: User, session: Session, csrf_token: CsrfField = "", model_id: VersionField = "",
-                       model_version: VersionField = ""):
+@router.post(
+    "/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/move/preview", response_class=HTMLResponse
+)
+async def move_preview(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    csrf_token: CsrfField = "",
+    model_id: VersionField = "",
+    model_version: VersionField = "",
+):
     """The dry run (``PUT ...?dry_run=true``): every check of the move, nothing written; the
     answer is the page that asks to confirm (or lists the services that block it)."""
     signin.check_csrf(request, user, csrf_token)
@@ -511,11 +682,19 @@ async def move_preview(request: Request, client_id: ClientIdPath, domain_id: Dom
     return _preview(request, scope, domain_id, assignment_key, current, body, dry_run=dry_run)
 
 
-@router.post("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/move",
-             response_class=HTMLResponse)
-async def move(request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, assignment_key: KeyPath,
-               user: User, session: Session, csrf_token: CsrfField = "", model_id: VersionField = "",
-               model_version: VersionField = "", expected: Annotated[str, Form(max_length=64)] = ""):
+@router.post("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/move", response_class=HTMLResponse)
+async def move(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    csrf_token: CsrfField = "",
+    model_id: VersionField = "",
+    model_version: VersionField = "",
+    expected: Annotated[str, Form(max_length=64)] = "",
+):
     """The confirmed move: the logic of ``PUT .../assignments/{key}`` (same checks, same writes),
     audited as that operation. ``expected`` is the active revision the preview showed: if the
     key moved since, nothing is written and the preview is shown again (409)."""
@@ -532,8 +711,14 @@ async def move(request: Request, client_id: ClientIdPath, domain_id: DomainIdPat
             current = await _current(session, scope, domain_id, None, assignment_key)
             if expected != (str(current.assignment_id) if current is not None else ""):
                 raise Conflict(f"assignment {assignment_key} changed since the preview: check the new preview")
-            async with _audited(request, session, user, MOVE_ACTION, path,
-                                body.model_dump(mode="json", include={"model_id", "model_version", "status"})):
+            async with _audited(
+                request,
+                session,
+                user,
+                MOVE_ACTION,
+                path,
+                body.model_dump(mode="json", include={"model_id", "model_version", "status"}),
+            ):
                 await assignments.upsert_domain_assignment(session, scope, domain_id, assignment_key, body)
     except PieError as exc:
         return _refused(request, scope, domain_id, assignment_key, current, body, exc)
@@ -562,8 +747,9 @@ async def model_page(request: Request, model_id: ModelIdPath, user: User, sessio
 
 
 @router.get("/models/{model_id}/versions/{model_version}", response_class=HTMLResponse)
-async def version_page(request: Request, model_id: ModelIdPath, model_version: ModelVersionPath, user: User,
-                       session: Session):
+async def version_page(
+    request: Request, model_id: ModelIdPath, model_version: ModelVersionPath, user: User, session: Session
+):
     user.principal.require("read_models")
     version = await registry.get_model_version(session, model_id, model_version)
     history = await audit.list_status_history(session, model_id, model_version, PageParams(limit=200), Response())
@@ -605,15 +791,34 @@ async def jobs_page(
         raise BadRequest(f"job type must be one of {', '.join(JOB_TYPES)}")
     pager = Pager(request, cursor)
     rows = await jobs.list_jobs(
-        session, user.principal, pager.params, pager.response,
-        client_id=client or None, status=status or None, model_id=model or None, job_type=job_type or None,
+        session,
+        user.principal,
+        pager.params,
+        pager.response,
+        client_id=client or None,
+        status=status or None,
+        model_id=model or None,
+        job_type=job_type or None,
         created_after=_parse_time("created after", created_after),
         created_before=_parse_time("created before", created_before),
     )
-    filters = {"status": status or "", "job_type": job_type or "", "model": model or "", "client": client or "",
-               "created_after": created_after or "", "created_before": created_before or ""}
-    return render(request, "jobs.html", jobs=rows, filters=filters, statuses=JOB_STATUSES, job_types=JOB_TYPES,
-                  next_url=pager.next_url)
+    filters = {
+        "status": status or "",
+        "job_type": job_type or "",
+        "model": model or "",
+        "client": client or "",
+        "created_after": created_after or "",
+        "created_before": created_before or "",
+    }
+    return render(
+        request,
+        "jobs.html",
+        jobs=rows,
+        filters=filters,
+        statuses=JOB_STATUSES,
+        job_types=JOB_TYPES,
+        next_url=pager.next_url,
+    )
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
@@ -700,15 +905,23 @@ async def audit_page(
         values[name] = value
     pager = Pager(request, cursor)
     rows = await audit.list_audit(
-        session, user.principal, pager.params, pager.response,
-        client_id=values["client"], target_type=values["target_type"], target_id=values["target_id"],
-        actor=values["actor"], action=values["action"],
-        after=_parse_time("occurred after", occurred_after), before=_parse_time("occurred before", occurred_before),
+        session,
+        user.principal,
+        pager.params,
+        pager.response,
+        client_id=values["client"],
+        target_type=values["target_type"],
+        target_id=values["target_id"],
+        actor=values["actor"],
+        action=values["action"],
+        after=_parse_time("occurred after", occurred_after),
+        before=_parse_time("occurred before", occurred_before),
     )
     filters = {name: value or "" for name, value in values.items()}
     filters.update(occurred_after=occurred_after or "", occurred_before=occurred_before or "")
-    return render(request, "audit.html", records=rows, filters=filters, target_types=AUDIT_TARGET_TYPES,
-                  next_url=pager.next_url)
+    return render(
+        request, "audit.html", records=rows, filters=filters, target_types=AUDIT_TARGET_TYPES, next_url=pager.next_url
+    )
 
 
 async def _summary(session: Any, user: ConsoleUser):

@@ -88,7 +88,10 @@ def ecs_overrides(settings: Settings, payload: dict[str, Any]) -> dict[str, Any]
     body = json.dumps(payload, separators=(",", ":"))
     return {
         "containerOverrides": [
-            {"name": settings.ecs_container_name, "environment": [{"name": settings.ecs_payload_env_var, "value": body}]}
+            {
+                "name": settings.ecs_container_name,
+                "environment": [{"name": settings.ecs_payload_env_var, "value": body}],
+            }
         ]
     }
 
@@ -150,7 +153,9 @@ def public_url_warning(settings: Settings, kind: str | None) -> str | None:
     warning = LOOPBACK_WARNING.format(url=settings.public_url)
     if settings.public_url not in _warned_loopback:
         _warned_loopback.add(settings.public_url)
-        log.warning(warning.replace("this job's callback cannot arrive", "callbacks of Lambda and ECS jobs cannot arrive"))
+        log.warning(
+            warning.replace("this job's callback cannot arrive", "callbacks of Lambda and ECS jobs cannot arrive")
+        )
     return warning
 
 
@@ -237,14 +242,20 @@ class AwsBackends:
             raise _aws_error(exc, "lambda") from exc
         status = response.get("StatusCode")
         if status != 202:
-            raise DispatchError("aws_error", f"lambda: Invoke answered {status}, expected 202", details={"http_status": status})
+            raise DispatchError(
+                "aws_error", f"lambda: Invoke answered {status}, expected 202", details={"http_status": status}
+            )
         return {"backend": "lambda", "function": arn, "qualifier": qualifier or None}
 
     def run_ecs_task(self, handler: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
         value = handler.get("value")
         match = _ECS_VALUE.match(value) if isinstance(value, str) else None
         if match is None:
-            raise DispatchError("invalid_handler", f"ecs_task handler value {value!r} is not '<cluster>/<task_definition>'", retryable=False)
+            raise DispatchError(
+                "invalid_handler",
+                f"ecs_task handler value {value!r} is not '<cluster>/<task_definition>'",
+                retryable=False,
+            )
         cluster, task_definition = match.group(1), match.group(2)
         s = self.settings
         overrides = ecs_overrides(s, payload)
@@ -266,7 +277,10 @@ class AwsBackends:
         if s.ecs_launch_type:
             kwargs["launchType"] = s.ecs_launch_type
         if s.ecs_launch_type.upper() == "FARGATE" or s.ecs_subnets:
-            vpc: dict[str, Any] = {"subnets": list(s.ecs_subnets), "assignPublicIp": "ENABLED" if s.ecs_assign_public_ip else "DISABLED"}
+            vpc: dict[str, Any] = {
+                "subnets": list(s.ecs_subnets),
+                "assignPublicIp": "ENABLED" if s.ecs_assign_public_ip else "DISABLED",
+            }
             if s.ecs_security_groups:
                 vpc["securityGroups"] = list(s.ecs_security_groups)
             kwargs["networkConfiguration"] = {"awsvpcConfiguration": vpc}
@@ -281,6 +295,13 @@ class AwsBackends:
             raise DispatchError(
                 "ecs_run_task_failed",
                 f"ecs: RunTask placed no task: {first.get('reason') or 'no task returned'}",
-                details={"failures": [{k: f.get(k) for k in ("arn", "reason", "detail") if f.get(k)} for f in failures]},
+                details={
+                    "failures": [{k: f.get(k) for k in ("arn", "reason", "detail") if f.get(k)} for f in failures]
+                },
             )
-        return {"backend": "ecs_task", "cluster": cluster, "task_definition": task_definition, "task_arn": tasks[0].get("taskArn")}
+        return {
+            "backend": "ecs_task",
+            "cluster": cluster,
+            "task_definition": task_definition,
+            "task_arn": tasks[0].get("taskArn"),
+        }

@@ -111,8 +111,7 @@ _RETRY = text(
 # :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
 # SKIP LOCKED: rows another transaction holds are skipped, never waited for.
 # One statement, run in autocommit on the dispatcher's own connection: one round trip per claim.
-_CLAIM = (
-    """
+_CLAIM = """
     WITH local_due AS (
         SELECT j.job_id FROM jobs AS j
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
@@ -145,7 +144,6 @@ _CLAIM = (
               j.domain_id, j.service_id, j.input, j.features, j.attempts, mv.handlers -> j.job_type AS handler,
               EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds
     """
-)
 # registration and heartbeat (re-registers a dispatcher whose row a peer removed as dead)
 _HEARTBEAT = text(
     """
@@ -281,7 +279,9 @@ def is_transient_db_error(exc: BaseException) -> bool:
     the connection broke, a timeout or a transaction conflict."""
     from sqlalchemy import exc as sa_exc
 
-    if isinstance(exc, (sa_exc.TimeoutError, sa_exc.InterfaceError, psycopg.OperationalError, psycopg.InterfaceError, OSError)):
+    if isinstance(
+        exc, (sa_exc.TimeoutError, sa_exc.InterfaceError, psycopg.OperationalError, psycopg.InterfaceError, OSError)
+    ):
         return True
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated:
@@ -289,7 +289,9 @@ def is_transient_db_error(exc: BaseException) -> bool:
         orig = exc.orig
         state = getattr(orig, "sqlstate", None)
         if state is None:
-            return isinstance(exc, sa_exc.OperationalError) or isinstance(orig, (psycopg.OperationalError, psycopg.InterfaceError))
+            return isinstance(exc, sa_exc.OperationalError) or isinstance(
+                orig, (psycopg.OperationalError, psycopg.InterfaceError)
+            )
         return state in _TRANSIENT_SQLSTATES or state.startswith(_TRANSIENT_SQLSTATE_CLASSES)
     return False
 
@@ -444,7 +446,13 @@ class Dispatcher:
         async with db.get_engine().begin() as conn:
             await conn.execute(
                 _HEARTBEAT,
-                {"me": self.worker_id, "name": self.name[:64], "host": self.host, "pid": os.getpid(), "workers": self.workers},
+                {
+                    "me": self.worker_id,
+                    "name": self.name[:64],
+                    "host": self.host,
+                    "pid": os.getpid(),
+                    "workers": self.workers,
+                },
             )
         self._registered = True
         if self._healthy_since is None:
@@ -478,7 +486,9 @@ class Dispatcher:
         while not self._stopping:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    db.get_database_url(), autocommit=True, connect_timeout=max(1, math.ceil(self.settings.db_connect_timeout or 10))
+                    db.get_database_url(),
+                    autocommit=True,
+                    connect_timeout=max(1, math.ceil(self.settings.db_connect_timeout or 10)),
                 )
                 try:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
@@ -492,7 +502,12 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("dispatcher %s: LISTEN failed (%s); polling every %.1fs meanwhile", self.worker_id, exc, self.settings.dispatch_poll_interval)
+                log.warning(
+                    "dispatcher %s: LISTEN failed (%s); polling every %.1fs meanwhile",
+                    self.worker_id,
+                    exc,
+                    self.settings.dispatch_poll_interval,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
@@ -510,7 +525,9 @@ class Dispatcher:
             except Exception as exc:
                 errors += 1
                 if is_transient_db_error(exc):  # the database is away: no traceback per cycle
-                    log.warning("dispatcher %s: dispatch cycle failed: %s", self.worker_id, str(exc).splitlines()[0][:200])
+                    log.warning(
+                        "dispatcher %s: dispatch cycle failed: %s", self.worker_id, str(exc).splitlines()[0][:200]
+                    )
                 else:
                     log.exception("dispatcher %s: dispatch cycle failed", self.worker_id)
                 await asyncio.sleep(min(0.5 * 2**errors, 30.0))
@@ -519,7 +536,7 @@ class Dispatcher:
                 continue  # there may be more due right now
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.dispatch_poll_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._check_remote = True  # the polling fallback looks for every kind of job
 
     async def _gather_free_workers(self) -> None:
@@ -541,7 +558,9 @@ class Dispatcher:
     async def claim_and_dispatch(self) -> int:
         """Claim up to the free capacity of due jobs and start handing them over."""
         remote = len(self._inflight) - len(self._local)
-        remote_limit = max(min(self.settings.dispatch_batch_size, self.capacity - remote), 0) if self._check_remote else 0
+        remote_limit = (
+            max(min(self.settings.dispatch_batch_size, self.capacity - remote), 0) if self._check_remote else 0
+        )
         self._checked_remote = self._check_remote
         # free workers; results waiting to be recorded hold no worker, but at most a batch of them
         unrecorded_cap = self.workers + self.settings.dispatch_batch_size
@@ -597,6 +616,7 @@ class Dispatcher:
             fresh = conn is None or conn.closed
             if fresh:
                 conn = self._claim_conn = await db.connect(self.settings, autocommit=True, row_factory=namedtuple_row)
+            assert conn is not None
             try:
                 cursor = await conn.execute(_CLAIM, params)
                 return await cursor.fetchall()
@@ -648,7 +668,9 @@ class Dispatcher:
                     info = await asyncio.to_thread(self._aws.run_ecs_task, handler, payload)
             else:
                 raise DispatchError(
-                    "invalid_handler", f"model version has no usable {row.job_type} handler (type {kind!r})", retryable=False
+                    "invalid_handler",
+                    f"model version has no usable {row.job_type} handler (type {kind!r})",
+                    retryable=False,
                 )
         except asyncio.CancelledError:
             raise
@@ -657,7 +679,9 @@ class Dispatcher:
             return
         except Exception as exc:  # never lose a job to an unexpected error
             log.exception("dispatcher %s: handing over job %s failed", self.worker_id, row.job_id)
-            await self._dispatch_failed(row, DispatchError("dispatch_exception", str(exc), details={"exception": exc.__class__.__name__}), kind)
+            await self._dispatch_failed(
+                row, DispatchError("dispatch_exception", str(exc), details={"exception": exc.__class__.__name__}), kind
+            )
             return
         self._leased.discard(row.job_id)
         try:
@@ -683,7 +707,11 @@ class Dispatcher:
                 row.job_id,
                 "failure",
                 error=storable_error(
-                    {"code": "handler_exception", "message": str(exc) or exc.__class__.__name__, "exception": exc.__class__.__name__}
+                    {
+                        "code": "handler_exception",
+                        "message": str(exc) or exc.__class__.__name__,
+                        "exception": exc.__class__.__name__,
+                    }
                 ),
             )
         self._busy.discard(row.job_id)  # the worker is free; the result waits to be recorded
@@ -702,7 +730,13 @@ class Dispatcher:
                         _RETRY, {"job_id": row.job_id, "me": self.worker_id, "delay": delay, "error": json.dumps(error)}
                     )
                 asyncio.get_running_loop().call_later(delay, self._wake_all)
-                log.warning("job %s: dispatch attempt %d failed (%s); retrying in %.2fs", row.job_id, row.attempts, exc.message, delay)
+                log.warning(
+                    "job %s: dispatch attempt %d failed (%s); retrying in %.2fs",
+                    row.job_id,
+                    row.attempts,
+                    exc.message,
+                    delay,
+                )
             else:
                 if exc.retryable:
                     error["message"] = f"gave up after {row.attempts} attempts: {exc.message}"
@@ -757,7 +791,9 @@ class Dispatcher:
             return time.monotonic()
         return min(ends) - min(1.0, self.settings.in_process_lease_seconds / 10)
 
-    async def _finish(self, completions: list[Completion], *, attempt: int = 0, retry_until: float | None = None) -> None:
+    async def _finish(
+        self, completions: list[Completion], *, attempt: int = 0, retry_until: float | None = None
+    ) -> None:
         """End jobs through the completion logic.
 
         A transient database error (the server is down or restarting, a broken connection, a
@@ -784,12 +820,18 @@ class Dispatcher:
                     log.error(
                         "dispatcher %s: could not record %d results before their leases end (%s); "
                         "the lease expiry will recover them",
-                        self.worker_id, len(completions), exc,
+                        self.worker_id,
+                        len(completions),
+                        exc,
                     )
                     return None
                 log.warning(
                     "dispatcher %s: recording %d results failed (%s: %s); retrying in %.2fs",
-                    self.worker_id, len(completions), exc.__class__.__name__, str(exc).splitlines()[0][:200], delay,
+                    self.worker_id,
+                    len(completions),
+                    exc.__class__.__name__,
+                    str(exc).splitlines()[0][:200],
+                    delay,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -869,7 +911,11 @@ class Dispatcher:
         silent: list[str] = []
         if self._judges_peers():
             silent = list(
-                (await session.execute(_SILENT, {"me": self.worker_id, "dead_after": self.settings.dispatch_dead_after})).scalars()
+                (
+                    await session.execute(
+                        _SILENT, {"me": self.worker_id, "dead_after": self.settings.dispatch_dead_after}
+                    )
+                ).scalars()
             )
         return sorted(set(gone) | set(silent)), gone
 

@@ -60,7 +60,9 @@ def register(name: str) -> Callable[[Implementation], Implementation]:
 
     def decorator(fn: Implementation) -> Implementation:
         source = "builtin" if fn.__module__.startswith("pie.") else "code"  # "code": register() elsewhere
-        _BUILTINS[name] = Registered(name, source, f"{fn.__module__}:{fn.__qualname__}", "pie" if source == "builtin" else None, fn)
+        _BUILTINS[name] = Registered(
+            name, source, f"{fn.__module__}:{fn.__qualname__}", "pie" if source == "builtin" else None, fn
+        )
         return fn
 
     return decorator
@@ -74,8 +76,13 @@ def _load_plugins() -> dict[str, Registered]:
             log.warning("in-process handler entry point %s (%s) ignored: %r is a built-in", ep.value, dist, ep.name)
             continue
         if ep.name in found:
-            log.warning("in-process handler entry point %s (%s) ignored: %r is already provided by %s",
-                        ep.value, dist, ep.name, found[ep.name].target)
+            log.warning(
+                "in-process handler entry point %s (%s) ignored: %r is already provided by %s",
+                ep.value,
+                dist,
+                ep.name,
+                found[ep.name].target,
+            )
             continue
         try:
             fn = ep.load()
@@ -83,7 +90,9 @@ def _load_plugins() -> dict[str, Registered]:
                 raise TypeError(f"{ep.value} is not callable")
         except Exception as exc:  # a broken plugin must not take the registry down
             log.error("in-process handler entry point %r (%s) cannot be loaded: %s", ep.name, ep.value, exc)
-            found[ep.name] = Registered(ep.name, "entry_point", ep.value, dist, None, f"{exc.__class__.__name__}: {exc}")
+            found[ep.name] = Registered(
+                ep.name, "entry_point", ep.value, dist, None, f"{exc.__class__.__name__}: {exc}"
+            )
             continue
         found[ep.name] = Registered(ep.name, "entry_point", ep.value, dist, fn)
     return found
@@ -180,7 +189,11 @@ def reference_pricing(payload: dict[str, Any]) -> dict[str, Any]:
     competitors = _number(features.get("competitor_count"), 0.0, 0.0, 20.0)
     spend = _number(features.get("advertising_spend"), 0.0, 0.0, 100.0)
     weekly = features.get("weekly_demand")
-    if isinstance(weekly, list) and weekly and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in weekly):
+    if (
+        isinstance(weekly, list)
+        and weekly
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in weekly)
+    ):
         # demand is never negative; huge values (even integers beyond float range) saturate
         days = [_number(v, 0.0, 0.0, math.inf) for v in weekly]
         demand_index = min(sum(days) / len(days) / 100.0, 1.0)

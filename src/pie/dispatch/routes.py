@@ -8,16 +8,18 @@ from pydantic import Field
 from pie.auth import Principal
 from pie.deps import require
 from pie.dispatch.inprocess import ENTRY_POINT_GROUP, registrations
-from pie.schemas import ResponseBody
 from pie.routing import PieRoute
+from pie.schemas import ResponseBody
 
 router = APIRouter(route_class=PieRoute, tags=["handlers"])
 
 
 class InProcessHandlerOut(ResponseBody):
     name: str
-    source: str = Field(description="builtin (shipped with PIE), entry_point (an installed distribution's "
-                        f"'{ENTRY_POINT_GROUP}' entry point) or code (registered by other code in the process)")
+    source: str = Field(
+        description="builtin (shipped with PIE), entry_point (an installed distribution's "
+        f"'{ENTRY_POINT_GROUP}' entry point) or code (registered by other code in the process)"
+    )
     target: str = Field(description="module:object of the implementation")
     distribution: str | None = Field(default=None, description="the distribution providing it")
     usable: bool = Field(description="false when the entry point failed to load (see error)")

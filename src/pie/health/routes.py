@@ -3,12 +3,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
-from sqlalchemy import literal_column, select, text
+from sqlalchemy import Select, literal_column, select, text
 
 from pie import db
 from pie.reads import fetch_one
@@ -54,7 +54,7 @@ async def health() -> Response:
     return Response(_HEALTHY, media_type="application/json")
 
 
-_SELECT_1 = select(literal_column("1").label("ok"))
+_SELECT_1: Select[Any] = select(literal_column("1").label("ok"))
 _HEALTHY = b'{"status":"ok","database":"ok"}'
 
 
@@ -93,7 +93,9 @@ async def ready() -> JSONResponse:
         log.warning("readiness: database unavailable (%s: %s)", exc.__class__.__name__, exc)
         return JSONResponse(
             ReadyOut(
-                status="not_ready", database="unavailable", expected_revision=expected,
+                status="not_ready",
+                database="unavailable",
+                expected_revision=expected,
                 reason=f"database unreachable ({exc.__class__.__name__})",
             ).model_dump(),
             status_code=503,
@@ -101,7 +103,8 @@ async def ready() -> JSONResponse:
     current = revisions[0] if len(revisions) == 1 else None
     if current != expected:
         reason = (
-            "database schema not migrated (no alembic_version)" if not revisions
+            "database schema not migrated (no alembic_version)"
+            if not revisions
             else f"database schema at revision {', '.join(revisions)}, expected {expected}"
         )
         return JSONResponse(

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Response
-from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_, update
+from sqlalchemy import and_, bindparam, exists, func, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
@@ -103,9 +103,16 @@ async def create_job(
     )
     # the payload as a dispatch will build it: a job id and a callback token of the real length
     shaped = SimpleNamespace(
-        job_id=str(uuid.UUID(int=0)), job_type=job_type, model_id=model_id, model_version=model_version,
-        assignment_id=assignment_id, client_id=client_id, domain_id=domain_id, service_id=service_id,
-        input=job.input, features=features,
+        job_id=str(uuid.UUID(int=0)),
+        job_type=job_type,
+        model_id=model_id,
+        model_version=model_version,
+        assignment_id=assignment_id,
+        client_id=client_id,
+        domain_id=domain_id,
+        service_id=service_id,
+        input=job.input,
+        features=features,
     )
     payload = build_payload(settings, shaped, callbacks.placeholder(shaped, callback_token_ttl(settings, handler)))
     problem = payload_limit_problem(settings, handler, payload)
@@ -168,7 +175,7 @@ async def read_job(principal: Principal, job_id: str) -> Mapping[str, Any]:
     row = await reads.fetch_one(_READ_JOB, {"job_id": job_id})
     if row is None:
         raise NotFound(f"job {job_id} not found")
-    ensure_can_read(principal, row)  # type: ignore[arg-type]
+    ensure_can_read(principal, row)
     return row
 
 
@@ -310,7 +317,10 @@ def _lock_for_finish() -> Any:
             _jobs.c.domain_id,
             _jobs.c.service_id,
             _jobs.c.warnings,
-            select(mv.c.handlers[_jobs.c.job_type]["type"].astext).where(version).scalar_subquery().label("handler_type"),
+            select(mv.c.handlers[_jobs.c.job_type]["type"].astext)
+            .where(version)
+            .scalar_subquery()
+            .label("handler_type"),
             exists()
             .where(version, func.coalesce(func.jsonb_typeof(output_schema), "null") != "null")
             .label("has_output_schema"),
@@ -386,13 +396,24 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
         else:
             output, error = None, wanted.error if wanted.error is not None else dict(DEFAULT_FAILURE)
         params.append(
-            {"b_job_id": row.job_id, "b_status": wanted.status, "b_output": output, "b_error": error, "b_warnings": warnings}
+            {
+                "b_job_id": row.job_id,
+                "b_status": wanted.status,
+                "b_output": output,
+                "b_error": error,
+                "b_warnings": warnings,
+            }
         )
     await session.execute(_finish_stmt, params)
     metrics.on_commit(
         session,
         metrics.jobs_ended(
-            (r.job_type, r.handler_type, by_id[r.job_id].status, float(r.age_seconds) if r.age_seconds is not None else None)
+            (
+                r.job_type,
+                r.handler_type,
+                by_id[r.job_id].status,
+                float(r.age_seconds) if r.age_seconds is not None else None,
+            )
             for r in to_end
         ),
     )
@@ -439,7 +460,9 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
 
     # successful inference jobs fire their model's inference_complete subscriptions (all of the
     # batch at once: a fixed number of queries, whatever the number of jobs)
-    fired = [r for r in to_end if r.job_type == "inference" and by_id[r.job_id].status == "success" and r.has_subscriptions]
+    fired = [
+        r for r in to_end if r.job_type == "inference" and by_id[r.job_id].status == "success" and r.has_subscriptions
+    ]
     if fired:
         from pie.registry.events import Trigger, fire_triggers
 

@@ -6,8 +6,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy import CheckConstraint, Float, ForeignKeyConstraint, Index, Integer, String, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pie.db import Base, Timestamps
@@ -62,7 +62,9 @@ class Job(Timestamps, Base):
             name="fk_jobs_model_version",
         ),
         ForeignKeyConstraint(["assignment_id"], ["assignments.assignment_id"], name="fk_jobs_assignment"),
-        ForeignKeyConstraint(["subscription_id"], ["event_subscriptions.id"], name="fk_jobs_subscription", ondelete="SET NULL"),
+        ForeignKeyConstraint(
+            ["subscription_id"], ["event_subscriptions.id"], name="fk_jobs_subscription", ondelete="SET NULL"
+        ),
         # the dispatch queue: only pending rows, oldest due first
         Index("ix_jobs_pending_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
         # started jobs, for the time-out and lease-recovery sweeps

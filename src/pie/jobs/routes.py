@@ -14,14 +14,15 @@ from pie.jobs import logic
 from pie.jobs.schemas import CompletionOut, JobCompletion, JobOut
 from pie.jobs.waiting import wait_for_end
 from pie.pagination import PageParams
-from pie.registry.schemas import error_responses
 from pie.reads import json_response
-from pie.routing import PieRoute
+from pie.registry.schemas import error_responses
 from pie.schemas import ID_PATTERN
 
 router = APIRouter(tags=["jobs"], route_class=AuditedRoute)
 
-JobIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="job id", examples=["0192f1c4-7d1e-7c3a-9f3e-5b1f0e6a2d41"])]
+JobIdPath = Annotated[
+    str, Path(pattern=ID_PATTERN, description="job id", examples=["0192f1c4-7d1e-7c3a-9f3e-5b1f0e6a2d41"])
+]
 IdQuery = Annotated[str | None, Query(pattern=ID_PATTERN)]
 MAX_WAIT_SECONDS = 30
 
@@ -39,7 +40,9 @@ async def get_job(
     principal: Annotated[Principal, Depends(job_reader)],
     wait: Annotated[
         float,
-        Query(ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False, description="seconds to wait for the job to end (long poll)"),
+        Query(
+            ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False, description="seconds to wait for the job to end (long poll)"
+        ),
     ] = 0,
 ):
     """A job. With ``?wait=N`` the answer comes when the job ends or after N seconds, whichever
@@ -70,11 +73,17 @@ async def list_jobs(
     job_type: Annotated[Literal["inference", "training"] | None, Query(description="only jobs of this type")] = None,
     created_after: Annotated[
         datetime | None,
-        Query(description="only jobs created after this ISO-8601 instant (no offset: UTC)", examples=["2026-01-01T00:00:00Z"]),
+        Query(
+            description="only jobs created after this ISO-8601 instant (no offset: UTC)",
+            examples=["2026-01-01T00:00:00Z"],
+        ),
     ] = None,
     created_before: Annotated[
         datetime | None,
-        Query(description="only jobs created before this ISO-8601 instant (no offset: UTC)", examples=["2026-02-01T00:00:00Z"]),
+        Query(
+            description="only jobs created before this ISO-8601 instant (no offset: UTC)",
+            examples=["2026-02-01T00:00:00Z"],
+        ),
     ] = None,
 ):
     """Jobs the caller may see, newest first (a bare array; next page via ``X-Next-Cursor``).

@@ -77,9 +77,7 @@ def queue_query(
     return stmt
 
 
-async def queue_summary(
-    session: Any, *, where: Any = None, window: timedelta = timedelta(hours=1)
-) -> QueueSummary:
+async def queue_summary(session: Any, *, where: Any = None, window: timedelta = timedelta(hours=1)) -> QueueSummary:
     """Counts by status, oldest pending/started job and the failure rate of jobs that ended in
     the last ``window``: one grouped query (``queue_query``). ``where`` restricts the jobs
     counted (e.g. ``pie.jobs.logic.visible_jobs(principal)``); None counts every job."""

@@ -120,9 +120,7 @@ class JobEndListener:
 listener = JobEndListener()
 
 
-async def wait_for_end(
-    job_id: str, seconds: float, read: Callable[[], Awaitable[T]], ended: Callable[[T], bool]
-) -> T:
+async def wait_for_end(job_id: str, seconds: float, read: Callable[[], Awaitable[T]], ended: Callable[[T], bool]) -> T:
     """Read the job (``read`` opens its own short session; its exceptions propagate) and, unless
     ``ended``, wait up to ``seconds`` for its end, reading it once more when woken or at time-out."""
     if listener.closing:
@@ -144,7 +142,7 @@ async def wait_for_end(
                 return value
             try:
                 await asyncio.wait_for(event.wait(), timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return await read()
             event.clear()
             value = await read()

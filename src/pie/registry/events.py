@@ -156,7 +156,9 @@ def _plan(
     else:
         job_input = trigger_output if trigger_output is not None else {}
     if not isinstance(job_input, dict):
-        firing.error = f"the trigger output is a JSON {type(job_input).__name__}, not an object; it cannot be a job input"
+        firing.error = (
+            f"the trigger output is a JSON {type(job_input).__name__}, not an object; it cannot be a job input"
+        )
         return firing
     job: dict[str, Any] = {
         "job_type": subscription.target_action,
@@ -192,9 +194,7 @@ def _plan(
             firing.error = f"domain {a.domain_id} is inactive"
             return firing
         if row.version_status == "failed":
-            firing.error = (
-                f"assignment key {a.assignment_key} points to model {a.model_id} version {a.model_version}, which failed"
-            )
+            firing.error = f"assignment key {a.assignment_key} points to model {a.model_id} version {a.model_version}, which failed"
             return firing
         job.update(
             model_id=a.model_id,

@@ -129,5 +129,6 @@ def stale_output_events(old_contracts: dict[str, Any] | None, new_contracts: dic
     return [
         COMPLETION_EVENT[action]
         for action in ACTIONS
-        if contract_schema(old_contracts, action, "output_schema") != contract_schema(new_contracts, action, "output_schema")
+        if contract_schema(old_contracts, action, "output_schema")
+        != contract_schema(new_contracts, action, "output_schema")
     ]

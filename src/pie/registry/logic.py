@@ -223,7 +223,9 @@ async def get_model_version(
     return found
 
 
-async def list_versions(session: AsyncSession, model_id: str, page: PageParams, response: Response) -> list[ModelVersion]:
+async def list_versions(
+    session: AsyncSession, model_id: str, page: PageParams, response: Response
+) -> list[ModelVersion]:
     await ensure_model_exists(session, model_id)
     stmt = select(ModelVersion).where(ModelVersion.model_id == model_id)
     return await paginate(session, stmt, [ModelVersion.seq], page, response)
@@ -406,7 +408,12 @@ async def run_inference(
                 f"input does not match the inference input_schema of model {model_id} version {version}: {error}"
             )
     job = await create_job(
-        session, job_type="inference", model_id=model_id, model_version=version, input=body.input, client_id=tenant,
+        session,
+        job_type="inference",
+        model_id=model_id,
+        model_version=version,
+        input=body.input,
+        client_id=tenant,
         handlers=found.handlers if isinstance(found.handlers, dict) else None,
     )
     audit.describe(session, target_id=job.job_id, client_id=job.client_id)

@@ -32,9 +32,10 @@ from pie.registry.schemas import (
     VersionStatusUpdate,
     error_responses,
 )
-from pie.routing import PieRoute
 
-router = APIRouter(prefix="/v2/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 422), route_class=AuditedRoute)
+router = APIRouter(
+    prefix="/v2/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 422), route_class=AuditedRoute
+)
 _CONFLICT = error_responses(409)
 
 Page = Annotated[PageParams, Depends()]
@@ -50,7 +51,14 @@ async def list_models(session: Session, response: Response, page: Page, principa
     return await logic.list_models(session, page, response)
 
 
-@router.post("", operation_id="createmodel", dependencies=[IDEMPOTENT], response_model=ModelOut, status_code=201, responses=_CONFLICT)
+@router.post(
+    "",
+    operation_id="createmodel",
+    dependencies=[IDEMPOTENT],
+    response_model=ModelOut,
+    status_code=201,
+    responses=_CONFLICT,
+)
 async def create_model(body: ModelCreate, session: Session, principal: Principal = require("manage_models")):
     """Register a model (status `pending`). `id` is a new UUIDv7 when omitted; 409 if it exists."""
     return await logic.create_model(session, body)
@@ -90,7 +98,8 @@ async def update_model(
 
 @router.post(
     "/{model_id}/new_version",
-    operation_id="createmodelversion", dependencies=[IDEMPOTENT],
+    operation_id="createmodelversion",
+    dependencies=[IDEMPOTENT],
     response_model=ModelAndVersion,
     status_code=201,
     responses=_CONFLICT,
@@ -106,7 +115,11 @@ async def create_model_version(
 
 @router.get("/{model_id}/versions", operation_id="listmodelversions", response_model=list[VersionOut])
 async def list_model_versions(
-    model_id: ModelIdPath, session: Session, response: Response, page: Page, principal: Principal = require("read_models")
+    model_id: ModelIdPath,
+    session: Session,
+    response: Response,
+    page: Page,
+    principal: Principal = require("read_models"),
 ):
     """The model's versions, oldest first (bare array, cursor in `X-Next-Cursor`)."""
     return await logic.list_versions(session, model_id, page, response)
@@ -157,9 +170,7 @@ async def set_model_version_status(
     """Allowed: pending→training, pending→active, training→active, training→failed,
     failed→training; the current status again is a no-op. `training → active` fires the model's
     active `training_complete` subscriptions; their outcomes are `triggered_events`."""
-    model, version, triggered = await logic.set_version_status(
-        session, model_id, model_version, body.status, principal
-    )
+    model, version, triggered = await logic.set_version_status(session, model_id, model_version, body.status, principal)
     return {
         "model": ModelOut.model_validate(model),
         "version": VersionOut.model_validate(version),
@@ -169,7 +180,8 @@ async def set_model_version_status(
 
 @router.post(
     "/{model_id}/versions/{model_version}/inference",
-    operation_id="infermodelversion", dependencies=[IDEMPOTENT],
+    operation_id="infermodelversion",
+    dependencies=[IDEMPOTENT],
     response_model=InferenceStarted,
     status_code=202,
 )
@@ -196,7 +208,11 @@ async def infer_model_version(
     "/{model_id}/event-subscriptions", operation_id="listmodeleventsubscriptions", response_model=list[SubscriptionOut]
 )
 async def list_event_subscriptions(
-    model_id: ModelIdPath, session: Session, response: Response, page: Page, principal: Principal = require("read_models")
+    model_id: ModelIdPath,
+    session: Session,
+    response: Response,
+    page: Page,
+    principal: Principal = require("read_models"),
 ):
     """Subscriptions with this model as source (bare array, cursor in `X-Next-Cursor`)."""
     return await subscriptions.list_subscriptions(session, model_id, principal, page, response)
@@ -204,7 +220,8 @@ async def list_event_subscriptions(
 
 @router.post(
     "/{model_id}/event-subscriptions",
-    operation_id="createmodeleventsubscription", dependencies=[IDEMPOTENT],
+    operation_id="createmodeleventsubscription",
+    dependencies=[IDEMPOTENT],
     response_model=SubscriptionOut,
     status_code=201,
 )

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, Field, model_serializer
 
 from pie.audit.schemas import CREATED_BY, Actor
-from pie.jsonbody import StoredList, StoredObject
 from pie.errors import error_response_doc
+from pie.jsonbody import StoredList, StoredObject
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
 
 VersionStatus = Literal["pending", "training", "active", "failed"]
@@ -42,7 +42,9 @@ TimeoutSeconds = Annotated[
 class LambdaHandler(RequestBody):
     type: Literal["lambda"]
     timeout_seconds: TimeoutSeconds
-    arn: str = Field(description="Lambda function ARN", examples=["arn:aws:lambda:us-west-2:123456789012:function:infer"])
+    arn: str = Field(
+        description="Lambda function ARN", examples=["arn:aws:lambda:us-west-2:123456789012:function:infer"]
+    )
     version: str | None = Field(default=None, description="version or alias qualifier")
 
 
@@ -164,6 +166,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "semantically invalid (see the message)",
     }
     return {status: error_response_doc(meanings[status]) for status in statuses}
+
 
 _metadata = Field(validation_alias=AliasChoices("metadata_", "metadata"))
 

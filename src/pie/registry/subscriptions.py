@@ -164,7 +164,9 @@ def _check_input(input_source: str, value: dict[str, Any] | None) -> None:
     if input_source == "stored" and value is None:
         raise Unprocessable("input is required when input_source is 'stored'")
     if input_source == "trigger_output" and value is not None:
-        raise Unprocessable("input must be omitted when input_source is 'trigger_output' (the trigger's output is used)")
+        raise Unprocessable(
+            "input must be omitted when input_source is 'trigger_output' (the trigger's output is used)"
+        )
 
 
 async def create_subscription(session: AsyncSession, model_id: str, body: SubscriptionCreate) -> EventSubscription:
@@ -206,7 +208,9 @@ async def update_subscription(
     if "label" in given:
         subscription.label = body.label
     if "status" in given:
-        if subscription.status != "active" and _chains(subscription.trigger_event, subscription.target_action, body.status):
+        if subscription.status != "active" and _chains(
+            subscription.trigger_event, subscription.target_action, body.status
+        ):
             await _ensure_no_inference_loop(
                 session, subscription.source_model_id, subscription.target_model_id, exclude=subscription.id
             )

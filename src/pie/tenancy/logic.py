@@ -68,9 +68,7 @@ async def ensure_writable(session: AsyncSession, scope: TenantScope) -> None:
     write commits, so a concurrent suspension (which updates that row) lands either before this
     write, which then sees it and is refused, or after the write has committed."""
     status = await session.scalar(
-        select(Client.status)
-        .where(Client.client_id == scope.client_id)
-        .with_for_update(read=True)
+        select(Client.status).where(Client.client_id == scope.client_id).with_for_update(read=True)
     )
     if status != "active":
         raise Unprocessable(f"client {scope.client_id} is suspended")
@@ -190,7 +188,9 @@ def _resolve_or_422(provided: dict[str, Any], definitions: list[Any]) -> dict[st
     return resolved
 
 
-async def init_service(session: AsyncSession, scope: TenantScope, domain_id: str, body: ServiceInit) -> tuple[Service, Job]:
+async def init_service(
+    session: AsyncSession, scope: TenantScope, domain_id: str, body: ServiceInit
+) -> tuple[Service, Job]:
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
     await ensure_writable(session, scope)
     ensure_domain_active(domain)
@@ -255,7 +255,9 @@ async def read_service(client_id: str, domain_id: str, service_id: str) -> dict[
     """The service's ``ServiceOut`` fields from one Core read outside any transaction (None when
     it does not exist: its client and domain exist whenever it does). The fast read of ``GET
     .../service/{id}`` (``pie.fastpath``)."""
-    row = await reads.fetch_one(_READ_SERVICE, {"client_id": client_id, "domain_id": domain_id, "service_id": service_id})
+    row = await reads.fetch_one(
+        _READ_SERVICE, {"client_id": client_id, "domain_id": domain_id, "service_id": service_id}
+    )
     if row is None:
         return None
     out = dict(row)

@@ -10,7 +10,6 @@ from pie.audit.routing import AuditedRoute
 from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
 from pie.idempotency import IDEMPOTENT
 from pie.pagination import PageParams
-from pie.routing import PieRoute
 from pie.tenancy import logic
 from pie.tenancy.schemas import (
     BatchInitOut,
@@ -32,7 +31,8 @@ router = APIRouter(prefix="/v2/clients/{client_id}/domains", tags=["domains"], r
 
 @router.post(
     "",
-    operation_id="createdomain", dependencies=[IDEMPOTENT],
+    operation_id="createdomain",
+    dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 409, 422),
     response_model=DomainOut,
     status_code=201,
@@ -105,7 +105,8 @@ async def update_domain_features(
 
 @router.post(
     "/{domain_id}/service/init",
-    operation_id="initdomainservice", dependencies=[IDEMPOTENT],
+    operation_id="initdomainservice",
+    dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 409, 422),
     response_model=ServiceInitOut,
     status_code=202,
@@ -138,7 +139,8 @@ async def list_domain_services(
 
 @router.post(
     "/{domain_id}/services/init",
-    operation_id="initalldomainservices", dependencies=[IDEMPOTENT],
+    operation_id="initalldomainservices",
+    dependencies=[IDEMPOTENT],
     responses=error_responses(400, 404, 422),
     response_model=BatchInitOut,
     status_code=202,

@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field
 
 from pie.audit.schemas import CREATED_BY, Actor
-from pie.jsonbody import StoredJson, StoredList, StoredObject
 from pie.errors import error_response_doc
+from pie.jsonbody import StoredJson, StoredList, StoredObject
 from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
 
 
@@ -57,9 +57,7 @@ def _as_utc(value: datetime | None) -> datetime | None:
 JsonObject = Annotated[dict[str, Any], AfterValidator(_finite)]
 JsonList = Annotated[list[Any], AfterValidator(_finite)]
 # ISO-8601 string in, aware UTC datetime out (RequestBody is strict; JSON has no datetime type)
-InputDatetime = Annotated[
-    datetime, BeforeValidator(_datetime_string), Field(strict=False), AfterValidator(_as_utc)
-]
+InputDatetime = Annotated[datetime, BeforeValidator(_datetime_string), Field(strict=False), AfterValidator(_as_utc)]
 
 
 # -- domains -------------------------------------------------------------------------------------
