@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     http_header_timeout_seconds: float = Field(default=10.0, gt=0)
     http_body_timeout_seconds: float = Field(default=60.0, gt=0)
     http_keep_alive_seconds: float = Field(default=5.0, gt=0)
-    http_limit_concurrency: int = Field(default=1000, gt=0)
+    http_limit_concurrency: int = Field(default=4096, gt=0)
     http_backlog: int = Field(default=2048, gt=0)
     # idempotency keys (Idempotency-Key header): how long a key's first response is replayed
     idempotency_key_ttl_seconds: int = Field(default=24 * 3600, ge=3600)
