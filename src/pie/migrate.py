@@ -71,7 +71,3 @@ def current_revision(database_url: str) -> str:
     finally:
         engine.dispose()
     return ",".join(sorted(heads))
-
-
-def schema_is_at_head(database_url: str) -> bool:
-    return current_revision(database_url) == head_revision()

@@ -65,7 +65,7 @@ async def live() -> JSONResponse:
 
 
 @functools.lru_cache(maxsize=1)
-def _head_revision() -> str | None:
+def _head_revision() -> str:
     from pie.migrate import head_revision
 
     return head_revision()
