@@ -450,6 +450,8 @@ def scenario_routes(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
         )
         print(f"{'route':24} {'':5} {'result (median round)':56} ratio  target")
         for label, pie_path, bare_path, method, payload, headers, target in pairs:
+            if args.only and not any(word.lower() in label.lower() for word in args.only):
+                continue
             runs: dict[str, list[Result]] = {"bare": [], "pie": []}
             ratios = []
             sides = (("bare", bare, bare_path, {}), ("pie", pie, pie_path, headers))
@@ -671,6 +673,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating bare/pie rounds per route (routes)")
     parser.add_argument("--waiters", type=int, default=1000)
+    parser.add_argument(
+        "--only", action="append", default=[], help="routes scenario: only routes whose label contains this word"
+    )
     args = parser.parse_args()
     print(f"bench/http.py  python {sys.version.split()[0]}  cores {os.cpu_count()}  generator {generator_name()}")
     chosen = ["routes", "workers", "longpoll", "memory"] if args.scenario == "all" else [args.scenario]

@@ -392,7 +392,11 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     install_error_handlers(app)
     idempotency.install(app)
     # the last added middleware is the outermost: CORS wraps everything, 500s included
-    if settings.fast_reads and not settings.otel_enabled:  # (traces name FastAPI's routes)
+    if settings.fast_writes and not settings.otel_enabled:  # (traces name FastAPI's routes)
+        from pie.fastwrite import FastInferenceMiddleware
+
+        app.add_middleware(FastInferenceMiddleware)
+    if settings.fast_reads and not settings.otel_enabled:
         from pie.fastpath import FastReadMiddleware
 
         app.add_middleware(FastReadMiddleware)

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     token_cache_seconds: float = Field(default=300.0, ge=0)
     # the hot GETs' success case served by one pure ASGI layer (pie.fastpath); off: FastAPI only
     fast_reads: bool = True
+    # the success case of POST direct inference served by one pure ASGI layer (pie.fastwrite)
+    fast_writes: bool = True
 
     # operator console: Cognito hosted UI sign-in (authorization code + PKCE) when both are set
     console_cognito_domain: str | None = None  # e.g. https://pie.auth.eu-west-1.amazoncognito.com

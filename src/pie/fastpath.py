@@ -67,7 +67,7 @@ def _segment(pattern: str) -> str:
     return "(?:" + pattern.removeprefix("^").removesuffix("$") + ")"
 
 
-def _compile(template: str, patterns: dict[str, str]) -> re.Pattern[str]:
+def compile_template(template: str, patterns: dict[str, str]) -> re.Pattern[str]:
     regex = ""
     for literal, name in re.findall(r"([^{]*)(?:\{(\w+)\})?", template):
         regex += re.escape(literal)
@@ -123,13 +123,13 @@ _ROUTES = [
 FAST_READS = (
     FastRead(RouteLabel("/v2/health", "health"), re.compile(re.escape("/v2/health")), _health, public=True),
     *(
-        FastRead(RouteLabel(template, operation_id), _compile(template, _PATTERNS), read)
+        FastRead(RouteLabel(template, operation_id), compile_template(template, _PATTERNS), read)
         for template, operation_id, read in _ROUTES
     ),
 )
 
 
-def _bearer_token(scope: Scope) -> str | None:
+def bearer_token(scope: Scope) -> str | None:
     for name, value in scope.get("headers") or ():
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
@@ -158,7 +158,7 @@ class FastReadMiddleware:
         else:
             await self.app(scope, receive, send)
             return
-        token = None if fast.public else _bearer_token(scope)
+        token = None if fast.public else bearer_token(scope)
         answer = principal = None
         if fast.public:
             answer = await fast.read(None, {})

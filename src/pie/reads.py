@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from psycopg.rows import dict_row
 from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 
 from pie import db
@@ -39,6 +40,15 @@ def _sql(stmt: ClauseElement) -> tuple[str, dict[str, Any]]:
     return found
 
 
+def announce(conn: AsyncConnection, cursor: Any, sql: str, params: Any) -> None:
+    """Call the engine's ``before_cursor_execute`` listeners (statement counters) for a
+    statement run on the driver connection directly."""
+    listeners = conn.sync_engine.dispatch.before_cursor_execute
+    if listeners:
+        for listener in listeners:
+            listener(conn.sync_connection, cursor, sql, params, None, False)
+
+
 async def fetch_one(stmt: ClauseElement, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The first row of ``stmt`` (a module-level constant: its SQL is compiled once) as a dict
     (None when there is none), read outside any transaction."""
@@ -51,10 +61,7 @@ async def fetch_one(stmt: ClauseElement, params: Mapping[str, Any] | None = None
             await pg.set_autocommit(True)
             try:
                 cur = pg.cursor(row_factory=dict_row)
-                dispatch = conn.sync_engine.dispatch
-                if dispatch.before_cursor_execute:  # listeners (statement counters) see it too
-                    for listener in dispatch.before_cursor_execute:
-                        listener(conn.sync_connection, cur, sql, params, None, False)
+                announce(conn, cur, sql, params)
                 await cur.execute(sql, params)
                 return await cur.fetchone()
             finally:

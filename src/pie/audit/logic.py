@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from fastapi import Response
 from sqlalchemy import insert, or_, select
@@ -16,24 +17,27 @@ from pie.errors import Forbidden
 from pie.pagination import PageParams, paginate
 
 
+def row_values(entry: AuditEntry, *, method: str, path: str) -> dict[str, Any]:
+    """The columns of the audit row of ``entry`` (besides the generated id and time)."""
+    actor = entry.actor or {}
+    return {
+        "action": entry.action,
+        "method": method,
+        "path": path,
+        "target_type": entry.target_type or "other",
+        "target_id": entry.target_id,
+        "client_id": entry.client_id,
+        "request_id": entry.request_id,
+        "actor_sub": actor.get("sub"),
+        "actor_username": actor.get("username"),
+        "actor_client_id": actor.get("client_id"),
+        "summary": entry.summary,
+    }
+
+
 async def record(session: AsyncSession, entry: AuditEntry, *, method: str, path: str) -> None:
     """One INSERT, no RETURNING, in the caller's transaction."""
-    actor = entry.actor or {}
-    await session.execute(
-        insert(AuditRecord).values(
-            action=entry.action,
-            method=method,
-            path=path,
-            target_type=entry.target_type or "other",
-            target_id=entry.target_id,
-            client_id=entry.client_id,
-            request_id=entry.request_id,
-            actor_sub=actor.get("sub"),
-            actor_username=actor.get("username"),
-            actor_client_id=actor.get("client_id"),
-            summary=entry.summary,
-        )
-    )
+    await session.execute(insert(AuditRecord).values(**row_values(entry, method=method, path=path)))
 
 
 async def list_audit(

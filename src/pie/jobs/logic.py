@@ -29,7 +29,7 @@ from sqlalchemy.sql import ColumnElement
 from pie import callbacks, metrics, reads
 from pie.audit import context as audit
 from pie.auth import Principal
-from pie.config import get_settings
+from pie.config import Settings, get_settings
 from pie.dispatch.backends import build_payload, callback_token_ttl, payload_limit_problem
 from pie.errors import Conflict, Forbidden, NotFound, Unprocessable
 from pie.jobs.models import Job
@@ -47,6 +47,38 @@ ENDED = frozenset({"success", "failure"})
 async def notify_new_jobs(session: AsyncSession) -> None:
     """Wake dispatchers when the current transaction commits (PostgreSQL folds repeats)."""
     await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+
+
+def payload_problem(
+    settings: Settings,
+    handler: dict[str, Any] | None,
+    *,
+    job_type: str,
+    model_id: str,
+    model_version: str,
+    input: dict[str, Any],
+    features: dict[str, Any] | None = None,
+    assignment_id: uuid.UUID | None = None,
+    client_id: str | None = None,
+    domain_id: str | None = None,
+    service_id: str | None = None,
+) -> str | None:
+    """Why the payload a dispatch would build for this job exceeds the limit of ``handler``'s
+    type, or None. Shaped as a dispatch builds it: a job id and a callback token of the real length."""
+    shaped = SimpleNamespace(
+        job_id=str(uuid.UUID(int=0)),
+        job_type=job_type,
+        model_id=model_id,
+        model_version=model_version,
+        assignment_id=assignment_id,
+        client_id=client_id,
+        domain_id=domain_id,
+        service_id=service_id,
+        input=input,
+        features=features,
+    )
+    payload = build_payload(settings, shaped, callbacks.placeholder(shaped, callback_token_ttl(settings, handler)))
+    return payload_limit_problem(settings, handler, payload)
 
 
 async def create_job(
@@ -101,21 +133,19 @@ async def create_job(
         # for jobs the dispatcher creates on its own
         created_by=audit.actor(session),
     )
-    # the payload as a dispatch will build it: a job id and a callback token of the real length
-    shaped = SimpleNamespace(
-        job_id=str(uuid.UUID(int=0)),
+    problem = payload_problem(
+        settings,
+        handler,
         job_type=job_type,
         model_id=model_id,
         model_version=model_version,
+        input=job.input,
+        features=features,
         assignment_id=assignment_id,
         client_id=client_id,
         domain_id=domain_id,
         service_id=service_id,
-        input=job.input,
-        features=features,
     )
-    payload = build_payload(settings, shaped, callbacks.placeholder(shaped, callback_token_ttl(settings, handler)))
-    problem = payload_limit_problem(settings, handler, payload)
     if problem is not None:
         raise Unprocessable(f"job payload too large: {problem}")
     session.add(job)

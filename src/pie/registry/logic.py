@@ -370,15 +370,36 @@ async def set_version_status(
 # ---- direct inference ------------------------------------------------------------------------
 
 
+def requested_tenant(principal: Principal, requested: str | None) -> str | None:
+    """The tenant a direct-inference job records, before the client row is checked: the named
+    ``client_id`` (which the caller must be able to access: 403); else the caller's only tenant;
+    else None (a platform job)."""
+    if requested is not None:
+        principal.require_tenant(requested)
+        return requested
+    return only_tenant(principal)
+
+
+def inference_problem(
+    model_id: str, version: str, status: str, contracts: dict[str, Any] | None, input: dict[str, Any]
+) -> str | None:
+    """Why this version cannot run inference on ``input`` (the 422 message), or None: a failed
+    version, or an input that does not match the version's inference ``input_schema``."""
+    if status == "failed":
+        return f"model {model_id} version {version} has failed; it cannot run inference"
+    schema = input_schema(contracts, "inference")
+    if schema is not None:
+        error = validation_error(schema, input)
+        if error is not None:
+            return f"input does not match the inference input_schema of model {model_id} version {version}: {error}"
+    return None
+
+
 async def inference_tenant(session: AsyncSession, principal: Principal, requested: str | None) -> str | None:
     """The tenant a direct-inference job records (spec 14.1): the named ``client_id`` (which the
     caller must be able to access: 403); else the caller's only tenant; else None (a platform
     job). The tenant must exist (404) and be active (422), as for any job launch under it."""
-    if requested is not None:
-        principal.require_tenant(requested)
-        tenant: str | None = requested
-    else:
-        tenant = only_tenant(principal)
+    tenant = requested_tenant(principal, requested)
     if tenant is None:
         return None
     status = await session.scalar(select(Client.status).where(Client.client_id == tenant).with_for_update(read=True))
@@ -398,15 +419,9 @@ async def run_inference(
     are that tenant's jobs)."""
     tenant = await inference_tenant(session, principal, body.client_id)
     found = await get_model_version(session, model_id, version, for_share=True)
-    if found.status == "failed":
-        raise Unprocessable(f"model {model_id} version {version} has failed; it cannot run inference")
-    schema = input_schema(found.handler_contracts, "inference")
-    if schema is not None:
-        error = validation_error(schema, body.input)
-        if error is not None:
-            raise Unprocessable(
-                f"input does not match the inference input_schema of model {model_id} version {version}: {error}"
-            )
+    problem = inference_problem(model_id, version, found.status, found.handler_contracts, body.input)
+    if problem is not None:
+        raise Unprocessable(problem)
     job = await create_job(
         session,
         job_type="inference",
