@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -360,6 +361,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
 
                 dispatcher = Dispatcher(settings=settings, name="api")
                 await dispatcher.start()
+            _freeze_startup_objects()
             yield
         finally:
             restore()
@@ -431,6 +433,15 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
 
         tracing.instrument(app)
     return app
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything allocated while starting (modules, the app and its routes, pydantic
+    schemas: hundreds of thousands of objects that live as long as the process) out of the
+    garbage collector's reach, so its full collections stop re-scanning them every few hundred
+    requests (pauses that showed as the p99 of every route)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _tracing_hook(settings: Settings) -> Callable[[str], None] | None:

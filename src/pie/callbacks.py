@@ -16,10 +16,12 @@ A lower module: it imports only configuration, the database base and the error t
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 from jose import JOSEError, jwt
@@ -123,7 +125,15 @@ def mint(key: Key, job: Any, ttl_seconds: float, *, now: float | None = None) ->
 
 
 def placeholder(job: Any, ttl_seconds: float) -> str:
-    """A token exactly as long as the one a dispatch will sign (for payload-size checks)."""
+    """A token exactly as long as the one a dispatch will sign (for payload-size checks). Its
+    length depends on the claims but not on the time (``iat``/``exp`` keep their number of
+    digits), so one is signed per claim set and reused."""
+    return _placeholder(str(job.job_id), job.model_id, job.model_version, job.client_id, max(int(ttl_seconds), 1))
+
+
+@functools.lru_cache(maxsize=1024)
+def _placeholder(job_id: str, model_id: str, model_version: str, client_id: str | None, ttl_seconds: int) -> str:
+    job = SimpleNamespace(job_id=job_id, model_id=model_id, model_version=model_version, client_id=client_id)
     return mint(Key(kid="cb-" + "0" * 16, secret="x"), job, ttl_seconds)
 
 

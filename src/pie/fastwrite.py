@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -40,6 +41,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pie import callbacks, db, idempotency, metrics
+from pie.audit.context import AuditEntry
 from pie.audit.logic import row_values
 from pie.audit.routing import new_entry
 from pie.deps import bearer_principal
@@ -74,7 +76,7 @@ _VERSION_AND_CLIENT = (
 _LAUNCH = (
     "WITH job AS ("
     " INSERT INTO jobs (job_type, model_id, model_version, input, client_id, warnings, timeout_seconds, created_by)"
-    " VALUES ('inference', %(model_id)s, %(version)s, %(input)s, %(client_id)s, '[]'::jsonb,"
+    " VALUES ('inference', %(model_id)s, %(version)s, %(input)s::jsonb, %(client_id)s, '[]'::jsonb,"
     " %(timeout_seconds)s, %(created_by)s)"
     " RETURNING job_id"
     "), audit AS ("
@@ -85,6 +87,15 @@ _LAUNCH = (
     ")"
     " SELECT job_id, pg_notify(%(channel)s, '') FROM job"
 )
+
+
+@dataclass
+class _Launch:
+    model_id: str
+    version: str
+    tenant: str | None
+    input: dict[str, Any]
+    entry: AuditEntry
 
 
 class _Fallback(Exception):
@@ -164,8 +175,9 @@ class FastInferenceMiddleware:
             await self.app(scope, _replaying(messages, exc, receive), send)
             return
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if len(messages) > 1:  # hand the route one message, not the chunks again
+        if len(messages) > 1:  # one copy of the body from here on: the chunks are released
             messages = [{"type": "http.request", "body": body, "more_body": False}]
+            del chunks
 
         scope.setdefault("state", {})["principal"] = principal  # the access line names the caller
         answer = await self._launch(scope, principal, match.groupdict(), body)
@@ -205,16 +217,17 @@ class FastInferenceMiddleware:
             tenant = requested_tenant(principal, request.client_id)
         except (ValueError, PieError):  # malformed JSON, a limit, validation (ValueError), 403
             return None
-        model_id, version = path["model_id"], path["model_version"]
         entry = new_entry(Request(scope), principal, ROUTE.operation_id, path, parsed)
         if tenant is not None:
             entry.client_id = tenant
+        launch = _Launch(path["model_id"], path["model_version"], tenant, request.input, entry)
+        del parsed, request  # the input's objects live in ``launch`` alone (released before the INSERT)
 
         try:
             async with db.get_engine().connect() as conn:
                 raw = await conn.get_raw_connection()
                 pg: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
-                job_id = await self._insert(conn, pg, settings, model_id, version, request, tenant, entry, scope)
+                job_id = await self._insert(conn, pg, settings, launch, URL(scope=scope).path)
                 if job_id is None:
                     return None
                 try:
@@ -228,19 +241,11 @@ class FastInferenceMiddleware:
         return 202, content, []
 
     async def _insert(
-        self,
-        conn: Any,
-        pg: psycopg.AsyncConnection[Any],
-        settings: Any,
-        model_id: str,
-        version: str,
-        request: InferenceRequest,
-        tenant: str | None,
-        entry: Any,
-        scope: Scope,
+        self, conn: Any, pg: psycopg.AsyncConnection[Any], settings: Any, launch: _Launch, path: str
     ) -> str | None:
         """Statements 1 and 2 (see the module docstring); None after a rollback when the route
         must answer."""
+        model_id, version, tenant = launch.model_id, launch.version, launch.tenant
         try:
             cur = pg.cursor()
             params: dict[str, Any] = {"model_id": model_id, "version": version, "client_id": tenant}
@@ -251,7 +256,7 @@ class FastInferenceMiddleware:
             if found is None:  # no such version, or the tenant is missing or suspended
                 raise _Fallback
             status, handlers, contracts = found
-            if inference_problem(model_id, version, status, contracts, request.input) is not None:
+            if inference_problem(model_id, version, status, contracts, launch.input) is not None:
                 raise _Fallback
             handler = handlers.get("inference") if isinstance(handlers, dict) else None
             handler = handler if isinstance(handler, dict) else None
@@ -261,19 +266,23 @@ class FastInferenceMiddleware:
                 job_type="inference",
                 model_id=model_id,
                 model_version=version,
-                input=request.input,
+                input=launch.input,
                 client_id=tenant,
             )
             if problem is not None:
                 raise _Fallback
-            audit = row_values(entry, method="POST", path=URL(scope=scope).path)
+            # serialized once (as Jsonb would), then the parsed objects are released: a large
+            # body's Python objects and its JSON text are not held together with libpq's copy
+            input_json = json.dumps(launch.input)
+            launch.input = {}
+            audit = row_values(launch.entry, method="POST", path=path)
             params = {
                 "model_id": model_id,
                 "version": version,
-                "input": Jsonb(request.input),
+                "input": input_json,
                 "client_id": tenant,
-                "timeout_seconds": (handler or {}).get("timeout_seconds"),
-                "created_by": Jsonb(entry.actor),
+                "timeout_seconds": handler.get("timeout_seconds") if handler else None,
+                "created_by": Jsonb(launch.entry.actor),
                 "action": audit["action"],
                 "method": audit["method"],
                 "path": audit["path"],
@@ -286,6 +295,7 @@ class FastInferenceMiddleware:
                 "summary": Jsonb(audit["summary"]),
                 "channel": NOTIFY_CHANNEL,
             }
+            del input_json
             announce(conn, cur, _LAUNCH, params)
             await cur.execute(_LAUNCH, params)
             row = await cur.fetchone()

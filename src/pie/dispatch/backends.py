@@ -100,6 +100,12 @@ def lambda_payload(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload).encode()
 
 
+def _json_size(value: Any) -> int:
+    """Bytes of ``json.dumps(value).encode()``: the default ``ensure_ascii`` output is ASCII, so
+    its length in characters is its length in bytes (no encoded copy of a large payload)."""
+    return len(json.dumps(value))
+
+
 def payload_limit_problem(settings: Settings, handler: dict[str, Any] | None, payload: dict[str, Any]) -> str | None:
     """Why ``payload`` cannot be handed to ``handler`` (its type's size limit), or None."""
     kind = (handler or {}).get("type")
@@ -111,14 +117,14 @@ def payload_limit_problem(settings: Settings, handler: dict[str, Any] | None, pa
                 f"ECS allows at most {ECS_MAX_OVERRIDES_CHARS} (limit: ECS RunTask overrides)"
             )
     elif kind == "lambda":
-        size = len(lambda_payload(payload))
+        size = _json_size(payload)  # = len(lambda_payload(payload)), without the bytes copy
         if size > settings.lambda_max_payload_bytes:
             return (
                 f"the job payload is {size} bytes; a Lambda Event invocation accepts at most "
                 f"{settings.lambda_max_payload_bytes} (limit: PIE_LAMBDA_MAX_PAYLOAD_BYTES)"
             )
     elif kind == "in_process":
-        size = len(json.dumps(payload).encode())
+        size = _json_size(payload)
         if size > settings.max_request_bytes:
             return (
                 f"the job payload is {size} bytes; in-process jobs accept at most "
