@@ -465,20 +465,23 @@ def scenario_routes(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
                     connections=args.connections,
                     tmp=tmp,
                 )
+            cpu: dict[str, list[float]] = {"bare": [], "pie": []}
             for i in range(args.rounds):
                 # alternate which side goes first: a load swing on the shared machine hits both
                 for name, server, path, hdrs in sides if i % 2 == 0 else sides[::-1]:
-                    runs[name].append(
-                        load(
-                            server.url + path,
-                            method=method,
-                            body=payload,
-                            headers=hdrs,
-                            duration=args.duration,
-                            connections=args.connections,
-                            tmp=tmp,
-                        )
+                    before = cpu_seconds(server.pids)
+                    result = load(
+                        server.url + path,
+                        method=method,
+                        body=payload,
+                        headers=hdrs,
+                        duration=args.duration,
+                        connections=args.connections,
+                        tmp=tmp,
                     )
+                    runs[name].append(result)
+                    served = max(result.rps * max(1, int(args.duration)), 1.0)
+                    cpu[name].append((cpu_seconds(server.pids) - before) / served * 1e6)
                 ratios.append(runs["pie"][-1].rps / runs["bare"][-1].rps)
             ratio = statistics.median(ratios)
             med = {name: _median_result(results) for name, results in runs.items()}
@@ -487,6 +490,12 @@ def scenario_routes(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
             print(
                 f"{'':24} pie   {med['pie'].row()}  {ratio:4.2f}x  >= {target}x "
                 f"{'met' if ratio >= target else 'MISSED'}{spread}"
+            )
+            # server CPU time per request: steadier than req/s on a machine whose speed drifts
+            cpu_bare, cpu_pie = statistics.median(cpu["bare"]), statistics.median(cpu["pie"])
+            print(
+                f"{'':24} CPU per request (server process): bare {cpu_bare:6.0f} us, pie {cpu_pie:6.0f} us"
+                f"  -> bare/pie {cpu_bare / cpu_pie:4.2f}x"
             )
     finally:
         pie.stop()
@@ -618,6 +627,17 @@ def scenario_longpoll(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
         )
     finally:
         pie.stop()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (clock ticks of /proc/<pid>/stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / ticks
 
 
 def _rss_peak_kb(pid: int) -> int:

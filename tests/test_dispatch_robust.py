@@ -81,15 +81,15 @@ async def own_db(engine, settings) -> AsyncIterator[OwnCluster]:
     from pie.migrate import upgrade
 
     cluster = await asyncio.to_thread(OwnCluster)
-    saved = (db._engine, db._sessionmaker, db._url)
+    saved = db.save_engine()
     try:
         await asyncio.to_thread(cluster.start)
         await asyncio.to_thread(upgrade, cluster.url)
         yield cluster
     finally:
-        if db._engine is not saved[0]:
-            await db._engine.dispose()
-        db._engine, db._sessionmaker, db._url = saved
+        if db._engine is not saved.engine:
+            await db.dispose_engine()
+        db.restore_engine(saved)
         await asyncio.to_thread(cluster.destroy)
 
 

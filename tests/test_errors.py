@@ -11,7 +11,6 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from pie import db
 from pie.app import create_app
@@ -307,15 +306,18 @@ async def test_no_cors_headers_without_configuration(client):
 
 
 @pytest.fixture
-def database_down(engine, monkeypatch):
+async def database_down(engine, settings):
+    """The process's engine and reads' pool pointed at a port nothing listens on."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    dead = create_async_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/pie", pool_pre_ping=True)
-    monkeypatch.setattr(db, "_engine", dead)
-    monkeypatch.setattr(db, "_sessionmaker", async_sessionmaker(dead, expire_on_commit=False))
-    yield
-    # monkeypatch restores the real engine after this fixture's teardown
+    saved = db.save_engine()
+    db.init_engine(f"postgresql://postgres@127.0.0.1:{port}/pie", settings.model_copy(update={"db_connect_timeout": 1}))
+    try:
+        yield
+    finally:
+        await db.dispose_engine()
+        db.restore_engine(saved)
 
 
 async def test_health_503_when_database_down(client, database_down):

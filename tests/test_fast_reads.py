@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 from factories import domain_url, init_service, tenant_setup
+from sqlalchemy import text
 
 from pie.app import create_app
 
@@ -109,3 +110,30 @@ async def test_the_success_case_never_reaches_the_route(client, world, auth, mon
     # anything else is the route's: here it reaches the patched route (a 500 envelope)
     assert (await client.get(f"{D}/service/svc-1?x=1", headers=tenant)).status_code == 400
     assert (await client.get(f"{D}/assignments/default", headers={})).status_code == 401
+
+
+async def test_read_connections_the_server_dropped_are_replaced(client, world, admin, session):
+    """The reads' own pool (autocommit, pie.db.read_pool): when PostgreSQL ends its sessions
+    (a restart, a failover), the requests that meet a dead connection get the 503 envelope and
+    the pool replaces the connection: reads work again without a restart of PIE."""
+    path = f"/v2/jobs/{world['job']}"
+    assert (await client.get(path, headers=admin)).status_code == 200
+    killed = await session.scalar(
+        text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'pie-reads'"
+        )
+    )
+    await session.commit()
+    assert killed >= 1
+    answers = []
+    for _ in range(killed + 2):
+        r = await client.get(path, headers=admin)
+        answers.append(r.status_code)
+        if r.status_code == 503:
+            assert r.json()["message"] == "database unavailable; try again later"
+            assert r.headers["retry-after"] == "1"
+        if r.status_code == 200:
+            break
+    assert answers[-1] == 200, answers
+    assert set(answers) <= {200, 503}, answers

@@ -39,8 +39,9 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 def _log_config(level: str | None = None) -> dict:
     """The one logging configuration (PIE_LOG_FORMAT, PIE_LOG_LEVEL) of the CLI and the server
     (uvicorn applies it in every --workers process)."""
-    from pie.logconfig import logging_config
+    from pie.logconfig import lighten_log_records, logging_config
 
+    lighten_log_records()  # this process's records (each --workers process builds its config here)
     settings = get_settings()
     return logging_config(settings.log_format, (level or settings.log_level).lower())
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import DateTime, MetaData, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -84,11 +87,10 @@ class GuardedConnection(psycopg.AsyncConnection):
 _WAIT_TIMEOUT: Any = getattr(psycopg.errors, "_WaitTimeout", ())
 
 
-def connect_args(settings: Any) -> dict[str, Any]:
-    """psycopg connection arguments carrying the database timeouts of ``settings``:
-    ``connect_timeout`` (libpq, whole seconds, at least 1 when set), the server-side
-    ``statement_timeout`` and ``lock_timeout``, and the client-side response guard
-    (statement timeout + connect timeout) of :class:`GuardedConnection`."""
+def _driver_options(settings: Any) -> tuple[dict[str, Any], float | None]:
+    """psycopg connection keywords carrying the database timeouts of ``settings`` (libpq
+    ``connect_timeout``; the server-side ``statement_timeout`` and ``lock_timeout``) and the
+    client-side response guard of :class:`GuardedConnection` (statement + connect timeout)."""
     options = []
     if settings.db_statement_timeout_ms:
         options.append(f"-c statement_timeout={int(settings.db_statement_timeout_ms)}")
@@ -102,6 +104,15 @@ def connect_args(settings: Any) -> dict[str, Any]:
     guard = None
     if settings.db_statement_timeout_ms:
         guard = settings.db_statement_timeout_ms / 1000 + max(settings.db_connect_timeout, 1.0)
+    return args, guard
+
+
+def connect_args(settings: Any) -> dict[str, Any]:
+    """psycopg connection arguments carrying the database timeouts of ``settings``:
+    ``connect_timeout`` (libpq, whole seconds, at least 1 when set), the server-side
+    ``statement_timeout`` and ``lock_timeout``, and the client-side response guard
+    (statement timeout + connect timeout) of :class:`GuardedConnection`."""
+    args, guard = _driver_options(settings)
 
     async def connect(*a: Any, **kw: Any) -> GuardedConnection:
         conn = await GuardedConnection.connect(*a, **kw)
@@ -124,12 +135,60 @@ async def connect(settings: Any, **kwargs: Any) -> GuardedConnection:
 _engine: AsyncEngine | None = None
 _sessionmaker: async_sessionmaker[AsyncSession] | None = None
 _url: str | None = None
+_read_pool: AsyncConnectionPool[Any] | None = None
+_read_pool_opened = False
+READ_POOL_NAME = "pie-reads"
+
+
+def _make_read_pool(url: str, settings: Any) -> AsyncConnectionPool[Any]:
+    """The connections of single-statement reads (``pie.reads``): psycopg's own pool, in
+    autocommit (one round trip per read, no transaction state to reset), with the engine's
+    timeouts and the engine's JSON loader (stored values of any depth load). Opened on first
+    use; a connection that breaks is discarded by the pool when it comes back."""
+    from psycopg.adapt import AdaptersMap
+    from psycopg.types.json import set_json_loads
+
+    from pie.jsonbody import load_stored
+
+    kwargs, guard = _driver_options(settings)
+    if "application_name" not in psycopg.conninfo.conninfo_to_dict(libpq_url(url)):
+        kwargs["application_name"] = READ_POOL_NAME  # tells its sessions apart in pg_stat_activity
+    adapters = AdaptersMap(psycopg.adapters)
+    set_json_loads(load_stored, adapters)
+
+    async def configure(conn: GuardedConnection) -> None:
+        conn.response_timeout = guard
+
+    return AsyncConnectionPool(
+        libpq_url(url),
+        connection_class=GuardedConnection,
+        kwargs={**kwargs, "autocommit": True, "context": adapters},
+        configure=configure,
+        min_size=0,
+        max_size=settings.db_read_pool_size,
+        # a checkout waits at most as long as a connection attempt may take
+        timeout=max(settings.db_connect_timeout, 1.0),
+        max_lifetime=settings.db_pool_recycle_seconds or 10 * 365 * 86400.0,  # 0: never
+        open=False,
+        name=READ_POOL_NAME,
+    )
+
+
+async def read_pool() -> AsyncConnectionPool[Any]:
+    """The reads' pool of the current engine (see ``_make_read_pool``), opened on first use."""
+    global _read_pool_opened
+    if _read_pool is None:
+        raise RuntimeError("database engine not initialised; call pie.db.init_engine()")
+    if not _read_pool_opened:
+        await _read_pool.open()
+        _read_pool_opened = True
+    return _read_pool
 
 
 def init_engine(url: str, settings: Any = None, **kwargs: Any) -> AsyncEngine:
     """Create (or replace) the process-wide engine (pool size and timeouts from ``settings``,
     default the process settings)."""
-    global _engine, _sessionmaker, _url
+    global _engine, _sessionmaker, _url, _read_pool, _read_pool_opened
     from pie.config import get_settings
 
     settings = settings or get_settings()
@@ -147,6 +206,7 @@ def init_engine(url: str, settings: Any = None, **kwargs: Any) -> AsyncEngine:
     kwargs.setdefault("json_deserializer", load_stored)  # any stored depth loads
     _url = libpq_url(url)
     _engine = create_async_engine(async_url(url), **kwargs)
+    _read_pool, _read_pool_opened = _make_read_pool(url, settings), False
     _sessionmaker = async_sessionmaker(_engine, expire_on_commit=False, autoflush=True)
     return _engine
 
@@ -169,12 +229,36 @@ def sessionmaker() -> async_sessionmaker[AsyncSession]:
     return _sessionmaker
 
 
+@dataclass(frozen=True)
+class EngineState:
+    engine: AsyncEngine | None
+    sessionmaker: async_sessionmaker[AsyncSession] | None
+    url: str | None
+    read_pool: AsyncConnectionPool[Any] | None
+    read_pool_opened: bool
+
+
+def save_engine() -> EngineState:
+    """The process-wide engine and reads' pool, to put back with ``restore_engine`` (tests that
+    point the process at another database for a while)."""
+    return EngineState(_engine, _sessionmaker, _url, _read_pool, _read_pool_opened)
+
+
+def restore_engine(state: EngineState) -> None:
+    global _engine, _sessionmaker, _url, _read_pool, _read_pool_opened
+    _engine, _sessionmaker, _url = state.engine, state.sessionmaker, state.url
+    _read_pool, _read_pool_opened = state.read_pool, state.read_pool_opened
+
+
 async def dispose_engine() -> None:
-    global _engine, _sessionmaker
+    global _engine, _sessionmaker, _read_pool, _read_pool_opened
     if _engine is not None:
         await _engine.dispose()
+    if _read_pool is not None and _read_pool_opened:
+        await _read_pool.close()
     _engine = None
     _sessionmaker = None
+    _read_pool, _read_pool_opened = None, False
 
 
 async def get_session() -> AsyncIterator[AsyncSession]:

@@ -1,12 +1,14 @@
-"""Hot reads (README: Performance): one statement on a pooled connection in autocommit (no ORM
-session, no identity map, no BEGIN/COMMIT round trips for a single read), and the answer
-serialized once, by the response model's own pydantic-core serializer.
+"""Hot reads (README: Performance): one statement on an autocommit connection (no ORM session,
+no identity map, no BEGIN/COMMIT round trips for a single read), and the answer serialized
+once, by the response model's own pydantic-core serializer.
 
-The statement is a SQLAlchemy Core construct compiled once for the engine's dialect; it runs
-on the pooled connection's psycopg driver connection directly (no per-statement greenlet hops
-or result-proxy work); ``before_cursor_execute`` listeners of the engine are called (with no
-execution context), so statement counters still see it. A database error is raised as SQLAlchemy's wrapped exception (the 503
-envelope of ``pie.errors``), and a connection it broke is invalidated, as SQLAlchemy would.
+The statement is a SQLAlchemy Core construct compiled once for the engine's dialect; it runs on
+a connection of the reads' own pool (``pie.db.read_pool``: psycopg's pool, autocommit, the
+engine's timeouts and JSON loader), which costs a fraction of a SQLAlchemy checkout plus two
+autocommit switches. ``before_cursor_execute`` listeners of the engine are called (with no
+connection or execution context), so statement counters still see it. A database error is
+raised as SQLAlchemy's wrapped exception (the 503 envelope of ``pie.errors``); a connection it
+broke is discarded by the pool when it comes back.
 
 Routes using :func:`json_response` keep ``response_model=`` for the OpenAPI document; FastAPI
 skips its own response validation for an endpoint that returns a ``Response``."""
@@ -24,7 +26,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 
-from pie import db
+from pie import db, metrics
 
 _compiled: dict[tuple[int, int], tuple[str, dict[str, Any]]] = {}
 
@@ -40,38 +42,36 @@ def _sql(stmt: ClauseElement) -> tuple[str, dict[str, Any]]:
     return found
 
 
-def announce(conn: AsyncConnection, cursor: Any, sql: str, params: Any) -> None:
+def announce(conn: AsyncConnection | None, cursor: Any, sql: str, params: Any) -> None:
     """Call the engine's ``before_cursor_execute`` listeners (statement counters) for a
-    statement run on the driver connection directly."""
-    listeners = conn.sync_engine.dispatch.before_cursor_execute
+    statement run on a driver connection directly (``conn``: the engine connection it belongs
+    to; None for the reads' own pool)."""
+    engine = db.get_engine().sync_engine
+    listeners = engine.dispatch.before_cursor_execute
     if listeners:
         for listener in listeners:
-            listener(conn.sync_connection, cursor, sql, params, None, False)
+            listener(conn.sync_connection if conn is not None else None, cursor, sql, params, None, False)
 
 
 async def fetch_one(stmt: ClauseElement, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The first row of ``stmt`` (a module-level constant: its SQL is compiled once) as a dict
-    (None when there is none), read outside any transaction."""
+    (None when there is none), read outside any transaction on an autocommit connection of the
+    reads' pool (``pie.db.read_pool``)."""
     sql, constants = _sql(stmt)
     params = {**constants, **(params or {})}
-    async with db.get_engine().connect() as conn:
-        raw = await conn.get_raw_connection()
-        pg: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
-        try:
-            await pg.set_autocommit(True)
+    try:
+        pool = await db.read_pool()
+        async with pool.connection() as pg:
+            metrics.DB_POOL_IN_USE.inc()
             try:
                 cur = pg.cursor(row_factory=dict_row)
-                announce(conn, cur, sql, params)
+                announce(None, cur, sql, params)
                 await cur.execute(sql, params)
                 return await cur.fetchone()
             finally:
-                if not pg.closed:
-                    await pg.set_autocommit(False)
-        except psycopg.Error as exc:
-            broken = pg.closed or pg.broken
-            if broken:
-                await conn.invalidate(exc)
-            raise sa_exc.DBAPIError.instance(sql, params, exc, psycopg.Error, connection_invalidated=broken) from exc
+                metrics.DB_POOL_IN_USE.dec()
+    except psycopg.Error as exc:  # PoolTimeout included (an OperationalError)
+        raise sa_exc.DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
 
 
 def json_response(model: type[BaseModel], data: Mapping[str, Any], status_code: int = 200) -> Response:
