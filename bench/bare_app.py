@@ -18,8 +18,17 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-POOL_SIZE = int(os.environ.get("BARE_POOL_SIZE", "10"))
-pool = AsyncConnectionPool(os.environ.get("BARE_DATABASE_URL", ""), min_size=POOL_SIZE, max_size=POOL_SIZE, open=False)
+POOL_SIZE = int(os.environ.get("BARE_POOL_SIZE", "32"))  # as PIE's pools (PIE_DB_POOL_SIZE, PIE_DB_READ_POOL_SIZE)
+# opened on demand, as PIE's pools. psycopg_pool's default wraps each checkout in a transaction
+# (BEGIN ... COMMIT around a read); BARE_AUTOCOMMIT=1 reads in autocommit as PIE's reads do
+AUTOCOMMIT = os.environ.get("BARE_AUTOCOMMIT", "") == "1"
+pool = AsyncConnectionPool(
+    os.environ.get("BARE_DATABASE_URL", ""),
+    min_size=0,
+    max_size=POOL_SIZE,
+    kwargs={"autocommit": AUTOCOMMIT},
+    open=False,
+)
 
 
 @asynccontextmanager
@@ -74,7 +83,7 @@ async def get_service(client_id: str, domain_id: str, service_id: str) -> dict[s
 @app.post("/bare/models/{model_id}/versions/{version}/inference", status_code=202)
 async def inference(model_id: str, version: str, request: Request) -> dict[str, str]:
     body = json.loads(await request.body())
-    async with pool.connection() as conn:  # one transaction: insert, notify, commit
+    async with pool.connection() as conn, conn.transaction():  # one transaction: insert, notify, commit
         cur = await conn.execute(
             "INSERT INTO jobs (job_type, model_id, model_version, input) VALUES ('inference', %s, %s, %s)"
             " RETURNING job_id",

@@ -407,7 +407,7 @@ def generator_name() -> str:
 
 
 def scenario_routes(db_url: str, tmp: Path, args: argparse.Namespace) -> None:
-    pie = start_pie(db_url, tmp)
+    pie = start_pie(db_url, tmp, **dict(kv.split("=", 1) for kv in args.pie_env))
     bare = start_bare(db_url, tmp)
     try:
         s = seed(pie)
@@ -693,6 +693,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating bare/pie rounds per route (routes)")
     parser.add_argument("--waiters", type=int, default=1000)
+    parser.add_argument(
+        "--pie-env", action="append", default=[], metavar="PIE_X=VALUE", help="routes: a setting of the PIE server"
+    )
     parser.add_argument(
         "--only", action="append", default=[], help="routes scenario: only routes whose label contains this word"
     )

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=32, ge=1)
     db_max_overflow: int = Field(default=8, ge=0)
     # autocommit connections of the single-statement hot reads (pie.reads), besides the pool above
-    db_read_pool_size: int = Field(default=10, ge=1)
+    db_read_pool_size: int = Field(default=32, ge=1)
     # connections older than this are replaced at checkout (0 = never); no pre-ping per checkout
     db_pool_recycle_seconds: float = Field(default=1800.0, ge=0)
     # timeouts to the database (requests that hit one get the 503 envelope at once); 0 = none
