@@ -241,3 +241,33 @@ async def test_a_failed_commit_is_answered_once_and_never_retried_by_the_route(
     assert r.json()["message"] == "database unavailable; try again later"
     assert ran == []
     assert await counts(session) == (0, 0)
+
+
+async def test_a_failed_insert_is_answered_by_the_layer_with_the_routes_envelope(
+    client, world, session, admin, monkeypatch
+):
+    """Once the version is read the layer has released the body and answers every outcome: a
+    database error in the INSERT gets the 503 envelope of the route's error handler."""
+    from pie.registry import logic
+
+    async def route_ran(*args, **kwargs):
+        raise AssertionError("the route ran after the layer had taken the request")
+
+    real_execute = psycopg.AsyncCursor.execute
+
+    async def execute(self, query, params=None, **kwargs):
+        if isinstance(query, str) and query.startswith("WITH job AS"):
+            raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+        return await real_execute(self, query, params, **kwargs)
+
+    monkeypatch.setattr(logic, "run_inference", route_ran)
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", execute)
+    r = await client.post(URL.format(v="1"), json={"input": {"route": "A"}}, headers=admin)
+    monkeypatch.undo()
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["message"].startswith("database timeout")
+    assert await counts(session) == (0, 0)
+    # and the connection it used is fine for the next request
+    ok = await client.post(URL.format(v="1"), json={"input": {"route": "A"}}, headers=admin)
+    assert ok.status_code == 202, ok.text

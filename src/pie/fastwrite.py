@@ -17,12 +17,15 @@ refused) and applies the route's rules with the logic's own functions
 3. ``COMMIT``.
 
 Anything but that success case -- no or a bad token, a callback token, a missing permission or
-tenant, ``subscribe: true``, an unknown version or client, a failed version, an input that does
-not match the contract, a payload over its handler's limit, a malformed or oversized body, a
-database error before the commit -- rolls back (nothing was written) and hands the request,
-with its body replayed, to the regular FastAPI route, which answers it exactly as before. A
-database error *during* the commit is answered here with the route's 503/409 envelope and is
-not retried: the commit may have happened, so a second attempt could launch a second job.
+tenant, ``subscribe: true``, an unknown version or client, a malformed or oversized body, a
+database error while reading the version -- rolls back (nothing was written) and hands the
+request, with its body replayed, to the regular FastAPI route, which answers it exactly as
+before. Once the version is read, the layer answers every outcome itself (and releases the raw
+body): a failed version, an input that does not match the contract or a payload over its
+handler's limit get the route's 422 (the same functions make the same message); a database
+error in the INSERT or the COMMIT gets the envelope the route's error handler would give (503
+for an unavailable database or a timeout) and is never retried by the route -- after a failed
+COMMIT the job may exist, so a second attempt could launch a second job.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import exc as sa_exc
 from starlette.datastructures import URL
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pie import callbacks, db, idempotency, metrics
@@ -45,7 +49,7 @@ from pie.audit.context import AuditEntry
 from pie.audit.logic import row_values
 from pie.audit.routing import new_entry
 from pie.deps import bearer_principal
-from pie.errors import PieError, database_error_response, internal_error_response
+from pie.errors import PieError, Unprocessable, database_error_response, internal_error_response
 from pie.fastpath import RouteLabel, bearer_token, compile_template
 from pie.jobs.logic import NOTIFY_CHANNEL, payload_problem
 from pie.jsonbody import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITEMS, parse_bounded
@@ -76,7 +80,7 @@ _VERSION_AND_CLIENT = (
 _LAUNCH = (
     "WITH job AS ("
     " INSERT INTO jobs (job_type, model_id, model_version, input, client_id, warnings, timeout_seconds, created_by)"
-    " VALUES ('inference', %(model_id)s, %(version)s, %(input)s::jsonb, %(client_id)s, '[]'::jsonb,"
+    " VALUES ('inference', %(model_id)s, %(version)s, %(input)s, %(client_id)s, '[]'::jsonb,"
     " %(timeout_seconds)s, %(created_by)s)"
     " RETURNING job_id"
     "), audit AS ("
@@ -96,6 +100,30 @@ class _Launch:
     tenant: str | None
     input: dict[str, Any]
     entry: AuditEntry
+
+
+@dataclass
+class _Body:
+    """The request body, held once: replayed to the route when this layer hands the request
+    over, released once the layer answers every outcome itself (before the INSERT)."""
+
+    messages: list[Message]
+    data: bytes
+    released: bool = False
+
+    def release(self) -> None:
+        self.messages, self.data, self.released = [], b"", True
+
+
+def _rendered(error: PieError) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """``error`` as the app's handler renders it (``pie.errors``)."""
+    response = JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+    headers = [(k, v) for k, v in response.raw_headers if k not in (b"content-length", b"content-type")]
+    return response.status_code, bytes(response.body), headers
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
 
 
 class _Fallback(Exception):
@@ -177,12 +205,14 @@ class FastInferenceMiddleware:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(messages) > 1:  # one copy of the body from here on: the chunks are released
             messages = [{"type": "http.request", "body": body, "more_body": False}]
-            del chunks
+        held = _Body(messages, body)
+        del body, chunks, messages  # ``held`` alone keeps the body (see _Body.release)
 
         scope.setdefault("state", {})["principal"] = principal  # the access line names the caller
-        answer = await self._launch(scope, principal, match.groupdict(), body)
+        answer = await self._launch(scope, principal, match.groupdict(), held)
         if answer is None:
-            await self.app(scope, _replaying(messages, None, receive), send)
+            assert not held.released
+            await self.app(scope, _replaying(held.messages, None, receive), send)
             return
         scope["route"] = ROUTE
         status, content, headers = answer
@@ -200,14 +230,14 @@ class FastInferenceMiddleware:
         await send({"type": "http.response.body", "body": content})
 
     async def _launch(
-        self, scope: Scope, principal: Any, path: dict[str, str], body: bytes
+        self, scope: Scope, principal: Any, path: dict[str, str], held: _Body
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
-        """The job launched and committed (202 and its body), an envelope when the commit
-        failed, or None when the route must answer."""
+        """The job launched and committed (202 and its body), an envelope when the INSERT or
+        the commit failed, or None when the route must answer."""
         settings = scope["app"].state.settings
         try:
             parsed = parse_bounded(
-                body,
+                held.data,
                 max_depth=getattr(settings, "json_max_depth", DEFAULT_MAX_DEPTH),
                 max_items=getattr(settings, "json_max_items", DEFAULT_MAX_ITEMS),
             )
@@ -227,13 +257,13 @@ class FastInferenceMiddleware:
             async with db.get_engine().connect() as conn:
                 raw = await conn.get_raw_connection()
                 pg: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
-                job_id = await self._insert(conn, pg, settings, launch, URL(scope=scope).path)
-                if job_id is None:
-                    return None
+                job_id = await self._insert(conn, pg, settings, launch, held, scope)
+                if not isinstance(job_id, str):
+                    return job_id  # the route's (None) or the INSERT's error envelope
                 try:
                     await pg.commit()
                 except psycopg.Error as exc:
-                    return await self._commit_failed(conn, pg, exc, scope)
+                    return await self._failed(conn, pg, exc, scope, "COMMIT")
         except (sa_exc.SQLAlchemyError, OSError):  # no connection: the route answers (its 503)
             return None
         metrics.jobs_created(["inference"])()
@@ -241,10 +271,12 @@ class FastInferenceMiddleware:
         return 202, content, []
 
     async def _insert(
-        self, conn: Any, pg: psycopg.AsyncConnection[Any], settings: Any, launch: _Launch, path: str
-    ) -> str | None:
-        """Statements 1 and 2 (see the module docstring); None after a rollback when the route
-        must answer."""
+        self, conn: Any, pg: psycopg.AsyncConnection[Any], settings: Any, launch: _Launch, held: _Body, scope: Scope
+    ) -> str | tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        """Statements 1 and 2 (see the module docstring): the job id; None after a rollback when
+        the route must answer (anything found by statement 1 and the checks); the error
+        envelope when statement 2 fails (the body is released by then: answered here, as the
+        route's error handler would)."""
         model_id, version, tenant = launch.model_id, launch.version, launch.tenant
         try:
             cur = pg.cursor()
@@ -253,13 +285,25 @@ class FastInferenceMiddleware:
             announce(conn, cur, sql, params)
             await cur.execute(sql, params)
             found = await cur.fetchone()
-            if found is None:  # no such version, or the tenant is missing or suspended
-                raise _Fallback
-            status, handlers, contracts = found
-            if inference_problem(model_id, version, status, contracts, launch.input) is not None:
-                raise _Fallback
-            handler = handlers.get("inference") if isinstance(handlers, dict) else None
-            handler = handler if isinstance(handler, dict) else None
+        except psycopg.Error as exc:
+            found = None
+            if pg.closed or pg.broken:
+                await conn.invalidate(exc)
+        if found is None:  # no such version, the tenant missing or suspended, a database error
+            if not (pg.closed or pg.broken):
+                with contextlib.suppress(psycopg.Error):
+                    await pg.rollback()  # nothing was written: undo the locks
+            return None
+
+        # From here this layer answers every outcome itself (the route would answer the same,
+        # through the same functions), so the raw body is released: a large body, its Python
+        # objects, its JSON text and libpq's copy of it are never all held at once.
+        held.release()
+        status, handlers, contracts = found
+        problem = inference_problem(model_id, version, status, contracts, launch.input)
+        handler = handlers.get("inference") if isinstance(handlers, dict) else None
+        handler = handler if isinstance(handler, dict) else None
+        if problem is None:
             problem = payload_problem(
                 settings,
                 handler,
@@ -269,58 +313,56 @@ class FastInferenceMiddleware:
                 input=launch.input,
                 client_id=tenant,
             )
-            if problem is not None:
-                raise _Fallback
-            # serialized once (as Jsonb would), then the parsed objects are released: a large
-            # body's Python objects and its JSON text are not held together with libpq's copy
-            input_json = json.dumps(launch.input)
-            launch.input = {}
-            audit = row_values(launch.entry, method="POST", path=path)
-            params = {
-                "model_id": model_id,
-                "version": version,
-                "input": input_json,
-                "client_id": tenant,
-                "timeout_seconds": handler.get("timeout_seconds") if handler else None,
-                "created_by": Jsonb(launch.entry.actor),
-                "action": audit["action"],
-                "method": audit["method"],
-                "path": audit["path"],
-                "target_type": audit["target_type"],
-                "audit_client_id": audit["client_id"],
-                "request_id": audit["request_id"],
-                "actor_sub": audit["actor_sub"],
-                "actor_username": audit["actor_username"],
-                "actor_client_id": audit["actor_client_id"],
-                "summary": Jsonb(audit["summary"]),
-                "channel": NOTIFY_CHANNEL,
-            }
-            del input_json
+            problem = None if problem is None else f"job payload too large: {problem}"  # create_job's message
+        if problem is not None:
+            with contextlib.suppress(psycopg.Error):
+                await pg.rollback()
+            return _rendered(Unprocessable(problem))
+        input_json = json.dumps(launch.input).encode()
+        launch.input = {}
+        audit = row_values(launch.entry, method="POST", path=URL(scope=scope).path)
+        params = {
+            "model_id": model_id,
+            "version": version,
+            "input": Jsonb(input_json, dumps=_as_is),
+            "client_id": tenant,
+            "timeout_seconds": handler.get("timeout_seconds") if handler else None,
+            "created_by": Jsonb(launch.entry.actor),
+            "action": audit["action"],
+            "method": audit["method"],
+            "path": audit["path"],
+            "target_type": audit["target_type"],
+            "audit_client_id": audit["client_id"],
+            "request_id": audit["request_id"],
+            "actor_sub": audit["actor_sub"],
+            "actor_username": audit["actor_username"],
+            "actor_client_id": audit["actor_client_id"],
+            "summary": Jsonb(audit["summary"]),
+            "channel": NOTIFY_CHANNEL,
+        }
+        del input_json
+        try:
             announce(conn, cur, _LAUNCH, params)
             await cur.execute(_LAUNCH, params)
             row = await cur.fetchone()
-            assert row is not None
-            return str(row[0])
-        except (_Fallback, psycopg.Error) as exc:
-            # nothing was committed: undo the locks (and any insert) and let the route answer
-            if not (pg.closed or pg.broken):
-                with contextlib.suppress(psycopg.Error):
-                    await pg.rollback()
-            if (pg.closed or pg.broken) and isinstance(exc, psycopg.Error):
-                await conn.invalidate(exc)
-            return None
+        except psycopg.Error as exc:
+            return await self._failed(conn, pg, exc, scope, "INSERT")
+        assert row is not None
+        return str(row[0])
 
-    async def _commit_failed(
-        self, conn: Any, pg: psycopg.AsyncConnection[Any], exc: psycopg.Error, scope: Scope
+    async def _failed(
+        self, conn: Any, pg: psycopg.AsyncConnection[Any], exc: psycopg.Error, scope: Scope, statement: str
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        """The commit's outcome is unknown or negative: answer as the route's error handler would
-        (never retried here: the job may exist)."""
+        """The INSERT failed, or the COMMIT's outcome is unknown or negative: roll back and
+        answer as the route's error handler would (never retried by the route: after a failed
+        COMMIT the job may exist)."""
         broken = pg.closed or pg.broken
         if broken:
             await conn.invalidate(exc)
         else:
-            await pg.rollback()
-        wrapped = sa_exc.DBAPIError.instance("COMMIT", {}, exc, psycopg.Error, connection_invalidated=broken)
+            with contextlib.suppress(psycopg.Error):
+                await pg.rollback()
+        wrapped = sa_exc.DBAPIError.instance(statement, {}, exc, psycopg.Error, connection_invalidated=broken)
         request_id = (scope.get("state") or {}).get("request_id", "-")
         response = database_error_response(wrapped)
         if response is None:
