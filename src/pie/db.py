@@ -150,8 +150,9 @@ def _make_read_pool(url: str, settings: Any) -> AsyncConnectionPool[Any]:
 
     from pie.jsonbody import load_stored
 
+    url = libpq_url(url)
     kwargs, guard = _driver_options(settings)
-    if "application_name" not in psycopg.conninfo.conninfo_to_dict(libpq_url(url)):
+    if "application_name" not in psycopg.conninfo.conninfo_to_dict(url):
         kwargs["application_name"] = READ_POOL_NAME  # tells its sessions apart in pg_stat_activity
     adapters = AdaptersMap(psycopg.adapters)
     set_json_loads(load_stored, adapters)
@@ -160,7 +161,7 @@ def _make_read_pool(url: str, settings: Any) -> AsyncConnectionPool[Any]:
         conn.response_timeout = guard
 
     return AsyncConnectionPool(
-        libpq_url(url),
+        url,
         connection_class=GuardedConnection,
         kwargs={**kwargs, "autocommit": True, "context": adapters},
         configure=configure,

@@ -41,7 +41,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import exc as sa_exc
 from starlette.datastructures import URL
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pie import callbacks, db, idempotency, metrics
@@ -115,19 +115,22 @@ class _Body:
         self.messages, self.data, self.released = [], b"", True
 
 
-def _rendered(error: PieError) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    """``error`` as the app's handler renders it (``pie.errors``)."""
-    response = JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, JSON body, further headers
+
+
+def _answer(response: Response) -> Answer:
+    """A rendered JSON response as the layer sends it (it writes the length and type itself)."""
     headers = [(k, v) for k, v in response.raw_headers if k not in (b"content-length", b"content-type")]
     return response.status_code, bytes(response.body), headers
 
 
+def _rendered(error: PieError) -> Answer:
+    """``error`` as the app's handler renders it (``pie.errors``)."""
+    return _answer(JSONResponse(error.body(), status_code=error.status_code, headers=error.headers))
+
+
 def _as_is(data: bytes) -> bytes:
     return data
-
-
-class _Fallback(Exception):
-    """Not the success case: the route answers."""
 
 
 def _is_json(content_type: bytes | None) -> bool:
@@ -187,20 +190,20 @@ class FastInferenceMiddleware:
 
         messages: list[Message] = []
         chunks: list[bytes] = []
+        complete = False
         try:
-            while True:
+            while not complete:
                 message = await receive()
                 messages.append(message)
                 if message["type"] != "http.request":
-                    raise _Fallback  # the client went away: the route sees the disconnect
+                    break  # the client went away: the route sees the disconnect
                 chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-        except _Fallback:
-            await self.app(scope, _replaying(messages, None, receive), send)
-            return
+                complete = not message.get("more_body", False)
         except Exception as exc:  # the body limit's 413 and the like: raised again for the route
             await self.app(scope, _replaying(messages, exc, receive), send)
+            return
+        if not complete:
+            await self.app(scope, _replaying(messages, None, receive), send)
             return
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(messages) > 1:  # one copy of the body from here on: the chunks are released
@@ -229,9 +232,7 @@ class FastInferenceMiddleware:
         )
         await send({"type": "http.response.body", "body": content})
 
-    async def _launch(
-        self, scope: Scope, principal: Any, path: dict[str, str], held: _Body
-    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+    async def _launch(self, scope: Scope, principal: Any, path: dict[str, str], held: _Body) -> Answer | None:
         """The job launched and committed (202 and its body), an envelope when the INSERT or
         the commit failed, or None when the route must answer."""
         settings = scope["app"].state.settings
@@ -254,25 +255,28 @@ class FastInferenceMiddleware:
         del parsed, request  # the input's objects live in ``launch`` alone (released before the INSERT)
 
         try:
-            async with db.get_engine().connect() as conn:
-                raw = await conn.get_raw_connection()
-                pg: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
-                job_id = await self._insert(conn, pg, settings, launch, held, scope)
-                if not isinstance(job_id, str):
-                    return job_id  # the route's (None) or the INSERT's error envelope
-                try:
-                    await pg.commit()
-                except psycopg.Error as exc:
-                    return await self._failed(conn, pg, exc, scope, "COMMIT")
+            conn = await db.get_engine().connect()
         except (sa_exc.SQLAlchemyError, OSError):  # no connection: the route answers (its 503)
             return None
+        try:
+            raw = await conn.get_raw_connection()
+            pg: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+            job_id = await self._insert(conn, pg, settings, launch, held, scope)
+            if not isinstance(job_id, str):
+                return job_id  # the route's (None) or the INSERT's error envelope
+            try:
+                await pg.commit()
+            except psycopg.Error as exc:
+                return await self._failed(conn, pg, exc, scope, "COMMIT")
+        finally:
+            await conn.close()
         metrics.jobs_created(["inference"])()
         content = json.dumps({"inference_job_id": job_id}, separators=(",", ":")).encode()
         return 202, content, []
 
     async def _insert(
         self, conn: Any, pg: psycopg.AsyncConnection[Any], settings: Any, launch: _Launch, held: _Body, scope: Scope
-    ) -> str | tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+    ) -> str | Answer | None:
         """Statements 1 and 2 (see the module docstring): the job id; None after a rollback when
         the route must answer (anything found by statement 1 and the checks); the error
         envelope when statement 2 fails (the body is released by then: answered here, as the
@@ -313,7 +317,6 @@ class FastInferenceMiddleware:
                 input=launch.input,
                 client_id=tenant,
             )
-            problem = None if problem is None else f"job payload too large: {problem}"  # create_job's message
         if problem is not None:
             with contextlib.suppress(psycopg.Error):
                 await pg.rollback()
@@ -352,7 +355,7 @@ class FastInferenceMiddleware:
 
     async def _failed(
         self, conn: Any, pg: psycopg.AsyncConnection[Any], exc: psycopg.Error, scope: Scope, statement: str
-    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    ) -> Answer:
         """The INSERT failed, or the COMMIT's outcome is unknown or negative: roll back and
         answer as the route's error handler would (never retried by the route: after a failed
         COMMIT the job may exist)."""
@@ -370,5 +373,4 @@ class FastInferenceMiddleware:
             response = internal_error_response(request_id)
         else:
             log.warning("request %s POST %s: %s", request_id, scope.get("path"), wrapped.__class__.__name__)
-        headers = [(k, v) for k, v in response.raw_headers if k not in (b"content-length", b"content-type")]
-        return response.status_code, bytes(response.body), headers
+        return _answer(response)

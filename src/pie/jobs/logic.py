@@ -64,7 +64,8 @@ def payload_problem(
     service_id: str | None = None,
 ) -> str | None:
     """Why the payload a dispatch would build for this job exceeds the limit of ``handler``'s
-    type, or None. Shaped as a dispatch builds it: a job id and a callback token of the real length."""
+    type (the 422 message), or None. Shaped as a dispatch builds it: a job id and a callback
+    token of the real length."""
     shaped = SimpleNamespace(
         job_id=str(uuid.UUID(int=0)),
         job_type=job_type,
@@ -78,7 +79,8 @@ def payload_problem(
         features=features,
     )
     payload = build_payload(settings, shaped, callbacks.placeholder(shaped, callback_token_ttl(settings, handler)))
-    return payload_limit_problem(settings, handler, payload)
+    problem = payload_limit_problem(settings, handler, payload)
+    return None if problem is None else f"job payload too large: {problem}"
 
 
 async def create_job(
@@ -147,7 +149,7 @@ async def create_job(
         service_id=service_id,
     )
     if problem is not None:
-        raise Unprocessable(f"job payload too large: {problem}")
+        raise Unprocessable(problem)
     session.add(job)
     await session.flush()  # INSERT ... RETURNING the server defaults (Job: eager_defaults)
     await notify_new_jobs(session)
