@@ -180,10 +180,8 @@ async def _with_types(session: AsyncSession, rows: list[WebhookDelivery]) -> lis
     types: dict[uuid.UUID, str] = {}
     if rows:
         ids = sorted({r.event_id for r in rows})
-        types = dict(
-            (await session.execute(select(WebhookEvent.id, WebhookEvent.type).where(WebhookEvent.id.in_(ids))))
-            .tuples()
-            .all()
+        stmt = select(WebhookEvent.id, WebhookEvent.type).where(WebhookEvent.id.in_(ids))
+        types = {row.id: row.type for row in (await session.execute(stmt)).all()}
         )
     return [
         {
