@@ -182,7 +182,6 @@ async def _with_types(session: AsyncSession, rows: list[WebhookDelivery]) -> lis
         ids = sorted({r.event_id for r in rows})
         stmt = select(WebhookEvent.id, WebhookEvent.type).where(WebhookEvent.id.in_(ids))
         types = {row.id: row.type for row in (await session.execute(stmt)).all()}
-        )
     return [
         {
             "id": r.id,
