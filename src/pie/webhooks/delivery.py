@@ -6,7 +6,7 @@ processes share the queue; each delivery goes to one of them at a time), at most
 ``PIE_WEBHOOKS_ENDPOINT_CONCURRENCY`` in flight per webhook per process and
 ``PIE_WEBHOOKS_CONCURRENCY`` in all, webhooks taken in random order, so one slow or dead receiver
 never takes every slot. A claim moves the delivery's ``next_attempt_at`` past a lease
-(``LEASE_SECONDS``, longer than any attempt can take): if the process dies mid-delivery, the
+(``lease_seconds``, longer than any attempt can take): if the process dies mid-delivery, the
 delivery is due again when the lease ends and is sent again with the same ``webhook-id``
 (at-least-once).
 
@@ -42,6 +42,7 @@ from typing import Any
 import httpcore
 import httpx
 import psycopg
+from psycopg.rows import namedtuple_row
 from sqlalchemy import text
 from standardwebhooks import Webhook as StandardWebhook
 
@@ -54,20 +55,24 @@ from pie.webhooks.safety import GuardedNetworkBackend, UnsafeTarget
 
 log = logging.getLogger("pie.webhooks")
 
-# a claimed delivery is not claimed again for this long (any attempt ends well before it)
-LEASE_SECONDS = 120.0
+
+# a claimed delivery is not claimed again for this long after the claim: twice the longest an
+# attempt may take, plus a margin (a process killed mid-delivery delays it by at most this)
+def lease_seconds(settings: Settings) -> float:
+    return 2 * settings.webhooks_timeout + 15.0
+
+
 RESULT_BATCH = 500
 RESULT_LINGER = 0.005  # seconds the recorder waits for more results of a burst
-CLAIM_COALESCE = 0.002  # seconds the loop waits after a wake-up for more slots to free
+CLAIM_COALESCE = 0.005  # seconds the loop waits after a slot frees for more to free
 SWEEP_INTERVAL = 600.0  # seconds between retention sweeps
 USER_AGENT = "PIE-Webhooks/2.0"
 
-_CLAIM = text(
-    """
+_CLAIM = """
     WITH hooks AS MATERIALIZED (
-        SELECT w.id, GREATEST(CAST(:per_webhook AS int) - coalesce(b.n, 0), 0) AS room
+        SELECT w.id, GREATEST(CAST(%(per_webhook)s AS int) - coalesce(b.n, 0), 0) AS room
         FROM webhooks AS w
-        LEFT JOIN unnest(CAST(:busy_ids AS uuid[]), CAST(:busy_counts AS int[])) AS b(id, n) ON b.id = w.id
+        LEFT JOIN unnest(CAST(%(busy_ids)s AS uuid[]), CAST(%(busy_counts)s AS int[])) AS b(id, n) ON b.id = w.id
         WHERE w.status = 'active'
         ORDER BY random()
     ), picked AS (
@@ -79,11 +84,11 @@ _CLAIM = text(
             LIMIT hooks.room
             FOR UPDATE SKIP LOCKED
         ) AS due
-        LIMIT :limit
+        LIMIT %(limit)s
     )
     UPDATE webhook_deliveries AS d
     SET attempts = d.attempts + 1, last_attempt_at = now(),
-        next_attempt_at = now() + make_interval(secs => :lease)
+        next_attempt_at = now() + make_interval(secs => %(lease)s)
     FROM picked, webhook_events AS e, webhooks AS w
     WHERE d.id = picked.id AND e.id = d.event_id AND w.id = d.webhook_id
     RETURNING d.id, d.event_id, d.webhook_id, d.attempts, e.type, e.data, e.created_at AS event_at,
@@ -91,37 +96,35 @@ _CLAIM = text(
         CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END AS previous_secret,
         EXTRACT(EPOCH FROM now() - e.created_at) AS age_seconds
     """
-)
 # one statement per batch of results; the retry window and the clock are the database's
-_RECORD = text(
-    """
+_RECORD = """
     UPDATE webhook_deliveries AS d SET
         status = CASE WHEN r.outcome = 'delivered' THEN 'delivered'
                       WHEN r.outcome = 'gone' THEN 'failed'
-                      WHEN d.created_at + make_interval(secs => :window) <= now() THEN 'failed'
+                      WHEN d.created_at + make_interval(secs => %(window)s) <= now() THEN 'failed'
                       ELSE 'pending' END,
         delivered_at = CASE WHEN r.outcome = 'delivered' THEN now() END,
         next_attempt_at = CASE WHEN r.outcome IN ('delivered', 'gone') THEN now()
                                ELSE now() + make_interval(secs => r.delay) END,
         last_status_code = r.code, last_error = r.error, last_response = r.response
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:outcomes AS text[]), CAST(:codes AS int[]),
-                CAST(:errors AS text[]), CAST(:responses AS text[]), CAST(:delays AS double precision[]))
+    FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(outcomes)s AS text[]), CAST(%(codes)s AS int[]),
+                CAST(%(errors)s AS text[]), CAST(%(responses)s AS text[]), CAST(%(delays)s AS double precision[]))
          AS r(id, outcome, code, error, response, delay)
     WHERE d.id = r.id AND d.status = 'pending'
     RETURNING d.status
     """
-)
-_DISABLE_GONE = text(
+# ... and, for a batch with 410s, the webhooks disabled in the same statement
+_RECORD_AND_DISABLE = f"""
+    WITH recorded AS ({_RECORD}), disabled AS (
+        UPDATE webhooks SET status = 'disabled', updated_at = now(),
+            disabled_reason = 'the receiver answered 410 Gone at '
+                || to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+        WHERE id = ANY(CAST(%(gone)s AS uuid[])) AND status = 'active'
+    )
+    SELECT status FROM recorded
     """
-    UPDATE webhooks SET status = 'disabled', updated_at = now(),
-        disabled_reason = 'the receiver answered 410 Gone at ' || to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
-    WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'active'
-    """
-)
 # deliveries this process claimed and did not attempt (stopping): due again at once
-_RELEASE = text(
-    "UPDATE webhook_deliveries SET next_attempt_at = now() WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'pending'"
-)
+_RELEASE = "UPDATE webhook_deliveries SET next_attempt_at = now() WHERE id = ANY(CAST(%(ids)s AS bigint[])) AND status = 'pending'"
 # retention: events older than the retention with nothing left to deliver (their log goes with
 # them), in bounded batches
 _SWEEP = text(
@@ -267,6 +270,8 @@ class Deliverer:
         self._idle.set()
         self._stopping = False
         self._last_sweep = 0.0
+        # the claims' and the results' own autocommit connections: one round trip per statement
+        self._conns: dict[str, psycopg.AsyncConnection[Any]] = {}
 
     async def start(self) -> None:
         self._client = make_client(self.settings)
@@ -303,8 +308,11 @@ class Deliverer:
         leftover = sorted(self._claimed)
         if leftover:
             with contextlib.suppress(Exception):
-                async with db.get_engine().begin() as conn:
-                    await conn.execute(_RELEASE, {"ids": leftover})
+                await self._execute("results", _RELEASE, {"ids": leftover})
+        for conn in self._conns.values():
+            with contextlib.suppress(Exception):
+                await conn.close()
+        self._conns.clear()
         if self._client is not None:
             await self._client.aclose()
         log.info("webhook delivery %s stopped after %d deliveries", self.name, self.delivered)
@@ -357,7 +365,8 @@ class Deliverer:
                 continue  # a full batch: more may be due right now
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.webhooks_poll_interval)
-            await asyncio.sleep(CLAIM_COALESCE)  # let a burst of freed slots / notifies gather
+            if self._inflight:
+                await asyncio.sleep(CLAIM_COALESCE)  # more slots free meanwhile: one claim for them all
 
     async def claim_and_send(self) -> tuple[int, bool]:
         """Claim up to the free slots of due deliveries and start their attempts; (claimed, every
@@ -366,19 +375,17 @@ class Deliverer:
         if free <= 0:
             return 0, False
         busy = [(str(w), n) for w, n in self._busy.items() if n > 0]
-        async with db.get_engine().begin() as conn:
-            rows = (
-                await conn.execute(
-                    _CLAIM,
-                    {
-                        "per_webhook": self.settings.webhooks_endpoint_concurrency,
-                        "busy_ids": [b[0] for b in busy],
-                        "busy_counts": [b[1] for b in busy],
-                        "limit": free,
-                        "lease": LEASE_SECONDS,
-                    },
-                )
-            ).all()
+        rows = await self._execute(
+            "claims",
+            _CLAIM,
+            {
+                "per_webhook": self.settings.webhooks_endpoint_concurrency,
+                "busy_ids": [b[0] for b in busy],
+                "busy_counts": [b[1] for b in busy],
+                "limit": free,
+                "lease": lease_seconds(self.settings),
+            },
+        )
         for row in rows:
             self._claimed.add(row.id)
             self._inflight[row.id] = row.webhook_id
@@ -412,7 +419,7 @@ class Deliverer:
             while len(batch) < RESULT_BATCH and not self._results.empty():
                 batch.append(self._results.get_nowait())
             try:
-                await self._record(batch, retry_for=LEASE_SECONDS / 2)
+                await self._record(batch, retry_for=lease_seconds(self.settings) / 2)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -429,16 +436,14 @@ class Deliverer:
             "responses": [r.response for r in batch],
             "delays": [r.delay for r in batch],
             "window": self.settings.webhooks_retry_hours * 3600.0,
+            "gone": sorted({str(r.webhook_id) for r in batch if r.outcome == "gone"}),
         }
-        gone = sorted({str(r.webhook_id) for r in batch if r.outcome == "gone"})
+        gone = params["gone"]
         deadline = time.monotonic() + retry_for
         delay = 0.1
         while True:
             try:
-                async with db.get_engine().begin() as conn:
-                    statuses = list((await conn.execute(_RECORD, params)).scalars())
-                    if gone:
-                        await conn.execute(_DISABLE_GONE, {"ids": gone})
+                statuses = [row.status for row in await self._execute("results", _RECORD_AND_DISABLE, params)]
                 break
             except asyncio.CancelledError:
                 raise
@@ -463,6 +468,21 @@ class Deliverer:
         metrics.webhook_deliveries_ended(ended)
         for webhook_id in gone:
             log.warning("webhook %s disabled: its receiver answered 410 Gone", webhook_id)
+
+    async def _execute(self, purpose: str, sql: str, params: dict[str, Any]) -> list[Any]:
+        """Run one statement on this loop's own autocommit connection for ``purpose`` (opened on
+        first use; a connection that failed is closed and opened again next time)."""
+        conn = self._conns.get(purpose)
+        if conn is None or conn.closed:
+            conn = self._conns[purpose] = await db.connect(self.settings, autocommit=True, row_factory=namedtuple_row)
+        try:
+            cursor = await conn.execute(sql, params)
+            return await cursor.fetchall() if cursor.description else []
+        except BaseException:
+            self._conns.pop(purpose, None)
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
 
     # -- retention --------------------------------------------------------------------------------
 
