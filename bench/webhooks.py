@@ -256,12 +256,13 @@ async def drain(url: str, settings, n: int, deliver: bool, receiver: ReceiverPro
         await dispatcher.stop()
         await listener.close()
         all_delivered = completed
-        if deliverer and receiver:
+        if receiver:
             while receiver.count() - before < n:
                 await asyncio.sleep(0.02)
                 if time.perf_counter() - start > 300:
                     raise SystemExit("deliveries did not finish within 300 s")
             all_delivered = time.perf_counter() - start
+        if deliverer:
             await deliverer.stop()
         ok = await count(conn, "SELECT count(*) FROM jobs WHERE status = 'success'")
         if ok != n:
@@ -358,33 +359,50 @@ async def throughput(args: argparse.Namespace) -> None:
         print(f"database: {where}; receiver: {receiver.url} (own process); cpus: {os.cpu_count()}")
         try:
             print(
-                f"\nmax: {args.jobs} echo jobs drained by one Dispatcher, alternating A (no webhook) / B (webhook + delivery loop)"
+                f"\nmax: {args.jobs} echo jobs drained by one Dispatcher; alternating A (no webhook), O (a webhook: "
+                "outbox rows written, nothing delivered meanwhile), B (a webhook and the delivery loop in the same "
+                "process, as in `pie serve`), W (a webhook and the delivery loop in another process, as in a `pie worker`)"
             )
-            results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+            results: dict[str, list[dict[str, float]]] = {k: [] for k in "AOBW"}
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                 for r in range(args.rounds):
-                    for label in ("A", "B"):
+                    for label in "AOBW":
                         await conn.execute("DELETE FROM webhooks")
-                        if label == "B":
+                        if label != "A":
                             await conn.execute(
                                 "INSERT INTO webhooks (client_id, url, events, secret) VALUES ('bench', %s, ARRAY['job.succeeded'], %s)",
                                 (receiver.url, "whsec_" + "A" * 43),
                             )
-                        out = await drain(url, settings, args.jobs, label == "B", receiver if label == "B" else None)
+                        other = None
+                        if label == "W":
+                            other = subprocess.Popen([sys.executable, __file__, "deliverer", "--url", url])
+                        try:
+                            out = await drain(
+                                url, settings, args.jobs, label == "B", receiver if label in "BW" else None
+                            )
+                        finally:
+                            if other is not None:
+                                other.terminate()
+                                other.wait(timeout=30)
                         results[label].append(out)
                         extra = (
                             f"; delivered while completing {out['delivered_while']:.0f} "
                             f"({out['delivered_while'] / out['completed_s']:.0f}/s); all delivered after {out['all_delivered_s']:.2f} s "
-                            f"({args.jobs / out['all_delivered_s']:.0f} deliveries/s overall)"
-                            if label == "B"
+                            f"({args.jobs / out['all_delivered_s']:.0f} deliveries/s end to end)"
+                            if label in "BW"
                             else ""
                         )
-                        print(f"  round {r + 1} {label}: {out['completions_per_s']:.0f} completions/s{extra}")
+                        print(
+                            f"  round {r + 1} {label}: {out['completions_per_s']:.0f} completions/s{extra}", flush=True
+                        )
                 await conn.execute("DELETE FROM webhooks")
-            a = statistics.median(x["completions_per_s"] for x in results["A"])
-            b = statistics.median(x["completions_per_s"] for x in results["B"])
-            d = statistics.median(args.jobs / x["all_delivered_s"] for x in results["B"])
-            print(f"  median: A {a:.0f}/s, B {b:.0f}/s -> B/A = {b / a:.2f}; B delivered {d:.0f}/s end to end")
+            med = {k: statistics.median(x["completions_per_s"] for x in v) for k, v in results.items()}
+            dlv = {k: statistics.median(args.jobs / x["all_delivered_s"] for x in results[k]) for k in "BW"}
+            print(
+                f"  median completions/s: A {med['A']:.0f}; O {med['O']:.0f} (O/A {med['O'] / med['A']:.2f}); "
+                f"B {med['B']:.0f} (B/A {med['B'] / med['A']:.2f}, {dlv['B']:.0f} deliveries/s); "
+                f"W {med['W']:.0f} (W/A {med['W'] / med['A']:.2f}, {dlv['W']:.0f} deliveries/s)"
+            )
 
             print(
                 f"\nrate: jobs ended through finish_jobs at a fixed rate for {args.seconds:g} s, delivery loop in the same process"
@@ -406,6 +424,23 @@ async def throughput(args: argparse.Namespace) -> None:
             receiver.stop()
             await db.dispose_engine()
             shutil.rmtree(work, ignore_errors=True)
+
+
+async def run_deliverer(url: str) -> None:
+    """A process running only the delivery loop (what a `pie worker` runs beside its dispatcher)."""
+    from pie import db
+    from pie.config import Settings
+    from pie.webhooks.delivery import Deliverer
+
+    settings = Settings(_env_file=None, database_url=url, webhooks_allow_http=True, webhooks_allow_private=True)
+    db.init_engine(url, settings)
+    deliverer = Deliverer(settings, name="bench-worker")
+    await deliverer.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await deliverer.stop()
+    await db.dispose_engine()
 
 
 # -- chaos ------------------------------------------------------------------------------------------
@@ -598,6 +633,8 @@ def main() -> None:
     rec.add_argument("--log", required=True)
     rec.add_argument("--secret")
     rec.add_argument("--delay", type=float, default=0.0)
+    dl = sub.add_parser("deliverer")
+    dl.add_argument("--url", required=True)
     tp = sub.add_parser("throughput")
     tp.add_argument("--jobs", type=int, default=5000)
     tp.add_argument("--rounds", type=int, default=2)
@@ -613,6 +650,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "receiver":
         run_receiver(args.port, args.log, args.secret, args.delay)
+    elif args.cmd == "deliverer":
+        asyncio.run(run_deliverer(args.url))
     elif args.cmd == "throughput":
         asyncio.run(throughput(args))
     else:
