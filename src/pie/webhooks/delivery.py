@@ -428,7 +428,8 @@ class Deliverer:
     async def _record(self, batch: list[Result], *, retry_for: float) -> None:
         """Record a batch in one transaction, retrying database errors for ``retry_for`` seconds
         (after that the deliveries' leases end and they are attempted again, with the same id)."""
-        params = {
+        gone = sorted({str(r.webhook_id) for r in batch if r.outcome == "gone"})
+        params: dict[str, Any] = {
             "ids": [r.delivery_id for r in batch],
             "outcomes": [r.outcome for r in batch],
             "codes": [r.status_code for r in batch],
@@ -436,9 +437,8 @@ class Deliverer:
             "responses": [r.response for r in batch],
             "delays": [r.delay for r in batch],
             "window": self.settings.webhooks_retry_hours * 3600.0,
-            "gone": sorted({str(r.webhook_id) for r in batch if r.outcome == "gone"}),
+            "gone": gone,
         }
-        gone = params["gone"]
         deadline = time.monotonic() + retry_for
         delay = 0.1
         while True:
