@@ -470,3 +470,25 @@ def test_the_webhooks_package_imports_none_of_the_capabilities_that_call_it():
                 names = [node.module]
             found += [f"{path.name}: {n}" for n in names if n.startswith(forbidden)]
     assert found == []
+
+
+async def test_the_retention_sweep_keeps_what_is_still_pending(client, session, admin, dev, receiver):
+    await make_client(session, A)
+    hook = await create_webhook(client, admin, receiver.url("/keep"), ["job.succeeded"])
+    await client.post(f"/v2/clients/{A}/webhooks/{hook['id']}/test", headers=admin)
+    async with delivering(dev):
+        await eventually(lambda: _delivered(client, admin, hook["id"]))
+    (delivered,) = await deliveries(client, admin, hook["id"])
+    # a second event stays pending (its webhook is disabled); both are older than the retention
+    await client.post(f"/v2/clients/{A}/webhooks/{hook['id']}/test", headers=admin)
+    await client.patch(f"/v2/clients/{A}/webhooks/{hook['id']}", json={"status": "disabled"}, headers=admin)
+    async with db.get_engine().begin() as conn:
+        await conn.execute(text("UPDATE webhook_events SET created_at = now() - interval '40 days'"))
+    async with delivering(dev):
+        await eventually(lambda: _log_ids(client, admin, hook["id"], delivered["id"]))
+    (left,) = await deliveries(client, admin, hook["id"])
+    assert left["status"] == "pending" and left["id"] != delivered["id"]
+
+
+async def _log_ids(client, admin, webhook_id, gone_id) -> bool:
+    return gone_id not in [d["id"] for d in await deliveries(client, admin, webhook_id)]
