@@ -492,3 +492,20 @@ async def test_the_retention_sweep_keeps_what_is_still_pending(client, session, 
 
 async def _log_ids(client, admin, webhook_id, gone_id) -> bool:
     return gone_id not in [d["id"] for d in await deliveries(client, admin, webhook_id)]
+
+
+async def test_a_graceful_stop_records_the_results_it_holds(client, session, admin, dev, receiver, monkeypatch):
+    """Stopping while a result waits to be recorded records it: the delivery is not sent again."""
+    import pie.webhooks.delivery as delivery
+
+    monkeypatch.setattr(delivery, "RESULT_LINGER", 1.0)  # the recorder holds the result when stop() comes
+    await make_client(session, A)
+    hook = await create_webhook(client, admin, receiver.url("/stop"), ["job.succeeded"])
+    await client.post(f"/v2/clients/{A}/webhooks/{hook['id']}/test", headers=admin)
+    async with delivering(dev):
+        await eventually(lambda: receiver.on("/stop"))
+    (log,) = await deliveries(client, admin, hook["id"])
+    assert log["status"] == "delivered" and log["attempts"] == 1
+    async with delivering(dev):
+        await asyncio.sleep(0.5)
+    assert len(receiver.on("/stop")) == 1

@@ -261,6 +261,7 @@ class Deliverer:
         self._client: httpx.AsyncClient | None = None
         self._inflight: dict[int, uuid.UUID] = {}  # delivery id -> webhook id (HTTP under way)
         self._claimed: set[int] = set()  # claimed by this process, result not recorded yet
+        self._recording: list[Result] = []  # the batch the recorder holds (stop() records it)
         self._busy: Counter[uuid.UUID] = Counter()
         self._results: asyncio.Queue[Result] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -296,12 +297,12 @@ class Deliverer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        # the results that arrived: recorded (a short retry only); the recorder goes after that
-        pending: list[Result] = []
-        while not self._results.empty():
-            pending.append(self._results.get_nowait())
+        # the recorder stops; the results it held and those still queued are recorded here
         self._background[2].cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        pending: list[Result] = list(self._recording)
+        while not self._results.empty():
+            pending.append(self._results.get_nowait())
         if pending:
             with contextlib.suppress(Exception):
                 await self._record(pending, retry_for=min(grace, 5.0))
@@ -414,7 +415,7 @@ class Deliverer:
 
     async def _recorder(self) -> None:
         while True:
-            batch = [await self._results.get()]
+            self._recording = batch = [await self._results.get()]
             await asyncio.sleep(RESULT_LINGER)
             while len(batch) < RESULT_BATCH and not self._results.empty():
                 batch.append(self._results.get_nowait())
@@ -424,6 +425,7 @@ class Deliverer:
                 raise
             except Exception:
                 log.exception("webhook delivery %s: recording %d results failed", self.name, len(batch))
+            self._recording = []
 
     async def _record(self, batch: list[Result], *, retry_for: float) -> None:
         """Record a batch in one transaction, retrying database errors for ``retry_for`` seconds
