@@ -509,3 +509,64 @@ async def test_a_graceful_stop_records_the_results_it_holds(client, session, adm
     async with delivering(dev):
         await asyncio.sleep(0.5)
     assert len(receiver.on("/stop")) == 1
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for the name ``localhost`` only (no IP address in it), and its key."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+async def test_https_is_verified_for_the_url_host_while_connecting_to_the_checked_address(
+    client, session, admin, dev, tmp_path, monkeypatch
+):
+    """Deliveries connect to the address the safety check resolved, and TLS is still verified
+    for the URL's host name: a certificate for `localhost` is accepted at https://localhost
+    and refused at https://127.0.0.1."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the receiver's certificate is the trusted root
+    monkeypatch.setattr(dev, "webhooks_allow_http", False)
+    with Receiver() as receiver:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        receiver.server.socket = context.wrap_socket(receiver.server.socket, server_side=True)
+        await make_client(session, A)
+        by_name = await create_webhook(client, admin, f"https://localhost:{receiver.port}/tls", ["job.succeeded"])
+        by_ip = await create_webhook(client, admin, f"https://127.0.0.1:{receiver.port}/ip", ["job.succeeded"])
+        for hook in (by_name, by_ip):
+            await client.post(f"/v2/clients/{A}/webhooks/{hook['id']}/test", headers=admin)
+        async with delivering(dev):
+            await eventually(lambda: _delivered(client, admin, by_name["id"]))
+            await eventually(lambda: _attempted(client, admin, by_ip["id"]))
+    assert verified(by_name["secret"], receiver.on("/tls")[0])["type"] == "ping"
+    assert receiver.on("/ip") == []
+    (refused,) = await deliveries(client, admin, by_ip["id"])
+    assert refused["status"] == "pending" and "certificate" in refused["last_error"].lower()
