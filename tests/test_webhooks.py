@@ -570,3 +570,21 @@ async def test_https_is_verified_for_the_url_host_while_connecting_to_the_checke
     assert receiver.on("/ip") == []
     (refused,) = await deliveries(client, admin, by_ip["id"])
     assert refused["status"] == "pending" and "certificate" in refused["last_error"].lower()
+
+
+async def test_a_suspended_client_cannot_change_its_webhooks(client, session, admin):
+    await make_client(session, A)
+    hook = await create_webhook(client, admin, "https://93.184.216.34/hook", ["job.failed"])
+    r = await client.patch(f"/v2/clients/{A}", json={"status": "suspended"}, headers=admin)
+    assert r.status_code == 200, r.text
+    base = f"/v2/clients/{A}/webhooks"
+    for method, url, body in (
+        ("POST", base, {"url": "https://93.184.216.34/other", "events": ["job.failed"]}),
+        ("PATCH", f"{base}/{hook['id']}", {"description": "x"}),
+        ("POST", f"{base}/{hook['id']}/rotate_secret", None),
+        ("POST", f"{base}/{hook['id']}/test", None),
+        ("DELETE", f"{base}/{hook['id']}", None),
+    ):
+        r = await client.request(method, url, json=body, headers=admin)
+        assert r.status_code == 422 and r.json()["message"] == f"client {A} is suspended", (method, url, r.text)
+    assert (await client.get(f"{base}/{hook['id']}", headers=admin)).status_code == 200  # still readable

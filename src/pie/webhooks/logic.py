@@ -18,6 +18,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.audit import context as audit
+from pie.clients.models import Client
 from pie.config import Settings
 from pie.errors import NotFound, Unprocessable
 from pie.pagination import PageParams, paginate
@@ -41,6 +42,16 @@ def _scope_name(client_id: str | None) -> str:
     return f"client {client_id}" if client_id is not None else "the platform"
 
 
+async def _ensure_writable(session: AsyncSession, client_id: str | None) -> None:
+    """Spec 4: every write under a suspended client is 422 (the row held FOR SHARE until the
+    write commits, as ``pie.tenancy.logic.ensure_writable`` does for the other tenant writes)."""
+    if client_id is None:
+        return
+    status = await session.scalar(select(Client.status).where(Client.client_id == client_id).with_for_update(read=True))
+    if status != "active":
+        raise Unprocessable(f"client {client_id} is suspended")
+
+
 def _check_events(client_id: str | None, events: list[str]) -> None:
     if client_id is not None:
         platform_only = sorted(set(events) & PLATFORM_ONLY)
@@ -61,6 +72,7 @@ async def create_webhook(
     session: AsyncSession, settings: Settings, client_id: str | None, body: WebhookCreate
 ) -> tuple[Webhook, str]:
     """A new active webhook and its secret (answered once, never again)."""
+    await _ensure_writable(session, client_id)
     _check_events(client_id, list(body.events))
     url = await _check_url(settings, body.url)
     secret = new_secret()
@@ -108,6 +120,7 @@ async def update_webhook(
     session: AsyncSession, settings: Settings, client_id: str | None, webhook_id: uuid.UUID, body: WebhookUpdate
 ) -> Webhook:
     webhook = await get_webhook(session, client_id, webhook_id, for_update=True)
+    await _ensure_writable(session, client_id)
     values: dict[str, Any] = {}
     if body.url is not None:
         values["url"] = await _check_url(settings, body.url)
@@ -135,6 +148,7 @@ async def update_webhook(
 async def delete_webhook(session: AsyncSession, client_id: str | None, webhook_id: uuid.UUID) -> None:
     """The webhook and its delivery log go; nothing more is sent to it."""
     webhook = await get_webhook(session, client_id, webhook_id, for_update=True)
+    await _ensure_writable(session, client_id)
     await session.execute(delete(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook.id))
     await session.execute(delete(Webhook).where(Webhook.id == webhook.id))
 
@@ -149,6 +163,7 @@ async def rotate_secret(session: AsyncSession, client_id: str | None, webhook_id
     """A new secret; the current one keeps signing too for 24 hours (both signatures are sent).
     A rotation during an overlap drops the oldest secret."""
     webhook = await get_webhook(session, client_id, webhook_id, for_update=True)
+    await _ensure_writable(session, client_id)
     secret = new_secret()
     expires = await session.scalar(select(func.now() + ROTATION_OVERLAP))
     assert expires is not None
@@ -205,6 +220,7 @@ async def _with_types(session: AsyncSession, rows: list[WebhookDelivery]) -> lis
 async def send_ping(session: AsyncSession, client_id: str | None, webhook_id: uuid.UUID) -> uuid.UUID:
     """Queue a ``ping`` event for this webhook only (delivered like any event)."""
     webhook = await get_webhook(session, client_id, webhook_id)
+    await _ensure_writable(session, client_id)
     if webhook.status != "active":
         raise Unprocessable(f"webhook {webhook_id} is disabled; enable it (PATCH status active) to test it")
     event_id = await session.scalar(
