@@ -588,3 +588,21 @@ async def test_a_suspended_client_cannot_change_its_webhooks(client, session, ad
         r = await client.request(method, url, json=body, headers=admin)
         assert r.status_code == 422 and r.json()["message"] == f"client {A} is suspended", (method, url, r.text)
     assert (await client.get(f"{base}/{hook['id']}", headers=admin)).status_code == 200  # still readable
+
+
+async def test_a_slow_receiver_does_not_hold_up_the_others(client, session, admin, dev, receiver):
+    """At most PIE_WEBHOOKS_ENDPOINT_CONCURRENCY attempts per webhook at once: a slow receiver
+    with a backlog leaves the other slots to the other webhooks."""
+    await make_client(session, A)
+    slow = await create_webhook(client, admin, receiver.url("/slow"), ["job.succeeded"])
+    fast = await create_webhook(client, admin, receiver.url("/fast"), ["job.succeeded"])
+    receiver.delays["/slow"] = 1.0
+    for _ in range(12):
+        await client.post(f"/v2/clients/{A}/webhooks/{slow['id']}/test", headers=admin)
+    async with delivering(dev, webhooks_endpoint_concurrency=2, webhooks_concurrency=4):
+        await eventually(lambda: receiver.on("/slow"))
+        await client.post(f"/v2/clients/{A}/webhooks/{fast['id']}/test", headers=admin)
+        await eventually(lambda: receiver.on("/fast"), timeout=3.0)  # not behind the slow backlog
+        assert len(receiver.on("/slow")) < 12
+        await eventually(lambda: len(receiver.on("/slow")) == 12)
+    assert receiver.most_active["/slow"] == 2  # never more than the bound at once

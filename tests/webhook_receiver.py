@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,6 +22,9 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.plans: dict[str, deque[tuple[int, bytes]]] = defaultdict(deque)
+        self.delays: dict[str, float] = {}  # seconds a path takes to answer
+        self.active: Counter[str] = Counter()  # requests being answered, per path
+        self.most_active: Counter[str] = Counter()  # the most at once, per path
         self.lock = threading.Lock()
         receiver = self
 
@@ -31,6 +34,12 @@ class Receiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length)
+                with receiver.lock:
+                    receiver.active[self.path] += 1
+                    receiver.most_active[self.path] = max(receiver.most_active[self.path], receiver.active[self.path])
+                time.sleep(receiver.delays.get(self.path, 0.0))
+                with receiver.lock:
+                    receiver.active[self.path] -= 1
                 with receiver.lock:
                     receiver.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                     plan = receiver.plans[self.path]

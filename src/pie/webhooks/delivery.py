@@ -63,8 +63,11 @@ def lease_seconds(settings: Settings) -> float:
 
 
 RESULT_BATCH = 500
-RESULT_LINGER = 0.005  # seconds the recorder waits for more results of a burst
-CLAIM_COALESCE = 0.005  # seconds the loop waits after a slot frees for more to free
+RESULT_LINGER = 0.01  # seconds the recorder waits for more results of a burst
+CLAIM_COALESCE = 0.01  # seconds the loop waits after a slot frees for more to free
+# a process claims up to this many times its attempt slots (per webhook and in all), so the next
+# deliveries are at hand when a slot frees (a claim's round trip is not in every attempt's path)
+PREFETCH = 2
 SWEEP_INTERVAL = 600.0  # seconds between retention sweeps
 USER_AGENT = "PIE-Webhooks/2.0"
 
@@ -259,10 +262,13 @@ class Deliverer:
         self.name = name
         self.delivered = 0
         self._client: httpx.AsyncClient | None = None
-        self._inflight: dict[int, uuid.UUID] = {}  # delivery id -> webhook id (HTTP under way)
+        self._inflight: dict[int, uuid.UUID] = {}  # delivery id -> webhook id (claimed, attempt not over)
         self._claimed: set[int] = set()  # claimed by this process, result not recorded yet
         self._recording: list[Result] = []  # the batch the recorder holds (stop() records it)
-        self._busy: Counter[uuid.UUID] = Counter()
+        self._busy: Counter[uuid.UUID] = Counter()  # per webhook: claimed, attempt not over
+        # attempts under way: per webhook, and in this process
+        self._endpoint_slots: dict[uuid.UUID, asyncio.Semaphore] = {}
+        self._process_slots = asyncio.Semaphore(settings.webhooks_concurrency)
         self._results: asyncio.Queue[Result] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
@@ -372,7 +378,7 @@ class Deliverer:
     async def claim_and_send(self) -> tuple[int, bool]:
         """Claim up to the free slots of due deliveries and start their attempts; (claimed, every
         free slot was filled)."""
-        free = self.settings.webhooks_concurrency - len(self._inflight)
+        free = PREFETCH * self.settings.webhooks_concurrency - len(self._inflight)
         if free <= 0:
             return 0, False
         busy = [(str(w), n) for w, n in self._busy.items() if n > 0]
@@ -380,7 +386,7 @@ class Deliverer:
             "claims",
             _CLAIM,
             {
-                "per_webhook": self.settings.webhooks_endpoint_concurrency,
+                "per_webhook": PREFETCH * self.settings.webhooks_endpoint_concurrency,
                 "busy_ids": [b[0] for b in busy],
                 "busy_counts": [b[1] for b in busy],
                 "limit": free,
@@ -397,15 +403,26 @@ class Deliverer:
             task.add_done_callback(self._tasks.discard)
         return len(rows), len(rows) == free
 
+    def _slots(self, webhook_id: uuid.UUID) -> asyncio.Semaphore:
+        slots = self._endpoint_slots.get(webhook_id)
+        if slots is None:
+            slots = self._endpoint_slots[webhook_id] = asyncio.Semaphore(self.settings.webhooks_endpoint_concurrency)
+        return slots
+
     async def _attempt(self, row: Any) -> None:
         assert self._client is not None
+        slots = self._slots(row.webhook_id)
         try:
-            result = await attempt(self._client, self.settings, row)
+            # the webhook's slot first, then a process slot: waiting for a busy receiver holds
+            # no slot another webhook could use
+            async with slots, self._process_slots:
+                result = await attempt(self._client, self.settings, row)
         finally:
             self._inflight.pop(row.id, None)
             self._busy[row.webhook_id] -= 1
             if self._busy[row.webhook_id] <= 0:
                 del self._busy[row.webhook_id]
+                self._endpoint_slots.pop(row.webhook_id, None)  # nothing of it held: no waiter
             if not self._inflight:
                 self._idle.set()
             self._wake.set()  # a slot is free

@@ -132,10 +132,20 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self._reader, self._writer = reader, writer
+        self._unsent: list[bytes] = []
+        self._unsent_bytes = 0
+
+    async def _flush(self) -> None:
+        data = b"".join(self._unsent)
+        self._unsent, self._unsent_bytes = [], 0
+        self._writer.write(data)
+        await self._writer.drain()
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
             async with asyncio.timeout(timeout):
+                if self._unsent:
+                    await self._flush()
                 return await self._reader.read(max_bytes)
         except TimeoutError:
             raise httpcore.ReadTimeout("timed out reading the answer") from None
@@ -145,10 +155,15 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if not buffer:
             return
+        # a request's head and body leave in one send when it is read after (one syscall, one
+        # segment): the writes are held until the answer is read or they grow past 64 KiB
+        self._unsent.append(buffer)
+        self._unsent_bytes += len(buffer)
+        if self._unsent_bytes < 65536:
+            return
         try:
             async with asyncio.timeout(timeout):
-                self._writer.write(buffer)
-                await self._writer.drain()
+                await self._flush()
         except TimeoutError:
             raise httpcore.WriteTimeout("timed out sending the request") from None
         except OSError as exc:
