@@ -35,6 +35,7 @@ from pie.registry.models import ModelVersion
 from pie.registry.subscriptions import subscribe_inference
 from pie.tenancy.logic import DEFAULT_KEY, ensure_domain_active, ensure_writable, load_domain, load_service, schema_of
 from pie.tenancy.models import Domain
+from pie.webhooks import outbox as webhooks
 
 
 def _scope_filter(client_id: str, domain_id: str, service_id: str | None) -> list[Any]:
@@ -105,6 +106,7 @@ async def _write_revision(
     )
     revision = (await session.scalars(stmt, execution_options={"populate_existing": True})).one()
     audit.describe(session, assignment_id=str(revision.assignment_id))
+    await webhooks.assignment_revisions_written(session, [revision.assignment_id])
     return revision
 
 

@@ -36,6 +36,7 @@ from pie.jobs.models import Job
 from pie.jobs.schemas import JobOut
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
+from pie.webhooks import outbox as webhooks
 
 log = logging.getLogger("pie.jobs")
 
@@ -489,6 +490,9 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
                 for r in sorted(inits, key=lambda r: (r.client_id, r.domain_id, r.service_id))
             ],
         )
+
+    # job.succeeded/job.failed and service.available/service.failed for the webhooks that want them
+    await webhooks.jobs_ended(session, [r.job_id for r in to_end])
 
     # successful inference jobs fire their model's inference_complete subscriptions (all of the
     # batch at once: a fixed number of queries, whatever the number of jobs)

@@ -40,6 +40,7 @@ from pie.registry.handlers import (
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.registry.schemas import InferenceRequest, ModelCreate, ModelUpdate, VersionCreate
 from pie.registry.subscriptions import json_or_null, subscribe_inference
+from pie.webhooks import outbox as webhooks
 
 log = logging.getLogger("pie.registry")
 
@@ -343,6 +344,7 @@ async def set_version_status(
         .values(status=status)
     )
     await record_status_change(session, model_id, version, previous, status)
+    await webhooks.versions_status_changed(session, [(model_id, version, previous)])
     audit.describe(session, **{"from": previous, "to": status})
     if status == "active":
         # a model becomes active when one of its versions first becomes active
