@@ -228,6 +228,8 @@ async def test_updating_a_pending_model_changes_its_versions_in_place(client, se
     out = r.json()
     assert out["status"] == "pending" and out["new_version"] is None
     assert out["updated_versions"] == ["1", "2"] and out["versions_keeping_old_handlers"] == []
+    (row,) = (await client.get("/v2/audit?action=updatemodel", headers=admin)).json()
+    assert row["summary"]["updated_versions"] == ["1", "2"]
     for version in ("1", "2"):
         got = (await client.get(f"/v2/models/m/versions/{version}", headers=admin)).json()
         assert got["handlers"]["inference"] == FAIL and got["handler_contracts"] == contracts

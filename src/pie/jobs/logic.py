@@ -107,8 +107,9 @@ async def create_job(
 
     ``handlers``: the version's handlers when the caller has already read the version (saves a
     query). ``domain_features``: what a training job launched through a domain assignment
-    carries to its handler (the domain's live features; spec 15.1). 422 when the payload its handler would receive exceeds the limit of the handler's
-    type (ECS overrides, Lambda Event payload, the body limit for in-process jobs)."""
+    carries to its handler (the domain's live features; spec 15.1). 422 when the payload its
+    handler would receive exceeds the limit of the handler's type (ECS overrides, Lambda Event
+    payload, the body limit for in-process jobs)."""
     from pie.registry.models import ModelVersion
 
     if handlers is not None:

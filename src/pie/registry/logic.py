@@ -206,6 +206,8 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
                 .returning(ModelVersion.version, locked.c.seq)
             )
             updated = [row.version for row in sorted(rows.all(), key=lambda row: row.seq)]
+            if updated:
+                audit.describe(session, updated_versions=updated)
     new_version = None
     status_before = model.status
     model = await get_model(session, model_id)
