@@ -5,7 +5,7 @@ For each size N (default 10,000 and 50,000 services, 1% of them departed, provid
 drawn from the spec's seven-feature example set, nearly all distinct: the domain of
 ``bench/freeze_check.py``), in one run on one database, alternating:
 
-* dry run: ``pie.tenancy.logic.replace_features(..., dry_run=True)`` (the real route logic:
+* dry run: ``pie.tenancy.logic.dry_run_features`` (the real route logic:
   domain lock, client check, validation of the submitted definitions, the set-based check of
   every non-departed service through ``pie.assignments.freeze.blocking_services``), with a
   draft that adds a defaulted ``fare`` to the seven features (every service passes);
@@ -36,7 +36,7 @@ from freeze_check import MODEL_ID, WITH_FARE, Tenant, run_sizes, timed
 async def bench_size(url: str, n: int, repeat: int) -> tuple[float, float, int]:
     from pie import db
     from pie.assignments import freeze
-    from pie.tenancy.logic import FeaturesDryRun, replace_features
+    from pie.tenancy.logic import FeaturesDryRun, dry_run_features
 
     tenant = Tenant(url, n)
     tenant.seed()
@@ -48,9 +48,7 @@ async def bench_size(url: str, n: int, repeat: int) -> tuple[float, float, int]:
     async def dry_run() -> None:
         async with db.sessionmaker()() as session, session.begin():
             scope = await tenant.scope(session)
-            result = await replace_features(session, scope, tenant.domain_id, WITH_FARE, dry_run=True)
-            assert isinstance(result, FeaturesDryRun)
-            answers.append(result)
+            answers.append(await dry_run_features(session, scope, tenant.domain_id, WITH_FARE))
 
     async def freeze_check() -> None:
         async with db.sessionmaker()() as session, session.begin():

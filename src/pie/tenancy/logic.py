@@ -121,6 +121,17 @@ async def update_domain(session: AsyncSession, scope: TenantScope, domain_id: st
     return domain
 
 
+async def replace_features(session: AsyncSession, scope: TenantScope, domain_id: str, features: list[Any]) -> list[Any]:
+    """Persist-only (spec 5.2): writes the live definitions, touches no service; the governing
+    schema (the snapshot on the active ``default`` revision) does not change."""
+    domain = await load_domain(session, scope.client_id, domain_id, lock="update")
+    await ensure_writable(session, scope)
+    definitions = validate_feature_definitions(features)
+    domain.features = definitions
+    await session.flush()
+    return definitions
+
+
 @dataclass
 class FeaturesDryRun:
     """What ``PUT .../features`` would write, and the services it would not fit (spec 15.1)."""
@@ -129,28 +140,21 @@ class FeaturesDryRun:
     blocking_services: list[dict[str, Any]]
 
 
-async def replace_features(
-    session: AsyncSession, scope: TenantScope, domain_id: str, features: list[Any], *, dry_run: bool = False
-) -> list[Any] | FeaturesDryRun:
-    """Persist-only (spec 5.2): writes the live definitions, touches no service; the governing
-    schema (the snapshot on the active ``default`` revision) does not change.
-
-    ``dry_run`` (spec 15.1): the same checks (the same 4xx), then the non-departed services
-    whose ``provided_features`` would not resolve against the draft (the freeze check's
-    set-based machinery), and nothing is written. It holds the domain row ``FOR SHARE`` (no
-    service is written while it checks)."""
-    domain = await load_domain(session, scope.client_id, domain_id, lock="share" if dry_run else "update")
+async def dry_run_features(
+    session: AsyncSession, scope: TenantScope, domain_id: str, features: list[Any]
+) -> FeaturesDryRun:
+    """``PUT .../features?dry_run=true`` (spec 15.1): the checks of ``replace_features`` (the
+    same 4xx), then the non-departed services whose ``provided_features`` would not resolve
+    against the draft (the freeze check's set-based machinery); nothing is written, no audit
+    row. The domain row is held ``FOR SHARE`` (no service is written while it checks)."""
+    await load_domain(session, scope.client_id, domain_id, lock="share")
     await ensure_writable(session, scope)
     definitions = validate_feature_definitions(features)
-    if dry_run:
-        audit.skip(session)
-        blocking = await freeze.blocking_services(
-            session, client_id=scope.client_id, domain_id=domain_id, definitions=definitions
-        )
-        return FeaturesDryRun(definitions, blocking)
-    domain.features = definitions
-    await session.flush()
-    return definitions
+    audit.skip(session)
+    blocking = await freeze.blocking_services(
+        session, client_id=scope.client_id, domain_id=domain_id, definitions=definitions
+    )
+    return FeaturesDryRun(definitions, blocking)
 
 
 # -- the governing schema ------------------------------------------------------------------------

@@ -125,12 +125,12 @@ async def update_domain_features(
     """Full replacement, persist-only: no service is re-resolved or re-run, and the governing
     schema (`GET .../contract`) does not change; writing `default` again takes a new snapshot.
     With `?dry_run=true` the answer is a `FeaturesDryRunOut` and nothing is written."""
-    result = await logic.replace_features(session, scope, domain_id, body.features, dry_run=dry_run)
-    if isinstance(result, logic.FeaturesDryRun):
+    if dry_run:
+        result = await logic.dry_run_features(session, scope, domain_id, body.features)
         return FeaturesDryRunOut.model_validate(
             {"features": result.features, "blocking_services": result.blocking_services}
         )
-    return FeaturesOut(features=result)
+    return FeaturesOut(features=await logic.replace_features(session, scope, domain_id, body.features))
 
 
 @router.get(
