@@ -64,6 +64,7 @@ REQUIRED: dict[str, frozenset[str]] = {
     "updatedomain": frozenset({"manage_domains"}),
     "getdomainfeatures": frozenset({"read_domains"}),
     "updatedomainfeatures": frozenset({"manage_domains"}),
+    "getdomaincontract": frozenset({"read_domains"}),
     "initdomainservice": frozenset({"init_services"}),
     "listdomainservices": frozenset({"read_domains"}),
     "initalldomainservices": frozenset({"init_services"}),

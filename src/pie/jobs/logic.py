@@ -63,6 +63,7 @@ def payload_problem(
     client_id: str | None = None,
     domain_id: str | None = None,
     service_id: str | None = None,
+    domain_features: list[Any] | None = None,
 ) -> str | None:
     """Why the payload a dispatch would build for this job exceeds the limit of ``handler``'s
     type (the 422 message), or None. Shaped as a dispatch builds it: a job id and a callback
@@ -78,6 +79,7 @@ def payload_problem(
         service_id=service_id,
         input=input,
         features=features,
+        domain_features=domain_features,
     )
     payload = build_payload(settings, shaped, callbacks.placeholder(shaped, callback_token_ttl(settings, handler)))
     problem = payload_limit_problem(settings, handler, payload)
@@ -92,6 +94,7 @@ async def create_job(
     model_version: str,
     input: dict[str, Any] | None = None,
     features: dict[str, Any] | None = None,
+    domain_features: list[Any] | None = None,
     assignment_id: uuid.UUID | None = None,
     client_id: str | None = None,
     domain_id: str | None = None,
@@ -104,8 +107,10 @@ async def create_job(
     """Record a pending job in the caller's transaction; dispatch happens after commit.
 
     ``handlers``: the version's handlers when the caller has already read the version (saves a
-    query). 422 when the payload its handler would receive exceeds the limit of the handler's
-    type (ECS overrides, Lambda Event payload, the body limit for in-process jobs)."""
+    query). ``domain_features``: what a training job launched through a domain assignment
+    carries to its handler (the domain's live features; spec 15.1). 422 when the payload its
+    handler would receive exceeds the limit of the handler's type (ECS overrides, Lambda Event
+    payload, the body limit for in-process jobs)."""
     from pie.registry.models import ModelVersion
 
     if handlers is not None:
@@ -124,6 +129,7 @@ async def create_job(
         model_version=model_version,
         input=input if input is not None else {},
         features=features,
+        domain_features=domain_features,
         assignment_id=assignment_id,
         client_id=client_id,
         domain_id=domain_id,
@@ -148,6 +154,7 @@ async def create_job(
         client_id=client_id,
         domain_id=domain_id,
         service_id=service_id,
+        domain_features=domain_features,
     )
     if problem is not None:
         raise Unprocessable(problem)
@@ -196,7 +203,8 @@ async def get_job(session: AsyncSession, principal: Principal, job_id: str) -> J
     return job
 
 
-# built once: its compiled form is cached by SQLAlchemy; only the bound id changes
+# built once: its compiled form is cached by SQLAlchemy; only the bound id changes. The columns
+# ``JobOut`` reads (its hidden fields included: ``dispatch`` is derived from them)
 _READ_JOB = select(*[c for c in Job.__table__.c if c.key in JobOut.model_fields]).where(
     Job.__table__.c.job_id == bindparam("job_id")
 )
@@ -465,15 +473,15 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
                     svc.c.client_id == bindparam("b_client"),
                     svc.c.domain_id == bindparam("b_domain"),
                     svc.c.service_id == bindparam("b_service"),
-                    # a late, older init job never overrides the outcome of a newer one that
-                    # already ended (job ids are time-ordered UUIDv7 text)
+                    # only the newest init job of the service decides: an older one ending late
+                    # never overrides a newer one, ended or still running (the service stays
+                    # `initializing` until that one ends; job ids are time-ordered UUIDv7 text)
                     ~exists().where(
                         newer.c.client_id == bindparam("b_client"),
                         newer.c.domain_id == bindparam("b_domain"),
                         newer.c.service_id == bindparam("b_service"),
                         newer.c.purpose == "service_init",
                         newer.c.job_id > bindparam("b_job"),
-                        newer.c.status.in_(("success", "failure")),
                     ),
                 )
             )
