@@ -606,3 +606,26 @@ async def test_a_slow_receiver_does_not_hold_up_the_others(client, session, admi
         assert len(receiver.on("/slow")) < 12
         await eventually(lambda: len(receiver.on("/slow")) == 12)
     assert receiver.most_active["/slow"] == 2  # never more than the bound at once
+
+
+async def test_an_older_init_job_ending_after_a_re_init_announces_no_service_status(client, session, admin, dev):
+    """The service event follows the service row: an init job superseded by a re-init leaves the
+    service ``initializing`` (finish_jobs), so its end announces the job but not the service."""
+    await tenant_setup(client, session, admin, client_id=A)
+    await create_webhook(client, admin, "http://127.0.0.1:9/x", JOB_EVENTS)
+    first = (await init_service(client, admin, "svc-1", ROUTE, client_id=A)).json()["job_id"]
+    r = await client.post(f"/v2/clients/{A}/domains/south_australia/services/init", headers=admin)
+    assert r.status_code == 202, r.text
+    (second,) = [j["job_id"] for j in r.json()["jobs"]]
+    async with db.sessionmaker()() as s, s.begin():
+        await finish_jobs(s, [Completion(first, "success", output={})])
+    r = await client.get(f"/v2/clients/{A}/domains/south_australia/service/svc-1", headers=admin)
+    assert r.json()["status"] == "initializing"
+    async with db.sessionmaker()() as s:
+        types = sorted((e.type, e.data.get("job_id")) for e in (await s.scalars(select(WebhookEvent))).all())
+    assert types == [("job.succeeded", first)]
+    async with db.sessionmaker()() as s, s.begin():
+        await finish_jobs(s, [Completion(second, "failure", error={"code": "x", "message": "y"})])
+    async with db.sessionmaker()() as s:
+        types = sorted((e.type, e.data.get("job_id")) for e in (await s.scalars(select(WebhookEvent))).all())
+    assert types == [("job.failed", second), ("job.succeeded", first), ("service.failed", second)]

@@ -100,13 +100,13 @@ _JOBS_ENDED = _emit_statement(
     JOIN services AS s ON s.client_id = j.client_id AND s.domain_id = j.domain_id AND s.service_id = j.service_id
     WHERE j.job_id = ANY(CAST(:job_ids AS text[])) AND j.status IN ('success', 'failure')
       AND j.purpose = 'service_init'
-      -- the init job whose end set the service status: no newer init job of the service has
-      -- ended (the rule finish_jobs applies to the service row)
+      -- the init job whose end set the service status: the service's newest init job, ended
+      -- or not (the rule finish_jobs applies to the service row)
       AND NOT EXISTS (
           SELECT 1 FROM jobs AS newer
           WHERE newer.client_id = j.client_id AND newer.domain_id = j.domain_id
             AND newer.service_id = j.service_id AND newer.purpose = 'service_init'
-            AND newer.job_id > j.job_id AND newer.status IN ('success', 'failure'))
+            AND newer.job_id > j.job_id)
       AND {_wanted(_SERVICE_TYPE, "s.client_id")}
     """
 )
