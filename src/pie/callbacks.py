@@ -10,7 +10,8 @@ them; the first dispatch creates one when none exists. Rotation (``pie keys rota
 newer key that signs from then on; older keys keep verifying until they are retired
 (``pie keys retire KID``), so jobs in flight during a rotation still complete.
 
-A lower module: it imports only configuration, the database base and the error types.
+A lower module: it imports only the database base, the error types and the claim rules of
+``pie.auth``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sqlalchemy import DateTime, String, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
+from pie.auth import check_time_claims
 from pie.db import Base
 from pie.errors import Unauthorized
 
@@ -157,8 +159,11 @@ class CallbackGrant:
     kid: str
 
 
-async def verify(session: AsyncSession, token: str) -> CallbackGrant:
-    """401 unless ``token`` is a valid, unexpired callback token signed by an active key."""
+async def verify(session: AsyncSession, token: str, *, leeway: float = 0.0) -> CallbackGrant:
+    """401 unless ``token`` is a valid, unexpired callback token signed by an active key, whose
+    time claims obey the rules of API tokens (``pie.auth.check_time_claims``: numeric
+    ``exp``/``nbf``/``iat``, not used before ``nbf`` nor issued in the future, ``leeway`` seconds
+    of clock skew between PIE's hosts allowed)."""
     try:
         header = jwt.get_unverified_header(token)
     except (JOSEError, ValueError, TypeError, ArithmeticError, RecursionError) as exc:
@@ -180,6 +185,9 @@ async def verify(session: AsyncSession, token: str) -> CallbackGrant:
         )
     except (JOSEError, ValueError, TypeError, ArithmeticError, RecursionError) as exc:
         raise Unauthorized(f"invalid callback token: {exc}") from exc
+    if not isinstance(claims, dict):
+        raise Unauthorized("invalid callback token: claims are not an object")
+    check_time_claims(claims, now=time.time(), leeway=leeway)
     fields = [claims.get(k) for k in ("job_id", "model_id", "model_version")]
     client_id = claims.get("client_id")
     if not all(isinstance(v, str) and v for v in fields) or not (client_id is None or isinstance(client_id, str)):
