@@ -59,7 +59,9 @@ async def two_tenants(session):
 async def test_a_user_moved_to_another_tenant_gets_403_not_the_replay(client, session, auth, two_tenants):
     key = idem()
     body = {"domain_id": "d1", "name": "D1", "features": []}
-    first = await client.post("/v2/clients/client-a/domains", json=body, headers={**human(auth, "client:client-a"), **key})
+    first = await client.post(
+        "/v2/clients/client-a/domains", json=body, headers={**human(auth, "client:client-a"), **key}
+    )
     assert first.status_code == 201, first.text
     # the same person (same issuer and subject), now in client:client-b only: the same request
     moved = human(auth, "client:client-b")
@@ -116,7 +118,9 @@ async def test_a_direct_inference_replay_needs_access_to_the_jobs_tenant(client,
     assert job_id not in r.text and r.json()["message"] == "no access to client client-a"
     assert await count(session, "jobs", "job_type = 'inference'") == 1
     r = await client.post(INFER, json=body, headers={**human(auth, "client:client-a"), **key})
-    assert r.status_code == 202 and r.json()["inference_job_id"] == job_id and r.headers["idempotent-replayed"] == "true"
+    assert (
+        r.status_code == 202 and r.json()["inference_job_id"] == job_id and r.headers["idempotent-replayed"] == "true"
+    )
 
 
 async def test_concurrent_keyed_requests_still_make_one_effect(client, session, auth, two_tenants):
@@ -364,7 +368,12 @@ async def test_names_and_labels_are_at_most_200_characters(client, session, admi
     assert (await client.put(url, json={"label": _long(201)}, headers=admin)).status_code == 400
     assert (await client.put(url, json={"label": _long(200)}, headers=admin)).status_code == 200
     # nothing beyond the limit was stored anywhere
-    for table, column in [("clients", "name"), ("domains", "name"), ("models", "name"), ("event_subscriptions", "label")]:
+    for table, column in [
+        ("clients", "name"),
+        ("domains", "name"),
+        ("models", "name"),
+        ("event_subscriptions", "label"),
+    ]:
         longest = await session.scalar(text(f"SELECT max(length({column})) FROM {table}"))
         assert longest <= 200, table
 

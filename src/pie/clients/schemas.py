@@ -12,7 +12,7 @@ ClientName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=
 
 _APP_CLIENT_IDS = (
     "Cognito app-client ids whose machine tokens (their `client_id` claim) act for this tenant; "
-    "each id belongs to at most one client (409)"
+    "each id belongs to at most one client and is no client's `client_id` (409)"
 )
 
 
