@@ -393,3 +393,19 @@ async def test_descriptions_are_at_most_10000_characters(client, session, admin,
                 assert "10000 characters" in r.json()["message"], r.text
     for table in ("models", "model_versions"):
         assert await session.scalar(text(f"SELECT max(length(description)) FROM {table}")) <= 10_000
+
+
+async def test_the_consoles_json_input_refuses_a_repeated_key_too(client, session, admin, make_token):
+    import re
+
+    from factories import tenant_setup
+
+    await tenant_setup(client, session, admin, client_id="acme")
+    r = await client.post("/console/login", data={"token": make_token(admin=True), "next": "/console/clients"})
+    assert r.status_code == 303
+    url = "/console/clients/acme/domains/south_australia/assignments/default"
+    csrf = re.search(r'name="csrf_token" value="([0-9a-f]+)"', (await client.get(url)).text).group(1)
+    body = '{"route": "Adelaide to Sydney", "route": "Sydney to Adelaide"}'
+    r = await client.post(url + "/jobs", data={"csrf_token": csrf, "input": body})
+    assert r.status_code == 400 and "repeats the key &#34;route&#34;" in r.text, r.text[-2000:]
+    assert await count(session, "jobs") == 0

@@ -5,9 +5,9 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
+from pie.schemas import NAME_MAX_LENGTH, Identifier, RequestBody, ResponseBody, UtcDatetime
 
-ClientName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+ClientName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX_LENGTH)]
 
 
 _APP_CLIENT_IDS = (
