@@ -190,9 +190,12 @@ async def verify(session: AsyncSession, token: str, *, leeway: float = 0.0) -> C
     check_time_claims(claims, now=time.time(), leeway=leeway)
     fields = [claims.get(k) for k in ("job_id", "model_id", "model_version")]
     client_id = claims.get("client_id")
-    if not all(isinstance(v, str) and v for v in fields) or not (client_id is None or isinstance(client_id, str)):
+    job_id, model_id, model_version = (v if isinstance(v, str) and v else None for v in fields)
+    if job_id is None or model_id is None or model_version is None:
         raise Unauthorized("invalid callback token: missing job claims")
-    return CallbackGrant(fields[0], fields[1], fields[2], client_id, kid)
+    if not (client_id is None or isinstance(client_id, str)):
+        raise Unauthorized("invalid callback token: missing job claims")
+    return CallbackGrant(job_id, model_id, model_version, client_id, kid)
 
 
 # -- key management (the `pie keys` CLI) -------------------------------------------------------
