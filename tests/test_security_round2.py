@@ -173,8 +173,12 @@ async def _started_job(session, settings):
         {"j": job.job_id},
     )
     await session.commit()
-    async with db.get_engine().begin() as conn:
-        key = await callbacks.current_key(conn)
+    conn = await db.connect(settings, autocommit=True)
+    try:
+        async with conn.transaction():
+            key = await callbacks.signing_key(conn)
+    finally:
+        await conn.close()
     handler = (await session.get(ModelVersion, ("cb", "1"))).handlers["inference"]
     return job, key, callbacks.mint(key, job, callback_token_ttl(settings, handler))
 
