@@ -123,6 +123,18 @@ async def test_a_direct_inference_replay_needs_access_to_the_jobs_tenant(client,
     )
 
 
+async def test_authorization_comes_before_anything_about_the_key(client, session, auth, two_tenants):
+    """A caller who may not make the request gets the 403, whatever the key (even a malformed
+    one); for a caller who may, a malformed key is the 400 it always was."""
+    bad_key = {"Idempotency-Key": "x" * 256}
+    body = {"client_id": "client-z", "name": "Z"}
+    r = await client.post("/v2/clients", json=body, headers={**human(auth, "client:client-a"), **bad_key})
+    assert r.status_code == 403
+    r = await client.post("/v2/clients", json=body, headers={**human(auth, "admin"), **bad_key})
+    assert r.status_code == 400 and "Idempotency-Key" in r.json()["message"]
+    assert await count(session, "clients", "client_id = 'client-z'") == 0
+
+
 async def test_concurrent_keyed_requests_still_make_one_effect(client, session, auth, two_tenants):
     headers = {**human(auth, "client:client-a"), **idem()}
     answers = await asyncio.gather(*(client.post(INFER, json={"input": {}}, headers=headers) for _ in range(6)))

@@ -1,11 +1,11 @@
 """Idempotency keys (spec 14.4, Stripe's semantics) for the POSTs that create jobs or records.
 
-A route opts in with ``dependencies=[IDEMPOTENT]``. With an ``Idempotency-Key`` header (1-255
-printable ASCII characters; else 400), once every dependency of the route has passed -- the
-caller is authenticated and holds the route's permission and tenant access (spec 15.5: a caller
-who may not make the request now gets that 401/403, never a stored answer) -- and the body is
-valid, and just before the endpoint runs (``pie.routing.before_endpoint``), the request's own
-transaction inserts ``idempotency_keys(caller, key)``:
+A route opts in with ``dependencies=[IDEMPOTENT]``. With an ``Idempotency-Key`` header, once
+every dependency of the route has passed -- the caller is authenticated and holds the route's
+permission and tenant access (spec 15.5: a caller who may not make the request now gets that
+401/403, never a stored answer) -- and the body is valid, and just before the endpoint runs (``pie.routing.before_endpoint``), the key is checked
+(1-255 printable ASCII characters; else 400) and the request's own transaction inserts
+``idempotency_keys(caller, key)``:
 
 - the insert succeeds: this request owns the key. When the endpoint has answered, the rendered
   response (status, body, content type, location) and the tenant the request acted in (its
@@ -146,13 +146,13 @@ async def _idempotency(
 ) -> None:
     if key is None:
         return
-    if not _KEY.fullmatch(key):
-        raise BadRequest(f"{HEADER} must be 1-255 printable ASCII characters")
     caller = caller_of(principal)
     mine = fingerprint(request, await request.body())
     ttl = request.app.state.settings.idempotency_key_ttl_seconds
 
     async def claim() -> None:  # after the route's authentication and authorization
+        if not _KEY.fullmatch(key):
+            raise BadRequest(f"{HEADER} must be 1-255 printable ASCII characters")
         await purge_expired(session)
         params = {"caller": caller, "key": key}
         claimed = (await session.execute(_CLAIM, {**params, "fingerprint": mine, "ttl": ttl})).first()
