@@ -242,3 +242,17 @@ async def test_openapi_documents_every_spec_operation_and_its_errors(client):
     health = responses["health"]
     assert {"200", "503"} <= set(health)
     assert "ErrorEnvelope" not in json.dumps(health["503"])  # the health body, not the envelope
+
+
+# --- the audit log's free-text filters (schemathesis, issue 18 closing run) ------------------------
+
+
+@pytest.mark.parametrize("name", ["actor", "target_id"])
+async def test_a_nul_character_in_an_audit_text_filter_is_400(client, admin, name):
+    # was: PostgreSQL refuses NUL in text -> 500 (schemathesis: actor=...%00...)
+    for value in ("\u0000", "alice\u0000", "caf\u00e9\u0000x"):
+        r = await client.get("/v2/audit", params={name: value}, headers=admin)
+        assert assert_envelope(r, 400).startswith("invalid request"), r.text
+        assert name in r.json()["message"]
+    r = await client.get("/v2/audit", params={name: "caf\u00e9 \U0001f600"}, headers=admin)
+    assert r.status_code == 200 and r.json() == []

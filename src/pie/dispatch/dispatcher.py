@@ -620,12 +620,12 @@ class Dispatcher:
     async def _claim(self, params: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
         """Claim due jobs and sign their callback tokens, in one transaction on this
         dispatcher's own connection (no pool checkout or ping): BEGIN with the claim statement
-        (which also reads and share-locks the signing key) in one round trip, the tokens, COMMIT. A retired key
-        therefore signs nothing once its retirement has committed (``pie.callbacks``), and a
-        claim that fails leaves its jobs pending. A connection that failed or was interrupted is
-        closed and replaced; when a connection that sat idle turns out broken (the server
-        restarted, a proxy or firewall closed it), the claim is tried once more at once on a new
-        one instead of waiting for the next cycle."""
+        (which also reads and share-locks the signing key) in one round trip, the tokens,
+        COMMIT. A retired key therefore signs nothing once its retirement has committed
+        (``pie.callbacks``), and a claim that fails leaves its jobs pending. A connection that
+        failed or was interrupted is closed and replaced; when a connection that sat idle turns
+        out broken (the server restarted, a proxy or firewall closed it), the claim is tried once
+        more at once on a new one instead of waiting for the next cycle."""
         for retry in (False, True):
             conn = self._claim_conn
             fresh = conn is None or conn.closed
