@@ -37,6 +37,7 @@ from pie.deps import ClientIdPath, DomainIdPath, ModelIdPath, ModelVersionPath, 
 from pie.errors import AssignmentBlocked, BadRequest, Conflict, Forbidden, NotFound, PieError
 from pie.jobs import logic as jobs
 from pie.jobs.summary import queue_summary
+from pie.jsonbody import loads as json_loads_strict
 from pie.pagination import NEXT_CURSOR_HEADER, PageParams
 from pie.registry import logic as registry
 from pie.registry import subscriptions
@@ -509,7 +510,7 @@ async def _launch(
     signin.check_csrf(request, user, csrf_token)
     scope = await tenant_scope(session, user.principal, client_id, "run_inference")
     try:
-        value = json.loads(input_text or "{}")
+        value = json_loads_strict(input_text or "{}")  # a repeated key is refused, as in API bodies
         body = AssignmentJobRequest.model_validate({"job_type": "inference", "input": value})
     except ValueError as exc:  # json.JSONDecodeError and pydantic's ValidationError
         message = _describe(exc.errors()) if isinstance(exc, ValidationError) else f"input is not valid JSON: {exc}"

@@ -80,6 +80,8 @@ COMPLETION_LINGER = 0.01
 # microseconds of each other): the claim waits this long for them, so one claim transaction
 # serves every free worker instead of one claim for the first and another for the rest.
 CLAIM_COALESCE = 0.001
+# at stop, how long the loop may take to end its current cycle before it is cancelled
+STOP_LOOP_WAIT = 5.0
 
 _RENEW = text(
     """
@@ -113,9 +115,10 @@ _RETRY = text(
 # this dispatcher) and :remote_limit others (Lambda/ECS hand-offs, invalid handlers) among the
 # :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
 # SKIP LOCKED: rows another transaction holds are skipped, never waited for.
-# One statement, run in autocommit on the dispatcher's own connection: one round trip per claim.
-_CLAIM = """
-    WITH local_due AS (
+# The same statement reads the signing key (share-locked until the claim's transaction commits,
+# after the tokens are signed: ``pie.callbacks``); one statement on the dispatcher's own connection.
+_CLAIM = f"""
+    WITH signing AS ({callbacks.SIGNING_KEY_SQL}), local_due AS (
         SELECT j.job_id FROM jobs AS j
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
         WHERE j.status = 'pending' AND j.next_attempt_at <= now()
@@ -141,12 +144,13 @@ _CLAIM = """
     SET status = 'started', attempts = j.attempts + 1, started_at = now(), updated_at = now(),
         locked_by = %(me)s, lease_expires_at = now() + make_interval(secs => %(lease)s),
         timeout_seconds = CAST(mv.handlers -> j.job_type ->> 'timeout_seconds' AS double precision)
-    FROM due, model_versions AS mv
+    FROM due, model_versions AS mv LEFT JOIN signing ON TRUE
     WHERE j.job_id = due.job_id AND mv.model_id = j.model_id AND mv.version = j.model_version
     RETURNING j.job_id, j.job_type, j.model_id, j.model_version, j.assignment_id, j.client_id,
               j.domain_id, j.service_id, j.input, j.features, j.domain_features, j.attempts,
               mv.handlers -> j.job_type AS handler,
-              EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds
+              EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds,
+              signing.kid AS signing_kid, signing.secret AS signing_secret
     """
 # registration and heartbeat (re-registers a dispatcher whose row a peer removed as dead)
 _HEARTBEAT = text(
@@ -330,7 +334,6 @@ class Dispatcher:
         self.dispatched = 0
         self._aws = AwsBackends(settings)
         self._aws_slots = asyncio.Semaphore(AWS_CONCURRENCY)
-        self._keys = callbacks.KeyCache()
         self._pool: DaemonThreadPool | None = None
         self._completions: asyncio.Queue[Completion] = asyncio.Queue()
         self._inflight: set[str] = set()  # claimed by us and not yet handed over / ended
@@ -387,7 +390,16 @@ class Dispatcher:
             return
         self._stopping = True
         for task in self._background:
-            if task.get_name().endswith(("-listener", "-loop")):
+            if task.get_name().endswith("-listener"):
+                task.cancel()
+        # the loop ends after its current cycle (claiming nothing more): a claim is one short
+        # transaction that also signs the tokens, better finished than broken off (its jobs
+        # are then handed over, or released below); cancelled only if it does not end soon
+        self._wake.set()
+        loops = [task for task in self._background if task.get_name().endswith("-loop")]
+        if loops:
+            _, unfinished = await asyncio.wait(loops, timeout=min(grace, STOP_LOOP_WAIT))
+            for task in unfinished:
                 task.cancel()
         if self._inflight:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -571,13 +583,13 @@ class Dispatcher:
         local_limit = max(
             min(self.settings.dispatch_batch_size, self.workers - len(self._busy), unrecorded_cap - len(self._local)), 0
         )
-        if remote_limit <= 0 and local_limit <= 0:
+        if (remote_limit <= 0 and local_limit <= 0) or self._stopping:
             return 0
         if not self._registered:
             await self.register()  # peers must see us alive before we hold any job
         lease = self.settings.in_process_lease_seconds
         claimed_at = time.monotonic()
-        rows = await self._claim(
+        rows, tokens = await self._claim(
             {
                 "local_limit": local_limit,
                 "remote_limit": remote_limit,
@@ -605,16 +617,19 @@ class Dispatcher:
             if isinstance(row.handler, dict) and row.handler.get("type") == "in_process":
                 self._local.add(row.job_id)
                 self._busy.add(row.job_id)
-            self._spawn(self._hand_over(row))
+            self._spawn(self._hand_over(row, tokens[row.job_id]))
         self.dispatched += len(rows)
         return len(rows)
 
-    async def _claim(self, params: dict[str, Any]) -> list[Any]:
-        """Run the claim on this dispatcher's own connection (autocommit: the statement is its
-        transaction; no pool checkout, ping, BEGIN or COMMIT round trips). A connection that
-        failed or was interrupted is closed and replaced; when a connection that sat idle turns
-        out broken (the server restarted, a proxy or firewall closed it), the claim is tried once
-        more at once on a new one instead of waiting for the next cycle."""
+    async def _claim(self, params: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
+        """Claim due jobs and sign their callback tokens, in one transaction on this
+        dispatcher's own connection (no pool checkout or ping): BEGIN, the claim statement
+        (which also reads and share-locks the signing key), the tokens, COMMIT. A retired key
+        therefore signs nothing once its retirement has committed (``pie.callbacks``), and a
+        claim that fails leaves its jobs pending. A connection that failed or was interrupted is
+        closed and replaced; when a connection that sat idle turns out broken (the server
+        restarted, a proxy or firewall closed it), the claim is tried once more at once on a new
+        one instead of waiting for the next cycle."""
         for retry in (False, True):
             conn = self._claim_conn
             fresh = conn is None or conn.closed
@@ -622,8 +637,11 @@ class Dispatcher:
                 conn = self._claim_conn = await db.connect(self.settings, autocommit=True, row_factory=namedtuple_row)
             assert conn is not None
             try:
-                cursor = await conn.execute(_CLAIM, params)
-                return await cursor.fetchall()
+                # BEGIN and COMMIT cost two round trips (~0.17 ms) more than an autocommit claim;
+                # psycopg's pipeline mode was slower still (its own entry and exit)
+                async with conn.transaction():
+                    rows = await (await conn.execute(_CLAIM, params)).fetchall()
+                    return rows, await self._sign(conn, rows)
             except BaseException as exc:
                 self._claim_conn = None
                 broken = conn.broken
@@ -632,6 +650,24 @@ class Dispatcher:
                 if fresh or retry or not broken or not isinstance(exc, psycopg.OperationalError):
                     raise
         raise AssertionError("unreachable")
+
+    async def _sign(self, conn: psycopg.AsyncConnection[Any], rows: list[Any]) -> dict[str, str]:
+        """Each claimed job's callback token (job id -> token), signed with the key the claim
+        read (or, when there is no active key yet, one created in this transaction)."""
+        if not rows:
+            return {}
+        first = rows[0]
+        if first.signing_kid is not None:
+            key = callbacks.Key(first.signing_kid, first.signing_secret)
+        else:
+            key = await callbacks.signing_key(conn)
+        settings = self.settings
+        return {
+            row.job_id: callbacks.mint(
+                key, row, callback_token_ttl(settings, row.handler if isinstance(row.handler, dict) else None)
+            )
+            for row in rows
+        }
 
     async def _close_claim_connection(self) -> None:
         conn, self._claim_conn = self._claim_conn, None
@@ -644,15 +680,13 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _hand_over(self, row: Any) -> None:
+    async def _hand_over(self, row: Any, token: str) -> None:
         job_id_var.set(row.job_id)  # this task's log lines carry the job id
         handler: dict[str, Any] = row.handler if isinstance(row.handler, dict) else {}
         kind = handler.get("type") if handler else None
         metrics.dispatch_attempt(kind)
         warning = public_url_warning(self.settings, kind)
         try:
-            key = await self._keys.get(db.get_engine())
-            token = callbacks.mint(key, row, callback_token_ttl(self.settings, handler))
             payload = build_payload(self.settings, row, token)
             if kind == "in_process":
                 implementation = get_implementation(str(handler.get("value")))

@@ -14,7 +14,7 @@ from pydantic import AliasChoices, BaseModel, Field, model_serializer
 from pie.audit.schemas import CREATED_BY, Actor
 from pie.errors import error_response_doc
 from pie.jsonbody import StoredList, StoredObject
-from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
+from pie.schemas import Description, Identifier, Name, RequestBody, ResponseBody, UtcDatetime
 
 VersionStatus = Literal["pending", "training", "active", "failed"]
 TriggerEvent = Literal["training_complete", "inference_complete"]
@@ -83,8 +83,8 @@ class HandlerContracts(RequestBody):
 
 
 class ModelWrite(RequestBody):
-    name: str = Field(min_length=1)
-    description: str
+    name: Name = Field(min_length=1)
+    description: Description
     handlers: Handlers
     handler_contracts: HandlerContracts | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -111,7 +111,7 @@ class ModelUpdate(ModelWrite):
 
 class VersionCreate(RequestBody):
     version: Identifier | None = Field(default=None, description="the next free integer when omitted")
-    description: str = ""
+    description: Description = ""
     metadata: dict[str, Any] = Field(default_factory=dict)
     # items are checked as feature definitions (422 naming the culprit), as for a domain's features
     features: list[Any] | None = Field(default=None, description="the frozen feature schema")
@@ -137,13 +137,13 @@ class SubscriptionCreate(RequestBody):
     target_action: TargetAction
     input_source: InputSource
     input: dict[str, Any] | None = None
-    label: str | None = None
+    label: Name | None = None
     status: Literal["active", "paused"] = "active"
 
 
 class SubscriptionUpdate(RequestBody):
     input: dict[str, Any] | None = None
-    label: str | None = None
+    label: Name | None = None
     # not nullable and never `stale` (the server's verdict, lifted by setting `active`): omit the
     # field to keep the current status
     status: Literal["active", "paused"] = Field(
