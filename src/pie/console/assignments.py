@@ -16,7 +16,7 @@ from pie.console import signin
 from pie.console.common import CsrfField, Cursor, KeyPath, Pager, User, audited, console_router, describe_errors, render
 from pie.console.signin import ConsoleUser
 from pie.deps import ClientIdPath, DomainIdPath, ServiceIdPath, Session, tenant_scope
-from pie.errors import AssignmentBlocked, BadRequest, Conflict, NotFound, PieError
+from pie.errors import AssignmentBlocked, BadRequest, Conflict, NotFound, PieError, Unprocessable
 from pie.pagination import PageParams
 from pie.registry import logic as registry
 from pie.tenancy import logic as tenancy
@@ -242,6 +242,16 @@ def _move_body(model_id: str, model_version: str) -> AssignmentUpsert:
         raise BadRequest(describe_errors(exc.errors())) from exc
 
 
+def _refuse_no_op(key: str, current: Any, body: AssignmentUpsert) -> None:
+    """The move form moves a key to another version: to the version it already points at is
+    refused (422), nothing to preview or confirm."""
+    if current is not None and (current.model_id, current.model_version) == (body.model_id, body.model_version):
+        raise Unprocessable(
+            f"assignment {key} already points at {body.model_id} v{body.model_version}: "
+            "choose another version to move it to"
+        )
+
+
 def _preview(
     request: Request,
     scope: Any,
@@ -308,6 +318,7 @@ async def move_preview(
     body = _move_body(model_id, model_version)
     current = await _current(session, scope, domain_id, None, assignment_key)
     try:
+        _refuse_no_op(assignment_key, current, body)
         dry_run = await assignments.upsert_domain_assignment(
             session, scope, domain_id, assignment_key, body, dry_run=True
         )
@@ -345,6 +356,7 @@ async def move(
             current = await _current(session, scope, domain_id, None, assignment_key)
             if expected != (str(current.assignment_id) if current is not None else ""):
                 raise Conflict(f"assignment {assignment_key} changed since the preview: check the new preview")
+            _refuse_no_op(assignment_key, current, body)
             async with audited(
                 request,
                 session,

@@ -5,23 +5,25 @@ the signed-in user dependency, paging, and the audit entry of a console write.""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ValidationError
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from pie.audit import context as audit_context
 from pie.audit import logic as audit
 from pie.audit.routing import new_entry
-from pie.console import signin
+from pie.console import readable, signin
 from pie.console.signin import ConsoleUser, SignInRequired, console_user
 from pie.errors import BadRequest, PieError
 from pie.pagination import NEXT_CURSOR_HEADER, PageParams
@@ -46,6 +48,13 @@ def _when(value: datetime | None) -> str:
 templates.env.filters["pretty"] = _pretty
 templates.env.filters["when"] = _when
 templates.env.filters["iso"] = lambda v: iso_z(v) if v is not None else ""
+templates.env.filters["compact"] = readable.compact
+templates.env.filters["schema_words"] = readable.describe_schema
+templates.env.filters["feature_rows"] = readable.feature_rows
+templates.env.filters["handler_rows"] = readable.handler_rows
+templates.env.filters["contract_rows"] = readable.contract_rows
+templates.env.filters["summary_rows"] = readable.summary_rows
+templates.env.filters["action_words"] = readable.action_words
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -178,6 +187,130 @@ async def audited(
 
 
 CsrfField = Annotated[str, Form()]
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+def parse_body(model: type[BodyT], sent: dict[str, Any]) -> BodyT:
+    """The API's request body ``model`` of what a form sends (400 with the schema's own
+    messages when it does not fit, as the API answers)."""
+    try:
+        return model.model_validate(sent)
+    except ValidationError as exc:
+        raise BadRequest(describe_errors(exc.errors())) from exc
+
+
+async def checked_writer(request: Request, user: User, csrf_token: CsrfField = "") -> ConsoleUser:
+    """Dependency of every console write: the signed-in caller, whose form carries this
+    session's CSRF token and comes from this origin (403 otherwise, before anything is read)."""
+    signin.check_csrf(request, user, csrf_token)
+    return user
+
+
+Writer = Annotated[ConsoleUser, Depends(checked_writer)]
+# "yes" once the caller answered a confirmation page (its hidden field)
+Confirmed = Annotated[str, Form(max_length=3)]
+T = TypeVar("T")
+
+
+class FormValues:
+    """A submitted form's text fields (file parts are ignored)."""
+
+    def __init__(self, items: list[tuple[str, str]]):
+        self.items = items
+
+    @classmethod
+    async def read(cls, request: Request) -> FormValues:
+        form = await request.form()
+        return cls([(name, value) for name, value in form.multi_items() if isinstance(value, str)])
+
+    def get(self, name: str, default: str = "") -> str:
+        for key, value in self.items:
+            if key == name:
+                return value
+        return default
+
+    def text(self, name: str) -> str:
+        return self.get(name).strip()
+
+    def getlist(self, name: str) -> list[str]:
+        return [value for key, value in self.items if key == name]
+
+    def as_dict(self) -> dict[str, str]:
+        return {key: value for key, value in self.items}
+
+    def echo(self) -> list[tuple[str, str]]:
+        """What a confirmation page posts back: every field but the CSRF token and the answer."""
+        return [(key, value) for key, value in self.items if key not in ("csrf_token", "confirm")]
+
+
+@dataclass
+class Problem:
+    """A refused form: which form, why (the API's own message) and what was typed, so the page
+    shows the form again with the reason next to it."""
+
+    form: str
+    message: str
+    status_code: int
+    values: dict[str, str] = field(default_factory=dict)
+
+
+REFUSALS = (400, 409, 422)  # a refusal shown next to the form; other errors are error pages
+
+
+def refusal(exc: PieError, form: str, values: FormValues | dict[str, str]) -> Problem:
+    """The Problem of a refused write (400, 409, 422); anything else propagates."""
+    if exc.status_code not in REFUSALS:
+        raise exc
+    typed = values.as_dict() if isinstance(values, FormValues) else values
+    return Problem(form=form, message=exc.message, status_code=exc.status_code, values=typed)
+
+
+async def rehearse(session: Any, run: Callable[[], Awaitable[T]]) -> T:
+    """Run a write in a savepoint and roll it back: every check of the real write runs now (a
+    confirmation page is only shown for a change that would be accepted at this moment) and
+    nothing of it stays (rows, audit, job notifications are discarded with the savepoint).
+    ``run`` must return plain values: the rows it wrote are gone afterwards."""
+    savepoint = await session.begin_nested()
+    try:
+        return await run()
+    finally:
+        await savepoint.rollback()
+
+
+async def write(
+    request: Request,
+    session: Any,
+    user: ConsoleUser,
+    action: str,
+    path: dict[str, Any],
+    body: dict[str, Any],
+    run: Callable[[], Awaitable[T]],
+) -> T:
+    """A console write: ``run`` (which calls the logic function the API route ``action`` calls)
+    inside a savepoint, audited as that API operation (``audited``). A refused write leaves
+    neither change nor audit row, and the session stays usable to render the form again."""
+    async with session.begin_nested(), audited(request, session, user, action, path, body):
+        return await run()
+
+
+@dataclass
+class Confirmation:
+    """A confirmation page: what is about to happen (facts and an optional table of changes),
+    the button that does it (posting the same form back with ``confirm=yes``), and the way back."""
+
+    title: str
+    question: str
+    button: str
+    action_url: str
+    cancel_url: str
+    crumbs: list[tuple[str, str]]
+    facts: list[tuple[str, str]] = field(default_factory=list)
+    changes: list[tuple[str, str, str]] = field(default_factory=list)  # (what, now, after)
+    notes: list[str] = field(default_factory=list)
+
+
+def confirm_page(request: Request, confirmation: Confirmation, form: FormValues) -> HTMLResponse:
+    return render(request, "confirm.html", c=confirmation, fields=form.echo())
 
 
 def parse_time(name: str, value: str | None) -> datetime | None:
