@@ -61,8 +61,8 @@ def describe_schema(schema: Any) -> str:
         elif kind == "object" and isinstance(schema.get("properties"), dict):
             names = ", ".join(schema["properties"])
             parts.append(f"object ({names})")
-        else:
-            parts.append(kind)
+        elif not (isinstance(schema.get("enum"), list) and kind in ("string", "integer", "number")):
+            parts.append(kind)  # (the allowed values say the type)
     if "const" in schema:
         parts.append(f"exactly {compact(schema['const'])}")
     if isinstance(schema.get("enum"), list):
@@ -81,7 +81,7 @@ def describe_schema(schema: Any) -> str:
         parts.append(f"matching {schema['pattern']}")
     for word in ("oneOf", "anyOf", "allOf"):
         if isinstance(schema.get(word), list):
-            label = {"oneOf": "one of", "anyOf": "any of", "allOf": "all of"}[word]
+            label = {"oneOf": "either", "anyOf": "any of", "allOf": "all of"}[word]
             parts.append(f"{label}: " + " | ".join(describe_schema(s) for s in schema[word]))
     if "$ref" in schema:
         parts.append(f"see {schema['$ref']}")
@@ -113,6 +113,11 @@ def feature_rows(definitions: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _whole(value: Any) -> Any:
+    """120.0 -> 120 (a float that is a whole number, as people write it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def handler_rows(handlers: Any) -> list[dict[str, Any]]:
     """One row per action: type, target (ARN, ECS cluster/task definition, in-process name),
     qualifier, time-out."""
@@ -131,7 +136,7 @@ def handler_rows(handlers: Any) -> list[dict[str, Any]]:
                 "target": handler.get("arn") if kind == "lambda" else handler.get("value"),
                 "qualifier": handler.get("version") if kind == "lambda" else None,
                 "container": handler.get("container"),
-                "timeout": handler.get("timeout_seconds"),
+                "timeout": _whole(handler.get("timeout_seconds")),
             }
         )
     return rows

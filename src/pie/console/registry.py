@@ -51,7 +51,7 @@ from pie.tenancy import logic as tenancy
 
 router = console_router()
 
-NewForm = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z]+$")]
+NewForm = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z0-9]+$")]
 Done = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z_]+$")]
 _ID = re.compile(ID_PATTERN)
 SubscriptionIdPath = Annotated[uuid.UUID, PathParam(description="event subscription id (uuid)")]

@@ -36,7 +36,7 @@ from pie.tenancy import logic as tenancy
 router = console_router()
 
 # ``?new=...``: the page opens its creation form (no page of its own: any id could be a record's)
-NewForm = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z]+$")]
+NewForm = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z0-9]+$")]
 Flag = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z_]+$")]
 
 
