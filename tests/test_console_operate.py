@@ -10,12 +10,15 @@ import uuid
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from factories import SEVEN_FEATURES, init_service, make_client, make_version, seven_features, tenant_setup
 from test_audit import audit_rows, table_counts
 from test_console import csrf_of, sign_in
 
+from pie import metrics
 from pie.console import forms, readable
+from pie.jobs.logic import NOTIFY_CHANNEL
 from pie.routing import flat_routes
 
 ROUTE = {"route": "Adelaide to Sydney"}
@@ -378,7 +381,9 @@ async def test_the_features_editor_shows_the_apis_refusal_next_to_the_rows(clien
 # -- services -------------------------------------------------------------------------------------------------
 
 
-async def test_service_init_asks_for_confirmation_then_starts_the_init_job(client, session, admin, make_token):
+async def test_service_init_asks_for_confirmation_then_starts_the_init_job(
+    client, session, admin, make_token, database_url
+):
     await tenant_setup(client, session, admin, client_id="acme")
     await sign_in(client, make_token(groups=["client:acme"], username="alice"))
     page = (await client.get(D, params={"new": "service"})).text
@@ -394,11 +399,19 @@ async def test_service_init_asks_for_confirmation_then_starts_the_init_job(clien
         "sf_weekly_demand": "[1, 2, 3, 4, 5, 6, 7]",
     }
     before = await table_counts(session)
-    r = await client.post(D + "/services", data=data)
-    assert r.status_code == 200 and "Initialise ferry-9" in r.text and "pricing-model v1" in r.text
-    assert await table_counts(session) == before  # the rehearsal left nothing
-    r = await client.post(D + "/services", data={**data, "confirm": "yes"})
-    assert r.status_code == 303 and r.headers["location"].endswith("/services/ferry-9?done=initialised")
+    created = metrics.JOBS_CREATED.labels("inference")._value.get()
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        r = await client.post(D + "/services", data=data)
+        assert r.status_code == 200 and "Initialise ferry-9" in r.text and "pricing-model v1" in r.text
+        # the rehearsal left nothing: no row, no audit row, no job, no count, no wake-up
+        assert await table_counts(session) == before
+        assert metrics.JOBS_CREATED.labels("inference")._value.get() == created
+        assert list(listener.notifies(timeout=0.5, stop_after=1)) == []
+        r = await client.post(D + "/services", data={**data, "confirm": "yes"})
+        assert r.status_code == 303 and r.headers["location"].endswith("/services/ferry-9?done=initialised")
+        assert len(list(listener.notifies(timeout=30, stop_after=1))) == 1  # the real init wakes dispatchers
+    assert metrics.JOBS_CREATED.labels("inference")._value.get() == created + 1
     got = await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-9")
     assert got["provided_features"] == {
         "route": "Sydney to Adelaide",
@@ -639,3 +652,13 @@ async def test_a_tenant_reads_the_registry_but_cannot_change_it(client, session,
         r = await client.post(path, data={**data, "csrf_token": csrf})
         assert r.status_code == 403 and "missing permission manage_models" in r.text
     assert (await api(client, admin, "/v2/models/fares/versions/1"))["status"] == "pending"
+
+
+def test_a_departure_field_matches_the_stored_instant_with_or_without_seconds():
+    from datetime import datetime, timezone
+
+    stored = datetime(2031, 5, 1, 8, 30, 0, 123456, tzinfo=timezone.utc)
+    assert forms.local_input(stored) == "2031-05-01T08:30:00"
+    assert forms.same_instant("2031-05-01T08:30", stored) and forms.same_instant("2031-05-01T08:30:00", stored)
+    assert not forms.same_instant("2031-05-01T08:31", stored) and not forms.same_instant("tomorrow", stored)
+    assert not forms.same_instant("2031-05-01T08:30", None)

@@ -7,6 +7,9 @@ Set PIE_TEST_CONSOLE_SCREENSHOTS=<dir> to also save screenshots of the new pages
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import httpx
 import pytest
 from conftest import scratch_pie_server
@@ -23,6 +26,14 @@ FEATURES = [
     },
     {"name": "competitor_count", "json_schema": {"type": "integer", "minimum": 0, "default": 2}, "mandatory": False},
 ]
+
+
+async def _shoot_screen(page, name: str) -> None:
+    """A screenshot of what the window shows (a long page's first screen)."""
+    target = os.environ.get("PIE_TEST_CONSOLE_SCREENSHOTS")
+    if target:
+        width = page.viewport_size["width"]
+        await page.screenshot(path=str(Path(target) / f"{name}-{width}.png"))
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +331,8 @@ async def test_tables_are_readable_at_400_px_and_redoc_stays_offline(browser, wo
             assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
         await page.goto("/console/audit")
         await expect(page.locator("table.audit")).to_contain_text("Moved key default to version 1 of fares")
-        await _shoot(page, "audit-words")
+        await page.locator("table.audit").scroll_into_view_if_needed()
+        await _shoot_screen(page, "audit-words")
 
         requested: list[str] = []
         page.on("request", lambda request: requested.append(request.url))

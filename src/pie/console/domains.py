@@ -556,7 +556,7 @@ async def update_service(
     if form.get("no_departure"):
         if current_departure is not None:
             sent["departure_datetime"] = None
-    elif departure and departure != forms.local_input(current_departure):
+    elif departure and not forms.same_instant(departure, current_departure):
         sent["departure_datetime"] = departure
     try:
         if not sent:

@@ -258,6 +258,20 @@ def feature_value(text: str, schema: Any) -> Any:
         return text
 
 
+def same_instant(text: str, stored: datetime | None) -> bool:
+    """Whether a ``datetime-local`` value (UTC; with or without seconds) is the stored instant
+    to the second (the field shows no fractions). Unreadable text is never the same: it is sent,
+    and the API's check names it."""
+    if stored is None:
+        return False
+    try:
+        typed = datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    typed = typed.replace(tzinfo=timezone.utc) if typed.tzinfo is None else typed.astimezone(timezone.utc)
+    return typed.replace(microsecond=0) == stored.astimezone(timezone.utc).replace(microsecond=0)
+
+
 def local_input(value: datetime | None) -> str:
     """A stored date-time as a ``datetime-local`` input shows it (UTC, seconds)."""
     if value is None:
