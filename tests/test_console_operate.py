@@ -662,3 +662,24 @@ def test_a_departure_field_matches_the_stored_instant_with_or_without_seconds():
     assert forms.same_instant("2031-05-01T08:30", stored) and forms.same_instant("2031-05-01T08:30:00", stored)
     assert not forms.same_instant("2031-05-01T08:31", stored) and not forms.same_instant("tomorrow", stored)
     assert not forms.same_instant("2031-05-01T08:30", None)
+
+
+def test_audit_actions_in_words():
+    from types import SimpleNamespace
+
+    def words(action: str, target: str | None, **summary: Any) -> str:
+        return readable.action_words(SimpleNamespace(action=action, target_id=target, summary=summary))
+
+    assert words("putdomainmodelassignment", "sa/default", model_id="fares", model_version="3") == (
+        "Moved key default to version 3 of fares"
+    )
+    assert words("putservicemodelassignment", "sa/ferry-1/forecast", model_version="2") == (
+        "Moved key forecast of service ferry-1 to version 2"
+    )
+    assert words("upsertdomainmodelassignment", "sa/default", status="archived") == "Archived key default"
+    assert words("createmodelversion", "fares/7") == "Created version 7 of fares"
+    assert words("updateclient", "acme", status="active", name="Acme Ltd") == (
+        "Updated client acme: reactivated it, renamed it Acme Ltd"
+    )
+    assert words("initdomainservice", "sa/ferry-1", fields=["static_features"]) == "Initialised service ferry-1"
+    assert words("createwebhook", "hook-1") == "createwebhook"  # an operation without words yet: its id

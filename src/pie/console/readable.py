@@ -278,6 +278,15 @@ def action_words(record: Any) -> str:
         return "Updated an event subscription"
     if action == "deletemodeleventsubscription":
         return "Deleted an event subscription"
+    # the lifecycle operations (spec 15.4)
+    if action == "reinitdomainservice":
+        return f"Re-initialised service {name}"
+    if action == "deletedomainservice":
+        return f"Deleted service {name}"
+    if action == "canceljob":
+        return "Cancelled a job"
+    if action == "retryjob":
+        return "Retried a job"
     if action == "completemodeljob":
         return f"Reported the end of a job ({s.get('status', 'done')})"
     return action

@@ -57,8 +57,9 @@ _ID = re.compile(ID_PATTERN)
 SubscriptionIdPath = Annotated[uuid.UUID, PathParam(description="event subscription id (uuid)")]
 
 HANDLER_TYPES = ("in_process", "lambda", "ecs_task")
-# the buttons of a version's allowed transitions (``pie.registry.logic.TRANSITIONS``)
-TRANSITION_LABELS = {"training": "Start training", "active": "Activate", "failed": "Mark failed"}
+# the buttons of a version's allowed transitions (``pie.registry.logic.TRANSITIONS``; "archived"
+# arrives with the lifecycle operations of issue #19)
+TRANSITION_LABELS = {"training": "Start training", "active": "Activate", "failed": "Mark failed", "archived": "Archive"}
 
 
 def allowed_transitions(status: str) -> list[tuple[str, str]]:

@@ -81,9 +81,9 @@ async def create_client(request: Request, user: Writer, session: Session):
     """``createclient`` (admin only): a client id, a name, optional app client ids."""
     user.principal.require("admin")
     form = await FormValues.read(request)
-    sent = {"client_id": form.text("client_id"), "name": form.text("name")}
+    sent: dict[str, Any] = {"client_id": form.text("client_id"), "name": form.text("name")}
     if apps := lines(form.get("app_client_ids")):
-        sent["app_client_ids"] = apps  # type: ignore[assignment]
+        sent["app_client_ids"] = apps
     try:
         body = parse_body(ClientCreate, sent)
         await write(request, session, user, "createclient", {}, sent, lambda: clients.create_client(session, body))
