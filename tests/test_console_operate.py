@@ -683,3 +683,27 @@ def test_audit_actions_in_words():
     )
     assert words("initdomainservice", "sa/ferry-1", fields=["static_features"]) == "Initialised service ferry-1"
     assert words("createwebhook", "hook-1") == "createwebhook"  # an operation without words yet: its id
+
+
+async def test_the_features_preview_lists_at_most_200_blocking_values_and_says_how_many(
+    client, session, admin, make_token
+):
+    from sqlalchemy import text
+
+    await tenant_setup(client, session, admin, client_id="acme")
+    await session.execute(
+        text(
+            """INSERT INTO services (client_id, domain_id, service_id, status, provided_features, resolved_features)
+               SELECT 'acme', 'south_australia', 'svc-' || g, 'available',
+                      '{"route": "Sydney to Adelaide"}'::jsonb, '{}'::jsonb FROM generate_series(1, 250) g"""
+        )
+    )
+    await session.commit()
+    await sign_in(client, make_token(admin=True))
+    csrf = await page_csrf(client, D + "/features")
+    rows = forms.rows_of(seven_features())
+    rows[0].values = "Adelaide to Sydney"
+    r = await client.post(D + "/features", data=_editor_form(csrf, rows))
+    assert r.status_code == 200 and "250 services would not resolve" in r.text and "of 250 non-departed" in r.text
+    table = r.text.split('class="blocking', 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr><td") == 200 and "The first 200 of 250 failing values" in r.text

@@ -243,6 +243,9 @@ async def features_impact(session: Any, scope: TenantScope, domain_id: str, defi
     return FeaturesImpact(int(checked or 0), undefined_keys=plan.unknown_keys)
 
 
+PREVIEW_ROWS = 200  # blocking entries listed on the preview page (the count says how many there are)
+
+
 def _features_url(client_id: str, domain_id: str) -> str:
     return f"{domain_url(client_id, domain_id)}/features"
 
@@ -321,6 +324,7 @@ async def features_edit(
         features_json=json.dumps(definitions, ensure_ascii=False),
         expected=forms.fingerprint(domain.features),
         impact=impact,
+        shown_limit=PREVIEW_ROWS,
         governing=governing,
         action=_features_url(client_id, domain_id),
     )
