@@ -98,3 +98,29 @@ async def test_redoc_loads_nothing_from_a_cdn(client):
     assert bundle.status_code == 200 and "Redoc" in bundle.text[:2000]
     assert "cdn.redoc.ly" not in bundle.text
     assert not re.search(r"https?://[^\"'\s]*\.(svg|png|jpe?g|gif|woff2?|css)\b", bundle.text)
+
+
+async def test_a_jobs_features_and_error_are_tables(client, session, admin, make_token):
+    from sqlalchemy import update
+
+    from pie.jobs.models import Job
+
+    await tenant_setup(client, session, admin, client_id="acme")
+    r = await client.post(
+        "/v2/clients/acme/domains/south_australia/service/init",
+        json={"service_id": "ferry-1", "static_features": {"route": "Adelaide to Sydney", "competitor_count": 3}},
+        headers=admin,
+    )
+    job_id = r.json()["job_id"]
+    await session.execute(
+        update(Job)
+        .where(Job.job_id == job_id)
+        .values(status="failure", error={"code": "handler_error", "message": "boom"})
+    )
+    await session.commit()
+    await sign_in(client, make_token(admin=True))
+    page = (await client.get(f"/console/jobs/{job_id}")).text
+    features = page.split("resolved features", 1)[1].split("</table>", 1)[0]
+    assert "<code>competitor_count</code>" in features and "<code>3</code>" in features
+    error = page.split("<caption>Error</caption>", 1)[1].split("</table>", 1)[0]
+    assert "handler_error" in error and "boom" in error
