@@ -260,7 +260,6 @@ def _include_routers(app: FastAPI) -> None:
     from pie.clients.routes import router as clients_router
     from pie.console.routes import STATIC_DIR
     from pie.console.routes import router as console_router
-    from pie.console.webhooks import router as console_webhooks_router
     from pie.dispatch.routes import router as dispatch_router
     from pie.health.routes import router as health_router
     from pie.jobs.routes import router as jobs_router
@@ -285,7 +284,6 @@ def _include_routers(app: FastAPI) -> None:
         audit_router,
         tenant_webhooks_router,
         platform_webhooks_router,
-        console_webhooks_router,  # before the console's catch-all
         console_router,
     ):
         app.include_router(router)
