@@ -30,7 +30,7 @@ from pie.jobs.logic import create_job
 from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
-from pie.registry.logic import get_model_version
+from pie.registry.logic import UNUSABLE, get_model_version, unusable
 from pie.registry.models import ModelVersion
 from pie.registry.subscriptions import subscribe_inference
 from pie.tenancy.logic import DEFAULT_KEY, ensure_domain_active, ensure_writable, load_domain, load_service, schema_of
@@ -50,10 +50,11 @@ def _scope_name(domain_id: str, service_id: str | None) -> str:
 
 
 async def model_reference(session: AsyncSession, model_id: str, model_version: str) -> ModelVersion:
-    """The version an upsert points at: it must exist and not be ``failed`` (422 otherwise).
-    The row is held ``FOR SHARE`` until the upsert commits, so the version can neither turn
-    ``failed`` nor get its frozen schema (a first training job) between this check (and the
-    freeze check made against that schema) and the commit."""
+    """The version an upsert points at: it must exist and be neither ``failed`` nor
+    ``archived`` (422 otherwise). The row is held ``FOR SHARE`` until the upsert commits, so the
+    version can neither turn ``failed`` or ``archived`` (an archive waits for this lock, then
+    sees the new revision: 409) nor get its frozen schema (a first training job) between this
+    check (and the freeze check made against that schema) and the commit."""
     version = await session.scalar(
         select(ModelVersion)
         .where(ModelVersion.model_id == model_id, ModelVersion.version == model_version)
@@ -62,8 +63,10 @@ async def model_reference(session: AsyncSession, model_id: str, model_version: s
     )
     if version is None:
         raise Unprocessable(f"invalid model reference: model {model_id} version {model_version} does not exist")
-    if version.status == "failed":
-        raise Unprocessable(f"invalid model reference: model {model_id} version {model_version} has failed")
+    if version.status in UNUSABLE:
+        raise Unprocessable(
+            f"invalid model reference: model {model_id} version {model_version} {unusable(version.status)}"
+        )
     return version
 
 
@@ -344,8 +347,10 @@ async def run_assignment_job(
         for_update=body.job_type == "training" and service_id is None,
         for_share=True,
     )
-    if version.status == "failed":
-        raise Unprocessable(f"model {version.model_id} version {version.version} has failed; reassign {key}")
+    if version.status in UNUSABLE:
+        raise Unprocessable(
+            f"model {version.model_id} version {version.version} {unusable(version.status)}; reassign {key}"
+        )
     contract = ((version.handler_contracts or {}).get(body.job_type) or {}).get("input_schema")
     if contract is not None:
         error = validation_error(contract, body.input)

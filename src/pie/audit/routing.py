@@ -49,6 +49,10 @@ TARGET_TYPES: dict[str, str] = {
     "updatemodeleventsubscription": "subscription",
     "deletemodeleventsubscription": "subscription",
     "completemodeljob": "job",
+    "canceljob": "job",
+    "retryjob": "job",
+    "reinitdomainservice": "service",
+    "deletedomainservice": "service",
 }
 
 _SUMMARY_TEXT = 200  # characters kept of a text value in the summary

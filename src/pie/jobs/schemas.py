@@ -23,6 +23,7 @@ class JobOut(ResponseBody):
     domain_id: str | None = None
     service_id: str | None = None
     subscription_id: uuid.UUID | None = None
+    retry_of: str | None = Field(default=None, description="the job this one re-runs (POST /v2/jobs/{job_id}/retry)")
     input: StoredJson = None
     output: StoredJson = None
     error: StoredJson = None
