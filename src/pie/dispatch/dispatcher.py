@@ -1166,9 +1166,10 @@ class Dispatcher:
         """Claim and run due jobs until none is due and nothing is in flight."""
         deadline = time.monotonic() + timeout
         total = 0
-        await self.stop_tasks()
         while True:
             self._wake.clear()
+            if self._stops_due:
+                await self.stop_tasks()
             claimed = await self.claim_and_dispatch()
             total += claimed
             if not claimed and not self._inflight:

@@ -375,7 +375,7 @@ def _lock_for_finish() -> Any:
                 sub.c.trigger_event == "inference_complete",
                 sub.c.status == "active",
                 # subscriptions never fire on an archived version (spec 15.4)
-                ~exists().where(version, mv.c.status == "archived"),
+                ~exists().where(version, mv.c.status == "archived").correlate(_jobs),
             )
             .label("has_subscriptions"),
             func.extract("epoch", func.now() - _jobs.c.created_at).label("age_seconds"),
