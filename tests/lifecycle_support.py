@@ -34,7 +34,9 @@ async def until_waiting(conn: AsyncConnection, count: int, *pending: asyncio.Fut
         )
         if waiting >= count:
             return
-        assert time.monotonic() < deadline, f"{waiting} of {count} requests wait for the lock after {LOCK_WAIT_TIMEOUT}s"
+        assert time.monotonic() < deadline, (
+            f"{waiting} of {count} requests wait for the lock after {LOCK_WAIT_TIMEOUT}s"
+        )
         await asyncio.sleep(0.01)
 
 

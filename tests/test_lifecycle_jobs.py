@@ -30,7 +30,7 @@ from pie.dispatch.inprocess import register
 from pie.metrics import JOBS_ENDED
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kit"))
-import pie_handler_kit as kit  # noqa: E402
+import pie_handler_kit as kit
 
 D = domain_url("client-1", "south_australia")
 MODEL = "/v2/models/pricing-model"
@@ -73,9 +73,11 @@ def _kit_handler(input: Any, features: Any, job: kit.Job) -> dict[str, Any]:
     return {"steps": step}
 
 
-
 def handlers(inference: str) -> dict[str, Any]:
-    return {"training": {"type": "in_process", "value": "echo"}, "inference": {"type": "in_process", "value": inference}}
+    return {
+        "training": {"type": "in_process", "value": "echo"},
+        "inference": {"type": "in_process", "value": inference},
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -209,7 +211,7 @@ async def test_who_may_cancel(client, session, admin, auth):
     assert r.status_code == 403 and r.json()["message"] == "missing permission run_inference or init_services"
     other = auth(scopes=["run_inference", "init_services"], client_id="client-2")
     assert (await cancel(client, other, direct, expect=403))["message"] == "no access to client client-1"
-    assert (await cancel(client, auth(groups=["client:client-1"], username="alice"), platform, expect=403))
+    assert await cancel(client, auth(groups=["client:client-1"], username="alice"), platform, expect=403)
     # init_services launches init jobs, not inference jobs
     only_init = auth(scopes=["init_services"], client_id="client-1")
     assert (await cancel(client, only_init, direct, expect=403))["message"] == "missing permission run_inference"

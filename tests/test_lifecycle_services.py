@@ -144,9 +144,7 @@ async def test_delete_a_service(client, plain, session, admin, auth, settings):
     assert cancelled["error"]["message"] == "service svc-1 was deleted before it was dispatched"
     assert (await job(client, admin, init))["status"] == "success"
     # its service-scope revisions stay (archived); its replay subscription is stale
-    revisions = await session.execute(
-        text("SELECT assignment_key, status FROM assignments WHERE service_id = 'svc-1'")
-    )
+    revisions = await session.execute(text("SELECT assignment_key, status FROM assignments WHERE service_id = 'svc-1'"))
     assert revisions.all() == [("forecast", "archived")]
     r = await client.get(f"/v2/models/pricing-model/event-subscriptions/{replay['id']}", headers=admin)
     assert r.json()["status"] == "stale"

@@ -43,7 +43,10 @@ async def test_archive_an_unassigned_version_then_restore_it(client, session, ad
     assert r.status_code == 200 and r.json()["version"]["status"] == "active"
     assert await versions(client, admin, "?status=archived") == []
     history = (await client.get(f"{MODEL}/versions/2/status-history", headers=admin)).json()
-    assert [(h["from_status"], h["to_status"]) for h in history][-2:] == [("active", "archived"), ("archived", "active")]
+    assert [(h["from_status"], h["to_status"]) for h in history][-2:] == [
+        ("active", "archived"),
+        ("archived", "active"),
+    ]
     audit = (await client.get("/v2/audit?action=setmodelversionstatus", headers=admin)).json()
     assert [a["summary"]["to"] for a in audit][:2] == ["active", "archived"]
 
@@ -53,9 +56,7 @@ async def test_archiving_an_assigned_version_is_409_naming_every_assignment(clie
     await init_service(client, admin, "svc-1", ROUTE)
     await assign(client, admin, key="forecast", service_id="svc-1")  # service scope -> 1
     await make_client(session, "client-2")
-    r = await client.post(
-        "/v2/clients/client-2/domains", json={"domain_id": "north", "features": []}, headers=admin
-    )
+    r = await client.post("/v2/clients/client-2/domains", json={"domain_id": "north", "features": []}, headers=admin)
     assert r.status_code == 201, r.text
     await assign(client, admin, "client-2", "north")  # another tenant -> 1
     await make_version(session, version="2")
@@ -105,7 +106,9 @@ async def test_an_archived_version_takes_no_job_and_no_assignment(client, sessio
         r = await assign(client, admin, key="forecast", model_version="2", service_id=service_id, expect=422)
         assert r.json()["message"] == "invalid model reference: model pricing-model version 2 is archived"
     r = await client.post(
-        f"{D}/assignments", json={"assignment_key": "x", "model_id": "pricing-model", "model_version": "2"}, headers=admin
+        f"{D}/assignments",
+        json={"assignment_key": "x", "model_id": "pricing-model", "model_version": "2"},
+        headers=admin,
     )
     assert r.status_code == 422
     assert await session.scalar(text("SELECT count(*) FROM jobs")) == jobs_before
@@ -178,7 +181,7 @@ async def test_subscriptions_never_fire_on_an_archived_version(client, session, 
     assert await session.scalar(text("SELECT count(*) FROM jobs WHERE model_id = 'source'")) == 0
     # the same completion on an active version fires (the subscription itself is fine)
     await make_version(session, "target", "3")
-    r = await client.post(f"/v2/models/target/versions/3/inference", json={"input": {}}, headers=admin)
+    r = await client.post("/v2/models/target/versions/3/inference", json={"input": {}}, headers=admin)
     job_id = r.json()["inference_job_id"]
     r = await client.post(
         f"/v2/models/target/versions/3/jobs/{job_id}/complete", json={"status": "success", "output": {}}, headers=admin
