@@ -201,3 +201,37 @@ async def test_delete_refusals(client, session, admin, auth):
     assert (await client.delete(f"{D}/service/svc-1", headers=admin)).status_code == 404  # twice
     assert (await stored_service(session, "gone")) is not None
     assert await session.scalar(text("SELECT count(*) FROM audit_log WHERE action = 'deletedomainservice'")) == 1
+
+
+async def test_delete_cancels_every_unfinished_init_job_of_the_service(client, session, admin):
+    """The init job and a re-init job both pending: both end (as cancelled) in one
+    finish_jobs batch, which sets the service status once per init job."""
+    await tenant_setup(client, session, admin)
+    init = (await init_service(client, admin, "svc-1", ADL)).json()["job_id"]
+    reinit = (await client.post(f"{D}/service/svc-1/init", headers=admin)).json()["job_id"]
+    r = await client.delete(f"{D}/service/svc-1", headers=admin)
+    assert r.status_code == 204, r.text
+    for job_id in (init, reinit):
+        row = await job(client, admin, job_id)
+        assert row["status"] == "failure" and row["error"]["code"] == "cancelled"
+
+
+async def test_the_time_out_sweep_ends_several_init_jobs_at_once(client, session, admin, settings):
+    """Two started init jobs past their time-out end in one sweep (one finish_jobs batch with
+    two service-status updates): both services fail."""
+    from pie.dispatch.dispatcher import Dispatcher
+
+    await tenant_setup(client, session, admin)
+    jobs = [(await init_service(client, admin, s, ADL)).json()["job_id"] for s in ("svc-1", "svc-2")]
+    await session.execute(
+        text(
+            "UPDATE jobs SET status = 'started', attempts = 1, started_at = now() - interval '2 hours' "
+            "WHERE job_id = ANY(:ids)"
+        ),
+        {"ids": jobs},
+    )
+    await session.commit()
+    counts = await Dispatcher(settings.model_copy(update={"job_timeout_seconds": 60.0}), name="sweeper").sweep()
+    assert counts["timed_out"] == 2
+    for service_id in ("svc-1", "svc-2"):
+        assert (await stored_service(session, service_id)).status == "failed"

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from fastapi import Response
-from sqlalchemy import Boolean, and_, bindparam, case, exists, func, select, text, tuple_, update
+from sqlalchemy import Boolean, and_, bindparam, case, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
@@ -490,7 +490,9 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
                         newer.c.service_id == bindparam("b_service"),
                         newer.c.purpose == "service_init",
                         newer.c.job_id > bindparam("b_job"),
-                        newer.c.status.in_(("success", "failure")),
+                        # not IN (...): an expanding parameter cannot run as executemany (several
+                        # init jobs ending in one batch)
+                        or_(newer.c.status == "success", newer.c.status == "failure"),
                     ),
                 )
             )
