@@ -480,6 +480,7 @@ def main(
     if not raw:
         log.error("no job payload: the environment variable %s is not set", env_var)
         return 2
+    _stop_requested.clear()  # a new task: nothing asked it to stop yet
     restore = watch_sigterm() if threading.current_thread() is threading.main_thread() else None
     try:
         result = run(fn, raw, output_schema=output_schema, **report_options)
