@@ -236,6 +236,26 @@ async def test_an_in_process_handler_is_asked_to_stop(client, session, admin, di
     assert after == body  # the handler's {"stopped_early": true} was discarded
 
 
+async def test_a_missed_cancel_notification_is_caught_by_the_sweep(client, session, admin, settings, monkeypatch):
+    """The dispatcher listens on a channel nobody notifies (as if the notification was lost
+    while LISTEN reconnected): its sweep finds the cancelled running job and raises the flag."""
+    from pie.dispatch import dispatcher as dispatch_module
+
+    monkeypatch.setattr(dispatch_module, "CANCEL_CHANNEL", "pie_job_cancel_not_notified")
+    await make_version(session, "long", "1", handlers=handlers("test_until_cancelled"))
+    running = Dispatcher(settings.model_copy(update={"dispatch_sweep_interval": 0.2}), name="sweeper")
+    await running.start()
+    try:
+        job_id = await infer(client, admin, model="/v2/models/long")
+        await wait_for(lambda: asyncio.to_thread(RUNNING.wait, 0), what="the handler start")
+        await cancel(client, admin, job_id)
+        await wait_for(lambda: asyncio.to_thread(SAW_CANCEL.wait, 0), what="the sweep raising the flag")
+    finally:
+        RELEASE.set()
+        await running.stop(grace=5.0)
+    assert (await job(client, admin, job_id))["error"]["code"] == "cancelled"
+
+
 async def test_the_kit_exposes_the_flag_to_in_process_handlers(client, session, admin, dispatcher):
     register("test_kit_until_cancelled")(kit.in_process(_kit_handler))  # the same handler as for ECS/Lambda
     await make_version(session, "kit", "1", handlers=handlers("test_kit_until_cancelled"))
