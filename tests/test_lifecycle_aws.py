@@ -22,12 +22,12 @@ import httpx
 import pytest
 from conftest import clean_subprocess_env, start_pie_server
 from factories import domain_url, init_service, make_client, make_version, seven_features, stored_service
-from lifecycle_support import job
+from lifecycle_support import job, wait_for
 from sqlalchemy import text
 from test_dispatch_aws import (  # noqa: F401  (fixtures)
+    REGION,
     aws,
     aws_settings,
-    ecs_cluster,
     moto_endpoint,
     recorded_invocations,
     seed,
@@ -36,7 +36,7 @@ from test_dispatch_aws import (  # noqa: F401  (fixtures)
 from test_handler_loop_e2e import BARE_PYTHON, KIT, LAMBDA_EXAMPLE, RUNNER, run_bare
 
 from pie.dispatch import backends
-from pie.dispatch.dispatcher import dispatch_until_idle
+from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
 
 ROUTE = {"route": "Adelaide to Sydney"}
 
@@ -59,12 +59,35 @@ def lambda_fn(moto_endpoint) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trainer_definition(moto_endpoint, ecs_cluster) -> str:
-    """A task definition whose container is not called `main`."""
-    aws("ecs", moto_endpoint).register_task_definition(
+def ecs_cluster(moto_endpoint) -> str:
+    """A cluster and task definitions of this module's own (moto's state is shared by the whole
+    process: other modules' fixtures register theirs): `pie-life` (container `main`) and
+    `pie-trainer` (container `trainer`)."""
+    ec2, ecs = aws("ec2", moto_endpoint), aws("ecs", moto_endpoint)
+    instance = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]
+    document = json.dumps(
+        {
+            "instanceId": instance["InstanceId"],
+            "region": REGION,
+            "availabilityZone": "us-east-1a",
+            "privateIp": "10.0.0.2",
+            "imageId": "ami-12c6146b",
+            "instanceType": "t2.micro",
+            "accountId": "123456789012",
+            "architecture": "x86_64",
+            "pendingTime": "2026-01-01T00:00:00Z",
+            "version": "2017-09-30",
+        }
+    )
+    ecs.create_cluster(clusterName="pie-lifecycle")
+    ecs.register_container_instance(cluster="pie-lifecycle", instanceIdentityDocument=document)
+    ecs.register_task_definition(
+        family="pie-life", containerDefinitions=[{"name": "main", "image": "pie/train", "memory": 128}]
+    )
+    ecs.register_task_definition(
         family="pie-trainer", containerDefinitions=[{"name": "trainer", "image": "pie/trainer", "memory": 128}]
     )
-    return f"{ecs_cluster}/pie-trainer"
+    return "pie-lifecycle"
 
 
 def task_of(endpoint: str, cluster: str, job_id: str) -> dict[str, Any]:
@@ -102,7 +125,7 @@ def callback(client, payload: dict[str, Any], **body: Any):
 
 
 async def test_cancelling_an_ecs_job_stops_its_task(client, session, admin, aws_settings, moto_endpoint, ecs_cluster):
-    await seed(session, "ecs-cancel", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"})
+    await seed(session, "ecs-cancel", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-life"})
     job_id = await infer(client, admin, "ecs-cancel")
     assert await dispatch_until_idle(aws_settings) == 1
     task = task_of(moto_endpoint, ecs_cluster, job_id)
@@ -125,12 +148,39 @@ async def test_cancelling_an_ecs_job_stops_its_task(client, session, admin, aws_
     assert await job(client, admin, job_id) == body
 
 
+async def test_a_running_dispatcher_stops_the_task_as_soon_as_the_job_is_cancelled(
+    client, session, admin, aws_settings, moto_endpoint, ecs_cluster
+):
+    """`pie serve`'s (or `pie worker`'s) dispatcher: woken by the cancel's NOTIFY (its sweep is
+    ten minutes away), it stops the task in the background of its loop."""
+    await seed(session, "ecs-live", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-life"})
+    running = Dispatcher(aws_settings.model_copy(update={"dispatch_sweep_interval": 600.0}), name="live")
+    await running.start()
+    try:
+        job_id = await infer(client, admin, "ecs-live")
+
+        async def handed_over() -> bool:
+            return await session.scalar(text("SELECT ecs_task IS NOT NULL FROM jobs WHERE job_id = :j"), {"j": job_id})
+
+        await wait_for(handed_over, what="the RunTask hand-over")
+        await session.rollback()
+        assert (await client.post(f"/v2/jobs/{job_id}/cancel", headers=admin)).status_code == 200
+
+        async def stopped() -> bool:
+            return task_of(moto_endpoint, ecs_cluster, job_id)["desiredStatus"] == "STOPPED"
+
+        await wait_for(stopped, what="StopTask")
+    finally:
+        await running.stop(grace=5.0)
+    assert await session.scalar(text("SELECT count(*) FROM task_stops")) == 0
+
+
 async def test_a_cancel_racing_the_hand_over_still_stops_the_task(
     client, session, admin, aws_settings, moto_endpoint, ecs_cluster, monkeypatch
 ):
     """The cancel commits while RunTask is in flight (the job is started, its task unknown yet):
     the dispatcher then finds the job no longer its own and stops the task it started."""
-    await seed(session, "ecs-race", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"})
+    await seed(session, "ecs-race", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-life"})
     job_id = await infer(client, admin, "ecs-race")
     loop = asyncio.get_running_loop()
     real = backends.AwsBackends.run_ecs_task
@@ -157,7 +207,7 @@ async def test_deleting_a_service_stops_the_task_of_its_running_init_job(
     client, session, admin, aws_settings, moto_endpoint, ecs_cluster
 ):
     await make_client(session, "client-1")
-    ecs = {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"}
+    ecs = {"type": "ecs_task", "value": f"{ecs_cluster}/pie-life"}
     await make_version(session, "ecs-svc", "1", handlers={"training": ecs, "inference": ecs})
     D = domain_url("client-1", "south_australia")
     r = await client.post(
@@ -178,11 +228,9 @@ async def test_deleting_a_service_stops_the_task_of_its_running_init_job(
     assert await stored_service(session, "svc-1") is None
 
 
-async def test_an_ecs_handler_names_its_container(
-    client, session, admin, aws_settings, moto_endpoint, ecs_cluster, trainer_definition
-):
+async def test_an_ecs_handler_names_its_container(client, session, admin, aws_settings, moto_endpoint, ecs_cluster):
     """`container` (spec 15.4) receives the payload; without it, PIE_ECS_CONTAINER_NAME."""
-    handler = {"type": "ecs_task", "value": trainer_definition, "container": "trainer"}
+    handler = {"type": "ecs_task", "value": f"{ecs_cluster}/pie-trainer", "container": "trainer"}
     r = await client.post(
         "/v2/models",
         json={"id": "named", "name": "n", "description": "", "handlers": {"training": handler, "inference": handler}},
@@ -202,7 +250,7 @@ async def test_an_ecs_handler_names_its_container(
     assert (
         await client.post("/v2/models/named/versions/1/new_status", json={"status": "active"}, headers=admin)
     ).status_code == 200
-    await seed(session, "default-container", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"})
+    await seed(session, "default-container", {"type": "ecs_task", "value": f"{ecs_cluster}/pie-life"})
     named, default = await infer(client, admin, "named"), await infer(client, admin, "default-container")
 
     settings = aws_settings.model_copy(update={"ecs_container_name": "model"})
@@ -347,7 +395,7 @@ def start_task(entrypoint_dir: Path, environment: dict[str, str]) -> subprocess.
 
 
 async def ecs_job_for_the_kit(kit_server, session, aws_settings, ecs_cluster, model_id: str) -> str:
-    await seed(session, model_id, {"type": "ecs_task", "value": f"{ecs_cluster}/pie-train"})
+    await seed(session, model_id, {"type": "ecs_task", "value": f"{ecs_cluster}/pie-life"})
     r = httpx.post(
         f"{kit_server.url}/v2/models/{model_id}/versions/1/inference",
         json={"input": ROUTE},

@@ -379,6 +379,7 @@ class Dispatcher:
         self._lease_until: dict[str, float] = {}  # job id -> monotonic end of its lease as we know it
         self._contexts: dict[str, JobContext] = {}  # in-process jobs claimed: their cancel flags
         self._stops_due = True  # ECS tasks may wait to be stopped (a cancel, a retry timer, the start)
+        self._stopper: asyncio.Task[Any] | None = None  # the loop's stop_tasks() in the background
         self._recording: list[Completion] = []  # the batch the completer is recording right now
         self._registered = False
         self._more_due = False
@@ -568,8 +569,11 @@ class Dispatcher:
             await self._gather_free_workers()
             try:
                 await self.sweep_if_due()
-                if self._stops_due:
-                    await self.stop_tasks()
+                if self._stops_due and (self._stopper is None or self._stopper.done()):
+                    # in the background: a slow StopTask never holds up claiming
+                    self._stopper = asyncio.create_task(self._stop_tasks_logged(), name=f"{self.name}-stopper")
+                    self._tasks.add(self._stopper)
+                    self._stopper.add_done_callback(self._tasks.discard)
                 claimed = await self.claim_and_dispatch()
                 errors = 0
             except asyncio.CancelledError:
@@ -1075,6 +1079,15 @@ class Dispatcher:
         else:  # ECS does not know the task (any more): nothing left to stop
             log.info("job %s: ECS task %s needs no stop: %s", row.job_id, row.task_arn, exc.message)
         return not exc.retryable
+
+    async def _stop_tasks_logged(self) -> None:
+        try:
+            await self.stop_tasks()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._stops_due = True  # try again on the next cycle
+            log.warning("dispatcher %s: stopping ECS tasks failed: %s", self.worker_id, str(exc).splitlines()[0][:200])
 
     def _stop_due_again(self) -> None:
         self._stops_due = True
