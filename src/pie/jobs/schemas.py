@@ -47,6 +47,18 @@ class JobCompletion(RequestBody):
     error: Any = None
 
 
+class CompletionConflictOut(ResponseBody):
+    """409 of a completion: the job already ended with the other status, or it was cancelled."""
+
+    success: Literal[False] = False
+    message: str
+    cancelled: bool | None = Field(
+        default=None,
+        description="true when the job was cancelled (POST /v2/jobs/{job_id}/cancel): every report of it is "
+        "ignored; absent otherwise",
+    )
+
+
 class CompletionOut(ResponseBody):
     job_id: str
     model_id: str
