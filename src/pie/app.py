@@ -263,6 +263,7 @@ def _include_routers(app: FastAPI) -> None:
     from pie.dispatch.routes import router as dispatch_router
     from pie.health.routes import router as health_router
     from pie.jobs.routes import router as jobs_router
+    from pie.lifecycle.routes import router as lifecycle_router
     from pie.registry.routes import router as registry_router
     from pie.tenancy.routes import router as tenancy_router
     from pie.webhooks.routes import platform_router as platform_webhooks_router
@@ -280,6 +281,7 @@ def _include_routers(app: FastAPI) -> None:
         assignments_router,
         registry_router,
         jobs_router,
+        lifecycle_router,
         dispatch_router,
         audit_router,
         tenant_webhooks_router,

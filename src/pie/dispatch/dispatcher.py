@@ -19,6 +19,15 @@ fallback. Every ``dispatch_sweep_interval`` seconds a dispatcher also ends start
 their handler's ``timeout_seconds`` (else ``job_timeout_seconds``) ("timed out") and returns jobs whose lease expired (their dispatcher
 died) to the queue.
 
+Cancellation (spec 15.4, :mod:`pie.jobs.cancel`): dispatchers also ``LISTEN pie_job_cancel``. An
+in-process job of this dispatcher that was cancelled gets its cancel flag raised (its handler sees
+``pie.dispatch.inprocess.cancelled()``; the sweep also looks for cancelled running jobs, in case
+a notification was missed); its result, if it finishes anyway, is discarded by ``finish_jobs``.
+ECS tasks to stop are rows of ``task_stops``: a dispatcher claims due ones (a lease, so no
+transaction stays open during the AWS call), calls ``StopTask`` and deletes the row, retrying
+failures with backoff up to ``dispatch_max_attempts`` (then the job gets a warning). A task that
+ECS started for a job that had ended meanwhile (a cancel racing the hand-over) is stopped too.
+
 Liveness: every dispatcher registers in the ``dispatchers`` table and heartbeats there every
 ``dispatch_heartbeat_interval`` seconds. The sweep requeues the leased jobs of dispatchers whose
 heartbeat is older than ``dispatch_dead_after`` (or, on the same host, whose process is gone —
@@ -60,9 +69,9 @@ from sqlalchemy import text
 from pie import callbacks, db, metrics
 from pie.config import Settings
 from pie.dispatch.backends import AwsBackends, DispatchError, build_payload, callback_token_ttl, public_url_warning
-from pie.dispatch.inprocess import HandlerFailure, get_implementation
+from pie.dispatch.inprocess import HandlerFailure, JobContext, get_implementation, run_in_context
 from pie.dispatch.threads import DaemonThreadPool
-from pie.jobs.logic import NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
+from pie.jobs.logic import CANCEL_CHANNEL, NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
 from pie.logconfig import job_id_var
 from pie.schemas import unstorable_json
 
@@ -91,16 +100,50 @@ _RENEW = text(
     """
 )
 # an AWS handler accepted the job: no lease any more, the time-out applies from now on
-# (plus a warning when its callback cannot arrive, once)
+# (plus a warning when its callback cannot arrive, once; and the ECS task, so a cancel can stop it)
 _DISPATCHED = text(
     """
     UPDATE jobs SET lease_expires_at = NULL, error = NULL, updated_at = now(),
+        ecs_task = CAST(:ecs_task AS jsonb),
         warnings = CASE WHEN CAST(:warning AS text) IS NULL
                           OR warnings @> jsonb_build_array(CAST(:warning AS text)) THEN warnings
                         ELSE warnings || jsonb_build_array(CAST(:warning AS text)) END
     WHERE job_id = :job_id AND status = 'started' AND locked_by = :me
     """
 )
+# ECS started a task for a job that is no longer this dispatcher's (cancelled meanwhile): stop it
+_ORPHAN_TASK = text(
+    """
+    INSERT INTO task_stops (task_arn, job_id, cluster, reason) VALUES (:task_arn, :job_id, :cluster, :reason)
+    ON CONFLICT (task_arn) DO NOTHING
+    """
+)
+# ECS tasks to stop: claim due ones with a lease (the row is due again if this dispatcher dies)
+_CLAIM_STOPS = text(
+    """
+    UPDATE task_stops AS t SET attempts = t.attempts + 1, next_attempt_at = now() + make_interval(secs => :lease)
+    FROM (SELECT task_arn FROM task_stops WHERE next_attempt_at <= now()
+          ORDER BY next_attempt_at LIMIT :n FOR UPDATE SKIP LOCKED) AS due
+    WHERE t.task_arn = due.task_arn
+    RETURNING t.task_arn, t.job_id, t.cluster, t.reason, t.attempts
+    """
+)
+_STOPPED = text("DELETE FROM task_stops WHERE task_arn = :task_arn")
+_STOP_LATER = text(
+    """
+    UPDATE task_stops SET next_attempt_at = now() + make_interval(secs => :delay), last_error = CAST(:error AS jsonb)
+    WHERE task_arn = :task_arn
+    """
+)
+_STOP_WARNING = text(
+    """
+    UPDATE jobs SET warnings = warnings || jsonb_build_array(CAST(:warning AS text)), updated_at = now()
+    WHERE job_id = :job_id
+    """
+)
+# running jobs of this dispatcher that were cancelled (the fallback of the NOTIFY)
+_CANCELLED = text("SELECT job_id FROM jobs WHERE job_id = ANY(CAST(:ids AS text[])) AND cancelled_at IS NOT NULL")
+STOP_LEASE_SECONDS = 120.0
 # A job waiting for another attempt is `pending` (not started, no error: spec 15.3); the failed
 # attempt shows as the job's `dispatch` (dispatch_error). The requeues of the sweep below do the same.
 _RETRY = text(
@@ -341,6 +384,9 @@ class Dispatcher:
         self._local: set[str] = set()  # the in-process subset, until their result is recorded
         self._busy: set[str] = set()  # in-process jobs whose handler has not returned (a worker each)
         self._lease_until: dict[str, float] = {}  # job id -> monotonic end of its lease as we know it
+        self._contexts: dict[str, JobContext] = {}  # in-process jobs claimed: their cancel flags
+        self._stops_due = True  # ECS tasks may wait to be stopped (a cancel, a retry timer, the start)
+        self._stopper: asyncio.Task[Any] | None = None  # the loop's stop_tasks() in the background
         self._recording: list[Completion] = []  # the batch the completer is recording right now
         self._registered = False
         self._more_due = False
@@ -508,10 +554,15 @@ class Dispatcher:
                 )
                 try:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    await conn.execute(f"LISTEN {CANCEL_CHANNEL}")
                     self._wake_all()  # catch up with anything that arrived before LISTEN
+                    self._stops_due = True
                     delay = 0.5
-                    async for _ in conn.notifies():
-                        self._wake_all()
+                    async for notification in conn.notifies():
+                        if notification.channel == CANCEL_CHANNEL:
+                            self.on_cancelled([notification.payload])
+                        else:
+                            self._wake_all()
                 finally:
                     with contextlib.suppress(Exception):
                         await conn.close()
@@ -534,6 +585,11 @@ class Dispatcher:
             await self._gather_free_workers()
             try:
                 await self.sweep_if_due()
+                if self._stops_due and (self._stopper is None or self._stopper.done()):
+                    # in the background: a slow StopTask never holds up claiming
+                    self._stopper = asyncio.create_task(self._stop_tasks_logged(), name=f"{self.name}-stopper")
+                    self._tasks.add(self._stopper)
+                    self._stopper.add_done_callback(self._tasks.discard)
                 claimed = await self.claim_and_dispatch()
                 errors = 0
             except asyncio.CancelledError:
@@ -617,6 +673,7 @@ class Dispatcher:
             if isinstance(row.handler, dict) and row.handler.get("type") == "in_process":
                 self._local.add(row.job_id)
                 self._busy.add(row.job_id)
+                self._contexts[row.job_id] = JobContext(row.job_id)
             self._spawn(self._hand_over(row, tokens[row.job_id]))
         self.dispatched += len(rows)
         return len(rows)
@@ -722,18 +779,44 @@ class Dispatcher:
             )
             return
         self._leased.discard(row.job_id)
+        task = (
+            {"cluster": info["cluster"], "task_arn": info["task_arn"]}
+            if kind == "ecs_task" and isinstance(info.get("task_arn"), str)
+            else None
+        )
         try:
             async with db.get_engine().begin() as conn:
-                await conn.execute(_DISPATCHED, {"job_id": row.job_id, "me": self.worker_id, "warning": warning})
+                result = await conn.execute(
+                    _DISPATCHED,
+                    {
+                        "job_id": row.job_id,
+                        "me": self.worker_id,
+                        "warning": warning,
+                        "ecs_task": json.dumps(task) if task is not None else None,
+                    },
+                )
+                if result.rowcount == 0 and task is not None:
+                    # the job ended (was cancelled) while ECS was starting its task: stop the task
+                    await conn.execute(
+                        _ORPHAN_TASK,
+                        {**task, "job_id": row.job_id, "reason": "the PIE job had ended when its task started"},
+                    )
+                    self._stops_due = True
+                    log.warning("job %s ended while its ECS task %s started: stopping it", row.job_id, task["task_arn"])
         finally:
             self._done(row.job_id)
         log.info("job %s dispatched to %s (attempt %d): %s", row.job_id, kind, row.attempts, info)
 
     async def _run_in_process(self, row: Any, implementation: Any, payload: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
+        context = self._contexts.get(row.job_id) or JobContext(row.job_id)
         try:
-            # the handler's own log lines carry the job id too
-            run = functools.partial(contextvars.copy_context().run, _run_implementation, implementation, payload)
+            if context.cancelled():  # cancelled between the claim and now: not run at all
+                raise HandlerFailure("cancelled", "the job was cancelled before its handler ran")
+            # the handler's own log lines carry the job id too; its context exposes the cancel flag
+            run = functools.partial(
+                contextvars.copy_context().run, run_in_context, context, _run_implementation, implementation, payload
+            )
             output = await loop.run_in_executor(self._pool, run)
             completion = Completion(row.job_id, "success", output=output)
         except asyncio.CancelledError:
@@ -796,6 +879,7 @@ class Dispatcher:
         self._local.discard(job_id)
         self._busy.discard(job_id)
         self._lease_until.pop(job_id, None)
+        self._contexts.pop(job_id, None)
         if not self._inflight:
             self._idle.set()
         self._wake.set()  # capacity is free again
@@ -875,7 +959,9 @@ class Dispatcher:
                 delay = min(delay * 2, 1.0)
                 await self._renew([c.job_id for c in completions])
         for outcome in outcomes.values():
-            if outcome.result == "conflict":
+            if outcome.result == "conflict" and outcome.cancelled:
+                log.info("job %s was cancelled; its handler's result is discarded", outcome.job_id)
+            elif outcome.result == "conflict":
                 log.warning("job %s had already ended as %s; result discarded", outcome.job_id, outcome.status)
         return None
 
@@ -938,6 +1024,112 @@ class Dispatcher:
         if now - self._last_sweep >= self.settings.dispatch_sweep_interval:
             self._last_sweep = now
             await self.sweep()
+            await self._look_for_cancellations()
+            self._stops_due = True
+
+    # ---------------------------------------------------------------------------------------
+    # cancellation
+
+    def on_cancelled(self, job_ids: Sequence[str]) -> None:
+        """Jobs were cancelled (``NOTIFY pie_job_cancel``): raise the cancel flag of those this
+        dispatcher runs in-process, and look for ECS tasks to stop."""
+        for job_id in job_ids:
+            context = self._contexts.get(job_id)
+            if context is not None and not context.cancelled():
+                context.cancel()
+                log.info("job %s was cancelled: its in-process handler is asked to stop", job_id)
+        self._stops_due = True
+        self._wake.set()
+
+    async def _look_for_cancellations(self) -> None:
+        """The NOTIFY's fallback (a notification lost while LISTEN reconnected): raise the flags
+        of running in-process jobs that were cancelled."""
+        running = sorted(job_id for job_id, c in self._contexts.items() if not c.cancelled())
+        if not running:
+            return
+        try:
+            async with db.get_engine().connect() as conn:
+                cancelled = list((await conn.execute(_CANCELLED, {"ids": running})).scalars())
+        except Exception as exc:
+            log.warning("dispatcher %s: looking for cancelled jobs failed: %s", self.worker_id, exc)
+            return
+        if cancelled:
+            self.on_cancelled(cancelled)
+
+    async def stop_tasks(self) -> int:
+        """Stop the due ECS tasks of ``task_stops`` (``StopTask``); returns how many stopped.
+        A failure is retried with backoff up to ``dispatch_max_attempts``; a task ECS does not
+        know (any more) needs no stop; giving up leaves a warning on the job."""
+        self._stops_due = False
+        async with db.get_engine().begin() as conn:
+            rows = (await conn.execute(_CLAIM_STOPS, {"lease": STOP_LEASE_SECONDS, "n": AWS_CONCURRENCY})).all()
+        if not rows:
+            return 0
+        self._stops_due = len(rows) == AWS_CONCURRENCY  # there may be more due
+
+        async def stop(row: Any) -> bool:
+            async with self._aws_slots:
+                try:
+                    await asyncio.to_thread(self._aws.stop_ecs_task, row.cluster, row.task_arn, row.reason)
+                except DispatchError as exc:
+                    return await self._stop_failed(row, exc)
+                except Exception as exc:  # never leave the row to the lease for an unexpected error
+                    return await self._stop_failed(row, DispatchError("stop_exception", str(exc)))
+            async with db.get_engine().begin() as conn:
+                await conn.execute(_STOPPED, {"task_arn": row.task_arn})
+            log.info("job %s: ECS task %s stopped (%s)", row.job_id, row.task_arn, row.reason)
+            return True
+
+        results = await asyncio.gather(*(stop(r) for r in rows), return_exceptions=True)
+        for row, result in zip(rows, results):
+            if isinstance(result, BaseException):
+                log.warning("job %s: stopping ECS task %s failed: %s", row.job_id, row.task_arn, result)
+        return sum(1 for r in results if r is True)
+
+    async def _stop_failed(self, row: Any, exc: DispatchError) -> bool:
+        s = self.settings
+        error = {**exc.as_error(), "attempts": row.attempts}
+        async with db.get_engine().begin() as conn:
+            if exc.retryable and row.attempts < s.dispatch_max_attempts:
+                delay = backoff_delay(s, row.attempts)
+                await conn.execute(_STOP_LATER, {"task_arn": row.task_arn, "delay": delay, "error": json.dumps(error)})
+                asyncio.get_running_loop().call_later(delay, self._stop_due_again)
+                log.warning(
+                    "job %s: StopTask of %s failed (%s); retrying in %.2fs",
+                    row.job_id,
+                    row.task_arn,
+                    exc.message,
+                    delay,
+                )
+                return False
+            await conn.execute(_STOPPED, {"task_arn": row.task_arn})
+            if exc.retryable:
+                await conn.execute(
+                    _STOP_WARNING,
+                    {
+                        "job_id": row.job_id,
+                        "warning": f"the ECS task {row.task_arn} could not be stopped after {row.attempts} "
+                        f"attempts: {exc.message}",
+                    },
+                )
+        if exc.retryable:
+            log.error("job %s: gave up stopping ECS task %s: %s", row.job_id, row.task_arn, exc.message)
+        else:  # ECS does not know the task (any more): nothing left to stop
+            log.info("job %s: ECS task %s needs no stop: %s", row.job_id, row.task_arn, exc.message)
+        return not exc.retryable
+
+    async def _stop_tasks_logged(self) -> None:
+        try:
+            await self.stop_tasks()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._stops_due = True  # try again on the next cycle
+            log.warning("dispatcher %s: stopping ECS tasks failed: %s", self.worker_id, str(exc).splitlines()[0][:200])
+
+    def _stop_due_again(self) -> None:
+        self._stops_due = True
+        self._wake.set()
 
     async def _dead_peers(self, session: Any) -> tuple[list[str], list[str]]:
         """(dead dispatcher ids, the subset known dead because their process is gone)."""
@@ -1027,6 +1219,8 @@ class Dispatcher:
         total = 0
         while True:
             self._wake.clear()
+            if self._stops_due:
+                await self.stop_tasks()
             claimed = await self.claim_and_dispatch()
             total += claimed
             if not claimed and not self._inflight:

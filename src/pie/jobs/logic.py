@@ -5,7 +5,7 @@ transaction (the transactional outbox) and queues a NOTIFY that PostgreSQL deliv
 that transaction commits, waking the dispatchers.
 
 ``finish_jobs`` is the one way a job ends (the completion route, in-process handlers, the
-dispatcher's give-up and time-out paths): it locks the rows, records the outcome, checks the
+dispatcher's give-up and time-out paths, cancellation): it locks the rows, records the outcome, checks the
 output contract, sets the status of a service whose init job ended, fires ``inference_complete``
 subscriptions and announces the end on ``pie_job_done`` (``?wait=`` long-polls listen there).
 """
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from fastapi import Response
-from sqlalchemy import and_, bindparam, exists, func, select, text, tuple_, update
+from sqlalchemy import Boolean, and_, bindparam, case, exists, func, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
@@ -42,6 +42,9 @@ log = logging.getLogger("pie.jobs")
 
 NOTIFY_CHANNEL = "pie_jobs"
 DONE_CHANNEL = "pie_job_done"
+# a job was cancelled (payload: its id): dispatchers raise the cancel flag of an in-process
+# handler running it and stop ECS tasks (``pie.jobs.cancel``)
+CANCEL_CHANNEL = "pie_job_cancel"
 ENDED = frozenset({"success", "failure"})
 
 
@@ -103,6 +106,7 @@ async def create_job(
     purpose: str | None = None,
     warnings: list[Any] | None = None,
     handlers: dict[str, Any] | None = None,
+    retry_of: str | None = None,
 ) -> Job:
     """Record a pending job in the caller's transaction; dispatch happens after commit.
 
@@ -136,6 +140,7 @@ async def create_job(
         service_id=service_id,
         subscription_id=subscription_id,
         purpose=purpose,
+        retry_of=retry_of,
         warnings=list(warnings or []),
         timeout_seconds=(handler or {}).get("timeout_seconds"),
         # the actor of the write that launched it (a subscription's trigger included); None
@@ -287,6 +292,9 @@ class Completion:
     status: str  # success | failure
     output: Any = None
     error: Any = None
+    # a cancellation (``pie.jobs.cancel``): the job records ``cancelled_at`` and every later
+    # completion of it is a conflict
+    cancelled: bool = False
 
 
 @dataclass
@@ -297,8 +305,10 @@ class Outcome:
     status: str
     triggered_events: list[dict[str, Any]] = field(default_factory=list)
     # "completed" (this call ended it), "repeat" (already ended the same way: nothing done),
-    # "conflict" (already ended with the other status: nothing done)
+    # "conflict" (already ended with the other status, or cancelled: nothing done)
     result: str = "completed"
+    # the job had been cancelled before this call (its result is discarded)
+    cancelled: bool = False
 
     @property
     def dispatch_errors(self) -> bool:
@@ -327,6 +337,7 @@ _finish_stmt = (
         warnings=bindparam("b_warnings"),
         completed_at=func.now(),
         updated_at=func.now(),
+        cancelled_at=case((bindparam("b_cancelled", type_=Boolean), func.now()), else_=None),
         lease_expires_at=None,
         locked_by=None,
     )
@@ -338,8 +349,9 @@ def _lock_for_finish() -> Any:
     """The rows ``finish_jobs`` ends, locked ``FOR UPDATE`` in job_id order (a Core statement
     built once), with what the rest of the step needs to know: the handler type and age (for
     the metrics), whether the version has an output schema for the job type and whether the
-    model has active ``inference_complete`` subscriptions (so the batch of an instant handler
-    does not pay a query for contracts or subscriptions it does not have)."""
+    model has active ``inference_complete`` subscriptions that may fire (not for a job of an
+    archived version) (so the batch of an instant handler does not pay a query for contracts
+    or subscriptions it does not have)."""
     from pie.registry.models import EventSubscription, ModelVersion
 
     mv = ModelVersion.__table__
@@ -358,6 +370,7 @@ def _lock_for_finish() -> Any:
             _jobs.c.domain_id,
             _jobs.c.service_id,
             _jobs.c.warnings,
+            _jobs.c.cancelled_at,
             select(mv.c.handlers[_jobs.c.job_type]["type"].astext)
             .where(version)
             .scalar_subquery()
@@ -370,6 +383,8 @@ def _lock_for_finish() -> Any:
                 sub.c.source_model_id == _jobs.c.model_id,
                 sub.c.trigger_event == "inference_complete",
                 sub.c.status == "active",
+                # subscriptions never fire on an archived version (spec 15.4)
+                ~exists().where(version, mv.c.status == "archived").correlate(_jobs),
             )
             .label("has_subscriptions"),
             func.extract("epoch", func.now() - _jobs.c.created_at).label("age_seconds"),
@@ -397,7 +412,9 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
         outcomes[row.job_id] = outcome
         if row.status in ENDED:
             outcome.status = row.status
-            outcome.result = "repeat" if row.status == wanted.status else "conflict"
+            outcome.cancelled = row.cancelled_at is not None
+            # a cancelled job takes no completion at all (its handler's result is discarded)
+            outcome.result = "repeat" if row.status == wanted.status and not outcome.cancelled else "conflict"
             continue
         to_end.append(row)
     if not to_end:
@@ -443,6 +460,7 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
                 "b_output": output,
                 "b_error": error,
                 "b_warnings": warnings,
+                "b_cancelled": wanted.cancelled,
             }
         )
     await session.execute(_finish_stmt, params)
@@ -526,6 +544,14 @@ async def finish_jobs(session: AsyncSession, completions: list[Completion]) -> d
     return outcomes
 
 
+class JobCancelled(Conflict):
+    """409 for a completion of a cancelled job: the envelope plus ``"cancelled": true``, so a
+    handler (``pie_handler_kit``) can tell it from a job that ended otherwise."""
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "cancelled": True}
+
+
 async def complete_job(
     session: AsyncSession,
     *,
@@ -538,7 +564,8 @@ async def complete_job(
     principal: Principal | None = None,
 ) -> Outcome:
     """The completion route: 404 unless the job belongs to that version, 403 without access to
-    the job's tenant (a platform job: 403 for tenant callers), 409 when it already ended with the other status, a no-op when it ended the same way."""
+    the job's tenant (a platform job: 403 for tenant callers), 409 when it already ended with the other status, a no-op when it ended the same way.
+    A cancelled job answers every completion with 409 (``JobCancelled``)."""
     job = await session.scalar(select(Job).where(Job.job_id == job_id))
     if job is None or job.model_id != model_id or job.model_version != model_version:
         raise NotFound(f"job {job_id} not found for model {model_id} version {model_version}")
@@ -547,6 +574,8 @@ async def complete_job(
     audit.describe(session, client_id=job.client_id)
     outcome = (await finish_jobs(session, [Completion(job_id, status, output, error)]))[job_id]
     if outcome.result == "conflict":
+        if outcome.cancelled:
+            raise JobCancelled(f"job {job_id} was cancelled; this {status} report is ignored")
         raise Conflict(f"job {job_id} already ended with status {outcome.status}")
     from pie.registry.events import shown_to
 

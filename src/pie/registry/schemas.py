@@ -16,7 +16,7 @@ from pie.errors import error_response_doc
 from pie.jsonbody import StoredList, StoredObject
 from pie.schemas import Description, Identifier, Name, RequestBody, ResponseBody, UtcDatetime
 
-VersionStatus = Literal["pending", "training", "active", "failed"]
+VersionStatus = Literal["pending", "training", "active", "failed", "archived"]
 TriggerEvent = Literal["training_complete", "inference_complete"]
 TargetAction = Literal["inference", "training"]
 InputSource = Literal["stored", "trigger_output"]
@@ -55,6 +55,12 @@ class EcsTaskHandler(RequestBody):
         description="<cluster>/<task_definition>: the cluster short name (no '/') and the task family "
         "(optionally family:revision)",
         examples=["pricing/train-task:3"],
+    )
+    container: str | None = Field(
+        default=None,
+        description="the container of the task definition whose environment receives the job payload "
+        "(default PIE_ECS_CONTAINER_NAME)",
+        examples=["trainer"],
     )
 
 
@@ -188,7 +194,7 @@ class VersionOut(ResponseBody):
     version: str
     description: str
     metadata: StoredObject = _metadata
-    status: str
+    status: VersionStatus
     handlers: StoredObject
     handler_contracts: StoredObject | None
     features: StoredList | None
@@ -232,6 +238,21 @@ class TriggeredEvent(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_absent(self, handler: Any) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class AssignmentRef(BaseModel):
+    client_id: str
+    domain_id: str
+    service_id: str | None = Field(description="null for a domain-scope revision")
+    assignment_key: str
+
+
+class VersionInUseOut(BaseModel):
+    """409 of archiving a version that active assignment revisions point at (spec 15.4)."""
+
+    success: Literal[False] = False
+    message: str
+    assignments: list[AssignmentRef] = Field(description="the active revisions pointing at the version")
 
 
 class VersionStatusChanged(ModelAndVersion):
