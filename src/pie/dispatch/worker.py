@@ -10,6 +10,7 @@ import signal
 from pie import db
 from pie.config import Settings
 from pie.dispatch.dispatcher import Dispatcher
+from pie.logconfig import announce
 
 log = logging.getLogger("pie.worker")
 
@@ -32,7 +33,7 @@ async def run_worker(settings: Settings, name: str | None = None) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     await dispatcher.start()
-    print(f"pie worker {dispatcher.worker_id} dispatching", flush=True)
+    announce(f"pie worker {dispatcher.worker_id} dispatching", logger="pie.worker")
     try:
         await stop.wait()
     finally:
