@@ -240,3 +240,44 @@ def test_docker_compose_migrates_once_and_waits_for_readiness():
     assert services["api"]["environment"]["PIE_DATA_DIR"] == data_dir
     volume = next(v for v in services["api"]["volumes"] if v.endswith(":" + data_dir))
     assert volume.split(":")[0] in compose["volumes"]
+
+
+def _requirements() -> dict[str, str]:
+    """name -> specifier of the production dependencies in pyproject.toml."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    out = {}
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        out[re.sub(r"[-_.]+", "-", requirement.name).lower()] = str(requirement.specifier)
+    return out
+
+
+def test_uvicorn_is_pinned_to_the_tested_minor():
+    """pie.httpserver's PieHttpToolsProtocol subclasses uvicorn's private httptools protocol
+    (tests/test_http_limits.py is its guard): a new uvicorn minor may change that module, so only
+    patch releases of the tested minor may install."""
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    spec = SpecifierSet(_requirements()["uvicorn"])
+    installed = version("uvicorn")
+    assert spec.contains(installed), (spec, installed)
+    major, minor = (int(x) for x in installed.split(".")[:2])
+    assert spec.contains(f"{major}.{minor}.99")
+    assert not spec.contains(f"{major}.{minor + 1}.0") and not spec.contains(f"{major}.{minor - 1}.99"), spec
+
+
+def test_lock_file_pins_satisfy_pyproject():
+    """requirements.txt and constraints.txt install versions pyproject.toml allows."""
+    from packaging.specifiers import SpecifierSet
+
+    for lock in ("requirements.txt", "constraints.txt"):
+        pins = _pinned(ROOT / lock)
+        for name, specifier in _requirements().items():
+            if name in pins:
+                assert SpecifierSet(specifier).contains(pins[name]), (lock, name, specifier, pins[name])
