@@ -8,11 +8,18 @@ PostgreSQL cluster of its own, under a bounded load of in-process jobs, loopback
    time to recover = from the restart until every job the dead dispatchers held is running
    again (claimed anew) or ended;
 3. ``pg_ctl stop`` of PostgreSQL for ``--outage`` seconds mid-load, then start;
-4. wait until every acked job ended; print acked, lost (acked but missing or not success), run
+4. ``SIGSTOP`` of every PostgreSQL process for ``--freeze`` seconds mid-load (the server accepts
+   TCP but answers nothing; longer than the dispatchers' response guard, statement + connect
+   timeout = 35 s, so they give up on statements the server runs when it thaws), then ``SIGCONT``:
+   time to recover = from the thaw until every job that is claimed (``started``, leased) a few
+   seconds after the thaw is running again (claimed anew) or ended — a claim the server committed
+   after its dispatcher gave up on it used to keep its jobs ``started`` until their lease ran out
+   (300 s);
+5. wait until every acked job ended; print acked, lost (acked but missing or not success), run
    twice (a job run more than once although its earlier run was not in a killed process: a
-   result dropped or a job requeued while its dispatcher was alive — must be 0), time to recover.
+   result dropped or a job requeued while its dispatcher was alive — must be 0), times to recover.
 
-    .venv/bin/python bench/chaos.py [--jobs 300] [--rate 15] [--job-seconds 0.5] [--outage 10] [--worker]
+    .venv/bin/python bench/chaos.py [--jobs 300] [--rate 15] [--job-seconds 0.5] [--outage 10] [--freeze 45] [--worker]
 
 Everything is bounded: the run stops by itself (``--max-seconds``) and removes its cluster.
 """
@@ -43,8 +50,8 @@ SERVE_CODE = """
 import os, sys, time
 from pie.dispatch.inprocess import register
 
-LOG = os.environ["PIE_CHAOS_RECORD"]
-SLEEP = float(os.environ["PIE_CHAOS_SLEEP"])
+LOG = os.environ["CHAOS_RECORD"]
+SLEEP = float(os.environ["CHAOS_SLEEP"])
 
 @register("chaos_record")
 def record(payload):
@@ -78,10 +85,11 @@ class Run:
             "PIE_JWT_SECRET": SECRET,
             "PIE_LOG_LEVEL": "warning",
             "PIE_DATA_DIR": str(workdir),
-            "PIE_CHAOS_RECORD": str(self.record),
-            "PIE_CHAOS_SLEEP": str(args.job_seconds),
+            "CHAOS_RECORD": str(self.record),
+            "CHAOS_SLEEP": str(args.job_seconds),
         }
         self.acked: list[str] = []
+        self.launched = 0
         self.refused = Counter()
         self.killed_pids: set[int] = set()
         self.stop_load = threading.Event()
@@ -139,6 +147,7 @@ class Run:
                 if self.stop_load.is_set():
                     return
                 t0 = time.monotonic()
+                self.launched += 1
                 try:
                     r = client.post(
                         f"{self.url}/v2/models/chaos/versions/1/inference", json={"input": {"n": n}}, headers=headers
@@ -155,6 +164,33 @@ class Run:
         with psycopg.connect(self.pg.url, connect_timeout=2) as conn:
             return conn.execute(sql, params).fetchall()
 
+    def recovered(self, held: dict[str, object], since: float, timeout: float = 60.0) -> float | None:
+        """Seconds from ``since`` until every job of ``held`` (job id -> its started_at) ended or
+        was claimed anew (a new started_at), or None if not within ``timeout``."""
+        if not held:
+            return 0.0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                rows = self.query("SELECT job_id, status, started_at FROM jobs WHERE job_id = ANY(%s)", list(held))
+            except psycopg.Error:
+                rows = None
+            if rows is not None and all(
+                status in ("success", "failure") or started_at != held[job_id] for job_id, status, started_at in rows
+            ):
+                return time.monotonic() - since
+            time.sleep(0.1)
+        return None
+
+    def held_jobs(self) -> dict[str, object]:
+        """Claimed jobs (``started``, leased: in-process, or not yet handed over) -> started_at."""
+        return dict(
+            self.query("SELECT job_id, started_at FROM jobs WHERE status = 'started' AND lease_expires_at IS NOT NULL")
+        )
+
+    def log_lines(self, marker: str) -> int:
+        return sum(path.read_text(errors="replace").count(marker) for path in self.workdir.glob("*.log"))
+
     def invocations(self) -> list[tuple[int, str]]:
         if not self.record.exists():
             return []
@@ -167,8 +203,14 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=15.0, help="job launches per second")
     parser.add_argument("--job-seconds", type=float, default=0.5)
     parser.add_argument("--outage", type=float, default=10.0, help="seconds PostgreSQL is stopped")
+    parser.add_argument(
+        "--freeze", type=float, default=45.0, help="seconds PostgreSQL is frozen with SIGSTOP (0: no freeze phase)"
+    )
+    parser.add_argument(
+        "--freeze-after", type=float, default=0.8, help="the freeze starts when this share of --jobs is launched"
+    )
     parser.add_argument("--worker", action="store_true", help="also run a pie worker (killed -9 with the server)")
-    parser.add_argument("--max-seconds", type=float, default=240.0)
+    parser.add_argument("--max-seconds", type=float, default=420.0)
     args = parser.parse_args()
     began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="pie-chaos-"))
@@ -229,6 +271,28 @@ def main() -> int:
             pg.start()
             outage = time.monotonic() - outage_began
 
+            # --- PostgreSQL frozen (SIGSTOP) mid-load, then thawed
+            freeze_recover: float | None = 0.0
+            frozen_for = 0.0
+            held_after_thaw: dict[str, object] = {}
+            if args.freeze > 0:
+                # by launches (refused ones count): mid-load whatever the earlier phases refused
+                while run.launched < args.jobs * args.freeze_after and loader.is_alive():
+                    time.sleep(0.1)
+                pg.freeze()
+                frozen_at = time.monotonic()
+                try:
+                    time.sleep(args.freeze)
+                finally:
+                    pg.thaw()
+                thawed_at = time.monotonic()
+                frozen_for = thawed_at - frozen_at
+                # statements the dispatchers gave up on during the freeze run now: what they
+                # claimed shows up as `started` within moments of the thaw
+                time.sleep(3.0)
+                held_after_thaw = run.held_jobs()
+                freeze_recover = run.recovered(held_after_thaw, thawed_at)
+
             loader.join(timeout=max(1.0, args.max_seconds - (time.monotonic() - began)))
             run.stop_load.set()
             # --- every acked job ends
@@ -265,7 +329,25 @@ def main() -> int:
             )
             print(f"PostgreSQL stopped for:     {outage:.1f} s")
             print(f"total:                      {time.monotonic() - began:.1f} s")
-            ok = not lost and not twice and recover is not None and recover <= 15
+            if args.freeze > 0:
+                print(
+                    f"time to recover after freeze: "
+                    f"{'NOT RECOVERED in 60 s' if freeze_recover is None else f'{freeze_recover:.2f} s'} "
+                    f"(thaw -> every job claimed 3 s after it ({len(held_after_thaw)}) running again or ended)"
+                )
+                print(f"PostgreSQL frozen for:      {frozen_for:.1f} s (SIGSTOP)")
+                print(
+                    f"late claims released:       {run.log_lines('claimed by a statement it had given up on')} "
+                    "(a claim the server ran after its dispatcher gave up on it, put back in the queue)"
+                )
+            ok = (
+                not lost
+                and not twice
+                and recover is not None
+                and recover <= 15
+                and freeze_recover is not None
+                and freeze_recover <= 15
+            )
             print("RESULT:", "OK" if ok else "FAILED")
             return 0 if ok else 1
         finally:
