@@ -19,7 +19,7 @@ PostgreSQL cluster of its own, under a bounded load of in-process jobs, loopback
    twice (a job run more than once although its earlier run was not in a killed process: a
    result dropped or a job requeued while its dispatcher was alive — must be 0), times to recover.
 
-    .venv/bin/python bench/chaos.py [--jobs 300] [--rate 15] [--job-seconds 0.5] [--outage 10] [--freeze 45] [--worker]
+    .venv/bin/python bench/chaos.py [--jobs 600] [--rate 15] [--job-seconds 0.5] [--outage 10] [--freeze 45] [--worker]
 
 Everything is bounded: the run stops by itself (``--max-seconds``) and removes its cluster.
 """
@@ -182,6 +182,24 @@ class Run:
             time.sleep(0.1)
         return None
 
+    def claims_after(self, moment: object, since: float, timeout: float = 60.0) -> float | None:
+        """Seconds from ``since`` until a job is claimed after the database time ``moment`` (or
+        no job waits), or None if not within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ((claimed, pending),) = self.query(
+                    "SELECT count(*) FILTER (WHERE started_at > %s), count(*) FILTER (WHERE status = 'pending') "
+                    "FROM jobs",
+                    moment,
+                )
+            except psycopg.Error:
+                claimed = pending = None
+            if claimed or pending == 0:
+                return time.monotonic() - since
+            time.sleep(0.1)
+        return None
+
     def held_jobs(self) -> dict[str, object]:
         """Claimed jobs (``started``, leased: in-process, or not yet handed over) -> started_at."""
         return dict(
@@ -199,7 +217,7 @@ class Run:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--jobs", type=int, default=600)
     parser.add_argument("--rate", type=float, default=15.0, help="job launches per second")
     parser.add_argument("--job-seconds", type=float, default=0.5)
     parser.add_argument("--outage", type=float, default=10.0, help="seconds PostgreSQL is stopped")
@@ -274,11 +292,28 @@ def main() -> int:
             # --- PostgreSQL frozen (SIGSTOP) mid-load, then thawed
             freeze_recover: float | None = 0.0
             frozen_for = 0.0
+            queued: dict[str, int] = {}
+            resumed = held_recover = None
+            loader_alive_at_freeze = False
             held_after_thaw: dict[str, object] = {}
             if args.freeze > 0:
-                # by launches (refused ones count): mid-load whatever the earlier phases refused
+                # by launches (refused ones count): mid-load whatever the earlier phases refused;
+                # then at a moment jobs wait in the queue (a claim on the wire has work to take)
                 while run.launched < args.jobs * args.freeze_after and loader.is_alive():
                     time.sleep(0.1)
+                # ... once the dispatchers claim again after the outage, while jobs wait: a claim
+                # is likely on the wire when the server freezes
+                freeze_wait = time.monotonic() + 60
+                while loader.is_alive() and time.monotonic() < freeze_wait:
+                    ((pending, claiming),) = run.query(
+                        "SELECT count(*) FILTER (WHERE status = 'pending'), "
+                        "count(*) FILTER (WHERE started_at > now() - interval '1 second') FROM jobs"
+                    )
+                    if pending >= 4 and claiming:
+                        break
+                    time.sleep(0.02)
+                queued = dict(run.query("SELECT status, count(*) FROM jobs GROUP BY status"))
+                loader_alive_at_freeze = loader.is_alive()
                 pg.freeze()
                 frozen_at = time.monotonic()
                 try:
@@ -287,11 +322,15 @@ def main() -> int:
                     pg.thaw()
                 thawed_at = time.monotonic()
                 frozen_for = thawed_at - frozen_at
+                (thawed_db,) = run.query("SELECT now()")[0]
+                # dispatching resumes: a job is claimed after the thaw (or none is left waiting)
+                resumed = run.claims_after(thawed_db, thawed_at)
                 # statements the dispatchers gave up on during the freeze run now: what they
                 # claimed shows up as `started` within moments of the thaw
-                time.sleep(3.0)
+                time.sleep(max(0.0, 3.0 - (time.monotonic() - thawed_at)))
                 held_after_thaw = run.held_jobs()
-                freeze_recover = run.recovered(held_after_thaw, thawed_at)
+                held_recover = run.recovered(held_after_thaw, thawed_at)
+                freeze_recover = None if resumed is None or held_recover is None else max(resumed, held_recover)
 
             loader.join(timeout=max(1.0, args.max_seconds - (time.monotonic() - began)))
             run.stop_load.set()
@@ -333,9 +372,14 @@ def main() -> int:
                 print(
                     f"time to recover after freeze: "
                     f"{'NOT RECOVERED in 60 s' if freeze_recover is None else f'{freeze_recover:.2f} s'} "
-                    f"(thaw -> every job claimed 3 s after it ({len(held_after_thaw)}) running again or ended)"
+                    f"(thaw -> dispatching again: {'-' if resumed is None else f'{resumed:.2f} s'}, and every job "
+                    f"claimed 3 s after it ({len(held_after_thaw)}) running again or ended: "
+                    f"{'-' if held_recover is None else f'{held_recover:.2f} s'})"
                 )
-                print(f"PostgreSQL frozen for:      {frozen_for:.1f} s (SIGSTOP)")
+                print(
+                    f"PostgreSQL frozen for:      {frozen_for:.1f} s (SIGSTOP; jobs then: {queued}, "
+                    f"{'under load' if loader_alive_at_freeze else 'after the load'})"
+                )
                 print(
                     f"late claims released:       {run.log_lines('claimed by a statement it had given up on')} "
                     "(a claim the server ran after its dispatcher gave up on it, put back in the queue)"
