@@ -1,25 +1,28 @@
 """Chaos run (not part of the test suite): ``pie serve`` (+ optionally a ``pie worker``) on a
 PostgreSQL cluster of its own, under a bounded load of in-process jobs, loopback only.
 
-1. load: a client launches direct-inference jobs at a steady rate (``--jobs`` in total); each
-   202 is an *acked* job. The in-process handler ``chaos_record`` appends ``<pid> <job_id>`` to a
-   file and sleeps ``--job-seconds``, so jobs are mid-run when things break;
-2. ``kill -9`` of ``pie serve`` (and of the worker) mid-load, restart at once (default settings):
-   time to recover = from the restart until every job the dead dispatchers held is running
-   again (claimed anew) or ended;
-3. ``pg_ctl stop`` of PostgreSQL for ``--outage`` seconds mid-load, then start;
-4. ``SIGSTOP`` of every PostgreSQL process for ``--freeze`` seconds mid-load (the server accepts
-   TCP but answers nothing; longer than the dispatchers' response guard, statement + connect
-   timeout = 35 s, so they give up on statements the server runs when it thaws), then ``SIGCONT``:
-   time to recover = from the thaw until every job that is claimed (``started``, leased) a few
-   seconds after the thaw is running again (claimed anew) or ended — a claim the server committed
-   after its dispatcher gave up on it used to keep its jobs ``started`` until their lease ran out
-   (300 s);
-5. wait until every acked job ended; print acked, lost (acked but missing or not success), run
-   twice (a job run more than once although its earlier run was not in a killed process: a
-   result dropped or a job requeued while its dispatcher was alive — must be 0), times to recover.
+1. load: a client launches direct-inference jobs at a steady rate until the phases below are
+   over (at most ``--jobs``); each 202 is an *acked* job. The in-process handler
+   ``chaos_record`` appends ``<pid> <job_id>`` to a file and sleeps ``--job-seconds``, so jobs
+   are mid-run when things break;
+2. ``kill -9`` of ``pie serve`` (and of the worker) once ``--kill-after`` jobs are acked, restart
+   at once (default settings): time to recover = from the restart until every job the dead
+   dispatchers held is running again (claimed anew) or ended;
+3. ``pg_ctl stop`` of PostgreSQL for ``--outage`` seconds once ``--stop-after`` jobs are acked,
+   then start;
+4. ``SIGSTOP`` of every PostgreSQL process for ``--freeze`` seconds, once the dispatchers claim
+   again after the outage while jobs wait (the server accepts TCP but answers nothing; longer
+   than the dispatchers' response guard, statement + connect timeout = 35 s, so they give up on
+   statements the server still runs when it thaws), then ``SIGCONT``: time to recover = from the
+   thaw until jobs are claimed again and every job claimed (``started``, leased) three seconds
+   after the thaw is running again (claimed anew) or ended -- a claim the server committed after
+   its dispatcher gave up on it used to keep its jobs ``started`` until their lease ran out (300 s);
+5. the load stops; wait until every acked job ended; print acked, lost (acked but missing or not
+   success), run twice (a job run more than once although its earlier run was not in a killed
+   process: a result dropped or a job requeued while its dispatcher was alive -- must be 0), the
+   times to recover (each must be <= 15 s).
 
-    .venv/bin/python bench/chaos.py [--jobs 600] [--rate 15] [--job-seconds 0.5] [--outage 10] [--freeze 45] [--worker]
+    .venv/bin/python bench/chaos.py [--jobs 2000] [--rate 15] [--job-seconds 0.5] [--outage 10] [--freeze 45] [--worker]
 
 Everything is bounded: the run stops by itself (``--max-seconds``) and removes its cluster.
 """
@@ -217,15 +220,14 @@ class Run:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=600)
+    parser.add_argument("--jobs", type=int, default=2000, help="most launches (the load stops after the phases)")
+    parser.add_argument("--kill-after", type=int, default=90, help="kill -9 once this many jobs are acked")
+    parser.add_argument("--stop-after", type=int, default=180, help="stop PostgreSQL once this many jobs are acked")
     parser.add_argument("--rate", type=float, default=15.0, help="job launches per second")
     parser.add_argument("--job-seconds", type=float, default=0.5)
     parser.add_argument("--outage", type=float, default=10.0, help="seconds PostgreSQL is stopped")
     parser.add_argument(
         "--freeze", type=float, default=45.0, help="seconds PostgreSQL is frozen with SIGSTOP (0: no freeze phase)"
-    )
-    parser.add_argument(
-        "--freeze-after", type=float, default=0.8, help="the freeze starts when this share of --jobs is launched"
     )
     parser.add_argument("--worker", action="store_true", help="also run a pie worker (killed -9 with the server)")
     parser.add_argument("--max-seconds", type=float, default=420.0)
@@ -249,7 +251,7 @@ def main() -> int:
             loader.start()
 
             # --- kill -9 mid-load, restart at once
-            while len(run.acked) < args.jobs * 0.3 and loader.is_alive():
+            while len(run.acked) < args.kill_after and loader.is_alive():
                 time.sleep(0.1)
             victims = [p for p in procs if p.poll() is None]
             for p in victims:
@@ -281,7 +283,7 @@ def main() -> int:
                 time.sleep(0.1)
 
             # --- PostgreSQL stopped mid-load
-            while len(run.acked) < args.jobs * 0.6 and loader.is_alive():
+            while len(run.acked) < args.stop_after and loader.is_alive():
                 time.sleep(0.1)
             pg.stop()
             outage_began = time.monotonic()
@@ -297,10 +299,6 @@ def main() -> int:
             loader_alive_at_freeze = False
             held_after_thaw: dict[str, object] = {}
             if args.freeze > 0:
-                # by launches (refused ones count): mid-load whatever the earlier phases refused;
-                # then at a moment jobs wait in the queue (a claim on the wire has work to take)
-                while run.launched < args.jobs * args.freeze_after and loader.is_alive():
-                    time.sleep(0.1)
                 # ... once the dispatchers claim again after the outage, while jobs wait: a claim
                 # is likely on the wire when the server freezes
                 freeze_wait = time.monotonic() + 60
@@ -332,8 +330,8 @@ def main() -> int:
                 held_recover = run.recovered(held_after_thaw, thawed_at)
                 freeze_recover = None if resumed is None or held_recover is None else max(resumed, held_recover)
 
+            run.stop_load.set()  # the phases are over
             loader.join(timeout=max(1.0, args.max_seconds - (time.monotonic() - began)))
-            run.stop_load.set()
             # --- every acked job ends
             deadline = began + args.max_seconds
             ended = {}
@@ -351,7 +349,7 @@ def main() -> int:
             rerun_after_kill = [j for j, pids in per_job.items() if len(pids) > 1 and pids[0] in run.killed_pids]
             twice = [j for j, pids in per_job.items() if len(pids) > 1 and pids[0] not in run.killed_pids]
             print(
-                f"chaos run: {args.jobs} launches at {args.rate:g}/s, handler {args.job_seconds:g} s, "
+                f"chaos run: {run.launched} launches at {args.rate:g}/s, handler {args.job_seconds:g} s, "
                 f"{'serve + worker' if args.worker else 'serve'}, own PostgreSQL cluster"
             )
             print(f"acked jobs:                 {len(run.acked)}  (refused: {dict(run.refused)})")
