@@ -84,6 +84,10 @@ CLAIM_COALESCE = 0.001
 # The database schema is not migrated (`pie serve --no-migrate`, `pie worker` before `pie
 # migrate`): look again this often, and say so once a minute
 SCHEMA_WAIT_SECONDS = 5.0
+# A failed cycle (the database is away) is tried again after 0.5, 1, 2, 4 s, then every 5 s: once
+# the database is back, dispatching resumes within seconds (it was up to 30 s: a queue standing
+# still for half a minute after an outage ended)
+LOOP_BACKOFF_MAX = 5.0
 SCHEMA_LOG_SECONDS = 60.0
 
 _RENEW = text(
@@ -557,7 +561,7 @@ class Dispatcher:
                     )
                 else:
                     log.exception("dispatcher %s: dispatch cycle failed", self.worker_id)
-                await asyncio.sleep(min(0.5 * 2**errors, 30.0))
+                await asyncio.sleep(min(0.5 * 2**errors, LOOP_BACKOFF_MAX))
                 continue
             if claimed and self._more_due:
                 continue  # there may be more due right now
