@@ -84,11 +84,11 @@ CLAIM_COALESCE = 0.001
 # The database schema is not migrated (`pie serve --no-migrate`, `pie worker` before `pie
 # migrate`): look again this often, and say so once a minute
 SCHEMA_WAIT_SECONDS = 5.0
+SCHEMA_LOG_SECONDS = 60.0
 # A failed cycle (the database is away) is tried again after 0.5, 1, 2, 4 s, then every 5 s: once
 # the database is back, dispatching resumes within seconds (it was up to 30 s: a queue standing
 # still for half a minute after an outage ended)
 LOOP_BACKOFF_MAX = 5.0
-SCHEMA_LOG_SECONDS = 60.0
 
 _RENEW = text(
     """
