@@ -17,8 +17,8 @@ def _split_csv(value: object) -> object:
 
 
 # connection pool defaults (see db_pool_size below)
-POOL_SIZE = 10
-MAX_OVERFLOW = 2
+POOL_SIZE = 12
+MAX_OVERFLOW = 0
 READ_POOL_SIZE = 8
 
 
@@ -32,8 +32,9 @@ class Settings(BaseSettings):
     # Per process; connections are opened lazily, so an idle process holds few. Sized so that
     # `pie serve --workers 2` plus one `pie worker` fit a stock max_connections=100 with room for
     # migrations and psql (docs/deployment.md "Connection budget"); a larger pool does not make
-    # one process faster (it is CPU-bound long before), overflow connections churn (opened and
-    # closed per burst).
+    # one process faster (it is CPU-bound long before). No overflow by default: overflow
+    # connections are opened and closed per burst (churn, and a new connection to a full server
+    # fails where a kept one would not).
     db_pool_size: int = Field(default=POOL_SIZE, ge=1)
     db_max_overflow: int = Field(default=MAX_OVERFLOW, ge=0)
     # autocommit connections of the single-statement hot reads (pie.reads), besides the pool above
