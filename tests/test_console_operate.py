@@ -707,3 +707,22 @@ async def test_the_features_preview_lists_at_most_200_blocking_values_and_says_h
     assert r.status_code == 200 and "250 services would not resolve" in r.text and "of 250 non-departed" in r.text
     table = r.text.split('class="blocking', 1)[1].split("</table>", 1)[0]
     assert table.count("<tr><td") == 200 and "The first 200 of 250 failing values" in r.text
+
+
+# -- issue 17 in the console: the contract in force, the API's dry run, re-snapshotting default -----------
+
+
+async def test_the_features_preview_says_saving_does_not_change_the_contract_in_force(
+    client, session, admin, make_token
+):
+    """Since issue 17 the snapshot on the default revision governs: saving live features changes
+    nothing services run under until default is re-snapshotted (the preview said the live
+    features were the schema in force from the moment they were saved)."""
+    await tenant_setup(client, session, admin, client_id="acme")  # v1 has no frozen schema
+    await sign_in(client, make_token(admin=True))
+    csrf = await page_csrf(client, D + "/features")
+    rows = forms.rows_of(seven_features())
+    r = await client.post(D + "/features", data=_editor_form(csrf, rows))
+    assert r.status_code == 200
+    assert "from the moment they are saved" not in r.text
+    assert "Re-snapshot default" in r.text and "snapshot" in r.text

@@ -9,14 +9,12 @@ Every write calls the logic function of its API route (``createdomain``, ``updat
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Form, Query, Request
-from sqlalchemy import func, select
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from pie.assignments import freeze
 from pie.assignments import logic as assignments
 from pie.console import forms
 from pie.console.common import (
@@ -39,13 +37,13 @@ from pie.console.common import (
 from pie.console.signin import ConsoleUser
 from pie.console.tenants import NewForm, client_view
 from pie.deps import ClientIdPath, DomainIdPath, ServiceIdPath, Session, TenantScope, tenant_scope
-from pie.errors import AssignmentBlocked, BadRequest, Conflict, PieError
+from pie.errors import BadRequest, Conflict, PieError, Unprocessable
 from pie.features import validate_feature_definitions
 from pie.jobs import logic as jobs
 from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
 from pie.pagination import PageParams
 from pie.tenancy import logic as tenancy
-from pie.tenancy.models import Domain, Service
+from pie.tenancy.models import Domain
 from pie.tenancy.schemas import DomainCreate, FeaturesUpdate, ServiceInit, ServiceUpdate
 
 router = console_router()
@@ -68,15 +66,17 @@ def _crumbs(client_id: str, domain_id: str, *more: tuple[str, str]) -> list[tupl
 
 @dataclass
 class Governing:
-    """The feature schema services are checked against now (spec 15.1): the schema stored on the
-    active ``default`` revision (``tenancy.governing``: the version's frozen schema, or the
+    """The contract in force (spec 15.1), as ``GET .../contract`` (getdomaincontract) answers it:
+    the schema stored on the active ``default`` revision (the version's frozen schema, or the
     snapshot of the live features taken when the revision was written); ``None`` without an
-    active ``default`` (no service can be initialised)."""
+    active ``default`` (the API's 422 "no model assigned": no service can be initialised)."""
 
     definitions: list[Any] | None
     model_id: str | None = None
     model_version: str | None = None
     frozen: bool = False
+    source: str | None = None  # model_version | domain_snapshot
+    assignment_id: str | None = None
 
     def schema_of(self, name: str) -> Any:
         for definition in self.definitions or []:
@@ -86,15 +86,18 @@ class Governing:
 
 
 async def governing_schema(session: Any, scope: TenantScope, domain: Domain) -> Governing:
-    found = await tenancy.active_default(session, scope.client_id, domain.domain_id)
-    if found is None:
+    """The contract in force, from ``getdomaincontract``'s logic (``pie.tenancy.logic.get_contract``)."""
+    try:
+        contract = await tenancy.get_contract(session, scope, domain.domain_id)
+    except Unprocessable:  # no active default: "no model assigned"
         return Governing(None)
-    contract = tenancy.governing(found[0], found[1], domain)
     return Governing(
         contract.features,
-        model_id=found[1].model_id,
-        model_version=found[1].version,
+        model_id=contract.assignment.model_id,
+        model_version=contract.assignment.model_version,
         frozen=contract.source == "model_version",
+        source=contract.source,
+        assignment_id=str(contract.assignment.assignment_id),
     )
 
 
@@ -206,43 +209,14 @@ async def _created_domain_id(session: Any, scope: TenantScope, body: DomainCreat
 # -- the live-features editor --------------------------------------------------------------------------------
 
 
-@dataclass
-class FeaturesImpact:
-    """What replacing a domain's live features would do to its services."""
-
-    services_checked: int
-    blocking_services: list[dict[str, Any]] = field(default_factory=list)
-    # provided keys the new definitions no longer define (kept, left out of resolution)
-    undefined_keys: list[str] = field(default_factory=list)
-
-
-async def features_impact(session: Any, scope: TenantScope, domain_id: str, definitions: list[Any]) -> FeaturesImpact:
-    """The impact preview of the editor's Save: the non-departed services whose
-    ``provided_features`` would not resolve against ``definitions``, found by the freeze
-    check's own machinery (``pie.assignments.freeze.check_domain``: each distinct value checked
-    once, nothing written).
-
-    This is the one place the preview is computed. Issue #17 adds the same answer to the API
-    (``PUT .../features?dry_run=true``: ``{features, dry_run, blocking_services}``); once it
-    lands, this function calls that logic instead and the pages stay as they are."""
-    checked = await session.scalar(
-        select(func.count())
-        .select_from(Service)
-        .where(Service.client_id == scope.client_id, Service.domain_id == domain_id, tenancy.not_departed())
-    )
-    try:
-        plan = await freeze.check_domain(
-            session,
-            client_id=scope.client_id,
-            domain_id=domain_id,
-            definitions=definitions,
-            service_updates=[],
-            model_id="(live features)",  # names the target in the refusal message, which is not shown
-            model_version="draft",
-        )
-    except AssignmentBlocked as blocked:
-        return FeaturesImpact(int(checked or 0), blocked.blocking_services)
-    return FeaturesImpact(int(checked or 0), undefined_keys=plan.unknown_keys)
+async def features_impact(
+    session: Any, scope: TenantScope, domain_id: str, definitions: list[Any]
+) -> tenancy.FeaturesDryRun:
+    """The impact preview of the editor's Save: the API's dry run (``PUT .../features?dry_run=true``,
+    ``pie.tenancy.logic.dry_run_features``: the same checks, the non-departed services whose
+    ``provided_features`` would not resolve, how many were checked and the provided keys the
+    definitions no longer define). Nothing is written."""
+    return await tenancy.dry_run_features(session, scope, domain_id, definitions)
 
 
 PREVIEW_ROWS = 200  # blocking entries listed on the preview page (the count says how many there are)
@@ -312,9 +286,9 @@ async def features_edit(
     try:
         definitions = validate_feature_definitions(forms.definitions_of(rows))
         parse_body(FeaturesUpdate, {"features": definitions})  # the API's body rules (e.g. storable text)
+        impact = await features_impact(session, scope, domain_id, definitions)
     except PieError as exc:
         return _editor(request, scope, domain, rows, problem=refusal(exc, "features", {}))
-    impact = await features_impact(session, scope, domain_id, definitions)
     governing = await governing_schema(session, scope, domain)
     return render(
         request,
