@@ -726,3 +726,149 @@ async def test_the_features_preview_says_saving_does_not_change_the_contract_in_
     assert r.status_code == 200
     assert "from the moment they are saved" not in r.text
     assert "Re-snapshot default" in r.text and "snapshot" in r.text
+
+
+async def test_the_domain_page_shows_the_contract_getdomaincontract_answers(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await make_client(session, "globex")
+    contract = await api(client, admin, "/v2/clients/acme/domains/south_australia/contract")
+    assert contract["source"] == "domain_snapshot"
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    page = (await client.get(D)).text
+    section = page.split('id="contract"', 1)[1].split("</table>", 1)[0]
+    assert "Contract in force (snapshot of the live features)" in section
+    assert [f["name"] for f in contract["features"]] == re.findall(
+        r'<th scope="row" data-label="Feature"><code>(\w+)', section
+    )
+    assert 'id="draft-differs"' not in page  # the live features are what was snapshotted
+    # a live edit: the contract stays (the API says so too), the page says the draft differs
+    draft = [*seven_features(), {"name": "fare", "json_schema": {"type": "number", "default": 99}, "mandatory": False}]
+    r = await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": draft}, headers=admin)
+    assert r.status_code == 200
+    assert await api(client, admin, "/v2/clients/acme/domains/south_australia/contract") == contract
+    page = (await client.get(D)).text
+    assert 'id="draft-differs"' in page and "fare" not in page.split('id="contract"', 1)[1].split("</table>", 1)[0]
+    assert "Re-snapshot default" in page
+    # no default: the API's 422 "no model assigned", the page says so
+    await client.post("/v2/clients/acme/domains", json={"domain_id": "empty", "name": "E"}, headers=admin)
+    await api(client, admin, "/v2/clients/acme/domains/empty/contract", expect=422)
+    page = (await client.get("/console/clients/acme/domains/empty")).text
+    assert "none: no model assigned" in page and 'id="contract"' not in page
+    assert (await client.get("/console/clients/globex/domains/south_australia")).status_code == 403
+
+
+async def test_the_features_preview_answers_what_the_apis_dry_run_answers(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await init_service(client, admin, "ferry-1", {"route": "Adelaide to Sydney", "on_demand": True}, client_id="acme")
+    await init_service(
+        client, admin, "ferry-2", {"route": "Sydney to Adelaide", "competitor_count": 5}, client_id="acme"
+    )
+    draft = seven_features()
+    draft[0]["json_schema"]["enum"] = ["Adelaide to Sydney"]
+    draft[1]["json_schema"]["maximum"] = 3
+    r = await client.put(
+        "/v2/clients/acme/domains/south_australia/features?dry_run=true", json={"features": draft}, headers=admin
+    )
+    assert r.status_code == 200
+    expected = r.json()["blocking_services"]
+    assert [(b["service_id"], b["feature"]) for b in expected] == [
+        ("ferry-2", "competitor_count"),
+        ("ferry-2", "route"),
+    ]
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    csrf = await page_csrf(client, D + "/features")
+    r = await client.post(D + "/features", data=_editor_form(csrf, forms.rows_of(draft)))
+    assert r.status_code == 200
+    table = r.text.split('class="blocking', 1)[1].split("</table>", 1)[0]
+    shown = re.findall(r'data-label="Service"><a [^>]*>([^<]+)</a></td><td data-label="Feature">([^<]+)</td>', table)
+    assert shown == [(b["service_id"], b["feature"]) for b in expected]
+    assert "1 service would not resolve" in r.text and "of 2 non-departed" in r.text
+    # the provided keys a draft no longer defines are named (when every service resolves)
+    without = [d for d in seven_features() if d["name"] != "on_demand"]
+    r = await client.post(D + "/features", data=_editor_form(csrf, forms.rows_of(without)))
+    assert "Every service resolves" in r.text
+    assert "no longer define (kept on the services, left out of resolution): on_demand" in r.text
+    # the dry run's own refusals: a suspended client (the API's 422), next to the rows
+    await client.patch("/v2/clients/acme", json={"status": "suspended"}, headers=admin)
+    r = await client.post(D + "/features", data=_editor_form(csrf, forms.rows_of(draft)))
+    assert r.status_code == 422 and "client acme is suspended" in r.text and 'id="features-error"' in r.text
+
+
+async def test_re_snapshotting_default_previews_the_dry_run_then_takes_a_new_snapshot(
+    client, session, admin, make_token
+):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await make_client(session, "globex")
+    await init_service(client, admin, "ferry-1", {"route": "Adelaide to Sydney"}, client_id="acme")
+    before_contract = await api(client, admin, "/v2/clients/acme/domains/south_australia/contract")
+    draft = [*seven_features(), {"name": "fare", "json_schema": {"type": "number", "default": 99}, "mandatory": False}]
+    r = await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": draft}, headers=admin)
+    assert r.status_code == 200
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    page = (await client.get(D)).text
+    csrf = csrf_of(page)
+    preview_url = D + "/assignments/default/resnapshot/preview"
+    assert f'action="{preview_url}"' in page
+    before = await table_counts(session)
+    r = await client.post(preview_url, data={"csrf_token": csrf})
+    assert r.status_code == 200 and "The dry run passed" in r.text
+    assert "1 service checked" in r.text and "1 service would have their resolved features re-resolved" in r.text
+    changes = r.text.split('class="changes', 1)[1].split("</table>", 1)[0]
+    assert re.search(r"fare</code></th>\s*<td[^>]*>added", changes)
+    assert await table_counts(session) == before  # the dry run wrote nothing
+    confirm = {
+        "csrf_token": csrf,
+        "expected": re.search(r'name="expected" value="([^"]+)"', r.text).group(1),
+        "features": re.search(r'name="features" value="([0-9a-f]+)"', r.text).group(1),
+    }
+    # the move form refuses the no-op move and points here
+    r2 = await client.post(
+        D + "/assignments/default/move/preview",
+        data={"csrf_token": csrf, "model_id": "pricing-model", "model_version": "1"},
+    )
+    assert r2.status_code == 422 and "use Re-snapshot default" in r2.text
+
+    r = await client.post(D + "/assignments/default/resnapshot", data=confirm)
+    assert r.status_code == 303 and r.headers["location"].endswith("?done=resnapshot#contract")
+    contract = await api(client, admin, "/v2/clients/acme/domains/south_australia/contract")
+    assert contract["features"] == draft and contract["model_version"] == "1"
+    assert contract["assignment_id"] != before_contract["assignment_id"]
+    service = await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1")
+    assert service["resolved_features"]["fare"] == 99
+    row = await last_audit(session)
+    assert_console_row(row, "putdomainmodelassignment", "alice")
+    assert row.target_id == "south_australia/default" and row.summary["model_version"] == "1"
+    # the same confirmation again: default moved since the preview, nothing written (409)
+    r = await client.post(D + "/assignments/default/resnapshot", data=confirm)
+    assert r.status_code == 409 and "changed since the preview" in r.text
+    assert (await api(client, admin, "/v2/clients/acme/domains/south_australia/contract")) == contract
+
+    # a draft a service does not fit: the dry run names it, the write is refused too
+    bad = seven_features()
+    bad[0]["json_schema"]["enum"] = ["Sydney to Adelaide"]
+    await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": bad}, headers=admin)
+    r = await client.post(preview_url, data={"csrf_token": csrf})
+    assert r.status_code == 422 and "Blocked." in r.text
+    assert "ferry-1" in r.text.split('class="blocking', 1)[1].split("</table>", 1)[0]
+    assert "Confirm: re-snapshot default" not in r.text
+    fresh = re.search(r'name="features" value', r.text) is None
+    assert fresh
+    # a live edit between the preview and the confirmation: 409, nothing written
+    r = await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": draft}, headers=admin)
+    r = await client.post(preview_url, data={"csrf_token": csrf})
+    assert r.status_code == 200
+    stale = {
+        "csrf_token": csrf,
+        "expected": re.search(r'name="expected" value="([^"]+)"', r.text).group(1),
+        "features": re.search(r'name="features" value="([0-9a-f]+)"', r.text).group(1),
+    }
+    await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": bad}, headers=admin)
+    r = await client.post(D + "/assignments/default/resnapshot", data=stale)
+    assert r.status_code == 409
+    assert (await api(client, admin, "/v2/clients/acme/domains/south_australia/contract")) == contract
+    # another tenant's domain: 403; without the token: 403
+    other = "/console/clients/globex/domains/south_australia/assignments/default/resnapshot"
+    assert (await client.post(other + "/preview", data={"csrf_token": csrf})).status_code == 403
+    assert (
+        await client.post(D + "/assignments/default/resnapshot", data={**stale, "csrf_token": ""})
+    ).status_code == 403

@@ -105,7 +105,9 @@ async def governing_schema(session: Any, scope: TenantScope, domain: Domain) -> 
 
 DOMAIN_DONE = {
     "created": "Domain created.",
-    "features": "Live features saved.",
+    "features": "Live features saved (the next-train draft); the contract in force is unchanged.",
+    "resnapshot": "Default re-snapshotted: the contract in force is the new snapshot and every service was "
+    "re-resolved against it.",
 }
 
 
@@ -141,6 +143,8 @@ async def _domain(
         services=services,
         assignments=active,
         governing=governing,
+        draft_differs=governing.source == "domain_snapshot"
+        and forms.fingerprint(governing.definitions) != forms.fingerprint(domain.features),
         next_url=pager.next_url,
         can_edit_features=user.principal.has("manage_domains"),
         can_init=can_init,
