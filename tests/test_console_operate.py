@@ -85,6 +85,8 @@ async def test_every_console_write_refuses_a_form_without_the_session_csrf_token
         "model_id": "pricing-model",
         "model_version": "1",
         "subscription_id": sub.json()["id"],
+        "job_id": str(uuid.uuid4()),
+        "webhook_id": str(uuid.uuid4()),
     }
     writes = _console_writes(app)
     assert len(writes) >= 16, writes  # every form of the console, the new ones included
@@ -872,3 +874,227 @@ async def test_re_snapshotting_default_previews_the_dry_run_then_takes_a_new_sna
     assert (
         await client.post(D + "/assignments/default/resnapshot", data={**stale, "csrf_token": ""})
     ).status_code == 403
+
+
+# -- issue 19 in the console: archive/restore a version, cancel/retry a job, re-initialise/delete a service ---
+
+
+async def test_archiving_an_assigned_version_shows_the_409s_assignments_then_archive_and_restore(
+    client, session, admin, make_token
+):
+    await tenant_setup(client, session, admin, client_id="acme")  # acme's default -> pricing-model v1
+    await make_version(session, "pricing-model", "2")
+    await init_service(client, admin, "ferry-1", ROUTE, client_id="acme")
+    await client.put(
+        "/v2/clients/acme/domains/south_australia/service/ferry-1/assignments/forecast",
+        json={"model_id": "pricing-model", "model_version": "1"},
+        headers=admin,
+    )
+    await sign_in(client, make_token(admin=True, username="olivia"))
+    url = "/console/models/pricing-model/versions/1"
+    page = (await client.get(url)).text
+    assert re.findall(r'name="status" value="(\w+)">\s*<button type="submit"[^>]*>([\w ]+)<', page) == [
+        ("archived", "Archive")
+    ]
+    csrf = csrf_of(page)
+    before = await table_counts(session)
+    r = await client.post(url + "/status", data={"csrf_token": csrf, "status": "archived"})
+    assert r.status_code == 409 and "cannot be archived: 2 active assignment(s) point at it" in r.text
+    table = r.text.split('class="in-use', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr><td", table)
+    assert len(rows) == 2
+    assert 'href="/console/clients/acme/domains/south_australia/assignments/default"' in table
+    assert 'href="/console/clients/acme/domains/south_australia/services/ferry-1/assignments/forecast"' in table
+    assert await table_counts(session) == before
+    assert (await api(client, admin, "/v2/models/pricing-model/versions/1"))["status"] == "active"
+
+    # once nothing points at it: a confirmation, then the archive
+    await client.put(
+        "/v2/clients/acme/domains/south_australia/assignments/default",
+        json={"model_id": "pricing-model", "model_version": "2"},
+        headers=admin,
+    )
+    await client.put(
+        "/v2/clients/acme/domains/south_australia/service/ferry-1/assignments/forecast",
+        json={"model_id": "pricing-model", "model_version": "1", "status": "archived"},
+        headers=admin,
+    )
+    r = await client.post(url + "/status", data={"csrf_token": csrf, "status": "archived"})
+    assert r.status_code == 200 and "Archive v1" in r.text and "takes no new job and no new assignment" in r.text
+    assert (await api(client, admin, "/v2/models/pricing-model/versions/1"))["status"] == "active"
+    r = await client.post(url + "/status", data={"csrf_token": csrf, "status": "archived", "confirm": "yes"})
+    assert r.status_code == 200 and "Status changed from active to archived" in r.text
+    assert (await api(client, admin, "/v2/models/pricing-model/versions/1"))["status"] == "archived"
+    row = await last_audit(session)
+    assert_console_row(row, "setmodelversionstatus", "olivia")
+    assert readable.action_words(row) == "Set version 1 of pricing-model from active to archived"
+    assert re.findall(r'name="status" value="(\w+)">\s*<button type="submit"[^>]*>([\w ]+)<', r.text) == [
+        ("active", "Restore")
+    ]
+    r = await client.post(url + "/status", data={"csrf_token": csrf, "status": "active"})
+    assert r.status_code == 200 and "Restore v1" in r.text and "active again" in r.text
+    r = await client.post(url + "/status", data={"csrf_token": csrf, "status": "active", "confirm": "yes"})
+    assert r.status_code == 200 and "Status changed from archived to active" in r.text
+    assert (await api(client, admin, "/v2/models/pricing-model/versions/1"))["status"] == "active"
+
+
+async def test_a_tenant_neither_archives_nor_restores_versions(client, session, admin, make_token):
+    await make_version(session, "fares", "1", status="archived")
+    await make_client(session, "acme")
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    page = (await client.get("/console/models/fares/versions/1")).text
+    assert "Restore" not in page and "Archive" not in page
+    r = await client.post(
+        "/console/models/fares/versions/1/status",
+        data={"csrf_token": csrf_of(page), "status": "active", "confirm": "yes"},
+    )
+    assert r.status_code == 403
+    assert (await api(client, admin, "/v2/models/fares/versions/1"))["status"] == "archived"
+
+
+async def _launched(client, headers, key: str = "default", service: str | None = None) -> str:
+    base = "/v2/clients/acme/domains/south_australia" + (f"/service/{service}" if service else "")
+    r = await client.post(f"{base}/assignments/{key}/jobs", json={"input": ROUTE}, headers=headers)
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+async def test_a_tenant_cancels_then_retries_its_job_from_the_job_page(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await make_client(session, "globex")
+    job_id = await _launched(client, admin)  # no dispatcher here: the job stays pending
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    url = f"/console/jobs/{job_id}"
+    page = (await client.get(url)).text
+    assert "Cancel job" in page and ">Retry<" not in page
+    csrf = csrf_of(page)
+    before = await table_counts(session)
+    r = await client.post(url + "/cancel", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Cancel job" in r.text and "Yes, cancel the job" in r.text
+    assert "cancelled by alice before it was dispatched" in r.text and "Back to the job" in r.text
+    assert await table_counts(session) == before  # the rehearsal left nothing
+    assert (await api(client, admin, f"/v2/jobs/{job_id}"))["status"] == "pending"
+    r = await client.post(url + "/cancel", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == f"{url}?done=cancelled"
+    job = await api(client, admin, f"/v2/jobs/{job_id}")
+    assert job["status"] == "failure" and job["error"]["code"] == "cancelled"
+    assert job["error"]["cancelled_by"]["username"] == "alice"
+    row = await last_audit(session)
+    assert_console_row(row, "canceljob", "alice")
+    assert row.target_id == job_id and row.client_id == "acme"
+    page = (await client.get(f"{url}?done=cancelled")).text
+    assert "Job cancelled." in page and "Cancel job" not in page and ">Retry<" in page
+    # cancelling again: the API's 409, on the page
+    r = await client.post(url + "/cancel", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 409 and "has already ended with status failure (cancelled)" in r.text
+
+    r = await client.post(url + "/retry", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Retry job" in r.text and "resolved again now" in r.text
+    assert len(await api(client, admin, "/v2/jobs")) == 1
+    r = await client.post(url + "/retry", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"].endswith("?done=retried")
+    new_id = r.headers["location"].split("/console/jobs/", 1)[1].split("?", 1)[0]
+    retried = await api(client, admin, f"/v2/jobs/{new_id}")
+    assert retried["retry_of"] == job_id and retried["status"] == "pending" and retried["input"] == ROUTE
+    assert_console_row(await last_audit(session), "retryjob", "alice")
+    page = (await client.get(r.headers["location"])).text
+    assert "Retry launched" in page and f'href="/console/jobs/{job_id}"' in page
+
+
+async def test_job_buttons_only_for_callers_who_may_launch_the_job(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await make_client(session, "globex")
+    job_id = await _launched(client, admin)
+    # a reader of acme's jobs without run_inference: sees the job, no button, a post is 403
+    await sign_in(client, make_token(scopes=["read_models"], client_id="acme"))
+    page = (await client.get(f"/console/jobs/{job_id}")).text
+    assert "Cancel job" not in page and ">Retry<" not in page
+    csrf = csrf_of(page)
+    for action in ("cancel", "retry"):
+        r = await client.post(f"/console/jobs/{job_id}/{action}", data={"csrf_token": csrf, "confirm": "yes"})
+        assert r.status_code == 403 and "missing permission run_inference" in r.text
+    # another tenant: the job is not theirs (403), nothing cancelled
+    await sign_in(client, make_token(groups=["client:globex"], username="gus"))
+    csrf = await page_csrf(client, "/console/clients/globex")
+    assert (await client.get(f"/console/jobs/{job_id}")).status_code == 403
+    r = await client.post(f"/console/jobs/{job_id}/cancel", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 403 and "no access to client acme" in r.text
+    assert (await api(client, admin, f"/v2/jobs/{job_id}"))["status"] == "pending"
+    # an admin may: the button is there
+    await sign_in(client, make_token(admin=True))
+    assert "Cancel job" in (await client.get(f"/console/jobs/{job_id}")).text
+
+
+async def test_the_live_fragment_swaps_in_retry_once_the_job_ends(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    job_id = await _launched(client, admin)
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    live = (await client.get(f"/console/jobs/{job_id}/live")).text
+    assert "hx-get" in live and 'id="job-actions"' not in live  # running: the buttons stay as they are
+    await client.post(f"/v2/jobs/{job_id}/cancel", headers=admin)
+    live = (await client.get(f"/console/jobs/{job_id}/live")).text
+    actions = live.split('id="job-actions" hx-swap-oob="true"', 1)[1]
+    assert ">Retry<" in actions and "Cancel job" not in actions
+
+
+async def test_a_tenant_re_initialises_and_deletes_a_service_after_confirmations(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await make_client(session, "globex")
+    await init_service(client, admin, "ferry-1", ROUTE, client_id="acme")
+    await client.put(
+        "/v2/clients/acme/domains/south_australia/service/ferry-1/assignments/forecast",
+        json={"model_id": "pricing-model", "model_version": "1"},
+        headers=admin,
+    )
+    (first,) = await api(client, admin, "/v2/jobs?service_id=ferry-1")
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    url = D + "/services/ferry-1"
+    page = (await client.get(url)).text
+    assert ">Re-initialise<" in page and ">Delete<" in page
+    csrf = csrf_of(page)
+    before = await table_counts(session)
+    r = await client.post(url + "/reinit", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Re-initialise ferry-1" in r.text and "pricing-model v1" in r.text
+    assert await table_counts(session) == before
+    r = await client.post(url + "/reinit", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == url + "?done=reinitialised"
+    jobs = await api(client, admin, "/v2/jobs?service_id=ferry-1")
+    assert len(jobs) == 2 and {j["service_id"] for j in jobs} == {"ferry-1"}
+    service = await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1")
+    assert service["status"] == "initializing"
+    assert_console_row(await last_audit(session), "reinitdomainservice", "alice")
+
+    # delete: the confirmation says what it would do now (both init jobs are unfinished)
+    before = await table_counts(session)
+    r = await client.post(url + "/delete", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Delete service ferry-1" in r.text
+    assert "2 job(s)" in r.text and first["job_id"] in r.text and "1 key(s) (forecast)" in r.text
+    assert await table_counts(session) == before
+    await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1")
+    r = await client.post(url + "/delete", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == D + "?done=deleted"
+    await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1", expect=404)
+    jobs = await api(client, admin, "/v2/jobs?service_id=ferry-1")
+    assert {(j["status"], j["error"]["code"]) for j in jobs} == {("failure", "cancelled")}
+    row = await last_audit(session)
+    assert_console_row(row, "deletedomainservice", "alice")
+    assert row.summary["archived_assignments"] == ["forecast"]
+    assert readable.action_words(row) == "Deleted service ferry-1"
+    assert "Service deleted" in (await client.get(D + "?done=deleted")).text
+    # gone: its page is a 404, and so are its forms
+    assert (await client.post(url + "/delete", data={"csrf_token": csrf})).status_code == 404
+    # another tenant's service forms: 403
+    for action in ("reinit", "delete"):
+        other = f"/console/clients/globex/domains/south_australia/services/ferry-1/{action}"
+        assert (await client.post(other, data={"csrf_token": csrf, "confirm": "yes"})).status_code == 403
+
+
+async def test_a_departed_service_offers_neither_re_init_nor_delete(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await init_service(client, admin, "ferry-1", ROUTE, client_id="acme", departure_datetime="2020-01-01T00:00:00Z")
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    page = (await client.get(D + "/services/ferry-1")).text
+    assert ">Re-initialise<" not in page and "kept as history" in page
+    r = await client.post(D + "/services/ferry-1/delete", data={"csrf_token": csrf_of(page)})
+    assert r.status_code == 422 and "departed services are kept as history" in r.text
+    await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1")

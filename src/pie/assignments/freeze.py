@@ -89,9 +89,7 @@ class DraftCheck:
     services_checked: int
 
 
-async def check_draft(
-    session: AsyncSession, *, client_id: str, domain_id: str, definitions: list[Any]
-) -> DraftCheck:
+async def check_draft(session: AsyncSession, *, client_id: str, domain_id: str, definitions: list[Any]) -> DraftCheck:
     """Check every non-departed service against ``definitions`` (the dry run of a live-features
     edit, spec 15.1, and the console's preview of it): the same set-based check, its blocking
     entries answered instead of raised; nothing is written."""

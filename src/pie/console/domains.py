@@ -31,6 +31,7 @@ from pie.console.common import (
     parse_body,
     refusal,
     rehearse,
+    rehearse_audited,
     render,
     write,
 )
@@ -355,6 +356,8 @@ async def features_save(
 SERVICE_DONE = {
     "initialised": "Service initialised: its init job is below.",
     "updated": "Service updated.",
+    "reinitialised": "Service re-initialised: its new init job is below.",
+    "deleted": "Service deleted: its unfinished jobs were cancelled; its jobs and history stay.",
 }
 
 
@@ -480,6 +483,7 @@ async def _service(
         feature_names=names,
         jobs=recent_jobs,
         can_update=user.principal.has("init_services"),
+        can_reinit=user.principal.has("init_services") and not service.departed,
         edit_rows=edit_rows,
         departure=typed.get("departure", "") if typed is not None else forms.local_input(service.departure_datetime),
         governing=governing,
@@ -587,3 +591,118 @@ async def update_service(
             request, user, session, client_id, domain_id, service_id, problem=refusal(exc, "update-service", form)
         )
     return RedirectResponse(f"{domain_url(client_id, domain_id)}/services/{service_id}?done=updated", status_code=303)
+
+
+# -- re-initialising and deleting one service (spec 15.4) ----------------------------------------------------
+
+
+def _service_url(client_id: str, domain_id: str, service_id: str) -> str:
+    return f"{domain_url(client_id, domain_id)}/services/{service_id}"
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/services/{service_id}/reinit", response_class=HTMLResponse)
+async def reinit_service(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    user: Writer,
+    session: Session,
+    confirm: Confirmed = "",
+) -> Response:
+    """``reinitdomainservice`` (``pie.tenancy.logic.reinit_service``), after a confirmation naming
+    the version the init job runs on (shown only when the re-init would be accepted now)."""
+    scope = await tenant_scope(session, user.principal, client_id, "init_services")
+    form = await FormValues.read(request)
+    path = {"client_id": client_id, "domain_id": domain_id, "service_id": service_id}
+    url = _service_url(client_id, domain_id, service_id)
+
+    async def run() -> tuple[str, str, str]:
+        _service, job = await tenancy.reinit_service(session, scope, domain_id, service_id)
+        return job.job_id, job.model_id, job.model_version
+
+    try:
+        if confirm != "yes":
+            _job, model_id, model_version = await rehearse(session, run)
+            return confirm_page(
+                request,
+                Confirmation(
+                    title=f"Re-initialise service {service_id}",
+                    question=f"Re-initialise service {service_id}? A fresh init job runs through the default "
+                    f"assignment ({model_id} v{model_version}) with the service's stored resolved features.",
+                    button=f"Re-initialise {service_id}",
+                    action_url=f"{url}/reinit",
+                    cancel_url=url,
+                    crumbs=_crumbs(client_id, domain_id, (service_id, url)),
+                    changes=[("Status", "as it is", "initializing until the init job ends")],
+                    notes=["Its stored features are not changed."],
+                ),
+                form,
+            )
+        await write(request, session, user, "reinitdomainservice", path, {}, run)
+    except PieError as exc:
+        return await _service(
+            request, user, session, client_id, domain_id, service_id, problem=refusal(exc, "service-actions", form)
+        )
+    return RedirectResponse(f"{url}?done=reinitialised", status_code=303)
+
+
+def _listed(values: Any, what: str) -> str:
+    items = [str(v) for v in values or []]
+    return f"{len(items)} {what}" + (f" ({', '.join(items[:10])}{', …' if len(items) > 10 else ''})" if items else "")
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/services/{service_id}/delete", response_class=HTMLResponse)
+async def delete_service(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    user: Writer,
+    session: Session,
+    confirm: Confirmed = "",
+) -> Response:
+    """``deletedomainservice`` (``pie.tenancy.logic.delete_service``), after a confirmation that
+    says what the delete would do now: the unfinished jobs it cancels, the service assignments
+    it archives and the replay subscriptions it makes stale (what the rehearsal recorded for
+    the audit summary)."""
+    scope = await tenant_scope(session, user.principal, client_id, "init_services")
+    form = await FormValues.read(request)
+    path = {"client_id": client_id, "domain_id": domain_id, "service_id": service_id}
+    url = _service_url(client_id, domain_id, service_id)
+
+    async def run() -> None:
+        await tenancy.delete_service(session, scope, domain_id, service_id)
+
+    try:
+        if confirm != "yes":
+            _none, summary = await rehearse_audited(request, session, user, "deletedomainservice", path, {}, run)
+            return confirm_page(
+                request,
+                Confirmation(
+                    title=f"Delete service {service_id}",
+                    question=f"Delete service {service_id} of domain {domain_id}? It leaves every list, freeze "
+                    "check and re-init, and its id may be initialised again.",
+                    button=f"Delete {service_id}",
+                    action_url=f"{url}/delete",
+                    cancel_url=url,
+                    crumbs=_crumbs(client_id, domain_id, (service_id, url)),
+                    facts=[
+                        ("Unfinished jobs cancelled", _listed(summary.get("cancelled_jobs"), "job(s)")),
+                        ("Service assignments archived", _listed(summary.get("archived_assignments"), "key(s)")),
+                        ("Replay subscriptions made stale", _listed(summary.get("stale_subscriptions"), "")),
+                    ],
+                    notes=[
+                        "Its jobs and assignment history stay (jobs keep their service id); the audit log keeps "
+                        "every write."
+                    ],
+                    danger=True,
+                ),
+                form,
+            )
+        await write(request, session, user, "deletedomainservice", path, {}, run)
+    except PieError as exc:
+        return await _service(
+            request, user, session, client_id, domain_id, service_id, problem=refusal(exc, "service-actions", form)
+        )
+    return RedirectResponse(f"{domain_url(client_id, domain_id)}?done=deleted", status_code=303)
