@@ -5,6 +5,8 @@ API (``/v2``), as a user would."""
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import uuid
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 from factories import SEVEN_FEATURES, init_service, make_client, make_version, seven_features, tenant_setup
 from test_audit import audit_rows, table_counts
 from test_console import csrf_of, sign_in
+from test_webhooks import _delivered, delivering, dev, eventually, receiver, verified  # noqa: F401 (fixtures)
 
 from pie import metrics
 from pie.console import forms, readable
@@ -333,8 +336,6 @@ async def test_the_features_editor_previews_the_impact_then_saves_exactly_that(c
         "features": re.search(r'name="features" value="([^"]*)"', r.text).group(1).replace("&#34;", '"'),
         "expected": re.search(r'name="expected" value="([0-9a-f]+)"', r.text).group(1),
     }
-    import html
-
     save["features"] = html.unescape(save["features"])
     r = await client.post(D + "/features/save", data=save)
     assert r.status_code == 303 and "done=features" in r.headers["location"]
@@ -684,7 +685,12 @@ def test_audit_actions_in_words():
         "Updated client acme: reactivated it, renamed it Acme Ltd"
     )
     assert words("initdomainservice", "sa/ferry-1", fields=["static_features"]) == "Initialised service ferry-1"
-    assert words("createwebhook", "hook-1") == "createwebhook"  # an operation without words yet: its id
+    assert words("createwebhook", "hook-1", url="https://hooks.example.com/pie") == (
+        "Created a webhook to https://hooks.example.com/pie"
+    )
+    assert words("updateplatformwebhook", "hook-1", status="disabled") == "Disabled a platform webhook"
+    assert words("rotatewebhooksecret", "hook-1") == "Rotated the secret of a webhook"
+    assert words("somefutureoperation", "x") == "somefutureoperation"  # an operation without words yet: its id
 
 
 async def test_the_features_preview_lists_at_most_200_blocking_values_and_says_how_many(
@@ -1098,3 +1104,207 @@ async def test_a_departed_service_offers_neither_re_init_nor_delete(client, sess
     r = await client.post(D + "/services/ferry-1/delete", data={"csrf_token": csrf_of(page)})
     assert r.status_code == 422 and "departed services are kept as history" in r.text
     await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1")
+
+
+# -- issue 22 in the console: a tenant's webhook endpoints, platform webhooks for administrators ---------------
+
+
+def _secret_on(page: str) -> str:
+    found = re.search(r'id="webhook-secret" class="secret-value" readonly value="(whsec_[^"]+)"', page)
+    assert found, "no secret on the page"
+    return html.unescape(found.group(1))
+
+
+async def test_a_tenant_manages_a_webhook_end_to_end_and_its_secret_is_shown_once(
+    client, session, admin, make_token, dev, receiver
+):
+    await make_client(session, "acme")
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    base = "/console/clients/acme/webhooks"
+    listing = (await client.get(base)).text
+    assert f'href="{base}?new=1#new-webhook">New webhook</a>' in listing
+    form = (await client.get(base, params={"new": "1"})).text
+    assert 'value="job.succeeded" checked' in form and "version.status_changed" not in form  # platform only
+    csrf = csrf_of(form)
+    # the API's refusals on the form, what was typed kept
+    r = await client.post(base, data={"csrf_token": csrf, "url": "ftp://x", "events": "job.failed"})
+    assert r.status_code == 422 and "invalid webhook url" in r.text and 'value="ftp://x"' in r.text
+    assert 'value="job.failed" checked' in r.text and 'value="job.succeeded" checked' not in r.text
+    r = await client.post(base, data={"csrf_token": csrf, "url": receiver.url("/a")})
+    assert r.status_code == 400 and "events" in r.text
+    assert await api(client, admin, "/v2/clients/acme/webhooks") == []
+
+    r = await client.post(
+        base,
+        data={
+            "csrf_token": csrf,
+            "url": receiver.url("/a"),
+            "events": ["job.succeeded", "service.failed"],
+            "description": "pricing bus",
+        },
+    )
+    assert r.status_code == 201 and "shown only now" in r.text
+    secret = _secret_on(r.text)
+    (hook,) = await api(client, admin, "/v2/clients/acme/webhooks")
+    assert (hook["url"], hook["events"], hook["description"], hook["status"]) == (
+        receiver.url("/a"),
+        ["job.succeeded", "service.failed"],
+        "pricing bus",
+        "active",
+    )
+    row = await last_audit(session)
+    assert_console_row(row, "createwebhook", "alice")
+    assert row.target_id == hook["id"] and row.client_id == "acme" and secret not in json.dumps(row.summary)
+    page_url = f"{base}/{hook['id']}"
+    page = (await client.get(page_url)).text
+    assert secret not in page and 'id="webhook-secret"' not in page  # shown once, never again
+    assert secret not in (await client.get(base)).text
+
+    # a test ping, delivered to a real receiver and verified with the secret the page showed
+    r = await client.post(page_url + "/test", data={"csrf_token": csrf})
+    assert r.status_code == 303 and r.headers["location"] == page_url + "?done=ping#deliveries"
+    assert_console_row(await last_audit(session), "testwebhook", "alice")
+    async with delivering(dev):
+        await eventually(lambda: len(receiver.on("/a")) >= 1)
+        await eventually(lambda: _delivered(client, admin, hook["id"], "acme"))
+    (ping,) = receiver.on("/a")
+    assert verified(secret, ping)["type"] == "ping"
+    page = (await client.get(page_url)).text
+    log = page.split('id="deliveries"', 1)[1]
+    assert ping.headers["webhook-id"] in log and "delivered" in log and ">200<" in log
+
+    # edit: a confirmation listing the changes, then the update
+    edit = {"csrf_token": csrf, "url": receiver.url("/b"), "events": ["job.failed"], "description": "pricing bus"}
+    r = await client.post(page_url, data=edit)
+    assert r.status_code == 200 and "Update webhook" in r.text
+    changes = r.text.split('class="changes', 1)[1].split("</table>", 1)[0]
+    assert receiver.url("/b") in changes and "job.succeeded, service.failed" in changes and "Description" not in changes
+    assert (await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}"))["url"] == receiver.url("/a")
+    r = await client.post(page_url, data={**edit, "confirm": "yes"})
+    assert r.status_code == 303
+    got = await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}")
+    assert (got["url"], got["events"]) == (receiver.url("/b"), ["job.failed"])
+    assert readable.action_words(await last_audit(session)) == "Updated a webhook"
+    r = await client.post(page_url, data={**edit, "confirm": "yes"})
+    assert r.status_code == 400 and "nothing to update" in r.text
+
+    # disable (asked first), a test of a disabled webhook is the API's 422, enable again
+    r = await client.post(page_url + "/status", data={"csrf_token": csrf, "status": "disabled"})
+    assert r.status_code == 200 and "Disable webhook" in r.text
+    r = await client.post(page_url + "/status", data={"csrf_token": csrf, "status": "disabled", "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"].endswith("?done=disabled")
+    assert (await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}"))["status"] == "disabled"
+    assert readable.action_words(await last_audit(session)) == "Disabled a webhook"
+    r = await client.post(page_url + "/test", data={"csrf_token": csrf})
+    assert r.status_code == 422 and "is disabled" in r.text
+    r = await client.post(page_url + "/status", data={"csrf_token": csrf, "status": "active", "confirm": "yes"})
+    assert r.status_code == 303
+    assert (await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}"))["status"] == "active"
+
+    # rotate (asked first): the new secret shown once; a ping carries both signatures
+    r = await client.post(page_url + "/rotate", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Rotate secret" in r.text and 'id="webhook-secret"' not in r.text
+    r = await client.post(page_url + "/rotate", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 200 and "Secret rotated" in r.text
+    rotated = _secret_on(r.text)
+    assert rotated != secret
+    assert_console_row(await last_audit(session), "rotatewebhooksecret", "alice")
+    assert rotated not in (await client.get(page_url)).text
+    await client.post(page_url + "/test", data={"csrf_token": csrf})
+    async with delivering(dev):
+        await eventually(lambda: len(receiver.on("/b")) >= 1)
+    (ping,) = receiver.on("/b")
+    assert verified(rotated, ping)["type"] == "ping" and verified(secret, ping)["type"] == "ping"
+
+    # delete (asked first)
+    r = await client.post(page_url + "/delete", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Delete webhook" in r.text
+    await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}")
+    r = await client.post(page_url + "/delete", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == base + "?done=deleted"
+    await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}", expect=404)
+    assert_console_row(await last_audit(session), "deletewebhook", "alice")
+    assert (await client.get(page_url)).status_code == 404
+
+
+async def test_a_tenant_cannot_reach_another_tenants_or_the_platforms_webhooks(
+    client, session, admin, make_token, dev, receiver
+):
+    await make_client(session, "acme")
+    await make_client(session, "globex")
+    theirs = (
+        await client.post(
+            "/v2/clients/globex/webhooks", json={"url": receiver.url(), "events": ["job.failed"]}, headers=admin
+        )
+    ).json()
+    platform = (
+        await client.post("/v2/webhooks", json={"url": receiver.url(), "events": ["job.failed"]}, headers=admin)
+    ).json()
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    csrf = await page_csrf(client, "/console/clients/acme/webhooks")
+    assert "/console/webhooks" not in (await client.get("/console/clients/acme/webhooks")).text  # no nav link
+    for path in (
+        "/console/clients/globex/webhooks",
+        f"/console/clients/globex/webhooks/{theirs['id']}",
+        "/console/webhooks",
+        f"/console/webhooks/{platform['id']}",
+    ):
+        assert (await client.get(path)).status_code == 403, path
+    for path in (
+        f"/console/clients/globex/webhooks/{theirs['id']}/delete",
+        f"/console/clients/globex/webhooks/{theirs['id']}/rotate",
+        f"/console/webhooks/{platform['id']}/delete",
+    ):
+        r = await client.post(path, data={"csrf_token": csrf, "confirm": "yes"})
+        assert r.status_code == 403, path
+    r = await client.post(
+        "/console/clients/globex/webhooks", data={"csrf_token": csrf, "url": receiver.url(), "events": "job.failed"}
+    )
+    assert r.status_code == 403
+    # a webhook of another scope addressed under one's own: the API's 404
+    assert (await client.get(f"/console/clients/acme/webhooks/{theirs['id']}")).status_code == 404
+    r = await client.post(f"/console/clients/acme/webhooks/{theirs['id']}/delete", data={"csrf_token": csrf})
+    assert r.status_code == 404
+    # a forged post (no token) to one's own tenant: 403
+    r = await client.post("/console/clients/acme/webhooks", data={"url": receiver.url(), "events": "job.failed"})
+    assert r.status_code == 403 and "CSRF" in r.text
+    assert await api(client, admin, "/v2/clients/acme/webhooks") == []
+    await api(client, admin, f"/v2/clients/globex/webhooks/{theirs['id']}")
+    await api(client, admin, f"/v2/webhooks/{platform['id']}")
+
+
+async def test_an_admin_manages_platform_webhooks(client, session, admin, make_token, dev, receiver):
+    await sign_in(client, make_token(admin=True, username="olivia"))
+    page = (await client.get("/console/clients")).text
+    assert '<a href="/console/webhooks">Webhooks</a>' in page
+    form = (await client.get("/console/webhooks", params={"new": "1"})).text
+    assert 'value="version.status_changed"' in form
+    csrf = csrf_of(form)
+    r = await client.post(
+        "/console/webhooks",
+        data={"csrf_token": csrf, "url": receiver.url("/p"), "events": ["version.status_changed", "job.failed"]},
+    )
+    assert r.status_code == 201
+    _secret_on(r.text)
+    (hook,) = await api(client, admin, "/v2/webhooks")
+    assert hook["client_id"] is None and hook["events"] == ["job.failed", "version.status_changed"]
+    row = await last_audit(session)
+    assert_console_row(row, "createplatformwebhook", "olivia")
+    assert readable.action_words(row) == f"Created a platform webhook to {receiver.url('/p')}"
+    url = f"/console/webhooks/{hook['id']}"
+    r = await client.post(url + "/delete", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == "/console/webhooks?done=deleted"
+    assert await api(client, admin, "/v2/webhooks") == []
+    assert_console_row(await last_audit(session), "deleteplatformwebhook", "olivia")
+
+
+async def test_a_suspended_clients_webhooks_are_readable_not_changeable(client, session, admin, make_token, dev):
+    await make_client(session, "acme", status="suspended")
+    await sign_in(client, make_token(admin=True))
+    page = (await client.get("/console/clients/acme/webhooks")).text
+    assert "New webhook" not in page and "is suspended" in page
+    r = await client.post(
+        "/console/clients/acme/webhooks",
+        data={"csrf_token": csrf_of(page), "url": "https://hooks.example.com/x", "events": "job.failed"},
+    )
+    assert r.status_code == 422 and "client acme is suspended" in r.text
