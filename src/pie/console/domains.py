@@ -690,7 +690,10 @@ async def delete_service(
                     facts=[
                         ("Unfinished jobs cancelled", _listed(summary.get("cancelled_jobs"), "job(s)")),
                         ("Service assignments archived", _listed(summary.get("archived_assignments"), "key(s)")),
-                        ("Replay subscriptions made stale", _listed(summary.get("stale_subscriptions"), "")),
+                        (
+                            "Replay subscriptions made stale",
+                            _listed(summary.get("stale_subscriptions"), "subscription(s)"),
+                        ),
                     ],
                     notes=[
                         "Its jobs and assignment history stay (jobs keep their service id); the audit log keeps "
