@@ -7,7 +7,7 @@ drawn from the spec's seven-feature example set, nearly all distinct: the domain
 
 * dry run: ``pie.tenancy.logic.dry_run_features`` (the real route logic:
   domain lock, client check, validation of the submitted definitions, the set-based check of
-  every non-departed service through ``pie.assignments.freeze.blocking_services``), with a
+  every non-departed service through ``pie.assignments.freeze.check_draft``), with a
   draft that adds a defaulted ``fare`` to the seven features (every service passes);
 * baseline: the freeze check itself, ``pie.assignments.freeze.check_domain`` against the same
   definitions on the same domain (what a ``default`` upsert to a version frozen with them runs).

@@ -457,5 +457,5 @@ async def test_the_domain_page_shows_the_governing_snapshot_not_the_draft(client
     assert r.status_code == 200
     await sign_in(client, make_token(admin=True))
     page = (await client.get("/console/clients/acme/domains/south_australia")).text
-    assert "a snapshot of the live features" in page and "Governing feature definitions (snapshot)" in page
+    assert "a snapshot of the live features" in page and "Contract in force (snapshot of the live features)" in page
     assert "Adelaide to Sydney" in page  # the snapshot's enum, not the draft's integer

@@ -5,6 +5,8 @@ API (``/v2``), as a user would."""
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import uuid
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 from factories import SEVEN_FEATURES, init_service, make_client, make_version, seven_features, tenant_setup
 from test_audit import audit_rows, table_counts
 from test_console import csrf_of, sign_in
+from test_webhooks import _delivered, delivering, dev, eventually, receiver, verified  # noqa: F401 (fixtures)
 
 from pie import metrics
 from pie.console import forms, readable
@@ -85,6 +88,8 @@ async def test_every_console_write_refuses_a_form_without_the_session_csrf_token
         "model_id": "pricing-model",
         "model_version": "1",
         "subscription_id": sub.json()["id"],
+        "job_id": str(uuid.uuid4()),
+        "webhook_id": str(uuid.uuid4()),
     }
     writes = _console_writes(app)
     assert len(writes) >= 16, writes  # every form of the console, the new ones included
@@ -331,8 +336,6 @@ async def test_the_features_editor_previews_the_impact_then_saves_exactly_that(c
         "features": re.search(r'name="features" value="([^"]*)"', r.text).group(1).replace("&#34;", '"'),
         "expected": re.search(r'name="expected" value="([0-9a-f]+)"', r.text).group(1),
     }
-    import html
-
     save["features"] = html.unescape(save["features"])
     r = await client.post(D + "/features/save", data=save)
     assert r.status_code == 303 and "done=features" in r.headers["location"]
@@ -682,7 +685,12 @@ def test_audit_actions_in_words():
         "Updated client acme: reactivated it, renamed it Acme Ltd"
     )
     assert words("initdomainservice", "sa/ferry-1", fields=["static_features"]) == "Initialised service ferry-1"
-    assert words("createwebhook", "hook-1") == "createwebhook"  # an operation without words yet: its id
+    assert words("createwebhook", "hook-1", url="https://hooks.example.com/pie") == (
+        "Created a webhook to https://hooks.example.com/pie"
+    )
+    assert words("updateplatformwebhook", "hook-1", status="disabled") == "Disabled a platform webhook"
+    assert words("rotatewebhooksecret", "hook-1") == "Rotated the secret of a webhook"
+    assert words("somefutureoperation", "x") == "somefutureoperation"  # an operation without words yet: its id
 
 
 async def test_the_features_preview_lists_at_most_200_blocking_values_and_says_how_many(
@@ -707,3 +715,596 @@ async def test_the_features_preview_lists_at_most_200_blocking_values_and_says_h
     assert r.status_code == 200 and "250 services would not resolve" in r.text and "of 250 non-departed" in r.text
     table = r.text.split('class="blocking', 1)[1].split("</table>", 1)[0]
     assert table.count("<tr><td") == 200 and "The first 200 of 250 failing values" in r.text
+
+
+# -- issue 17 in the console: the contract in force, the API's dry run, re-snapshotting default -----------
+
+
+async def test_the_features_preview_says_saving_does_not_change_the_contract_in_force(
+    client, session, admin, make_token
+):
+    """Since issue 17 the snapshot on the default revision governs: saving live features changes
+    nothing services run under until default is re-snapshotted (the preview said the live
+    features were the schema in force from the moment they were saved)."""
+    await tenant_setup(client, session, admin, client_id="acme")  # v1 has no frozen schema
+    await sign_in(client, make_token(admin=True))
+    csrf = await page_csrf(client, D + "/features")
+    rows = forms.rows_of(seven_features())
+    r = await client.post(D + "/features", data=_editor_form(csrf, rows))
+    assert r.status_code == 200
+    assert "from the moment they are saved" not in r.text
+    assert "Re-snapshot default" in r.text and "snapshot" in r.text
+
+
+async def test_the_domain_page_shows_the_contract_getdomaincontract_answers(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await make_client(session, "globex")
+    contract = await api(client, admin, "/v2/clients/acme/domains/south_australia/contract")
+    assert contract["source"] == "domain_snapshot"
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    page = (await client.get(D)).text
+    section = page.split('id="contract"', 1)[1].split("</table>", 1)[0]
+    assert "Contract in force (snapshot of the live features)" in section
+    assert [f["name"] for f in contract["features"]] == re.findall(
+        r'<th scope="row" data-label="Feature"><code>(\w+)', section
+    )
+    assert 'id="draft-differs"' not in page  # the live features are what was snapshotted
+    # a live edit: the contract stays (the API says so too), the page says the draft differs
+    draft = [*seven_features(), {"name": "fare", "json_schema": {"type": "number", "default": 99}, "mandatory": False}]
+    r = await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": draft}, headers=admin)
+    assert r.status_code == 200
+    assert await api(client, admin, "/v2/clients/acme/domains/south_australia/contract") == contract
+    page = (await client.get(D)).text
+    assert 'id="draft-differs"' in page and "fare" not in page.split('id="contract"', 1)[1].split("</table>", 1)[0]
+    assert "Re-snapshot default" in page
+    # no default: the API's 422 "no model assigned", the page says so
+    await client.post("/v2/clients/acme/domains", json={"domain_id": "empty", "name": "E"}, headers=admin)
+    await api(client, admin, "/v2/clients/acme/domains/empty/contract", expect=422)
+    page = (await client.get("/console/clients/acme/domains/empty")).text
+    assert "none: no model assigned" in page and 'id="contract"' not in page
+    assert (await client.get("/console/clients/globex/domains/south_australia")).status_code == 403
+
+
+async def test_the_features_preview_answers_what_the_apis_dry_run_answers(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await init_service(client, admin, "ferry-1", {"route": "Adelaide to Sydney", "on_demand": True}, client_id="acme")
+    await init_service(
+        client, admin, "ferry-2", {"route": "Sydney to Adelaide", "competitor_count": 5}, client_id="acme"
+    )
+    draft = seven_features()
+    draft[0]["json_schema"]["enum"] = ["Adelaide to Sydney"]
+    draft[1]["json_schema"]["maximum"] = 3
+    r = await client.put(
+        "/v2/clients/acme/domains/south_australia/features?dry_run=true", json={"features": draft}, headers=admin
+    )
+    assert r.status_code == 200
+    expected = r.json()["blocking_services"]
+    assert [(b["service_id"], b["feature"]) for b in expected] == [
+        ("ferry-2", "competitor_count"),
+        ("ferry-2", "route"),
+    ]
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    csrf = await page_csrf(client, D + "/features")
+    r = await client.post(D + "/features", data=_editor_form(csrf, forms.rows_of(draft)))
+    assert r.status_code == 200
+    table = r.text.split('class="blocking', 1)[1].split("</table>", 1)[0]
+    shown = re.findall(r'data-label="Service"><a [^>]*>([^<]+)</a></td><td data-label="Feature">([^<]+)</td>', table)
+    assert shown == [(b["service_id"], b["feature"]) for b in expected]
+    assert "1 service would not resolve" in r.text and "of 2 non-departed" in r.text
+    # the provided keys a draft no longer defines are named (when every service resolves)
+    without = [d for d in seven_features() if d["name"] != "on_demand"]
+    r = await client.post(D + "/features", data=_editor_form(csrf, forms.rows_of(without)))
+    assert "Every service resolves" in r.text
+    assert "no longer define (kept on the services, left out of resolution): on_demand" in r.text
+    # the dry run's own refusals: a suspended client (the API's 422), next to the rows
+    await client.patch("/v2/clients/acme", json={"status": "suspended"}, headers=admin)
+    r = await client.post(D + "/features", data=_editor_form(csrf, forms.rows_of(draft)))
+    assert r.status_code == 422 and "client acme is suspended" in r.text and 'id="features-error"' in r.text
+
+
+async def test_re_snapshotting_default_previews_the_dry_run_then_takes_a_new_snapshot(
+    client, session, admin, make_token
+):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await make_client(session, "globex")
+    await init_service(client, admin, "ferry-1", {"route": "Adelaide to Sydney"}, client_id="acme")
+    before_contract = await api(client, admin, "/v2/clients/acme/domains/south_australia/contract")
+    draft = [*seven_features(), {"name": "fare", "json_schema": {"type": "number", "default": 99}, "mandatory": False}]
+    r = await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": draft}, headers=admin)
+    assert r.status_code == 200
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    page = (await client.get(D)).text
+    csrf = csrf_of(page)
+    preview_url = D + "/assignments/default/resnapshot/preview"
+    assert f'action="{preview_url}"' in page
+    before = await table_counts(session)
+    r = await client.post(preview_url, data={"csrf_token": csrf})
+    assert r.status_code == 200 and "The dry run passed" in r.text
+    assert "1 service checked" in r.text and "1 service would have their resolved features re-resolved" in r.text
+    changes = r.text.split('class="changes', 1)[1].split("</table>", 1)[0]
+    assert re.search(r"fare</code></th>\s*<td[^>]*>added", changes)
+    assert await table_counts(session) == before  # the dry run wrote nothing
+    confirm = {
+        "csrf_token": csrf,
+        "expected": re.search(r'name="expected" value="([^"]+)"', r.text).group(1),
+        "features": re.search(r'name="features" value="([0-9a-f]+)"', r.text).group(1),
+    }
+    # the move form refuses the no-op move and points here
+    r2 = await client.post(
+        D + "/assignments/default/move/preview",
+        data={"csrf_token": csrf, "model_id": "pricing-model", "model_version": "1"},
+    )
+    assert r2.status_code == 422 and "use Re-snapshot default" in r2.text
+
+    r = await client.post(D + "/assignments/default/resnapshot", data=confirm)
+    assert r.status_code == 303 and r.headers["location"].endswith("?done=resnapshot#contract")
+    contract = await api(client, admin, "/v2/clients/acme/domains/south_australia/contract")
+    assert contract["features"] == draft and contract["model_version"] == "1"
+    assert contract["assignment_id"] != before_contract["assignment_id"]
+    service = await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1")
+    assert service["resolved_features"]["fare"] == 99
+    row = await last_audit(session)
+    assert_console_row(row, "putdomainmodelassignment", "alice")
+    assert row.target_id == "south_australia/default" and row.summary["model_version"] == "1"
+    # the same confirmation again: default moved since the preview, nothing written (409)
+    r = await client.post(D + "/assignments/default/resnapshot", data=confirm)
+    assert r.status_code == 409 and "changed since the preview" in r.text
+    assert (await api(client, admin, "/v2/clients/acme/domains/south_australia/contract")) == contract
+
+    # a draft a service does not fit: the dry run names it, the write is refused too
+    bad = seven_features()
+    bad[0]["json_schema"]["enum"] = ["Sydney to Adelaide"]
+    await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": bad}, headers=admin)
+    r = await client.post(preview_url, data={"csrf_token": csrf})
+    assert r.status_code == 422 and "Blocked." in r.text
+    assert "ferry-1" in r.text.split('class="blocking', 1)[1].split("</table>", 1)[0]
+    assert "Confirm: re-snapshot default" not in r.text
+    fresh = re.search(r'name="features" value', r.text) is None
+    assert fresh
+    # a live edit between the preview and the confirmation: 409, nothing written
+    r = await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": draft}, headers=admin)
+    r = await client.post(preview_url, data={"csrf_token": csrf})
+    assert r.status_code == 200
+    stale = {
+        "csrf_token": csrf,
+        "expected": re.search(r'name="expected" value="([^"]+)"', r.text).group(1),
+        "features": re.search(r'name="features" value="([0-9a-f]+)"', r.text).group(1),
+    }
+    await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": bad}, headers=admin)
+    r = await client.post(D + "/assignments/default/resnapshot", data=stale)
+    assert r.status_code == 409
+    assert (await api(client, admin, "/v2/clients/acme/domains/south_australia/contract")) == contract
+    # another tenant's domain: 403; without the token: 403
+    other = "/console/clients/globex/domains/south_australia/assignments/default/resnapshot"
+    assert (await client.post(other + "/preview", data={"csrf_token": csrf})).status_code == 403
+    assert (
+        await client.post(D + "/assignments/default/resnapshot", data={**stale, "csrf_token": ""})
+    ).status_code == 403
+
+
+# -- issue 19 in the console: archive/restore a version, cancel/retry a job, re-initialise/delete a service ---
+
+
+async def test_archiving_an_assigned_version_shows_the_409s_assignments_then_archive_and_restore(
+    client, session, admin, make_token
+):
+    await tenant_setup(client, session, admin, client_id="acme")  # acme's default -> pricing-model v1
+    await make_version(session, "pricing-model", "2")
+    await init_service(client, admin, "ferry-1", ROUTE, client_id="acme")
+    await client.put(
+        "/v2/clients/acme/domains/south_australia/service/ferry-1/assignments/forecast",
+        json={"model_id": "pricing-model", "model_version": "1"},
+        headers=admin,
+    )
+    await sign_in(client, make_token(admin=True, username="olivia"))
+    url = "/console/models/pricing-model/versions/1"
+    page = (await client.get(url)).text
+    assert re.findall(r'name="status" value="(\w+)">\s*<button type="submit"[^>]*>([\w ]+)<', page) == [
+        ("archived", "Archive")
+    ]
+    csrf = csrf_of(page)
+    before = await table_counts(session)
+    r = await client.post(url + "/status", data={"csrf_token": csrf, "status": "archived"})
+    assert r.status_code == 409 and "cannot be archived: 2 active assignment(s) point at it" in r.text
+    table = r.text.split('class="in-use', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr><td", table)
+    assert len(rows) == 2
+    assert 'href="/console/clients/acme/domains/south_australia/assignments/default"' in table
+    assert 'href="/console/clients/acme/domains/south_australia/services/ferry-1/assignments/forecast"' in table
+    assert await table_counts(session) == before
+    assert (await api(client, admin, "/v2/models/pricing-model/versions/1"))["status"] == "active"
+
+    # once nothing points at it: a confirmation, then the archive
+    await client.put(
+        "/v2/clients/acme/domains/south_australia/assignments/default",
+        json={"model_id": "pricing-model", "model_version": "2"},
+        headers=admin,
+    )
+    await client.put(
+        "/v2/clients/acme/domains/south_australia/service/ferry-1/assignments/forecast",
+        json={"model_id": "pricing-model", "model_version": "1", "status": "archived"},
+        headers=admin,
+    )
+    r = await client.post(url + "/status", data={"csrf_token": csrf, "status": "archived"})
+    assert r.status_code == 200 and "Archive v1" in r.text and "takes no new job and no new assignment" in r.text
+    assert (await api(client, admin, "/v2/models/pricing-model/versions/1"))["status"] == "active"
+    r = await client.post(url + "/status", data={"csrf_token": csrf, "status": "archived", "confirm": "yes"})
+    assert r.status_code == 200 and "Status changed from active to archived" in r.text
+    assert (await api(client, admin, "/v2/models/pricing-model/versions/1"))["status"] == "archived"
+    row = await last_audit(session)
+    assert_console_row(row, "setmodelversionstatus", "olivia")
+    assert readable.action_words(row) == "Set version 1 of pricing-model from active to archived"
+    assert re.findall(r'name="status" value="(\w+)">\s*<button type="submit"[^>]*>([\w ]+)<', r.text) == [
+        ("active", "Restore")
+    ]
+    r = await client.post(url + "/status", data={"csrf_token": csrf, "status": "active"})
+    assert r.status_code == 200 and "Restore v1" in r.text and "active again" in r.text
+    r = await client.post(url + "/status", data={"csrf_token": csrf, "status": "active", "confirm": "yes"})
+    assert r.status_code == 200 and "Status changed from archived to active" in r.text
+    assert (await api(client, admin, "/v2/models/pricing-model/versions/1"))["status"] == "active"
+
+
+async def test_a_tenant_neither_archives_nor_restores_versions(client, session, admin, make_token):
+    await make_version(session, "fares", "1", status="archived")
+    await make_client(session, "acme")
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    page = (await client.get("/console/models/fares/versions/1")).text
+    assert "Restore" not in page and "Archive" not in page
+    r = await client.post(
+        "/console/models/fares/versions/1/status",
+        data={"csrf_token": csrf_of(page), "status": "active", "confirm": "yes"},
+    )
+    assert r.status_code == 403
+    assert (await api(client, admin, "/v2/models/fares/versions/1"))["status"] == "archived"
+
+
+async def _launched(client, headers, key: str = "default", service: str | None = None) -> str:
+    base = "/v2/clients/acme/domains/south_australia" + (f"/service/{service}" if service else "")
+    r = await client.post(f"{base}/assignments/{key}/jobs", json={"input": ROUTE}, headers=headers)
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+async def test_a_tenant_cancels_then_retries_its_job_from_the_job_page(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await make_client(session, "globex")
+    job_id = await _launched(client, admin)  # no dispatcher here: the job stays pending
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    url = f"/console/jobs/{job_id}"
+    page = (await client.get(url)).text
+    assert "Cancel job" in page and ">Retry<" not in page
+    csrf = csrf_of(page)
+    before = await table_counts(session)
+    r = await client.post(url + "/cancel", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Cancel job" in r.text and "Yes, cancel the job" in r.text
+    assert "cancelled by alice before it was dispatched" in r.text and "Back to the job" in r.text
+    assert await table_counts(session) == before  # the rehearsal left nothing
+    assert (await api(client, admin, f"/v2/jobs/{job_id}"))["status"] == "pending"
+    r = await client.post(url + "/cancel", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == f"{url}?done=cancelled"
+    job = await api(client, admin, f"/v2/jobs/{job_id}")
+    assert job["status"] == "failure" and job["error"]["code"] == "cancelled"
+    assert job["error"]["cancelled_by"]["username"] == "alice"
+    row = await last_audit(session)
+    assert_console_row(row, "canceljob", "alice")
+    assert row.target_id == job_id and row.client_id == "acme"
+    page = (await client.get(f"{url}?done=cancelled")).text
+    assert "Job cancelled." in page and "Cancel job" not in page and ">Retry<" in page
+    # cancelling again: the API's 409, on the page
+    r = await client.post(url + "/cancel", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 409 and "has already ended with status failure (cancelled)" in r.text
+
+    r = await client.post(url + "/retry", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Retry job" in r.text and "resolved again now" in r.text
+    assert len(await api(client, admin, "/v2/jobs")) == 1
+    r = await client.post(url + "/retry", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"].endswith("?done=retried")
+    new_id = r.headers["location"].split("/console/jobs/", 1)[1].split("?", 1)[0]
+    retried = await api(client, admin, f"/v2/jobs/{new_id}")
+    assert retried["retry_of"] == job_id and retried["status"] == "pending" and retried["input"] == ROUTE
+    assert_console_row(await last_audit(session), "retryjob", "alice")
+    page = (await client.get(r.headers["location"])).text
+    assert "Retry launched" in page and f'href="/console/jobs/{job_id}"' in page
+
+
+async def test_job_buttons_only_for_callers_who_may_launch_the_job(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await make_client(session, "globex")
+    job_id = await _launched(client, admin)
+    # a reader of acme's jobs without run_inference: sees the job, no button, a post is 403
+    await sign_in(client, make_token(scopes=["read_models"], client_id="acme"))
+    page = (await client.get(f"/console/jobs/{job_id}")).text
+    assert "Cancel job" not in page and ">Retry<" not in page
+    csrf = csrf_of(page)
+    for action in ("cancel", "retry"):
+        r = await client.post(f"/console/jobs/{job_id}/{action}", data={"csrf_token": csrf, "confirm": "yes"})
+        assert r.status_code == 403 and "missing permission run_inference" in r.text
+    # another tenant: the job is not theirs (403), nothing cancelled
+    await sign_in(client, make_token(groups=["client:globex"], username="gus"))
+    csrf = await page_csrf(client, "/console/clients/globex")
+    assert (await client.get(f"/console/jobs/{job_id}")).status_code == 403
+    r = await client.post(f"/console/jobs/{job_id}/cancel", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 403 and "no access to client acme" in r.text
+    assert (await api(client, admin, f"/v2/jobs/{job_id}"))["status"] == "pending"
+    # an admin may: the button is there
+    await sign_in(client, make_token(admin=True))
+    assert "Cancel job" in (await client.get(f"/console/jobs/{job_id}")).text
+
+
+async def test_the_live_fragment_swaps_in_retry_once_the_job_ends(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    job_id = await _launched(client, admin)
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    live = (await client.get(f"/console/jobs/{job_id}/live")).text
+    assert "hx-get" in live and 'id="job-actions"' not in live  # running: the buttons stay as they are
+    await client.post(f"/v2/jobs/{job_id}/cancel", headers=admin)
+    live = (await client.get(f"/console/jobs/{job_id}/live")).text
+    actions = live.split('id="job-actions" hx-swap-oob="true"', 1)[1]
+    assert ">Retry<" in actions and "Cancel job" not in actions
+
+
+async def test_a_tenant_re_initialises_and_deletes_a_service_after_confirmations(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await make_client(session, "globex")
+    await init_service(client, admin, "ferry-1", ROUTE, client_id="acme")
+    await client.put(
+        "/v2/clients/acme/domains/south_australia/service/ferry-1/assignments/forecast",
+        json={"model_id": "pricing-model", "model_version": "1"},
+        headers=admin,
+    )
+    (first,) = await api(client, admin, "/v2/jobs?service_id=ferry-1")
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    url = D + "/services/ferry-1"
+    page = (await client.get(url)).text
+    assert ">Re-initialise<" in page and ">Delete<" in page
+    csrf = csrf_of(page)
+    before = await table_counts(session)
+    r = await client.post(url + "/reinit", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Re-initialise ferry-1" in r.text and "pricing-model v1" in r.text
+    assert await table_counts(session) == before
+    r = await client.post(url + "/reinit", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == url + "?done=reinitialised"
+    jobs = await api(client, admin, "/v2/jobs?service_id=ferry-1")
+    assert len(jobs) == 2 and {j["service_id"] for j in jobs} == {"ferry-1"}
+    service = await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1")
+    assert service["status"] == "initializing"
+    assert_console_row(await last_audit(session), "reinitdomainservice", "alice")
+
+    # delete: the confirmation says what it would do now (both init jobs are unfinished)
+    before = await table_counts(session)
+    r = await client.post(url + "/delete", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Delete service ferry-1" in r.text
+    assert "2 job(s)" in r.text and first["job_id"] in r.text and "1 key(s) (forecast)" in r.text
+    assert await table_counts(session) == before
+    await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1")
+    r = await client.post(url + "/delete", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == D + "?done=deleted"
+    await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1", expect=404)
+    jobs = await api(client, admin, "/v2/jobs?service_id=ferry-1")
+    assert {(j["status"], j["error"]["code"]) for j in jobs} == {("failure", "cancelled")}
+    row = await last_audit(session)
+    assert_console_row(row, "deletedomainservice", "alice")
+    assert row.summary["archived_assignments"] == ["forecast"]
+    assert readable.action_words(row) == "Deleted service ferry-1"
+    assert "Service deleted" in (await client.get(D + "?done=deleted")).text
+    # gone: its page is a 404, and so are its forms
+    assert (await client.post(url + "/delete", data={"csrf_token": csrf})).status_code == 404
+    # another tenant's service forms: 403
+    for action in ("reinit", "delete"):
+        other = f"/console/clients/globex/domains/south_australia/services/ferry-1/{action}"
+        assert (await client.post(other, data={"csrf_token": csrf, "confirm": "yes"})).status_code == 403
+
+
+async def test_a_departed_service_offers_neither_re_init_nor_delete(client, session, admin, make_token):
+    await tenant_setup(client, session, admin, client_id="acme")
+    await init_service(client, admin, "ferry-1", ROUTE, client_id="acme", departure_datetime="2020-01-01T00:00:00Z")
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    page = (await client.get(D + "/services/ferry-1")).text
+    assert ">Re-initialise<" not in page and "kept as history" in page
+    r = await client.post(D + "/services/ferry-1/delete", data={"csrf_token": csrf_of(page)})
+    assert r.status_code == 422 and "departed services are kept as history" in r.text
+    await api(client, admin, "/v2/clients/acme/domains/south_australia/service/ferry-1")
+
+
+# -- issue 22 in the console: a tenant's webhook endpoints, platform webhooks for administrators ---------------
+
+
+def _secret_on(page: str) -> str:
+    found = re.search(r'id="webhook-secret" class="secret-value" readonly value="(whsec_[^"]+)"', page)
+    assert found, "no secret on the page"
+    return html.unescape(found.group(1))
+
+
+async def test_a_tenant_manages_a_webhook_end_to_end_and_its_secret_is_shown_once(
+    client, session, admin, make_token, dev, receiver
+):
+    await make_client(session, "acme")
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    base = "/console/clients/acme/webhooks"
+    listing = (await client.get(base)).text
+    assert f'href="{base}?new=1#new-webhook">New webhook</a>' in listing
+    form = (await client.get(base, params={"new": "1"})).text
+    assert 'value="job.succeeded" checked' in form and "version.status_changed" not in form  # platform only
+    csrf = csrf_of(form)
+    # the API's refusals on the form, what was typed kept
+    r = await client.post(base, data={"csrf_token": csrf, "url": "ftp://x", "events": "job.failed"})
+    assert r.status_code == 422 and "invalid webhook url" in r.text and 'value="ftp://x"' in r.text
+    assert 'value="job.failed" checked' in r.text and 'value="job.succeeded" checked' not in r.text
+    r = await client.post(base, data={"csrf_token": csrf, "url": receiver.url("/a")})
+    assert r.status_code == 400 and "events" in r.text
+    assert await api(client, admin, "/v2/clients/acme/webhooks") == []
+
+    r = await client.post(
+        base,
+        data={
+            "csrf_token": csrf,
+            "url": receiver.url("/a"),
+            "events": ["job.succeeded", "service.failed"],
+            "description": "pricing bus",
+        },
+    )
+    assert r.status_code == 201 and "shown only now" in r.text
+    secret = _secret_on(r.text)
+    (hook,) = await api(client, admin, "/v2/clients/acme/webhooks")
+    assert (hook["url"], hook["events"], hook["description"], hook["status"]) == (
+        receiver.url("/a"),
+        ["job.succeeded", "service.failed"],
+        "pricing bus",
+        "active",
+    )
+    row = await last_audit(session)
+    assert_console_row(row, "createwebhook", "alice")
+    assert row.target_id == hook["id"] and row.client_id == "acme" and secret not in json.dumps(row.summary)
+    page_url = f"{base}/{hook['id']}"
+    page = (await client.get(page_url)).text
+    assert secret not in page and 'id="webhook-secret"' not in page  # shown once, never again
+    assert secret not in (await client.get(base)).text
+
+    # a test ping, delivered to a real receiver and verified with the secret the page showed
+    r = await client.post(page_url + "/test", data={"csrf_token": csrf})
+    assert r.status_code == 303 and r.headers["location"] == page_url + "?done=ping#deliveries"
+    assert_console_row(await last_audit(session), "testwebhook", "alice")
+    async with delivering(dev):
+        await eventually(lambda: len(receiver.on("/a")) >= 1)
+        await eventually(lambda: _delivered(client, admin, hook["id"], "acme"))
+    (ping,) = receiver.on("/a")
+    assert verified(secret, ping)["type"] == "ping"
+    page = (await client.get(page_url)).text
+    log = page.split('id="deliveries"', 1)[1]
+    assert ping.headers["webhook-id"] in log and "delivered" in log and ">200<" in log
+
+    # edit: a confirmation listing the changes, then the update
+    edit = {"csrf_token": csrf, "url": receiver.url("/b"), "events": ["job.failed"], "description": "pricing bus"}
+    r = await client.post(page_url, data=edit)
+    assert r.status_code == 200 and "Update webhook" in r.text
+    changes = r.text.split('class="changes', 1)[1].split("</table>", 1)[0]
+    assert receiver.url("/b") in changes and "job.succeeded, service.failed" in changes and "Description" not in changes
+    assert (await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}"))["url"] == receiver.url("/a")
+    r = await client.post(page_url, data={**edit, "confirm": "yes"})
+    assert r.status_code == 303
+    got = await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}")
+    assert (got["url"], got["events"]) == (receiver.url("/b"), ["job.failed"])
+    assert readable.action_words(await last_audit(session)) == "Updated a webhook"
+    r = await client.post(page_url, data={**edit, "confirm": "yes"})
+    assert r.status_code == 400 and "nothing to update" in r.text
+
+    # disable (asked first), a test of a disabled webhook is the API's 422, enable again
+    r = await client.post(page_url + "/status", data={"csrf_token": csrf, "status": "disabled"})
+    assert r.status_code == 200 and "Disable webhook" in r.text
+    r = await client.post(page_url + "/status", data={"csrf_token": csrf, "status": "disabled", "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"].endswith("?done=disabled")
+    assert (await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}"))["status"] == "disabled"
+    assert readable.action_words(await last_audit(session)) == "Disabled a webhook"
+    r = await client.post(page_url + "/test", data={"csrf_token": csrf})
+    assert r.status_code == 422 and "is disabled" in r.text
+    r = await client.post(page_url + "/status", data={"csrf_token": csrf, "status": "active", "confirm": "yes"})
+    assert r.status_code == 303
+    assert (await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}"))["status"] == "active"
+
+    # rotate (asked first): the new secret shown once; a ping carries both signatures
+    r = await client.post(page_url + "/rotate", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Rotate secret" in r.text and 'id="webhook-secret"' not in r.text
+    r = await client.post(page_url + "/rotate", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 200 and "Secret rotated" in r.text
+    rotated = _secret_on(r.text)
+    assert rotated != secret
+    assert_console_row(await last_audit(session), "rotatewebhooksecret", "alice")
+    assert rotated not in (await client.get(page_url)).text
+    await client.post(page_url + "/test", data={"csrf_token": csrf})
+    async with delivering(dev):
+        await eventually(lambda: len(receiver.on("/b")) >= 1)
+    (ping,) = receiver.on("/b")
+    assert verified(rotated, ping)["type"] == "ping" and verified(secret, ping)["type"] == "ping"
+
+    # delete (asked first)
+    r = await client.post(page_url + "/delete", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "Delete webhook" in r.text
+    await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}")
+    r = await client.post(page_url + "/delete", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == base + "?done=deleted"
+    await api(client, admin, f"/v2/clients/acme/webhooks/{hook['id']}", expect=404)
+    assert_console_row(await last_audit(session), "deletewebhook", "alice")
+    assert (await client.get(page_url)).status_code == 404
+
+
+async def test_a_tenant_cannot_reach_another_tenants_or_the_platforms_webhooks(
+    client, session, admin, make_token, dev, receiver
+):
+    await make_client(session, "acme")
+    await make_client(session, "globex")
+    theirs = (
+        await client.post(
+            "/v2/clients/globex/webhooks", json={"url": receiver.url(), "events": ["job.failed"]}, headers=admin
+        )
+    ).json()
+    platform = (
+        await client.post("/v2/webhooks", json={"url": receiver.url(), "events": ["job.failed"]}, headers=admin)
+    ).json()
+    await sign_in(client, make_token(groups=["client:acme"], username="alice"))
+    csrf = await page_csrf(client, "/console/clients/acme/webhooks")
+    assert "/console/webhooks" not in (await client.get("/console/clients/acme/webhooks")).text  # no nav link
+    for path in (
+        "/console/clients/globex/webhooks",
+        f"/console/clients/globex/webhooks/{theirs['id']}",
+        "/console/webhooks",
+        f"/console/webhooks/{platform['id']}",
+    ):
+        assert (await client.get(path)).status_code == 403, path
+    for path in (
+        f"/console/clients/globex/webhooks/{theirs['id']}/delete",
+        f"/console/clients/globex/webhooks/{theirs['id']}/rotate",
+        f"/console/webhooks/{platform['id']}/delete",
+    ):
+        r = await client.post(path, data={"csrf_token": csrf, "confirm": "yes"})
+        assert r.status_code == 403, path
+    r = await client.post(
+        "/console/clients/globex/webhooks", data={"csrf_token": csrf, "url": receiver.url(), "events": "job.failed"}
+    )
+    assert r.status_code == 403
+    # a webhook of another scope addressed under one's own: the API's 404
+    assert (await client.get(f"/console/clients/acme/webhooks/{theirs['id']}")).status_code == 404
+    r = await client.post(f"/console/clients/acme/webhooks/{theirs['id']}/delete", data={"csrf_token": csrf})
+    assert r.status_code == 404
+    # a forged post (no token) to one's own tenant: 403
+    r = await client.post("/console/clients/acme/webhooks", data={"url": receiver.url(), "events": "job.failed"})
+    assert r.status_code == 403 and "CSRF" in r.text
+    assert await api(client, admin, "/v2/clients/acme/webhooks") == []
+    await api(client, admin, f"/v2/clients/globex/webhooks/{theirs['id']}")
+    await api(client, admin, f"/v2/webhooks/{platform['id']}")
+
+
+async def test_an_admin_manages_platform_webhooks(client, session, admin, make_token, dev, receiver):
+    await sign_in(client, make_token(admin=True, username="olivia"))
+    page = (await client.get("/console/clients")).text
+    assert '<a href="/console/webhooks">Webhooks</a>' in page
+    form = (await client.get("/console/webhooks", params={"new": "1"})).text
+    assert 'value="version.status_changed"' in form
+    csrf = csrf_of(form)
+    r = await client.post(
+        "/console/webhooks",
+        data={"csrf_token": csrf, "url": receiver.url("/p"), "events": ["version.status_changed", "job.failed"]},
+    )
+    assert r.status_code == 201
+    _secret_on(r.text)
+    (hook,) = await api(client, admin, "/v2/webhooks")
+    assert hook["client_id"] is None and hook["events"] == ["job.failed", "version.status_changed"]
+    row = await last_audit(session)
+    assert_console_row(row, "createplatformwebhook", "olivia")
+    assert readable.action_words(row) == f"Created a platform webhook to {receiver.url('/p')}"
+    url = f"/console/webhooks/{hook['id']}"
+    r = await client.post(url + "/delete", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == "/console/webhooks?done=deleted"
+    assert await api(client, admin, "/v2/webhooks") == []
+    assert_console_row(await last_audit(session), "deleteplatformwebhook", "olivia")
+
+
+async def test_a_suspended_clients_webhooks_are_readable_not_changeable(client, session, admin, make_token, dev):
+    await make_client(session, "acme", status="suspended")
+    await sign_in(client, make_token(admin=True))
+    page = (await client.get("/console/clients/acme/webhooks")).text
+    assert "New webhook" not in page and "is suspended" in page
+    r = await client.post(
+        "/console/clients/acme/webhooks",
+        data={"csrf_token": csrf_of(page), "url": "https://hooks.example.com/x", "events": "job.failed"},
+    )
+    assert r.status_code == 422 and "client acme is suspended" in r.text

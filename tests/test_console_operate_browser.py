@@ -7,13 +7,18 @@ Set PIE_TEST_CONSOLE_SCREENSHOTS=<dir> to also save screenshots of the new pages
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import scratch_pie_server
-from test_console_browser import CHROMIUM_ARGS, _shoot, _sign_in, async_api, expect
+from standardwebhooks import Webhook as StandardWebhook
+from test_console_browser import CHROMIUM_ARGS, LAMBDA_ARN, _AcceptingLambda, _shoot, _sign_in, async_api, expect
+from webhook_receiver import Receiver
 
 from pie.console.readable import describe_schema
 
@@ -38,8 +43,23 @@ async def _shoot_screen(page, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def server():
-    with scratch_pie_server(PIE_RUN_DISPATCHER="true", PIE_DISPATCH_POLL_INTERVAL="0.2") as running:
-        yield running
+    """``pie serve`` with its dispatcher; Lambda is a stub that accepts every invocation (a job on
+    it stays ``started``: nothing reports its end); webhooks may target the test's receiver on
+    loopback over http (the development switches)."""
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _AcceptingLambda)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        with scratch_pie_server(
+            PIE_RUN_DISPATCHER="true",
+            PIE_DISPATCH_POLL_INTERVAL="0.2",
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{stub.server_port}",
+            PIE_WEBHOOKS_ALLOW_HTTP="true",
+            PIE_WEBHOOKS_ALLOW_PRIVATE="true",
+        ) as running:
+            yield running
+    finally:
+        stub.shutdown()
+        stub.server_close()
 
 
 class Api:
@@ -81,6 +101,12 @@ def world(server):
         {"service_id": "ferry-1", "static_features": {"route": "Sydney to Adelaide"}},
         202,
     )
+    # a model whose inference runs on the stub Lambda: its jobs stay started until cancelled
+    slow = {"training": handlers["training"], "inference": {"type": "lambda", "arn": LAMBDA_ARN}}
+    api.call("POST", "/v2/models", {"id": "slow", "name": "Slow", "description": "", "handlers": slow}, 201)
+    api.call("POST", "/v2/models/slow/new_version", {}, 201)
+    api.call("POST", "/v2/models/slow/versions/1/new_status", {"status": "active"})
+    api.call("PUT", f"{d}/south_australia/assignments/forecast", {"model_id": "slow", "model_version": "1"})
     return server, api
 
 
@@ -352,5 +378,200 @@ async def test_tables_are_readable_at_400_px_and_redoc_stays_offline(browser, wo
             for icon in icons:
                 answer = await context.request.get(icon)
                 assert answer.status == 200 and answer.headers["content-type"].startswith("image/"), icon
+    finally:
+        await context.close()
+
+
+# -- the operations of issues 17, 19 and 22 ----------------------------------------------------------------
+
+SA = "/v2/clients/acme/domains/south_australia"
+
+
+async def test_a_tenant_re_snapshots_default_cancels_and_retries_a_job_and_re_initialises_and_deletes_a_service(
+    browser, world
+):
+    server, api = world
+    fare = {"name": "fare", "json_schema": {"type": "number", "minimum": 0, "default": 120}, "mandatory": False}
+    api.call("PUT", f"{SA}/features", {"features": [*FEATURES, fare]})  # a draft, not yet in force
+    context, page = await _sign_in(browser, server, server.token(groups=["client:acme"], username="alice"))
+    try:
+        # the contract in force (getdomaincontract), then re-snapshot default after a dry run
+        await page.goto("/console/clients/acme/domains/south_australia")
+        await expect(page.locator("#draft-differs")).to_be_visible()
+        contract = page.locator("table", has=page.get_by_text("Contract in force (snapshot of the live features)"))
+        await expect(contract).not_to_contain_text("fare")
+        await _shoot(page, "domain-contract")
+        await page.get_by_role("button", name="Re-snapshot default").click()
+        await expect(page.locator("#resnapshot-result")).to_contain_text("The dry run passed")
+        await expect(page.locator("table.changes")).to_contain_text("added")
+        assert "fare" not in [f["name"] for f in api.get(f"{SA}/contract")["features"]]  # nothing written yet
+        await _shoot(page, "resnapshot-preview")
+        await page.get_by_role("button", name="Confirm: re-snapshot default").click()
+        await expect(page.get_by_role("status")).to_contain_text("Default re-snapshotted")
+        assert api.get(f"{SA}/contract")["features"][-1] == fare
+        assert api.get(f"{SA}/service/ferry-1")["resolved_features"]["fare"] == 120
+
+        # a job that stays started (the stub Lambda accepted it): cancel it, then retry it
+        job_id = api.call("POST", f"{SA}/assignments/forecast/jobs", {"input": {"x": 1}}, 202)["job_id"]
+        await page.goto(f"/console/jobs/{job_id}")
+        await expect(page.locator("#job-status")).to_have_text("started", timeout=20_000)
+        await expect(page.get_by_role("button", name="Retry")).to_have_count(0)
+        await _shoot(page, "job-actions")
+        await page.get_by_role("button", name="Cancel job").click()
+        await expect(page.get_by_role("heading", name=f"Cancel job {job_id[-12:]}")).to_be_visible()
+        assert api.get(f"/v2/jobs/{job_id}")["status"] == "started"  # asked first
+        await _shoot(page, "job-cancel-confirm")
+        await page.get_by_role("button", name="Yes, cancel the job").click()
+        await expect(page.get_by_role("status")).to_contain_text("Job cancelled")
+        job = api.get(f"/v2/jobs/{job_id}")
+        assert job["status"] == "failure" and job["error"]["code"] == "cancelled"
+        await page.get_by_role("button", name="Retry").click()
+        await page.get_by_role("button", name="Retry the job").click()
+        await expect(page.get_by_role("status")).to_contain_text("Retry launched")
+        retried = api.get("/v2/jobs/" + page.url.split("/console/jobs/", 1)[1].split("?", 1)[0])
+        assert retried["retry_of"] == job_id and retried["status"] in ("pending", "started")
+        await expect(page.get_by_role("button", name="Cancel job")).to_be_visible()
+        api.call("POST", f"/v2/jobs/{retried['job_id']}/cancel")
+
+        # re-initialise, then delete, a service (each after a confirmation)
+        api.call(
+            "POST",
+            f"{SA}/service/init",
+            {"service_id": "ferry-9", "static_features": {"route": "Sydney to Adelaide"}},
+            202,
+        )
+        await page.goto("/console/clients/acme/domains/south_australia/services/ferry-9")
+        await page.get_by_role("button", name="Re-initialise").click()
+        await expect(page.get_by_role("heading", name="Re-initialise service ferry-9")).to_be_visible()
+        await page.get_by_role("button", name="Re-initialise ferry-9").click()
+        await expect(page.get_by_role("status")).to_contain_text("Service re-initialised")
+        assert len(api.get("/v2/jobs?service_id=ferry-9")) == 2
+        await _shoot(page, "service-actions")
+        await page.get_by_role("button", name="Delete", exact=True).click()
+        await expect(page.get_by_role("heading", name="Delete service ferry-9")).to_be_visible()
+        await _shoot(page, "service-delete-confirm")
+        await page.get_by_role("button", name="Delete ferry-9").click()
+        await expect(page.get_by_role("status")).to_contain_text("Service deleted")
+        api.get(f"{SA}/service/ferry-9", expect=404)
+        assert api.get(f"{SA}/service/ferry-1")["status"] in ("available", "initializing")  # the others stay
+    finally:
+        await context.close()
+
+
+async def test_a_tenant_manages_a_webhook_whose_secret_verifies_the_ping_it_receives(browser, world):
+    server, api = world
+    context, page = await _sign_in(browser, server, server.token(groups=["client:acme"], username="alice"))
+    try:
+        with Receiver() as receiver:
+            await page.goto("/console/clients/acme")
+            await page.get_by_role("link", name="Webhooks").last.click()
+            await page.get_by_role("link", name="New webhook").click()
+            await page.get_by_label("Endpoint URL").fill(receiver.url("/pie"))
+            await page.get_by_label("job.failed").uncheck()
+            await page.get_by_label("Description").fill("pricing bus")
+            await _shoot(page, "webhook-new")
+            await page.get_by_role("button", name="Create webhook").click()
+            await expect(page.locator("#secret-once")).to_contain_text("shown only now")
+            secret = await page.get_by_label("Signing secret").input_value()
+            assert secret.startswith("whsec_")
+            (hook,) = api.get("/v2/clients/acme/webhooks")
+            assert (hook["url"], hook["events"], hook["description"]) == (
+                receiver.url("/pie"),
+                ["job.succeeded"],
+                "pricing bus",
+            )
+            await _shoot(page, "webhook-created")
+
+            await page.get_by_role("button", name="Send test ping").click()
+            await expect(page.get_by_role("status")).to_contain_text("Test ping queued")
+            for _ in range(300):  # the delivery loop beside the server's dispatcher sends it
+                if receiver.on("/pie"):
+                    break
+                await asyncio.sleep(0.1)
+            (ping,) = receiver.on("/pie")
+            # the secret the page showed once verifies PIE's signature (the standardwebhooks package)
+            assert StandardWebhook(secret).verify(ping.body, ping.headers)["type"] == "ping"
+            for _ in range(50):
+                await page.reload()
+                if "delivered" in await page.locator("table.deliveries").inner_text():
+                    break
+                await asyncio.sleep(0.2)
+            await expect(page.locator("table.deliveries")).to_contain_text(ping.headers["webhook-id"])
+            await expect(page.locator("table.deliveries")).to_contain_text("delivered")
+            assert await page.locator("#webhook-secret").count() == 0  # never shown again
+            await _shoot(page, "webhook")
+
+            await page.get_by_role("button", name="Disable").click()
+            await page.get_by_role("button", name="Disable webhook").click()
+            await expect(page.get_by_role("status")).to_contain_text("Webhook disabled")
+            assert api.get(f"/v2/clients/acme/webhooks/{hook['id']}")["status"] == "disabled"
+            await page.get_by_role("button", name="Enable").click()
+            await page.get_by_role("button", name="Enable webhook").click()
+            await expect(page.get_by_role("status")).to_contain_text("Webhook enabled")
+
+            await page.get_by_role("button", name="Rotate secret").click()
+            await page.get_by_role("button", name="Rotate secret").click()
+            await expect(page.locator("#secret-once")).to_contain_text("Secret rotated")
+            rotated = await page.get_by_label("Signing secret").input_value()
+            assert rotated.startswith("whsec_") and rotated != secret
+
+            await page.get_by_role("button", name="Delete webhook").click()
+            await expect(page.get_by_role("heading", name="Delete a webhook")).to_be_visible()
+            await page.get_by_role("button", name="Delete webhook").click()
+            await expect(page.get_by_role("status")).to_contain_text("Webhook deleted")
+            assert api.get("/v2/clients/acme/webhooks") == []
+
+        # another tenant's webhook forms are out of reach; a forged post is refused
+        theirs = api.call(
+            "POST", "/v2/clients/globex/webhooks", {"url": "http://127.0.0.1:9/x", "events": ["job.failed"]}, 201
+        )
+        for path in ("/console/clients/globex/webhooks?new=1", f"/console/clients/globex/webhooks/{theirs['id']}"):
+            response = await page.goto(path)
+            assert response.status == 403, path
+        await page.goto("/console/clients/acme/webhooks")
+        status = await page.evaluate(
+            """async () => (await fetch('/console/clients/acme/webhooks', {method: 'POST',
+                 body: new URLSearchParams({url: 'http://127.0.0.1:9/forged', events: 'job.failed'})})).status"""
+        )
+        assert status == 403
+        assert api.get("/v2/clients/acme/webhooks") == []
+    finally:
+        await context.close()
+
+
+async def test_an_admin_archives_and_restores_a_version_and_sees_platform_webhooks(browser, world):
+    server, api = world
+    api.call("POST", "/v2/models/fares/new_version", {"description": "to retire"}, 201)
+    api.call("POST", "/v2/models/fares/versions/2/new_status", {"status": "active"})
+    api.call("PUT", f"{SA}/assignments/trial", {"model_id": "fares", "model_version": "2"})
+    # a platform webhook (its receiver is down): the archive and the restore are queued for it
+    api.call("POST", "/v2/webhooks", {"url": "http://127.0.0.1:9/platform", "events": ["version.status_changed"]}, 201)
+    context, page = await _sign_in(browser, server, server.token(admin=True, username="olivia"))
+    try:
+        await page.goto("/console/models/fares/versions/2")
+        await page.get_by_role("button", name="Archive").click()
+        # refused: the 409's active assignments, as a table
+        await expect(page.get_by_role("alert")).to_contain_text("cannot be archived")
+        table = page.locator("table.in-use")
+        await expect(table).to_contain_text("south_australia")
+        await expect(table).to_contain_text("trial")
+        await _shoot(page, "version-archive-refused")
+        assert api.get("/v2/models/fares/versions/2")["status"] == "active"
+
+        api.call("PUT", f"{SA}/assignments/trial", {"model_id": "fares", "model_version": "2", "status": "archived"})
+        await page.get_by_role("button", name="Archive").click()
+        await page.get_by_role("button", name="Archive v2").click()
+        await expect(page.locator("#status-changed")).to_contain_text("from active to archived")
+        assert api.get("/v2/models/fares/versions/2")["status"] == "archived"
+        await page.get_by_role("button", name="Restore").click()
+        await page.get_by_role("button", name="Restore v2").click()
+        await expect(page.locator("#status-changed")).to_contain_text("from archived to active")
+        assert api.get("/v2/models/fares/versions/2")["status"] == "active"
+
+        await page.get_by_role("link", name="Webhooks", exact=True).click()
+        await expect(page.get_by_role("heading", name="Platform webhooks")).to_be_visible()
+        await expect(page.locator("section.webhook")).to_contain_text("version.status_changed")
+        await expect(page.locator("table.deliveries").first).to_contain_text("version.status_changed")
+        await _shoot(page, "webhooks-platform")
     finally:
         await context.close()

@@ -76,16 +76,31 @@ async def check_domain(
     return plan
 
 
-async def blocking_services(
-    session: AsyncSession, *, client_id: str, domain_id: str, definitions: list[Any]
-) -> list[dict[str, Any]]:
-    """The 6.3 entries of every non-departed service whose ``provided_features`` would not
-    resolve against ``definitions`` (the dry run of a live-features edit, spec 15.1): the same
-    set-based check, answered instead of raised; nothing is written."""
-    _plan, blocking = await _check(
+@dataclass
+class DraftCheck:
+    """What a draft of feature definitions would do to a domain's services (spec 15.1)."""
+
+    # the 6.3 entries of every non-departed service that would not resolve
+    blocking_services: list[dict[str, Any]]
+    # keys some non-departed service provides that the draft does not define (kept on the
+    # services, left out of their resolved features)
+    unknown_keys: list[str]
+    # how many non-departed services were checked
+    services_checked: int
+
+
+async def check_draft(session: AsyncSession, *, client_id: str, domain_id: str, definitions: list[Any]) -> DraftCheck:
+    """Check every non-departed service against ``definitions`` (the dry run of a live-features
+    edit, spec 15.1, and the console's preview of it): the same set-based check, its blocking
+    entries answered instead of raised; nothing is written."""
+    plan, blocking = await _check(
         session, client_id=client_id, domain_id=domain_id, definitions=definitions, service_updates=[]
     )
-    return blocking
+    checked = await session.scalar(
+        text(f"SELECT count(*) FROM services s WHERE {_SCOPE} AND {_NON_DEPARTED}"),
+        {"client_id": client_id, "domain_id": domain_id},
+    )
+    return DraftCheck(blocking, plan.unknown_keys, int(checked or 0))
 
 
 async def _check(

@@ -11,8 +11,19 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from pie.assignments import logic as assignments
 from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert
-from pie.console import signin
-from pie.console.common import CsrfField, Cursor, KeyPath, Pager, User, audited, console_router, describe_errors, render
+from pie.console import forms, signin
+from pie.console.common import (
+    CsrfField,
+    Cursor,
+    KeyPath,
+    Pager,
+    User,
+    Writer,
+    audited,
+    console_router,
+    describe_errors,
+    render,
+)
 from pie.console.signin import ConsoleUser
 from pie.deps import ClientIdPath, DomainIdPath, ServiceIdPath, Session, tenant_scope
 from pie.errors import AssignmentBlocked, BadRequest, Conflict, NotFound, PieError, Unprocessable
@@ -88,6 +99,7 @@ async def _assignment(
         form_input=form_input if form_input is not None else "{}",
         can_move=can_move,
         move_action=f"{url}/move/preview",
+        resnapshot_action=f"{url}/resnapshot/preview",
         versions=versions,
         moved=moved,
     )
@@ -246,9 +258,14 @@ def _refuse_no_op(key: str, current: Any, body: AssignmentUpsert) -> None:
     """The move form moves a key to another version: to the version it already points at is
     refused (422), nothing to preview or confirm."""
     if current is not None and (current.model_id, current.model_version) == (body.model_id, body.model_version):
+        again = (
+            " (to take a new snapshot of the live features, use Re-snapshot default)"
+            if key == tenancy.DEFAULT_KEY
+            else ""
+        )
         raise Unprocessable(
             f"assignment {key} already points at {body.model_id} v{body.model_version}: "
-            "choose another version to move it to"
+            f"choose another version to move it to{again}"
         )
 
 
@@ -369,3 +386,139 @@ async def move(
     except PieError as exc:
         return _refused(request, scope, domain_id, assignment_key, current, body, exc)
     return RedirectResponse(_assignment_url(client_id, domain_id, None, assignment_key) + "?moved=1", status_code=303)
+
+
+# -- re-snapshotting default: dry-run preview, then the confirmed write -------------------------------------
+
+DEFAULT_KEY = tenancy.DEFAULT_KEY
+
+
+def _resnapshot_body(current: Any) -> AssignmentUpsert:
+    """``PUT .../assignments/default`` to the version it points at, keeping the revision's role,
+    settings and metadata: only the snapshot (and the services' resolution) changes."""
+    return AssignmentUpsert.model_validate(
+        {
+            "model_id": current.model_id,
+            "model_version": current.model_version,
+            "role": current.role,
+            "settings": current.settings,
+            "metadata": current.metadata_,
+        }
+    )
+
+
+async def _resnapshot_current(session: Any, scope: Any, domain_id: str) -> Any:
+    current = await _current(session, scope, domain_id, None, DEFAULT_KEY)
+    if current is None:
+        raise Unprocessable(
+            f"no model assigned: domain {domain_id} has no active default assignment, so there is nothing to "
+            "re-snapshot"
+        )
+    return current
+
+
+async def _resnapshot_page(
+    request: Request,
+    session: Any,
+    scope: Any,
+    domain_id: str,
+    current: Any,
+    *,
+    status_code: int = 200,
+    dry_run: Any = None,
+    blocked: AssignmentBlocked | None = None,
+    error: str | None = None,
+) -> HTMLResponse:
+    """The preview of a re-snapshot: the contract now and after (what the new revision would
+    store: ``pie.tenancy.logic.schema_of``, the rule of every default write), the dry run's
+    counts or what refuses it."""
+    domain = await tenancy.load_domain(session, scope.client_id, domain_id)
+    contract = await tenancy.get_contract(session, scope, domain_id)
+    version = await registry.get_model_version(session, current.model_id, current.model_version)
+    after = tenancy.schema_of(version, domain)
+    return render(
+        request,
+        "resnapshot.html",
+        status_code=status_code,
+        client=scope.client,
+        domain_id=domain_id,
+        current=current,
+        contract=contract,
+        frozen=version.features is not None,
+        changes=forms.changes_between(contract.features, after),
+        dry_run=dry_run,
+        blocked=blocked,
+        error=error,
+        assignment_url=_assignment_url(scope.client_id, domain_id, None, DEFAULT_KEY),
+        action=_assignment_url(scope.client_id, domain_id, None, DEFAULT_KEY) + "/resnapshot",
+        expected=str(current.assignment_id),
+        features=forms.fingerprint(domain.features),
+    )
+
+
+@router.post(
+    "/clients/{client_id}/domains/{domain_id}/assignments/default/resnapshot/preview", response_class=HTMLResponse
+)
+async def resnapshot_preview(
+    request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, user: Writer, session: Session
+):
+    """The dry run of writing ``default`` again to the version it points at (``PUT
+    .../assignments/default?dry_run=true``): every check of the write, the freeze check of
+    every service against the new snapshot included; nothing is written."""
+    scope = await tenant_scope(session, user.principal, client_id, "manage_domains")
+    current = await _resnapshot_current(session, scope, domain_id)
+    try:
+        async with session.begin_nested():  # a refused dry run leaves the session usable
+            dry_run = await assignments.upsert_domain_assignment(
+                session, scope, domain_id, DEFAULT_KEY, _resnapshot_body(current), dry_run=True
+            )
+    except AssignmentBlocked as exc:
+        return await _resnapshot_page(request, session, scope, domain_id, current, status_code=422, blocked=exc)
+    except PieError as exc:
+        if exc.status_code not in (409, 422):
+            raise
+        return await _resnapshot_page(
+            request, session, scope, domain_id, current, status_code=exc.status_code, error=exc.message
+        )
+    return await _resnapshot_page(request, session, scope, domain_id, current, dry_run=dry_run)
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/assignments/default/resnapshot", response_class=HTMLResponse)
+async def resnapshot(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    user: Writer,
+    session: Session,
+    expected: Annotated[str, Form(max_length=64)] = "",
+    features: Annotated[str, Form(max_length=64)] = "",
+):
+    """The confirmed re-snapshot: the logic of ``PUT .../assignments/default`` (the same checks and
+    writes: a new revision storing a new snapshot, every service re-resolved), audited as that
+    operation. ``expected`` is the revision and ``features`` the fingerprint of the live features
+    the preview showed: if either changed since, nothing is written and the preview says so (409)."""
+    scope = await tenant_scope(session, user.principal, client_id, "manage_domains")
+    current = await _resnapshot_current(session, scope, domain_id)
+    body = _resnapshot_body(current)
+    path = {"client_id": client_id, "domain_id": domain_id, "assignment_key": DEFAULT_KEY}
+    try:
+        async with session.begin_nested():  # a refused write leaves nothing behind
+            # the row lock the upsert takes, taken first: neither the key nor the live features
+            # can change between this comparison with the preview and the write
+            domain = await tenancy.load_domain(session, scope.client_id, domain_id, lock="update")
+            current = await _resnapshot_current(session, scope, domain_id)
+            if expected != str(current.assignment_id) or features != forms.fingerprint(domain.features):
+                raise Conflict("default or the live features changed since the preview: check the new preview")
+            body = _resnapshot_body(current)
+            async with audited(request, session, user, MOVE_ACTION, path, body.model_dump(mode="json")):
+                await assignments.upsert_domain_assignment(session, scope, domain_id, DEFAULT_KEY, body)
+    except AssignmentBlocked as exc:
+        return await _resnapshot_page(request, session, scope, domain_id, current, status_code=422, blocked=exc)
+    except PieError as exc:
+        if exc.status_code not in (409, 422):
+            raise
+        return await _resnapshot_page(
+            request, session, scope, domain_id, current, status_code=exc.status_code, error=exc.message
+        )
+    url = f"/console/clients/{client_id}/domains/{domain_id}?done=resnapshot#contract"
+    return RedirectResponse(url, status_code=303)

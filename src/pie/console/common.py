@@ -277,6 +277,28 @@ async def rehearse(session: Any, run: Callable[[], Awaitable[T]]) -> T:
         await savepoint.rollback()
 
 
+async def rehearse_audited(
+    request: Request,
+    session: Any,
+    user: ConsoleUser,
+    action: str,
+    path: dict[str, Any],
+    body: dict[str, Any],
+    run: Callable[[], Awaitable[T]],
+) -> tuple[T, dict[str, Any]]:
+    """``rehearse`` with the write's audit entry open (never recorded): the logic sees the
+    caller as the actor (e.g. "cancelled by alice"), and what it would put in the audit summary
+    (``pie.audit.context.describe``: the jobs a service delete cancels, ...) is returned beside
+    ``run``'s result, for the confirmation page to say."""
+    entry = new_entry(request, user.principal, action, path, body)
+    audit_context.begin(session, entry)
+    try:
+        result = await rehearse(session, run)
+    finally:
+        audit_context.end(session)
+    return result, entry.summary
+
+
 async def write(
     request: Request,
     session: Any,
@@ -307,6 +329,8 @@ class Confirmation:
     facts: list[tuple[str, str]] = field(default_factory=list)
     changes: list[tuple[str, str, str]] = field(default_factory=list)  # (what, now, after)
     notes: list[str] = field(default_factory=list)
+    cancel_label: str = "Cancel"  # the way back (e.g. "Back to the job" when the action is a cancel)
+    danger: bool = False  # the button of an action that is hard to undo
 
 
 def confirm_page(request: Request, confirmation: Confirmation, form: FormValues) -> HTMLResponse:

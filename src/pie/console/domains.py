@@ -9,14 +9,12 @@ Every write calls the logic function of its API route (``createdomain``, ``updat
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Form, Query, Request
-from sqlalchemy import func, select
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from pie.assignments import freeze
 from pie.assignments import logic as assignments
 from pie.console import forms
 from pie.console.common import (
@@ -33,19 +31,20 @@ from pie.console.common import (
     parse_body,
     refusal,
     rehearse,
+    rehearse_audited,
     render,
     write,
 )
 from pie.console.signin import ConsoleUser
 from pie.console.tenants import NewForm, client_view
 from pie.deps import ClientIdPath, DomainIdPath, ServiceIdPath, Session, TenantScope, tenant_scope
-from pie.errors import AssignmentBlocked, BadRequest, Conflict, PieError
+from pie.errors import BadRequest, Conflict, PieError, Unprocessable
 from pie.features import validate_feature_definitions
 from pie.jobs import logic as jobs
 from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
 from pie.pagination import PageParams
 from pie.tenancy import logic as tenancy
-from pie.tenancy.models import Domain, Service
+from pie.tenancy.models import Domain
 from pie.tenancy.schemas import DomainCreate, FeaturesUpdate, ServiceInit, ServiceUpdate
 
 router = console_router()
@@ -68,15 +67,17 @@ def _crumbs(client_id: str, domain_id: str, *more: tuple[str, str]) -> list[tupl
 
 @dataclass
 class Governing:
-    """The feature schema services are checked against now (spec 15.1): the schema stored on the
-    active ``default`` revision (``tenancy.governing``: the version's frozen schema, or the
+    """The contract in force (spec 15.1), as ``GET .../contract`` (getdomaincontract) answers it:
+    the schema stored on the active ``default`` revision (the version's frozen schema, or the
     snapshot of the live features taken when the revision was written); ``None`` without an
-    active ``default`` (no service can be initialised)."""
+    active ``default`` (the API's 422 "no model assigned": no service can be initialised)."""
 
     definitions: list[Any] | None
     model_id: str | None = None
     model_version: str | None = None
     frozen: bool = False
+    source: str | None = None  # model_version | domain_snapshot
+    assignment_id: str | None = None
 
     def schema_of(self, name: str) -> Any:
         for definition in self.definitions or []:
@@ -86,15 +87,18 @@ class Governing:
 
 
 async def governing_schema(session: Any, scope: TenantScope, domain: Domain) -> Governing:
-    found = await tenancy.active_default(session, scope.client_id, domain.domain_id)
-    if found is None:
+    """The contract in force, from ``getdomaincontract``'s logic (``pie.tenancy.logic.get_contract``)."""
+    try:
+        contract = await tenancy.get_contract(session, scope, domain.domain_id)
+    except Unprocessable:  # no active default: "no model assigned"
         return Governing(None)
-    contract = tenancy.governing(found[0], found[1], domain)
     return Governing(
         contract.features,
-        model_id=found[1].model_id,
-        model_version=found[1].version,
+        model_id=contract.assignment.model_id,
+        model_version=contract.assignment.model_version,
         frozen=contract.source == "model_version",
+        source=contract.source,
+        assignment_id=str(contract.assignment.assignment_id),
     )
 
 
@@ -102,7 +106,9 @@ async def governing_schema(session: Any, scope: TenantScope, domain: Domain) -> 
 
 DOMAIN_DONE = {
     "created": "Domain created.",
-    "features": "Live features saved.",
+    "features": "Live features saved (the next-train draft); the contract in force is unchanged.",
+    "resnapshot": "Default re-snapshotted: the contract in force is the new snapshot and every service was "
+    "re-resolved against it.",
 }
 
 
@@ -138,6 +144,8 @@ async def _domain(
         services=services,
         assignments=active,
         governing=governing,
+        draft_differs=governing.source == "domain_snapshot"
+        and forms.fingerprint(governing.definitions) != forms.fingerprint(domain.features),
         next_url=pager.next_url,
         can_edit_features=user.principal.has("manage_domains"),
         can_init=can_init,
@@ -206,43 +214,14 @@ async def _created_domain_id(session: Any, scope: TenantScope, body: DomainCreat
 # -- the live-features editor --------------------------------------------------------------------------------
 
 
-@dataclass
-class FeaturesImpact:
-    """What replacing a domain's live features would do to its services."""
-
-    services_checked: int
-    blocking_services: list[dict[str, Any]] = field(default_factory=list)
-    # provided keys the new definitions no longer define (kept, left out of resolution)
-    undefined_keys: list[str] = field(default_factory=list)
-
-
-async def features_impact(session: Any, scope: TenantScope, domain_id: str, definitions: list[Any]) -> FeaturesImpact:
-    """The impact preview of the editor's Save: the non-departed services whose
-    ``provided_features`` would not resolve against ``definitions``, found by the freeze
-    check's own machinery (``pie.assignments.freeze.check_domain``: each distinct value checked
-    once, nothing written).
-
-    This is the one place the preview is computed. Issue #17 adds the same answer to the API
-    (``PUT .../features?dry_run=true``: ``{features, dry_run, blocking_services}``); once it
-    lands, this function calls that logic instead and the pages stay as they are."""
-    checked = await session.scalar(
-        select(func.count())
-        .select_from(Service)
-        .where(Service.client_id == scope.client_id, Service.domain_id == domain_id, tenancy.not_departed())
-    )
-    try:
-        plan = await freeze.check_domain(
-            session,
-            client_id=scope.client_id,
-            domain_id=domain_id,
-            definitions=definitions,
-            service_updates=[],
-            model_id="(live features)",  # names the target in the refusal message, which is not shown
-            model_version="draft",
-        )
-    except AssignmentBlocked as blocked:
-        return FeaturesImpact(int(checked or 0), blocked.blocking_services)
-    return FeaturesImpact(int(checked or 0), undefined_keys=plan.unknown_keys)
+async def features_impact(
+    session: Any, scope: TenantScope, domain_id: str, definitions: list[Any]
+) -> tenancy.FeaturesDryRun:
+    """The impact preview of the editor's Save: the API's dry run (``PUT .../features?dry_run=true``,
+    ``pie.tenancy.logic.dry_run_features``: the same checks, the non-departed services whose
+    ``provided_features`` would not resolve, how many were checked and the provided keys the
+    definitions no longer define). Nothing is written."""
+    return await tenancy.dry_run_features(session, scope, domain_id, definitions)
 
 
 PREVIEW_ROWS = 200  # blocking entries listed on the preview page (the count says how many there are)
@@ -312,9 +291,9 @@ async def features_edit(
     try:
         definitions = validate_feature_definitions(forms.definitions_of(rows))
         parse_body(FeaturesUpdate, {"features": definitions})  # the API's body rules (e.g. storable text)
+        impact = await features_impact(session, scope, domain_id, definitions)
     except PieError as exc:
         return _editor(request, scope, domain, rows, problem=refusal(exc, "features", {}))
-    impact = await features_impact(session, scope, domain_id, definitions)
     governing = await governing_schema(session, scope, domain)
     return render(
         request,
@@ -377,6 +356,8 @@ async def features_save(
 SERVICE_DONE = {
     "initialised": "Service initialised: its init job is below.",
     "updated": "Service updated.",
+    "reinitialised": "Service re-initialised: its new init job is below.",
+    "deleted": "Service deleted: its unfinished jobs were cancelled; its jobs and history stay.",
 }
 
 
@@ -502,6 +483,7 @@ async def _service(
         feature_names=names,
         jobs=recent_jobs,
         can_update=user.principal.has("init_services"),
+        can_reinit=user.principal.has("init_services") and not service.departed,
         edit_rows=edit_rows,
         departure=typed.get("departure", "") if typed is not None else forms.local_input(service.departure_datetime),
         governing=governing,
@@ -609,3 +591,121 @@ async def update_service(
             request, user, session, client_id, domain_id, service_id, problem=refusal(exc, "update-service", form)
         )
     return RedirectResponse(f"{domain_url(client_id, domain_id)}/services/{service_id}?done=updated", status_code=303)
+
+
+# -- re-initialising and deleting one service (spec 15.4) ----------------------------------------------------
+
+
+def _service_url(client_id: str, domain_id: str, service_id: str) -> str:
+    return f"{domain_url(client_id, domain_id)}/services/{service_id}"
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/services/{service_id}/reinit", response_class=HTMLResponse)
+async def reinit_service(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    user: Writer,
+    session: Session,
+    confirm: Confirmed = "",
+) -> Response:
+    """``reinitdomainservice`` (``pie.tenancy.logic.reinit_service``), after a confirmation naming
+    the version the init job runs on (shown only when the re-init would be accepted now)."""
+    scope = await tenant_scope(session, user.principal, client_id, "init_services")
+    form = await FormValues.read(request)
+    path = {"client_id": client_id, "domain_id": domain_id, "service_id": service_id}
+    url = _service_url(client_id, domain_id, service_id)
+
+    async def run() -> tuple[str, str, str]:
+        _service, job = await tenancy.reinit_service(session, scope, domain_id, service_id)
+        return job.job_id, job.model_id, job.model_version
+
+    try:
+        if confirm != "yes":
+            _job, model_id, model_version = await rehearse(session, run)
+            return confirm_page(
+                request,
+                Confirmation(
+                    title=f"Re-initialise service {service_id}",
+                    question=f"Re-initialise service {service_id}? A fresh init job runs through the default "
+                    f"assignment ({model_id} v{model_version}) with the service's stored resolved features.",
+                    button=f"Re-initialise {service_id}",
+                    action_url=f"{url}/reinit",
+                    cancel_url=url,
+                    crumbs=_crumbs(client_id, domain_id, (service_id, url)),
+                    changes=[("Status", "as it is", "initializing until the init job ends")],
+                    notes=["Its stored features are not changed."],
+                ),
+                form,
+            )
+        await write(request, session, user, "reinitdomainservice", path, {}, run)
+    except PieError as exc:
+        return await _service(
+            request, user, session, client_id, domain_id, service_id, problem=refusal(exc, "service-actions", form)
+        )
+    return RedirectResponse(f"{url}?done=reinitialised", status_code=303)
+
+
+def _listed(values: Any, what: str) -> str:
+    items = [str(v) for v in values or []]
+    return f"{len(items)} {what}" + (f" ({', '.join(items[:10])}{', …' if len(items) > 10 else ''})" if items else "")
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/services/{service_id}/delete", response_class=HTMLResponse)
+async def delete_service(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    user: Writer,
+    session: Session,
+    confirm: Confirmed = "",
+) -> Response:
+    """``deletedomainservice`` (``pie.tenancy.logic.delete_service``), after a confirmation that
+    says what the delete would do now: the unfinished jobs it cancels, the service assignments
+    it archives and the replay subscriptions it makes stale (what the rehearsal recorded for
+    the audit summary)."""
+    scope = await tenant_scope(session, user.principal, client_id, "init_services")
+    form = await FormValues.read(request)
+    path = {"client_id": client_id, "domain_id": domain_id, "service_id": service_id}
+    url = _service_url(client_id, domain_id, service_id)
+
+    async def run() -> None:
+        await tenancy.delete_service(session, scope, domain_id, service_id)
+
+    try:
+        if confirm != "yes":
+            _none, summary = await rehearse_audited(request, session, user, "deletedomainservice", path, {}, run)
+            return confirm_page(
+                request,
+                Confirmation(
+                    title=f"Delete service {service_id}",
+                    question=f"Delete service {service_id} of domain {domain_id}? It leaves every list, freeze "
+                    "check and re-init, and its id may be initialised again.",
+                    button=f"Delete {service_id}",
+                    action_url=f"{url}/delete",
+                    cancel_url=url,
+                    crumbs=_crumbs(client_id, domain_id, (service_id, url)),
+                    facts=[
+                        ("Unfinished jobs cancelled", _listed(summary.get("cancelled_jobs"), "job(s)")),
+                        ("Service assignments archived", _listed(summary.get("archived_assignments"), "key(s)")),
+                        (
+                            "Replay subscriptions made stale",
+                            _listed(summary.get("stale_subscriptions"), "subscription(s)"),
+                        ),
+                    ],
+                    notes=[
+                        "Its jobs and assignment history stay (jobs keep their service id); the audit log keeps "
+                        "every write."
+                    ],
+                    danger=True,
+                ),
+                form,
+            )
+        await write(request, session, user, "deletedomainservice", path, {}, run)
+    except PieError as exc:
+        return await _service(
+            request, user, session, client_id, domain_id, service_id, problem=refusal(exc, "service-actions", form)
+        )
+    return RedirectResponse(f"{domain_url(client_id, domain_id)}?done=deleted", status_code=303)

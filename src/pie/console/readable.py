@@ -289,4 +289,22 @@ def action_words(record: Any) -> str:
         return "Retried a job"
     if action == "completemodeljob":
         return f"Reported the end of a job ({s.get('status', 'done')})"
+    # webhooks (spec 15.6), a tenant's and the platform's
+    if "webhook" in action:
+        which = "a platform webhook" if "platformwebhook" in action else "a webhook"
+        kind = action.replace("platformwebhook", "webhook")
+        if kind == "createwebhook":
+            return f"Created {which}" + (f" to {s['url']}" if isinstance(s.get("url"), str) else "")
+        if kind == "updatewebhook":
+            if s.get("status") == "disabled":
+                return f"Disabled {which}"
+            if s.get("status") == "active":
+                return f"Enabled {which}"
+            return f"Updated {which}"
+        if kind == "deletewebhook":
+            return f"Deleted {which}"
+        if kind == "rotatewebhooksecret":
+            return f"Rotated the secret of {which}"
+        if kind == "testwebhook":
+            return f"Sent a test ping to {which}"
     return action

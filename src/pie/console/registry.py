@@ -57,15 +57,16 @@ _ID = re.compile(ID_PATTERN)
 SubscriptionIdPath = Annotated[uuid.UUID, PathParam(description="event subscription id (uuid)")]
 
 HANDLER_TYPES = ("in_process", "lambda", "ecs_task")
-# the buttons of a version's allowed transitions (``pie.registry.logic.TRANSITIONS``; "archived"
-# arrives with the lifecycle operations of issue #19)
+# the buttons of a version's allowed transitions (``pie.registry.logic.TRANSITIONS``); retiring a
+# version (spec 15.4) reads "Archive", and bringing an archived one back "Restore"
 TRANSITION_LABELS = {"training": "Start training", "active": "Activate", "failed": "Mark failed", "archived": "Archive"}
+RESTORE = ("archived", "active")
 
 
 def allowed_transitions(status: str) -> list[tuple[str, str]]:
     """(target status, button label) of every transition allowed from ``status``."""
     return [
-        (to, TRANSITION_LABELS.get(to, f"Set {to}"))
+        (to, "Restore" if (status, to) == RESTORE else TRANSITION_LABELS.get(to, f"Set {to}"))
         for to in sorted({to for (frm, to) in registry.TRANSITIONS if frm == status})
     ]
 
@@ -303,6 +304,7 @@ async def _version(
     done: str | None = None,
     changed: dict[str, Any] | None = None,
     problem: Problem | None = None,
+    in_use: list[dict[str, Any]] | None = None,
 ) -> HTMLResponse:
     user.principal.require("read_models")
     version = await registry.get_model_version(session, model_id, model_version)
@@ -317,6 +319,7 @@ async def _version(
         done=VERSION_DONE.get(done or ""),
         changed=changed,
         problem=problem,
+        in_use=in_use,
     )
 
 
@@ -371,6 +374,13 @@ async def set_version_status(
                 notes.append("An active version can be assigned to keys and run jobs.")
             if status == "failed":
                 notes.append("A failed version accepts no job and no new assignment.")
+            if status == "archived":
+                notes.append(
+                    "An archived version takes no new job and no new assignment, and no subscription fires on "
+                    "it; jobs already queued or running finish. Restore makes it active again."
+                )
+            if (current, status) == RESTORE:
+                notes = ["It becomes active again: it can be assigned to keys and run jobs."]
             label = dict(allowed_transitions(current))[status]
             vurl = f"/console/models/{model_id}/versions/{model_version}"
             return confirm_page(
@@ -394,7 +404,11 @@ async def set_version_status(
         path = {"model_id": model_id, "model_version": model_version}
         fired = await write(request, session, user, "setmodelversionstatus", path, sent, run)
     except PieError as exc:
-        return await _version(request, user, session, model_id, model_version, problem=refusal(exc, "status", form))
+        # archiving an assigned version: the 409 names the active assignments, shown as a table
+        in_use = exc.assignments if isinstance(exc, registry.VersionInUse) else None
+        return await _version(
+            request, user, session, model_id, model_version, problem=refusal(exc, "status", form), in_use=in_use
+        )
     changed = {"from": current, "to": status, "triggered": fired}
     return await _version(request, user, session, model_id, model_version, changed=changed)
 

@@ -13,7 +13,7 @@ either refused by a suspension that committed first or commits before the suspen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -135,10 +135,14 @@ async def replace_features(session: AsyncSession, scope: TenantScope, domain_id:
 
 @dataclass
 class FeaturesDryRun:
-    """What ``PUT .../features`` would write, and the services it would not fit (spec 15.1)."""
+    """What ``PUT .../features`` would write, and the services it would not fit (spec 15.1);
+    the console's features preview also shows how many services were checked and the provided
+    keys the draft no longer defines (the API answers ``features`` and ``blocking_services``)."""
 
     features: list[Any]
     blocking_services: list[dict[str, Any]]
+    services_checked: int = 0
+    undefined_keys: list[str] = field(default_factory=list)
 
 
 async def dry_run_features(
@@ -152,10 +156,8 @@ async def dry_run_features(
     await ensure_writable(session, scope)
     definitions = validate_feature_definitions(features)
     audit.skip(session)
-    blocking = await freeze.blocking_services(
-        session, client_id=scope.client_id, domain_id=domain_id, definitions=definitions
-    )
-    return FeaturesDryRun(definitions, blocking)
+    found = await freeze.check_draft(session, client_id=scope.client_id, domain_id=domain_id, definitions=definitions)
+    return FeaturesDryRun(definitions, found.blocking_services, found.services_checked, found.unknown_keys)
 
 
 # -- the governing schema ------------------------------------------------------------------------
