@@ -198,8 +198,10 @@ def _aws_error(exc: Exception, backend: str) -> DispatchError:
 class AwsBackends:
     """boto3 clients, created once per dispatcher (boto3 clients are thread-safe)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, max_connections: int = 10):
         self.settings = settings
+        # HTTP connections per client: as many as the dispatcher makes calls at once
+        self.max_connections = max_connections
         self._lambda = None
         self._ecs = None
 
@@ -212,6 +214,7 @@ class AwsBackends:
             retries={"mode": "standard", "total_max_attempts": 2},
             connect_timeout=5,
             read_timeout=30,
+            max_pool_connections=self.max_connections,
         )
         return boto3.session.Session().client(service, endpoint_url=self.settings.aws_endpoint_url, config=config)
 

@@ -1,18 +1,28 @@
 """The dispatcher: moves jobs from the ``jobs`` table (a transactional outbox) to their handlers.
 
-One cycle:
+A pipeline of three independent steps, each on its own cadence, so no step waits on another:
 
-1. claim due pending jobs with ``FOR UPDATE SKIP LOCKED`` and mark them ``started`` (attempts+1,
-   ``locked_by``, a lease) in one short transaction, so any number of dispatchers on any number
-   of machines can share the database and each job is claimed by exactly one of them;
-2. after that commit, hand each job to the backend of its version's handler for its job_type:
-   with a payload carrying the job's callback token (:mod:`pie.callbacks`):
-   Lambda ``Invoke`` (``Event``) or ECS ``RunTask`` in a thread, then the lease is cleared and the
-   job stays ``started`` until the completion callback; in-process implementations run in a
-   thread pool (the lease is renewed while they run) and their result ends the job through
-   :func:`pie.jobs.logic.finish_jobs`, the same code the completion route uses;
-3. a failed dispatch goes back to ``pending`` with exponential backoff and jitter, and after
-   ``dispatch_max_attempts`` ends in ``failure`` with a structured error.
+1. **claim**: due pending jobs are claimed with ``FOR UPDATE SKIP LOCKED`` and marked ``started``
+   (attempts+1, ``locked_by``, a lease) by one autocommit statement on the dispatcher's own
+   connection, so any number of dispatchers on any number of machines can share the database and
+   each job is claimed by exactly one of them. A dispatcher claims no more in-process jobs than it
+   has free workers, and claims again as soon as workers are free — while earlier results are
+   still being recorded;
+2. **hand over**: each claimed job gets a payload with its callback token (:mod:`pie.callbacks`,
+   signed by a per-key :class:`pie.callbacks.Signer`) and goes to the backend of its version's
+   handler for its job_type: Lambda ``Invoke`` (``Event``) or ECS ``RunTask`` in a bounded pool of
+   threads (``PIE_DISPATCH_AWS_CONCURRENCY`` calls at once, so an AWS round trip does not cap the
+   rate), after which the lease is cleared and the job stays ``started`` until the completion
+   callback; in-process implementations run on the event loop (``async def`` ones, and the
+   built-ins, which take microseconds) or in the worker thread pool (plain functions), whose
+   results come back to the loop in batches (one wake-up for all that ended together);
+3. **record**: results are recorded in batches by a recorder task on a connection of its own,
+   through :func:`pie.jobs.logic.finish_jobs` (the same code the completion route uses: one
+   statement for a batch of plain jobs), at once when nothing else runs, else after at most
+   ``RECORD_LINGER`` or ``RECORD_BATCH`` results; AWS hand-offs are marked the same way.
+
+A failed dispatch goes back to ``pending`` with exponential backoff and jitter, and after
+``dispatch_max_attempts`` ends in ``failure`` with a structured error.
 
 Dispatchers wake on ``LISTEN pie_jobs`` (``create_job`` notifies at commit) with a polling
 fallback. Every ``dispatch_sweep_interval`` seconds a dispatcher also ends started jobs older than
@@ -27,20 +37,15 @@ lease. A dispatcher only judges others after its own heartbeats have succeeded f
 ``dispatch_dead_after`` seconds in a row, so after a database outage (when every heartbeat is
 stale) nobody requeues the jobs of dispatchers that are alive.
 
-A dispatcher claims no more in-process jobs than it has free workers. So that this costs little
-with instant handlers, a claim is one autocommit statement on the dispatcher's own connection,
-it waits up to ``CLAIM_COALESCE`` for the workers of the previous claim to free together, and
-results are recorded in batches (``COMPLETION_LINGER``) while other jobs run. Recording an in-process
-result retries transient database errors with backoff for as long as the job's lease lasts (the
-lease is extended while it retries), so a database blip never makes a job run twice.
+Recording an in-process result retries transient database errors with backoff for as long as the
+job's lease lasts (the lease is extended while it retries), so a database blip never makes a job
+run twice. docs/dispatcher.md describes the pipeline, its guarantees and its tuning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import functools
 import json
 import logging
 import math
@@ -60,7 +65,7 @@ from sqlalchemy import text
 from pie import callbacks, db, metrics
 from pie.config import Settings
 from pie.dispatch.backends import AwsBackends, DispatchError, build_payload, callback_token_ttl, public_url_warning
-from pie.dispatch.inprocess import HandlerFailure, get_implementation
+from pie.dispatch.inprocess import HandlerFailure, get_registered
 from pie.dispatch.threads import DaemonThreadPool
 from pie.jobs.logic import NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
 from pie.logconfig import job_id_var
@@ -70,16 +75,22 @@ log = logging.getLogger("pie.dispatch")
 
 # characters PostgreSQL text/jsonb cannot hold
 _UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
-AWS_CONCURRENCY = 16
-COMPLETION_BATCH = 500
-# While other in-process jobs are running, the recorder waits this long for their results too,
-# so instant handlers end in one transaction per several jobs (not one per job); a result that
-# ends while nothing else runs is recorded at once. The worker is free meanwhile.
-COMPLETION_LINGER = 0.01
+# at most this many results per recording statement
+RECORD_BATCH = 500
+# While other in-process jobs are running (or more are due), the recorder waits this long for
+# their results too, so instant handlers end in one statement per several claims (not one per
+# job); a result that ends while nothing else runs is recorded at once. Workers and claims go on
+# meanwhile.
+RECORD_LINGER = 0.002
+COMPLETION_BATCH = RECORD_BATCH  # the former names
+COMPLETION_LINGER = RECORD_LINGER
 # A worker frees while others still run the jobs of the same claim (instant handlers end within
 # microseconds of each other): the claim waits this long for them, so one claim transaction
 # serves every free worker instead of one claim for the first and another for the rest.
 CLAIM_COALESCE = 0.001
+# An inline (built-in) handler whose job carries more than this many stored bytes of input and
+# features runs in the worker pool instead, so a large payload never holds up the event loop.
+INLINE_MAX_PAYLOAD_BYTES = 16 * 1024
 
 _RENEW = text(
     """
@@ -88,17 +99,15 @@ _RENEW = text(
       AND lease_expires_at IS NOT NULL
     """
 )
-# an AWS handler accepted the job: no lease any more, the time-out applies from now on
-# (plus a warning when its callback cannot arrive, once)
-_DISPATCHED = text(
+# AWS handlers accepted these jobs: no lease any more, the time-out applies from now on (plus a
+# warning when their callback cannot arrive, once). One statement for a batch of hand-offs.
+_DISPATCHED = """
+    UPDATE jobs AS j SET lease_expires_at = NULL, error = NULL, updated_at = now(),
+        warnings = CASE WHEN b.warning IS NULL OR j.warnings @> jsonb_build_array(b.warning) THEN j.warnings
+                        ELSE j.warnings || jsonb_build_array(b.warning) END
+    FROM unnest(CAST(%(ids)s AS text[]), CAST(%(warnings)s AS text[])) AS b(job_id, warning)
+    WHERE j.job_id = b.job_id AND j.status = 'started' AND j.locked_by = %(me)s
     """
-    UPDATE jobs SET lease_expires_at = NULL, error = NULL, updated_at = now(),
-        warnings = CASE WHEN CAST(:warning AS text) IS NULL
-                          OR warnings @> jsonb_build_array(CAST(:warning AS text)) THEN warnings
-                        ELSE warnings || jsonb_build_array(CAST(:warning AS text)) END
-    WHERE job_id = :job_id AND status = 'started' AND locked_by = :me
-    """
-)
 _RETRY = text(
     """
     UPDATE jobs SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
@@ -142,7 +151,8 @@ _CLAIM = """
     WHERE j.job_id = due.job_id AND mv.model_id = j.model_id AND mv.version = j.model_version
     RETURNING j.job_id, j.job_type, j.model_id, j.model_version, j.assignment_id, j.client_id,
               j.domain_id, j.service_id, j.input, j.features, j.attempts, mv.handlers -> j.job_type AS handler,
-              EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds
+              EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds,
+              pg_column_size(j.input) + coalesce(pg_column_size(j.features), 0) AS payload_bytes
     """
 # registration and heartbeat (re-registers a dispatcher whose row a peer removed as dead)
 _HEARTBEAT = text(
@@ -230,18 +240,59 @@ _EXPIRED_EXHAUSTED = text(
 )
 
 
-def _run_implementation(implementation: Any, payload: dict[str, Any]) -> Any:
-    """In a pool thread: run the implementation; its output must be JSON that PostgreSQL can
-    store (no NaN/Infinity, no NUL characters or unpaired surrogates)."""
-    output = implementation(payload)
+def _encoded_output(output: Any) -> str:
+    """The handler's output as the JSON text to store: it must be JSON that PostgreSQL can store
+    (no NaN/Infinity, no NUL characters or unpaired surrogates). Encoded once; only a text that
+    may hold a NUL or a surrogate (its ASCII escapes) is looked at closer."""
     try:
-        output = json.loads(json.dumps(output, allow_nan=False))
-    except (TypeError, ValueError) as exc:
+        encoded = json.dumps(output, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
         raise HandlerFailure("invalid_output", f"the handler returned output that is not JSON: {exc}") from exc
-    problem = unstorable_json(output)
-    if problem is not None:
-        raise HandlerFailure("invalid_output", f"the handler returned output that cannot be stored: {problem}")
-    return output
+    if "\\u0000" in encoded or "\\ud" in encoded:
+        problem = unstorable_json(json.loads(encoded))
+        if problem is not None:
+            raise HandlerFailure("invalid_output", f"the handler returned output that cannot be stored: {problem}")
+    return encoded
+
+
+def _failure(job_id: str, exc: BaseException) -> Completion:
+    if isinstance(exc, HandlerFailure):
+        return Completion(job_id, "failure", error=storable_error(exc.error))
+    return Completion(
+        job_id,
+        "failure",
+        error=storable_error(
+            {
+                "code": "handler_exception",
+                "message": str(exc) or exc.__class__.__name__,
+                "exception": exc.__class__.__name__,
+            }
+        ),
+    )
+
+
+def _run_job(job_id: str, implementation: Any, payload: dict[str, Any]) -> Completion:
+    """Run a synchronous implementation (on the loop for inline ones, else in a pool thread):
+    its result as a Completion; never raises. The handler's log lines carry the job id."""
+    token = job_id_var.set(job_id)
+    try:
+        output = implementation(payload)
+        return Completion(job_id, "success", output=output, output_json=_encoded_output(output))
+    except Exception as exc:
+        return _failure(job_id, exc)
+    finally:
+        job_id_var.reset(token)
+
+
+def _hand_to_aws(method: Callable[..., dict[str, Any]], handler: dict[str, Any], payload: dict[str, Any]) -> Any:
+    """In an AWS pool thread: ``Invoke``/``RunTask``; what AWS accepted, or the DispatchError."""
+    try:
+        return method(handler, payload)
+    except DispatchError as exc:
+        return exc
+    except Exception as exc:  # never lose a job to an unexpected error
+        log.exception("handing over job %s failed", payload.get("job_id"))
+        return DispatchError("dispatch_exception", str(exc), details={"exception": exc.__class__.__name__})
 
 
 def storable_error(error: Any) -> Any:
@@ -319,28 +370,38 @@ class Dispatcher:
         self.name = name
         # unique per dispatcher instance: leases and releases are keyed on it
         self.worker_id = f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"[:128]
-        # Lambda/ECS hand-offs in flight; in-process jobs are limited by the worker threads
-        self.capacity = max(settings.dispatch_batch_size * 2, 1)
+        self.aws_concurrency = max(settings.dispatch_aws_concurrency, 1)
+        # Lambda/ECS hand-offs in flight (calling AWS or waiting for their turn); in-process jobs
+        # are limited by the worker threads
+        self.capacity = max(settings.dispatch_batch_size * 2, self.aws_concurrency * 2, 1)
         self.workers = max(settings.in_process_workers, 1)
+        # in-process results waiting to be recorded hold no worker, but at most this many
+        self._unrecorded_cap = self.workers + 2 * max(settings.dispatch_batch_size, 1)
         self.host = socket.gethostname()[:255]
         self.dispatched = 0
-        self._aws = AwsBackends(settings)
-        self._aws_slots = asyncio.Semaphore(AWS_CONCURRENCY)
+        self._aws = AwsBackends(settings, max_connections=self.aws_concurrency)
         self._keys = callbacks.KeyCache()
+        self._signer: callbacks.Signer | None = None
         self._pool: DaemonThreadPool | None = None
-        self._completions: asyncio.Queue[Completion] = asyncio.Queue()
+        self._aws_pool: DaemonThreadPool | None = None
+        self._results: list[Completion] = []  # in-process results waiting to be recorded
+        self._handed: list[tuple[Any, str | None, dict[str, Any]]] = []  # accepted AWS hand-offs to mark
+        self._record_wake = asyncio.Event()
+        self._record_conn: psycopg.AsyncConnection[Any] | None = None
         self._inflight: set[str] = set()  # claimed by us and not yet handed over / ended
         self._leased: set[str] = set()  # the subset whose lease we renew
         self._local: set[str] = set()  # the in-process subset, until their result is recorded
         self._busy: set[str] = set()  # in-process jobs whose handler has not returned (a worker each)
         self._lease_until: dict[str, float] = {}  # job id -> monotonic end of its lease as we know it
-        self._recording: list[Completion] = []  # the batch the completer is recording right now
+        self._recording: list[Completion] = []  # the batch the recorder is recording right now
+        self._marking: list[tuple[Any, str | None, dict[str, Any]]] = []  # the hand-offs it is marking
         self._registered = False
         self._more_due = False
         # look for Lambda/ECS jobs on the next claim? Only when something may have made one due
         # (a NOTIFY, the polling fallback, a retry timer, a finished hand-off): a worker that
         # became free needs only the in-process scan
         self._check_remote = True
+        self._checked_remote = True
         self._healthy_since: float | None = None  # monotonic start of our unbroken heartbeats
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
@@ -357,9 +418,13 @@ class Dispatcher:
     # lifecycle
 
     def _start_workers(self) -> None:
+        loop = asyncio.get_running_loop()
         self._pool = DaemonThreadPool(max_workers=self.workers, thread_name_prefix="pie-job")
+        self._pool.deliver_to(loop, self._on_results)
+        self._aws_pool = DaemonThreadPool(max_workers=self.aws_concurrency, thread_name_prefix="pie-aws")
+        self._aws_pool.deliver_to(loop, self._on_handed)
         self._background += [
-            asyncio.create_task(self._completer(), name=f"{self.name}-completer"),
+            asyncio.create_task(self._recorder(), name=f"{self.name}-recorder"),
             asyncio.create_task(self._renewer(), name=f"{self.name}-lease-renewer"),
             asyncio.create_task(self._heartbeater(), name=f"{self.name}-heartbeat"),
         ]
@@ -393,11 +458,17 @@ class Dispatcher:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
-        # whatever ended but was not recorded yet (with retries for at most the grace period)
-        leftovers: list[Completion] = list(self._recording)
-        self._recording = []
-        while not self._completions.empty():
-            leftovers.append(self._completions.get_nowait())
+        # whatever ended or was handed over but was not recorded yet (with retries for at most
+        # the grace period): a hand-off AWS accepted must not be released and run again
+        handed, self._handed = self._marking + self._handed, []
+        self._marking = []
+        if handed:
+            with contextlib.suppress(Exception):
+                await self._mark_dispatched(handed)
+            for row, _, _ in handed:
+                self._done(row.job_id)
+        leftovers: list[Completion] = self._recording + self._results
+        self._recording, self._results = [], []
         if leftovers:
             with contextlib.suppress(Exception):
                 await self._finish(leftovers, retry_until=time.monotonic() + grace)
@@ -405,13 +476,15 @@ class Dispatcher:
                 self._done(completion.job_id)
         await self._close_claim_connection()
         await self.release_unfinished()
+        await self._close_record_connection()
         if self._registered:
             with contextlib.suppress(Exception):
                 async with db.get_engine().begin() as conn:
                     await conn.execute(_UNREGISTER, {"me": self.worker_id})
             self._registered = False
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._aws_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         self._running = False
         log.info("dispatcher %s stopped after %d dispatches", self.worker_id, self.dispatched)
 
@@ -556,21 +629,28 @@ class Dispatcher:
     # claiming and handing over
 
     async def claim_and_dispatch(self) -> int:
-        """Claim up to the free capacity of due jobs and start handing them over."""
+        """Claim up to the free capacity of due jobs and hand them over (in-process jobs start
+        at once; their results are recorded later by the recorder)."""
         remote = len(self._inflight) - len(self._local)
         remote_limit = (
             max(min(self.settings.dispatch_batch_size, self.capacity - remote), 0) if self._check_remote else 0
         )
         self._checked_remote = self._check_remote
-        # free workers; results waiting to be recorded hold no worker, but at most a batch of them
-        unrecorded_cap = self.workers + self.settings.dispatch_batch_size
         local_limit = max(
-            min(self.settings.dispatch_batch_size, self.workers - len(self._busy), unrecorded_cap - len(self._local)), 0
+            min(
+                self.settings.dispatch_batch_size,
+                self.workers - len(self._busy),
+                self._unrecorded_cap - len(self._local),
+            ),
+            0,
         )
         if remote_limit <= 0 and local_limit <= 0:
             return 0
         if not self._registered:
             await self.register()  # peers must see us alive before we hold any job
+        key = await self._keys.get(db.get_engine())  # before the claim: a claimed job is signed at once
+        if self._signer is None or self._signer.key != key:
+            self._signer = callbacks.Signer(key)
         lease = self.settings.in_process_lease_seconds
         claimed_at = time.monotonic()
         rows = await self._claim(
@@ -583,26 +663,27 @@ class Dispatcher:
             }
         )
         n_local = sum(1 for r in rows if isinstance(r.handler, dict) and r.handler.get("type") == "in_process")
-        # claim again at once only if a kind filled its limit and this dispatcher has room for more of it
-        self._more_due = (local_limit > 0 and n_local == local_limit and self.workers > len(self._busy) + n_local) or (
-            remote_limit > 0 and len(rows) - n_local == remote_limit
-        )
         self._check_remote = remote_limit > 0 and len(rows) - n_local == remote_limit
-        # every free worker got a job: probably more are due (the recorder waits for their results)
+        # every free worker got a job: probably more are due (the recorder lingers for their results)
         self._backlog = local_limit > 0 and n_local == local_limit
         if not rows:
+            self._more_due = False
             return 0
         self._idle.clear()
-        for row in sorted(rows, key=lambda r: r.job_id):
-            metrics.job_started(row.job_type, row.queued_seconds)
+        rows.sort(key=lambda r: r.job_id)
+        for row in rows:
             self._inflight.add(row.job_id)
             self._leased.add(row.job_id)
             self._lease_until[row.job_id] = claimed_at + lease
-            if isinstance(row.handler, dict) and row.handler.get("type") == "in_process":
-                self._local.add(row.job_id)
-                self._busy.add(row.job_id)
-            self._spawn(self._hand_over(row))
         self.dispatched += len(rows)
+        self._hand_over(rows, self._signer)
+        # claim again at once only if a kind filled its limit and this dispatcher has room for more of it
+        self._more_due = (
+            local_limit > 0
+            and n_local == local_limit
+            and len(self._busy) < self.workers
+            and len(self._local) < self._unrecorded_cap
+        ) or (remote_limit > 0 and len(rows) - n_local == remote_limit)
         return len(rows)
 
     async def _claim(self, params: dict[str, Any]) -> list[Any]:
@@ -640,85 +721,99 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _hand_over(self, row: Any) -> None:
-        job_id_var.set(row.job_id)  # this task's log lines carry the job id
-        handler: dict[str, Any] = row.handler if isinstance(row.handler, dict) else {}
-        kind = handler.get("type") if handler else None
-        metrics.dispatch_attempt(kind)
-        warning = public_url_warning(self.settings, kind)
-        try:
-            key = await self._keys.get(db.get_engine())
-            token = callbacks.mint(key, row, callback_token_ttl(self.settings, handler))
-            payload = build_payload(self.settings, row, token)
+    def _hand_over(self, rows: list[Any], signer: callbacks.Signer) -> None:
+        """Give each claimed job to its backend, without waiting: inline implementations run
+        right here, ``async def`` ones become tasks, plain ones go to the worker pool, Lambda and
+        ECS calls to the AWS pool. Results come back through ``_on_results``/``_on_handed``."""
+        s = self.settings
+        now = time.time()
+        attempts: dict[Any, int] = {}
+        for row in rows:
+            handler: dict[str, Any] = row.handler if isinstance(row.handler, dict) else {}
+            kind = handler.get("type") if handler else None
+            attempts[kind] = attempts.get(kind, 0) + 1
+            metrics.job_started(row.job_type, row.queued_seconds)
+            payload = build_payload(s, row, signer.sign(row, callback_token_ttl(s, handler), now=now))
             if kind == "in_process":
-                implementation = get_implementation(str(handler.get("value")))
-                if implementation is None:
-                    raise DispatchError(
+                self._local.add(row.job_id)
+                self._busy.add(row.job_id)
+                registered = get_registered(str(handler.get("value")))
+                if registered is None:
+                    error = DispatchError(
                         "unknown_in_process_handler",
                         f"no in-process implementation named {handler.get('value')!r} is registered in this process",
                         retryable=False,
                     )
-                await self._run_in_process(row, implementation, payload)
-                return
-            if kind == "lambda":
-                async with self._aws_slots:
-                    info = await asyncio.to_thread(self._aws.invoke_lambda, handler, payload)
-            elif kind == "ecs_task":
-                async with self._aws_slots:
-                    info = await asyncio.to_thread(self._aws.run_ecs_task, handler, payload)
+                    self._busy.discard(row.job_id)
+                    self._spawn(self._dispatch_failed(row, error, kind))
+                    continue
+                mode = registered.mode
+                if mode == "inline" and (row.payload_bytes or 0) > INLINE_MAX_PAYLOAD_BYTES:
+                    mode = "thread"
+                if mode == "inline":
+                    self._busy.discard(row.job_id)
+                    self._results.append(_run_job(row.job_id, registered.implementation, payload))
+                elif mode == "async":
+                    self._spawn(self._run_async(row.job_id, registered.implementation, payload))
+                else:
+                    assert self._pool is not None
+                    self._pool.run_soon(_run_job, row.job_id, registered.implementation, payload)
+            elif kind in ("lambda", "ecs_task"):
+                method = self._aws.invoke_lambda if kind == "lambda" else self._aws.run_ecs_task
+                assert self._aws_pool is not None
+                self._aws_pool.run_soon(self._aws_call, row, kind, method, handler, payload)
             else:
-                raise DispatchError(
+                error = DispatchError(
                     "invalid_handler",
                     f"model version has no usable {row.job_type} handler (type {kind!r})",
                     retryable=False,
                 )
-        except asyncio.CancelledError:
-            raise
-        except DispatchError as exc:
-            await self._dispatch_failed(row, exc, kind)
-            return
-        except Exception as exc:  # never lose a job to an unexpected error
-            log.exception("dispatcher %s: handing over job %s failed", self.worker_id, row.job_id)
-            await self._dispatch_failed(
-                row, DispatchError("dispatch_exception", str(exc), details={"exception": exc.__class__.__name__}), kind
-            )
-            return
-        self._leased.discard(row.job_id)
-        try:
-            async with db.get_engine().begin() as conn:
-                await conn.execute(_DISPATCHED, {"job_id": row.job_id, "me": self.worker_id, "warning": warning})
-        finally:
-            self._done(row.job_id)
-        log.info("job %s dispatched to %s (attempt %d): %s", row.job_id, kind, row.attempts, info)
+                self._spawn(self._dispatch_failed(row, error, kind))
+        for kind, n in attempts.items():
+            metrics.dispatch_attempt(kind, n)
+        if self._results:
+            self._record_wake.set()
+            self._wake.set()  # inline jobs freed their workers already
 
-    async def _run_in_process(self, row: Any, implementation: Any, payload: dict[str, Any]) -> None:
-        loop = asyncio.get_running_loop()
+    @staticmethod
+    def _aws_call(row: Any, kind: str, method: Callable[..., Any], handler: dict[str, Any], payload: dict[str, Any]):
+        return row, kind, _hand_to_aws(method, handler, payload)
+
+    async def _run_async(self, job_id: str, implementation: Any, payload: dict[str, Any]) -> None:
+        """An ``async def`` implementation, as a task on the loop (its log lines carry the job id)."""
+        job_id_var.set(job_id)
         try:
-            # the handler's own log lines carry the job id too
-            run = functools.partial(contextvars.copy_context().run, _run_implementation, implementation, payload)
-            output = await loop.run_in_executor(self._pool, run)
-            completion = Completion(row.job_id, "success", output=output)
+            output = await implementation(payload)
+            completion = Completion(job_id, "success", output=output, output_json=_encoded_output(output))
         except asyncio.CancelledError:
             raise
-        except HandlerFailure as exc:
-            completion = Completion(row.job_id, "failure", error=storable_error(exc.error))
         except Exception as exc:
-            completion = Completion(
-                row.job_id,
-                "failure",
-                error=storable_error(
-                    {
-                        "code": "handler_exception",
-                        "message": str(exc) or exc.__class__.__name__,
-                        "exception": exc.__class__.__name__,
-                    }
-                ),
-            )
-        self._busy.discard(row.job_id)  # the worker is free; the result waits to be recorded
-        self._wake.set()
-        await self._completions.put(completion)
+            completion = _failure(job_id, exc)
+        self._on_results([completion])
+
+    def _on_results(self, completions: list[Completion]) -> None:
+        """In-process handlers returned (a batch of them): their workers are free; the results
+        wait for the recorder."""
+        for completion in completions:
+            self._busy.discard(completion.job_id)
+        self._results.extend(completions)
+        self._record_wake.set()
+        self._wake.set()  # capacity is free again
+
+    def _on_handed(self, items: list[tuple[Any, str, Any]]) -> None:
+        """AWS calls returned (a batch of them): accepted hand-offs wait for the recorder to
+        clear their lease; failures are retried or given up."""
+        for row, kind, info in items:
+            if isinstance(info, DispatchError):
+                self._spawn(self._dispatch_failed(row, info, kind))
+                continue
+            self._leased.discard(row.job_id)
+            self._handed.append((row, public_url_warning(self.settings, kind), info))
+        if self._handed:
+            self._record_wake.set()
 
     async def _dispatch_failed(self, row: Any, exc: DispatchError, kind: str | None) -> None:
+        job_id_var.set(row.job_id)
         error = {**exc.as_error(), "attempts": row.attempts, "backend": kind}
         metrics.dispatch_failure(kind, exc.retryable)
         try:
@@ -763,25 +858,83 @@ class Dispatcher:
         self._wake.set()  # capacity is free again
 
     # ---------------------------------------------------------------------------------------
-    # ending in-process jobs, in batches
+    # recording results and hand-offs, in batches, on a connection of its own
 
-    async def _completer(self) -> None:
+    async def _recorder(self) -> None:
         while True:
-            batch = [await self._completions.get()]
-            if self._busy or self._backlog:  # more results are on their way
-                await asyncio.sleep(COMPLETION_LINGER)
-            while len(batch) < COMPLETION_BATCH and not self._completions.empty():
-                batch.append(self._completions.get_nowait())
-            self._recording = batch  # if stop() cancels us mid-way, it records these itself
+            await self._record_wake.wait()
+            if (self._busy or self._backlog) and len(self._results) < RECORD_BATCH:
+                await asyncio.sleep(RECORD_LINGER)  # more results are on their way
+            self._record_wake.clear()
+            handed, self._handed = self._handed, []
+            if handed:
+                self._marking = handed  # if stop() cancels us mid-way, it marks these itself
+                try:
+                    await self._mark_dispatched(handed)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # their leases recover them
+                    log.warning("dispatcher %s: marking %d hand-offs failed: %s", self.worker_id, len(handed), exc)
+                self._marking = []
+                for row, _, _ in handed:
+                    self._done(row.job_id)
+            while self._results:
+                batch, self._results = self._results[:RECORD_BATCH], self._results[RECORD_BATCH:]
+                self._recording = batch  # if stop() cancels us mid-way, it records these itself
+                try:
+                    await self._finish(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("dispatcher %s: recording %d results failed", self.worker_id, len(batch))
+                self._recording = []
+                for completion in batch:
+                    self._done(completion.job_id)
+
+    async def _record_connection(self) -> psycopg.AsyncConnection[Any]:
+        conn = self._record_conn
+        if conn is None or conn.closed:
+            conn = self._record_conn = await db.connect(self.settings, autocommit=True)
+        return conn
+
+    async def _close_record_connection(self) -> None:
+        conn, self._record_conn = self._record_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _drop_record_connection_if_broken(self) -> None:
+        conn = self._record_conn
+        if conn is not None and (conn.closed or conn.broken):
+            await self._close_record_connection()
+
+    async def _mark_dispatched(self, handed: list[tuple[Any, str | None, dict[str, Any]]]) -> None:
+        """One statement for a batch of accepted hand-offs (tried once more on a new connection
+        when the old one turns out broken)."""
+        params = {
+            "ids": [row.job_id for row, _, _ in handed],
+            "warnings": [w for _, w, _ in handed],
+            "me": self.worker_id,
+        }
+        for retry in (False, True):
             try:
-                await self._finish(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("dispatcher %s: recording %d results failed", self.worker_id, len(batch))
-            self._recording = []
-            for completion in batch:
-                self._done(completion.job_id)
+                conn = await self._record_connection()
+                await conn.execute(_DISPATCHED, params)
+                break
+            except psycopg.OperationalError:
+                await self._drop_record_connection_if_broken()
+                if retry:
+                    raise
+        for row, _, info in handed:
+            handler = row.handler if isinstance(row.handler, dict) else {}
+            log.info(
+                "job %s dispatched to %s (attempt %d): %s",
+                row.job_id,
+                handler.get("type"),
+                row.attempts,
+                info,
+                extra={"job_id": row.job_id},
+            )
 
     def _recording_deadline(self, completions: list[Completion]) -> float:
         """Until when recording these results may be retried: the earliest end of their leases
@@ -794,7 +947,7 @@ class Dispatcher:
     async def _finish(
         self, completions: list[Completion], *, attempt: int = 0, retry_until: float | None = None
     ) -> None:
-        """End jobs through the completion logic.
+        """End jobs through the completion logic (on the recorder's connection).
 
         A transient database error (the server is down or restarting, a broken connection, a
         timeout, a conflict) is retried with exponential backoff for as long as the jobs' leases
@@ -807,12 +960,13 @@ class Dispatcher:
         delay = 0.05
         while True:
             try:
-                async with db.sessionmaker()() as session, session.begin():
-                    outcomes = await finish_jobs(session, completions)
+                conn = await self._record_connection()
+                outcomes = await finish_jobs(conn, completions)
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                await self._drop_record_connection_if_broken()
                 if not is_transient_db_error(exc):
                     return await self._finish_fallback(completions, exc, attempt)
                 until = retry_until if retry_until is not None else self._recording_deadline(completions)
