@@ -452,7 +452,10 @@ async def finish_jobs(
         raw = await _driver_connection(session)
     else:
         raw = target
-    ids, statuses, outputs, errors = [], [], [], []
+    ids: list[str] = []
+    statuses: list[str] = []
+    outputs: list[str | None] = []
+    errors: list[str | None] = []
     for c in by_id.values():
         ids.append(c.job_id)
         statuses.append(c.status)
