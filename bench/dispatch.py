@@ -12,8 +12,9 @@ in alternating rounds (the order rotates every round), so a busy machine hits ev
   enqueue and completion timestamps: PIE ``created_at``/``completed_at``, pgqueuer's log rows
   ``queued``/``successful``, procrastinate's events ``deferred``/``succeeded``);
 * **lambda**: ``--lambda-jobs`` Lambda jobs dispatched by one ``pie worker`` to moto's HTTP
-  server (a separate process) through a proxy that delays every request by ``--aws-delay``
-  (30 ms, as a far AWS region would); invocations/s, beside the ceiling of one call at a time.
+  server (a separate process), every request held ``--aws-delay`` (30 ms, as the round trip to
+  a far AWS region would) by a test hook in the worker's boto3 clients; invocations/s, beside
+  the ceiling of one call at a time.
 
 Printed: per round and system the figures, then medians, and the medians of the per-round
 ratios PIE / peer (a ratio is taken within one round, so both sides saw the same machine).
@@ -454,60 +455,26 @@ async def latency(system: System, rate: float, seconds: float) -> dict[str, floa
 
 
 # ---------------------------------------------------------------------------------------------
-# Lambda dispatch through moto's HTTP server behind a delaying proxy
+# Lambda dispatch through moto's HTTP server, every request delayed in the client
 
 
-async def delay_proxy(target_port: int, delay: float) -> tuple[asyncio.AbstractServer, int]:
-    """A TCP proxy to 127.0.0.1:target_port that holds every chunk a client sends for ``delay``
-    seconds (in order, per connection): each request reaches moto ``delay`` later."""
+def delay_aws_requests(delay: float) -> None:
+    """The test hook: every AWS request of this process's boto3 clients (pie's AwsBackends and
+    the ones made here) waits ``delay`` seconds in its thread before it is sent, as the round trip
+    to a far AWS region would hold it."""
+    from pie.dispatch import backends
 
-    async def pipe_delayed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+    def slow(**_: Any) -> None:
+        time.sleep(delay)
 
-        async def forward() -> None:
-            while True:
-                due, data = await queue.get()
-                if not data:
-                    break
-                wait = due - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                writer.write(data)
-                await writer.drain()
-            with contextlib.suppress(Exception):
-                writer.write_eof()
+    real = backends.AwsBackends._client
 
-        task = asyncio.create_task(forward())
-        try:
-            while True:
-                data = await reader.read(65536)
-                await queue.put((time.monotonic() + delay, data))
-                if not data:
-                    break
-            await task
-        finally:
-            task.cancel()
+    def client(self: Any, service: str) -> Any:
+        made = real(self, service)
+        made.meta.events.register(f"before-send.{made.meta.service_model.service_name}", slow)
+        return made
 
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(Exception):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        with contextlib.suppress(Exception):
-            writer.close()
-
-    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", target_port)
-        except OSError:
-            client_writer.close()
-            return
-        with contextlib.suppress(Exception):
-            await asyncio.gather(pipe_delayed(client_reader, upstream_writer), pipe(upstream_reader, client_writer))
-        client_writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+    backends.AwsBackends._client = client  # type: ignore[method-assign]
 
 
 async def lambda_dispatch(url: str, n: int, delay: float) -> dict[str, float]:
@@ -545,12 +512,12 @@ async def lambda_dispatch(url: str, n: int, delay: float) -> dict[str, float]:
             Handler="handler.handler",
             Code={"ZipFile": code.getvalue()},
         )["FunctionArn"]
-        server, proxy_port = await delay_proxy(moto_port, delay)
-        proxied = boto3.client("lambda", **{**kwargs, "endpoint_url": f"http://127.0.0.1:{proxy_port}"})
+        hooked = boto3.client("lambda", **kwargs)
+        hooked.meta.events.register("before-send.lambda", lambda **_: time.sleep(delay))
         rtts = []
         for _ in range(5):
             started = time.monotonic()
-            await asyncio.to_thread(proxied.invoke, FunctionName=arn, InvocationType="Event", Payload=b"{}")
+            await asyncio.to_thread(hooked.invoke, FunctionName=arn, InvocationType="Event", Payload=b"{}")
             rtts.append(time.monotonic() - started)
         handlers = json.dumps({"inference": {"type": "lambda", "arn": arn}, "training": {"type": "lambda", "arn": arn}})
         pie = Pie(url, 16)
@@ -566,7 +533,12 @@ async def lambda_dispatch(url: str, n: int, delay: float) -> dict[str, float]:
                 "VALUES ('bench-lambda', '1', 'active', %s::jsonb) ON CONFLICT DO NOTHING",
                 (handlers,),
             )
-            async with pie.consumer(AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy_port}", **aws_env) as consumer:
+            consumer_process = Consumer(
+                [sys.executable, __file__, "--consumer", "pie-aws-delay", "--url", url],
+                {**pie.consumer().env, "AWS_ENDPOINT_URL": endpoint, "PIE_BENCH_AWS_DELAY": str(delay), **aws_env},
+                pie.ready,
+            )
+            async with consumer_process as consumer:
                 cpu0 = cpu_seconds(consumer.pid)
                 start = time.monotonic()
                 await pie.enqueue_many(conn, n, model_id="bench-lambda")
@@ -595,7 +567,6 @@ async def lambda_dispatch(url: str, n: int, delay: float) -> dict[str, float]:
             if row[0] != n:
                 raise SystemExit(f"lambda: {row[0]} of {n} jobs dispatched once without error")
             await conn.execute("DELETE FROM jobs")
-        server.close()
         return {
             "rate": n / (end - start),
             "seconds": end - start,
@@ -619,6 +590,12 @@ PGQ_MODE = os.environ.get("PIE_BENCH_PGQUEUER_MODE", "bounded")
 
 
 def run_consumer(kind: str, url: str, concurrency: int) -> int:
+    if kind == "pie-aws-delay":  # `pie worker`, with the AWS delay hook
+        sys.path.insert(0, str(ROOT / "src"))
+        delay_aws_requests(float(os.environ["PIE_BENCH_AWS_DELAY"]))
+        from pie.cli import main as pie_main
+
+        return pie_main(["worker", "--name", "bench-aws"])
     if kind == "pgqueuer":
         from datetime import timedelta
 
@@ -724,7 +701,7 @@ async def main(args: argparse.Namespace) -> int:
             lam = [await lambda_dispatch(url, args.lambda_jobs, args.aws_delay) for _ in range(args.lambda_rounds)]
             for x in lam:
                 print(
-                    f"lambda  {args.lambda_jobs} jobs, proxied Invoke round trip {x['rtt_ms']:.1f} ms: "
+                    f"lambda  {args.lambda_jobs} jobs, Invoke round trip with the delay {x['rtt_ms']:.1f} ms: "
                     f"{x['rate']:.0f} invocations/s  CPU {x['cpu_us']:.0f} us/job",
                     flush=True,
                 )

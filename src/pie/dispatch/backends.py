@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import re
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -204,6 +205,7 @@ class AwsBackends:
         self.max_connections = max_connections
         self._lambda = None
         self._ecs = None
+        self._lock = threading.Lock()
 
     def _client(self, service: str):
         import boto3
@@ -218,16 +220,22 @@ class AwsBackends:
         )
         return boto3.session.Session().client(service, endpoint_url=self.settings.aws_endpoint_url, config=config)
 
+    # created on first use, once: the first calls of a batch arrive together from many threads
+    # (a client costs tens of milliseconds to build)
     @property
     def lambda_client(self):
         if self._lambda is None:
-            self._lambda = self._client("lambda")
+            with self._lock:
+                if self._lambda is None:
+                    self._lambda = self._client("lambda")
         return self._lambda
 
     @property
     def ecs_client(self):
         if self._ecs is None:
-            self._ecs = self._client("ecs")
+            with self._lock:
+                if self._ecs is None:
+                    self._ecs = self._client("ecs")
         return self._ecs
 
     def invoke_lambda(self, handler: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:

@@ -374,6 +374,7 @@ class Dispatcher:
         # Lambda/ECS hand-offs in flight (calling AWS or waiting for their turn); in-process jobs
         # are limited by the worker threads
         self.capacity = max(settings.dispatch_batch_size * 2, self.aws_concurrency * 2, 1)
+        self._remote_chunk = max(min(settings.dispatch_batch_size, self.capacity) // 4, 1)
         self.workers = max(settings.in_process_workers, 1)
         # in-process results waiting to be recorded hold no worker, but at most this many
         self._unrecorded_cap = self.workers + 2 * max(settings.dispatch_batch_size, 1)
@@ -635,6 +636,10 @@ class Dispatcher:
         remote_limit = (
             max(min(self.settings.dispatch_batch_size, self.capacity - remote), 0) if self._check_remote else 0
         )
+        if 0 < remote_limit < self._remote_chunk and remote >= self.aws_concurrency:
+            # every AWS thread is busy and more hand-offs wait for one: claim again when a
+            # chunk is free, not once per finished hand-off
+            remote_limit = 0
         self._checked_remote = self._check_remote
         local_limit = max(
             min(
