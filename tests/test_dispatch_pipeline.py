@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from jose import jwt
 from sqlalchemy import select
-from test_dispatch_aws import aws_settings, lambda_function, moto_endpoint, seed  # noqa: F401  (fixtures)
+from test_dispatch_aws import aws, aws_settings, moto_endpoint, seed  # noqa: F401  (fixtures)
 from test_dispatch_inprocess import new_job, seed_version, stored
 
 from pie import callbacks, db
@@ -156,11 +156,30 @@ async def test_finish_jobs_on_a_raw_connection_ends_plain_jobs_and_announces_the
     assert (job.status, job.output, job.error["code"]) == ("failure", None, "handler_failure")
 
 
-async def test_lambda_calls_of_a_batch_run_in_parallel(session, aws_settings, lambda_function, moto_endpoint):
+def far_function(endpoint: str) -> str:
+    """A Lambda function of this module's own (moto's state is shared by every server in the
+    process, so the names differ from test_dispatch_aws's)."""
+    import io
+    import zipfile
+
+    role = aws("iam", endpoint).create_role(RoleName="pie-far", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    code = io.BytesIO()
+    with zipfile.ZipFile(code, "w") as z:
+        z.writestr("handler.py", "def handler(event, context):\n    return event\n")
+    return aws("lambda", endpoint).create_function(
+        FunctionName="pie-far",
+        Runtime="python3.12",
+        Role=role,
+        Handler="handler.handler",
+        Code={"ZipFile": code.getvalue()},
+    )["FunctionArn"]
+
+
+async def test_lambda_calls_of_a_batch_run_in_parallel(session, aws_settings, moto_endpoint):
     """Every Invoke takes 0.3 s more here (a far AWS region): a dispatcher still makes the calls
     of a batch at once (up to PIE_DISPATCH_AWS_CONCURRENCY), where one at a time, or a few
     threads, would cap dispatch at a handful of jobs per second. Each job is invoked once."""
-    await seed(session, "far", {"type": "lambda", "arn": lambda_function["arn"]})
+    await seed(session, "far", {"type": "lambda", "arn": far_function(moto_endpoint)})
     ids = [await new_job(session, model_id="far", input={"n": i}) for i in range(16)]
     dispatcher = Dispatcher(aws_settings.model_copy(update={"dispatch_aws_concurrency": 32}), name="far")
     state = {"now": 0, "max": 0, "calls": 0}

@@ -65,7 +65,7 @@ from sqlalchemy import text
 from pie import callbacks, db, metrics
 from pie.config import Settings
 from pie.dispatch.backends import AwsBackends, DispatchError, build_payload, callback_token_ttl, public_url_warning
-from pie.dispatch.inprocess import HandlerFailure, get_registered
+from pie.dispatch.inprocess import HandlerFailure, get_registered, inline_names
 from pie.dispatch.threads import DaemonThreadPool
 from pie.jobs.logic import NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
 from pie.logconfig import job_id_var
@@ -82,6 +82,7 @@ RECORD_BATCH = 500
 # job); a result that ends while nothing else runs is recorded at once. Workers and claims go on
 # meanwhile.
 RECORD_LINGER = 0.002
+RECORD_LINGER_MAX = 0.01
 COMPLETION_BATCH = RECORD_BATCH  # the former names
 COMPLETION_LINGER = RECORD_LINGER
 # A worker frees while others still run the jobs of the same claim (instant handlers end within
@@ -115,9 +116,10 @@ _RETRY = text(
     WHERE job_id = :job_id AND status = 'started' AND locked_by = :me
     """
 )
-# Claim due pending jobs: at most :local_limit with an in-process handler (the free workers of
-# this dispatcher) and :remote_limit others (Lambda/ECS hand-offs, invalid handlers) among the
-# :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
+# Claim due pending jobs: at most :local_limit with an in-process handler that needs a worker
+# (the free workers of this dispatcher) and :remote_limit that need none (Lambda/ECS hand-offs,
+# invalid handlers, and the :inline implementations, which run on the event loop at once) among
+# the :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
 # SKIP LOCKED: rows another transaction holds are skipped, never waited for.
 # One statement, run in autocommit on the dispatcher's own connection: one round trip per claim.
 _CLAIM = """
@@ -126,17 +128,19 @@ _CLAIM = """
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
         WHERE j.status = 'pending' AND j.next_attempt_at <= now()
           AND (mv.handlers -> j.job_type ->> 'type') IS NOT DISTINCT FROM 'in_process'
+          AND coalesce(mv.handlers -> j.job_type ->> 'value', '') <> ALL(%(inline)s)
         ORDER BY j.next_attempt_at
         LIMIT %(local_limit)s
         FOR UPDATE OF j SKIP LOCKED
     ), remote_due AS (
         SELECT j.job_id FROM jobs AS j
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
-        WHERE j.job_id IN (
+        WHERE j.job_id = ANY(ARRAY(
                 SELECT job_id FROM jobs WHERE status = 'pending' AND next_attempt_at <= now()
-                ORDER BY next_attempt_at LIMIT %(lookahead)s)
+                ORDER BY next_attempt_at LIMIT %(lookahead)s))
           AND j.status = 'pending' AND j.next_attempt_at <= now()
-          AND (mv.handlers -> j.job_type ->> 'type') IS DISTINCT FROM 'in_process'
+          AND ((mv.handlers -> j.job_type ->> 'type') IS DISTINCT FROM 'in_process'
+               OR coalesce(mv.handlers -> j.job_type ->> 'value', '') = ANY(%(inline)s))
         ORDER BY j.next_attempt_at
         LIMIT %(remote_limit)s
         FOR UPDATE OF j SKIP LOCKED
@@ -378,6 +382,8 @@ class Dispatcher:
         self.workers = max(settings.in_process_workers, 1)
         # in-process results waiting to be recorded hold no worker, but at most this many
         self._unrecorded_cap = self.workers + 2 * max(settings.dispatch_batch_size, 1)
+        # while jobs run, the recorder waits for this many results (or RECORD_LINGER_MAX)
+        self._record_min = max(settings.dispatch_batch_size, 1)
         self.host = socket.gethostname()[:255]
         self.dispatched = 0
         self._aws = AwsBackends(settings, max_connections=self.aws_concurrency)
@@ -402,6 +408,9 @@ class Dispatcher:
         # (a NOTIFY, the polling fallback, a retry timer, a finished hand-off): a worker that
         # became free needs only the in-process scan
         self._check_remote = True
+        # look for jobs that need a worker? Not after a scan came up short, until something may
+        # have made one due (so a backlog of other jobs is not scanned for them on every claim)
+        self._check_local = True
         self._checked_remote = True
         self._healthy_since: float | None = None  # monotonic start of our unbroken heartbeats
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -612,6 +621,7 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.dispatch_poll_interval)
             except TimeoutError:
                 self._check_remote = True  # the polling fallback looks for every kind of job
+                self._check_local = True
 
     async def _gather_free_workers(self) -> None:
         """Some workers just became free while others still run: wait up to ``CLAIM_COALESCE``
@@ -633,14 +643,25 @@ class Dispatcher:
         """Claim up to the free capacity of due jobs and hand them over (in-process jobs start
         at once; their results are recorded later by the recorder)."""
         remote = len(self._inflight) - len(self._local)
+        # jobs that need no worker: hand-offs, within the capacity for them, and inline in-process
+        # jobs, within the results that may wait to be recorded
         remote_limit = (
-            max(min(self.settings.dispatch_batch_size, self.capacity - remote), 0) if self._check_remote else 0
+            max(
+                min(
+                    self.settings.dispatch_batch_size,
+                    self.capacity - remote,
+                    self._unrecorded_cap - len(self._local),
+                ),
+                0,
+            )
+            if self._check_remote
+            else 0
         )
         if 0 < remote_limit < self._remote_chunk and remote >= self.aws_concurrency:
             # every AWS thread is busy and more hand-offs wait for one: claim again when a
             # chunk is free, not once per finished hand-off
             remote_limit = 0
-        self._checked_remote = self._check_remote
+        self._checked_remote = self._check_remote and self._check_local  # every kind looked for
         local_limit = max(
             min(
                 self.settings.dispatch_batch_size,
@@ -649,6 +670,8 @@ class Dispatcher:
             ),
             0,
         )
+        if not self._check_local:
+            local_limit = 0
         if remote_limit <= 0 and local_limit <= 0:
             return 0
         if not self._registered:
@@ -663,14 +686,25 @@ class Dispatcher:
                 "local_limit": local_limit,
                 "remote_limit": remote_limit,
                 "lookahead": max(self.settings.dispatch_batch_size * 10, 500),
+                "inline": inline_names(),
                 "me": self.worker_id,
                 "lease": lease,
             }
         )
-        n_local = sum(1 for r in rows if isinstance(r.handler, dict) and r.handler.get("type") == "in_process")
+        inline = set(inline_names())
+        n_local = sum(
+            1
+            for r in rows
+            if isinstance(r.handler, dict)
+            and r.handler.get("type") == "in_process"
+            and r.handler.get("value") not in inline
+        )
         self._check_remote = remote_limit > 0 and len(rows) - n_local == remote_limit
-        # every free worker got a job: probably more are due (the recorder lingers for their results)
-        self._backlog = local_limit > 0 and n_local == local_limit
+        if local_limit > 0:
+            self._check_local = n_local == local_limit
+        # every free worker (or the whole batch) got a job: probably more are due (the recorder
+        # lingers for their results)
+        self._backlog = (local_limit > 0 and n_local == local_limit) or self._check_remote
         if not rows:
             self._more_due = False
             return 0
@@ -848,6 +882,7 @@ class Dispatcher:
     def _wake_all(self) -> None:
         """Wake the loop to look for due jobs of every kind (a NOTIFY, a retry coming due)."""
         self._check_remote = True
+        self._check_local = True
         self._wake.set()
 
     def _done(self, job_id: str) -> None:
@@ -868,8 +903,17 @@ class Dispatcher:
     async def _recorder(self) -> None:
         while True:
             await self._record_wake.wait()
-            if (self._busy or self._backlog) and len(self._results) < RECORD_BATCH:
-                await asyncio.sleep(RECORD_LINGER)  # more results are on their way
+            # more results are on their way: wait for them (a batch's worth, RECORD_LINGER_MAX
+            # at most), so a busy dispatcher ends many jobs per statement
+            lingered = 0.0
+            while (
+                (self._busy or self._backlog)
+                and len(self._results) < self._record_min
+                and lingered < RECORD_LINGER_MAX
+                and not self._stopping
+            ):
+                await asyncio.sleep(RECORD_LINGER)
+                lingered += RECORD_LINGER
             self._record_wake.clear()
             handed, self._handed = self._handed, []
             if handed:
@@ -1153,7 +1197,8 @@ class Dispatcher:
             if not claimed and not self._inflight:
                 if self._checked_remote:
                     return total
-                self._check_remote = True  # nothing in-process left: look for every kind once more
+                self._check_remote = True  # nothing left: look for every kind once more
+                self._check_local = True
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:

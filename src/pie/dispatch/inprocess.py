@@ -151,6 +151,12 @@ def get_implementation(name: str) -> Implementation | None:
     return found.implementation if found is not None else None
 
 
+def inline_names() -> list[str]:
+    """The names of the implementations that run inline (on the dispatcher's event loop): their
+    jobs need no worker, so a dispatcher claims them beside its free workers' share."""
+    return sorted(name for name, r in _BUILTINS.items() if r.mode == "inline" and r.implementation is not None)
+
+
 def get_registered(name: str) -> Registered | None:
     """The usable registration named ``name`` (its implementation and run mode), or None."""
     found = _BUILTINS.get(name) or _plugins().get(name)
