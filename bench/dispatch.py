@@ -28,7 +28,8 @@ The peers are installed only for the bench, never by the project::
 Database: PIE_BENCH_DATABASE_URL (used as is; it must be empty), else a scratch database on the
 local PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (dropped afterwards), else
 (``--own-cluster``, or when that server is unreachable) a throw-away cluster of its own
-(tests/pgcluster.py: fsync off, 200 connections).
+(tests/pgcluster.py, made durable again: fsync and synchronous_commit on; 200 connections): the
+same PostgreSQL, without the connections and locks of other users of a shared server.
 
     .venv/bin/python bench/dispatch.py [--rounds 3] [--jobs 20000] [--concurrency 16] [--rate 200]
         [--latency-seconds 10] [--lambda-jobs 3000] [--aws-delay 0.03] [--only drain,latency,lambda]
@@ -99,9 +100,11 @@ async def bench_database(own_cluster: bool) -> AsyncIterator[tuple[str, str]]:
     from pgcluster import OwnCluster
 
     cluster = await asyncio.to_thread(OwnCluster)
+    with open(cluster.data / "postgresql.conf", "a") as conf:  # durable, as a server is (later lines win)
+        conf.write("\nfsync = on\nsynchronous_commit = on\nfull_page_writes = on\n")
     try:
         await asyncio.to_thread(cluster.start)
-        yield cluster.url, f"a cluster of its own ({cluster.dir}, fsync off)"
+        yield cluster.url, f"a cluster of its own ({cluster.dir}; fsync and synchronous_commit on)"
     finally:
         await asyncio.to_thread(cluster.destroy)
 
@@ -276,6 +279,9 @@ class Pie(System):
 
 
 class PgQueuer(System):
+    """pgqueuer "bounded": at most N jobs at once (``max_concurrent_tasks``, which needs batches
+    of at most N/2)."""
+
     name = "pgqueuer"
 
     async def install(self) -> None:
@@ -387,7 +393,17 @@ class Procrastinate(System):
         await conn.execute("DELETE FROM procrastinate_jobs")
 
 
-PEERS = {"pgqueuer": PgQueuer, "procrastinate": Procrastinate}
+class PgQueuerBatches(PgQueuer):
+    """pgqueuer with batches of N and no bound on the jobs at once (no-op jobs end at once, so
+    few more than N run): its fastest set-up near N concurrent jobs."""
+
+    name = "pgqueuer-batches"
+
+    async def install(self) -> None:
+        """The same tables as ``pgqueuer`` (installed once)."""
+
+
+PEERS = {"pgqueuer": PgQueuer, "pgqueuer-batches": PgQueuerBatches, "procrastinate": Procrastinate}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,9 +602,6 @@ def _creds(env: dict[str, str]) -> dict[str, str]:
 # the peers' consumers (run as child processes of this script)
 
 
-PGQ_MODE = os.environ.get("PIE_BENCH_PGQUEUER_MODE", "bounded")
-
-
 def run_consumer(kind: str, url: str, concurrency: int) -> int:
     if kind == "pie-aws-delay":  # `pie worker`, with the AWS delay hook
         sys.path.insert(0, str(ROOT / "src"))
@@ -596,7 +609,7 @@ def run_consumer(kind: str, url: str, concurrency: int) -> int:
         from pie.cli import main as pie_main
 
         return pie_main(["worker", "--name", "bench-aws"])
-    if kind == "pgqueuer":
+    if kind in ("pgqueuer", "pgqueuer-batches"):
         from datetime import timedelta
 
         from pgqueuer import QueueManager
@@ -617,7 +630,7 @@ def run_consumer(kind: str, url: str, concurrency: int) -> int:
             # max_concurrent_tasks must be at least twice the batch size
             # "bounded": at most N jobs at once (max_concurrent_tasks, which needs batches of at
             # most N/2); "batches": batches of N and no bound (more than N may run at once)
-            bounded = PGQ_MODE == "bounded"
+            bounded = kind == "pgqueuer"
             await qm.run(
                 batch_size=max(concurrency // 2, 1) if bounded else concurrency,
                 max_concurrent_tasks=concurrency if bounded else None,
@@ -661,14 +674,13 @@ def fmt_ratio(values: list[float]) -> str:
 async def main(args: argparse.Namespace) -> int:
     peers = []
     for name, cls in PEERS.items():
-        if name not in args.peers:
+        if name not in args.peers.split(","):
             continue
-        if importlib.util.find_spec(name) is None:
+        if importlib.util.find_spec(name.split("-")[0]) is None:
             print(f"{name} is not installed: skipped (.venv/bin/pip install {name})")
             continue
         peers.append(cls)
     only = set(args.only.split(","))
-    os.environ["PIE_BENCH_PGQUEUER_MODE"] = args.pgqueuer_mode  # read by the pgqueuer consumer
     async with bench_database(args.own_cluster) as (url, where):
         print(f"database: {where}; load at start: {os.getloadavg()[0]:.2f}")
         systems: list[System] = [Pie(url, args.concurrency)] + [cls(url, args.concurrency) for cls in peers]
@@ -753,14 +765,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--lambda-jobs", type=int, default=3000)
     parser.add_argument("--lambda-rounds", type=int, default=1)
     parser.add_argument("--aws-delay", type=float, default=0.03, help="seconds added to every AWS request")
-    parser.add_argument("--peers", default="pgqueuer,procrastinate")
-    parser.add_argument(
-        "--pgqueuer-mode",
-        choices=("bounded", "batches"),
-        default="bounded",
-        help="bounded: at most --concurrency jobs at once (batches of half); batches: batches of "
-        "--concurrency, no bound",
-    )
+    parser.add_argument("--peers", default="pgqueuer,pgqueuer-batches,procrastinate")
     parser.add_argument("--only", default="drain,latency,lambda")
     parser.add_argument("--own-cluster", action="store_true", help="a throw-away PostgreSQL cluster of its own")
     parser.add_argument("--consumer", help=argparse.SUPPRESS)

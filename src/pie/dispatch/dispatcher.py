@@ -122,11 +122,11 @@ _RETRY = text(
 # the :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
 # SKIP LOCKED: rows another transaction holds are skipped, never waited for.
 # One statement, run in autocommit on the dispatcher's own connection: one round trip per claim.
-_CLAIM = """
+_CLAIM_TEMPLATE = """
     WITH local_due AS (
         SELECT j.job_id FROM jobs AS j
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
-        WHERE j.status = 'pending' AND j.next_attempt_at <= now()
+        WHERE j.status = 'pending' AND j.next_attempt_at <= now() {local_window}
           AND (mv.handlers -> j.job_type ->> 'type') IS NOT DISTINCT FROM 'in_process'
           AND coalesce(mv.handlers -> j.job_type ->> 'value', '') <> ALL(%(inline)s)
         ORDER BY j.next_attempt_at
@@ -135,10 +135,7 @@ _CLAIM = """
     ), remote_due AS (
         SELECT j.job_id FROM jobs AS j
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
-        WHERE j.job_id = ANY(ARRAY(
-                SELECT job_id FROM jobs WHERE status = 'pending' AND next_attempt_at <= now()
-                ORDER BY next_attempt_at LIMIT %(lookahead)s))
-          AND j.status = 'pending' AND j.next_attempt_at <= now()
+        WHERE j.status = 'pending' AND j.next_attempt_at <= now() {window}
           AND ((mv.handlers -> j.job_type ->> 'type') IS DISTINCT FROM 'in_process'
                OR coalesce(mv.handlers -> j.job_type ->> 'value', '') = ANY(%(inline)s))
         ORDER BY j.next_attempt_at
@@ -158,6 +155,19 @@ _CLAIM = """
               EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds,
               pg_column_size(j.input) + coalesce(pg_column_size(j.features), 0) AS payload_bytes
     """
+# the :lookahead oldest due jobs (looked up by primary key: a bounded scan, whatever the backlog)
+_WINDOW = """AND j.job_id = ANY(ARRAY(
+                SELECT job_id FROM jobs WHERE status = 'pending' AND next_attempt_at <= now()
+                ORDER BY next_attempt_at LIMIT %(lookahead)s))"""
+# The usual claim looks for both kinds among the :lookahead oldest due jobs; the deep one (at
+# most once per polling interval, when the window held too few jobs that need a worker) scans
+# the whole queue for them, so none waits behind a long backlog of other kinds for long.
+_CLAIM = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window=_WINDOW)
+_CLAIM_DEEP = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window="")
+# The claim and record connections plan their statements with indexes only: a queue that was
+# just bulk-loaded has no statistics yet, and a bitmap or sequential scan of a large backlog per
+# claim would cost hundreds of milliseconds. (Every table they touch is reached by an index.)
+_CONNECTION_SETUP = "SET enable_seqscan = off; SET enable_bitmapscan = off"
 # registration and heartbeat (re-registers a dispatcher whose row a peer removed as dead)
 _HEARTBEAT = text(
     """
@@ -411,6 +421,8 @@ class Dispatcher:
         # look for jobs that need a worker? Not after a scan came up short, until something may
         # have made one due (so a backlog of other jobs is not scanned for them on every claim)
         self._check_local = True
+        self._window_short = True
+        self._last_deep = 0.0
         self._checked_remote = True
         self._healthy_since: float | None = None  # monotonic start of our unbroken heartbeats
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -681,7 +693,13 @@ class Dispatcher:
             self._signer = callbacks.Signer(key)
         lease = self.settings.in_process_lease_seconds
         claimed_at = time.monotonic()
+        deep = False
+        if local_limit > 0 and self._window_short:
+            now = time.monotonic()
+            if now - self._last_deep >= self.settings.dispatch_poll_interval:
+                deep, self._last_deep = True, now
         rows = await self._claim(
+            _CLAIM_DEEP if deep else _CLAIM,
             {
                 "local_limit": local_limit,
                 "remote_limit": remote_limit,
@@ -689,7 +707,7 @@ class Dispatcher:
                 "inline": inline_names(),
                 "me": self.worker_id,
                 "lease": lease,
-            }
+            },
         )
         inline = set(inline_names())
         n_local = sum(
@@ -702,6 +720,8 @@ class Dispatcher:
         self._check_remote = remote_limit > 0 and len(rows) - n_local == remote_limit
         if local_limit > 0:
             self._check_local = n_local == local_limit
+            # the window held too few: the next claims look deeper (at most once per interval)
+            self._window_short = not deep and n_local < local_limit
         # every free worker (or the whole batch) got a job: probably more are due (the recorder
         # lingers for their results)
         self._backlog = (local_limit > 0 and n_local == local_limit) or self._check_remote
@@ -725,7 +745,7 @@ class Dispatcher:
         ) or (remote_limit > 0 and len(rows) - n_local == remote_limit)
         return len(rows)
 
-    async def _claim(self, params: dict[str, Any]) -> list[Any]:
+    async def _claim(self, statement: str, params: dict[str, Any]) -> list[Any]:
         """Run the claim on this dispatcher's own connection (autocommit: the statement is its
         transaction; no pool checkout, ping, BEGIN or COMMIT round trips). A connection that
         failed or was interrupted is closed and replaced; when a connection that sat idle turns
@@ -736,9 +756,10 @@ class Dispatcher:
             fresh = conn is None or conn.closed
             if fresh:
                 conn = self._claim_conn = await db.connect(self.settings, autocommit=True, row_factory=namedtuple_row)
+                await conn.execute(_CONNECTION_SETUP)
             assert conn is not None
             try:
-                cursor = await conn.execute(_CLAIM, params)
+                cursor = await conn.execute(statement, params)
                 return await cursor.fetchall()
             except BaseException as exc:
                 self._claim_conn = None
@@ -943,7 +964,9 @@ class Dispatcher:
     async def _record_connection(self) -> psycopg.AsyncConnection[Any]:
         conn = self._record_conn
         if conn is None or conn.closed:
-            conn = self._record_conn = await db.connect(self.settings, autocommit=True)
+            conn = await db.connect(self.settings, autocommit=True)
+            await conn.execute(_CONNECTION_SETUP)
+            self._record_conn = conn
         return conn
 
     async def _close_record_connection(self) -> None:
