@@ -210,3 +210,35 @@ async def test_lambda_calls_of_a_batch_run_in_parallel(session, aws_settings, mo
 def _clear():
     ASYNC_RUNS.clear()
     yield
+
+
+async def test_a_job_that_needs_a_worker_is_not_held_up_behind_a_backlog_of_other_jobs(session, settings):
+    """600 built-in jobs (more than a claim's look-ahead window of 500) queued before one job
+    for a plain handler: the second claim already finds that job (the window held none, so the
+    worker half looked through the whole queue), long before the backlog ahead of it drains."""
+    from test_dispatch_inprocess import CAPTURED
+
+    CAPTURED.clear()
+    await seed_version(session, "bulk")
+    await seed_version(session, "worker", inference="test_capture")
+    async with db.sessionmaker()() as s, s.begin():
+        await s.execute(
+            Job.__table__.insert(),
+            [
+                {"job_type": "inference", "model_id": "bulk", "model_version": "1", "input": {"n": i}}
+                for i in range(600)
+            ],
+        )
+    behind = await new_job(session, model_id="worker", input={"n": "behind"})
+    dispatcher = Dispatcher(
+        settings.model_copy(update={"in_process_workers": 2, "dispatch_batch_size": 50}), name="deep"
+    )
+    dispatcher._start_workers()
+    try:
+        claimed = [await dispatcher.claim_and_dispatch() for _ in range(2)]
+        job = await stored(session, behind)
+        assert job.status in ("started", "success") and job.attempts == 1 and sum(claimed) <= 101
+    finally:
+        await dispatcher.stop(grace=5.0)
+    assert (await stored(session, behind)).status == "success"
+    assert [p["job_id"] for p in CAPTURED] == [behind]

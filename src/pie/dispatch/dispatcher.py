@@ -5,9 +5,10 @@ A pipeline of three independent steps, each on its own cadence, so no step waits
 1. **claim**: due pending jobs are claimed with ``FOR UPDATE SKIP LOCKED`` and marked ``started``
    (attempts+1, ``locked_by``, a lease) by one autocommit statement on the dispatcher's own
    connection, so any number of dispatchers on any number of machines can share the database and
-   each job is claimed by exactly one of them. A dispatcher claims no more in-process jobs than it
-   has free workers, and claims again as soon as workers are free — while earlier results are
-   still being recorded;
+   each job is claimed by exactly one of them. A dispatcher claims no more in-process jobs
+   that need a worker than it has free workers (the built-ins, which run on the event loop at
+   once, need none: a batch of them is one claim), and claims again as soon as workers are free
+   — while earlier results are still being recorded;
 2. **hand over**: each claimed job gets a payload with its callback token (:mod:`pie.callbacks`,
    signed by a per-key :class:`pie.callbacks.Signer`) and goes to the backend of its version's
    handler for its job_type: Lambda ``Invoke`` (``Event``) or ECS ``RunTask`` in a bounded pool of
@@ -83,8 +84,6 @@ RECORD_BATCH = 500
 # meanwhile.
 RECORD_LINGER = 0.002
 RECORD_LINGER_MAX = 0.01
-COMPLETION_BATCH = RECORD_BATCH  # the former names
-COMPLETION_LINGER = RECORD_LINGER
 # A worker frees while others still run the jobs of the same claim (instant handlers end within
 # microseconds of each other): the claim waits this long for them, so one claim transaction
 # serves every free worker instead of one claim for the first and another for the rest.
