@@ -479,6 +479,9 @@ class Dispatcher:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        if self._recording or self._marking:
+            # the recorder was cancelled mid-statement: its connection's state is unknown
+            await self._close_record_connection()
         # whatever ended or was handed over but was not recorded yet (with retries for at most
         # the grace period): a hand-off AWS accepted must not be released and run again
         handed, self._handed = self._marking + self._handed, []
