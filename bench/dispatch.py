@@ -278,6 +278,22 @@ class Pie(System):
         await conn.execute("DELETE FROM jobs")
 
 
+class PieBefore(Pie):
+    """``pie worker`` of another source tree (``--before-src``, e.g. the tree before a change:
+    ``git archive <commit> src | tar -x -C /tmp/before``), on the same database and jobs."""
+
+    name = "PIE-before"
+    src = ""
+
+    def consumer(self, **extra_env: str) -> Consumer:
+        made = super().consumer(**extra_env)
+        made.env["PYTHONPATH"] = self.src
+        return made
+
+    async def install(self) -> None:
+        """The same tables and model as PIE's (installed once)."""
+
+
 class PgQueuer(System):
     """pgqueuer "bounded": at most N jobs at once (``max_concurrent_tasks``, which needs batches
     of at most N/2)."""
@@ -705,7 +721,12 @@ async def main(args: argparse.Namespace) -> int:
     only = set(args.only.split(","))
     async with bench_database(args.own_cluster) as (url, where):
         print(f"database: {where}; load at start: {os.getloadavg()[0]:.2f}")
-        systems: list[System] = [Pie(url, args.concurrency)] + [cls(url, args.concurrency) for cls in peers]
+        systems: list[System] = [Pie(url, args.concurrency)]
+        if args.before_src:
+            PieBefore.src = os.path.abspath(args.before_src)
+            systems.append(PieBefore(url, args.concurrency))
+            peers.insert(0, PieBefore)
+        systems += [cls(url, args.concurrency) for cls in peers if cls is not PieBefore]
         for system in systems:
             await system.install()
         drains: dict[str, list[dict[str, float]]] = {s.name: [] for s in systems}
@@ -792,6 +813,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--aws-delay", type=float, default=0.03, help="seconds added to every AWS request")
     parser.add_argument("--peers", default="pgqueuer,pgqueuer-batches,procrastinate")
     parser.add_argument("--only", default="drain,latency,lambda")
+    parser.add_argument("--before-src", help="also run `pie worker` from this src directory (a before/after ratio)")
     parser.add_argument("--own-cluster", action="store_true", help="a throw-away PostgreSQL cluster of its own")
     parser.add_argument("--consumer", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
