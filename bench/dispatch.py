@@ -33,6 +33,10 @@ same PostgreSQL, without the connections and locks of other users of a shared se
 
     .venv/bin/python bench/dispatch.py [--rounds 3] [--jobs 20000] [--concurrency 16] [--rate 200]
         [--latency-seconds 10] [--lambda-jobs 3000] [--aws-delay 0.03] [--only drain,latency,lambda]
+        [--own-cluster] [--peers pgqueuer,pgqueuer-batches,procrastinate] [--before-src DIR]
+
+``--before-src DIR`` adds ``pie worker`` run from another source tree (``git archive <commit> src
+| tar -x -C DIR/..``) to the same rounds: a before/after ratio of a change.
 """
 
 from __future__ import annotations
