@@ -4,8 +4,9 @@ For each size N (default 10,000 and 50,000 services, 1% of them departed, provid
 drawn from the spec's seven-feature example set), in one run on one database:
 
 * re-init: ``pie.tenancy.logic.reinit_all_services`` (the real route logic: domain lock, active
-  default assignment, one ``INSERT INTO jobs ... SELECT ... FROM services`` with the stored
-  ``resolved_features`` as input and features, NOTIFY), committed;
+  default assignment, one statement: ``INSERT INTO jobs ... SELECT ... FROM services`` with the
+  stored ``resolved_features`` as input and features, and the ``UPDATE`` of those services to
+  ``initializing``; NOTIFY), committed;
 * baseline: one bulk ``INSERT`` of the same number of job rows (``generate_series``, the same
   columns, a typical resolved feature set as input and features), committed: the bare cost of
   recording that many jobs.
@@ -87,7 +88,7 @@ async def bench_size(url: str, n: int, repeat: int) -> tuple[float, float, int]:
                 },
             )
 
-    dispatched: list[str] = []
+    dispatched: list[tuple[str, str]] = []
 
     async def reinit() -> None:
         async with db.sessionmaker()() as session, session.begin():

@@ -64,6 +64,7 @@ REQUIRED: dict[str, frozenset[str]] = {
     "updatedomain": frozenset({"manage_domains"}),
     "getdomainfeatures": frozenset({"read_domains"}),
     "updatedomainfeatures": frozenset({"manage_domains"}),
+    "getdomaincontract": frozenset({"read_domains"}),
     "initdomainservice": frozenset({"init_services"}),
     "listdomainservices": frozenset({"read_domains"}),
     "initalldomainservices": frozenset({"init_services"}),
@@ -108,6 +109,23 @@ REQUIRED: dict[str, frozenset[str]] = {
     # (admins: every row; tenant readers: their clients' rows)
     "listmodelversionstatushistory": frozenset({"read_models"}),
     "listauditrecords": frozenset({"read_domains"}),
+    # 15.6 webhooks: a tenant's need manage_domains on it; the platform's are for admins
+    "createwebhook": frozenset({"manage_domains"}),
+    "listwebhooks": frozenset({"manage_domains"}),
+    "getwebhook": frozenset({"manage_domains"}),
+    "updatewebhook": frozenset({"manage_domains"}),
+    "deletewebhook": frozenset({"manage_domains"}),
+    "rotatewebhooksecret": frozenset({"manage_domains"}),
+    "listwebhookdeliveries": frozenset({"manage_domains"}),
+    "testwebhook": frozenset({"manage_domains"}),
+    "createplatformwebhook": frozenset({"admin"}),
+    "listplatformwebhooks": frozenset({"admin"}),
+    "getplatformwebhook": frozenset({"admin"}),
+    "updateplatformwebhook": frozenset({"admin"}),
+    "deleteplatformwebhook": frozenset({"admin"}),
+    "rotateplatformwebhooksecret": frozenset({"admin"}),
+    "listplatformwebhookdeliveries": frozenset({"admin"}),
+    "testplatformwebhook": frozenset({"admin"}),
 }
 PUBLIC = {"health", "healthlive", "healthready"}
 
@@ -144,6 +162,10 @@ BODIES: dict[str, Any] = {
     "createmodeleventsubscription": SUBSCRIPTION_BODY,
     "updatemodeleventsubscription": {"label": "relabelled"},
     "completemodeljob": {"status": "success", "output": {"price": 1}},
+    "createwebhook": {"url": "https://93.184.216.34/hook", "events": ["job.succeeded"]},
+    "updatewebhook": {"description": "relabelled"},
+    "createplatformwebhook": {"url": "https://93.184.216.34/hook", "events": ["version.status_changed"]},
+    "updateplatformwebhook": {"description": "relabelled"},
 }
 
 
@@ -175,6 +197,8 @@ class World:
 
     def url(self, op: Op, **override: str) -> str:
         values = {**self.params, **override}
+        if op.template.startswith("/v2/webhooks/"):  # the platform's routes address the platform's webhook
+            values["webhook_id"] = values["platform_webhook_id"]
         return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], op.template)
 
 
@@ -199,7 +223,13 @@ async def world(client, session, admin) -> World:
     await create_domain(client, admin, B, DOMAIN)
     await assign(client, admin, B, DOMAIN)
     b_job = (await init_service(client, admin, "svc-b", ROUTE, client_id=B, domain_id=DOMAIN)).json()["job_id"]
+    r = await client.post(f"/v2/clients/{A}/webhooks", json=BODIES["createwebhook"], headers=admin)
+    assert r.status_code == 201, r.text
+    platform = await client.post("/v2/webhooks", json=BODIES["createplatformwebhook"], headers=admin)
+    assert platform.status_code == 201, platform.text
     params = {
+        "webhook_id": r.json()["id"],
+        "platform_webhook_id": platform.json()["id"],
         "client_id": A,
         "domain_id": DOMAIN,
         "service_id": "svc-1",

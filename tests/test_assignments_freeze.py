@@ -182,7 +182,7 @@ async def test_departed_services_never_block_and_are_not_re_resolved(client, ses
     assert (await stored_service(session, "live")).resolved_features["fare"] == 99.5
     # batch re-init ignores it as well
     r = await client.post(f"{D}/services/init", headers=admin)
-    assert r.json() == {"dispatched_services": ["live"]}
+    assert r.json()["dispatched_services"] == ["live"]
 
 
 async def test_default_upsert_re_resolves_every_non_departed_service(client, session, admin):

@@ -201,30 +201,32 @@ async def test_bad_job_bodies_are_400(client, session, admin):
     assert (await client.post(f"{S}/assignments/Bad/jobs", json={}, headers=admin)).status_code == 400
 
 
-async def test_training_through_a_domain_assignment_freezes_the_live_features(client, session, admin):
+async def test_training_through_a_domain_assignment_never_writes_the_version(client, session, admin):
+    """Spec 15.1: a job never writes a model version; the training job carries the domain's live
+    features (``domain_features``) instead, and the governing schema stays the snapshot."""
     await setup(client, session, admin)
     assert (await version(session)).features is None
-    # a service-scoped training job does not freeze
     r = await client.post(f"{S}/assignments/forecast/jobs", json={"job_type": "training"}, headers=admin)
     assert r.status_code == 202
-    assert (await version(session)).features is None
-    # an inference job through the domain does not freeze either
-    await client.post(f"{D}/assignments/default/jobs", json={}, headers=admin)
-    assert (await version(session)).features is None
+    assert (await stored_job(session, r.json()["job_id"])).domain_features is None  # service scope
+    r = await client.post(f"{D}/assignments/default/jobs", json={}, headers=admin)
+    assert (await stored_job(session, r.json()["job_id"])).domain_features is None  # inference
 
     r = await client.post(
         f"{D}/assignments/default/jobs", json={"job_type": "training", "input": {"epochs": 1}}, headers=admin
     )
     assert r.status_code == 202
     job = await stored_job(session, r.json()["job_id"])
-    assert job.job_type == "training" and job.input == {"epochs": 1}
-    assert (await version(session)).features == SEVEN_FEATURES
+    assert job.job_type == "training" and job.input == {"epochs": 1} and job.domain_features == SEVEN_FEATURES
+    assert (await version(session)).features is None
 
-    # once set it never changes, even when the live features do
+    # the live features change: the next training carries them; the deployed contract stays
     await client.put(f"{D}/features", json={"features": [feature("route", {"type": "string"}, True)]}, headers=admin)
-    await client.post(f"{D}/assignments/default/jobs", json={"job_type": "training"}, headers=admin)
-    assert (await version(session)).features == SEVEN_FEATURES
-    # and it now governs the domain: a new service is resolved against it
+    r = await client.post(f"{D}/assignments/default/jobs", json={"job_type": "training"}, headers=admin)
+    assert (await stored_job(session, r.json()["job_id"])).domain_features == [
+        feature("route", {"type": "string"}, True)
+    ]
+    assert (await version(session)).features is None
     r = await init_service(client, admin, "service-2", {"route": "Melbourne"}, expect=422)
     assert "route" in r.json()["message"]
 

@@ -446,3 +446,16 @@ def test_pie_serve_prints_no_link_with_a_configured_secret(settings, tmp_path, m
     monkeypatch.setattr(signal, "signal", lambda *a, **k: None)
     assert cli.main(["serve", "--port", "8123"]) == 0
     assert "Console:" not in capsys.readouterr().out
+
+
+async def test_the_domain_page_shows_the_governing_snapshot_not_the_draft(client, session, admin, make_token):
+    """Issue 17: version 1 has no frozen schema; after a live edit the page names the snapshot
+    taken by the default revision (and shows it), not 'the live features'."""
+    await tenant_setup(client, session, admin, client_id="acme")
+    draft = [{"name": "route", "json_schema": {"type": "integer"}, "mandatory": True}]
+    r = await client.put("/v2/clients/acme/domains/south_australia/features", json={"features": draft}, headers=admin)
+    assert r.status_code == 200
+    await sign_in(client, make_token(admin=True))
+    page = (await client.get("/console/clients/acme/domains/south_australia")).text
+    assert "a snapshot of the live features" in page and "Governing feature definitions (snapshot)" in page
+    assert "Adelaide to Sydney" in page  # the snapshot's enum, not the draft's integer

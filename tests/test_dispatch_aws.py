@@ -240,9 +240,11 @@ async def test_aws_error_is_retried_then_recorded_as_failure(session, aws_settin
     try:
         for _ in range(200):
             row = await stored(session, job.job_id)
-            if row.status == "pending" and row.error is not None:
+            if row.status == "pending" and row.dispatch_error is not None:
                 seen_retry = True
-                assert row.error["code"] == "aws_error" and row.error["retrying_in_seconds"] <= 0.2
+                # waiting for a retry: not started, no error (spec 15.3)
+                assert row.error is None and row.started_at is None
+                assert row.dispatch_error["code"] == "aws_error" and row.dispatch_error["retrying_in_seconds"] <= 0.2
             if row.status == "failure":
                 break
             await asyncio.sleep(0.05)

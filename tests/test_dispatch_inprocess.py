@@ -331,8 +331,10 @@ async def test_expired_lease_is_requeued_and_run_again(session, settings):
     counts = await Dispatcher(settings, name="sweeper").sweep()
     assert counts == {"timed_out": 0, "requeued": 1, "exhausted": 0}
     job = await stored(session, job_id)
-    assert job.status == "pending" and job.locked_by is None and job.error["code"] == "lease_expired"
-    assert job.error["previous_dispatcher"] == "dead-dispatcher"
+    # queued again: no error (it has not failed) and not started; the requeue shows in `dispatch`
+    assert job.status == "pending" and job.locked_by is None and job.error is None and job.started_at is None
+    assert job.dispatch_error["code"] == "lease_expired"
+    assert job.dispatch_error["previous_dispatcher"] == "dead-dispatcher"
     assert await dispatch_until_idle(settings) == 1
     job = await stored(session, job_id)
     assert job.status == "success" and job.attempts == 2 and job.error is None

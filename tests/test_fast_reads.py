@@ -137,3 +137,43 @@ async def test_read_connections_the_server_dropped_are_replaced(client, world, a
             break
     assert answers[-1] == 200, answers
     assert set(answers) <= {200, 503}, answers
+
+
+async def test_jobs_in_every_state_read_the_same_on_both_paths(client, plain, world, admin, session):
+    """The job fields of issue 17 (``dispatch``; ``error`` and ``started_at`` null while a
+    dispatch is retried) come out of the fast layer exactly as out of the route, in every state."""
+    ids = {}
+    for state in ("retrying", "started", "success", "failure", "failure after retries"):
+        r = await client.post(f"{D}/assignments/default/jobs", json={"input": {"state": state}}, headers=admin)
+        ids[state] = r.json()["job_id"]
+    retry_error = '{"code": "aws_error", "message": "throttled", "attempts": 1, "backend": "lambda"}'
+    updates = {
+        "retrying": "status = 'pending', attempts = 1, dispatch_error = CAST(:e AS jsonb),"
+        " next_attempt_at = now() + interval '30 seconds'",
+        "started": "status = 'started', attempts = 2, started_at = now(), dispatch_error = CAST(:e AS jsonb)",
+        "success": "status = 'success', attempts = 1, started_at = now(), completed_at = now(), output = '{\"p\": 1}'",
+        "failure": "status = 'failure', attempts = 1, started_at = now(), completed_at = now(),"
+        ' error = \'{"code": "deliberate_failure", "message": "no"}\'',
+        "failure after retries": "status = 'failure', attempts = 3, started_at = now(), completed_at = now(),"
+        ' dispatch_error = CAST(:e AS jsonb), error = \'{"code": "aws_error", "message": "gave up"}\'',
+    }
+    for state, values in updates.items():
+        await session.execute(text(f"UPDATE jobs SET {values} WHERE job_id = :j"), {"j": ids[state], "e": retry_error})
+    await session.commit()
+    for state, job_id in {**ids, "pending": world["job"]}.items():
+        fast = await client.get(f"/v2/jobs/{job_id}", headers=admin)
+        slow = await plain.get(f"/v2/jobs/{job_id}", headers=admin)
+        assert fast.status_code == slow.status_code == 200, state
+        assert fast.json() == slow.json(), state
+        body = fast.json()
+        assert (body["error"] is None) == (body["status"] != "failure"), state
+        if state in ("retrying", "started", "failure after retries"):
+            assert body["dispatch"]["last_error"] == {"code": "aws_error", "message": "throttled"}, state
+            assert body["dispatch"]["attempts"] == body["attempts"], state
+            assert (body["dispatch"]["next_attempt_at"] is None) == (state != "retrying"), state
+        else:
+            assert body["dispatch"] is None, state
+    # and the list route shows the same objects
+    listed = {j["job_id"]: j for j in (await client.get("/v2/jobs?limit=1000", headers=admin)).json()}
+    for job_id in ids.values():
+        assert listed[job_id] == (await client.get(f"/v2/jobs/{job_id}", headers=admin)).json()

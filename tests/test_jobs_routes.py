@@ -97,7 +97,9 @@ async def test_getjob_returns_the_job_record(client, session, admin):
         "started_at",
         "completed_at",
         "updated_at",
+        "dispatch",
     }
+    assert body["dispatch"] is None  # no dispatch attempt failed
     assert body["job_id"] == job.job_id and body["status"] == "pending" and body["job_type"] == "inference"
     assert body["input"] == {"route": "ADL-SYD"} and body["output"] is None and body["attempts"] == 0
     assert body["created_at"].endswith("Z") and body["started_at"] is None and body["warnings"] == []

@@ -1,4 +1,4 @@
-"""updatemodel says what happened to existing versions; staleness follows the contract schemas
+"""updatemodel says what happened to existing versions (a pending model's change in place); staleness follows the contract schemas
 (input and output); the subscription status enum of the OpenAPI document and the server agree
 (issue 9)."""
 
@@ -36,17 +36,17 @@ async def put(client, admin, model_id, **kw):
     return r.json()
 
 
-async def test_updatemodel_on_a_pending_model_lists_the_versions_keeping_old_handlers(client, admin):
+async def test_updatemodel_on_a_pending_model_updates_its_versions_in_place(client, admin):
+    """Spec 15.3: no version was ever active, so the versions take the new handlers and
+    contracts (what GET shows is what runs) and the answer lists them."""
     await create(client, admin, "m")
     v1 = await new_version(client, admin, "m")
     v2 = await new_version(client, admin, "m")
     out = await put(client, admin, "m", handlers={"training": ECHO, "inference": REF})
     assert out["new_version"] is None  # pending model: no version generated
-    assert out["versions_keeping_old_handlers"] == [v1, v2]
-    # the versions indeed still run the old handler
+    assert out["updated_versions"] == [v1, v2] and out["versions_keeping_old_handlers"] == []
     version = (await client.get(f"/v2/models/m/versions/{v1}", headers=admin)).json()
-    assert version["handlers"]["inference"] == ECHO
-    # a version created now snapshots the new handlers; a later change lists it too
+    assert version["handlers"]["inference"] == REF
     v3 = await new_version(client, admin, "m")
     out = await put(
         client,
@@ -55,7 +55,9 @@ async def test_updatemodel_on_a_pending_model_lists_the_versions_keeping_old_han
         handlers={"training": ECHO, "inference": REF},
         contracts={"inference": {"input_schema": OBJ}},
     )
-    assert out["versions_keeping_old_handlers"] == [v1, v2, v3]
+    assert out["updated_versions"] == [v1, v2, v3]
+    version = (await client.get(f"/v2/models/m/versions/{v3}", headers=admin)).json()
+    assert version["handler_contracts"] == {"inference": {"input_schema": OBJ}}
     # nothing about handlers or contracts changed: nothing to report
     out = await put(
         client,
@@ -65,7 +67,8 @@ async def test_updatemodel_on_a_pending_model_lists_the_versions_keeping_old_han
         contracts={"inference": {"input_schema": OBJ}},
         metadata={"x": 1},
     )
-    assert out["versions_keeping_old_handlers"] == [] and out["new_version"] is None
+    assert out["versions_keeping_old_handlers"] == [] and out["updated_versions"] == []
+    assert out["new_version"] is None
 
 
 async def test_updatemodel_on_an_active_model_generates_a_version_and_says_so(client, admin):

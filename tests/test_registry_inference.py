@@ -87,7 +87,10 @@ async def test_input_failing_the_contract_is_422(client, admin, session, model, 
 
 
 async def test_contract_is_the_versions_snapshot(client, admin, session, model):
-    # the model drops its contract; version 1 keeps its own
+    # an active model drops its contract; version 1 keeps its own (a pending model's versions
+    # would take the change in place: spec 15.3, tests/test_true_states.py)
+    r = await client.post("/v2/models/m/versions/1/new_status", json={"status": "active"}, headers=admin)
+    assert r.status_code == 200
     r = await client.put(
         "/v2/models/m",
         json={"name": "m", "description": "", "handlers": {"training": ECHO, "inference": ECHO}},

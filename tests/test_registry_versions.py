@@ -55,7 +55,10 @@ async def test_create_version_snapshots_handlers_and_contracts(client, admin):
     assert v["handler_contracts"] == CONTRACTS
     assert v["features"] is None
 
-    # a later model change does not touch the existing version's snapshot
+    # once the model is active, a later model change does not touch the existing version's
+    # snapshot (a pending model's versions take it in place: spec 15.3)
+    r = await client.post("/v2/models/m1/versions/1/new_status", json={"status": "active"}, headers=admin)
+    assert r.status_code == 200
     r = await client.put(
         "/v2/models/m1",
         json={"name": "M", "description": "", "handlers": {"training": ECHO, "inference": LAMBDA}},

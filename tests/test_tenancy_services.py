@@ -337,9 +337,12 @@ async def test_batch_reinit_dispatches_non_departed_services(client, session, ad
 
     r = await client.post(f"{D}/services/init", headers=admin)
     assert r.status_code == 202, r.text
-    assert r.json() == {"dispatched_services": ["a", "b"]}
+    assert r.json()["dispatched_services"] == ["a", "b"]
 
     fresh = [j for j in await jobs_of(session) if j.job_id not in init_jobs]
+    assert r.json()["jobs"] == [
+        {"service_id": j.service_id, "job_id": j.job_id} for j in sorted(fresh, key=lambda j: j.service_id)
+    ]
     revision = await default_revision(session)
     assert sorted(j.service_id for j in fresh) == ["a", "b"]
     for job in fresh:
@@ -353,9 +356,12 @@ async def test_batch_reinit_dispatches_non_departed_services(client, session, ad
             "south_australia",
         )
         assert job.input == stored.resolved_features and job.features == stored.resolved_features
+    # stored features untouched; the services that got a job are initializing until it ends
     for sid in ("a", "b", "gone"):
         after = await stored_service(session, sid)
-        assert (after.provided_features, after.resolved_features, after.updated_at) == snapshot[sid]
+        assert (after.provided_features, after.resolved_features) == snapshot[sid][:2]
+        assert after.status == ("initializing" if sid != "gone" else before[sid].status)
+        assert (after.updated_at == snapshot[sid][2]) == (sid == "gone")
 
 
 async def test_batch_reinit_uses_stored_resolved_features_even_after_live_edits(client, session, admin):
@@ -363,7 +369,7 @@ async def test_batch_reinit_uses_stored_resolved_features_even_after_live_edits(
     await init_service(client, admin, "s", {"route": "Adelaide to Sydney"})
     await client.put(f"{D}/features", json={"features": [feature("other", {"type": "string"}, True)]}, headers=admin)
     r = await client.post(f"{D}/services/init", headers=admin)
-    assert r.json() == {"dispatched_services": ["s"]}
+    assert r.json()["dispatched_services"] == ["s"]
     job = (await jobs_of(session))[-1]
     assert job.input == {"route": "Adelaide to Sydney"}
 
@@ -376,7 +382,7 @@ async def test_batch_reinit_refusals(client, session, admin):
     assert r.status_code == 422 and "no model assigned" in r.json()["message"]
     await assign(client, admin)
     r = await client.post(f"{D}/services/init", headers=admin)
-    assert r.status_code == 202 and r.json() == {"dispatched_services": []}
+    assert r.status_code == 202 and r.json() == {"dispatched_services": [], "jobs": []}
     await client.patch(D, json={"status": "inactive"}, headers=admin)
     assert (await client.post(f"{D}/services/init", headers=admin)).status_code == 422
     await client.patch(D, json={"status": "active"}, headers=admin)
@@ -414,7 +420,7 @@ async def test_service_status_follows_its_init_job(client, session, admin):
 
     # re-init: the fresh jobs are init jobs; their outcome becomes the services' status
     r = await client.post(f"{D}/services/init", headers=admin)
-    assert r.json() == {"dispatched_services": ["bad", "ok"]}
+    assert r.json()["dispatched_services"] == ["bad", "ok"]
     fresh_jobs = {j.service_id: j.job_id for j in await jobs_of(session) if j.status == "pending"}
     await client.post(complete.format(fresh_jobs["bad"]), json={"status": "success", "output": {}}, headers=admin)
     assert (await client.get(f"{D}/service/bad", headers=admin)).json()["status"] == "available"
@@ -426,7 +432,7 @@ async def test_a_late_older_init_job_does_not_override_a_newer_outcome(client, s
     await tenant_setup(client, session, admin)
     first = (await init_service(client, admin, "svc", SA)).json()["job_id"]
     r = await client.post(f"{D}/services/init", headers=admin)
-    assert r.json() == {"dispatched_services": ["svc"]}
+    assert r.json()["dispatched_services"] == ["svc"]
     second = next(j.job_id for j in await jobs_of(session) if j.job_id != first)
     complete = "/v2/models/pricing-model/versions/1/jobs/{}/complete"
     r = await client.post(complete.format(second), json={"status": "success", "output": {}}, headers=admin)
@@ -436,11 +442,13 @@ async def test_a_late_older_init_job_does_not_override_a_newer_outcome(client, s
     assert r.status_code == 200, r.text
     assert (await client.get(f"{D}/service/svc", headers=admin)).json()["status"] == "available"
 
-    # while the newer job has not ended, an older job's outcome still counts
+    # while the newer job has not ended, the service stays initializing (spec 15.3): an older
+    # job's outcome does not count; the newest job's does
     r = await client.post(f"{D}/services/init", headers=admin)
-    third = next(j.job_id for j in await jobs_of(session) if j.job_id not in (first, second))
-    fourth_resp = await client.post(f"{D}/services/init", headers=admin)
-    assert fourth_resp.status_code == 202
+    third = r.json()["jobs"][0]["job_id"]
+    fourth = (await client.post(f"{D}/services/init", headers=admin)).json()["jobs"][0]["job_id"]
     r = await client.post(complete.format(third), json={"status": "failure", "error": {"code": "x"}}, headers=admin)
     assert r.status_code == 200, r.text
+    assert (await client.get(f"{D}/service/svc", headers=admin)).json()["status"] == "initializing"
+    r = await client.post(complete.format(fourth), json={"status": "failure", "error": {"code": "x"}}, headers=admin)
     assert (await client.get(f"{D}/service/svc", headers=admin)).json()["status"] == "failed"

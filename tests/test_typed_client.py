@@ -86,9 +86,16 @@ def test_timestamps_enums_and_handlers_are_typed(generated):
             "attempts": 0,
             "created_at": "2026-01-02T03:04:05Z",
             "updated_at": "2026-01-02T03:04:05Z",
+            # always sent (null until a dispatch attempt fails and is retried)
+            "dispatch": {
+                "attempts": 1,
+                "last_error": {"code": "aws_error", "message": "throttled"},
+                "next_attempt_at": "2026-01-02T03:04:35Z",
+            },
         }
     )
     assert isinstance(job.created_at, datetime)
+    assert isinstance(job.dispatch.next_attempt_at, datetime) and job.dispatch.last_error.code == "aws_error"
     # enums are named once and shared
     assert {"AssignmentStatus", "JobStatus", "JobType", "VersionStatus", "ClientStatus"} <= set(dir(models))
     assert not [name for name in dir(models) if name.startswith("AssignmentCreateStatus")]

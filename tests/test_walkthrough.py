@@ -1,5 +1,5 @@
-"""The end-to-end walkthrough (spec 13) exactly as the README shows it: every ``bash``
-block between the README's walkthrough markers runs, in order, in one shell, against a real ``pie serve`` on the embedded
+"""The end-to-end walkthrough (spec 13) exactly as docs/walkthrough.md shows it: every ``bash``
+block between the page's walkthrough markers runs, in order, in one shell, against a real ``pie serve`` on the embedded
 database (zero-setup mode: no PIE_JWT_SECRET, `pie token` and the server share PIE_DATA_DIR's
 development secret) with the dispatcher running the in-process ``reference_pricing`` handler.
 Each block's last JSON output must contain the ``json`` block that follows it on the page."""
@@ -19,7 +19,7 @@ import pytest
 from conftest import clean_subprocess_env, start_pie_server
 
 REPO = Path(__file__).resolve().parents[1]
-PAGE = REPO / "README.md"
+PAGE = REPO / "docs" / "walkthrough.md"
 START, END = "<!-- walkthrough:start -->", "<!-- walkthrough:end -->"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 MARKER = "@@walkthrough-block-{}@@"
@@ -29,7 +29,7 @@ def page_blocks() -> list[tuple[str, str | None]]:
     """(bash block, the json block after it or None), in page order."""
     blocks: list[tuple[str, str | None]] = []
     text = PAGE.read_text()
-    assert START in text and END in text, "README walkthrough markers missing"
+    assert START in text and END in text, "walkthrough markers missing from docs/walkthrough.md"
     section = text[text.index(START) : text.index(END)]
     for match in FENCE.finditer(section):
         language, body = match.group(1), match.group(2)

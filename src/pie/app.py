@@ -260,11 +260,14 @@ def _include_routers(app: FastAPI) -> None:
     from pie.clients.routes import router as clients_router
     from pie.console.routes import STATIC_DIR
     from pie.console.routes import router as console_router
+    from pie.console.webhooks import router as console_webhooks_router
     from pie.dispatch.routes import router as dispatch_router
     from pie.health.routes import router as health_router
     from pie.jobs.routes import router as jobs_router
     from pie.registry.routes import router as registry_router
     from pie.tenancy.routes import router as tenancy_router
+    from pie.webhooks.routes import platform_router as platform_webhooks_router
+    from pie.webhooks.routes import tenant_router as tenant_webhooks_router
 
     # the console's stylesheet and vendored script (served locally: no CDN, no build step);
     # mounted before the console's routes, whose catch-all answers unknown pages
@@ -280,6 +283,9 @@ def _include_routers(app: FastAPI) -> None:
         jobs_router,
         dispatch_router,
         audit_router,
+        tenant_webhooks_router,
+        platform_webhooks_router,
+        console_webhooks_router,  # before the console's catch-all
         console_router,
     ):
         app.include_router(router)
@@ -331,6 +337,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from pie.jobs.waiting import listener
+        from pie.webhooks.delivery import start_delivery
 
         owns_engine = False
         try:
@@ -344,6 +351,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         listener.reset()
         metrics.WORKER_UP.set(1)
         dispatcher = None
+        webhooks = None
         stopping: asyncio.Task[None] | None = None
 
         def on_shutdown_signal() -> None:
@@ -361,11 +369,14 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
 
                 dispatcher = Dispatcher(settings=settings, name="api")
                 await dispatcher.start()
+                webhooks = await start_delivery(settings, "api")  # the webhook delivery loop beside it
             _freeze_startup_objects()
             yield
         finally:
             restore()
             await listener.close()
+            if webhooks is not None:
+                await webhooks.stop(grace=min(settings.shutdown_grace_seconds, 5.0))
             if dispatcher is not None:
                 if stopping is None:
                     stopping = asyncio.ensure_future(dispatcher.stop(grace=settings.shutdown_grace_seconds))

@@ -133,6 +133,28 @@ class Settings(BaseSettings):
     dispatch_heartbeat_interval: float = Field(default=2.0, gt=0)
     dispatch_dead_after: float = Field(default=10.0, gt=0)
 
+    # webhooks (docs/webhooks.md): delivery runs beside each dispatcher (`pie serve`, `pie worker`)
+    webhooks_deliver: bool = True
+    # development only: http:// URLs; loopback/private/link-local targets
+    webhooks_allow_http: bool = False
+    webhooks_allow_private: bool = False
+    # deliveries in flight per process, and per webhook per process (a slow receiver cannot
+    # take every slot)
+    webhooks_concurrency: int = Field(default=64, ge=1, le=1024)
+    webhooks_endpoint_concurrency: int = Field(default=8, ge=1, le=256)
+    webhooks_connect_timeout: float = Field(default=5.0, gt=0, le=60)
+    webhooks_timeout: float = Field(default=15.0, gt=0, le=120)
+    # retries: exponential backoff with jitter; the first retry comes within the base (<= 10 s),
+    # each wait at most the max; a delivery is retried until it is this many hours old
+    webhooks_backoff_base: float = Field(default=5.0, gt=0, le=10)
+    webhooks_backoff_max: float = Field(default=3600.0, gt=0)
+    webhooks_retry_hours: float = Field(default=24.0, gt=0)
+    # the polling fallback of the delivery loop (it wakes at once on LISTEN pie_webhooks)
+    webhooks_poll_interval: float = Field(default=1.0, gt=0)
+    # events and their delivery log are deleted this many days after the event (when no
+    # delivery of it is still pending)
+    webhooks_retention_days: float = Field(default=30.0, gt=0)
+
     # AWS
     aws_region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "PIE_AWS_REGION"))
     aws_endpoint_url: str | None = Field(

@@ -68,6 +68,30 @@ DISPATCH_FAILURES = Counter(
 )
 FREEZE_CHECKS = Counter("pie_freeze_checks", "Default-assignment freeze checks, by result", ["result"])
 FREEZE_SECONDS = Histogram("pie_freeze_check_duration_seconds", "Duration of a freeze check", buckets=_LATENCY_BUCKETS)
+WEBHOOK_ATTEMPTS = Counter(
+    "pie_webhook_delivery_attempts",
+    "Webhook delivery attempts, by outcome: delivered (2xx), http_error (another status), gone (410: the "
+    "webhook is disabled), network_error (no answer: refused, reset, timed out), refused (the target "
+    "resolves to a non-public address)",
+    ["outcome"],
+)
+WEBHOOK_DELIVERIES_ENDED = Counter(
+    "pie_webhook_deliveries_ended",
+    "Webhook deliveries that ended (committed), by status: delivered or failed (gave up after the retry "
+    "window, or the receiver answered 410)",
+    ["status"],
+)
+WEBHOOK_ATTEMPT_SECONDS = Histogram(
+    "pie_webhook_delivery_duration_seconds",
+    "Duration of one webhook delivery attempt (connect, request, response), by outcome",
+    ["outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+WEBHOOK_LAG_SECONDS = Histogram(
+    "pie_webhook_delivery_lag_seconds",
+    "Time from an event (the change's commit) to its successful delivery, retries included",
+    buckets=_JOB_BUCKETS,
+)
 DB_POOL_IN_USE = Gauge(
     "pie_db_pool_connections_in_use",
     "Database connections checked out of the pool (summed over processes)",
@@ -199,6 +223,19 @@ def dispatch_attempt(backend: Any, count: int = 1) -> None:
 
 def dispatch_failure(backend: Any, retryable: bool) -> None:
     DISPATCH_FAILURES.labels(handler_label(backend), "true" if retryable else "false").inc()
+
+
+def webhook_attempt(outcome: str, seconds: float, lag_seconds: float | None = None) -> None:
+    """One delivery attempt; ``lag_seconds`` (event to delivery) for a delivered one."""
+    WEBHOOK_ATTEMPTS.labels(outcome).inc()
+    WEBHOOK_ATTEMPT_SECONDS.labels(outcome).observe(max(seconds, 0.0))
+    if lag_seconds is not None:
+        WEBHOOK_LAG_SECONDS.observe(max(lag_seconds, 0.0))
+
+
+def webhook_deliveries_ended(statuses: Iterable[str]) -> None:
+    for status in statuses:
+        WEBHOOK_DELIVERIES_ENDED.labels(status).inc()
 
 
 class freeze_check:

@@ -10,6 +10,7 @@ from pie.idempotency import IdempotencyKey
 from pie.jobs.models import Job
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.tenancy.models import Domain, Service
+from pie.webhooks.models import Webhook, WebhookDelivery, WebhookEvent
 
 __all__ = [
     "Assignment",
@@ -27,4 +28,7 @@ __all__ = [
     "Service",
     "SigningKey",
     "VersionStatusChange",
+    "Webhook",
+    "WebhookDelivery",
+    "WebhookEvent",
 ]

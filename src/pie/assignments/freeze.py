@@ -63,6 +63,41 @@ async def check_domain(
 ) -> FreezePlan:
     """Check every non-departed service against ``definitions``; raise ``AssignmentBlocked``
     (nothing written) or return the plan of writes."""
+    plan, blocking = await _check(
+        session, client_id=client_id, domain_id=domain_id, definitions=definitions, service_updates=service_updates
+    )
+    if blocking:
+        services = len({b["service_id"] for b in blocking})
+        raise AssignmentBlocked(
+            f"cannot assign model {model_id} version {model_version}: "
+            f"{services} service(s) have incompatible provided_features",
+            blocking,
+        )
+    return plan
+
+
+async def blocking_services(
+    session: AsyncSession, *, client_id: str, domain_id: str, definitions: list[Any]
+) -> list[dict[str, Any]]:
+    """The 6.3 entries of every non-departed service whose ``provided_features`` would not
+    resolve against ``definitions`` (the dry run of a live-features edit, spec 15.1): the same
+    set-based check, answered instead of raised; nothing is written."""
+    _plan, blocking = await _check(
+        session, client_id=client_id, domain_id=domain_id, definitions=definitions, service_updates=[]
+    )
+    return blocking
+
+
+async def _check(
+    session: AsyncSession,
+    *,
+    client_id: str,
+    domain_id: str,
+    definitions: list[Any],
+    service_updates: list[tuple[str, dict[str, Any]]],
+) -> tuple[FreezePlan, list[dict[str, Any]]]:
+    """The plan of writes and the blocking entries (sorted by service and feature; empty when
+    every service passes)."""
     resolver = Resolver(definitions)
     plan = FreezePlan()
     blocking: list[dict[str, Any]] = []
@@ -171,15 +206,8 @@ async def check_domain(
                 reason = resolver.check(key, json.loads(value_json)) or "invalid value"
             block(service_id, FeatureFailure(key, json.loads(value_json), reason))
 
-    if blocking:
-        blocking.sort(key=lambda b: (b["service_id"], b["feature"]))
-        services = len({b["service_id"] for b in blocking})
-        raise AssignmentBlocked(
-            f"cannot assign model {model_id} version {model_version}: "
-            f"{services} service(s) have incompatible provided_features",
-            blocking,
-        )
-    return plan
+    blocking.sort(key=lambda b: (b["service_id"], b["feature"]))
+    return plan, blocking
 
 
 async def apply_plan(session: AsyncSession, *, client_id: str, domain_id: str, plan: FreezePlan) -> int:

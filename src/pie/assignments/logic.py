@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Response
-from sqlalchemy import Text, bindparam, cast, func, or_, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,8 +33,17 @@ from pie.pagination import PageParams, paginate
 from pie.registry.logic import get_model_version
 from pie.registry.models import ModelVersion
 from pie.registry.subscriptions import subscribe_inference
-from pie.tenancy.logic import DEFAULT_KEY, ensure_domain_active, ensure_writable, load_domain, load_service, schema_of
+from pie.tenancy.logic import (
+    DEFAULT_KEY,
+    ensure_domain_active,
+    ensure_writable,
+    governing_schema,
+    load_domain,
+    load_service,
+    schema_of,
+)
 from pie.tenancy.models import Domain
+from pie.webhooks import outbox as webhooks
 
 
 def _scope_filter(client_id: str, domain_id: str, service_id: str | None) -> list[Any]:
@@ -51,9 +60,8 @@ def _scope_name(domain_id: str, service_id: str | None) -> str:
 
 async def model_reference(session: AsyncSession, model_id: str, model_version: str) -> ModelVersion:
     """The version an upsert points at: it must exist and not be ``failed`` (422 otherwise).
-    The row is held ``FOR SHARE`` until the upsert commits, so the version can neither turn
-    ``failed`` nor get its frozen schema (a first training job) between this check (and the
-    freeze check made against that schema) and the commit."""
+    The row is held ``FOR SHARE`` until the upsert commits, so the version cannot turn
+    ``failed`` between this check and the commit."""
     version = await session.scalar(
         select(ModelVersion)
         .where(ModelVersion.model_id == model_id, ModelVersion.version == model_version)
@@ -75,9 +83,11 @@ async def _write_revision(
     service_id: str | None,
     key: str,
     body: AssignmentUpsert,
+    governing_schema: list[Any] | None = None,
 ) -> Assignment:
-    """Archive the active revision of the key (if any) and insert the new one. The caller holds
-    the scope's row lock; ``clock_timestamp()`` orders revisions by when they were written."""
+    """Archive the active revision of the key (if any) and insert the new one (with the
+    governing-schema snapshot of a domain ``default`` revision). The caller holds the scope's
+    row lock; ``clock_timestamp()`` orders revisions by when they were written."""
     await session.execute(
         update(Assignment)
         .where(*_scope_filter(client_id, domain_id, service_id), Assignment.assignment_key == key)
@@ -97,6 +107,7 @@ async def _write_revision(
             role=body.role,
             settings=body.settings,
             metadata_=body.metadata,
+            governing_schema=governing_schema,
             created_by=audit.actor(session),
             created_at=func.clock_timestamp(),
             updated_at=func.clock_timestamp(),
@@ -105,6 +116,7 @@ async def _write_revision(
     )
     revision = (await session.scalars(stmt, execution_options={"populate_existing": True})).one()
     audit.describe(session, assignment_id=str(revision.assignment_id))
+    await webhooks.assignment_revisions_written(session, [revision.assignment_id])
     return revision
 
 
@@ -129,6 +141,12 @@ async def upsert_domain_assignment(
     """Domain scope: for an active revision, the freeze check (6.2) of every non-departed
     service first; for the ``default`` key, then the patches and the re-resolve of everyone.
 
+    The schema checked against (spec 15.1): the target version's frozen schema; else, for the
+    ``default`` key, a copy of the domain's live features, which the new revision stores as the
+    domain's governing schema (writing ``default`` again, even to the same version, rolls the
+    live draft onto the deployed services); else, for another key, the governing schema in
+    force (the draft is not deployed until ``default`` is written).
+
     ``dry_run`` (14.7): every check runs (the same 4xx, the same 422 ``blocking_services``),
     then the would-be revision and the counts are answered and nothing is written — no
     revision, no re-resolve, no audit row. It holds the domain row only ``FOR SHARE``."""
@@ -146,6 +164,12 @@ async def upsert_domain_assignment(
             raise Unprocessable(f"service_updates names service {entry.service_id} more than once")
         seen.add(entry.service_id)
     version = await model_reference(session, body.model_id, body.model_version)
+    if key == DEFAULT_KEY:
+        definitions = schema_of(version, domain)
+    elif version.features is not None:
+        definitions = version.features
+    else:
+        definitions = await governing_schema(session, domain)
 
     plan = None
     if body.status == "active":
@@ -154,7 +178,7 @@ async def upsert_domain_assignment(
                 session,
                 client_id=scope.client_id,
                 domain_id=domain_id,
-                definitions=schema_of(version, domain),
+                definitions=definitions,
                 service_updates=[(u.service_id, u.static_features) for u in updates],
                 model_id=body.model_id,
                 model_version=body.model_version,
@@ -170,7 +194,13 @@ async def upsert_domain_assignment(
         )
         return DryRun(_would_be(scope.client_id, domain_id, key, body), checked, re_resolved)
     revision = await _write_revision(
-        session, client_id=scope.client_id, domain_id=domain_id, service_id=None, key=key, body=body
+        session,
+        client_id=scope.client_id,
+        domain_id=domain_id,
+        service_id=None,
+        key=key,
+        body=body,
+        governing_schema=definitions if key == DEFAULT_KEY and body.status == "active" else None,
     )
     if plan is not None and key == DEFAULT_KEY:
         await freeze.apply_plan(session, client_id=scope.client_id, domain_id=domain_id, plan=plan)
@@ -270,7 +300,9 @@ async def list_revisions(
 
 
 _ASSIGNMENTS = Assignment.__table__.c
-_READ_ACTIVE_DOMAIN_REVISION = select(*_ASSIGNMENTS).where(
+# the revision as ``AssignmentOut`` shows it (the governing-schema snapshot is read through the
+# domain's contract, not with every revision)
+_READ_ACTIVE_DOMAIN_REVISION = select(*[c for c in _ASSIGNMENTS if c.key != "governing_schema"]).where(
     _ASSIGNMENTS.client_id == bindparam("client_id"),
     _ASSIGNMENTS.domain_id == bindparam("domain_id"),
     _ASSIGNMENTS.service_id.is_(None),
@@ -335,15 +367,8 @@ async def run_assignment_job(
         raise Unprocessable("subscribe is only valid for inference jobs")
 
     # the version row stays locked until commit, so it cannot turn `failed` between this check and
-    # the job's commit; a domain training launch may freeze its schema, so it takes the row lock
-    # it will need for that UPDATE at once (two launches upgrading shared locks would deadlock)
-    version = await get_model_version(
-        session,
-        revision.model_id,
-        revision.model_version,
-        for_update=body.job_type == "training" and service_id is None,
-        for_share=True,
-    )
+    # the job's commit
+    version = await get_model_version(session, revision.model_id, revision.model_version, for_share=True)
     if version.status == "failed":
         raise Unprocessable(f"model {version.model_id} version {version.version} has failed; reassign {key}")
     contract = ((version.handler_contracts or {}).get(body.job_type) or {}).get("input_schema")
@@ -355,19 +380,6 @@ async def run_assignment_job(
                 f"version {version.version}: {error}"
             )
 
-    if body.job_type == "training" and service_id is None:
-        # first training through a domain assignment freezes the live features onto the version
-        await session.execute(
-            update(ModelVersion)
-            .where(
-                ModelVersion.model_id == version.model_id,
-                ModelVersion.version == version.version,
-                # not set: SQL NULL (or a JSON null written by a careless client of the ORM)
-                or_(ModelVersion.features.is_(None), cast(ModelVersion.features, Text) == "null"),
-            )
-            .values(features=domain.features, updated_at=func.now())
-        )
-
     job = await create_job(
         session,
         job_type=body.job_type,
@@ -375,6 +387,9 @@ async def run_assignment_job(
         model_version=revision.model_version,
         input=body.input,
         features=service.resolved_features if service is not None else None,
+        # a job never writes a version (spec 15.1): training through a domain assignment carries
+        # the domain's live features (the next-train draft) to its handler instead
+        domain_features=domain.features if body.job_type == "training" and service_id is None else None,
         assignment_id=revision.assignment_id,
         client_id=scope.client_id,
         domain_id=domain_id,

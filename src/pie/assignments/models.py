@@ -26,6 +26,9 @@ class Assignment(Timestamps, Base):
     role: Mapped[str | None]
     settings: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=text("'{}'::jsonb"))
+    # domain-scope `default` revisions: the feature schema that governs the domain while this
+    # revision is active, taken when it was written (spec 15.1); NULL on every other revision
+    governing_schema: Mapped[list[Any] | None] = mapped_column(JSONB(none_as_null=True))
     # who wrote the row (pie.audit.schemas.Actor); NULL before the audit trail and for platform writes
     created_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
 

@@ -49,6 +49,17 @@ TARGET_TYPES: dict[str, str] = {
     "updatemodeleventsubscription": "subscription",
     "deletemodeleventsubscription": "subscription",
     "completemodeljob": "job",
+    # webhooks (spec 15.6), tenant and platform
+    "createwebhook": "webhook",
+    "updatewebhook": "webhook",
+    "deletewebhook": "webhook",
+    "rotatewebhooksecret": "webhook",
+    "testwebhook": "webhook",
+    "createplatformwebhook": "webhook",
+    "updateplatformwebhook": "webhook",
+    "deleteplatformwebhook": "webhook",
+    "rotateplatformwebhooksecret": "webhook",
+    "testplatformwebhook": "webhook",
 }
 
 _SUMMARY_TEXT = 200  # characters kept of a text value in the summary
@@ -85,6 +96,8 @@ def target_id(target_type: str, path: dict[str, Any], body: Any) -> str | None:
         return pick("subscription_id")
     if target_type == "job":
         return pick("job_id")
+    if target_type == "webhook":
+        return pick("webhook_id")
     return None
 
 

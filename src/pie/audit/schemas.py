@@ -27,7 +27,7 @@ class AuditRecordOut(ResponseBody):
     method: str
     path: str
     target_type: str = Field(
-        description="client | domain | service | assignment | model | model_version | subscription | job"
+        description="client | domain | service | assignment | model | model_version | subscription | job | webhook"
     )
     target_id: str | None = Field(
         description="client, domain and model ids as such; service `domain/service`; assignment "

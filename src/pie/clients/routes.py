@@ -3,15 +3,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.audit.routing import AuditedRoute
 from pie.auth import Principal
 from pie.clients import logic
+from pie.clients.models import Client
 from pie.clients.schemas import ClientCreate, ClientOut, ClientUpdate
 from pie.deps import ClientIdPath, Session, TenantScope, require, tenant
 from pie.errors import error_responses
 from pie.idempotency import IDEMPOTENT
-from pie.pagination import PageParams
+from pie.pagination import ListParams, PageParams, complete_list
 
 router = APIRouter(prefix="/v2/clients", tags=["clients"], route_class=AuditedRoute)
 
@@ -20,12 +22,17 @@ router = APIRouter(prefix="/v2/clients", tags=["clients"], route_class=AuditedRo
 async def list_clients(
     session: Session,
     response: Response,
-    page: Annotated[PageParams, Depends()],
+    page: Annotated[ListParams, Depends()],
     principal: Principal = require("read_domains"),
 ):
-    """Clients the caller may access (admins: all), ordered by `client_id`. A bare JSON array;
-    the next page's cursor comes back in `X-Next-Cursor`."""
-    return await logic.list_clients(session, principal, page, response)
+    """Clients the caller may access (admins: all), ordered by `client_id`: a bare JSON array of
+    every one, unless `?limit=` (or `?cursor=`) asks for a page (the next page's cursor then
+    comes back in `X-Next-Cursor`)."""
+
+    async def read(s: AsyncSession, p: PageParams, r: Response) -> list[Client]:
+        return await logic.list_clients(s, principal, p, r)
+
+    return await complete_list(session, page, response, ClientOut, read)
 
 
 _NOT_FOUND = "no client with this client_id"

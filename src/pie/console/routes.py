@@ -321,7 +321,7 @@ async def domain_page(
         session, scope, domain_id, None, "active", PageParams(limit=1000), Response()
     )
     default = await tenancy.active_default(session, scope.client_id, domain_id)
-    governing = default[1] if default else None
+    governing = tenancy.governing(default[0], default[1], domain) if default else None
     return render(
         request,
         "domain.html",

@@ -65,7 +65,8 @@ def callback_token_ttl(settings: Settings, handler: dict[str, Any] | None) -> fl
 
 
 def build_payload(settings: Settings, job: Any, callback_token: str | None = None) -> dict[str, Any]:
-    """What every handler receives (spec 9.2, 14.5)."""
+    """What every handler receives (spec 9.2, 14.5; ``domain_features`` only on the training
+    jobs of domain assignments, spec 15.1)."""
     payload = {
         "job_id": job.job_id,
         "job_type": job.job_type,
@@ -79,6 +80,10 @@ def build_payload(settings: Settings, job: Any, callback_token: str | None = Non
         "features": job.features,
         "callback_url": callback_url(settings, job.model_id, job.model_version, job.job_id),
     }
+    # training jobs launched through a domain assignment: the domain's live features (spec 15.1)
+    domain_features = getattr(job, "domain_features", None)
+    if domain_features is not None:
+        payload["domain_features"] = domain_features
     if callback_token is not None:
         payload["callback_token"] = callback_token
     return payload

@@ -108,10 +108,13 @@ _DISPATCHED = """
     FROM unnest(CAST(%(ids)s AS text[]), CAST(%(warnings)s AS text[])) AS b(job_id, warning)
     WHERE j.job_id = b.job_id AND j.status = 'started' AND j.locked_by = %(me)s
     """
+# A job waiting for another attempt is `pending` (not started, no error: spec 15.3); the failed
+# attempt shows as the job's `dispatch` (dispatch_error). The requeues of the sweep below do the same.
 _RETRY = text(
     """
-    UPDATE jobs SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
-        next_attempt_at = now() + make_interval(secs => :delay), error = CAST(:error AS jsonb), updated_at = now()
+    UPDATE jobs SET status = 'pending', locked_by = NULL, lease_expires_at = NULL, started_at = NULL,
+        next_attempt_at = now() + make_interval(secs => :delay), dispatch_error = CAST(:error AS jsonb),
+        error = NULL, updated_at = now()
     WHERE job_id = :job_id AND status = 'started' AND locked_by = :me
     """
 )
@@ -150,9 +153,11 @@ _CLAIM_TEMPLATE = """
     FROM due, model_versions AS mv
     WHERE j.job_id = due.job_id AND mv.model_id = j.model_id AND mv.version = j.model_version
     RETURNING j.job_id, j.job_type, j.model_id, j.model_version, j.assignment_id, j.client_id,
-              j.domain_id, j.service_id, j.input, j.features, j.attempts, mv.handlers -> j.job_type AS handler,
+              j.domain_id, j.service_id, j.input, j.features, j.domain_features, j.attempts,
+              mv.handlers -> j.job_type AS handler,
               EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds,
-              pg_column_size(j.input) + coalesce(pg_column_size(j.features), 0) AS payload_bytes
+              pg_column_size(j.input) + coalesce(pg_column_size(j.features), 0)
+                + coalesce(pg_column_size(j.domain_features), 0) AS payload_bytes
     """
 # the :lookahead oldest due jobs (looked up by primary key: a bounded scan, whatever the backlog)
 _WINDOW = """AND j.job_id = ANY(ARRAY(
@@ -196,10 +201,10 @@ _ORPHANS = text(
 )
 _REQUEUE_ORPHANS = text(
     """
-    UPDATE jobs AS j SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
+    UPDATE jobs AS j SET status = 'pending', locked_by = NULL, lease_expires_at = NULL, started_at = NULL,
         -- its old due time: back at the head of the queue, not behind the backlog that grew since
         next_attempt_at = LEAST(j.next_attempt_at, now()), updated_at = now(),
-        error = jsonb_build_object('code', 'dispatcher_died', 'message',
+        dispatch_error = jsonb_build_object('code', 'dispatcher_died', 'message',
             'the dispatcher running this job stopped heartbeating; the job was queued again',
             'previous_dispatcher', j.locked_by, 'attempts', j.attempts)
     WHERE j.job_id = ANY(CAST(:ids AS text[])) AND j.status = 'started'
@@ -213,7 +218,7 @@ _FORGET = text(
 )
 _RELEASE = text(
     """
-    UPDATE jobs SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
+    UPDATE jobs SET status = 'pending', locked_by = NULL, lease_expires_at = NULL, started_at = NULL,
         next_attempt_at = now(), updated_at = now()
     WHERE job_id = ANY(CAST(:ids AS text[])) AND status = 'started' AND locked_by = :me
     """
@@ -234,9 +239,9 @@ _REQUEUE_EXPIRED = text(
         ORDER BY lease_expires_at LIMIT 1000
         FOR UPDATE SKIP LOCKED
     )
-    UPDATE jobs AS j SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
+    UPDATE jobs AS j SET status = 'pending', locked_by = NULL, lease_expires_at = NULL, started_at = NULL,
         next_attempt_at = now(), updated_at = now(),
-        error = jsonb_build_object('code', 'lease_expired', 'message',
+        dispatch_error = jsonb_build_object('code', 'lease_expired', 'message',
             'the dispatcher running this job stopped renewing its lease; the job was queued again',
             'previous_dispatcher', j.locked_by, 'attempts', j.attempts)
     FROM expired WHERE j.job_id = expired.job_id

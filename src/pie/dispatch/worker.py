@@ -10,6 +10,7 @@ import signal
 from pie import db
 from pie.config import Settings
 from pie.dispatch.dispatcher import Dispatcher
+from pie.webhooks.delivery import start_delivery
 
 log = logging.getLogger("pie.worker")
 
@@ -32,11 +33,14 @@ async def run_worker(settings: Settings, name: str | None = None) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     await dispatcher.start()
+    webhooks = await start_delivery(settings, dispatcher.worker_id)  # the webhook delivery loop beside it
     print(f"pie worker {dispatcher.worker_id} dispatching", flush=True)
     try:
         await stop.wait()
     finally:
         log.info("stopping worker %s", dispatcher.worker_id)
         await dispatcher.stop(grace=settings.shutdown_grace_seconds)
+        if webhooks is not None:
+            await webhooks.stop(grace=min(settings.shutdown_grace_seconds, 5.0))
         if owns_engine:
             await db.dispose_engine()

@@ -9,7 +9,8 @@ dispatcher's give-up and time-out paths): it locks the rows, records the outcome
 output contract, sets the status of a service whose init job ended, fires ``inference_complete``
 subscriptions and announces the end on ``pie_job_done`` (``?wait=`` long-polls listen there).
 Jobs with none of those extras (no output schema to check, no subscription to fire, no service
-to set) end in one statement per batch (``_END_PLAIN``); the others take the full path.
+to set, no webhook event to write) end in one statement per batch (``_END_PLAIN``); the others
+take the full path (``_finish_full``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pie.jobs.models import Job
 from pie.jobs.schemas import JobOut
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
+from pie.webhooks import outbox as webhooks
 
 log = logging.getLogger("pie.jobs")
 
@@ -66,6 +68,7 @@ def payload_problem(
     client_id: str | None = None,
     domain_id: str | None = None,
     service_id: str | None = None,
+    domain_features: list[Any] | None = None,
 ) -> str | None:
     """Why the payload a dispatch would build for this job exceeds the limit of ``handler``'s
     type (the 422 message), or None. Shaped as a dispatch builds it: a job id and a callback
@@ -81,6 +84,7 @@ def payload_problem(
         service_id=service_id,
         input=input,
         features=features,
+        domain_features=domain_features,
     )
     payload = build_payload(settings, shaped, callbacks.placeholder(shaped, callback_token_ttl(settings, handler)))
     problem = payload_limit_problem(settings, handler, payload)
@@ -95,6 +99,7 @@ async def create_job(
     model_version: str,
     input: dict[str, Any] | None = None,
     features: dict[str, Any] | None = None,
+    domain_features: list[Any] | None = None,
     assignment_id: uuid.UUID | None = None,
     client_id: str | None = None,
     domain_id: str | None = None,
@@ -107,8 +112,10 @@ async def create_job(
     """Record a pending job in the caller's transaction; dispatch happens after commit.
 
     ``handlers``: the version's handlers when the caller has already read the version (saves a
-    query). 422 when the payload its handler would receive exceeds the limit of the handler's
-    type (ECS overrides, Lambda Event payload, the body limit for in-process jobs)."""
+    query). ``domain_features``: what a training job launched through a domain assignment
+    carries to its handler (the domain's live features; spec 15.1). 422 when the payload its
+    handler would receive exceeds the limit of the handler's type (ECS overrides, Lambda Event
+    payload, the body limit for in-process jobs)."""
     from pie.registry.models import ModelVersion
 
     if handlers is not None:
@@ -127,6 +134,7 @@ async def create_job(
         model_version=model_version,
         input=input if input is not None else {},
         features=features,
+        domain_features=domain_features,
         assignment_id=assignment_id,
         client_id=client_id,
         domain_id=domain_id,
@@ -151,6 +159,7 @@ async def create_job(
         client_id=client_id,
         domain_id=domain_id,
         service_id=service_id,
+        domain_features=domain_features,
     )
     if problem is not None:
         raise Unprocessable(problem)
@@ -199,7 +208,8 @@ async def get_job(session: AsyncSession, principal: Principal, job_id: str) -> J
     return job
 
 
-# built once: its compiled form is cached by SQLAlchemy; only the bound id changes
+# built once: its compiled form is cached by SQLAlchemy; only the bound id changes. The columns
+# ``JobOut`` reads (its hidden fields included: ``dispatch`` is derived from them)
 _READ_JOB = select(*[c for c in Job.__table__.c if c.key in JobOut.model_fields]).where(
     Job.__table__.c.job_id == bindparam("job_id")
 )
@@ -383,8 +393,8 @@ def _lock_for_finish() -> Any:
 
 
 # Ends, in one statement, the jobs of a batch that need nothing beyond their row: not ended yet,
-# not a service's init job, and (for a success) no output schema to check and, for inference,
-# no active inference_complete subscription to fire. Rows are locked in job_id order (so that
+# not a service's init job, no active webhook wanting its end, and (for a success) no output
+# schema to check and, for inference, no active inference_complete subscription to fire. Rows are locked in job_id order (so that
 # concurrent batches cannot deadlock), updated, and announced on pie_job_done; what it returns
 # feeds the metrics. Every other job of the batch is left as it was for the full path.
 _END_PLAIN = f"""
@@ -397,6 +407,11 @@ _END_PLAIN = f"""
         JOIN batch AS b ON b.job_id = j.job_id
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
         WHERE j.status NOT IN ('success', 'failure') AND j.purpose IS DISTINCT FROM 'service_init'
+          -- a job whose end some webhook wants takes the full path (its outbox rows, spec 15.6)
+          AND NOT EXISTS (
+                SELECT 1 FROM webhooks AS w
+                WHERE w.status = 'active' AND (w.client_id IS NULL OR w.client_id = j.client_id)
+                  AND (CASE WHEN b.status = 'success' THEN 'job.succeeded' ELSE 'job.failed' END) = ANY(w.events))
           AND (b.status <> 'success' OR (
                 coalesce(jsonb_typeof(mv.handler_contracts -> j.job_type -> 'output_schema'), 'null') = 'null'
                 AND (j.job_type <> 'inference' OR NOT EXISTS (
@@ -578,15 +593,15 @@ async def _finish_full(session: AsyncSession, completions: list[Completion]) -> 
                     svc.c.client_id == bindparam("b_client"),
                     svc.c.domain_id == bindparam("b_domain"),
                     svc.c.service_id == bindparam("b_service"),
-                    # a late, older init job never overrides the outcome of a newer one that
-                    # already ended (job ids are time-ordered UUIDv7 text)
+                    # only the newest init job of the service decides: an older one ending late
+                    # never overrides a newer one, ended or still running (the service stays
+                    # `initializing` until that one ends; job ids are time-ordered UUIDv7 text)
                     ~exists().where(
                         newer.c.client_id == bindparam("b_client"),
                         newer.c.domain_id == bindparam("b_domain"),
                         newer.c.service_id == bindparam("b_service"),
                         newer.c.purpose == "service_init",
                         newer.c.job_id > bindparam("b_job"),
-                        newer.c.status.in_(("success", "failure")),
                     ),
                 )
             )
@@ -603,6 +618,9 @@ async def _finish_full(session: AsyncSession, completions: list[Completion]) -> 
                 for r in sorted(inits, key=lambda r: (r.client_id, r.domain_id, r.service_id))
             ],
         )
+
+    # job.succeeded/job.failed and service.available/service.failed for the webhooks that want them
+    await webhooks.jobs_ended(session, [r.job_id for r in to_end])
 
     # successful inference jobs fire their model's inference_complete subscriptions (all of the
     # batch at once: a fixed number of queries, whatever the number of jobs)

@@ -37,14 +37,20 @@ class Job(Timestamps, Base):
     # the service's resolved_features for service-scoped jobs (sent to the handler as `features`)
     # absent values are SQL NULL (not a JSON null), so ``IS NULL`` means "not set"
     features: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    # training jobs launched through a domain assignment: the domain's live features at launch
+    # (sent to the handler as `domain_features`; spec 15.1); NULL otherwise
+    domain_features: Mapped[list[Any] | None] = mapped_column(JSONB(none_as_null=True))
     output: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
+    # set only when the job ends in failure (spec 15.3)
     error: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
     warnings: Mapped[list[Any]] = mapped_column(server_default=text("'[]'::jsonb"))
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     # the handler's own time-out (``timeout_seconds`` of its configuration); NULL: the global
     # PIE_JOB_TIMEOUT_SECONDS applies. Set at creation and again when a dispatcher claims the job.
     timeout_seconds: Mapped[float | None] = mapped_column(Float)
-    # dispatch bookkeeping
+    # dispatch bookkeeping; dispatch_error: the latest failed dispatch that was retried (shown
+    # as the job's `dispatch`)
+    dispatch_error: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
     next_attempt_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
     locked_by: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None]

@@ -1,15 +1,39 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, computed_field
 
 from pie.audit.schemas import CREATED_BY, Actor
 from pie.jsonbody import StoredJson, StoredList
 from pie.schemas import RequestBody, ResponseBody, UtcDatetime
 
 JobStatus = Literal["pending", "started", "success", "failure"]
+
+
+class DispatchFailure(ResponseBody):
+    code: str
+    message: str
+
+
+class JobDispatch(ResponseBody):
+    """How the job's dispatch went when an attempt failed and was retried (spec 15.3)."""
+
+    attempts: int = Field(description="dispatch attempts so far (the job's `attempts`)")
+    last_error: DispatchFailure = Field(description="the latest failed attempt that was retried")
+    next_attempt_at: UtcDatetime | None = Field(
+        description="when the next attempt is due, while the job is `pending`; null otherwise"
+    )
+
+
+def _dispatch_failure(stored: Any) -> DispatchFailure:
+    if isinstance(stored, dict):
+        return DispatchFailure(
+            code=str(stored.get("code") or "dispatch_failed"), message=str(stored.get("message") or "")
+        )
+    return DispatchFailure(code="dispatch_failed", message=str(stored))
 
 
 class JobOut(ResponseBody):
@@ -36,6 +60,24 @@ class JobOut(ResponseBody):
     started_at: UtcDatetime | None = None
     completed_at: UtcDatetime | None = None
     updated_at: UtcDatetime
+    # what ``dispatch`` is derived from (read with the row, not shown)
+    dispatch_error: Any = Field(default=None, exclude=True)
+    next_attempt_at: datetime | None = Field(default=None, exclude=True)
+
+    @computed_field(  # type: ignore[prop-decorator]  # pydantic's documented computed_field-over-property form
+        description="null until a dispatch attempt fails and is retried; then the attempts, the latest "
+        "retried failure and, while the job is `pending`, when the next attempt is due. `error` is set only "
+        "when the job ends in `failure`"
+    )
+    @property
+    def dispatch(self) -> JobDispatch | None:
+        if self.dispatch_error is None:
+            return None
+        return JobDispatch(
+            attempts=self.attempts,
+            last_error=_dispatch_failure(self.dispatch_error),
+            next_attempt_at=self.next_attempt_at if self.status == "pending" else None,
+        )
 
 
 class JobCompletion(RequestBody):

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Text, and_, cast, func, insert, or_, select, tuple_
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.assignments.models import Assignment
 from pie.audit import context as audit
+from pie.audit.models import VersionStatusChange
 from pie.auth import Principal
 from pie.clients.models import Client
 from pie.jobs.logic import notify_new_jobs
@@ -60,17 +62,59 @@ class _Firing:
     error: str | None = None
 
 
-async def _newest_active_versions(session: AsyncSession, model_ids: set[str]) -> dict[str, ModelVersion]:
-    """model id -> its newest (highest ``seq``) active version, for every model that has one."""
+async def _recently_activated_versions(session: AsyncSession, model_ids: set[str]) -> dict[str, ModelVersion]:
+    """model id -> its most recently activated ``active`` version (spec 15.3), for every model
+    that has one: by the version's latest change to ``active`` in the status history; a version
+    with no such record (activated before the history existed, or written directly) counts as
+    activated when it was created; ties go to the newest version."""
     if not model_ids:
         return {}
-    newest = (
-        select(func.max(ModelVersion.seq))
-        .where(ModelVersion.model_id.in_(sorted(model_ids)), ModelVersion.status == "active")
-        .group_by(ModelVersion.model_id)
+    history = VersionStatusChange
+    activated = (
+        select(func.max(history.changed_at))
+        .where(
+            history.model_id == ModelVersion.model_id,
+            history.version == ModelVersion.version,
+            history.to_status == "active",
+        )
+        .scalar_subquery()
     )
-    rows = await session.scalars(select(ModelVersion).where(ModelVersion.seq.in_(newest)))
-    return {v.model_id: v for v in rows}
+    stmt = (
+        select(ModelVersion)
+        .where(ModelVersion.model_id.in_(sorted(model_ids)), ModelVersion.status == "active")
+        .order_by(
+            ModelVersion.model_id,
+            func.coalesce(activated, ModelVersion.created_at).desc(),
+            ModelVersion.seq.desc(),
+        )
+        .ext(distinct_on(ModelVersion.model_id))
+    )
+    return {v.model_id: v for v in await session.scalars(stmt)}
+
+
+async def _retrained_versions(
+    session: AsyncSession, trigger_event: str, triggers: list[Trigger], subscriptions: list[EventSubscription]
+) -> dict[tuple[str, str], ModelVersion]:
+    """(model id, version) -> the version, for the triggers whose model's own ``training_complete``
+    subscriptions fire on the version just retrained (spec 15.3)."""
+    if trigger_event != "training_complete":
+        return {}
+    own = {
+        s.source_model_id for s in subscriptions if s.assignment_key is None and s.target_model_id == s.source_model_id
+    }
+    keys = sorted(
+        {
+            (t.source_model_id, t.source_model_version)
+            for t in triggers
+            if t.source_model_id in own and t.source_model_version is not None
+        }
+    )
+    if not keys:
+        return {}
+    rows = await session.scalars(
+        select(ModelVersion).where(tuple_(ModelVersion.model_id, ModelVersion.version).in_(keys))
+    )
+    return {(v.model_id, v.version): v for v in rows}
 
 
 _ScopeKey = tuple[str | None, str | None, str | None, str | None]
@@ -147,6 +191,7 @@ def _plan(
     subscription: EventSubscription,
     trigger: Trigger,
     versions: dict[str, ModelVersion],
+    retrained: dict[tuple[str, str], ModelVersion],
     assignments: dict[_ScopeKey, Any],
 ) -> _Firing:
     firing = _Firing(subscription)
@@ -172,7 +217,13 @@ def _plan(
         "features": None,
     }
     if subscription.assignment_key is None:
-        version = versions.get(subscription.target_model_id)
+        # a model's own training_complete subscription: the version whose training completed;
+        # every other firing: the target's most recently activated version
+        version = None
+        if subscription.source_model_id == subscription.target_model_id and trigger.source_model_version:
+            version = retrained.get((subscription.target_model_id, trigger.source_model_version))
+        if version is None or version.status != "active":
+            version = versions.get(subscription.target_model_id)
         if version is None:
             firing.error = f"model {subscription.target_model_id} has no active version"
             return firing
@@ -255,12 +306,13 @@ async def fire_triggers(session: AsyncSession, trigger_event: str, triggers: lis
     by_source: dict[str, list[EventSubscription]] = {}
     for subscription in subscriptions:
         by_source.setdefault(subscription.source_model_id, []).append(subscription)
-    versions = await _newest_active_versions(
+    versions = await _recently_activated_versions(
         session, {s.target_model_id for s in subscriptions if s.assignment_key is None}
     )
+    retrained = await _retrained_versions(session, trigger_event, triggers, subscriptions)
     assignments = await _active_assignments(session, [s for s in subscriptions if s.assignment_key is not None])
     firings = [
-        (index, _plan(subscription, trigger, versions, assignments))
+        (index, _plan(subscription, trigger, versions, retrained, assignments))
         for index, trigger in enumerate(triggers)
         for subscription in by_source.get(trigger.source_model_id, ())
     ]

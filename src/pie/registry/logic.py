@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Response
-from sqlalchemy import and_, cast, null, or_, select, update
+from sqlalchemy import and_, cast, func, null, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
@@ -40,6 +40,7 @@ from pie.registry.handlers import (
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.registry.schemas import InferenceRequest, ModelCreate, ModelUpdate, VersionCreate
 from pie.registry.subscriptions import json_or_null, subscribe_inference
+from pie.webhooks import outbox as webhooks
 
 log = logging.getLogger("pie.registry")
 
@@ -114,6 +115,7 @@ class ModelUpdateResult:
     new_version: ModelVersion | None
     versions_keeping_old_handlers: list[str]
     stale_subscriptions: list[str]
+    updated_versions: list[str]
 
 
 async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) -> ModelUpdateResult:
@@ -123,9 +125,14 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
     contracts, the handler) of their action changes; ``trigger_output`` subscriptions from the
     model go stale when the output contract of the action whose completion fires them changes.
 
-    Versions snapshot handlers and contracts when they are created, so a change never alters an
-    existing version: the answer lists the existing versions that keep the previous ones; and an
-    active model gets a new pending version carrying the new ones (spec 7.1)."""
+    An active model's versions snapshot handlers and contracts when they are created, so a
+    change never alters them: the answer lists those that keep the previous ones, and a new
+    pending version carrying the new ones is generated (spec 7.1). A pending model (no version
+    ever active) is changed in place: its versions take the new handlers and contracts, so what
+    they show is what runs (spec 15.3); the answer lists them as ``updated_versions``.
+
+    The model row lock is taken first (as by ``create_version`` and by a version turning
+    ``active``), so the model's status cannot change under this update."""
     model = await get_model(session, model_id, for_update=True)  # 404 before any 422
     handlers, contracts = _checked_handlers(body)
     stale = stale_actions(model.handlers, model.handler_contracts, handlers, contracts)
@@ -169,32 +176,48 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
             ).all()
         )
     keeping: list[str] = []
+    updated: list[str] = []
     if runtime_changed:
-        keeping = list(
-            (
-                await session.scalars(
-                    select(ModelVersion.version)
-                    .where(
-                        ModelVersion.model_id == model_id,
-                        or_(
-                            ModelVersion.handlers != handlers,
-                            ModelVersion.handler_contracts.is_distinct_from(
-                                cast(contracts, JSONB) if contracts is not None else null()
-                            ),
-                        ),
-                    )
-                    .order_by(ModelVersion.seq)
-                )
-            ).all()
+        differing = and_(
+            ModelVersion.model_id == model_id,
+            or_(
+                ModelVersion.handlers != handlers,
+                ModelVersion.handler_contracts.is_distinct_from(
+                    cast(contracts, JSONB) if contracts is not None else null()
+                ),
+            ),
         )
+        if model.status == "active":
+            keeping = list(
+                (await session.scalars(select(ModelVersion.version).where(differing).order_by(ModelVersion.seq))).all()
+            )
+        else:
+            # in place (row locks in version order: no deadlock with another such update)
+            locked = (
+                select(ModelVersion.model_id, ModelVersion.version, ModelVersion.seq)
+                .where(differing)
+                .order_by(ModelVersion.seq)
+                .with_for_update(key_share=True)
+                .cte("locked")
+            )
+            rows = await session.execute(
+                update(ModelVersion)
+                .where(ModelVersion.model_id == locked.c.model_id, ModelVersion.version == locked.c.version)
+                .values(handlers=handlers, handler_contracts=json_or_null(contracts), updated_at=func.now())
+                .returning(ModelVersion.version, locked.c.seq)
+            )
+            updated = [row.version for row in sorted(rows.all(), key=lambda row: row.seq)]
+            if updated:
+                audit.describe(session, updated_versions=updated)
     new_version = None
+    status_before = model.status
     model = await get_model(session, model_id)
-    if model.status == "active" and runtime_changed:
+    if status_before == "active" and runtime_changed:
         new_version = await _insert_version(
             session, model, version=None, description="generated by a model update", metadata={}, features=None
         )
         model = await get_model(session, model_id)
-    return ModelUpdateResult(model, new_version, keeping, went_stale)
+    return ModelUpdateResult(model, new_version, keeping, went_stale, updated)
 
 
 # ---- versions --------------------------------------------------------------------------------
@@ -327,6 +350,10 @@ async def set_version_status(
 ) -> tuple[Model, ModelVersion, list[dict[str, Any]]]:
     """Apply a transition; ``training -> active`` fires the model's training_complete
     subscriptions. The triggered events returned are those ``principal`` may see (all for None)."""
+    if status == "active":
+        # a version turning active may turn its model active: the model row first, as every
+        # writer of the model takes it (``update_model`` changes a pending model's versions)
+        await get_model(session, model_id, for_update=True)
     found = await get_model_version(session, model_id, version, for_update=True)
     previous = found.status
     if previous == status:
@@ -343,6 +370,7 @@ async def set_version_status(
         .values(status=status)
     )
     await record_status_change(session, model_id, version, previous, status)
+    await webhooks.versions_status_changed(session, [(model_id, version, previous)])
     audit.describe(session, **{"from": previous, "to": status})
     if status == "active":
         # a model becomes active when one of its versions first becomes active

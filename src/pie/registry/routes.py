@@ -6,6 +6,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Response
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.audit import logic as audit_logic
 from pie.audit.routing import AuditedRoute
@@ -13,8 +14,9 @@ from pie.audit.schemas import StatusChangeOut
 from pie.auth import Principal
 from pie.deps import ModelIdPath, ModelVersionPath, Session, require
 from pie.idempotency import IDEMPOTENT
-from pie.pagination import PageParams
+from pie.pagination import ListParams, PageParams, complete_list
 from pie.registry import logic, subscriptions
+from pie.registry.models import EventSubscription
 from pie.registry.schemas import (
     InferenceRequest,
     InferenceStarted,
@@ -39,6 +41,7 @@ router = APIRouter(
 _CONFLICT = error_responses(409)
 
 Page = Annotated[PageParams, Depends()]
+CompleteList = Annotated[ListParams, Depends()]
 SubscriptionIdPath = Annotated[uuid.UUID, Path(description="event subscription id (uuid)")]
 
 
@@ -46,9 +49,12 @@ SubscriptionIdPath = Annotated[uuid.UUID, Path(description="event subscription i
 
 
 @router.get("", operation_id="listmodels", response_model=list[ModelOut])
-async def list_models(session: Session, response: Response, page: Page, principal: Principal = require("read_models")):
-    """All models, oldest first. A bare JSON array; the next page's cursor is in `X-Next-Cursor`."""
-    return await logic.list_models(session, page, response)
+async def list_models(
+    session: Session, response: Response, page: CompleteList, principal: Principal = require("read_models")
+):
+    """All models, oldest first: a bare JSON array of every model, unless `?limit=` (or
+    `?cursor=`) asks for a page (the next page's cursor is then in `X-Next-Cursor`)."""
+    return await complete_list(session, page, response, ModelOut, logic.list_models)
 
 
 @router.post(
@@ -76,10 +82,11 @@ async def update_model(
     """Replace the model's fields (every field the body omits takes its default; unknown fields
     are a 400, so a misspelt field never erases one).
 
-    Versions snapshot handlers and contracts when created, so a change never alters an existing
-    version: `versions_keeping_old_handlers` lists the existing versions that keep the previous
-    handlers or contracts. When the model is `active`, a new `pending` version carrying the new
-    ones is generated and returned as `new_version`.
+    When the model is `active`, its versions keep the handlers and contracts they were created
+    with: `versions_keeping_old_handlers` lists those that keep the previous ones, and a new
+    `pending` version carrying the new ones is generated and returned as `new_version`. When the
+    model is `pending` (no version ever active), its versions take the new handlers and contracts
+    in place (what they show is what runs): `updated_versions` lists them.
 
     Staleness (`stale_subscriptions`): subscriptions targeting the model go `stale` when the
     input contract (without contracts: the handler) of their action changes; `trigger_output`
@@ -89,6 +96,7 @@ async def update_model(
     out = ModelUpdated.model_validate(result.model)
     out.new_version = VersionOut.model_validate(result.new_version) if result.new_version is not None else None
     out.versions_keeping_old_handlers = result.versions_keeping_old_handlers
+    out.updated_versions = result.updated_versions
     out.stale_subscriptions = result.stale_subscriptions
     return out
 
@@ -211,11 +219,16 @@ async def list_event_subscriptions(
     model_id: ModelIdPath,
     session: Session,
     response: Response,
-    page: Page,
+    page: CompleteList,
     principal: Principal = require("read_models"),
 ):
-    """Subscriptions with this model as source (bare array, cursor in `X-Next-Cursor`)."""
-    return await subscriptions.list_subscriptions(session, model_id, principal, page, response)
+    """Subscriptions with this model as source: a bare array of every one, unless `?limit=` (or
+    `?cursor=`) asks for a page (cursor in `X-Next-Cursor`)."""
+
+    async def read(s: AsyncSession, p: PageParams, r: Response) -> list[EventSubscription]:
+        return await subscriptions.list_subscriptions(s, model_id, principal, p, r)
+
+    return await complete_list(session, page, response, SubscriptionOut, read)
 
 
 @router.post(

@@ -203,8 +203,14 @@ class ModelUpdated(ModelOut):
     )
     versions_keeping_old_handlers: list[str] = Field(
         default_factory=list,
-        description="when this update changed handlers or handler_contracts: the existing versions (by "
-        "creation) that keep the previous ones (versions snapshot them when created); empty otherwise",
+        description="when this update changed handlers or handler_contracts of an active model: the existing "
+        "versions (by creation) that keep the previous ones (versions snapshot them when created); empty "
+        "otherwise",
+    )
+    updated_versions: list[str] = Field(
+        default_factory=list,
+        description="when this update changed handlers or handler_contracts of a pending model (no version "
+        "ever active): its versions (by creation), which took the new ones in place; empty otherwise",
     )
     stale_subscriptions: list[str] = Field(
         default_factory=list, description="ids of the event subscriptions this update turned `stale`"

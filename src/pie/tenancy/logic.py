@@ -13,17 +13,19 @@ either refused by a suspension that committed first or commits before the suspen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import uuid6
 from fastapi import Response
-from sqlalchemy import and_, bindparam, func, literal, or_, select
+from sqlalchemy import and_, bindparam, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
 from pie import reads
+from pie.assignments import freeze
 from pie.assignments.models import Assignment
 from pie.audit import context as audit
 from pie.clients.models import Client
@@ -120,13 +122,39 @@ async def update_domain(session: AsyncSession, scope: TenantScope, domain_id: st
 
 
 async def replace_features(session: AsyncSession, scope: TenantScope, domain_id: str, features: list[Any]) -> list[Any]:
-    """Persist-only (spec 5.2): writes the live definitions, touches no service."""
+    """Persist-only (spec 5.2): writes the live definitions, touches no service; the governing
+    schema (the snapshot on the active ``default`` revision) does not change."""
     domain = await load_domain(session, scope.client_id, domain_id, lock="update")
     await ensure_writable(session, scope)
     definitions = validate_feature_definitions(features)
     domain.features = definitions
     await session.flush()
     return definitions
+
+
+@dataclass
+class FeaturesDryRun:
+    """What ``PUT .../features`` would write, and the services it would not fit (spec 15.1)."""
+
+    features: list[Any]
+    blocking_services: list[dict[str, Any]]
+
+
+async def dry_run_features(
+    session: AsyncSession, scope: TenantScope, domain_id: str, features: list[Any]
+) -> FeaturesDryRun:
+    """``PUT .../features?dry_run=true`` (spec 15.1): the checks of ``replace_features`` (the
+    same 4xx), then the non-departed services whose ``provided_features`` would not resolve
+    against the draft (the freeze check's set-based machinery); nothing is written, no audit
+    row. The domain row is held ``FOR SHARE`` (no service is written while it checks)."""
+    await load_domain(session, scope.client_id, domain_id, lock="share")
+    await ensure_writable(session, scope)
+    definitions = validate_feature_definitions(features)
+    audit.skip(session)
+    blocking = await freeze.blocking_services(
+        session, client_id=scope.client_id, domain_id=domain_id, definitions=definitions
+    )
+    return FeaturesDryRun(definitions, blocking)
 
 
 # -- the governing schema ------------------------------------------------------------------------
@@ -155,10 +183,53 @@ async def active_default(
 
 
 def schema_of(version: ModelVersion | None, domain: Domain) -> list[Any]:
-    """A version's frozen schema, or the domain's live features when it has none (spec 5.3)."""
+    """The schema a domain ``default`` revision written now snapshots (spec 15.1): the target
+    version's frozen schema, or a copy of the domain's live features when it has none."""
     if version is not None and version.features is not None:
         return version.features
     return domain.features
+
+
+ContractSource = Literal["model_version", "domain_snapshot"]
+
+
+@dataclass
+class Contract:
+    """The governing schema of a domain (spec 15.1) and where it comes from."""
+
+    features: list[Any]
+    source: ContractSource
+    assignment: Assignment
+    version: ModelVersion
+
+
+def governing(assignment: Assignment, version: ModelVersion, domain: Domain) -> Contract:
+    """The schema stored on the active ``default`` revision. A revision without one (written
+    behind this release's back, e.g. by raw SQL) is governed by what it would have snapshotted.
+    A version's frozen schema never changes once created, so when it has one the snapshot is it."""
+    features = assignment.governing_schema
+    if features is None:
+        features = schema_of(version, domain)
+    source: ContractSource = "model_version" if version.features is not None else "domain_snapshot"
+    return Contract(features, source, assignment, version)
+
+
+async def governing_schema(session: AsyncSession, domain: Domain) -> list[Any]:
+    """The domain's governing schema; its live features when it has no active ``default``
+    (nothing has been deployed: the draft is all there is)."""
+    found = await active_default(session, domain.client_id, domain.domain_id)
+    if found is None:
+        return domain.features
+    return governing(found[0], found[1], domain).features
+
+
+async def get_contract(session: AsyncSession, scope: TenantScope, domain_id: str) -> Contract:
+    """``GET .../contract``: 422 "no model assigned" without an active ``default``."""
+    domain = await load_domain(session, scope.client_id, domain_id)
+    found = await active_default(session, scope.client_id, domain_id)
+    if found is None:
+        raise Unprocessable(f"no model assigned: domain {domain_id} has no active default assignment")
+    return governing(found[0], found[1], domain)
 
 
 async def require_default(session: AsyncSession, domain: Domain) -> tuple[Assignment, ModelVersion]:
@@ -195,7 +266,7 @@ async def init_service(
     await ensure_writable(session, scope)
     ensure_domain_active(domain)
     assignment, version = await require_default(session, domain)
-    resolved = _resolve_or_422(body.static_features, schema_of(version, domain))
+    resolved = _resolve_or_422(body.static_features, governing(assignment, version, domain).features)
     stmt = (
         insert(Service)
         .values(
@@ -303,8 +374,7 @@ async def update_service(
     service = await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
     await ensure_writable(session, scope)
     ensure_domain_active(domain)
-    default = await active_default(session, scope.client_id, domain_id)
-    definitions = schema_of(default[1] if default else None, domain)
+    definitions = await governing_schema(session, domain)
     provided = merge_patch(service.provided_features, body.static_features)
     defined = {d["name"] for d in definitions}
     undefined = sorted(k for k in provided if k not in defined and k not in body.static_features)
@@ -318,10 +388,12 @@ async def update_service(
     return service, undefined
 
 
-async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_id: str) -> list[str]:
+async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_id: str) -> list[tuple[str, str]]:
     """One fresh inference job per non-departed service through the active default assignment,
-    with the stored ``resolved_features``: a single ``INSERT ... SELECT`` (no per-service round
-    trips). Stored features are not touched."""
+    with the stored ``resolved_features``, and every such service set to ``initializing`` until
+    its job ends (spec 15.3): one statement (an ``INSERT ... SELECT`` and the ``UPDATE`` of
+    exactly the services that got a job), no per-service round trips. Stored features are not
+    touched. Returns ``(service_id, job_id)`` pairs in service order."""
     domain = await load_domain(session, scope.client_id, domain_id, lock="share")
     await ensure_writable(session, scope)
     ensure_domain_active(domain)
@@ -339,7 +411,7 @@ async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_
         Service.resolved_features,
         literal(audit.actor(session), type_=Job.created_by.type),
     ).where(Service.client_id == scope.client_id, Service.domain_id == domain_id, not_departed())
-    stmt = (
+    launched = (
         insert(Job)
         .from_select(
             [
@@ -357,10 +429,22 @@ async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_
             ],
             rows,
         )
-        .returning(Job.service_id)
+        .returning(Job.service_id, Job.job_id)
+        .cte("launched")
     )
+    marked = (
+        update(Service)
+        .where(
+            Service.client_id == scope.client_id,
+            Service.domain_id == domain_id,
+            Service.service_id == launched.c.service_id,
+        )
+        .values(status="initializing", updated_at=func.clock_timestamp())
+        .cte("marked")
+    )
+    stmt = select(launched.c.service_id, launched.c.job_id).add_cte(marked).order_by(launched.c.service_id)
     # service_id is copied from services' primary key: never NULL here
-    dispatched = sorted(cast("list[str]", (await session.scalars(stmt)).all()))
-    if dispatched:
+    jobs = [(row.service_id, row.job_id) for row in (await session.execute(stmt)).all()]
+    if jobs:
         await notify_new_jobs(session)
-    return dispatched
+    return jobs

@@ -9,13 +9,15 @@ from fastapi import APIRouter, Depends, Query, Response
 from pie.audit.routing import AuditedRoute
 from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
 from pie.idempotency import IDEMPOTENT
-from pie.pagination import PageParams
+from pie.pagination import ListParams, PageParams, page_of_list
 from pie.tenancy import logic
 from pie.tenancy.schemas import (
     BatchInitOut,
+    ContractOut,
     DomainCreate,
     DomainOut,
     DomainUpdate,
+    FeaturesDryRunOut,
     FeaturesOut,
     FeaturesUpdate,
     ServiceInit,
@@ -85,22 +87,70 @@ async def update_domain(
     responses=error_responses(400, 404),
     response_model=list[dict[str, Any]],
 )
-async def get_domain_features(domain_id: DomainIdPath, session: Session, scope: TenantScope = tenant("read_domains")):
-    """The live feature definitions (the next-train draft), a bare array."""
-    return (await logic.load_domain(session, scope.client_id, domain_id)).features
+async def get_domain_features(
+    domain_id: DomainIdPath,
+    session: Session,
+    response: Response,
+    page: Annotated[ListParams, Depends()],
+    scope: TenantScope = tenant("read_domains"),
+):
+    """The live feature definitions (the next-train draft), a bare array: every definition,
+    unless `?limit=` (or `?cursor=`) asks for a page (next page's cursor in `X-Next-Cursor`)."""
+    features = (await logic.load_domain(session, scope.client_id, domain_id)).features
+    return page_of_list(features, page, response)
+
+
+DryRunQuery = Annotated[
+    bool,
+    Query(
+        description="answer the services whose provided_features would not resolve against the submitted "
+        "features (`blocking_services`); nothing is written"
+    ),
+]
 
 
 @router.put(
     "/{domain_id}/features",
     operation_id="updatedomainfeatures",
     responses=error_responses(400, 404, 422),
-    response_model=FeaturesOut,
+    response_model=FeaturesOut | FeaturesDryRunOut,
 )
 async def update_domain_features(
-    domain_id: DomainIdPath, body: FeaturesUpdate, session: Session, scope: TenantScope = tenant("manage_domains")
+    domain_id: DomainIdPath,
+    body: FeaturesUpdate,
+    session: Session,
+    dry_run: DryRunQuery = False,
+    scope: TenantScope = tenant("manage_domains"),
 ):
-    """Full replacement, persist-only: no service is re-resolved or re-run."""
-    return {"features": await logic.replace_features(session, scope, domain_id, body.features)}
+    """Full replacement, persist-only: no service is re-resolved or re-run, and the governing
+    schema (`GET .../contract`) does not change; writing `default` again takes a new snapshot.
+    With `?dry_run=true` the answer is a `FeaturesDryRunOut` and nothing is written."""
+    if dry_run:
+        result = await logic.dry_run_features(session, scope, domain_id, body.features)
+        return FeaturesDryRunOut.model_validate(
+            {"features": result.features, "blocking_services": result.blocking_services}
+        )
+    return FeaturesOut(features=await logic.replace_features(session, scope, domain_id, body.features))
+
+
+@router.get(
+    "/{domain_id}/contract",
+    operation_id="getdomaincontract",
+    responses=error_responses(400, 404, 422),
+    response_model=ContractOut,
+)
+async def get_domain_contract(domain_id: DomainIdPath, session: Session, scope: TenantScope = tenant("read_domains")):
+    """The feature schema in force for the domain's services: the snapshot on the active `default`
+    revision (the version's frozen schema, or a copy of the live features taken when the revision
+    was written). 422 "no model assigned" without an active `default`."""
+    found = await logic.get_contract(session, scope, domain_id)
+    return ContractOut(
+        features=found.features,
+        source=found.source,
+        model_id=found.assignment.model_id,
+        model_version=found.assignment.model_version,
+        assignment_id=found.assignment.assignment_id,
+    )
 
 
 @router.post(
@@ -148,8 +198,13 @@ async def list_domain_services(
 async def init_all_domain_services(
     domain_id: DomainIdPath, session: Session, scope: TenantScope = tenant("init_services")
 ):
-    """A fresh init job for every non-departed service, with its stored `resolved_features`."""
-    return {"dispatched_services": await logic.reinit_all_services(session, scope, domain_id)}
+    """A fresh init job for every non-departed service, with its stored `resolved_features`;
+    each such service is `initializing` until its job ends. `jobs` names each service's job."""
+    jobs = await logic.reinit_all_services(session, scope, domain_id)
+    return {
+        "dispatched_services": [service_id for service_id, _ in jobs],
+        "jobs": [{"service_id": service_id, "job_id": job_id} for service_id, job_id in jobs],
+    }
 
 
 @router.get(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -93,6 +94,20 @@ class FeaturesOut(ResponseBody):
     features: StoredList
 
 
+class ContractOut(ResponseBody):
+    """The feature schema in force for the domain's services (spec 15.1): the one init, service
+    update, batch re-init and the freeze check use."""
+
+    features: StoredList = Field(description="the governing feature definitions")
+    source: Literal["model_version", "domain_snapshot"] = Field(
+        description="`model_version`: the frozen schema of the default version; `domain_snapshot`: a copy of "
+        "the domain's live features taken when the active default revision was written"
+    )
+    model_id: str
+    model_version: str
+    assignment_id: uuid.UUID = Field(description="the active `default` revision that holds the snapshot")
+
+
 # -- services ------------------------------------------------------------------------------------
 
 
@@ -137,8 +152,14 @@ class ServiceInitOut(ResponseBody):
     job_id: str
 
 
+class BatchInitJob(ResponseBody):
+    service_id: str
+    job_id: str
+
+
 class BatchInitOut(ResponseBody):
     dispatched_services: list[str]
+    jobs: list[BatchInitJob] = Field(description="the job each service got, in service order")
 
 
 # -- documented error bodies -----------------------------------------------------------------------
@@ -163,6 +184,17 @@ class AssignmentBlockedOut(ResponseBody):
 
     error: str
     blocking_services: list[BlockingService]
+
+
+class FeaturesDryRunOut(ResponseBody):
+    """``PUT .../features?dry_run=true`` (spec 15.1): nothing was written."""
+
+    features: StoredList = Field(description="the submitted definitions, as they would be stored")
+    dry_run: Literal[True] = True
+    blocking_services: list[BlockingService] = Field(
+        description="one entry per (non-departed service, feature) whose stored provided_features would not "
+        "resolve against the submitted features (as in a blocked assignment, spec 6.3); empty when none"
+    )
 
 
 _MEANINGS = {
