@@ -168,10 +168,12 @@ _WINDOW = """AND j.job_id = ANY(ARRAY(
 # the whole queue for them, so none waits behind a long backlog of other kinds for long.
 _CLAIM = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window=_WINDOW)
 _CLAIM_DEEP = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window="")
-# The claim and record connections plan their statements with indexes only: a queue that was
-# just bulk-loaded has no statistics yet, and a bitmap or sequential scan of a large backlog per
-# claim would cost hundreds of milliseconds. (Every table they touch is reached by an index.)
-_CONNECTION_SETUP = "SET enable_seqscan = off; SET enable_bitmapscan = off"
+# The claim and record connections plan their statements with index scans (a queue that was just
+# bulk-loaded has no statistics yet, and a bitmap or sequential scan of the whole backlog per
+# claim cost hundreds of milliseconds; their statements reach jobs by index) and without JIT
+# (the cost of a scan that has no index, such as the few webhooks, then passes JIT's threshold,
+# and compiling a millisecond statement took 400 ms).
+_CONNECTION_SETUP = "SET enable_seqscan = off; SET enable_bitmapscan = off; SET jit = off"
 # registration and heartbeat (re-registers a dispatcher whose row a peer removed as dead)
 _HEARTBEAT = text(
     """

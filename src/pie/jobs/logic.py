@@ -406,7 +406,8 @@ _END_PLAIN = f"""
         SELECT j.job_id FROM jobs AS j
         JOIN batch AS b ON b.job_id = j.job_id
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
-        WHERE j.status NOT IN ('success', 'failure') AND j.purpose IS DISTINCT FROM 'service_init'
+        WHERE j.job_id = ANY(CAST(%(ids)s AS text[]))  -- found by primary key, whatever the statistics
+          AND j.status NOT IN ('success', 'failure') AND j.purpose IS DISTINCT FROM 'service_init'
           -- a job whose end some webhook wants takes the full path (its outbox rows, spec 15.6)
           AND NOT EXISTS (
                 SELECT 1 FROM webhooks AS w
