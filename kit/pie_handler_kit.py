@@ -26,6 +26,15 @@ importable (full Draft 2020-12), otherwise with a built-in subset (``type``, ``e
 ``required``, ``properties``, ``additionalProperties``, ``items``, ``prefixItems``,
 ``min/maxItems``, ``min/maxLength``, ``minimum``/``maximum`` and their exclusive forms,
 ``allOf``/``anyOf``/``oneOf``/``not``; other keywords are not checked).
+
+Cancellation (``POST /v2/jobs/{job_id}/cancel``) is cooperative: a long handler checks
+``job.cancelled()`` (or ``cancelled()``) between steps and stops early, e.g. by raising
+:class:`JobCancelled`. In an ECS task run by ``main`` it turns true when the task receives SIGTERM
+(PIE stops a cancelled job's task with ``StopTask``; ECS sends SIGTERM, then SIGKILL after the
+container's stop timeout); in a PIE in-process handler (``in_process(fn)``) when PIE cancels
+the job. A Lambda invocation cannot be stopped: it runs to its end and PIE ignores its report.
+PIE answers any report of a cancelled job with 409 ``{"cancelled": true}``: the kit takes that
+as the end of the job (status ``cancelled``), not as an error, so Lambda does not retry it.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ import json
 import logging
 import os
 import random
+import signal
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,19 +53,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "CallbackError",
     "HandlerError",
     "Job",
+    "JobCancelled",
     "PAYLOAD_ENV_VAR",
     "PayloadError",
+    "cancelled",
     "check_output",
+    "in_process",
     "lambda_handler",
     "main",
     "parse_payload",
     "report",
     "run",
+    "watch_sigterm",
 ]
 
 PAYLOAD_ENV_VAR = "PIE_JOB_PAYLOAD"
@@ -75,6 +91,15 @@ class HandlerError(Exception):
         if self.details is not None:
             error["details"] = self.details
         return error
+
+
+class JobCancelled(Exception):
+    """Raise from your function to stop early once ``job.cancelled()`` is true. The kit then
+    reports the job ``interrupted`` (PIE ignores the report of a job it cancelled: 409)."""
+
+    def __init__(self, message: str = "the handler stopped early: the job was cancelled or the task asked to stop"):
+        super().__init__(message)
+        self.message = message
 
 
 class PayloadError(ValueError):
@@ -105,6 +130,49 @@ class Job:
     callback_url: str
     callback_token: str | None = field(default=None, repr=False)
     payload: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def cancelled(self) -> bool:
+        """True once this job should stop: see :func:`cancelled`."""
+        return cancelled()
+
+
+# -- cancellation --------------------------------------------------------------------------
+
+_stop_requested = threading.Event()
+
+
+def cancelled() -> bool:
+    """True once the job being handled should stop early: the ECS task received SIGTERM
+    (``main`` or ``watch_sigterm`` is listening: PIE stops the task of a cancelled job), or, in a
+    PIE in-process handler, PIE cancelled the job. Always False in Lambda (an invocation cannot
+    be stopped). Cheap: check it between the steps of a long handler."""
+    if _stop_requested.is_set():
+        return True
+    pie = sys.modules.get("pie.dispatch.inprocess")  # running inside PIE (in-process): its flag
+    check = getattr(pie, "cancelled", None)
+    if callable(check):
+        try:
+            return bool(check())
+        except Exception:
+            return False
+    return False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if not _stop_requested.is_set():
+        log.warning("SIGTERM received: the task is asked to stop (cancelled() is now true)")
+    _stop_requested.set()
+
+
+def watch_sigterm() -> Callable[[], None]:
+    """Make SIGTERM set :func:`cancelled` instead of ending the process at once (call it in the
+    main thread; ``main`` does). Returns a function restoring the previous handler."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 # -- reading the payload -------------------------------------------------------------------
@@ -330,6 +398,8 @@ def _outcome(fn: Handler, job: Job, input: Any, features: Any, output_schema: An
         output = fn(input, features, job)
     except HandlerError as exc:
         return "failure", None, exc.as_error()
+    except JobCancelled as exc:
+        return "failure", None, {"code": "interrupted", "message": exc.message}
     except Exception as exc:  # the job fails with the exception, it is never lost
         log.exception("handler for job %s raised", job.job_id)
         return (
@@ -356,12 +426,24 @@ def _outcome(fn: Handler, job: Job, input: Any, features: Any, output_schema: An
     return "success", output, None
 
 
+def _cancelled_in_pie(exc: CallbackError) -> bool:
+    """PIE's answer to a report of a job it cancelled: 409 with ``"cancelled": true``."""
+    return exc.status == 409 and isinstance(exc.body, dict) and exc.body.get("cancelled") is True
+
+
 def run(fn: Handler, payload: Any, *, output_schema: Any = None, **report_options: Any) -> dict[str, Any]:
     """Handle one job: parse ``payload``, call ``fn(input, features, job)``, report the outcome.
-    Returns ``{"job_id", "status", "error", "callback"}`` (``callback``: PIE's answer)."""
+    Returns ``{"job_id", "status", "error", "callback"}`` (``callback``: PIE's answer); status
+    ``cancelled`` when PIE had cancelled the job (its report was ignored)."""
     job, input, features = parse_payload(payload)
     status, output, error = _outcome(fn, job, input, features, output_schema)
-    answer = report(job, status, output=output, error=error, **report_options)
+    try:
+        answer = report(job, status, output=output, error=error, **report_options)
+    except CallbackError as exc:
+        if not _cancelled_in_pie(exc):
+            raise
+        log.info("job %s was cancelled in PIE; its %s report was ignored", job.job_id, status)
+        return {"job_id": job.job_id, "status": "cancelled", "error": None, "callback": exc.body}
     log.info("job %s reported %s", job.job_id, status)
     return {"job_id": job.job_id, "status": status, "error": error, "callback": answer}
 
@@ -389,14 +471,17 @@ def main(
     **report_options: Any,
 ) -> int:
     """An ECS task entrypoint: run ``fn`` on the payload in ``$PIE_JOB_PAYLOAD``. Exit status
-    0 when the outcome (success or failure) was reported, 1 when it could not be, 2 when
-    there is no usable payload."""
+    0 when the outcome (success or failure) was reported, or the job had been cancelled in PIE
+    (status ``cancelled``), 1 when it could not be reported, 2 when there is no usable payload.
+    While it runs, SIGTERM (ECS stopping the task) makes ``cancelled()`` true."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raw = (environ if environ is not None else os.environ).get(env_var)
     if not raw:
         log.error("no job payload: the environment variable %s is not set", env_var)
         return 2
+    _stop_requested.clear()  # a new task: nothing asked it to stop yet
+    restore = watch_sigterm() if threading.current_thread() is threading.main_thread() else None
     try:
         result = run(fn, raw, output_schema=output_schema, **report_options)
     except PayloadError as exc:
@@ -405,5 +490,38 @@ def main(
     except CallbackError as exc:
         log.error("%s", exc)
         return 1
+    finally:
+        if restore is not None:
+            restore()
     print(json.dumps({k: result[k] for k in ("job_id", "status", "error")}), flush=True)
     return 0
+
+
+def in_process(fn: Handler, *, output_schema: Any = None) -> Callable[[dict[str, Any]], Any]:
+    """A PIE in-process implementation (``fn(payload) -> output``; register it under the
+    ``pie.handlers`` entry-point group) running ``fn(input, features, job)``: the same handler
+    code as for Lambda or ECS. ``job.cancelled()`` turns true when PIE cancels the job; PIE
+    records the return value itself (nothing is reported over HTTP). ``HandlerError`` fails the
+    job with its structured error; an ``output_schema`` mismatch fails it
+    (``output_contract_violation``)."""
+
+    def implementation(payload: dict[str, Any]) -> Any:
+        job, input, features = parse_payload(payload)
+        failure = getattr(sys.modules.get("pie.dispatch.inprocess"), "HandlerFailure", None)
+        try:
+            output = fn(input, features, job)
+        except HandlerError as exc:
+            if failure is None:
+                raise
+            raise failure(exc.code, exc.message, exc.details) from exc
+        if output_schema is not None:
+            problem = check_output(output, output_schema)
+            if problem is not None:
+                if failure is None:
+                    raise HandlerError("output_contract_violation", problem)
+                raise failure("output_contract_violation", problem)
+        return output
+
+    implementation.__name__ = getattr(fn, "__name__", "implementation")
+    implementation.__doc__ = getattr(fn, "__doc__", None)
+    return implementation

@@ -103,6 +103,13 @@ REQUIRED: dict[str, frozenset[str]] = {
     "getjob": frozenset({"read_models", "run_inference"}),
     "listjobs": frozenset({"read_models", "run_inference"}),
     "completemodeljob": frozenset({"complete_jobs"}),
+    # 15.4 lifecycle: cancel and retry need what launches the job (the world's job is a
+    # service's init job: run_inference or init_services); one service's re-init and delete
+    # are service management
+    "canceljob": frozenset({"run_inference", "init_services"}),
+    "retryjob": frozenset({"run_inference", "init_services"}),
+    "reinitdomainservice": frozenset({"init_services"}),
+    "deletedomainservice": frozenset({"init_services"}),
     # 9.3 the in-process handler names are part of the model registry
     "listinprocesshandlers": frozenset({"read_models"}),
     # 14.6 audit: the version status history is registry data; the audit log is tenant data

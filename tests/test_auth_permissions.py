@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pie.auth import PERMISSIONS, principal_from_claims
-from pie.errors import Forbidden
+from pie.errors import Forbidden, Unauthorized
 
 CLIENT_GROUP_GRANTS = {"read_models", "read_domains", "manage_domains", "init_services", "run_inference"}
 
@@ -58,11 +58,18 @@ def test_human_client_group_grants_the_five_tenant_permissions():
     assert not p.is_admin
 
 
-@pytest.mark.parametrize("groups", [["client:"], ["clients:sealink"], ["Admin"], ["sealink"], [], "admin", [1, None]])
+@pytest.mark.parametrize("groups", [["clients:sealink"], ["Admin"], ["sealink"], [], "admin", [1, None]])
 def test_other_groups_grant_nothing(groups):
     p = principal_from_claims({"username": "carol", "cognito:groups": groups})
     assert not any(p.has(q) for q in PERMISSIONS)
     assert not p.can_access("sealink")
+
+
+@pytest.mark.parametrize("group", ["client:", "client: sealink", "client:-x", "client:" + "x" * 129])
+def test_a_client_group_without_a_valid_client_id_makes_the_token_invalid(group):
+    """Spec 15.5: it would grant the group's permissions with no tenant (a platform caller)."""
+    with pytest.raises(Unauthorized, match="client id"):
+        principal_from_claims({"username": "carol", "cognito:groups": ["client:sealink", group]})
 
 
 def test_no_claims_grant_nothing():

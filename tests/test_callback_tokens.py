@@ -51,8 +51,18 @@ async def started_job(session, settings, model_id="cb", client_id=None, *, key=N
     await session.commit()
     handler = (await session.get(ModelVersion, (model_id, "1"))).handlers["inference"]
     if key is None:
-        key = await callbacks.KeyCache(ttl=0).get(db.get_engine())
+        key = await signing_key_now(settings)
     return job, callbacks.mint(key, job, callback_token_ttl(settings, handler), now=now)
+
+
+async def signing_key_now(settings) -> callbacks.Key:
+    """The key a dispatch would sign with now (created when there is none)."""
+    conn = await db.connect(settings, autocommit=True)
+    try:
+        async with conn.transaction():
+            return await callbacks.signing_key(conn)
+    finally:
+        await conn.close()
 
 
 def bearer(token):
@@ -217,18 +227,37 @@ def test_pie_keys_cli(database_url, tmp_path):
         conn.execute("DELETE FROM signing_keys WHERE kid = ANY(%s)", ([old.kid, new_kid],))
 
 
-async def test_a_batch_of_hand_overs_reads_the_signing_key_once(engine):
-    """Regression: 20 hand-overs at once each opened a connection to read the key (with three
-    dispatchers the database ran out of connections)."""
+async def test_a_retirement_waits_for_a_claim_signing_with_the_key_and_later_claims_skip_it(engine, settings):
+    """Spec 15.5: the claim transaction share-locks the key it signs with; ``retire`` (even of
+    the newest key, forced) waits for it, and a claim after the retirement signs with another key."""
     import asyncio
 
-    opened = []
+    key = await signing_key_now(settings)
+    claim = await db.connect(settings, autocommit=True)
+    watcher = await db.connect(settings, autocommit=True)
+    try:
+        async with claim.transaction():
+            assert await callbacks.signing_key(claim) == key
 
-    class CountingEngine:
-        def begin(self):
-            opened.append(1)
-            return engine.begin()
+            async def retire():
+                async with db.sessionmaker()() as s, s.begin():
+                    await callbacks.retire(s, key.kid, force=True)
 
-    cache = callbacks.KeyCache()
-    keys = await asyncio.gather(*(cache.get(CountingEngine()) for _ in range(20)))
-    assert len(set(keys)) == 1 and len(opened) == 1
+            task = asyncio.ensure_future(retire())
+            for _ in range(600):  # until the retirement waits for the claim's lock (30 s at most)
+                waiting = await (
+                    await watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock'"
+                    )
+                ).fetchone()
+                if waiting[0] or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not task.done() and waiting[0] == 1
+        await asyncio.wait_for(task, timeout=30)
+        async with claim.transaction():
+            assert (await callbacks.signing_key(claim)).kid != key.kid
+    finally:
+        await claim.close()
+        await watcher.close()

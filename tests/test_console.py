@@ -118,7 +118,7 @@ async def test_navigation_shows_services_features_and_assignment_history(client,
     assert "competitor_count" in service_page and "Provided" in service_page and "Resolved" in service_page
 
     history = (await client.get("/console/clients/acme/domains/south_australia/assignments/default")).text
-    rows = re.findall(r"<tr>\s*<td><time.*?</tr>", history, re.S)
+    rows = re.findall(r"<tr>\s*<td data-label=\"When\"><time.*?</tr>", history, re.S)
     assert len(rows) == 2
     assert "pricing-model v2" in rows[0] and "pricing-model v1" in rows[0] and "active" in rows[0]  # v1 → v2
     assert "first revision" in rows[1] and "archived" in rows[1]

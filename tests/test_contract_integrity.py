@@ -208,6 +208,14 @@ async def test_training_through_a_domain_assignment_carries_domain_features(clie
     for job_id in (inference["job_id"], service_training["job_id"]):
         out = await output(job_id)
         assert out["domain_features"] is None and "domain_features" not in out["keys"]
+    # a retry goes through the key again: it carries the live features as they are now
+    later = seven_features()
+    await client.put(f"{D}/features", json={"features": later}, headers=admin)
+    retried = await client.post(f"/v2/jobs/{training['job_id']}/retry", headers=admin)
+    assert retried.status_code == 202, retried.text
+    await dispatch_until_idle(settings)
+    out = await output(retried.json()["job_id"])
+    assert out["domain_features"] == later
     # the version's frozen schema was not written; the domain still runs its snapshot
     version = (await client.get("/v2/models/pricing-model/versions/1", headers=admin)).json()
     assert version["features"] is None

@@ -38,12 +38,18 @@ async def world(client, session, admin, auth) -> dict[str, str]:
         f"{D}/assignments/default/jobs", json={"input": {"route": "Adelaide to Sydney"}}, headers=admin
     )
     assert r.status_code == 202, r.text
-    return {"job": r.json()["job_id"]}
+    job_id = r.json()["job_id"]
+    # a cancelled job and its retry (spec 15.4: error.code "cancelled", retry_of)
+    assert (await client.post(f"/v2/jobs/{job_id}/cancel", headers=admin)).status_code == 200
+    r = await client.post(f"/v2/jobs/{job_id}/retry", headers=admin)
+    assert r.status_code == 202, r.text
+    return {"job": job_id, "retry": r.json()["job_id"]}
 
 
-def paths(job_id: str) -> list[str]:
+def paths(job_id: str, *more_jobs: str) -> list[str]:
     return [
         f"/v2/jobs/{job_id}",
+        *(f"/v2/jobs/{other}" for other in more_jobs),
         "/v2/health",
         f"{D}/assignments/default",
         f"{D}/service/svc-1",
@@ -75,7 +81,7 @@ async def test_every_caller_gets_the_answer_of_the_route(client, plain, world, a
         "wrong scheme": {"Authorization": "Basic abc"},
     }
     for name, headers in callers.items():
-        for path in paths(world["job"]):
+        for path in paths(world["job"], world["retry"]):
             for method in ("GET", "HEAD"):
                 fast = await client.request(method, path, headers=headers)
                 slow = await plain.request(method, path, headers=headers)
@@ -102,7 +108,7 @@ async def test_the_success_case_never_reaches_the_route(client, world, auth, mon
     monkeypatch.setattr(tenancy, "get_service", route_ran)
     monkeypatch.setattr(jobs, "json_response", route_ran)
     tenant = auth(scopes=["read_models", "read_domains"], client_id="client-1")
-    for path in [p for p in paths(world["job"])[:5] if p != "/v2/health"]:
+    for path in [p for p in paths(world["job"], world["retry"])[:6] if p != "/v2/health"]:
         r = await client.get(path, headers=tenant)
         assert r.status_code == 200, (path, r.text)
         assert r.headers["x-request-id"]  # the outer layers still run

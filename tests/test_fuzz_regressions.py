@@ -105,8 +105,6 @@ async def test_deeply_nested_claims_are_401(client, settings):
 @pytest.mark.parametrize(
     "claims",
     [
-        {"cognito:groups": ["client:\u0000x"], "username": "human"},
-        {"cognito:groups": ["client:\ud800"], "username": "human"},
         {"client_id": "a\u0000", "scope": "streamline/read_domains streamline/read_models"},
         {"client_id": "\udc00", "scope": "streamline/read_domains streamline/read_models"},
     ],
@@ -121,9 +119,21 @@ async def test_unusable_tenant_names_in_a_token_are_ignored(client, admin, setti
         assert r.status_code == 200 and r.json() == [], r.text
 
 
+@pytest.mark.parametrize("group", ["client:\u0000x", "client:\ud800"])
+async def test_unusable_tenant_groups_make_the_token_invalid(client, admin, settings, group):
+    # was: the tenant filter sent NUL / surrogates to PostgreSQL -> 500; then: the group was
+    # ignored but still granted its permissions (a platform caller); now (spec 15.5): 401
+    assert (await client.post("/v2/clients", json={"client_id": "c1", "name": "C"}, headers=admin)).status_code == 201
+    claims = {"sub": "x", "iss": settings.jwt_issuer, "exp": int(time.time()) + 600, "username": "human"}
+    for groups in ([group], ["client:c1", group]):
+        headers = bearer(signed(settings, json.dumps({**claims, "cognito:groups": groups})))
+        for path in ("/v2/clients", "/v2/jobs"):
+            assert_envelope(await client.get(path, headers=headers), 401)
+
+
 async def test_well_formed_tenant_groups_still_grant_access(client, admin, auth):
     assert (await client.post("/v2/clients", json={"client_id": "c1", "name": "C"}, headers=admin)).status_code == 201
-    r = await client.get("/v2/clients", headers=auth(groups=["client:c1", "client:\u0000bad"], username="human"))
+    r = await client.get("/v2/clients", headers=auth(groups=["client:c1", "other-group"], username="human"))
     assert [c["client_id"] for c in r.json()] == ["c1"]
 
 
@@ -232,3 +242,17 @@ async def test_openapi_documents_every_spec_operation_and_its_errors(client):
     health = responses["health"]
     assert {"200", "503"} <= set(health)
     assert "ErrorEnvelope" not in json.dumps(health["503"])  # the health body, not the envelope
+
+
+# --- the audit log's free-text filters (schemathesis, issue 18 closing run) ------------------------
+
+
+@pytest.mark.parametrize("name", ["actor", "target_id"])
+async def test_a_nul_character_in_an_audit_text_filter_is_400(client, admin, name):
+    # was: PostgreSQL refuses NUL in text -> 500 (schemathesis: actor=...%00...)
+    for value in ("\u0000", "alice\u0000", "caf\u00e9\u0000x"):
+        r = await client.get("/v2/audit", params={name: value}, headers=admin)
+        assert assert_envelope(r, 400).startswith("invalid request"), r.text
+        assert name in r.json()["message"]
+    r = await client.get("/v2/audit", params={name: "caf\u00e9 \U0001f600"}, headers=admin)
+    assert r.status_code == 200 and r.json() == []

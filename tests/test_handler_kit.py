@@ -28,8 +28,10 @@ class Callback:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                status, extra = outer.answers.pop(0) if outer.answers else (200, {})
-                data = json.dumps({"status": body["status"], "message": f"answer {status}"}).encode()
+                status, extra, *answer = outer.answers.pop(0) if outer.answers else (200, {})
+                data = json.dumps(
+                    answer[0] if answer else {"status": body["status"], "message": f"answer {status}"}
+                ).encode()
                 self.send_response(status)
                 for k, v in extra.items():
                     self.send_header(k, v)
@@ -198,3 +200,46 @@ def test_ecs_main_exit_status(callback):
         kit.main(lambda i, f, j: 1, environ={"PIE_JOB_PAYLOAD": json.dumps(payload(cb.url))}) == 1
     )  # 409: not delivered
     assert kit.main(lambda i, f, j: 1, environ={"PIE_JOB_PAYLOAD": json.dumps(payload(cb.url))}) == 0
+
+
+def test_a_report_of_a_cancelled_job_ends_as_cancelled(callback):
+    """PIE answers any report of a job it cancelled with 409 `cancelled: true`: the job's end,
+    not an error (a Lambda handler raising would make Lambda retry the event)."""
+    cancelled = {"success": False, "message": "job j1 was cancelled", "cancelled": True}
+    cb = callback((409, {}, cancelled), (409, {}, cancelled), (409, {}, {"success": False, "message": "ended"}))
+    handler = kit.lambda_handler(lambda i, f, j: {"price": 1})
+    result = handler(payload(cb.url), None)
+    assert result["status"] == "cancelled" and result["error"] is None and result["callback"] == cancelled
+    assert kit.main(lambda i, f, j: 1, environ={"PIE_JOB_PAYLOAD": json.dumps(payload(cb.url))}) == 0
+    with pytest.raises(kit.CallbackError):  # any other 409 is still final and an error
+        kit.run(lambda i, f, j: 1, payload(cb.url))
+    assert len(cb.requests) == 3
+
+
+def test_sigterm_asks_the_handler_to_stop_while_main_runs(callback):
+    import os
+    import signal
+
+    cb = callback()
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def long(input, features, job):
+        seen.append(job.cancelled())
+        os.kill(os.getpid(), signal.SIGTERM)  # what ECS sends on StopTask
+        for _ in range(500):
+            if job.cancelled():
+                seen.append(True)
+                raise kit.JobCancelled()
+            threading.Event().wait(0.01)
+        return {"finished": True}
+
+    try:
+        assert kit.main(long, environ={"PIE_JOB_PAYLOAD": json.dumps(payload(cb.url))}) == 0
+        assert seen == [False, True]
+        [request] = cb.requests
+        assert request["body"]["status"] == "failure" and request["body"]["error"]["code"] == "interrupted"
+        assert signal.getsignal(signal.SIGTERM) is before  # restored
+    finally:
+        kit._stop_requested.clear()
+    assert kit.cancelled() is False  # outside a task or a PIE in-process job

@@ -86,6 +86,7 @@ async def test_getjob_returns_the_job_record(client, session, admin):
         "domain_id",
         "service_id",
         "subscription_id",
+        "retry_of",
         "input",
         "output",
         "error",

@@ -260,10 +260,10 @@ def _include_routers(app: FastAPI) -> None:
     from pie.clients.routes import router as clients_router
     from pie.console.routes import STATIC_DIR
     from pie.console.routes import router as console_router
-    from pie.console.webhooks import router as console_webhooks_router
     from pie.dispatch.routes import router as dispatch_router
     from pie.health.routes import router as health_router
     from pie.jobs.routes import router as jobs_router
+    from pie.lifecycle.routes import router as lifecycle_router
     from pie.registry.routes import router as registry_router
     from pie.tenancy.routes import router as tenancy_router
     from pie.webhooks.routes import platform_router as platform_webhooks_router
@@ -281,11 +281,11 @@ def _include_routers(app: FastAPI) -> None:
         assignments_router,
         registry_router,
         jobs_router,
+        lifecycle_router,
         dispatch_router,
         audit_router,
         tenant_webhooks_router,
         platform_webhooks_router,
-        console_webhooks_router,  # before the console's catch-all
         console_router,
     ):
         app.include_router(router)

@@ -86,7 +86,8 @@ class Principal:
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
-    """Map verified claims to permissions and tenant access (spec 2.2-2.4)."""
+    """Map verified claims to permissions and tenant access (spec 2.2-2.4). 401 when a
+    ``client:`` group does not name a well-formed client id (spec 15.5)."""
     raw_scope = claims.get("scope") or ""
     scopes = frozenset(raw_scope.split()) if isinstance(raw_scope, str) else frozenset()
     raw_groups = claims.get("cognito:groups") or []
@@ -100,11 +101,17 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
         if scope.startswith(SCOPE_PREFIX) and scope[len(SCOPE_PREFIX) :] in PERMISSIONS:
             permissions.add(scope[len(SCOPE_PREFIX) :])
     is_admin = "admin" in permissions or ADMIN_GROUP in groups
-    for group in groups:
-        if group.startswith(CLIENT_GROUP_PREFIX) and len(group) > len(CLIENT_GROUP_PREFIX):
+    for group in sorted(groups):
+        if group.startswith(CLIENT_GROUP_PREFIX):
             tenant_id = group[len(CLIENT_GROUP_PREFIX) :]
-            if _CLIENT_ID.fullmatch(tenant_id):
-                tenants.add(tenant_id)
+            # a group naming no valid client id would grant the group's permissions with no
+            # tenant, i.e. make a platform caller: the token is refused instead (spec 15.5)
+            if not _CLIENT_ID.fullmatch(tenant_id):
+                raise Unauthorized(
+                    f"invalid token: the group {_shown(group)} does not name a valid client id "
+                    f"(a client: group must be client:<id>, the id matching {ID_PATTERN})"
+                )
+            tenants.add(tenant_id)
             permissions |= CLIENT_GROUP_PERMISSIONS
     # A machine token (client-credentials: no username) acts for one tenant, found from its
     # client_id claim (spec 14.2). Provisionally the claim itself (development tokens); the
@@ -128,6 +135,11 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
         machine_claim=machine_claim,
         claims=claims,
     )
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """``value`` quoted for a message (cut at ``limit`` characters: it comes from the token)."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 def with_tenant(principal: Principal, tenant: str | None) -> Principal:

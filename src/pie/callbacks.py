@@ -10,12 +10,18 @@ them; the first dispatch creates one when none exists. Rotation (``pie keys rota
 newer key that signs from then on; older keys keep verifying until they are retired
 (``pie keys retire KID``), so jobs in flight during a rotation still complete.
 
-A lower module: it imports only configuration, the database base and the error types.
+No process keeps a signing key: a dispatcher reads the newest active key in the transaction that
+claims the jobs (:data:`SIGNING_KEY_SQL`, one statement with the claim), share-locks it and signs
+their tokens before that transaction commits. ``retire`` locks the key row for update, so it
+waits for any claim signing with that key and every later claim sees it retired: from the moment
+``pie keys retire`` returns, the key signs nothing more, in any process (spec 15.5).
+
+A lower module: it imports only the database base, the error types and the claim rules of
+``pie.auth``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import hashlib
@@ -28,20 +34,19 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
+import psycopg
 from jose import JOSEError, jwt
 from sqlalchemy import DateTime, String, func, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
+from pie.auth import check_time_claims
 from pie.db import Base
 from pie.errors import Unauthorized
 
 ISSUER = "pie-callback"
 AUDIENCE = "completemodeljob"
 ALGORITHM = "HS256"
-# how long a dispatcher keeps using the signing key it read before looking again (a rotation
-# takes effect within this time; the older key keeps verifying until it is retired)
-KEY_CACHE_SECONDS = 10.0
 _KEY_LOCK = 7_304_121_455  # advisory lock id: one process creates the first key
 
 
@@ -67,48 +72,25 @@ def new_key() -> Key:
 _CURRENT = text(
     "SELECT kid, secret FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC LIMIT 1"
 )
+#: the key that signs, share-locked until the signing transaction ends (``retire`` waits for it);
+#: a key retired meanwhile is skipped (the lock's recheck), so the next newest active one signs
+SIGNING_KEY_SQL = (
+    "SELECT kid, secret FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC LIMIT 1 FOR SHARE"
+)
 
 
-async def current_key(conn: AsyncConnection | AsyncSession) -> Key:
-    """The newest active signing key, created when there is none (in the caller's transaction)."""
-    row = (await conn.execute(_CURRENT)).first()
+async def signing_key(conn: psycopg.AsyncConnection[Any]) -> Key:
+    """The newest active signing key, share-locked in ``conn``'s open transaction (sign before it
+    commits), created when there is none (one process creates it: an advisory lock)."""
+    row = await (await conn.execute(SIGNING_KEY_SQL)).fetchone()
     if row is None:
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _KEY_LOCK})
-        row = (await conn.execute(_CURRENT)).first()
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_KEY_LOCK,))
+        row = await (await conn.execute(SIGNING_KEY_SQL)).fetchone()
         if row is None:
             key = new_key()
-            await conn.execute(
-                text("INSERT INTO signing_keys (kid, secret) VALUES (:kid, :secret)"),
-                {"kid": key.kid, "secret": key.secret},
-            )
+            await conn.execute("INSERT INTO signing_keys (kid, secret) VALUES (%s, %s)", (key.kid, key.secret))
             return key
-    return Key(row.kid, row.secret)
-
-
-class KeyCache:
-    """A dispatcher's view of the current signing key, re-read every ``KEY_CACHE_SECONDS``."""
-
-    def __init__(self, ttl: float = KEY_CACHE_SECONDS):
-        self.ttl = ttl
-        self._key: Key | None = None
-        self._read_at = 0.0
-        self._lock: asyncio.Lock | None = None
-
-    def _fresh(self) -> bool:
-        return self._key is not None and time.monotonic() - self._read_at < self.ttl
-
-    async def get(self, engine: Any) -> Key:
-        if self._fresh():
-            return self._key  # type: ignore[return-value]
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        # one reader per refresh: a batch of hand-overs must not each open a connection
-        async with self._lock:
-            if not self._fresh():
-                async with engine.begin() as conn:
-                    self._key = await current_key(conn)
-                self._read_at = time.monotonic()
-        return self._key  # type: ignore[return-value]
+    return Key(row[0], row[1])
 
 
 def mint(key: Key, job: Any, ttl_seconds: float, *, now: float | None = None) -> str:
@@ -209,8 +191,11 @@ class CallbackGrant:
     kid: str
 
 
-async def verify(session: AsyncSession, token: str) -> CallbackGrant:
-    """401 unless ``token`` is a valid, unexpired callback token signed by an active key."""
+async def verify(session: AsyncSession, token: str, *, leeway: float = 0.0) -> CallbackGrant:
+    """401 unless ``token`` is a valid, unexpired callback token signed by an active key, whose
+    time claims obey the rules of API tokens (``pie.auth.check_time_claims``: numeric
+    ``exp``/``nbf``/``iat``, not used before ``nbf`` nor issued in the future, ``leeway`` seconds
+    of clock skew between PIE's hosts allowed)."""
     try:
         header = jwt.get_unverified_header(token)
     except (JOSEError, ValueError, TypeError, ArithmeticError, RecursionError) as exc:
@@ -232,11 +217,17 @@ async def verify(session: AsyncSession, token: str) -> CallbackGrant:
         )
     except (JOSEError, ValueError, TypeError, ArithmeticError, RecursionError) as exc:
         raise Unauthorized(f"invalid callback token: {exc}") from exc
+    if not isinstance(claims, dict):
+        raise Unauthorized("invalid callback token: claims are not an object")
+    check_time_claims(claims, now=time.time(), leeway=leeway)
     fields = [claims.get(k) for k in ("job_id", "model_id", "model_version")]
     client_id = claims.get("client_id")
-    if not all(isinstance(v, str) and v for v in fields) or not (client_id is None or isinstance(client_id, str)):
+    job_id, model_id, model_version = (v if isinstance(v, str) and v else None for v in fields)
+    if job_id is None or model_id is None or model_version is None:
         raise Unauthorized("invalid callback token: missing job claims")
-    return CallbackGrant(fields[0], fields[1], fields[2], client_id, kid)
+    if not (client_id is None or isinstance(client_id, str)):
+        raise Unauthorized("invalid callback token: missing job claims")
+    return CallbackGrant(job_id, model_id, model_version, client_id, kid)
 
 
 # -- key management (the `pie keys` CLI) -------------------------------------------------------
@@ -247,7 +238,7 @@ async def list_keys(session: AsyncSession) -> list[SigningKey]:
 
 
 async def rotate(session: AsyncSession) -> Key:
-    """Add a new signing key; it signs every token from now on (older keys keep verifying)."""
+    """Add a new signing key; it signs every token from the commit on (older keys keep verifying)."""
     key = new_key()
     session.add(SigningKey(kid=key.kid, secret=key.secret))
     await session.flush()
@@ -255,8 +246,10 @@ async def rotate(session: AsyncSession) -> Key:
 
 
 async def retire(session: AsyncSession, kid: str, *, force: bool = False) -> SigningKey:
-    """Stop accepting tokens signed with ``kid``. Refuses the newest active key unless forced
-    (the next dispatch would simply create another)."""
+    """Stop accepting tokens signed with ``kid``, and signing with it: the row lock waits for
+    every claim signing with it right now, and claims after the commit skip it. Refuses the
+    newest active key unless forced (the next dispatch signs with the next newest active key,
+    or creates one)."""
     key = await session.get(SigningKey, kid, with_for_update=True)
     if key is None:
         raise LookupError(f"no signing key {kid!r}")

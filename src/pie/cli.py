@@ -232,13 +232,14 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> int:
         db.init_engine(url)
+        lines: list[str] = []  # printed once the change has committed
         try:
             async with db.sessionmaker()() as session, session.begin():
                 if args.action == "rotate":
                     new_key = await callbacks.rotate(session)
-                    print(
-                        f"new signing key {new_key.kid}: it signs callback tokens from now on (dispatchers pick it up "
-                        f"within {callbacks.KEY_CACHE_SECONDS:g} s); older keys keep verifying until retired"
+                    lines.append(
+                        f"new signing key {new_key.kid}: it signs every callback token from now on, in every "
+                        "process; older keys keep verifying until retired"
                     )
                 elif args.action == "retire":
                     try:
@@ -246,7 +247,10 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                     except (LookupError, ValueError) as exc:
                         print(f"pie keys retire: {exc.args[0]}", file=sys.stderr)
                         return 2
-                    print(f"signing key {key.kid} retired: callback tokens it signed are refused from now on")
+                    lines.append(
+                        f"signing key {key.kid} retired: it signs nothing more, in any process, and callback "
+                        "tokens it signed are refused from now on"
+                    )
                 else:
                     keys = await callbacks.list_keys(session)
                     current = next((k.kid for k in reversed(keys) if k.retired_at is None), None)
@@ -256,9 +260,11 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                             if key.retired_at
                             else ("active, signing" if key.kid == current else "active")
                         )
-                        print(f"{key.kid}  created {key.created_at.isoformat()}  {state}")
+                        lines.append(f"{key.kid}  created {key.created_at.isoformat()}  {state}")
                     if not keys:
-                        print("no signing keys yet (the first dispatch creates one)")
+                        lines.append("no signing keys yet (the first dispatch creates one)")
+            for line in lines:
+                print(line)
             return 0
         finally:
             await db.dispose_engine()

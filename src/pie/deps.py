@@ -63,7 +63,7 @@ async def _callback_principal(request: Request, token: str) -> Principal:
     if getattr(route, "operation_id", None) != CALLBACK_OPERATION:
         raise Unauthorized("a callback token is valid only for completing its own job")
     async with db.sessionmaker()() as session:
-        grant = await callbacks.verify(session, token)
+        grant = await callbacks.verify(session, token, leeway=request.app.state.settings.jwt_leeway_seconds)
     return Principal(
         subject=f"callback:{grant.job_id}",
         permissions=frozenset({"complete_jobs"}),

@@ -113,10 +113,10 @@ def _describe_validation_error(exc: RequestValidationError) -> str:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
         where = ".".join(loc) if loc else "body"
         if err.get("type") == "json_invalid":
-            from pie.jsonbody import LIMIT_MESSAGE_PREFIX
+            from pie.jsonbody import REFUSAL_PREFIXES
 
             detail = str((err.get("ctx") or {}).get("error", ""))
-            parts.append(detail if detail.startswith(LIMIT_MESSAGE_PREFIX) else "malformed JSON body")
+            parts.append(detail if detail.startswith(REFUSAL_PREFIXES) else "malformed JSON body")
             continue
         if err.get("type") == "extra_forbidden":
             parts.append(f"unknown field {where!r}")

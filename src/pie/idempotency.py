@@ -1,22 +1,29 @@
 """Idempotency keys (spec 14.4, Stripe's semantics) for the POSTs that create jobs or records.
 
-A route opts in with ``dependencies=[IDEMPOTENT]``. With an ``Idempotency-Key`` header (1-255
-printable ASCII characters) the request's own transaction first inserts
+A route opts in with ``dependencies=[IDEMPOTENT]``. With an ``Idempotency-Key`` header, once
+every dependency of the route has passed -- the caller is authenticated and holds the route's
+permission and tenant access (spec 15.5: a caller who may not make the request now gets that
+401/403, never a stored answer) -- and the body is valid, and just before the endpoint runs (``pie.routing.before_endpoint``), the key is checked
+(1-255 printable ASCII characters; else 400) and the request's own transaction inserts
 ``idempotency_keys(caller, key)``:
 
 - the insert succeeds: this request owns the key. When the endpoint has answered, the rendered
-  response (status, body, content type, location) is written into that row *in the same
-  transaction* as the endpoint's writes (:class:`pie.routing.PieRoute` runs the hook after the
-  response is rendered and before the commit). A failed request rolls back, key included, so
-  the caller can retry it;
+  response (status, body, content type, location) and the tenant the request acted in (its
+  audit entry's ``client_id``) are written into that row *in the same transaction* as the
+  endpoint's writes (:class:`pie.routing.PieRoute` runs the hook after the response is rendered
+  and before the commit). A failed request rolls back, key included, so the caller can retry it;
 - another request with the key is still running: PostgreSQL makes the insert wait for it (the
   unique key), so concurrent requests with one key produce one effect;
 - the key was used before by the same caller: with the same request (method, path, query and
   body bytes) the first response is replayed (``Idempotent-Replayed: true``) and nothing is
-  written; with a different request it is a 422.
+  written -- unless the caller can no longer access the tenant that response belongs to (a
+  direct-inference job's tenant comes from the body or the caller's only tenant, not the path):
+  403; with a different request it is a 422.
 
 The caller is the token's issuer + subject + app client. Keys live PIE_IDEMPOTENCY_KEY_TTL_SECONDS
-(24 h); an expired key counts as new, and every keyed request purges a few expired rows.
+(24 h); an expired key counts as new, and every keyed request purges a few expired rows. The
+tenant is kept in the row's ``response_headers`` object under ``pie:tenant`` (a name no HTTP
+header can have; never replayed as a header).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import hashlib
 import json
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 from fastapi import Depends, Header, Request
 from fastapi.responses import Response
@@ -33,15 +40,18 @@ from sqlalchemy import DateTime, Index, Integer, LargeBinary, String, Text, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
+from pie.audit import context as audit_context
 from pie.auth import Principal
 from pie.db import Base
 from pie.deps import CurrentPrincipal, Session
 from pie.errors import BadRequest, Conflict, PieError, Unprocessable
+from pie.routing import before_endpoint
 
 HEADER = "Idempotency-Key"
 _KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 _PURGE_BATCH = 100
 _KEPT_HEADERS = ("content-type", "location")
+_TENANT = "pie:tenant"  # in response_headers: the tenant the first request acted in
 
 
 class IdempotencyKey(Base):
@@ -136,37 +146,51 @@ async def _idempotency(
 ) -> None:
     if key is None:
         return
-    if not _KEY.fullmatch(key):
-        raise BadRequest(f"{HEADER} must be 1-255 printable ASCII characters")
-    settings = request.app.state.settings
     caller = caller_of(principal)
     mine = fingerprint(request, await request.body())
-    await purge_expired(session)
-    claimed = (
-        await session.execute(
-            _CLAIM, {"caller": caller, "key": key, "fingerprint": mine, "ttl": settings.idempotency_key_ttl_seconds}
-        )
-    ).first()
-    if claimed is None:
-        stored = (await session.execute(_STORED, {"caller": caller, "key": key})).one()
-        if stored.fingerprint != mine:
-            raise Unprocessable(f"{HEADER} {key!r} was already used with a different request")
-        if stored.status_code is None:  # not expected: responses are recorded before the commit
-            raise Conflict(f"the request with {HEADER} {key!r} has no recorded response; retry later")
-        raise Replay(stored.status_code, bytes(stored.response_body or b""), dict(stored.response_headers or {}))
+    ttl = request.app.state.settings.idempotency_key_ttl_seconds
 
-    async def record(response: Response) -> None:
+    async def claim() -> None:  # after the route's authentication and authorization
+        if not _KEY.fullmatch(key):
+            raise BadRequest(f"{HEADER} must be 1-255 printable ASCII characters")
+        await purge_expired(session)
         params = {"caller": caller, "key": key}
-        body = getattr(response, "body", None)
-        if response.status_code >= 500 or not isinstance(body, (bytes, bytearray)):
-            await session.execute(_RELEASE, params)  # nothing to replay: the key stays usable
-            return
-        headers = {name: response.headers[name] for name in _KEPT_HEADERS if name in response.headers}
-        await session.execute(
-            _RECORD, {**params, "status": response.status_code, "body": bytes(body), "headers": json.dumps(headers)}
-        )
+        claimed = (await session.execute(_CLAIM, {**params, "fingerprint": mine, "ttl": ttl})).first()
+        if claimed is None:
+            _replay(principal, key, (await session.execute(_STORED, params)).one(), mine)
+        # the audit entry of this request (opened by the route's ``audited`` dependency): the
+        # tenant the logic acted in is known once the endpoint has run
+        entry = audit_context.entry(session)
 
-    request.state.after_response = [*getattr(request.state, "after_response", []), record]
+        async def record(response: Response) -> None:
+            body = getattr(response, "body", None)
+            if response.status_code >= 500 or not isinstance(body, (bytes, bytearray)):
+                await session.execute(_RELEASE, params)  # nothing to replay: the key stays usable
+                return
+            kept: dict[str, Any] = {name: response.headers[name] for name in _KEPT_HEADERS if name in response.headers}
+            if entry is not None and entry.client_id is not None:
+                kept[_TENANT] = entry.client_id
+            await session.execute(
+                _RECORD, {**params, "status": response.status_code, "body": bytes(body), "headers": json.dumps(kept)}
+            )
+
+        request.state.after_response = [*getattr(request.state, "after_response", []), record]
+
+    before_endpoint(request, claim)
+
+
+def _replay(principal: Principal, key: str, stored: Any, mine: str) -> NoReturn:
+    """Raise what a used key answers: 422 for another request, the stored response (as
+    :class:`Replay`) for the same one -- 403 when the caller cannot access its tenant now."""
+    if stored.fingerprint != mine:
+        raise Unprocessable(f"{HEADER} {key!r} was already used with a different request")
+    if stored.status_code is None:  # not expected: responses are recorded before the commit
+        raise Conflict(f"the request with {HEADER} {key!r} has no recorded response; retry later")
+    headers = dict(stored.response_headers or {})
+    tenant = headers.pop(_TENANT, None)
+    if isinstance(tenant, str):
+        principal.require_tenant(tenant)
+    raise Replay(stored.status_code, bytes(stored.response_body or b""), headers)
 
 
 #: ``dependencies=[IDEMPOTENT]`` on a POST route that creates something

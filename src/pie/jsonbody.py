@@ -2,8 +2,10 @@
 read-side guard that keeps every stored JSON value renderable.
 
 Parsing: every API route uses :class:`pie.routing.PieRoute`, whose request class parses the body once
-with the C parser (``json.loads`` on the received bytes, no decoded copy) and then walks the
-result without recursion to enforce ``PIE_JSON_MAX_DEPTH`` and ``PIE_JSON_MAX_ITEMS``. The parsed
+with the C parser (``json.loads`` on the received bytes, no decoded copy; an object naming a key
+twice is refused, spec 15.5) and then walks the result without recursion to enforce
+``PIE_JSON_MAX_DEPTH`` and ``PIE_JSON_MAX_ITEMS``. The fast inference path (``pie.fastwrite``)
+parses with the same function. The parsed
 Python objects go to pydantic's ``model_validate`` as FastAPI does anyway, so schema rules
 (strict fields, types) stay where they are. A body beyond a limit is a 400 naming the limit
 (``json.JSONDecodeError`` subclass: FastAPI turns it into the request-validation error, whose
@@ -47,6 +49,38 @@ class JsonLimitExceeded(json.JSONDecodeError):
 
 
 LIMIT_MESSAGE_PREFIX = "JSON body exceeds a limit: "
+REPEATED_KEY_MESSAGE_PREFIX = "JSON body repeats the key "
+#: messages of a well-formed body this parser refuses (the 400 shows them as they are)
+REFUSAL_PREFIXES = (LIMIT_MESSAGE_PREFIX, REPEATED_KEY_MESSAGE_PREFIX)
+_SHOWN_KEY = 100  # characters of a repeated key shown in the message
+
+
+class RepeatedKey(JsonLimitExceeded):
+    """One JSON object names a key twice (RFC 8259 leaves the meaning open; Python keeps the
+    last value silently): a 400 naming the key (spec 15.5)."""
+
+    def __init__(self, key: str):
+        shown = json.dumps(key if len(key) <= _SHOWN_KEY else key[:_SHOWN_KEY] + "...")
+        super().__init__(f"{REPEATED_KEY_MESSAGE_PREFIX}{shown} in one object")
+        self.key = key
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: the object, or :class:`RepeatedKey` (one ``dict`` and a length
+    comparison per object; the repeated key is only searched for once there is one)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise RepeatedKey(key)
+            seen.add(key)
+    return value
+
+
+def loads(body: bytes | str) -> Any:
+    """``json.loads`` refusing a repeated key in any object (:class:`RepeatedKey`)."""
+    return json.loads(body, object_pairs_hook=_object)
 
 
 def depth_message(max_depth: int) -> str:
@@ -79,10 +113,10 @@ def check_limits(value: Any, *, max_depth: int, max_items: int) -> str | None:
 
 
 def parse_bounded(body: bytes | str, *, max_depth: int, max_items: int) -> Any:
-    """Parse ``body`` once; :class:`JsonLimitExceeded` beyond the limits, ``json.JSONDecodeError``
-    when malformed."""
+    """Parse ``body`` once; :class:`JsonLimitExceeded` beyond the limits or with a repeated key
+    in an object (:class:`RepeatedKey`), ``json.JSONDecodeError`` when malformed."""
     try:
-        value = json.loads(body)
+        value = loads(body)
     except RecursionError:  # deeper than the interpreter allows: far beyond any configured depth
         raise JsonLimitExceeded(depth_message(max_depth)) from None
     except UnicodeDecodeError as exc:

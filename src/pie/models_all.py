@@ -7,7 +7,7 @@ from pie.clients.models import Client, ClientAppClient
 from pie.db import Base
 from pie.dispatch.models import DispatcherRow
 from pie.idempotency import IdempotencyKey
-from pie.jobs.models import Job
+from pie.jobs.models import Job, TaskStop
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.tenancy.models import Domain, Service
 from pie.webhooks.models import Webhook, WebhookDelivery, WebhookEvent
@@ -27,6 +27,7 @@ __all__ = [
     "ModelVersion",
     "Service",
     "SigningKey",
+    "TaskStop",
     "VersionStatusChange",
     "Webhook",
     "WebhookDelivery",

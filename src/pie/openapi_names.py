@@ -25,7 +25,7 @@ ENUM_NAMES: dict[tuple[str, ...], str] = {
     ("inference_complete", "training_complete"): "TriggerEvent",
     ("stored", "trigger_output"): "InputSource",
     ("active", "paused"): "SubscriptionSettableStatus",
-    ("active", "failed", "pending", "training"): "VersionStatus",
+    ("active", "archived", "failed", "pending", "training"): "VersionStatus",
     ("failure", "pending", "started", "success"): "JobStatus",
 }
 

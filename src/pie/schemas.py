@@ -15,6 +15,14 @@ KEY_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 AssignmentKey = Annotated[str, StringConstraints(pattern=KEY_PATTERN)]
 
+# the lengths of free text a caller names things with (spec 15.5): beyond them, 400
+NAME_MAX_LENGTH = 200
+DESCRIPTION_MAX_LENGTH = 10_000
+#: a ``name`` or ``label``
+Name = Annotated[str, StringConstraints(max_length=NAME_MAX_LENGTH)]
+#: a ``description``
+Description = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX_LENGTH)]
+
 
 def iso_z(value: datetime) -> str:
     if value.tzinfo is None:

@@ -30,7 +30,7 @@ from pie.jobs.logic import create_job
 from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
-from pie.registry.logic import get_model_version
+from pie.registry.logic import UNUSABLE, get_model_version, unusable
 from pie.registry.models import ModelVersion
 from pie.registry.subscriptions import subscribe_inference
 from pie.tenancy.logic import (
@@ -59,9 +59,10 @@ def _scope_name(domain_id: str, service_id: str | None) -> str:
 
 
 async def model_reference(session: AsyncSession, model_id: str, model_version: str) -> ModelVersion:
-    """The version an upsert points at: it must exist and not be ``failed`` (422 otherwise).
-    The row is held ``FOR SHARE`` until the upsert commits, so the version cannot turn
-    ``failed`` between this check and the commit."""
+    """The version an upsert points at: it must exist and be neither ``failed`` nor
+    ``archived`` (422 otherwise). The row is held ``FOR SHARE`` until the upsert commits, so the
+    version can neither turn ``failed`` nor ``archived`` between this check and the commit (an
+    archive waits for this lock, then sees the new revision: 409)."""
     version = await session.scalar(
         select(ModelVersion)
         .where(ModelVersion.model_id == model_id, ModelVersion.version == model_version)
@@ -70,8 +71,10 @@ async def model_reference(session: AsyncSession, model_id: str, model_version: s
     )
     if version is None:
         raise Unprocessable(f"invalid model reference: model {model_id} version {model_version} does not exist")
-    if version.status == "failed":
-        raise Unprocessable(f"invalid model reference: model {model_id} version {model_version} has failed")
+    if version.status in UNUSABLE:
+        raise Unprocessable(
+            f"invalid model reference: model {model_id} version {model_version} {unusable(version.status)}"
+        )
     return version
 
 
@@ -343,6 +346,12 @@ async def _key_exists(session: AsyncSession, client_id: str, domain_id: str, ser
 # -- assignment jobs (spec 9.1) ------------------------------------------------------------------
 
 
+def launch_domain_features(domain: Domain, job_type: str, service_id: str | None) -> list[Any] | None:
+    """What a job launched through an assignment carries as ``domain_features`` (spec 15.1): the
+    domain's live features for a training job through a domain-scope key, else nothing."""
+    return domain.features if job_type == "training" and service_id is None else None
+
+
 async def run_assignment_job(
     session: AsyncSession,
     scope: TenantScope,
@@ -369,8 +378,10 @@ async def run_assignment_job(
     # the version row stays locked until commit, so it cannot turn `failed` between this check and
     # the job's commit
     version = await get_model_version(session, revision.model_id, revision.model_version, for_share=True)
-    if version.status == "failed":
-        raise Unprocessable(f"model {version.model_id} version {version.version} has failed; reassign {key}")
+    if version.status in UNUSABLE:
+        raise Unprocessable(
+            f"model {version.model_id} version {version.version} {unusable(version.status)}; reassign {key}"
+        )
     contract = ((version.handler_contracts or {}).get(body.job_type) or {}).get("input_schema")
     if contract is not None:
         error = validation_error(contract, body.input)
@@ -389,7 +400,7 @@ async def run_assignment_job(
         features=service.resolved_features if service is not None else None,
         # a job never writes a version (spec 15.1): training through a domain assignment carries
         # the domain's live features (the next-train draft) to its handler instead
-        domain_features=domain.features if body.job_type == "training" and service_id is None else None,
+        domain_features=launch_domain_features(domain, body.job_type, service_id),
         assignment_id=revision.assignment_id,
         client_id=scope.client_id,
         domain_id=domain_id,

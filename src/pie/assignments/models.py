@@ -37,11 +37,8 @@ class Assignment(Timestamps, Base):
         ForeignKeyConstraint(
             ["client_id", "domain_id"], ["domains.client_id", "domains.domain_id"], name="fk_assignments_domain"
         ),
-        ForeignKeyConstraint(
-            ["client_id", "domain_id", "service_id"],
-            ["services.client_id", "services.domain_id", "services.service_id"],
-            name="fk_assignments_service",
-        ),
+        # no foreign key to services: a deleted service's revisions stay as the history of its id
+        # (spec 15.4); a service-scope upsert checks the service under its row lock
         ForeignKeyConstraint(
             ["model_id", "model_version"],
             ["model_versions.model_id", "model_versions.version"],

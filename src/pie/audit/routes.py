@@ -18,7 +18,8 @@ from pie.schemas import ID_PATTERN
 
 router = APIRouter(route_class=PieRoute, tags=["audit"])
 
-Text = Annotated[str | None, Query(min_length=1, max_length=512)]
+# free text, but never a NUL character (PostgreSQL's text cannot hold one: a 400, not a 500)
+Text = Annotated[str | None, Query(min_length=1, max_length=512, pattern=r"^[^\x00]+$")]
 
 
 @router.get(

@@ -60,6 +60,10 @@ TARGET_TYPES: dict[str, str] = {
     "deleteplatformwebhook": "webhook",
     "rotateplatformwebhooksecret": "webhook",
     "testplatformwebhook": "webhook",
+    "canceljob": "job",
+    "retryjob": "job",
+    "reinitdomainservice": "service",
+    "deletedomainservice": "service",
 }
 
 _SUMMARY_TEXT = 200  # characters kept of a text value in the summary

@@ -45,12 +45,14 @@ _NOT_FOUND = "no client with this client_id"
     response_model=ClientOut,
     status_code=201,
     responses=error_responses(
-        e409="a client with this client_id already exists, or an app client id belongs to another client"
+        e409="a client with this client_id already exists, the client_id is an app client id, or an app client "
+        "id belongs to another client or is a client id"
     ),
 )
 async def create_client(body: ClientCreate, session: Session, principal: Principal = require("admin")):
-    """Register a tenant (admin only). 409 if `client_id` exists or one of `app_client_ids`
-    belongs to another client."""
+    """Register a tenant (admin only). 409 if `client_id` exists or is already one of a
+    client's `app_client_ids`, or one of `app_client_ids` belongs to another client or is a
+    client id (client ids and app client ids are one namespace)."""
     return await logic.create_client(session, body)
 
 
@@ -66,7 +68,7 @@ async def get_client(session: Session, scope: TenantScope = tenant("read_domains
     "/{client_id}",
     operation_id="updateclient",
     response_model=ClientOut,
-    responses=error_responses(e404=_NOT_FOUND, e409="an app client id belongs to another client"),
+    responses=error_responses(e404=_NOT_FOUND, e409="an app client id belongs to another client or is a client id"),
 )
 async def update_client(
     client_id: ClientIdPath, body: ClientUpdate, session: Session, principal: Principal = require("admin")

@@ -5,14 +5,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
+from pie.schemas import NAME_MAX_LENGTH, Identifier, RequestBody, ResponseBody, UtcDatetime
 
-ClientName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+ClientName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX_LENGTH)]
 
 
 _APP_CLIENT_IDS = (
     "Cognito app-client ids whose machine tokens (their `client_id` claim) act for this tenant; "
-    "each id belongs to at most one client (409)"
+    "each id belongs to at most one client and is no client's `client_id` (409)"
 )
 
 

@@ -3,16 +3,16 @@ over the logic the API routes call, with the API's rule (``manage_domains`` on t
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import HTMLResponse
 
-from pie.console.routes import ConsoleRoute, Cursor, Pager, User, render
+from pie.console.common import Cursor, Pager, User, console_router, render
 from pie.deps import ClientIdPath, Session, tenant_scope
 from pie.webhooks import logic as webhooks
 
 RECENT = 10  # deliveries shown per webhook
 
-router = APIRouter(prefix="/console", route_class=ConsoleRoute, include_in_schema=False)
+router = console_router()
 
 
 @router.get("/clients/{client_id}/webhooks", response_class=HTMLResponse)

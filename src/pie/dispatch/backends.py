@@ -89,13 +89,21 @@ def build_payload(settings: Settings, job: Any, callback_token: str | None = Non
     return payload
 
 
-def ecs_overrides(settings: Settings, payload: dict[str, Any]) -> dict[str, Any]:
-    """The RunTask ``overrides``: the payload as JSON in the container's environment variable."""
+def ecs_container(settings: Settings, handler: dict[str, Any] | None) -> str:
+    """The container whose environment carries the payload: the handler's ``container``, else
+    ``PIE_ECS_CONTAINER_NAME``."""
+    container = (handler or {}).get("container")
+    return container if isinstance(container, str) and container else settings.ecs_container_name
+
+
+def ecs_overrides(settings: Settings, payload: dict[str, Any], container: str | None = None) -> dict[str, Any]:
+    """The RunTask ``overrides``: the payload as JSON in the container's environment variable
+    (``container``, default ``PIE_ECS_CONTAINER_NAME``)."""
     body = json.dumps(payload, separators=(",", ":"))
     return {
         "containerOverrides": [
             {
-                "name": settings.ecs_container_name,
+                "name": container or settings.ecs_container_name,
                 "environment": [{"name": settings.ecs_payload_env_var, "value": body}],
             }
         ]
@@ -116,7 +124,9 @@ def payload_limit_problem(settings: Settings, handler: dict[str, Any] | None, pa
     """Why ``payload`` cannot be handed to ``handler`` (its type's size limit), or None."""
     kind = (handler or {}).get("type")
     if kind == "ecs_task":
-        size = len(json.dumps(ecs_overrides(settings, payload), separators=(",", ":")))
+        size = len(
+            json.dumps(ecs_overrides(settings, payload, ecs_container(settings, handler)), separators=(",", ":"))
+        )
         if size > ECS_MAX_OVERRIDES_CHARS:
             return (
                 f"the job payload makes the ECS container overrides {size} characters of JSON; "
@@ -283,7 +293,7 @@ class AwsBackends:
             )
         cluster, task_definition = match.group(1), match.group(2)
         s = self.settings
-        overrides = ecs_overrides(s, payload)
+        overrides = ecs_overrides(s, payload, ecs_container(s, handler))
         problem = payload_limit_problem(s, handler, payload)
         if problem is not None:
             raise DispatchError(
@@ -330,3 +340,16 @@ class AwsBackends:
             "task_definition": task_definition,
             "task_arn": tasks[0].get("taskArn"),
         }
+
+    def stop_ecs_task(self, cluster: str, task_arn: str, reason: str) -> dict[str, Any]:
+        """``StopTask`` (ECS sends the container SIGTERM, then SIGKILL after its stop timeout).
+        Raises :class:`DispatchError`; a task ECS does not know (any more) is not retryable."""
+        try:
+            response = self.ecs_client.stop_task(cluster=cluster, task=task_arn, reason=reason[:255])
+        except Exception as exc:
+            error = _aws_error(exc, "ecs")
+            if error.details.get("aws_code") in ("InvalidParameterException", "ClusterNotFoundException"):
+                error.retryable = False
+            raise error from exc
+        task = response.get("task") or {}
+        return {"task_arn": task.get("taskArn", task_arn), "last_status": task.get("lastStatus")}

@@ -30,6 +30,15 @@ fallback. Every ``dispatch_sweep_interval`` seconds a dispatcher also ends start
 their handler's ``timeout_seconds`` (else ``job_timeout_seconds``) ("timed out") and returns jobs whose lease expired (their dispatcher
 died) to the queue.
 
+Cancellation (spec 15.4, :mod:`pie.jobs.cancel`): dispatchers also ``LISTEN pie_job_cancel``. An
+in-process job of this dispatcher that was cancelled gets its cancel flag raised (its handler sees
+``pie.dispatch.inprocess.cancelled()``; the sweep also looks for cancelled running jobs, in case
+a notification was missed); its result, if it finishes anyway, is discarded by ``finish_jobs``.
+ECS tasks to stop are rows of ``task_stops``: a dispatcher claims due ones (a lease, so no
+transaction stays open during the AWS call), calls ``StopTask`` and deletes the row, retrying
+failures with backoff up to ``dispatch_max_attempts`` (then the job gets a warning). A task that
+ECS started for a job that had ended meanwhile (a cancel racing the hand-over) is stopped too.
+
 Liveness: every dispatcher registers in the ``dispatchers`` table and heartbeats there every
 ``dispatch_heartbeat_interval`` seconds. The sweep requeues the leased jobs of dispatchers whose
 heartbeat is older than ``dispatch_dead_after`` (or, on the same host, whose process is gone —
@@ -66,9 +75,16 @@ from sqlalchemy import text
 from pie import callbacks, db, metrics
 from pie.config import Settings
 from pie.dispatch.backends import AwsBackends, DispatchError, build_payload, callback_token_ttl, public_url_warning
-from pie.dispatch.inprocess import HandlerFailure, get_registered, inline_names
+from pie.dispatch.inprocess import (
+    HandlerFailure,
+    JobContext,
+    await_in_context,
+    get_registered,
+    inline_names,
+    run_in_context,
+)
 from pie.dispatch.threads import DaemonThreadPool
-from pie.jobs.logic import NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
+from pie.jobs.logic import CANCEL_CHANNEL, NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
 from pie.logconfig import job_id_var
 from pie.schemas import unstorable_json
 
@@ -91,6 +107,8 @@ CLAIM_COALESCE = 0.001
 # An inline (built-in) handler whose job carries more than this many stored bytes of input and
 # features runs in the worker pool instead, so a large payload never holds up the event loop.
 INLINE_MAX_PAYLOAD_BYTES = 16 * 1024
+# at stop, how long the loop may take to end its current cycle before it is cancelled
+STOP_LOOP_WAIT = 5.0
 
 _RENEW = text(
     """
@@ -100,14 +118,52 @@ _RENEW = text(
     """
 )
 # AWS handlers accepted these jobs: no lease any more, the time-out applies from now on (plus a
-# warning when their callback cannot arrive, once). One statement for a batch of hand-offs.
+# warning when their callback cannot arrive, once; and the ECS task, so a cancel can stop it).
+# One statement for a batch of hand-offs; it returns the jobs it marked (a job that is no longer
+# this dispatcher's was cancelled meanwhile: its ECS task is stopped).
 _DISPATCHED = """
     UPDATE jobs AS j SET lease_expires_at = NULL, error = NULL, updated_at = now(),
+        ecs_task = CAST(b.ecs_task AS jsonb),
         warnings = CASE WHEN b.warning IS NULL OR j.warnings @> jsonb_build_array(b.warning) THEN j.warnings
                         ELSE j.warnings || jsonb_build_array(b.warning) END
-    FROM unnest(CAST(%(ids)s AS text[]), CAST(%(warnings)s AS text[])) AS b(job_id, warning)
+    FROM unnest(CAST(%(ids)s AS text[]), CAST(%(warnings)s AS text[]), CAST(%(ecs_tasks)s AS text[]))
+        AS b(job_id, warning, ecs_task)
     WHERE j.job_id = b.job_id AND j.status = 'started' AND j.locked_by = %(me)s
+    RETURNING j.job_id
     """
+# ECS started a task for a job that is no longer this dispatcher's (cancelled meanwhile): stop it
+_ORPHAN_TASK = text(
+    """
+    INSERT INTO task_stops (task_arn, job_id, cluster, reason) VALUES (:task_arn, :job_id, :cluster, :reason)
+    ON CONFLICT (task_arn) DO NOTHING
+    """
+)
+# ECS tasks to stop: claim due ones with a lease (the row is due again if this dispatcher dies)
+_CLAIM_STOPS = text(
+    """
+    UPDATE task_stops AS t SET attempts = t.attempts + 1, next_attempt_at = now() + make_interval(secs => :lease)
+    FROM (SELECT task_arn FROM task_stops WHERE next_attempt_at <= now()
+          ORDER BY next_attempt_at LIMIT :n FOR UPDATE SKIP LOCKED) AS due
+    WHERE t.task_arn = due.task_arn
+    RETURNING t.task_arn, t.job_id, t.cluster, t.reason, t.attempts
+    """
+)
+_STOPPED = text("DELETE FROM task_stops WHERE task_arn = :task_arn")
+_STOP_LATER = text(
+    """
+    UPDATE task_stops SET next_attempt_at = now() + make_interval(secs => :delay), last_error = CAST(:error AS jsonb)
+    WHERE task_arn = :task_arn
+    """
+)
+_STOP_WARNING = text(
+    """
+    UPDATE jobs SET warnings = warnings || jsonb_build_array(CAST(:warning AS text)), updated_at = now()
+    WHERE job_id = :job_id
+    """
+)
+# running jobs of this dispatcher that were cancelled (the fallback of the NOTIFY)
+_CANCELLED = text("SELECT job_id FROM jobs WHERE job_id = ANY(CAST(:ids AS text[])) AND cancelled_at IS NOT NULL")
+STOP_LEASE_SECONDS = 120.0
 # A job waiting for another attempt is `pending` (not started, no error: spec 15.3); the failed
 # attempt shows as the job's `dispatch` (dispatch_error). The requeues of the sweep below do the same.
 _RETRY = text(
@@ -123,9 +179,10 @@ _RETRY = text(
 # invalid handlers, and the :inline implementations, which run on the event loop at once) among
 # the :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
 # SKIP LOCKED: rows another transaction holds are skipped, never waited for.
-# One statement, run in autocommit on the dispatcher's own connection: one round trip per claim.
+# The same statement reads the signing key (share-locked until the claim's transaction commits,
+# after the tokens are signed: ``pie.callbacks``); one statement on the dispatcher's own connection.
 _CLAIM_TEMPLATE = """
-    WITH local_due AS (
+    WITH signing AS ({signing}), local_due AS (
         SELECT j.job_id FROM jobs AS j
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
         WHERE j.status = 'pending' AND j.next_attempt_at <= now() {local_window}
@@ -150,14 +207,15 @@ _CLAIM_TEMPLATE = """
     SET status = 'started', attempts = j.attempts + 1, started_at = now(), updated_at = now(),
         locked_by = %(me)s, lease_expires_at = now() + make_interval(secs => %(lease)s),
         timeout_seconds = CAST(mv.handlers -> j.job_type ->> 'timeout_seconds' AS double precision)
-    FROM due, model_versions AS mv
+    FROM due, model_versions AS mv LEFT JOIN signing ON TRUE
     WHERE j.job_id = due.job_id AND mv.model_id = j.model_id AND mv.version = j.model_version
     RETURNING j.job_id, j.job_type, j.model_id, j.model_version, j.assignment_id, j.client_id,
               j.domain_id, j.service_id, j.input, j.features, j.domain_features, j.attempts,
               mv.handlers -> j.job_type AS handler,
               EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds,
               pg_column_size(j.input) + coalesce(pg_column_size(j.features), 0)
-                + coalesce(pg_column_size(j.domain_features), 0) AS payload_bytes
+                + coalesce(pg_column_size(j.domain_features), 0) AS payload_bytes,
+              signing.kid AS signing_kid, signing.secret AS signing_secret
     """
 # the :lookahead oldest due jobs (looked up by primary key: a bounded scan, whatever the backlog)
 _WINDOW = """AND j.job_id = ANY(ARRAY(
@@ -166,8 +224,8 @@ _WINDOW = """AND j.job_id = ANY(ARRAY(
 # The usual claim looks for both kinds among the :lookahead oldest due jobs; the deep one (at
 # most once per polling interval, when the window held too few jobs that need a worker) scans
 # the whole queue for them, so none waits behind a long backlog of other kinds for long.
-_CLAIM = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window=_WINDOW)
-_CLAIM_DEEP = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window="")
+_CLAIM = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window=_WINDOW, signing=callbacks.SIGNING_KEY_SQL)
+_CLAIM_DEEP = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window="", signing=callbacks.SIGNING_KEY_SQL)
 # The claim and record connections plan their statements with index scans (a queue that was just
 # bulk-loaded has no statistics yet, and a bitmap or sequential scan of the whole backlog per
 # claim cost hundreds of milliseconds; their statements reach jobs by index) and without JIT
@@ -291,12 +349,15 @@ def _failure(job_id: str, exc: BaseException) -> Completion:
     )
 
 
-def _run_job(job_id: str, implementation: Any, payload: dict[str, Any]) -> Completion:
+def _run_job(job_id: str, implementation: Any, payload: dict[str, Any], context: JobContext) -> Completion:
     """Run a synchronous implementation (on the loop for inline ones, else in a pool thread):
-    its result as a Completion; never raises. The handler's log lines carry the job id."""
+    its result as a Completion; never raises. The handler's log lines carry the job id, and
+    ``inprocess.current_job()`` is its context (with the cancel flag, spec 15.4)."""
     token = job_id_var.set(job_id)
     try:
-        output = implementation(payload)
+        if context.cancelled():  # cancelled between the claim and now: not run at all
+            raise HandlerFailure("cancelled", "the job was cancelled before its handler ran")
+        output = run_in_context(context, implementation, payload)
         return Completion(job_id, "success", output=output, output_json=_encoded_output(output))
     except Exception as exc:
         return _failure(job_id, exc)
@@ -403,7 +464,7 @@ class Dispatcher:
         self.host = socket.gethostname()[:255]
         self.dispatched = 0
         self._aws = AwsBackends(settings, max_connections=self.aws_concurrency)
-        self._keys = callbacks.KeyCache()
+        self._aws_slots = asyncio.Semaphore(self.aws_concurrency)  # StopTask calls (cancellation)
         self._signer: callbacks.Signer | None = None
         self._pool: DaemonThreadPool | None = None
         self._aws_pool: DaemonThreadPool | None = None
@@ -416,6 +477,9 @@ class Dispatcher:
         self._local: set[str] = set()  # the in-process subset, until their result is recorded
         self._busy: set[str] = set()  # in-process jobs whose handler has not returned (a worker each)
         self._lease_until: dict[str, float] = {}  # job id -> monotonic end of its lease as we know it
+        self._contexts: dict[str, JobContext] = {}  # in-process jobs claimed: their cancel flags
+        self._stops_due = True  # ECS tasks may wait to be stopped (a cancel, a retry timer, the start)
+        self._stopper: asyncio.Task[Any] | None = None  # the loop's stop_tasks() in the background
         self._recording: list[Completion] = []  # the batch the recorder is recording right now
         self._marking: list[tuple[Any, str | None, dict[str, Any]]] = []  # the hand-offs it is marking
         self._registered = False
@@ -476,7 +540,16 @@ class Dispatcher:
             return
         self._stopping = True
         for task in self._background:
-            if task.get_name().endswith(("-listener", "-loop")):
+            if task.get_name().endswith("-listener"):
+                task.cancel()
+        # the loop ends after its current cycle (claiming nothing more): a claim is one short
+        # transaction that also signs the tokens, better finished than broken off (its jobs
+        # are then handed over, or released below); cancelled only if it does not end soon
+        self._wake.set()
+        loops = [task for task in self._background if task.get_name().endswith("-loop")]
+        if loops:
+            _, unfinished = await asyncio.wait(loops, timeout=min(grace, STOP_LOOP_WAIT))
+            for task in unfinished:
                 task.cancel()
         if self._inflight:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -596,10 +669,15 @@ class Dispatcher:
                 )
                 try:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    await conn.execute(f"LISTEN {CANCEL_CHANNEL}")
                     self._wake_all()  # catch up with anything that arrived before LISTEN
+                    self._stops_due = True
                     delay = 0.5
-                    async for _ in conn.notifies():
-                        self._wake_all()
+                    async for notification in conn.notifies():
+                        if notification.channel == CANCEL_CHANNEL:
+                            self.on_cancelled([notification.payload])
+                        else:
+                            self._wake_all()
                 finally:
                     with contextlib.suppress(Exception):
                         await conn.close()
@@ -622,6 +700,11 @@ class Dispatcher:
             await self._gather_free_workers()
             try:
                 await self.sweep_if_due()
+                if self._stops_due and (self._stopper is None or self._stopper.done()):
+                    # in the background: a slow StopTask never holds up claiming
+                    self._stopper = asyncio.create_task(self._stop_tasks_logged(), name=f"{self.name}-stopper")
+                    self._tasks.add(self._stopper)
+                    self._stopper.add_done_callback(self._tasks.discard)
                 claimed = await self.claim_and_dispatch()
                 errors = 0
             except asyncio.CancelledError:
@@ -693,13 +776,10 @@ class Dispatcher:
         )
         if not self._check_local:
             local_limit = 0
-        if remote_limit <= 0 and local_limit <= 0:
+        if (remote_limit <= 0 and local_limit <= 0) or self._stopping:
             return 0
         if not self._registered:
             await self.register()  # peers must see us alive before we hold any job
-        key = await self._keys.get(db.get_engine())  # before the claim: a claimed job is signed at once
-        if self._signer is None or self._signer.key != key:
-            self._signer = callbacks.Signer(key)
         lease = self.settings.in_process_lease_seconds
         claimed_at = time.monotonic()
         deep = False
@@ -707,7 +787,7 @@ class Dispatcher:
             now = time.monotonic()
             if now - self._last_deep >= self.settings.dispatch_poll_interval:
                 deep, self._last_deep = True, now
-        rows = await self._claim(
+        rows, tokens = await self._claim(
             _CLAIM_DEEP if deep else _CLAIM,
             {
                 "local_limit": local_limit,
@@ -743,8 +823,10 @@ class Dispatcher:
             self._inflight.add(row.job_id)
             self._leased.add(row.job_id)
             self._lease_until[row.job_id] = claimed_at + lease
+            if isinstance(row.handler, dict) and row.handler.get("type") == "in_process":
+                self._contexts[row.job_id] = JobContext(row.job_id)
         self.dispatched += len(rows)
-        self._hand_over(rows, self._signer)
+        self._hand_over(rows, tokens)
         # claim again at once only if a kind filled its limit and this dispatcher has room for more of it
         self._more_due = (
             local_limit > 0
@@ -754,12 +836,15 @@ class Dispatcher:
         ) or (remote_limit > 0 and len(rows) - n_local == remote_limit)
         return len(rows)
 
-    async def _claim(self, statement: str, params: dict[str, Any]) -> list[Any]:
-        """Run the claim on this dispatcher's own connection (autocommit: the statement is its
-        transaction; no pool checkout, ping, BEGIN or COMMIT round trips). A connection that
-        failed or was interrupted is closed and replaced; when a connection that sat idle turns
-        out broken (the server restarted, a proxy or firewall closed it), the claim is tried once
-        more at once on a new one instead of waiting for the next cycle."""
+    async def _claim(self, statement: str, params: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
+        """Claim due jobs and sign their callback tokens, in one transaction on this
+        dispatcher's own connection (no pool checkout or ping): BEGIN, the claim statement
+        (which also reads and share-locks the signing key), the tokens (the batch signer), COMMIT.
+        A retired key therefore signs nothing once its retirement has committed
+        (``pie.callbacks``), and a claim that fails leaves its jobs pending. A connection that failed or was interrupted is closed and replaced;
+        when a connection that sat idle turns out broken (the server restarted, a proxy or
+        firewall closed it), the claim is tried once more at once on a new one instead of waiting
+        for the next cycle."""
         for retry in (False, True):
             conn = self._claim_conn
             fresh = conn is None or conn.closed
@@ -768,8 +853,11 @@ class Dispatcher:
                 await conn.execute(_CONNECTION_SETUP)
             assert conn is not None
             try:
-                cursor = await conn.execute(statement, params)
-                return await cursor.fetchall()
+                # BEGIN and COMMIT cost two round trips more than an autocommit claim (the key
+                # must stay share-locked until the claim commits: pie.callbacks)
+                async with conn.transaction():
+                    rows = await (await conn.execute(statement, params)).fetchall()
+                    return rows, await self._sign(conn, rows)
             except BaseException as exc:
                 self._claim_conn = None
                 broken = conn.broken
@@ -778,6 +866,26 @@ class Dispatcher:
                 if fresh or retry or not broken or not isinstance(exc, psycopg.OperationalError):
                     raise
         raise AssertionError("unreachable")
+
+    async def _sign(self, conn: psycopg.AsyncConnection[Any], rows: list[Any]) -> dict[str, str]:
+        """Each claimed job's callback token (job id -> token), signed with the key the claim
+        read (or, when there is no active key yet, one created in this transaction)."""
+        if not rows:
+            return {}
+        first = rows[0]
+        if first.signing_kid is not None:
+            key = callbacks.Key(first.signing_kid, first.signing_secret)
+        else:
+            key = await callbacks.signing_key(conn)
+        if self._signer is None or self._signer.key != key:
+            self._signer = callbacks.Signer(key)
+        settings, sign, now = self.settings, self._signer.sign, time.time()
+        return {
+            row.job_id: sign(
+                row, callback_token_ttl(settings, row.handler if isinstance(row.handler, dict) else None), now=now
+            )
+            for row in rows
+        }
 
     async def _close_claim_connection(self) -> None:
         conn, self._claim_conn = self._claim_conn, None
@@ -790,19 +898,18 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _hand_over(self, rows: list[Any], signer: callbacks.Signer) -> None:
+    def _hand_over(self, rows: list[Any], tokens: dict[str, str]) -> None:
         """Give each claimed job to its backend, without waiting: inline implementations run
         right here, ``async def`` ones become tasks, plain ones go to the worker pool, Lambda and
         ECS calls to the AWS pool. Results come back through ``_on_results``/``_on_handed``."""
         s = self.settings
-        now = time.time()
         attempts: dict[Any, int] = {}
         for row in rows:
             handler: dict[str, Any] = row.handler if isinstance(row.handler, dict) else {}
             kind = handler.get("type") if handler else None
             attempts[kind] = attempts.get(kind, 0) + 1
             metrics.job_started(row.job_type, row.queued_seconds)
-            payload = build_payload(s, row, signer.sign(row, callback_token_ttl(s, handler), now=now))
+            payload = build_payload(s, row, tokens[row.job_id])
             if kind == "in_process":
                 self._local.add(row.job_id)
                 self._busy.add(row.job_id)
@@ -819,14 +926,15 @@ class Dispatcher:
                 mode = registered.mode
                 if mode == "inline" and (row.payload_bytes or 0) > INLINE_MAX_PAYLOAD_BYTES:
                     mode = "thread"
+                context = self._contexts.get(row.job_id) or JobContext(row.job_id)
                 if mode == "inline":
                     self._busy.discard(row.job_id)
-                    self._results.append(_run_job(row.job_id, registered.implementation, payload))
+                    self._results.append(_run_job(row.job_id, registered.implementation, payload, context))
                 elif mode == "async":
-                    self._spawn(self._run_async(row.job_id, registered.implementation, payload))
+                    self._spawn(self._run_async(row.job_id, registered.implementation, payload, context))
                 else:
                     assert self._pool is not None
-                    self._pool.run_soon(_run_job, row.job_id, registered.implementation, payload)
+                    self._pool.run_soon(_run_job, row.job_id, registered.implementation, payload, context)
             elif kind in ("lambda", "ecs_task"):
                 method = self._aws.invoke_lambda if kind == "lambda" else self._aws.run_ecs_task
                 assert self._aws_pool is not None
@@ -848,11 +956,14 @@ class Dispatcher:
     def _aws_call(row: Any, kind: str, method: Callable[..., Any], handler: dict[str, Any], payload: dict[str, Any]):
         return row, kind, _hand_to_aws(method, handler, payload)
 
-    async def _run_async(self, job_id: str, implementation: Any, payload: dict[str, Any]) -> None:
-        """An ``async def`` implementation, as a task on the loop (its log lines carry the job id)."""
+    async def _run_async(self, job_id: str, implementation: Any, payload: dict[str, Any], context: JobContext) -> None:
+        """An ``async def`` implementation, as a task on the loop (its log lines carry the job
+        id; ``inprocess.current_job()`` is its context, with the cancel flag)."""
         job_id_var.set(job_id)
         try:
-            output = await implementation(payload)
+            if context.cancelled():  # cancelled between the claim and now: not run at all
+                raise HandlerFailure("cancelled", "the job was cancelled before its handler ran")
+            output = await await_in_context(context, implementation, payload)
             completion = Completion(job_id, "success", output=output, output_json=_encoded_output(output))
         except asyncio.CancelledError:
             raise
@@ -923,6 +1034,7 @@ class Dispatcher:
         self._local.discard(job_id)
         self._busy.discard(job_id)
         self._lease_until.pop(job_id, None)
+        self._contexts.pop(job_id, None)
         if not self._inflight:
             self._idle.set()
         self._wake.set()  # capacity is free again
@@ -992,20 +1104,39 @@ class Dispatcher:
     async def _mark_dispatched(self, handed: list[tuple[Any, str | None, dict[str, Any]]]) -> None:
         """One statement for a batch of accepted hand-offs (tried once more on a new connection
         when the old one turns out broken)."""
+        tasks = {
+            row.job_id: {"cluster": info["cluster"], "task_arn": info["task_arn"]}
+            for row, _, info in handed
+            if isinstance(info, dict) and info.get("backend") == "ecs_task" and isinstance(info.get("task_arn"), str)
+        }
         params = {
             "ids": [row.job_id for row, _, _ in handed],
             "warnings": [w for _, w, _ in handed],
+            "ecs_tasks": [json.dumps(tasks[row.job_id]) if row.job_id in tasks else None for row, _, _ in handed],
             "me": self.worker_id,
         }
+        marked: set[str] = set()
         for retry in (False, True):
             try:
                 conn = await self._record_connection()
-                await conn.execute(_DISPATCHED, params)
+                marked = {r[0] for r in await (await conn.execute(_DISPATCHED, params)).fetchall()}
                 break
             except psycopg.OperationalError:
                 await self._drop_record_connection_if_broken()
                 if retry:
                     raise
+        orphans = [(job_id, task) for job_id, task in tasks.items() if job_id not in marked]
+        if orphans:
+            # the job ended (was cancelled) while ECS was starting its task: stop the task
+            async with db.get_engine().begin() as sa_conn:
+                for job_id, task in orphans:
+                    await sa_conn.execute(
+                        _ORPHAN_TASK,
+                        {**task, "job_id": job_id, "reason": "the PIE job had ended when its task started"},
+                    )
+                    log.warning("job %s ended while its ECS task %s started: stopping it", job_id, task["task_arn"])
+            self._stops_due = True
+            self._wake.set()
         for row, _, info in handed:
             handler = row.handler if isinstance(row.handler, dict) else {}
             log.info(
@@ -1072,7 +1203,9 @@ class Dispatcher:
                 delay = min(delay * 2, 1.0)
                 await self._renew([c.job_id for c in completions])
         for outcome in outcomes.values():
-            if outcome.result == "conflict":
+            if outcome.result == "conflict" and outcome.cancelled:
+                log.info("job %s was cancelled; its handler's result is discarded", outcome.job_id)
+            elif outcome.result == "conflict":
                 log.warning("job %s had already ended as %s; result discarded", outcome.job_id, outcome.status)
         return None
 
@@ -1135,6 +1268,112 @@ class Dispatcher:
         if now - self._last_sweep >= self.settings.dispatch_sweep_interval:
             self._last_sweep = now
             await self.sweep()
+            await self._look_for_cancellations()
+            self._stops_due = True
+
+    # ---------------------------------------------------------------------------------------
+    # cancellation
+
+    def on_cancelled(self, job_ids: Sequence[str]) -> None:
+        """Jobs were cancelled (``NOTIFY pie_job_cancel``): raise the cancel flag of those this
+        dispatcher runs in-process, and look for ECS tasks to stop."""
+        for job_id in job_ids:
+            context = self._contexts.get(job_id)
+            if context is not None and not context.cancelled():
+                context.cancel()
+                log.info("job %s was cancelled: its in-process handler is asked to stop", job_id)
+        self._stops_due = True
+        self._wake.set()
+
+    async def _look_for_cancellations(self) -> None:
+        """The NOTIFY's fallback (a notification lost while LISTEN reconnected): raise the flags
+        of running in-process jobs that were cancelled."""
+        running = sorted(job_id for job_id, c in self._contexts.items() if not c.cancelled())
+        if not running:
+            return
+        try:
+            async with db.get_engine().connect() as conn:
+                cancelled = list((await conn.execute(_CANCELLED, {"ids": running})).scalars())
+        except Exception as exc:
+            log.warning("dispatcher %s: looking for cancelled jobs failed: %s", self.worker_id, exc)
+            return
+        if cancelled:
+            self.on_cancelled(cancelled)
+
+    async def stop_tasks(self) -> int:
+        """Stop the due ECS tasks of ``task_stops`` (``StopTask``); returns how many stopped.
+        A failure is retried with backoff up to ``dispatch_max_attempts``; a task ECS does not
+        know (any more) needs no stop; giving up leaves a warning on the job."""
+        self._stops_due = False
+        async with db.get_engine().begin() as conn:
+            rows = (await conn.execute(_CLAIM_STOPS, {"lease": STOP_LEASE_SECONDS, "n": self.aws_concurrency})).all()
+        if not rows:
+            return 0
+        self._stops_due = len(rows) == self.aws_concurrency  # there may be more due
+
+        async def stop(row: Any) -> bool:
+            async with self._aws_slots:
+                try:
+                    await asyncio.to_thread(self._aws.stop_ecs_task, row.cluster, row.task_arn, row.reason)
+                except DispatchError as exc:
+                    return await self._stop_failed(row, exc)
+                except Exception as exc:  # never leave the row to the lease for an unexpected error
+                    return await self._stop_failed(row, DispatchError("stop_exception", str(exc)))
+            async with db.get_engine().begin() as conn:
+                await conn.execute(_STOPPED, {"task_arn": row.task_arn})
+            log.info("job %s: ECS task %s stopped (%s)", row.job_id, row.task_arn, row.reason)
+            return True
+
+        results = await asyncio.gather(*(stop(r) for r in rows), return_exceptions=True)
+        for row, result in zip(rows, results):
+            if isinstance(result, BaseException):
+                log.warning("job %s: stopping ECS task %s failed: %s", row.job_id, row.task_arn, result)
+        return sum(1 for r in results if r is True)
+
+    async def _stop_failed(self, row: Any, exc: DispatchError) -> bool:
+        s = self.settings
+        error = {**exc.as_error(), "attempts": row.attempts}
+        async with db.get_engine().begin() as conn:
+            if exc.retryable and row.attempts < s.dispatch_max_attempts:
+                delay = backoff_delay(s, row.attempts)
+                await conn.execute(_STOP_LATER, {"task_arn": row.task_arn, "delay": delay, "error": json.dumps(error)})
+                asyncio.get_running_loop().call_later(delay, self._stop_due_again)
+                log.warning(
+                    "job %s: StopTask of %s failed (%s); retrying in %.2fs",
+                    row.job_id,
+                    row.task_arn,
+                    exc.message,
+                    delay,
+                )
+                return False
+            await conn.execute(_STOPPED, {"task_arn": row.task_arn})
+            if exc.retryable:
+                await conn.execute(
+                    _STOP_WARNING,
+                    {
+                        "job_id": row.job_id,
+                        "warning": f"the ECS task {row.task_arn} could not be stopped after {row.attempts} "
+                        f"attempts: {exc.message}",
+                    },
+                )
+        if exc.retryable:
+            log.error("job %s: gave up stopping ECS task %s: %s", row.job_id, row.task_arn, exc.message)
+        else:  # ECS does not know the task (any more): nothing left to stop
+            log.info("job %s: ECS task %s needs no stop: %s", row.job_id, row.task_arn, exc.message)
+        return not exc.retryable
+
+    async def _stop_tasks_logged(self) -> None:
+        try:
+            await self.stop_tasks()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._stops_due = True  # try again on the next cycle
+            log.warning("dispatcher %s: stopping ECS tasks failed: %s", self.worker_id, str(exc).splitlines()[0][:200])
+
+    def _stop_due_again(self) -> None:
+        self._stops_due = True
+        self._wake.set()
 
     async def _dead_peers(self, session: Any) -> tuple[list[str], list[str]]:
         """(dead dispatcher ids, the subset known dead because their process is gone)."""
@@ -1224,6 +1463,8 @@ class Dispatcher:
         total = 0
         while True:
             self._wake.clear()
+            if self._stops_due:
+                await self.stop_tasks()
             claimed = await self.claim_and_dispatch()
             total += claimed
             if not claimed and not self._inflight:

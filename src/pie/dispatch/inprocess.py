@@ -17,16 +17,24 @@ block: await I/O); a plain function in the dispatcher's worker thread pool; the 
 where a thread hand-over would cost many times the call itself.
 A built-in name cannot be taken over; an entry point that fails to load is logged and listed
 with its error, and is not usable.
+
+**Cancellation** (spec 15.4) is cooperative: while an implementation runs, ``current_job()``
+(in the thread PIE called it in) returns its :class:`JobContext`, whose ``cancelled()`` turns
+true once the job is cancelled; ``cancelled()`` is the shortcut. A long handler checks it
+between steps and returns (or raises) early; whatever it returns after a cancel is discarded.
+A handler that starts threads of its own passes them the context (or copies its
+``contextvars`` context).
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -161,6 +169,56 @@ def get_registered(name: str) -> Registered | None:
     """The usable registration named ``name`` (its implementation and run mode), or None."""
     found = _BUILTINS.get(name) or _plugins().get(name)
     return found if found is not None and found.implementation is not None else None
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """The job an in-process implementation is running (``current_job()``)."""
+
+    job_id: str
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    def cancelled(self) -> bool:
+        """True once the job was cancelled (``POST /v2/jobs/{id}/cancel``): stop early; the
+        result of a cancelled job is discarded."""
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        """Raise the flag (the dispatcher does, when it learns of the cancellation)."""
+        self._cancel.set()
+
+
+_current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar("pie_job_context", default=None)
+
+
+def current_job() -> JobContext | None:
+    """The context of the in-process job running in this thread (None outside a job)."""
+    return _current.get()
+
+
+def cancelled() -> bool:
+    """True when the in-process job running in this thread was cancelled."""
+    context = _current.get()
+    return context is not None and context.cancelled()
+
+
+def run_in_context(context: JobContext, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``fn(*args)`` with ``context`` as the current job (in the calling thread)."""
+    token = _current.set(context)
+    try:
+        return fn(*args)
+    finally:
+        _current.reset(token)
+
+
+async def await_in_context(context: JobContext, fn: Callable[..., Any], *args: Any) -> Any:
+    """Await ``fn(*args)`` (an ``async def`` implementation) with ``context`` as the current job
+    (in the calling task)."""
+    token = _current.set(context)
+    try:
+        return await fn(*args)
+    finally:
+        _current.reset(token)
 
 
 class HandlerFailure(Exception):

@@ -5,7 +5,7 @@ transaction (the transactional outbox) and queues a NOTIFY that PostgreSQL deliv
 that transaction commits, waking the dispatchers.
 
 ``finish_jobs`` is the one way a job ends (the completion route, in-process handlers, the
-dispatcher's give-up and time-out paths): it locks the rows, records the outcome, checks the
+dispatcher's give-up and time-out paths, cancellation): it locks the rows, records the outcome, checks the
 output contract, sets the status of a service whose init job ended, fires ``inference_complete``
 subscriptions and announces the end on ``pie_job_done`` (``?wait=`` long-polls listen there).
 Jobs with none of those extras (no output schema to check, no subscription to fire, no service
@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 from fastapi import Response
-from sqlalchemy import and_, bindparam, exists, func, select, text, tuple_, update
+from sqlalchemy import Boolean, and_, bindparam, case, exists, func, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
@@ -47,6 +47,9 @@ log = logging.getLogger("pie.jobs")
 
 NOTIFY_CHANNEL = "pie_jobs"
 DONE_CHANNEL = "pie_job_done"
+# a job was cancelled (payload: its id): dispatchers raise the cancel flag of an in-process
+# handler running it and stop ECS tasks (``pie.jobs.cancel``)
+CANCEL_CHANNEL = "pie_job_cancel"
 ENDED = frozenset({"success", "failure"})
 
 
@@ -108,6 +111,7 @@ async def create_job(
     purpose: str | None = None,
     warnings: list[Any] | None = None,
     handlers: dict[str, Any] | None = None,
+    retry_of: str | None = None,
 ) -> Job:
     """Record a pending job in the caller's transaction; dispatch happens after commit.
 
@@ -141,6 +145,7 @@ async def create_job(
         service_id=service_id,
         subscription_id=subscription_id,
         purpose=purpose,
+        retry_of=retry_of,
         warnings=list(warnings or []),
         timeout_seconds=(handler or {}).get("timeout_seconds"),
         # the actor of the write that launched it (a subscription's trigger included); None
@@ -295,6 +300,9 @@ class Completion:
     # ``output`` already encoded as JSON text that PostgreSQL can store (the dispatcher checks
     # and encodes in-process outputs once); it is what gets stored when set
     output_json: str | None = None
+    # a cancellation (``pie.jobs.cancel``): the job records ``cancelled_at`` and every later
+    # completion of it is a conflict
+    cancelled: bool = False
 
     def stored_output(self) -> Any:
         """The output as it will be stored (and read back)."""
@@ -309,8 +317,10 @@ class Outcome:
     status: str
     triggered_events: list[dict[str, Any]] = field(default_factory=list)
     # "completed" (this call ended it), "repeat" (already ended the same way: nothing done),
-    # "conflict" (already ended with the other status: nothing done)
+    # "conflict" (already ended with the other status, or cancelled: nothing done)
     result: str = "completed"
+    # the job had been cancelled before this call (its result is discarded)
+    cancelled: bool = False
 
     @property
     def dispatch_errors(self) -> bool:
@@ -339,6 +349,7 @@ _finish_stmt = (
         warnings=bindparam("b_warnings"),
         completed_at=func.now(),
         updated_at=func.now(),
+        cancelled_at=case((bindparam("b_cancelled", type_=Boolean), func.now()), else_=None),
         lease_expires_at=None,
         locked_by=None,
     )
@@ -350,8 +361,9 @@ def _lock_for_finish() -> Any:
     """The rows ``finish_jobs`` ends, locked ``FOR UPDATE`` in job_id order (a Core statement
     built once), with what the rest of the step needs to know: the handler type and age (for
     the metrics), whether the version has an output schema for the job type and whether the
-    model has active ``inference_complete`` subscriptions (so the batch of an instant handler
-    does not pay a query for contracts or subscriptions it does not have)."""
+    model has active ``inference_complete`` subscriptions that may fire (not for a job of an
+    archived version) (so the batch of an instant handler does not pay a query for contracts
+    or subscriptions it does not have)."""
     from pie.registry.models import EventSubscription, ModelVersion
 
     mv = ModelVersion.__table__
@@ -370,6 +382,7 @@ def _lock_for_finish() -> Any:
             _jobs.c.domain_id,
             _jobs.c.service_id,
             _jobs.c.warnings,
+            _jobs.c.cancelled_at,
             select(mv.c.handlers[_jobs.c.job_type]["type"].astext)
             .where(version)
             .scalar_subquery()
@@ -382,6 +395,8 @@ def _lock_for_finish() -> Any:
                 sub.c.source_model_id == _jobs.c.model_id,
                 sub.c.trigger_event == "inference_complete",
                 sub.c.status == "active",
+                # subscriptions never fire on an archived version (spec 15.4)
+                ~exists().where(version, mv.c.status == "archived").correlate(_jobs),
             )
             .label("has_subscriptions"),
             func.extract("epoch", func.now() - _jobs.c.created_at).label("age_seconds"),
@@ -473,6 +488,8 @@ async def finish_jobs(
     outputs: list[str | None] = []
     errors: list[str | None] = []
     for c in by_id.values():
+        if c.cancelled:  # a cancellation records cancelled_at: the full path
+            continue
         ids.append(c.job_id)
         statuses.append(c.status)
         if c.status == "success":
@@ -482,9 +499,11 @@ async def finish_jobs(
         else:
             outputs.append(None)
             errors.append(_json_text(c.error if c.error is not None else DEFAULT_FAILURE))
-    cursor = raw.cursor()
-    await cursor.execute(_END_PLAIN, {"ids": ids, "statuses": statuses, "outputs": outputs, "errors": errors})
-    ended = await cursor.fetchall()
+    ended: list[Any] = []
+    if ids:
+        cursor = raw.cursor()
+        await cursor.execute(_END_PLAIN, {"ids": ids, "statuses": statuses, "outputs": outputs, "errors": errors})
+        ended = await cursor.fetchall()
     outcomes: dict[str, Outcome] = {}
     for job_id, _job_type, status, model_id, model_version, *_ in ended:
         outcomes[job_id] = Outcome(job_id, model_id, model_version, status)
@@ -518,7 +537,9 @@ async def _finish_full(session: AsyncSession, completions: list[Completion]) -> 
         outcomes[row.job_id] = outcome
         if row.status in ENDED:
             outcome.status = row.status
-            outcome.result = "repeat" if row.status == wanted.status else "conflict"
+            outcome.cancelled = row.cancelled_at is not None
+            # a cancelled job takes no completion at all (its handler's result is discarded)
+            outcome.result = "repeat" if row.status == wanted.status and not outcome.cancelled else "conflict"
             continue
         to_end.append(row)
     if not to_end:
@@ -564,6 +585,7 @@ async def _finish_full(session: AsyncSession, completions: list[Completion]) -> 
                 "b_output": output,
                 "b_error": error,
                 "b_warnings": warnings,
+                "b_cancelled": wanted.cancelled,
             }
         )
     await session.execute(_finish_stmt, params)
@@ -647,6 +669,14 @@ async def _finish_full(session: AsyncSession, completions: list[Completion]) -> 
     return outcomes
 
 
+class JobCancelled(Conflict):
+    """409 for a completion of a cancelled job: the envelope plus ``"cancelled": true``, so a
+    handler (``pie_handler_kit``) can tell it from a job that ended otherwise."""
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "cancelled": True}
+
+
 async def complete_job(
     session: AsyncSession,
     *,
@@ -659,7 +689,8 @@ async def complete_job(
     principal: Principal | None = None,
 ) -> Outcome:
     """The completion route: 404 unless the job belongs to that version, 403 without access to
-    the job's tenant (a platform job: 403 for tenant callers), 409 when it already ended with the other status, a no-op when it ended the same way."""
+    the job's tenant (a platform job: 403 for tenant callers), 409 when it already ended with the other status, a no-op when it ended the same way.
+    A cancelled job answers every completion with 409 (``JobCancelled``)."""
     job = await session.scalar(select(Job).where(Job.job_id == job_id))
     if job is None or job.model_id != model_id or job.model_version != model_version:
         raise NotFound(f"job {job_id} not found for model {model_id} version {model_version}")
@@ -668,6 +699,8 @@ async def complete_job(
     audit.describe(session, client_id=job.client_id)
     outcome = (await finish_jobs(session, [Completion(job_id, status, output, error)]))[job_id]
     if outcome.result == "conflict":
+        if outcome.cancelled:
+            raise JobCancelled(f"job {job_id} was cancelled; this {status} report is ignored")
         raise Conflict(f"job {job_id} already ended with status {outcome.status}")
     from pie.registry.events import shown_to
 

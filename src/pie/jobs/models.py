@@ -56,6 +56,12 @@ class Job(Timestamps, Base):
     lease_expires_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
+    # set when the job was cancelled (``POST /v2/jobs/{id}/cancel``): every later completion is a 409
+    cancelled_at: Mapped[datetime | None]
+    # the job this one re-runs (``POST /v2/jobs/{id}/retry``)
+    retry_of: Mapped[str | None] = mapped_column(String(64))
+    # what ECS accepted for this job ({cluster, task_arn}), so a cancel can stop the task
+    ecs_task: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     # who wrote the row (pie.audit.schemas.Actor); NULL before the audit trail and for platform writes
     created_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
 
@@ -71,6 +77,7 @@ class Job(Timestamps, Base):
         ForeignKeyConstraint(
             ["subscription_id"], ["event_subscriptions.id"], name="fk_jobs_subscription", ondelete="SET NULL"
         ),
+        ForeignKeyConstraint(["retry_of"], ["jobs.job_id"], name="fk_jobs_retry_of"),
         # the dispatch queue: only pending rows, oldest due first
         Index("ix_jobs_pending_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
         # started jobs, for the time-out and lease-recovery sweeps
@@ -80,4 +87,27 @@ class Job(Timestamps, Base):
         Index("ix_jobs_client", "client_id", "domain_id", "service_id", "job_id"),
         Index("ix_jobs_model", "model_id", "model_version", "job_id"),
         Index("ix_jobs_assignment", "assignment_id"),
+    )
+
+
+class TaskStop(Base):
+    """An ECS task to stop (the outbox of cancellations): written in the transaction that
+    cancels its job, or by the dispatcher when a task started for a job that had ended meanwhile;
+    a dispatcher calls ``StopTask`` and deletes the row, retrying failures with backoff."""
+
+    __tablename__ = "task_stops"
+
+    task_arn: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64))
+    cluster: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    last_error: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
+    created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+
+    __table_args__ = (
+        ForeignKeyConstraint(["job_id"], ["jobs.job_id"], name="fk_task_stops_job"),
+        Index("ix_task_stops_due", "next_attempt_at"),
+        Index("ix_task_stops_job", "job_id"),
     )

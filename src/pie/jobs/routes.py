@@ -11,7 +11,7 @@ from pie.auth import Principal
 from pie.deps import CurrentPrincipal, ModelIdPath, ModelVersionPath, Session
 from pie.errors import Forbidden
 from pie.jobs import logic
-from pie.jobs.schemas import CompletionOut, JobCompletion, JobOut
+from pie.jobs.schemas import CompletionConflictOut, CompletionOut, JobCompletion, JobOut
 from pie.jobs.waiting import wait_for_end
 from pie.pagination import PageParams
 from pie.reads import json_response
@@ -136,7 +136,12 @@ def _utc(value: datetime | None) -> datetime | None:
     response_model=CompletionOut,
     responses={
         207: {"model": CompletionOut, "description": "completed; a triggered subscription failed to dispatch"},
-        **error_responses(404, 409),
+        **error_responses(404),
+        409: {
+            "model": CompletionConflictOut,
+            "description": "the job already ended with the other status; or it was cancelled (`cancelled: true`): "
+            "the report is ignored",
+        },
     },
 )
 async def complete_job(

@@ -47,6 +47,7 @@ class JobOut(ResponseBody):
     domain_id: str | None = None
     service_id: str | None = None
     subscription_id: uuid.UUID | None = None
+    retry_of: str | None = Field(default=None, description="the job this one re-runs (POST /v2/jobs/{job_id}/retry)")
     input: StoredJson = None
     output: StoredJson = None
     error: StoredJson = None
@@ -86,6 +87,18 @@ class JobCompletion(RequestBody):
     status: Literal["success", "failure"]
     output: Any = None
     error: Any = None
+
+
+class CompletionConflictOut(ResponseBody):
+    """409 of a completion: the job already ended with the other status, or it was cancelled."""
+
+    success: Literal[False] = False
+    message: str
+    cancelled: bool | None = Field(
+        default=None,
+        description="true when the job was cancelled (POST /v2/jobs/{job_id}/cancel): every report of it is "
+        "ignored; absent otherwise",
+    )
 
 
 class CompletionOut(ResponseBody):

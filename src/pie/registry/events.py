@@ -244,8 +244,9 @@ def _plan(
         if row.domain_status != "active":
             firing.error = f"domain {a.domain_id} is inactive"
             return firing
-        if row.version_status == "failed":
-            firing.error = f"assignment key {a.assignment_key} points to model {a.model_id} version {a.model_version}, which failed"
+        if row.version_status in ("failed", "archived"):
+            state = "failed" if row.version_status == "failed" else "is archived"
+            firing.error = f"assignment key {a.assignment_key} points to model {a.model_id} version {a.model_version}, which {state}"
             return firing
         job.update(
             model_id=a.model_id,

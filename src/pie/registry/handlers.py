@@ -24,6 +24,7 @@ LAMBDA_ARN = re.compile(
 LAMBDA_QUALIFIER = re.compile(r"^(?:\$LATEST|[A-Za-z0-9_-]{1,128})$")
 ECS_CLUSTER = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 ECS_TASK_DEFINITION = re.compile(r"^[A-Za-z0-9_-]{1,255}(?::[1-9][0-9]{0,9})?$")
+ECS_CONTAINER = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 
 def handler_problem(handler: dict[str, Any]) -> str | None:
@@ -52,6 +53,9 @@ def handler_problem(handler: dict[str, Any]) -> str | None:
                 f"value {value!r} is not '<cluster>/<task_definition>' "
                 "(cluster short name without '/', task definition 'family' or 'family:revision')"
             )
+        container = handler.get("container")
+        if container is not None and not ECS_CONTAINER.fullmatch(container):
+            return f"container {container!r} is not an ECS container name (1-255 letters, digits, '_' and '-')"
         return None
     if kind == "in_process":
         value = handler.get("value", "")

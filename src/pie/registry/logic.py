@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
+from pie.assignments.models import Assignment
 from pie.audit import context as audit
 from pie.audit.logic import record_status_change
 from pie.auth import Principal
@@ -52,8 +53,30 @@ TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
         ("training", "active"),
         ("training", "failed"),
         ("failed", "training"),
+        # retiring a version (spec 15.4): only when no active assignment revision points at it
+        ("active", "archived"),
+        ("archived", "active"),
     }
 )
+# statuses whose version accepts no new job and no new assignment
+UNUSABLE = frozenset({"failed", "archived"})
+
+
+def unusable(status: str) -> str:
+    """``has failed`` / ``is archived``: why a version in an ``UNUSABLE`` status takes no job."""
+    return "has failed" if status == "failed" else f"is {status}"
+
+
+class VersionInUse(Conflict):
+    """409 for archiving a version that active assignment revisions point at: the envelope plus
+    ``assignments: [{client_id, domain_id, service_id, assignment_key}]``."""
+
+    def __init__(self, message: str, assignments: list[dict[str, Any]]):
+        super().__init__(message)
+        self.assignments = assignments
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "assignments": self.assignments}
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -247,10 +270,12 @@ async def get_model_version(
 
 
 async def list_versions(
-    session: AsyncSession, model_id: str, page: PageParams, response: Response
+    session: AsyncSession, model_id: str, page: PageParams, response: Response, status: str | None = None
 ) -> list[ModelVersion]:
     await ensure_model_exists(session, model_id)
     stmt = select(ModelVersion).where(ModelVersion.model_id == model_id)
+    if status is not None:
+        stmt = stmt.where(ModelVersion.status == status)
     return await paginate(session, stmt, [ModelVersion.seq], page, response)
 
 
@@ -349,7 +374,13 @@ async def set_version_status(
     session: AsyncSession, model_id: str, version: str, status: str, principal: Principal | None = None
 ) -> tuple[Model, ModelVersion, list[dict[str, Any]]]:
     """Apply a transition; ``training -> active`` fires the model's training_complete
-    subscriptions. The triggered events returned are those ``principal`` may see (all for None)."""
+    subscriptions. The triggered events returned are those ``principal`` may see (all for None).
+
+    ``active -> archived`` is a 409 (``VersionInUse``) while an active assignment revision of
+    any tenant and scope points at the version. The version row is locked first (``FOR NO KEY
+    UPDATE``) and every upsert holds it ``FOR SHARE`` until it commits (``model_reference``), so
+    the check sees every revision committed before it and no revision can point at the version
+    once it is archived (the upsert then reads ``archived``: 422)."""
     if status == "active":
         # a version turning active may turn its model active: the model row first, as every
         # writer of the model takes it (``update_model`` changes a pending model's versions)
@@ -364,6 +395,8 @@ async def set_version_status(
             f"invalid status transition for model {model_id} version {version}: {previous} -> {status} "
             f"(allowed from {previous}: {', '.join(allowed) or 'none'})"
         )
+    if status == "archived":
+        await _ensure_unassigned(session, model_id, version)
     await session.execute(
         update(ModelVersion)
         .where(ModelVersion.model_id == model_id, ModelVersion.version == version)
@@ -395,6 +428,33 @@ async def set_version_status(
     return await get_model(session, model_id), found, triggered
 
 
+async def _ensure_unassigned(session: AsyncSession, model_id: str, version: str) -> None:
+    """409 listing the active assignment revisions (any tenant, any scope) that point at the
+    version. The caller holds the version row lock."""
+    a = Assignment
+    rows = (
+        await session.execute(
+            select(a.client_id, a.domain_id, a.service_id, a.assignment_key)
+            .where(a.model_id == model_id, a.model_version == version, a.status == "active")
+            .order_by(a.client_id, a.domain_id, a.service_id.nulls_first(), a.assignment_key)
+        )
+    ).all()
+    if rows:
+        raise VersionInUse(
+            f"model {model_id} version {version} cannot be archived: {len(rows)} active assignment(s) point at it; "
+            "reassign or archive them first",
+            [
+                {
+                    "client_id": r.client_id,
+                    "domain_id": r.domain_id,
+                    "service_id": r.service_id,
+                    "assignment_key": r.assignment_key,
+                }
+                for r in rows
+            ],
+        )
+
+
 # ---- direct inference ------------------------------------------------------------------------
 
 
@@ -413,8 +473,8 @@ def inference_problem(
 ) -> str | None:
     """Why this version cannot run inference on ``input`` (the 422 message), or None: a failed
     version, or an input that does not match the version's inference ``input_schema``."""
-    if status == "failed":
-        return f"model {model_id} version {version} has failed; it cannot run inference"
+    if status in UNUSABLE:
+        return f"model {model_id} version {version} {unusable(status)}; it cannot run inference"
     schema = input_schema(contracts, "inference")
     if schema is not None:
         error = validation_error(schema, input)

@@ -47,7 +47,7 @@ class ModelVersion(Timestamps, Base):
     seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True), unique=True)
 
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'training', 'active', 'failed')", name="status"),
+        CheckConstraint("status IN ('pending', 'training', 'active', 'failed', 'archived')", name="status"),
         Index("ix_model_versions_model_status", "model_id", "status", "seq"),
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.audit import logic as audit_logic
@@ -29,7 +29,9 @@ from pie.registry.schemas import (
     SubscriptionOut,
     SubscriptionUpdate,
     VersionCreate,
+    VersionInUseOut,
     VersionOut,
+    VersionStatus,
     VersionStatusChanged,
     VersionStatusUpdate,
     error_responses,
@@ -127,10 +129,12 @@ async def list_model_versions(
     session: Session,
     response: Response,
     page: Page,
+    status: Annotated[VersionStatus | None, Query(description="only versions in this status")] = None,
     principal: Principal = require("read_models"),
 ):
-    """The model's versions, oldest first (bare array, cursor in `X-Next-Cursor`)."""
-    return await logic.list_versions(session, model_id, page, response)
+    """The model's versions, oldest first (bare array, cursor in `X-Next-Cursor`); `?status=`
+    keeps those in one status (e.g. `archived`)."""
+    return await logic.list_versions(session, model_id, page, response, status)
 
 
 @router.get("/{model_id}/versions/{model_version}", operation_id="getmodelversion", response_model=VersionOut)
@@ -167,6 +171,13 @@ async def list_model_version_status_history(
     "/{model_id}/versions/{model_version}/new_status",
     operation_id="setmodelversionstatus",
     response_model=VersionStatusChanged,
+    responses={
+        409: {
+            "model": VersionInUseOut,
+            "description": "archiving a version that active assignment revisions point at: the envelope "
+            "plus `assignments`",
+        }
+    },
 )
 async def set_model_version_status(
     model_id: ModelIdPath,
@@ -176,8 +187,12 @@ async def set_model_version_status(
     principal: Principal = require("manage_models"),
 ):
     """Allowed: pending→training, pending→active, training→active, training→failed,
-    failed→training; the current status again is a no-op. `training → active` fires the model's
-    active `training_complete` subscriptions; their outcomes are `triggered_events`."""
+    failed→training, active→archived, archived→active; the current status again is a no-op.
+    `training → active` fires the model's active `training_complete` subscriptions; their
+    outcomes are `triggered_events`. `active → archived` retires the version: 409 (with the
+    `assignments` pointing at it) while any active assignment revision, in any tenant or scope,
+    points at it; an archived version takes no new job and no new assignment (422), and no
+    subscription fires on it. `archived → active` restores it."""
     model, version, triggered = await logic.set_version_status(session, model_id, model_version, body.status, principal)
     return {
         "model": ModelOut.model_validate(model),

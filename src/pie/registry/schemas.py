@@ -14,9 +14,9 @@ from pydantic import AliasChoices, BaseModel, Field, model_serializer
 from pie.audit.schemas import CREATED_BY, Actor
 from pie.errors import error_response_doc
 from pie.jsonbody import StoredList, StoredObject
-from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
+from pie.schemas import Description, Identifier, Name, RequestBody, ResponseBody, UtcDatetime
 
-VersionStatus = Literal["pending", "training", "active", "failed"]
+VersionStatus = Literal["pending", "training", "active", "failed", "archived"]
 TriggerEvent = Literal["training_complete", "inference_complete"]
 TargetAction = Literal["inference", "training"]
 InputSource = Literal["stored", "trigger_output"]
@@ -56,6 +56,12 @@ class EcsTaskHandler(RequestBody):
         "(optionally family:revision)",
         examples=["pricing/train-task:3"],
     )
+    container: str | None = Field(
+        default=None,
+        description="the container of the task definition whose environment receives the job payload "
+        "(default PIE_ECS_CONTAINER_NAME)",
+        examples=["trainer"],
+    )
 
 
 class InProcessHandler(RequestBody):
@@ -83,8 +89,8 @@ class HandlerContracts(RequestBody):
 
 
 class ModelWrite(RequestBody):
-    name: str = Field(min_length=1)
-    description: str
+    name: Name = Field(min_length=1)
+    description: Description
     handlers: Handlers
     handler_contracts: HandlerContracts | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -111,7 +117,7 @@ class ModelUpdate(ModelWrite):
 
 class VersionCreate(RequestBody):
     version: Identifier | None = Field(default=None, description="the next free integer when omitted")
-    description: str = ""
+    description: Description = ""
     metadata: dict[str, Any] = Field(default_factory=dict)
     # items are checked as feature definitions (422 naming the culprit), as for a domain's features
     features: list[Any] | None = Field(default=None, description="the frozen feature schema")
@@ -137,13 +143,13 @@ class SubscriptionCreate(RequestBody):
     target_action: TargetAction
     input_source: InputSource
     input: dict[str, Any] | None = None
-    label: str | None = None
+    label: Name | None = None
     status: Literal["active", "paused"] = "active"
 
 
 class SubscriptionUpdate(RequestBody):
     input: dict[str, Any] | None = None
-    label: str | None = None
+    label: Name | None = None
     # not nullable and never `stale` (the server's verdict, lifted by setting `active`): omit the
     # field to keep the current status
     status: Literal["active", "paused"] = Field(
@@ -188,7 +194,7 @@ class VersionOut(ResponseBody):
     version: str
     description: str
     metadata: StoredObject = _metadata
-    status: str
+    status: VersionStatus
     handlers: StoredObject
     handler_contracts: StoredObject | None
     features: StoredList | None
@@ -232,6 +238,21 @@ class TriggeredEvent(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_absent(self, handler: Any) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class AssignmentRef(BaseModel):
+    client_id: str
+    domain_id: str
+    service_id: str | None = Field(description="null for a domain-scope revision")
+    assignment_key: str
+
+
+class VersionInUseOut(BaseModel):
+    """409 of archiving a version that active assignment revisions point at (spec 15.4)."""
+
+    success: Literal[False] = False
+    message: str
+    assignments: list[AssignmentRef] = Field(description="the active revisions pointing at the version")
 
 
 class VersionStatusChanged(ModelAndVersion):

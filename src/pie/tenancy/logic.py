@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import uuid6
 from fastapi import Response
-from sqlalchemy import and_, bindparam, func, literal, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
@@ -32,10 +32,11 @@ from pie.clients.models import Client
 from pie.deps import TenantScope
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.features import describe_failures, merge_patch, resolve_features, validate_feature_definitions
+from pie.jobs.cancel import cancel_jobs
 from pie.jobs.logic import create_job, notify_new_jobs
 from pie.jobs.models import Job
 from pie.pagination import PageParams, paginate
-from pie.registry.models import ModelVersion
+from pie.registry.models import EventSubscription, ModelVersion
 from pie.tenancy.models import Domain, Service
 from pie.tenancy.schemas import DomainCreate, DomainUpdate, ServiceInit, ServiceUpdate
 
@@ -237,9 +238,10 @@ async def require_default(session: AsyncSession, domain: Domain) -> tuple[Assign
     if found is None:
         raise Unprocessable(f"no model assigned: domain {domain.domain_id} has no active default assignment")
     version = found[1]
-    if version.status == "failed":
+    if version.status in ("failed", "archived"):
         raise Unprocessable(
-            f"the default assignment points at model {version.model_id} version {version.version}, which has failed"
+            f"the default assignment points at model {version.model_id} version {version.version}, which "
+            + ("has failed" if version.status == "failed" else "is archived")
         )
     return found
 
@@ -448,3 +450,95 @@ async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_
     if jobs:
         await notify_new_jobs(session)
     return jobs
+
+
+async def reinit_service(
+    session: AsyncSession, scope: TenantScope, domain_id: str, service_id: str
+) -> tuple[Service, Job]:
+    """Re-initialise one service (spec 15.4): batch re-init for one service. A fresh init job
+    through the active default assignment with the stored ``resolved_features`` (stored
+    features are not touched); the service is ``initializing`` until that job ends. 404 unknown
+    service; 422 when it has departed, the domain is inactive or has no (usable) model."""
+    domain = await load_domain(session, scope.client_id, domain_id, lock="share")
+    service = await load_service(session, scope.client_id, domain_id, service_id, for_update=True)
+    await ensure_writable(session, scope)
+    ensure_domain_active(domain)
+    if service.departed:
+        raise Unprocessable(f"service {service_id} has departed; departed services are not re-initialised")
+    assignment, version = await require_default(session, domain)
+    job = await create_job(
+        session,
+        job_type="inference",
+        model_id=assignment.model_id,
+        model_version=assignment.model_version,
+        assignment_id=assignment.assignment_id,
+        client_id=scope.client_id,
+        domain_id=domain_id,
+        service_id=service_id,
+        input=service.resolved_features,
+        features=service.resolved_features,
+        purpose=SERVICE_INIT,
+        handlers=version.handlers if isinstance(version.handlers, dict) else None,
+    )
+    service.status = "initializing"
+    await session.flush()
+    await session.refresh(service)
+    audit.describe(session, job_id=job.job_id)
+    return service, job
+
+
+async def delete_service(session: AsyncSession, scope: TenantScope, domain_id: str, service_id: str) -> None:
+    """Delete a service (spec 15.4): it leaves every list, freeze check and re-init and its id
+    may be initialised again; its jobs and history stay. In one transaction:
+
+    - its unfinished jobs are cancelled (``pie.jobs.cancel``: an old init job ending later must
+      not set the status of a service re-initialised under the same id);
+    - its active service-scope assignment revisions are archived; every revision stays, as the
+      history of the id (jobs keep their ``assignment_id``);
+    - its replay subscriptions (``subscribe: true`` through its keys) turn ``stale``;
+    - the row is deleted.
+
+    The domain row is held ``FOR NO KEY UPDATE``: init, update, launches, re-inits and upserts
+    in the domain (which hold it ``FOR SHARE``) are wholly before or after the delete. Jobs are
+    locked before the service row, in the order every completion takes them. 404 unknown;
+    422 departed (kept as history) or client suspended."""
+    await load_domain(session, scope.client_id, domain_id, lock="update")
+    service = await load_service(session, scope.client_id, domain_id, service_id)
+    await ensure_writable(session, scope)
+    if service.departed:
+        raise Unprocessable(f"service {service_id} has departed; departed services are kept as history")
+    in_scope = (Job.client_id == scope.client_id, Job.domain_id == domain_id, Job.service_id == service_id)
+    unfinished = list(
+        (await session.scalars(select(Job.job_id).where(*in_scope, Job.status.in_(("pending", "started"))))).all()
+    )
+    cancelled = await cancel_jobs(session, unfinished, f"service {service_id} was deleted")
+    revisions = await session.scalars(
+        update(Assignment)
+        .where(
+            Assignment.client_id == scope.client_id,
+            Assignment.domain_id == domain_id,
+            Assignment.service_id == service_id,
+            Assignment.status == "active",
+        )
+        .values(status="archived", updated_at=func.clock_timestamp())
+        .returning(Assignment.assignment_key)
+    )
+    archived = sorted(revisions.all())
+    replays = await session.scalars(
+        update(EventSubscription)
+        .where(
+            EventSubscription.client_id == scope.client_id,
+            EventSubscription.domain_id == domain_id,
+            EventSubscription.service_id == service_id,
+            EventSubscription.status.in_(("active", "paused")),
+        )
+        .values(status="stale", updated_at=func.now())
+        .returning(EventSubscription.id)
+    )
+    stale = sorted(str(i) for i in replays.all())
+    await session.execute(
+        delete(Service).where(
+            Service.client_id == scope.client_id, Service.domain_id == domain_id, Service.service_id == service_id
+        )
+    )
+    audit.describe(session, cancelled_jobs=sorted(cancelled), archived_assignments=archived, stale_subscriptions=stale)

@@ -240,3 +240,46 @@ async def update_domain_service(
     out = ServiceUpdated.model_validate(service)
     out.undefined_features = undefined
     return out
+
+
+@router.post(
+    "/{domain_id}/service/{service_id}/init",
+    operation_id="reinitdomainservice",
+    dependencies=[IDEMPOTENT],
+    responses=error_responses(400, 404, 422),
+    response_model=ServiceInitOut,
+    status_code=202,
+)
+async def reinit_domain_service(
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    session: Session,
+    scope: TenantScope = tenant("init_services"),
+):
+    """Re-initialise one service: a fresh init job through the active `default` assignment with
+    its stored `resolved_features` (as batch re-init does for every service); the service is
+    `initializing` until the job ends. 404 unknown service; 422 when it has departed, the domain
+    is inactive or has no model assigned."""
+    service, job = await logic.reinit_service(session, scope, domain_id, service_id)
+    return {"service_id": service.service_id, "job_id": job.job_id}
+
+
+@router.delete(
+    "/{domain_id}/service/{service_id}",
+    operation_id="deletedomainservice",
+    responses=error_responses(400, 404, 422),
+    status_code=204,
+    response_class=Response,
+)
+async def delete_domain_service(
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    session: Session,
+    scope: TenantScope = tenant("init_services"),
+):
+    """Delete a service: it leaves every list, freeze check and re-init, and its id may be
+    initialised again. Its jobs stay (unfinished ones are cancelled); its service-scope
+    assignment revisions stay as the id's history (active ones are archived); its replay
+    subscriptions turn `stale`. 404 unknown; 422 departed (departed services are history)."""
+    await logic.delete_service(session, scope, domain_id, service_id)
+    return Response(status_code=204)

@@ -12,7 +12,7 @@ from pydantic import AfterValidator, BeforeValidator, Field
 from pie.audit.schemas import CREATED_BY, Actor
 from pie.errors import error_response_doc
 from pie.jsonbody import StoredJson, StoredList, StoredObject
-from pie.schemas import Identifier, RequestBody, ResponseBody, UtcDatetime
+from pie.schemas import Identifier, Name, RequestBody, ResponseBody, UtcDatetime
 
 
 def _finite(value: Any) -> Any:
@@ -66,12 +66,12 @@ InputDatetime = Annotated[datetime, BeforeValidator(_datetime_string), Field(str
 
 class DomainCreate(RequestBody):
     domain_id: Identifier | None = Field(default=None, description="generated (UUIDv7) when omitted")
-    name: str | None = None
+    name: Name | None = None
     features: JsonList | None = Field(default=None, description="live feature definitions (spec 5.2)")
 
 
 class DomainUpdate(RequestBody):
-    name: str | None = None
+    name: Name | None = None
     status: Literal["active", "inactive"] | None = None
 
 

@@ -1,0 +1,371 @@
+"""Assignment keys: the revision history, launching a job through a key, moving a domain key (dry-run
+preview, then the confirmed move)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Form, Query, Request
+from pydantic import ValidationError
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from pie.assignments import logic as assignments
+from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert
+from pie.console import signin
+from pie.console.common import CsrfField, Cursor, KeyPath, Pager, User, audited, console_router, describe_errors, render
+from pie.console.signin import ConsoleUser
+from pie.deps import ClientIdPath, DomainIdPath, ServiceIdPath, Session, tenant_scope
+from pie.errors import AssignmentBlocked, BadRequest, Conflict, NotFound, PieError, Unprocessable
+from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
+from pie.pagination import PageParams
+from pie.registry import logic as registry
+from pie.tenancy import logic as tenancy
+
+router = console_router()
+
+
+async def _current(session: Any, scope: Any, domain_id: str, service_id: str | None, key: str) -> Any:
+    """The key's active revision, or None (a key whose revisions are all archived)."""
+    try:
+        return await assignments.get_active(session, scope, domain_id, service_id, key)
+    except NotFound:
+        return None
+
+
+def _assignment_url(client_id: str, domain_id: str, service_id: str | None, key: str) -> str:
+    base = f"/console/clients/{client_id}/domains/{domain_id}"
+    if service_id:
+        base += f"/services/{service_id}"
+    return f"{base}/assignments/{key}"
+
+
+async def _assignment(
+    request: Request,
+    user: ConsoleUser,
+    session: Any,
+    client_id: str,
+    domain_id: str,
+    service_id: str | None,
+    key: str,
+    cursor: str | None,
+    *,
+    error: str | None = None,
+    form_input: str | None = None,
+    status_code: int = 200,
+    moved: bool = False,
+) -> HTMLResponse:
+    scope = await tenant_scope(session, user.principal, client_id, "read_domains")
+    pager = Pager(request, cursor)
+    revisions = await assignments.list_revisions(
+        session, scope, domain_id, service_id, key, pager.params, pager.response
+    )
+    # "from which version": the revision written just before each one (the next row, newest first)
+    history = []
+    for index, revision in enumerate(revisions):
+        before = revisions[index + 1] if index + 1 < len(revisions) else None
+        history.append((revision, before))
+    active = await _current(session, scope, domain_id, service_id, key)
+    url = _assignment_url(client_id, domain_id, service_id, key)
+    # the move action: domain-scope keys (their upsert has the freeze check and its dry run)
+    can_move = service_id is None and user.principal.has("manage_domains")
+    versions: list[Any] = []
+    if can_move and active is not None and user.principal.has("read_models"):
+        versions = await registry.list_versions(session, active.model_id, PageParams(limit=200), Response())
+    return render(
+        request,
+        "assignment.html",
+        status_code=status_code,
+        client=scope.client,
+        domain_id=domain_id,
+        service_id=service_id,
+        key=key,
+        history=history,
+        active=active,
+        next_url=pager.next_url,
+        can_launch=user.principal.has("run_inference"),
+        action=f"{url}/jobs",
+        error=error,
+        form_input=form_input if form_input is not None else "{}",
+        can_move=can_move,
+        move_action=f"{url}/move/preview",
+        versions=versions,
+        moved=moved,
+    )
+
+
+@router.get("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}", response_class=HTMLResponse)
+async def domain_assignment_page(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    cursor: Cursor = None,
+    moved: Annotated[str | None, Query(max_length=1, description="after a move")] = None,
+):
+    return await _assignment(
+        request, user, session, client_id, domain_id, None, assignment_key, cursor, moved=moved == "1"
+    )
+
+
+@router.get(
+    "/clients/{client_id}/domains/{domain_id}/services/{service_id}/assignments/{assignment_key}",
+    response_class=HTMLResponse,
+)
+async def service_assignment_page(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    cursor: Cursor = None,
+):
+    return await _assignment(request, user, session, client_id, domain_id, service_id, assignment_key, cursor)
+
+
+async def _launch(
+    request: Request,
+    user: ConsoleUser,
+    session: Any,
+    client_id: str,
+    domain_id: str,
+    service_id: str | None,
+    key: str,
+    csrf_token: str,
+    input_text: str,
+) -> Response:
+    """Launch an inference job through an assignment, by the logic the API route
+    ``rundomainmodelassignmentjob`` / ``runservicemodelassignmentjob`` calls, audited as it."""
+    signin.check_csrf(request, user, csrf_token)
+    scope = await tenant_scope(session, user.principal, client_id, "run_inference")
+    try:
+        value = json_loads_strict(input_text or "{}")  # a repeated key is refused, as in API bodies
+        body = AssignmentJobRequest.model_validate({"job_type": "inference", "input": value})
+    except ValueError as exc:  # json.JSONDecodeError and pydantic's ValidationError
+        message = (
+            describe_errors(exc.errors()) if isinstance(exc, ValidationError) else f"input is not valid JSON: {exc}"
+        )
+        raise BadRequest(message) from exc
+    path = {"client_id": client_id, "domain_id": domain_id, "assignment_key": key}
+    if service_id is not None:
+        path["service_id"] = service_id
+    action = "rundomainmodelassignmentjob" if service_id is None else "runservicemodelassignmentjob"
+    async with audited(request, session, user, action, path, body.model_dump(mode="json")):
+        job = await assignments.run_assignment_job(session, scope, domain_id, service_id, key, body)
+    return RedirectResponse(f"/console/jobs/{job.job_id}", status_code=303)
+
+
+async def _launch_or_form(
+    request: Request,
+    user: ConsoleUser,
+    session: Any,
+    client_id: str,
+    domain_id: str,
+    service_id: str | None,
+    key: str,
+    csrf_token: str,
+    input_text: str,
+) -> Response:
+    try:
+        # a savepoint: a refused launch leaves nothing behind, and the form can still be rendered
+        async with session.begin_nested():
+            return await _launch(request, user, session, client_id, domain_id, service_id, key, csrf_token, input_text)
+    except PieError as exc:
+        if exc.status_code not in (400, 422):
+            raise
+        # the form again, with the reason and what was typed
+        return await _assignment(
+            request,
+            user,
+            session,
+            client_id,
+            domain_id,
+            service_id,
+            key,
+            None,
+            error=exc.message,
+            form_input=input_text,
+            status_code=exc.status_code,
+        )
+
+
+InputField = Annotated[str, Form(alias="input", max_length=1_000_000)]
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/jobs")
+async def launch_domain_job(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    csrf_token: CsrfField = "",
+    input_text: InputField = "{}",
+):
+    return await _launch_or_form(
+        request, user, session, client_id, domain_id, None, assignment_key, csrf_token, input_text
+    )
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/services/{service_id}/assignments/{assignment_key}/jobs")
+async def launch_service_job(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    csrf_token: CsrfField = "",
+    input_text: InputField = "{}",
+):
+    return await _launch_or_form(
+        request, user, session, client_id, domain_id, service_id, assignment_key, csrf_token, input_text
+    )
+
+
+# -- moving an assignment key: dry-run preview, then the confirmed move --------------------------------
+
+VersionField = Annotated[str, Form(max_length=256)]
+MOVE_ACTION = "putdomainmodelassignment"  # the API operation the move is (audit action)
+
+
+def _move_body(model_id: str, model_version: str) -> AssignmentUpsert:
+    """The body of ``PUT .../assignments/{key}`` the move sends: an active revision of that version."""
+    try:
+        return AssignmentUpsert.model_validate({"model_id": model_id.strip(), "model_version": model_version.strip()})
+    except ValidationError as exc:
+        raise BadRequest(describe_errors(exc.errors())) from exc
+
+
+def _refuse_no_op(key: str, current: Any, body: AssignmentUpsert) -> None:
+    """The move form moves a key to another version: to the version it already points at is
+    refused (422), nothing to preview or confirm."""
+    if current is not None and (current.model_id, current.model_version) == (body.model_id, body.model_version):
+        raise Unprocessable(
+            f"assignment {key} already points at {body.model_id} v{body.model_version}: "
+            "choose another version to move it to"
+        )
+
+
+def _preview(
+    request: Request,
+    scope: Any,
+    domain_id: str,
+    key: str,
+    current: Any,
+    body: AssignmentUpsert,
+    *,
+    status_code: int = 200,
+    dry_run: Any = None,
+    blocked: AssignmentBlocked | None = None,
+    error: str | None = None,
+) -> HTMLResponse:
+    url = _assignment_url(scope.client_id, domain_id, None, key)
+    return render(
+        request,
+        "move_preview.html",
+        status_code=status_code,
+        client=scope.client,
+        domain_id=domain_id,
+        key=key,
+        current=current,
+        target=body,
+        dry_run=dry_run,
+        blocked=blocked,
+        error=error,
+        assignment_url=url,
+        confirm_action=f"{url}/move",
+        expected=str(current.assignment_id) if current is not None else "",
+    )
+
+
+def _refused(
+    request: Request, scope: Any, domain_id: str, key: str, current: Any, body: AssignmentUpsert, exc: PieError
+) -> HTMLResponse:
+    """The preview page of a refused move: the blocking services (422), or the reason (409: the
+    key moved since the preview; 422: e.g. an unknown or failed version). Other errors propagate
+    (the error page)."""
+    if isinstance(exc, AssignmentBlocked):
+        return _preview(request, scope, domain_id, key, current, body, status_code=422, blocked=exc)
+    if exc.status_code not in (409, 422):
+        raise exc
+    return _preview(request, scope, domain_id, key, current, body, status_code=exc.status_code, error=exc.message)
+
+
+@router.post(
+    "/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/move/preview", response_class=HTMLResponse
+)
+async def move_preview(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    csrf_token: CsrfField = "",
+    model_id: VersionField = "",
+    model_version: VersionField = "",
+):
+    """The dry run (``PUT ...?dry_run=true``): every check of the move, nothing written; the
+    answer is the page that asks to confirm (or lists the services that block it)."""
+    signin.check_csrf(request, user, csrf_token)
+    scope = await tenant_scope(session, user.principal, client_id, "manage_domains")
+    body = _move_body(model_id, model_version)
+    current = await _current(session, scope, domain_id, None, assignment_key)
+    try:
+        _refuse_no_op(assignment_key, current, body)
+        dry_run = await assignments.upsert_domain_assignment(
+            session, scope, domain_id, assignment_key, body, dry_run=True
+        )
+    except PieError as exc:
+        return _refused(request, scope, domain_id, assignment_key, current, body, exc)
+    return _preview(request, scope, domain_id, assignment_key, current, body, dry_run=dry_run)
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/assignments/{assignment_key}/move", response_class=HTMLResponse)
+async def move(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    assignment_key: KeyPath,
+    user: User,
+    session: Session,
+    csrf_token: CsrfField = "",
+    model_id: VersionField = "",
+    model_version: VersionField = "",
+    expected: Annotated[str, Form(max_length=64)] = "",
+):
+    """The confirmed move: the logic of ``PUT .../assignments/{key}`` (same checks, same writes),
+    audited as that operation. ``expected`` is the active revision the preview showed: if the
+    key moved since, nothing is written and the preview is shown again (409)."""
+    signin.check_csrf(request, user, csrf_token)
+    scope = await tenant_scope(session, user.principal, client_id, "manage_domains")
+    body = _move_body(model_id, model_version)
+    path = {"client_id": client_id, "domain_id": domain_id, "assignment_key": assignment_key}
+    current = None
+    try:
+        async with session.begin_nested():  # a refused move leaves nothing behind
+            # the row lock the upsert takes, taken first: the key cannot move between this
+            # comparison with the preview and the write
+            await tenancy.load_domain(session, scope.client_id, domain_id, lock="update")
+            current = await _current(session, scope, domain_id, None, assignment_key)
+            if expected != (str(current.assignment_id) if current is not None else ""):
+                raise Conflict(f"assignment {assignment_key} changed since the preview: check the new preview")
+            _refuse_no_op(assignment_key, current, body)
+            async with audited(
+                request,
+                session,
+                user,
+                MOVE_ACTION,
+                path,
+                body.model_dump(mode="json", include={"model_id", "model_version", "status"}),
+            ):
+                await assignments.upsert_domain_assignment(session, scope, domain_id, assignment_key, body)
+    except PieError as exc:
+        return _refused(request, scope, domain_id, assignment_key, current, body, exc)
+    return RedirectResponse(_assignment_url(client_id, domain_id, None, assignment_key) + "?moved=1", status_code=303)

@@ -1,0 +1,611 @@
+"""Domains and services: a domain's page (live features, schema in force, assignments, services),
+creating a domain, the live-features editor (rows of definitions; Save shows the impact preview
+first), a service's page, initialising and updating a service (each after a confirmation).
+
+Every write calls the logic function of its API route (``createdomain``, ``updatedomainfeatures``,
+``initdomainservice``, ``updatedomainservice``) and is audited as that operation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Form, Query, Request
+from sqlalchemy import func, select
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from pie.assignments import freeze
+from pie.assignments import logic as assignments
+from pie.console import forms
+from pie.console.common import (
+    Confirmation,
+    Confirmed,
+    Cursor,
+    FormValues,
+    Pager,
+    Problem,
+    User,
+    Writer,
+    confirm_page,
+    console_router,
+    parse_body,
+    refusal,
+    rehearse,
+    render,
+    write,
+)
+from pie.console.signin import ConsoleUser
+from pie.console.tenants import NewForm, client_view
+from pie.deps import ClientIdPath, DomainIdPath, ServiceIdPath, Session, TenantScope, tenant_scope
+from pie.errors import AssignmentBlocked, BadRequest, Conflict, PieError
+from pie.features import validate_feature_definitions
+from pie.jobs import logic as jobs
+from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
+from pie.pagination import PageParams
+from pie.tenancy import logic as tenancy
+from pie.tenancy.models import Domain, Service
+from pie.tenancy.schemas import DomainCreate, FeaturesUpdate, ServiceInit, ServiceUpdate
+
+router = console_router()
+
+Done = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z_]+$")]
+
+
+def domain_url(client_id: str, domain_id: str) -> str:
+    return f"/console/clients/{client_id}/domains/{domain_id}"
+
+
+def _crumbs(client_id: str, domain_id: str, *more: tuple[str, str]) -> list[tuple[str, str]]:
+    return [
+        ("Clients", "/console/clients"),
+        (client_id, f"/console/clients/{client_id}"),
+        (domain_id, domain_url(client_id, domain_id)),
+        *more,
+    ]
+
+
+@dataclass
+class Governing:
+    """The feature schema services are checked against now (spec 15.1): the schema stored on the
+    active ``default`` revision (``tenancy.governing``: the version's frozen schema, or the
+    snapshot of the live features taken when the revision was written); ``None`` without an
+    active ``default`` (no service can be initialised)."""
+
+    definitions: list[Any] | None
+    model_id: str | None = None
+    model_version: str | None = None
+    frozen: bool = False
+
+    def schema_of(self, name: str) -> Any:
+        for definition in self.definitions or []:
+            if isinstance(definition, dict) and definition.get("name") == name:
+                return definition.get("json_schema")
+        return None
+
+
+async def governing_schema(session: Any, scope: TenantScope, domain: Domain) -> Governing:
+    found = await tenancy.active_default(session, scope.client_id, domain.domain_id)
+    if found is None:
+        return Governing(None)
+    contract = tenancy.governing(found[0], found[1], domain)
+    return Governing(
+        contract.features,
+        model_id=found[1].model_id,
+        model_version=found[1].version,
+        frozen=contract.source == "model_version",
+    )
+
+
+# -- a domain's page; creating a domain -------------------------------------------------------------------
+
+DOMAIN_DONE = {
+    "created": "Domain created.",
+    "features": "Live features saved.",
+}
+
+
+async def _domain(
+    request: Request,
+    user: ConsoleUser,
+    session: Any,
+    client_id: str,
+    domain_id: str,
+    cursor: str | None = None,
+    *,
+    new: str | None = None,
+    done: str | None = None,
+    problem: Problem | None = None,
+) -> HTMLResponse:
+    scope = await tenant_scope(session, user.principal, client_id, "read_domains")
+    domain = await tenancy.load_domain(session, scope.client_id, domain_id)
+    pager = Pager(request, cursor)
+    services = await tenancy.list_services(session, scope, domain_id, None, pager.params, pager.response)
+    active = await assignments.list_assignments(
+        session, scope, domain_id, None, "active", PageParams(limit=1000), Response()
+    )
+    governing = await governing_schema(session, scope, domain)
+    can_init = user.principal.has("init_services")
+    new_service = can_init and (new == "service" or (problem is not None and problem.form == "new-service"))
+    typed = problem.values if problem is not None else {}
+    return render(
+        request,
+        "domain.html",
+        status_code=problem.status_code if problem else 200,
+        client=scope.client,
+        domain=domain,
+        services=services,
+        assignments=active,
+        governing=governing,
+        next_url=pager.next_url,
+        can_edit_features=user.principal.has("manage_domains"),
+        can_init=can_init,
+        new_service=new_service,
+        init_rows=[
+            {
+                "name": d.get("name"),
+                "schema": d.get("json_schema"),
+                "mandatory": bool(d.get("mandatory")),
+                "value": typed.get(f"sf_{d.get('name')}", ""),
+            }
+            for d in governing.definitions or []
+            if isinstance(d, dict)
+        ],
+        typed=typed,
+        done=DOMAIN_DONE.get(done or "") or SERVICE_DONE.get(done or ""),
+        problem=problem,
+    )
+
+
+@router.get("/clients/{client_id}/domains/{domain_id}", response_class=HTMLResponse)
+async def domain_page(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    user: User,
+    session: Session,
+    cursor: Cursor = None,
+    new: NewForm = None,
+    done: Done = None,
+):
+    return await _domain(request, user, session, client_id, domain_id, cursor, new=new, done=done)
+
+
+@router.post("/clients/{client_id}/domains", response_class=HTMLResponse)
+async def create_domain(request: Request, client_id: ClientIdPath, user: Writer, session: Session):
+    """``createdomain``: an optional id (generated when empty) and a name; no features yet (the
+    editor sets them)."""
+    scope = await tenant_scope(session, user.principal, client_id, "manage_domains")
+    form = await FormValues.read(request)
+    sent: dict[str, Any] = {}
+    if form.text("domain_id"):
+        sent["domain_id"] = form.text("domain_id")
+    if form.text("name"):
+        sent["name"] = form.text("name")
+    try:
+        body = parse_body(DomainCreate, sent)
+        domain_id = await write(
+            request,
+            session,
+            user,
+            "createdomain",
+            {"client_id": client_id},
+            sent,
+            lambda: _created_domain_id(session, scope, body),
+        )
+    except PieError as exc:
+        return await client_view(request, user, session, client_id, problem=refusal(exc, "new-domain", form))
+    return RedirectResponse(f"{domain_url(client_id, domain_id)}?done=created", status_code=303)
+
+
+async def _created_domain_id(session: Any, scope: TenantScope, body: DomainCreate) -> str:
+    return (await tenancy.create_domain(session, scope, body)).domain_id
+
+
+# -- the live-features editor --------------------------------------------------------------------------------
+
+
+@dataclass
+class FeaturesImpact:
+    """What replacing a domain's live features would do to its services."""
+
+    services_checked: int
+    blocking_services: list[dict[str, Any]] = field(default_factory=list)
+    # provided keys the new definitions no longer define (kept, left out of resolution)
+    undefined_keys: list[str] = field(default_factory=list)
+
+
+async def features_impact(session: Any, scope: TenantScope, domain_id: str, definitions: list[Any]) -> FeaturesImpact:
+    """The impact preview of the editor's Save: the non-departed services whose
+    ``provided_features`` would not resolve against ``definitions``, found by the freeze
+    check's own machinery (``pie.assignments.freeze.check_domain``: each distinct value checked
+    once, nothing written).
+
+    This is the one place the preview is computed. Issue #17 adds the same answer to the API
+    (``PUT .../features?dry_run=true``: ``{features, dry_run, blocking_services}``); once it
+    lands, this function calls that logic instead and the pages stay as they are."""
+    checked = await session.scalar(
+        select(func.count())
+        .select_from(Service)
+        .where(Service.client_id == scope.client_id, Service.domain_id == domain_id, tenancy.not_departed())
+    )
+    try:
+        plan = await freeze.check_domain(
+            session,
+            client_id=scope.client_id,
+            domain_id=domain_id,
+            definitions=definitions,
+            service_updates=[],
+            model_id="(live features)",  # names the target in the refusal message, which is not shown
+            model_version="draft",
+        )
+    except AssignmentBlocked as blocked:
+        return FeaturesImpact(int(checked or 0), blocked.blocking_services)
+    return FeaturesImpact(int(checked or 0), undefined_keys=plan.unknown_keys)
+
+
+PREVIEW_ROWS = 200  # blocking entries listed on the preview page (the count says how many there are)
+
+
+def _features_url(client_id: str, domain_id: str) -> str:
+    return f"{domain_url(client_id, domain_id)}/features"
+
+
+def _editor(
+    request: Request,
+    scope: TenantScope,
+    domain: Domain,
+    rows: list[forms.FeatureRow],
+    *,
+    problem: Problem | None = None,
+) -> HTMLResponse:
+    return render(
+        request,
+        "features.html",
+        status_code=problem.status_code if problem else 200,
+        client=scope.client,
+        domain=domain,
+        rows=rows,
+        types=forms.ROW_TYPES,
+        action=_features_url(scope.client_id, domain.domain_id),
+        problem=problem,
+    )
+
+
+@router.get("/clients/{client_id}/domains/{domain_id}/features", response_class=HTMLResponse)
+async def features_editor(
+    request: Request, client_id: ClientIdPath, domain_id: DomainIdPath, user: User, session: Session
+):
+    """The editor: one row per live feature definition, plus an empty row to add one."""
+    scope = await tenant_scope(session, user.principal, client_id, "manage_domains")
+    domain = await tenancy.load_domain(session, scope.client_id, domain_id)
+    return _editor(request, scope, domain, [*forms.rows_of(domain.features), forms.FeatureRow()])
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/features", response_class=HTMLResponse)
+async def features_edit(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    user: Writer,
+    session: Session,
+    op: Annotated[str, Form(max_length=16)] = "preview",
+):
+    """The editor's buttons: ``add`` (one more row), ``back`` (the rows of a previewed set), or
+    ``preview``: the rows become definitions, checked by the API's own rules, and the preview
+    page shows what changes and which services would not resolve. Nothing is written here."""
+    scope = await tenant_scope(session, user.principal, client_id, "manage_domains")
+    domain = await tenancy.load_domain(session, scope.client_id, domain_id)
+    form = await FormValues.read(request)
+    if op == "back":
+        try:
+            features = json_loads_strict(form.get("features") or "[]")
+        except ValueError as exc:
+            raise BadRequest("features: not valid JSON") from exc
+        return _editor(request, scope, domain, [*forms.rows_of(features), forms.FeatureRow()])
+    rows = forms.rows_from_form(form.items)
+    if op == "add":
+        return _editor(request, scope, domain, [*(r for r in rows if not r.remove), forms.FeatureRow()])
+    if op != "preview":
+        raise BadRequest("op must be add, back or preview")
+    try:
+        definitions = validate_feature_definitions(forms.definitions_of(rows))
+        parse_body(FeaturesUpdate, {"features": definitions})  # the API's body rules (e.g. storable text)
+    except PieError as exc:
+        return _editor(request, scope, domain, rows, problem=refusal(exc, "features", {}))
+    impact = await features_impact(session, scope, domain_id, definitions)
+    governing = await governing_schema(session, scope, domain)
+    return render(
+        request,
+        "features_preview.html",
+        client=scope.client,
+        domain=domain,
+        changes=forms.changes_between(domain.features, definitions),
+        definitions=definitions,
+        features_json=json.dumps(definitions, ensure_ascii=False),
+        expected=forms.fingerprint(domain.features),
+        impact=impact,
+        shown_limit=PREVIEW_ROWS,
+        governing=governing,
+        action=_features_url(client_id, domain_id),
+    )
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/features/save", response_class=HTMLResponse)
+async def features_save(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    user: Writer,
+    session: Session,
+    features: Annotated[str, Form(max_length=2_000_000)] = "",
+    expected: Annotated[str, Form(max_length=64)] = "",
+):
+    """The confirmed Save of a preview: ``updatedomainfeatures`` with exactly the previewed
+    definitions. ``expected`` is the fingerprint of the live features the preview compared
+    against: if they changed since (someone else saved), nothing is written (409)."""
+    scope = await tenant_scope(session, user.principal, client_id, "manage_domains")
+    try:
+        definitions = json_loads_strict(features)
+    except ValueError as exc:
+        raise BadRequest("features: not valid JSON") from exc
+    sent = {"features": definitions}
+    body = parse_body(FeaturesUpdate, sent)
+
+    async def save() -> None:
+        # the lock replace_features takes, taken first: no save can land between this
+        # comparison with the preview and the write
+        domain = await tenancy.load_domain(session, scope.client_id, domain_id, lock="update")
+        if forms.fingerprint(domain.features) != expected:
+            raise Conflict("the live features changed since the preview: preview again")
+        await tenancy.replace_features(session, scope, domain_id, body.features)
+
+    try:
+        await write(
+            request, session, user, "updatedomainfeatures", {"client_id": client_id, "domain_id": domain_id}, sent, save
+        )
+    except PieError as exc:
+        domain = await tenancy.load_domain(session, scope.client_id, domain_id)
+        rows = [*forms.rows_of(definitions if isinstance(definitions, list) else []), forms.FeatureRow()]
+        return _editor(request, scope, domain, rows, problem=refusal(exc, "features", {}))
+    return RedirectResponse(f"{domain_url(client_id, domain_id)}?done=features#live-features", status_code=303)
+
+
+# -- services ----------------------------------------------------------------------------------------------
+
+SERVICE_DONE = {
+    "initialised": "Service initialised: its init job is below.",
+    "updated": "Service updated.",
+}
+
+
+def _departure_text(value: Any) -> str:
+    return forms.local_input(value) + " UTC" if value is not None else "none"
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/services", response_class=HTMLResponse)
+async def init_service(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    user: Writer,
+    session: Session,
+    confirm: Confirmed = "",
+) -> Response:
+    """``initdomainservice``, after a confirmation page (shown only when the init would be
+    accepted now: the logic runs in a savepoint that is rolled back)."""
+    scope = await tenant_scope(session, user.principal, client_id, "init_services")
+    domain = await tenancy.load_domain(session, scope.client_id, domain_id)
+    governing = await governing_schema(session, scope, domain)
+    form = await FormValues.read(request)
+    sent: dict[str, Any] = {"service_id": form.text("service_id")}
+    if form.text("departure"):
+        sent["departure_datetime"] = form.text("departure")
+    features: dict[str, Any] = {}
+    for key, text in form.items:
+        if key.startswith("sf_") and text.strip():
+            name = key[3:]
+            features[name] = forms.feature_value(text.strip(), governing.schema_of(name))
+    sent["static_features"] = features
+    try:
+        body = parse_body(ServiceInit, sent)
+
+        async def run() -> str:
+            _service, job = await tenancy.init_service(session, scope, domain_id, body)
+            return job.job_id
+
+        if confirm != "yes":
+            await rehearse(session, run)
+            departure = _departure_text(body.departure_datetime)
+            return confirm_page(
+                request,
+                Confirmation(
+                    title=f"Initialise service {body.service_id}",
+                    question=f"Initialise service {body.service_id} in domain {domain_id}? An init job runs "
+                    f"through the default assignment ({governing.model_id} v{governing.model_version}) with "
+                    "its resolved features.",
+                    button=f"Initialise {body.service_id}",
+                    action_url=f"{domain_url(client_id, domain_id)}/services",
+                    cancel_url=domain_url(client_id, domain_id),
+                    crumbs=_crumbs(client_id, domain_id),
+                    facts=[("Service", body.service_id), ("Departure", departure)],
+                    changes=[
+                        (name, "—", forms.value_text(value, governing.schema_of(name)))
+                        for name, value in body.static_features.items()
+                    ],
+                    notes=[] if body.static_features else ["No static feature given: defaults apply."],
+                ),
+                form,
+            )
+        path = {"client_id": client_id, "domain_id": domain_id}
+        await write(request, session, user, "initdomainservice", path, sent, run)
+    except PieError as exc:
+        return await _domain(request, user, session, client_id, domain_id, problem=refusal(exc, "new-service", form))
+    url = f"{domain_url(client_id, domain_id)}/services/{body.service_id}?done=initialised"
+    return RedirectResponse(url, status_code=303)
+
+
+async def _service(
+    request: Request,
+    user: ConsoleUser,
+    session: Any,
+    client_id: str,
+    domain_id: str,
+    service_id: str,
+    *,
+    done: str | None = None,
+    problem: Problem | None = None,
+) -> HTMLResponse:
+    scope = await tenant_scope(session, user.principal, client_id, "read_domains")
+    domain = await tenancy.load_domain(session, scope.client_id, domain_id)
+    service = await tenancy.load_service(session, scope.client_id, domain_id, service_id)
+    active = await assignments.list_assignments(
+        session, scope, domain_id, service_id, "active", PageParams(limit=1000), Response()
+    )
+    recent_jobs: list[Any] = []
+    if user.principal.has("read_models") or user.principal.has("run_inference"):
+        recent_jobs = await jobs.list_jobs(
+            session,
+            user.principal,
+            PageParams(limit=10),
+            Response(),
+            client_id=scope.client_id,
+            domain_id=domain_id,
+            service_id=service_id,
+        )
+    names = sorted(set(service.provided_features) | set(service.resolved_features))
+    governing = await governing_schema(session, scope, domain)
+    typed = problem.values if problem is not None and problem.form == "update-service" else None
+    edit_rows = []
+    defined = [str(d.get("name")) for d in governing.definitions or [] if isinstance(d, dict)]
+    for name in [*defined, *(k for k in service.provided_features if k not in defined)]:
+        schema = governing.schema_of(name)
+        stored = service.provided_features.get(name)
+        shown = forms.value_text(stored, schema) if name in service.provided_features else ""
+        edit_rows.append(
+            {
+                "name": name,
+                "schema": schema,
+                "defined": name in defined,
+                "value": typed.get(f"sf_{name}", shown) if typed is not None else shown,
+            }
+        )
+    return render(
+        request,
+        "service.html",
+        status_code=problem.status_code if problem else 200,
+        client=scope.client,
+        domain_id=domain_id,
+        service=service,
+        assignments=active,
+        feature_names=names,
+        jobs=recent_jobs,
+        can_update=user.principal.has("init_services"),
+        edit_rows=edit_rows,
+        departure=typed.get("departure", "") if typed is not None else forms.local_input(service.departure_datetime),
+        governing=governing,
+        done=SERVICE_DONE.get(done or ""),
+        problem=problem,
+    )
+
+
+@router.get("/clients/{client_id}/domains/{domain_id}/services/{service_id}", response_class=HTMLResponse)
+async def service_page(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    user: User,
+    session: Session,
+    done: Done = None,
+):
+    return await _service(request, user, session, client_id, domain_id, service_id, done=done)
+
+
+@router.post("/clients/{client_id}/domains/{domain_id}/services/{service_id}", response_class=HTMLResponse)
+async def update_service(
+    request: Request,
+    client_id: ClientIdPath,
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    user: Writer,
+    session: Session,
+    confirm: Confirmed = "",
+) -> Response:
+    """``updatedomainservice``, after a confirmation page listing what changes: a feature whose
+    value changed is sent, an emptied one is removed (``null``), the departure is replaced or
+    cleared. The confirmation is shown only when the update would be accepted now."""
+    scope = await tenant_scope(session, user.principal, client_id, "init_services")
+    domain = await tenancy.load_domain(session, scope.client_id, domain_id)
+    service = await tenancy.load_service(session, scope.client_id, domain_id, service_id)
+    governing = await governing_schema(session, scope, domain)
+    form = await FormValues.read(request)
+    provided = dict(service.provided_features)
+    current_departure = service.departure_datetime
+    patch: dict[str, Any] = {}
+    for key, text in form.items:
+        if not key.startswith("sf_"):
+            continue
+        name, text = key[3:], text.strip()
+        if not text:
+            if name in provided:
+                patch[name] = None
+            continue
+        value = forms.feature_value(text, governing.schema_of(name))
+        if name not in provided or forms.fingerprint(provided[name]) != forms.fingerprint(value):
+            patch[name] = value
+    sent: dict[str, Any] = {}
+    if patch:
+        sent["static_features"] = patch
+    departure = form.text("departure")
+    if form.get("no_departure"):
+        if current_departure is not None:
+            sent["departure_datetime"] = None
+    elif departure and not forms.same_instant(departure, current_departure):
+        sent["departure_datetime"] = departure
+    try:
+        if not sent:
+            raise BadRequest("nothing to update: change a feature value or the departure first")
+        body = parse_body(ServiceUpdate, sent)
+
+        async def run() -> list[str]:
+            _service, undefined = await tenancy.update_service(session, scope, domain_id, service_id, body)
+            return undefined
+
+        if confirm != "yes":
+            await rehearse(session, run)
+            changes = []
+            for name, value in patch.items():
+                schema = governing.schema_of(name)
+                now = forms.value_text(provided[name], schema) if name in provided else "—"
+                changes.append((name, now, "removed" if value is None else forms.value_text(value, schema)))
+            if "departure_datetime" in sent:
+                changes.append(
+                    ("Departure", _departure_text(current_departure), _departure_text(body.departure_datetime))
+                )
+            return confirm_page(
+                request,
+                Confirmation(
+                    title=f"Update service {service_id}",
+                    question=f"Update service {service_id}? Its features are re-resolved against the schema in "
+                    "force; no job is started.",
+                    button=f"Update {service_id}",
+                    action_url=f"{domain_url(client_id, domain_id)}/services/{service_id}",
+                    cancel_url=f"{domain_url(client_id, domain_id)}/services/{service_id}",
+                    crumbs=_crumbs(
+                        client_id,
+                        domain_id,
+                        (service_id, f"{domain_url(client_id, domain_id)}/services/{service_id}"),
+                    ),
+                    changes=changes,
+                ),
+                form,
+            )
+        path = {"client_id": client_id, "domain_id": domain_id, "service_id": service_id}
+        await write(request, session, user, "updatedomainservice", path, sent, run)
+    except PieError as exc:
+        return await _service(
+            request, user, session, client_id, domain_id, service_id, problem=refusal(exc, "update-service", form)
+        )
+    return RedirectResponse(f"{domain_url(client_id, domain_id)}/services/{service_id}?done=updated", status_code=303)
