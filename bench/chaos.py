@@ -1,18 +1,28 @@
 """Chaos run (not part of the test suite): ``pie serve`` (+ optionally a ``pie worker``) on a
 PostgreSQL cluster of its own, under a bounded load of in-process jobs, loopback only.
 
-1. load: a client launches direct-inference jobs at a steady rate (``--jobs`` in total); each
-   202 is an *acked* job. The in-process handler ``chaos_record`` appends ``<pid> <job_id>`` to a
-   file and sleeps ``--job-seconds``, so jobs are mid-run when things break;
-2. ``kill -9`` of ``pie serve`` (and of the worker) mid-load, restart at once (default settings):
-   time to recover = from the restart until every job the dead dispatchers held is running
-   again (claimed anew) or ended;
-3. ``pg_ctl stop`` of PostgreSQL for ``--outage`` seconds mid-load, then start;
-4. wait until every acked job ended; print acked, lost (acked but missing or not success), run
-   twice (a job run more than once although its earlier run was not in a killed process: a
-   result dropped or a job requeued while its dispatcher was alive — must be 0), time to recover.
+1. load: a client launches direct-inference jobs at a steady rate until the phases below are
+   over (at most ``--jobs``); each 202 is an *acked* job. The in-process handler
+   ``chaos_record`` appends ``<pid> <job_id>`` to a file and sleeps ``--job-seconds``, so jobs
+   are mid-run when things break;
+2. ``kill -9`` of ``pie serve`` (and of the worker) once ``--kill-after`` jobs are acked, restart
+   at once (default settings): time to recover = from the restart until every job the dead
+   dispatchers held is running again (claimed anew) or ended;
+3. ``pg_ctl stop`` of PostgreSQL for ``--outage`` seconds once ``--stop-after`` jobs are acked,
+   then start;
+4. ``SIGSTOP`` of every PostgreSQL process for ``--freeze`` seconds, once the dispatchers claim
+   again after the outage while jobs wait (the server accepts TCP but answers nothing; longer
+   than the dispatchers' response guard, statement + connect timeout = 35 s, so they give up on
+   statements the server still runs when it thaws), then ``SIGCONT``: time to recover = from the
+   thaw until jobs are claimed again and every job claimed (``started``, leased) three seconds
+   after the thaw is running again (claimed anew) or ended -- a claim the server committed after
+   its dispatcher gave up on it used to keep its jobs ``started`` until their lease ran out (300 s);
+5. the load stops; wait until every acked job ended; print acked, lost (acked but missing or not
+   success), run twice (a job run more than once although its earlier run was not in a killed
+   process: a result dropped or a job requeued while its dispatcher was alive -- must be 0), the
+   times to recover (each must be <= 15 s).
 
-    .venv/bin/python bench/chaos.py [--jobs 300] [--rate 15] [--job-seconds 0.5] [--outage 10] [--worker]
+    .venv/bin/python bench/chaos.py [--jobs 2000] [--rate 15] [--job-seconds 0.5] [--outage 10] [--freeze 45] [--worker]
 
 Everything is bounded: the run stops by itself (``--max-seconds``) and removes its cluster.
 """
@@ -43,8 +53,8 @@ SERVE_CODE = """
 import os, sys, time
 from pie.dispatch.inprocess import register
 
-LOG = os.environ["PIE_CHAOS_RECORD"]
-SLEEP = float(os.environ["PIE_CHAOS_SLEEP"])
+LOG = os.environ["CHAOS_RECORD"]
+SLEEP = float(os.environ["CHAOS_SLEEP"])
 
 @register("chaos_record")
 def record(payload):
@@ -78,10 +88,11 @@ class Run:
             "PIE_JWT_SECRET": SECRET,
             "PIE_LOG_LEVEL": "warning",
             "PIE_DATA_DIR": str(workdir),
-            "PIE_CHAOS_RECORD": str(self.record),
-            "PIE_CHAOS_SLEEP": str(args.job_seconds),
+            "CHAOS_RECORD": str(self.record),
+            "CHAOS_SLEEP": str(args.job_seconds),
         }
         self.acked: list[str] = []
+        self.launched = 0
         self.refused = Counter()
         self.killed_pids: set[int] = set()
         self.stop_load = threading.Event()
@@ -139,6 +150,7 @@ class Run:
                 if self.stop_load.is_set():
                     return
                 t0 = time.monotonic()
+                self.launched += 1
                 try:
                     r = client.post(
                         f"{self.url}/v2/models/chaos/versions/1/inference", json={"input": {"n": n}}, headers=headers
@@ -155,6 +167,51 @@ class Run:
         with psycopg.connect(self.pg.url, connect_timeout=2) as conn:
             return conn.execute(sql, params).fetchall()
 
+    def recovered(self, held: dict[str, object], since: float, timeout: float = 60.0) -> float | None:
+        """Seconds from ``since`` until every job of ``held`` (job id -> its started_at) ended or
+        was claimed anew (a new started_at), or None if not within ``timeout``."""
+        if not held:
+            return 0.0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                rows = self.query("SELECT job_id, status, started_at FROM jobs WHERE job_id = ANY(%s)", list(held))
+            except psycopg.Error:
+                rows = None
+            if rows is not None and all(
+                status in ("success", "failure") or started_at != held[job_id] for job_id, status, started_at in rows
+            ):
+                return time.monotonic() - since
+            time.sleep(0.1)
+        return None
+
+    def claims_after(self, moment: object, since: float, timeout: float = 60.0) -> float | None:
+        """Seconds from ``since`` until a job is claimed after the database time ``moment`` (or
+        no job waits), or None if not within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ((claimed, pending),) = self.query(
+                    "SELECT count(*) FILTER (WHERE started_at > %s), count(*) FILTER (WHERE status = 'pending') "
+                    "FROM jobs",
+                    moment,
+                )
+            except psycopg.Error:
+                claimed = pending = None
+            if claimed or pending == 0:
+                return time.monotonic() - since
+            time.sleep(0.1)
+        return None
+
+    def held_jobs(self) -> dict[str, object]:
+        """Claimed jobs (``started``, leased: in-process, or not yet handed over) -> started_at."""
+        return dict(
+            self.query("SELECT job_id, started_at FROM jobs WHERE status = 'started' AND lease_expires_at IS NOT NULL")
+        )
+
+    def log_lines(self, marker: str) -> int:
+        return sum(path.read_text(errors="replace").count(marker) for path in self.workdir.glob("*.log"))
+
     def invocations(self) -> list[tuple[int, str]]:
         if not self.record.exists():
             return []
@@ -163,12 +220,17 @@ class Run:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--jobs", type=int, default=2000, help="most launches (the load stops after the phases)")
+    parser.add_argument("--kill-after", type=int, default=90, help="kill -9 once this many jobs are acked")
+    parser.add_argument("--stop-after", type=int, default=180, help="stop PostgreSQL once this many jobs are acked")
     parser.add_argument("--rate", type=float, default=15.0, help="job launches per second")
     parser.add_argument("--job-seconds", type=float, default=0.5)
     parser.add_argument("--outage", type=float, default=10.0, help="seconds PostgreSQL is stopped")
+    parser.add_argument(
+        "--freeze", type=float, default=45.0, help="seconds PostgreSQL is frozen with SIGSTOP (0: no freeze phase)"
+    )
     parser.add_argument("--worker", action="store_true", help="also run a pie worker (killed -9 with the server)")
-    parser.add_argument("--max-seconds", type=float, default=240.0)
+    parser.add_argument("--max-seconds", type=float, default=420.0)
     args = parser.parse_args()
     began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="pie-chaos-"))
@@ -189,7 +251,7 @@ def main() -> int:
             loader.start()
 
             # --- kill -9 mid-load, restart at once
-            while len(run.acked) < args.jobs * 0.3 and loader.is_alive():
+            while len(run.acked) < args.kill_after and loader.is_alive():
                 time.sleep(0.1)
             victims = [p for p in procs if p.poll() is None]
             for p in victims:
@@ -221,7 +283,7 @@ def main() -> int:
                 time.sleep(0.1)
 
             # --- PostgreSQL stopped mid-load
-            while len(run.acked) < args.jobs * 0.6 and loader.is_alive():
+            while len(run.acked) < args.stop_after and loader.is_alive():
                 time.sleep(0.1)
             pg.stop()
             outage_began = time.monotonic()
@@ -229,8 +291,47 @@ def main() -> int:
             pg.start()
             outage = time.monotonic() - outage_began
 
+            # --- PostgreSQL frozen (SIGSTOP) mid-load, then thawed
+            freeze_recover: float | None = 0.0
+            frozen_for = 0.0
+            queued: dict[str, int] = {}
+            resumed = held_recover = None
+            loader_alive_at_freeze = False
+            held_after_thaw: dict[str, object] = {}
+            if args.freeze > 0:
+                # ... once the dispatchers claim again after the outage, while jobs wait: a claim
+                # is likely on the wire when the server freezes
+                freeze_wait = time.monotonic() + 60
+                while loader.is_alive() and time.monotonic() < freeze_wait:
+                    ((pending, claiming),) = run.query(
+                        "SELECT count(*) FILTER (WHERE status = 'pending'), "
+                        "count(*) FILTER (WHERE started_at > now() - interval '1 second') FROM jobs"
+                    )
+                    if pending >= 4 and claiming:
+                        break
+                    time.sleep(0.02)
+                queued = dict(run.query("SELECT status, count(*) FROM jobs GROUP BY status"))
+                loader_alive_at_freeze = loader.is_alive()
+                pg.freeze()
+                frozen_at = time.monotonic()
+                try:
+                    time.sleep(args.freeze)
+                finally:
+                    pg.thaw()
+                thawed_at = time.monotonic()
+                frozen_for = thawed_at - frozen_at
+                (thawed_db,) = run.query("SELECT now()")[0]
+                # dispatching resumes: a job is claimed after the thaw (or none is left waiting)
+                resumed = run.claims_after(thawed_db, thawed_at)
+                # statements the dispatchers gave up on during the freeze run now: what they
+                # claimed shows up as `started` within moments of the thaw
+                time.sleep(max(0.0, 3.0 - (time.monotonic() - thawed_at)))
+                held_after_thaw = run.held_jobs()
+                held_recover = run.recovered(held_after_thaw, thawed_at)
+                freeze_recover = None if resumed is None or held_recover is None else max(resumed, held_recover)
+
+            run.stop_load.set()  # the phases are over
             loader.join(timeout=max(1.0, args.max_seconds - (time.monotonic() - began)))
-            run.stop_load.set()
             # --- every acked job ends
             deadline = began + args.max_seconds
             ended = {}
@@ -248,7 +349,7 @@ def main() -> int:
             rerun_after_kill = [j for j, pids in per_job.items() if len(pids) > 1 and pids[0] in run.killed_pids]
             twice = [j for j, pids in per_job.items() if len(pids) > 1 and pids[0] not in run.killed_pids]
             print(
-                f"chaos run: {args.jobs} launches at {args.rate:g}/s, handler {args.job_seconds:g} s, "
+                f"chaos run: {run.launched} launches at {args.rate:g}/s, handler {args.job_seconds:g} s, "
                 f"{'serve + worker' if args.worker else 'serve'}, own PostgreSQL cluster"
             )
             print(f"acked jobs:                 {len(run.acked)}  (refused: {dict(run.refused)})")
@@ -265,7 +366,30 @@ def main() -> int:
             )
             print(f"PostgreSQL stopped for:     {outage:.1f} s")
             print(f"total:                      {time.monotonic() - began:.1f} s")
-            ok = not lost and not twice and recover is not None and recover <= 15
+            if args.freeze > 0:
+                print(
+                    f"time to recover after freeze: "
+                    f"{'NOT RECOVERED in 60 s' if freeze_recover is None else f'{freeze_recover:.2f} s'} "
+                    f"(thaw -> dispatching again: {'-' if resumed is None else f'{resumed:.2f} s'}, and every job "
+                    f"claimed 3 s after it ({len(held_after_thaw)}) running again or ended: "
+                    f"{'-' if held_recover is None else f'{held_recover:.2f} s'})"
+                )
+                print(
+                    f"PostgreSQL frozen for:      {frozen_for:.1f} s (SIGSTOP; jobs then: {queued}, "
+                    f"{'under load' if loader_alive_at_freeze else 'after the load'})"
+                )
+                print(
+                    f"late claims released:       {run.log_lines('claimed by a statement it had given up on')} "
+                    "(a claim the server ran after its dispatcher gave up on it, put back in the queue)"
+                )
+            ok = (
+                not lost
+                and not twice
+                and recover is not None
+                and recover <= 15
+                and freeze_recover is not None
+                and freeze_recover <= 15
+            )
             print("RESULT:", "OK" if ok else "FAILED")
             return 0 if ok else 1
         finally:

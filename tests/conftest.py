@@ -204,10 +204,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Servers the tests start share one PostgreSQL (max_connections=100) with other test sessions:
+# small pools, so that `pie serve`'s connection budget check (its maximum against what the server
+# has left) passes while the server is busy. Tests may override them.
+SUBPROCESS_POOLS = {"PIE_DB_POOL_SIZE": "4", "PIE_DB_MAX_OVERFLOW": "1", "PIE_DB_READ_POOL_SIZE": "3"}
+
+
 def clean_subprocess_env(**overrides: str | None) -> dict[str, str]:
-    """The test process's environment without any PIE_* setting (the test kit sets some), plus
-    ``overrides`` (a value of None removes the variable)."""
+    """The test process's environment without any PIE_* setting (the test kit sets some) but
+    small database pools (``SUBPROCESS_POOLS``), plus ``overrides`` (a value of None removes the
+    variable)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIE_")}
+    env.update(SUBPROCESS_POOLS)
     for key, value in overrides.items():
         if value is None:
             env.pop(key, None)

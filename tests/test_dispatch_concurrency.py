@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from conftest import SUBPROCESS_POOLS
 from sqlalchemy import func, select, text
 
 from pie.dispatch.dispatcher import Dispatcher
@@ -54,6 +55,7 @@ def _record_here(payload: dict[str, Any]) -> dict[str, Any]:
 async def start_worker(name: str, database_url: str, record: Path, **env: str) -> asyncio.subprocess.Process:
     environment = {
         **os.environ,
+        **SUBPROCESS_POOLS,  # the shared PostgreSQL is busy: a small connection budget
         "PIE_DATABASE_URL": database_url,
         "PIE_TEST_RECORD_FILE": str(record),
         "PIE_LOG_LEVEL": "WARNING",

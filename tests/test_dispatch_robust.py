@@ -194,3 +194,80 @@ async def test_requests_get_503_at_once_when_the_database_is_frozen_or_a_lock_ti
                 break
             await asyncio.sleep(0.1)
         assert r.status_code == 200
+
+
+LATE: dict[str, Any] = {"calls": []}
+
+
+@register("test_late_claim")
+def _late_claim(payload: dict[str, Any]) -> dict[str, Any]:
+    LATE["calls"].append(payload["job_id"])
+    return {"ran": len(LATE["calls"])}
+
+
+async def test_a_claim_committed_after_the_dispatcher_gave_up_on_it_is_run_soon(own_db, settings):
+    """Issue 18, item 15: PostgreSQL frozen (SIGSTOP) while a claim is on the wire. The dispatcher
+    gives up on it (its response guard: statement + connect timeout) and goes on; when the server
+    thaws, it runs the claim and commits it: the job is `started` and leased to a dispatcher that
+    never heard of it, and used to stay so until the lease ran out (PIE_IN_PROCESS_LEASE_SECONDS,
+    300 s). Now the next claim puts it back in the queue and it runs, once."""
+    quick = settings.model_copy(
+        update={"db_connect_timeout": 1.0, "db_statement_timeout_ms": 1000, "in_process_lease_seconds": 300.0}
+    )
+    db.init_engine(own_db.url, quick)
+    LATE["calls"] = []
+    async with db.sessionmaker()() as session:
+        await seed_version(session, inference="test_late_claim")
+    dispatcher = Dispatcher(quick, name="late")
+    dispatcher._start_workers()
+    try:
+        assert await dispatcher.claim_and_dispatch() == 0  # registered, claim connection open
+        async with db.sessionmaker()() as session:
+            job_id = await new_job(session, input={"n": 1})
+
+        # the claim runs in a transaction (it signs the callback tokens with the key it locks): the
+        # server freezes once the claim's statements are done, so its COMMIT is on the wire
+        sign = dispatcher._sign
+
+        async def sign_then_freeze(conn: Any, rows: Any) -> Any:
+            tokens = await sign(conn, rows)
+            own_db.freeze()
+            return tokens
+
+        dispatcher._sign = sign_then_freeze  # type: ignore[method-assign]
+        try:
+            # the claim times out (and the one retry on a new connection cannot connect)
+            with pytest.raises(psycopg.OperationalError):
+                await asyncio.wait_for(dispatcher.claim_and_dispatch(), timeout=30)
+        finally:
+            dispatcher._sign = sign  # type: ignore[method-assign]
+            own_db.thaw()
+
+        # the server ran the claim after all: the job is leased to the dispatcher, which does not
+        # know it (this is the path that left jobs `started` for minutes)
+        async def claimed_late() -> bool:
+            async with db.sessionmaker()() as session:
+                job = await stored(session, job_id)
+                return job.status == "started" and job.locked_by == dispatcher.worker_id
+
+        deadline = time.monotonic() + 30
+        while not await claimed_late():
+            assert time.monotonic() < deadline, "the frozen claim never committed"
+            await asyncio.sleep(0.1)
+        assert job_id not in dispatcher._inflight
+
+        # the dispatcher's next cycles: the job runs well before its lease would end
+        deadline = time.monotonic() + 60
+        while True:
+            await dispatcher.claim_and_dispatch()
+            async with db.sessionmaker()() as session:
+                job = await stored(session, job_id)
+            if job.status == "success":
+                break
+            assert time.monotonic() < deadline, f"still {job.status} (lease until {job.lease_expires_at})"
+            await asyncio.sleep(0.2)
+    finally:
+        await dispatcher.stop(grace=5.0)
+    assert LATE["calls"] == [job_id]  # once
+    assert (job.attempts, job.output) == (1, {"ran": 1})  # the claim it never acted on is no attempt
+    assert dispatcher._doubtful_claims == {}

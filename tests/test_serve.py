@@ -138,19 +138,22 @@ def test_docker_compose_is_consistent_with_the_code():
     services = compose["services"]
     assert {"postgres", "api", "worker"} <= set(services)
     assert services["postgres"]["image"].startswith("postgres:16")
-    assert services["api"]["command"][:2] == ["pie", "serve"] and "0.0.0.0" in services["api"]["command"]
+    assert services["api"]["command"][:2] == ["pie", "serve"]
     assert services["worker"]["command"] == ["pie", "worker"]
     known = set().union(*setting_env_names().values()) | AWS_CREDENTIALS
     for name in ("migrate", "api", "worker"):
         env = services[name]["environment"]
         assert set(env) <= known, f"{name}: unknown variables {set(env) - known}"
-        url = env["PIE_DATABASE_URL"]
-        assert url.startswith("postgresql://") and "@postgres:5432/" in url
+        assert env["PIE_HOST"] == "0.0.0.0"
+        url = env["PIE_DATABASE_URL"]  # ${PIE_DATABASE_URL:-<the postgres service>}
+        assert url.startswith("${PIE_DATABASE_URL:-postgresql://") and "@postgres:5432/" in url
         pg = services["postgres"]["environment"]
-        assert url == f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
-    # the API's dispatcher is optional (the worker dispatches)
-    assert services["api"]["environment"]["PIE_RUN_DISPATCHER"].endswith(":-false}")
-    assert "PIE_RUN_DISPATCHER" not in services["worker"]["environment"]
+        assert url == (
+            "${PIE_DATABASE_URL:-"
+            f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}}}"
+        )
+    # settings come from the env file (.env.example lists them); compose pins no dispatcher choice
+    assert all("PIE_RUN_DISPATCHER" not in services[name]["environment"] for name in ("api", "worker"))
 
 
 def test_dockerfile_runs_pie_serve_as_non_root():
@@ -158,7 +161,7 @@ def test_dockerfile_runs_pie_serve_as_non_root():
     assert re.search(r"^FROM python:3\.11-slim", text, re.M)
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0")
-    assert 'CMD ["pie", "serve", "--host", "0.0.0.0"' in text
+    assert 'CMD ["pie", "serve"]' in text  # host and port from PIE_HOST / PIE_PORT (the image's ENV)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", ".env", ".pie"} <= set(ignored)
     for needed in ("requirements.txt", "setup.py", "MANIFEST.in", "pyproject.toml", "src", "migrations"):
@@ -177,7 +180,7 @@ def test_dockerfile_installs_locked_dependencies_before_the_code():
     assert deps < first_code_copy
     assert any(line.startswith("RUN pip install --no-deps .") for line in lines[first_code_copy:])
     assert "[embedded]" not in "\n".join(lines)
-    assert "/v2/health/ready" in "\n".join(lines)
+    assert 'CMD ["python", "-m", "pie.healthcheck"]' in "\n".join(lines)  # probes /v2/health/ready
 
 
 def _pinned(path: Path) -> dict[str, str]:
@@ -225,10 +228,56 @@ def test_docker_compose_migrates_once_and_waits_for_readiness():
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
     assert "--no-migrate" in services["api"]["command"]
-    assert services["worker"]["depends_on"]["api"] == {"condition": "service_healthy"}
-    assert "/v2/health/ready" in " ".join(services["api"]["healthcheck"]["test"])
+    # the worker needs only the database (issue 18: it no longer waits for the API's health)
+    assert "api" not in services["worker"]["depends_on"]
+    # the API's health check is the image's: ready = database reachable, schema at head
+    from pie.healthcheck import probe_url
+
+    assert probe_url([], {"PIE_PORT": "8000"}).endswith("/v2/health/ready")
     # the API's data directory survives a container replacement
     data_dir = "/home/pie/.pie"
     assert f"ENV PIE_DATA_DIR={data_dir}" in (ROOT / "Dockerfile").read_text()
+    assert services["api"]["environment"]["PIE_DATA_DIR"] == data_dir
     volume = next(v for v in services["api"]["volumes"] if v.endswith(":" + data_dir))
     assert volume.split(":")[0] in compose["volumes"]
+
+
+def _requirements() -> dict[str, str]:
+    """name -> specifier of the production dependencies in pyproject.toml."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    out = {}
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        out[re.sub(r"[-_.]+", "-", requirement.name).lower()] = str(requirement.specifier)
+    return out
+
+
+def test_uvicorn_is_pinned_to_the_tested_minor():
+    """pie.httpserver's PieHttpToolsProtocol subclasses uvicorn's private httptools protocol
+    (tests/test_http_limits.py is its guard): a new uvicorn minor may change that module, so only
+    patch releases of the tested minor may install."""
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    spec = SpecifierSet(_requirements()["uvicorn"])
+    installed = version("uvicorn")
+    assert spec.contains(installed), (spec, installed)
+    major, minor = (int(x) for x in installed.split(".")[:2])
+    assert spec.contains(f"{major}.{minor}.99")
+    assert not spec.contains(f"{major}.{minor + 1}.0") and not spec.contains(f"{major}.{minor - 1}.99"), spec
+
+
+def test_lock_file_pins_satisfy_pyproject():
+    """requirements.txt and constraints.txt install versions pyproject.toml allows."""
+    from packaging.specifiers import SpecifierSet
+
+    for lock in ("requirements.txt", "constraints.txt"):
+        pins = _pinned(ROOT / lock)
+        for name, specifier in _requirements().items():
+            if name in pins:
+                assert SpecifierSet(specifier).contains(pins[name]), (lock, name, specifier, pins[name])

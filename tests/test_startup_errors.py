@@ -180,3 +180,68 @@ def test_unreachable_database_is_retried_then_a_clear_exit(tmp_path, command):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"pie {command}: cannot use the database") and "PIE_DB_STARTUP_TIMEOUT" in last
     assert elapsed < 30
+
+
+def _test_server_url(dbname: str, user: str = "postgres") -> str:
+    import os
+
+    from sqlalchemy.engine import make_url
+
+    server = os.environ.get("PIE_TEST_DATABASE_URL")
+    if not server:
+        pytest.skip("needs PIE_TEST_DATABASE_URL (a server to be refused by)")
+    return make_url(server).set(database=dbname, username=user).render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize(
+    "what, url",
+    [
+        ("database", lambda: _test_server_url("pie_no_such_database")),
+        ("role", lambda: _test_server_url("postgres", user="pie_no_such_role")),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "worker", "migrate"])
+def test_a_database_error_retrying_cannot_fix_ends_the_start_at_once(tmp_path, what, url, command):
+    """A missing database or role (or a rejected password) was retried for the whole start-up
+    timeout, one line per attempt: now the first error ends the start, named in the last line."""
+    result = run_pie(
+        COMMANDS[command] if command != "serve" else ["serve", "--port", str(free_port())],
+        tmp_path,
+        PIE_DATABASE_URL=url(),
+        PIE_DB_STARTUP_TIMEOUT="8",
+        PIE_JWT_SECRET="s",
+    )
+    assert result.returncode == 1, result.stderr
+    assert "not reachable (attempt" not in result.stderr, result.stderr  # not retried
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"pie {command}: cannot use the database"), last
+    assert f'{what} "pie_no_such_' in last and "does not exist" in last and "PIE_DATABASE_URL" in last
+
+
+def test_connection_errors_retrying_cannot_fix():
+    from pie.startup import is_permanent_connect_error
+
+    for message in (
+        'FATAL:  password authentication failed for user "pie"',
+        'FATAL:  database "pie" does not exist',
+        'FATAL:  role "pie" does not exist',
+        'FATAL:  no pg_hba.conf entry for host "10.0.0.1", user "pie", database "pie", no encryption',
+        "fe_sendauth: no password supplied",
+        'FATAL:  role "pie" is not permitted to log in',
+    ):
+        assert is_permanent_connect_error(message), message
+    for message in (
+        "Connection refused Is the server running on that host and accepting TCP/IP connections?",
+        "FATAL:  the database system is starting up",
+        "FATAL:  sorry, too many clients already",
+        'could not translate host name "postgres" to address: Name or service not known',
+        "timeout expired",
+    ):
+        assert not is_permanent_connect_error(message), message
+
+
+def test_the_timeout_line_names_the_first_error(tmp_path):
+    result = run_pie(COMMANDS["migrate"], tmp_path, PIE_DATABASE_URL=unreachable_url(), PIE_DB_STARTUP_TIMEOUT="3")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "PIE_DB_STARTUP_TIMEOUT): " in last and "Connection refused" in last.split("PIE_DB_STARTUP_TIMEOUT): ")[1]

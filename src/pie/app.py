@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pie import db, idempotency, metrics
+from pie import db, idempotency, metrics, schemagate
 from pie.auth import make_verifier
 from pie.config import Settings, get_settings
 from pie.docs import install_docs
@@ -93,7 +93,11 @@ class RequestIdMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            if schemagate.gate.problem is not None and schemagate.gate.refuses(scope["path"]):
+                # `pie serve --no-migrate` on a database that is not migrated (checked at start)
+                await envelope(503, schemagate.gate.problem, {"Retry-After": "5"})(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error in request %s %s %s", request_id, scope.get("method"), scope.get("path"))
             if response_started:  # too late for an error body; let the server drop the connection
@@ -353,6 +357,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         dispatcher = None
         webhooks = None
         stopping: asyncio.Task[None] | None = None
+        # before the first request: is the schema migrated (else 503s until it is)?
+        schema_watch = await schemagate.gate.start(db.get_engine())
 
         def on_shutdown_signal() -> None:
             """SIGTERM/SIGINT, before the server drains its connections: long-polls answer at
@@ -374,6 +380,9 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
             yield
         finally:
             restore()
+            if schema_watch is not None:
+                schema_watch.cancel()
+            schemagate.gate.reset()
             await listener.close()
             if webhooks is not None:
                 await webhooks.stop(grace=min(settings.shutdown_grace_seconds, 5.0))

@@ -22,11 +22,16 @@ from pie.startup import (
     DatabaseUnavailable,
     auth_mode,
     check_auth,
+    check_connection_budget,
     check_data_dir,
     check_port,
+    check_serve_auth,
     check_settings,
+    development_auth_warning,
+    is_loopback_host,
     load_settings,
     wait_for_database,
+    warn_unknown_variables,
 )
 
 if TYPE_CHECKING:
@@ -49,6 +54,7 @@ def _log_config(level: str | None = None) -> dict:
 
 def _configure_logging(level: str | None = None) -> None:
     logging.config.dictConfig(_log_config(level))
+    logging.captureWarnings(True)  # a Python warning is a log line of the same format
 
 
 def _uvicorn_operations_options(settings, level: str | None = None) -> dict:
@@ -99,10 +105,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if not 1 <= workers <= 64:
         raise ConfigError(f"--workers={workers} is invalid: use 1..64 (PIE_WORKERS)")
     check_settings(settings)
+    check_serve_auth(settings, host)  # before anything binds the address
     check_port(host, port)  # before the database starts
     log.info("auth mode: %s", auth_mode(settings))
+    if warning := development_auth_warning(settings):
+        log.warning("%s", warning)
 
     url = _database_url(settings)
+    check_connection_budget(url, settings, "serve", workers)
     if args.no_migrate:
         current, head = current_revision(url), head_revision()
         if current != head:
@@ -114,16 +124,22 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # uvicorn shuts down gracefully on SIGTERM and then re-raises it; exit normally instead of
     # dying by the signal, so atexit handlers run (they stop the embedded PostgreSQL)
     signal.signal(signal.SIGTERM, _exit_gracefully)
-    print(f"PIE v2 listening on http://{host}:{port}  (docs: /v2/docs, {workers} process(es))", flush=True)
     from pie.console.signin import issue_signin_code, local_mode
+    from pie.logconfig import announce, json_logging
 
+    shown = f"[{host}]" if ":" in host else host
+    announce(f"PIE v2 listening on http://{shown}:{port}  (docs: /v2/docs, {workers} process(es))")
     if local_mode(settings):
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        code = issue_signin_code(settings)
-        print(
-            f"Console: http://{shown}:{port}/console/login/once?code={code}  (one-time sign-in link, 10 minutes)",
-            flush=True,
-        )
+        # the one-time admin link: only to a console on this machine (loopback), and never into
+        # shipped JSON logs
+        if is_loopback_host(host) and not json_logging():
+            code = issue_signin_code(settings)
+            print(
+                f"Console: http://{shown}:{port}/console/login/once?code={code}  (one-time sign-in link, 10 minutes)",
+                flush=True,
+            )
+        else:
+            log.info("console sign-in: paste a token from `pie token --admin` (run with this PIE_DATA_DIR)")
     # HTTP limits (header size, request/keep-alive timeouts, concurrency cap) and the operations
     # setup (log format, access log, shutdown grace period)
     options = {**uvicorn_options(settings), **_uvicorn_operations_options(settings, log_level)}
@@ -161,6 +177,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     check_settings(settings)
     url = _database_url(settings)
+    check_connection_budget(url, settings, "worker")
     db.init_engine(url)
     # uvloop (installed with uvicorn[standard], as `pie serve` uses it) where available: a
     # dispatcher's event loop spends a good part of each job in the loop machinery
@@ -175,6 +192,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from pie.logconfig import announce
     from pie.migrate import downgrade, upgrade
 
     check_settings(settings)
@@ -182,16 +200,21 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     if args.down or args.revision.startswith("-"):
         target = "base" if args.revision == "head" else args.revision
         downgrade(url, target)
-        print(f"database migrated down to {target}")
+        announce(f"database migrated down to {target}")
     else:
         upgrade(url, args.revision)
-        print(f"database migrated up to {args.revision}")
+        announce(f"database migrated up to {args.revision}")
     return 0
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
-    from pie.auth import DEV_SECRET_FILE, mint_dev_token
+    from pie.auth import DEV_SECRET_FILE, PERMISSIONS, SCOPE_PREFIX, mint_dev_token
+    from pie.logconfig import announce
 
+    for scope in args.scope:
+        name = scope[len(SCOPE_PREFIX) :] if scope.startswith(SCOPE_PREFIX) else scope
+        if name not in PERMISSIONS:
+            raise ConfigError(f"--scope {scope!r} is not a PIE scope: use {', '.join(PERMISSIONS)}")
     check_auth(settings)
     if not settings.jwt_secret:
         if settings.cognito_jwks_url:
@@ -204,7 +227,7 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
                 f"PIE_DATA_DIR={str(settings.data_dir)!r}: no development secret at {secret_file}; "
                 "use the PIE_DATA_DIR of `pie serve` (it creates the secret) or set PIE_JWT_SECRET"
             )
-        print(f"pie token: signed with the secret in {secret_file}", file=sys.stderr)
+        announce(f"pie token: signed with the secret in {secret_file}", stream=sys.stderr)
     try:
         token = mint_dev_token(
             settings,
@@ -322,18 +345,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(prefix: str, message: str) -> None:
+    """The one line of a command that cannot go on: on stderr, or a JSON record in JSON log mode
+    (also when the settings could not be read but PIE_LOG_FORMAT asks for JSON)."""
+    from pie.logconfig import json_logging, logging_config
+
+    line = f"{prefix}: {message}"
+    if not json_logging() and os.environ.get("PIE_LOG_FORMAT", "").strip().lower() == "json":
+        logging.config.dictConfig(logging_config("json", "info"))
+    if json_logging():
+        log.error("%s", line)
+    else:
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prefix = f"pie {args.command}"
     try:
         settings = load_settings()
         _configure_logging(settings.log_level)
+        warn_unknown_variables()  # a misspelt PIE_* variable is otherwise silently ignored
         return int(args.func(args, settings) or 0)
     except ConfigError as exc:
-        print(f"{prefix}: {exc}", file=sys.stderr)
+        _fail(prefix, str(exc))
         return 2
     except DatabaseUnavailable as exc:
-        print(f"{prefix}: {exc}", file=sys.stderr)
+        _fail(prefix, str(exc))
         return 1
     except Exception as exc:
         # imported here: `pie token` stays fast
@@ -341,13 +379,17 @@ def main(argv: list[str] | None = None) -> int:
         from sqlalchemy.exc import OperationalError
 
         from pie.embedded import EmbeddedUnavailable
+        from pie.logconfig import json_logging
         from pie.migrate import MigrationsNotFound
 
         if isinstance(exc, (CommandError, MigrationsNotFound, EmbeddedUnavailable)):  # e.g. an unknown revision
-            print(f"{prefix}: {exc}", file=sys.stderr)
+            _fail(prefix, str(exc))
             return 2
         if isinstance(exc, OperationalError):  # the database went away after the start-up check
-            print(f"{prefix}: cannot use the database: {exc.orig or exc}", file=sys.stderr)
+            _fail(prefix, f"cannot use the database: {exc.orig or exc}")
+            return 1
+        if json_logging():  # the traceback as one JSON record, not plain text on stderr
+            log.critical("%s: unexpected error", prefix, exc_info=exc)
             return 1
         raise
 

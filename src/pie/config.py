@@ -16,6 +16,12 @@ def _split_csv(value: object) -> object:
     return value
 
 
+# connection pool defaults (see db_pool_size below)
+POOL_SIZE = 12
+MAX_OVERFLOW = 0
+READ_POOL_SIZE = 8
+
+
 class Settings(BaseSettings):
     # env_ignore_empty: `PIE_X=` (as in .env.example) means "use the default"
     model_config = SettingsConfigDict(env_prefix="PIE_", env_file=".env", extra="ignore", env_ignore_empty=True)
@@ -23,13 +29,19 @@ class Settings(BaseSettings):
     # database
     database_url: str | None = None
     data_dir: Path = Path(".pie")
-    # sized for the usual concurrency of one process so the pool does not churn (overflow
-    # connections are opened and closed per burst); connections are opened lazily, so an idle
-    # process holds few; see README "Performance"
-    db_pool_size: int = Field(default=32, ge=1)
-    db_max_overflow: int = Field(default=8, ge=0)
+    # Per process; connections are opened lazily, so an idle process holds few. Sized so that
+    # `pie serve --workers 2` plus one `pie worker` fit a stock max_connections=100 with room for
+    # migrations and psql (docs/deployment.md "Connection budget"); a larger pool does not make
+    # one process faster (it is CPU-bound long before). No overflow by default: overflow
+    # connections are opened and closed per burst (churn, and a new connection to a full server
+    # fails where a kept one would not).
+    db_pool_size: int = Field(default=POOL_SIZE, ge=1)
+    db_max_overflow: int = Field(default=MAX_OVERFLOW, ge=0)
     # autocommit connections of the single-statement hot reads (pie.reads), besides the pool above
-    db_read_pool_size: int = Field(default=32, ge=1)
+    db_read_pool_size: int = Field(default=READ_POOL_SIZE, ge=1)
+    # at start, refuse (exit 2) when this process set's maximum connections exceed what the
+    # server has left; false (e.g. behind PgBouncer): the arithmetic is logged as a warning
+    db_check_connections: bool = True
     # connections older than this are replaced at checkout (0 = never); no pre-ping per checkout
     db_pool_recycle_seconds: float = Field(default=1800.0, ge=0)
     # timeouts to the database (requests that hit one get the 503 envelope at once); 0 = none
@@ -40,6 +52,9 @@ class Settings(BaseSettings):
     # start (one log line per attempt) before giving up with a clear error
     db_startup_timeout: float = Field(default=30.0, ge=0)
 
+    # auth: `development` is the explicit opt-in to development tokens with a generated secret
+    # (neither Cognito nor PIE_JWT_SECRET) on a non-loopback address
+    auth_mode: Literal["auto", "development"] = "auto"
     # auth: development HS256
     jwt_secret: str | None = None
     jwt_issuer: str = "pie-dev"
@@ -167,7 +182,7 @@ class Settings(BaseSettings):
     ecs_container_name: str = "main"
     ecs_payload_env_var: str = "PIE_JOB_PAYLOAD"
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "auth_mode", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

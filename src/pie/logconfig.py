@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextvars
 import logging
 import logging.config
+import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("pie_request_id", default=None)
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("pie_job_id", default=None)
@@ -32,6 +33,19 @@ class ContextFilter(logging.Filter):
             record.request_id = request_id_var.get()
         if not hasattr(record, "job_id"):
             record.job_id = job_id_var.get()
+        return True
+
+
+class UvicornServerLines(logging.Filter):
+    """uvicorn reports a healthy server (started, startup complete, running on, shutting down)
+    at INFO on its ``uvicorn.error`` logger: those lines go out as logger ``uvicorn.server`` (an
+    "error" logger with healthy lines misleads log alerting); real errors keep ``uvicorn.error``.
+    The ANSI-coloured copy of the message uvicorn attaches (``color_message``) is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and record.name == "uvicorn.error":
+            record.name = "uvicorn.server"
+        record.__dict__.pop("color_message", None)
         return True
 
 
@@ -64,8 +78,28 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+# the format of this process's logging (set by logging_config): `announce` follows it
+_current_format = "text"
+
+
+def announce(message: str, *, stream: TextIO | None = None, logger: str = "pie.cli") -> None:
+    """A line for the operator: printed as it is in text log mode (``stream``, default stdout,
+    whatever the log level), one INFO record in JSON log mode (everything on stdout/stderr is
+    then a JSON line)."""
+    if _current_format == "json":
+        logging.getLogger(logger).info("%s", message)
+    else:
+        print(message, file=stream or sys.stdout, flush=True)
+
+
+def json_logging() -> bool:
+    return _current_format == "json"
+
+
 def logging_config(log_format: str = "text", level: str = "info") -> dict[str, Any]:
+    global _current_format
     json_format = log_format == "json"
+    _current_format = "json" if json_format else "text"
     formatter: dict[str, Any] = (
         {
             "()": "pythonjsonlogger.json.JsonFormatter",
@@ -80,7 +114,10 @@ def logging_config(log_format: str = "text", level: str = "info") -> dict[str, A
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"context": {"()": "pie.logconfig.ContextFilter"}},
+        "filters": {
+            "context": {"()": "pie.logconfig.ContextFilter"},
+            "uvicorn_server": {"()": "pie.logconfig.UvicornServerLines"},
+        },
         "formatters": {"pie": formatter},
         "handlers": {
             "default": {
@@ -95,7 +132,7 @@ def logging_config(log_format: str = "text", level: str = "info") -> dict[str, A
             # uvicorn's own lines go through the same handler; its access log is replaced by
             # PIE's (logger pie.access, written by the request middleware)
             "uvicorn": {"handlers": [], "propagate": True},
-            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True, "filters": ["uvicorn_server"]},
             "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},
             # pgserver logs every pg_ctl invocation with its full output at INFO; alembic its plugins
             "pgserver": quiet,
@@ -117,3 +154,4 @@ def lighten_log_records() -> None:
 
 def configure_logging(log_format: str = "text", level: str = "info") -> None:
     logging.config.dictConfig(logging_config(log_format, level))
+    logging.captureWarnings(True)

@@ -86,6 +86,7 @@ from pie.dispatch.inprocess import (
 from pie.dispatch.threads import DaemonThreadPool
 from pie.jobs.logic import CANCEL_CHANNEL, NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
 from pie.logconfig import job_id_var
+from pie.schemagate import SCHEMA_LOG_SECONDS, SCHEMA_WAIT_SECONDS, is_schema_error
 from pie.schemas import unstorable_json
 
 log = logging.getLogger("pie.dispatch")
@@ -109,6 +110,10 @@ CLAIM_COALESCE = 0.001
 INLINE_MAX_PAYLOAD_BYTES = 16 * 1024
 # at stop, how long the loop may take to end its current cycle before it is cancelled
 STOP_LOOP_WAIT = 5.0
+# A failed cycle (the database is away) is tried again after 0.5, 1, 2, 4 s, then every 5 s: once
+# the database is back, dispatching resumes within seconds (it was up to 30 s: a queue standing
+# still for half a minute after an outage ended)
+LOOP_BACKOFF_MAX = 5.0
 
 _RENEW = text(
     """
@@ -308,6 +313,21 @@ _REQUEUE_EXPIRED = text(
     RETURNING j.job_id
     """
 )
+# A claim this dispatcher gave up on (its connection timed out: a frozen server) may still run
+# and commit on the server once it answers again: its jobs are then `started` and leased to us,
+# but we never heard of them (they would wait for the lease, PIE_IN_PROCESS_LEASE_SECONDS).
+# Until the backend of every such claim is gone, the jobs leased to us that we do not hold go
+# back to the queue, not counting as an attempt.
+_CLAIM_BACKENDS_ALIVE = text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(CAST(:pids AS integer[]))")
+_RELEASE_UNKNOWN_CLAIMS = text(
+    """
+    UPDATE jobs SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
+        attempts = GREATEST(attempts - 1, 0), next_attempt_at = LEAST(next_attempt_at, now()), updated_at = now()
+    WHERE status = 'started' AND locked_by = :me AND lease_expires_at IS NOT NULL
+      AND NOT (job_id = ANY(CAST(:held AS text[])))
+    RETURNING job_id
+    """
+)
 _EXPIRED_EXHAUSTED = text(
     """
     SELECT job_id, attempts, locked_by FROM jobs
@@ -505,6 +525,9 @@ class Dispatcher:
         self._last_sweep = 0.0
         self._backlog = False
         self._claim_conn: psycopg.AsyncConnection[Any] | None = None
+        self._schema_logged_at: float | None = None  # the last "schema not migrated" line
+        # backend pid -> monotonic time: claims whose answer we gave up on (they may commit later)
+        self._doubtful_claims: dict[int, float] = {}
 
     # ---------------------------------------------------------------------------------------
     # lifecycle
@@ -705,11 +728,15 @@ class Dispatcher:
                     self._stopper = asyncio.create_task(self._stop_tasks_logged(), name=f"{self.name}-stopper")
                     self._tasks.add(self._stopper)
                     self._stopper.add_done_callback(self._tasks.discard)
-                claimed = await self.claim_and_dispatch()
+                claimed = await self.claim_and_dispatch(eager=False)
                 errors = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if is_schema_error(exc):  # not migrated yet: wait quietly, no traceback
+                    self._schema_missing(exc)
+                    await asyncio.sleep(SCHEMA_WAIT_SECONDS)
+                    continue
                 errors += 1
                 if is_transient_db_error(exc):  # the database is away: no traceback per cycle
                     log.warning(
@@ -717,7 +744,7 @@ class Dispatcher:
                     )
                 else:
                     log.exception("dispatcher %s: dispatch cycle failed", self.worker_id)
-                await asyncio.sleep(min(0.5 * 2**errors, 30.0))
+                await asyncio.sleep(min(0.5 * 2**errors, LOOP_BACKOFF_MAX))
                 continue
             if claimed and self._more_due:
                 continue  # there may be more due right now
@@ -726,6 +753,16 @@ class Dispatcher:
             except TimeoutError:
                 self._check_remote = True  # the polling fallback looks for every kind of job
                 self._check_local = True
+
+    def _schema_missing(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._schema_logged_at is None or now - self._schema_logged_at >= SCHEMA_LOG_SECONDS:
+            self._schema_logged_at = now
+            log.warning(
+                "dispatcher %s: the database schema is not migrated (%s); dispatching waits for `pie migrate`",
+                self.worker_id,
+                str(getattr(exc, "orig", exc)).splitlines()[0][:200],
+            )
 
     async def _gather_free_workers(self) -> None:
         """Some workers just became free while others still run: wait up to ``CLAIM_COALESCE``
@@ -743,9 +780,15 @@ class Dispatcher:
     # ---------------------------------------------------------------------------------------
     # claiming and handing over
 
-    async def claim_and_dispatch(self) -> int:
+    async def claim_and_dispatch(self, *, eager: bool = True) -> int:
         """Claim up to the free capacity of due jobs and hand them over (in-process jobs start
-        at once; their results are recorded later by the recorder)."""
+        at once; their results are recorded later by the recorder). ``eager=False`` (the loop):
+        jobs that need a worker are not looked for again after a look came up short, until a
+        NOTIFY, a timer or the polling fallback says one may be due."""
+        if eager:
+            self._check_local = True
+        if self._doubtful_claims:
+            await self.settle_doubtful_claims()
         remote = len(self._inflight) - len(self._local)
         # jobs that need no worker: hand-offs, within the capacity for them, and inline in-process
         # jobs, within the results that may wait to be recorded
@@ -841,10 +884,10 @@ class Dispatcher:
         dispatcher's own connection (no pool checkout or ping): BEGIN, the claim statement
         (which also reads and share-locks the signing key), the tokens (the batch signer), COMMIT.
         A retired key therefore signs nothing once its retirement has committed
-        (``pie.callbacks``), and a claim that fails leaves its jobs pending. A connection that failed or was interrupted is closed and replaced;
-        when a connection that sat idle turns out broken (the server restarted, a proxy or
-        firewall closed it), the claim is tried once more at once on a new one instead of waiting
-        for the next cycle."""
+        (``pie.callbacks``), and a claim that fails leaves its jobs pending. A connection that
+        failed or was interrupted is closed and replaced; when a connection that sat idle turns
+        out broken (the server restarted, a proxy or firewall closed it), the claim is tried once
+        more at once on a new one instead of waiting for the next cycle."""
         for retry in (False, True):
             conn = self._claim_conn
             fresh = conn is None or conn.closed
@@ -852,6 +895,7 @@ class Dispatcher:
                 conn = self._claim_conn = await db.connect(self.settings, autocommit=True, row_factory=namedtuple_row)
                 await conn.execute(_CONNECTION_SETUP)
             assert conn is not None
+            backend = conn.info.backend_pid
             try:
                 # BEGIN and COMMIT cost two round trips more than an autocommit claim (the key
                 # must stay share-locked until the claim commits: pie.callbacks)
@@ -859,6 +903,8 @@ class Dispatcher:
                     rows = await (await conn.execute(statement, params)).fetchall()
                     return rows, await self._sign(conn, rows)
             except BaseException as exc:
+                # the statement may have reached the server and commit there after all
+                self._doubtful_claims.setdefault(backend, time.monotonic())
                 self._claim_conn = None
                 broken = conn.broken
                 with contextlib.suppress(Exception):
@@ -886,6 +932,41 @@ class Dispatcher:
             )
             for row in rows
         }
+
+    async def settle_doubtful_claims(self) -> list[str]:
+        """Put back in the queue the jobs that claims we gave up on committed after all (see
+        ``_RELEASE_UNKNOWN_CLAIMS``); stop doubting a claim once its backend has ended (its
+        commit, if any, is then visible) or after a lease. Returns the released job ids."""
+        now = time.monotonic()
+        lease = self.settings.in_process_lease_seconds
+        for pid, since in list(self._doubtful_claims.items()):
+            if now - since > lease:  # the lease expiry recovers whatever it claimed
+                del self._doubtful_claims[pid]
+        pids = sorted(self._doubtful_claims)
+        if not pids:
+            return []
+        async with db.get_engine().begin() as conn:
+            # first which backends still run: a claim whose backend is gone has committed or
+            # rolled back, and the UPDATE after this (a new snapshot) sees its jobs
+            alive = set((await conn.execute(_CLAIM_BACKENDS_ALIVE, {"pids": pids})).scalars())
+            held = sorted(self._inflight)
+            released = list(
+                (await conn.execute(_RELEASE_UNKNOWN_CLAIMS, {"me": self.worker_id, "held": held})).scalars()
+            )
+            if released:
+                await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_CHANNEL})
+        for pid in pids:
+            if pid not in alive:
+                self._doubtful_claims.pop(pid, None)
+        if released:
+            log.warning(
+                "dispatcher %s: %d job(s) claimed by a statement it had given up on (the database answered "
+                "late) are back in the queue: %s",
+                self.worker_id,
+                len(released),
+                ", ".join(sorted(released)[:10]),
+            )
+        return released
 
     async def _close_claim_connection(self) -> None:
         conn, self._claim_conn = self._claim_conn, None

@@ -10,6 +10,7 @@ import signal
 from pie import db
 from pie.config import Settings
 from pie.dispatch.dispatcher import Dispatcher
+from pie.logconfig import announce
 from pie.webhooks.delivery import start_delivery
 
 log = logging.getLogger("pie.worker")
@@ -34,7 +35,7 @@ async def run_worker(settings: Settings, name: str | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
     await dispatcher.start()
     webhooks = await start_delivery(settings, dispatcher.worker_id)  # the webhook delivery loop beside it
-    print(f"pie worker {dispatcher.worker_id} dispatching", flush=True)
+    announce(f"pie worker {dispatcher.worker_id} dispatching", logger="pie.worker")
     try:
         await stop.wait()
     finally:

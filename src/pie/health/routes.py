@@ -13,6 +13,7 @@ from sqlalchemy import Select, literal_column, select, text
 from pie import db
 from pie.reads import fetch_one
 from pie.routing import PieRoute
+from pie.schemagate import gate
 
 router = APIRouter(route_class=PieRoute, tags=["health"])
 log = logging.getLogger("pie.health")
@@ -23,6 +24,8 @@ HEALTH_DB_TIMEOUT = 3.0
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     database: Literal["ok", "unavailable"]
+    # why the server cannot serve API requests (503 only): e.g. the schema is not migrated
+    reason: str | None = None
 
 
 class LiveOut(BaseModel):
@@ -41,10 +44,15 @@ class ReadyOut(BaseModel):
     "/v2/health",
     operation_id="health",
     response_model=HealthOut,
-    responses={503: {"model": HealthOut, "description": "the database cannot be reached"}},
+    responses={
+        503: {"model": HealthOut, "description": "the database cannot be reached, or its schema is not migrated"}
+    },
 )
 async def health() -> Response:
-    """Public liveness and database check: 200, or 503 when the database cannot be reached."""
+    """Public liveness and database check: 200, or 503 when the database cannot be reached or
+    its schema is not migrated (``reason`` says which)."""
+    if gate.problem is not None:
+        return JSONResponse({"status": "degraded", "database": "ok", "reason": gate.problem}, status_code=503)
     try:
         async with asyncio.timeout(HEALTH_DB_TIMEOUT):
             await fetch_one(_SELECT_1)  # through the pool, in autocommit: one round trip

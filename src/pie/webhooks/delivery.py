@@ -48,6 +48,7 @@ from standardwebhooks import Webhook as StandardWebhook
 
 from pie import db, metrics
 from pie.config import Settings
+from pie.schemagate import SCHEMA_LOG_SECONDS, SCHEMA_WAIT_SECONDS, is_schema_error
 from pie.schemas import iso_z
 from pie.webhooks.events import MAX_RESPONSE_BYTES
 from pie.webhooks.outbox import NOTIFY_CHANNEL
@@ -276,6 +277,7 @@ class Deliverer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._schema_logged_at: float | None = None  # the last "schema not migrated" line
         self._last_sweep = 0.0
         # the claims' and the results' own autocommit connections: one round trip per statement
         self._conns: dict[str, psycopg.AsyncConnection[Any]] = {}
@@ -364,6 +366,16 @@ class Deliverer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if is_schema_error(exc):  # not migrated yet: wait quietly (one line a minute)
+                    now = time.monotonic()
+                    if self._schema_logged_at is None or now - self._schema_logged_at >= SCHEMA_LOG_SECONDS:
+                        self._schema_logged_at = now
+                        log.warning(
+                            "webhook delivery %s: the database schema is not migrated; delivery waits for `pie migrate`",
+                            self.name,
+                        )
+                    await asyncio.sleep(SCHEMA_WAIT_SECONDS)
+                    continue
                 errors += 1
                 log.warning("webhook delivery %s: claim failed: %s", self.name, str(exc).splitlines()[0][:200])
                 await asyncio.sleep(min(0.5 * 2**errors, 30.0))
