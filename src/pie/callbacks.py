@@ -22,7 +22,11 @@ A lower module: it imports only the database base, the error types and the claim
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
+import hmac
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -104,6 +108,54 @@ def mint(key: Key, job: Any, ttl_seconds: float, *, now: float | None = None) ->
         "exp": issued + max(int(ttl_seconds), 1),
     }
     return jwt.encode(claims, key.secret, algorithm=ALGORITHM, headers={"kid": key.kid})
+
+
+class Signer:
+    """Mints the callback tokens of many jobs with one key, byte for byte the tokens
+    :func:`mint` (python-jose) produces, at a fraction of the cost: the header is encoded once
+    per key, the claims of one model version, tenant and time-out once per second, and the
+    HMAC key schedule once (``hmac.copy``). A dispatcher signs a token per claimed job, so
+    this is on its hot path; ``tests/test_dispatch_pipeline.py`` checks every token against
+    :func:`mint` and :func:`verify`."""
+
+    def __init__(self, key: Key):
+        self.key = key
+        header = json.dumps({"typ": "JWT", "alg": ALGORITHM, "kid": key.kid}, separators=(",", ":"), sort_keys=True)
+        self._header = _b64(header.encode())
+        self._mac = hmac.new(key.secret.encode(), digestmod=hashlib.sha256)
+        self._prefixes: dict[tuple[str, str, str | None, int, int], tuple[str, str]] = {}
+
+    def sign(self, job: Any, ttl_seconds: float, *, now: float | None = None) -> str:
+        issued = int(now if now is not None else time.time())
+        ttl = max(int(ttl_seconds), 1)
+        job_id = str(job.job_id)
+        cache_key = (job.model_id, job.model_version, job.client_id, ttl, issued)
+        parts = self._prefixes.get(cache_key)
+        if parts is None:
+            if len(self._prefixes) > 256:
+                self._prefixes.clear()
+            # the claims of mint(), in its order, as json.dumps(separators=(",", ":")) writes them
+            tail = json.dumps(
+                {
+                    "model_id": job.model_id,
+                    "model_version": job.model_version,
+                    "client_id": job.client_id,
+                    "iat": issued,
+                    "exp": issued + ttl,
+                },
+                separators=(",", ":"),
+            )
+            parts = self._prefixes[cache_key] = ('{"iss":"pie-callback","aud":"completemodeljob","sub":', tail[1:])
+        quoted = json.dumps(job_id)
+        claims = f'{parts[0]}{json.dumps("job:" + job_id)},"job_id":{quoted},{parts[1]}'
+        signing_input = self._header + b"." + _b64(claims.encode())
+        mac = self._mac.copy()
+        mac.update(signing_input)
+        return (signing_input + b"." + _b64(mac.digest())).decode()
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 def placeholder(job: Any, ttl_seconds: float) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import logging.config
 import os
@@ -178,7 +179,15 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     url = _database_url(settings)
     check_connection_budget(url, settings, "worker")
     db.init_engine(url)
-    asyncio.run(run_worker(settings, name=args.name))
+    # uvloop (installed with uvicorn[standard], as `pie serve` uses it) where available: a
+    # dispatcher's event loop spends a good part of each job in the loop machinery
+    loop_factory = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(run_worker(settings, name=args.name))
     return 0
 
 

@@ -134,6 +134,8 @@ class Settings(BaseSettings):
     job_timeout_seconds: float = 3600.0
     in_process_lease_seconds: float = 300.0
     in_process_workers: int = 4
+    # Lambda Invoke / ECS RunTask calls one dispatcher makes at once (threads and HTTP connections)
+    dispatch_aws_concurrency: int = Field(default=32, ge=1, le=256)
     # how often a dispatcher looks for timed-out jobs and expired in-process leases
     dispatch_sweep_interval: float = 5.0
     # a job's callback token expires this long after the job's time-out

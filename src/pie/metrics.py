@@ -217,8 +217,8 @@ def job_started(job_type: str, queued_seconds: float | None) -> None:
         JOB_QUEUE_SECONDS.labels(job_type).observe(max(float(queued_seconds), 0.0))
 
 
-def dispatch_attempt(backend: Any) -> None:
-    DISPATCH_ATTEMPTS.labels(handler_label(backend)).inc()
+def dispatch_attempt(backend: Any, count: int = 1) -> None:
+    DISPATCH_ATTEMPTS.labels(handler_label(backend)).inc(count)
 
 
 def dispatch_failure(backend: Any, retryable: bool) -> None:

@@ -1,18 +1,29 @@
 """The dispatcher: moves jobs from the ``jobs`` table (a transactional outbox) to their handlers.
 
-One cycle:
+A pipeline of three independent steps, each on its own cadence, so no step waits on another:
 
-1. claim due pending jobs with ``FOR UPDATE SKIP LOCKED`` and mark them ``started`` (attempts+1,
-   ``locked_by``, a lease) in one short transaction, so any number of dispatchers on any number
-   of machines can share the database and each job is claimed by exactly one of them;
-2. after that commit, hand each job to the backend of its version's handler for its job_type:
-   with a payload carrying the job's callback token (:mod:`pie.callbacks`):
-   Lambda ``Invoke`` (``Event``) or ECS ``RunTask`` in a thread, then the lease is cleared and the
-   job stays ``started`` until the completion callback; in-process implementations run in a
-   thread pool (the lease is renewed while they run) and their result ends the job through
-   :func:`pie.jobs.logic.finish_jobs`, the same code the completion route uses;
-3. a failed dispatch goes back to ``pending`` with exponential backoff and jitter, and after
-   ``dispatch_max_attempts`` ends in ``failure`` with a structured error.
+1. **claim**: due pending jobs are claimed with ``FOR UPDATE SKIP LOCKED`` and marked ``started``
+   (attempts+1, ``locked_by``, a lease) by one autocommit statement on the dispatcher's own
+   connection, so any number of dispatchers on any number of machines can share the database and
+   each job is claimed by exactly one of them. A dispatcher claims no more in-process jobs
+   that need a worker than it has free workers (the built-ins, which run on the event loop at
+   once, need none: a batch of them is one claim), and claims again as soon as workers are free
+   — while earlier results are still being recorded;
+2. **hand over**: each claimed job gets a payload with its callback token (:mod:`pie.callbacks`,
+   signed by a per-key :class:`pie.callbacks.Signer`) and goes to the backend of its version's
+   handler for its job_type: Lambda ``Invoke`` (``Event``) or ECS ``RunTask`` in a bounded pool of
+   threads (``PIE_DISPATCH_AWS_CONCURRENCY`` calls at once, so an AWS round trip does not cap the
+   rate), after which the lease is cleared and the job stays ``started`` until the completion
+   callback; in-process implementations run on the event loop (``async def`` ones, and the
+   built-ins, which take microseconds) or in the worker thread pool (plain functions), whose
+   results come back to the loop in batches (one wake-up for all that ended together);
+3. **record**: results are recorded in batches by a recorder task on a connection of its own,
+   through :func:`pie.jobs.logic.finish_jobs` (the same code the completion route uses: one
+   statement for a batch of plain jobs), at once when nothing else runs, else after at most
+   ``RECORD_LINGER`` or ``RECORD_BATCH`` results; AWS hand-offs are marked the same way.
+
+A failed dispatch goes back to ``pending`` with exponential backoff and jitter, and after
+``dispatch_max_attempts`` ends in ``failure`` with a structured error.
 
 Dispatchers wake on ``LISTEN pie_jobs`` (``create_job`` notifies at commit) with a polling
 fallback. Every ``dispatch_sweep_interval`` seconds a dispatcher also ends started jobs older than
@@ -36,20 +47,15 @@ lease. A dispatcher only judges others after its own heartbeats have succeeded f
 ``dispatch_dead_after`` seconds in a row, so after a database outage (when every heartbeat is
 stale) nobody requeues the jobs of dispatchers that are alive.
 
-A dispatcher claims no more in-process jobs than it has free workers. So that this costs little
-with instant handlers, a claim is one autocommit statement on the dispatcher's own connection,
-it waits up to ``CLAIM_COALESCE`` for the workers of the previous claim to free together, and
-results are recorded in batches (``COMPLETION_LINGER``) while other jobs run. Recording an in-process
-result retries transient database errors with backoff for as long as the job's lease lasts (the
-lease is extended while it retries), so a database blip never makes a job run twice.
+Recording an in-process result retries transient database errors with backoff for as long as the
+job's lease lasts (the lease is extended while it retries), so a database blip never makes a job
+run twice. docs/dispatcher.md describes the pipeline, its guarantees and its tuning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import functools
 import json
 import logging
 import math
@@ -69,7 +75,14 @@ from sqlalchemy import text
 from pie import callbacks, db, metrics
 from pie.config import Settings
 from pie.dispatch.backends import AwsBackends, DispatchError, build_payload, callback_token_ttl, public_url_warning
-from pie.dispatch.inprocess import HandlerFailure, JobContext, get_implementation, run_in_context
+from pie.dispatch.inprocess import (
+    HandlerFailure,
+    JobContext,
+    await_in_context,
+    get_registered,
+    inline_names,
+    run_in_context,
+)
 from pie.dispatch.threads import DaemonThreadPool
 from pie.jobs.logic import CANCEL_CHANNEL, NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
 from pie.logconfig import job_id_var
@@ -80,16 +93,21 @@ log = logging.getLogger("pie.dispatch")
 
 # characters PostgreSQL text/jsonb cannot hold
 _UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
-AWS_CONCURRENCY = 16
-COMPLETION_BATCH = 500
-# While other in-process jobs are running, the recorder waits this long for their results too,
-# so instant handlers end in one transaction per several jobs (not one per job); a result that
-# ends while nothing else runs is recorded at once. The worker is free meanwhile.
-COMPLETION_LINGER = 0.01
+# at most this many results per recording statement
+RECORD_BATCH = 500
+# While other in-process jobs are running (or more are due), the recorder waits this long for
+# their results too, so instant handlers end in one statement per several claims (not one per
+# job); a result that ends while nothing else runs is recorded at once. Workers and claims go on
+# meanwhile.
+RECORD_LINGER = 0.002
+RECORD_LINGER_MAX = 0.01
 # A worker frees while others still run the jobs of the same claim (instant handlers end within
 # microseconds of each other): the claim waits this long for them, so one claim transaction
 # serves every free worker instead of one claim for the first and another for the rest.
 CLAIM_COALESCE = 0.001
+# An inline (built-in) handler whose job carries more than this many stored bytes of input and
+# features runs in the worker pool instead, so a large payload never holds up the event loop.
+INLINE_MAX_PAYLOAD_BYTES = 16 * 1024
 # at stop, how long the loop may take to end its current cycle before it is cancelled
 STOP_LOOP_WAIT = 5.0
 # A failed cycle (the database is away) is tried again after 0.5, 1, 2, 4 s, then every 5 s: once
@@ -104,18 +122,20 @@ _RENEW = text(
       AND lease_expires_at IS NOT NULL
     """
 )
-# an AWS handler accepted the job: no lease any more, the time-out applies from now on
-# (plus a warning when its callback cannot arrive, once; and the ECS task, so a cancel can stop it)
-_DISPATCHED = text(
+# AWS handlers accepted these jobs: no lease any more, the time-out applies from now on (plus a
+# warning when their callback cannot arrive, once; and the ECS task, so a cancel can stop it).
+# One statement for a batch of hand-offs; it returns the jobs it marked (a job that is no longer
+# this dispatcher's was cancelled meanwhile: its ECS task is stopped).
+_DISPATCHED = """
+    UPDATE jobs AS j SET lease_expires_at = NULL, error = NULL, updated_at = now(),
+        ecs_task = CAST(b.ecs_task AS jsonb),
+        warnings = CASE WHEN b.warning IS NULL OR j.warnings @> jsonb_build_array(b.warning) THEN j.warnings
+                        ELSE j.warnings || jsonb_build_array(b.warning) END
+    FROM unnest(CAST(%(ids)s AS text[]), CAST(%(warnings)s AS text[]), CAST(%(ecs_tasks)s AS text[]))
+        AS b(job_id, warning, ecs_task)
+    WHERE j.job_id = b.job_id AND j.status = 'started' AND j.locked_by = %(me)s
+    RETURNING j.job_id
     """
-    UPDATE jobs SET lease_expires_at = NULL, error = NULL, updated_at = now(),
-        ecs_task = CAST(:ecs_task AS jsonb),
-        warnings = CASE WHEN CAST(:warning AS text) IS NULL
-                          OR warnings @> jsonb_build_array(CAST(:warning AS text)) THEN warnings
-                        ELSE warnings || jsonb_build_array(CAST(:warning AS text)) END
-    WHERE job_id = :job_id AND status = 'started' AND locked_by = :me
-    """
-)
 # ECS started a task for a job that is no longer this dispatcher's (cancelled meanwhile): stop it
 _ORPHAN_TASK = text(
     """
@@ -159,29 +179,29 @@ _RETRY = text(
     WHERE job_id = :job_id AND status = 'started' AND locked_by = :me
     """
 )
-# Claim due pending jobs: at most :local_limit with an in-process handler (the free workers of
-# this dispatcher) and :remote_limit others (Lambda/ECS hand-offs, invalid handlers) among the
-# :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
+# Claim due pending jobs: at most :local_limit with an in-process handler that needs a worker
+# (the free workers of this dispatcher) and :remote_limit that need none (Lambda/ECS hand-offs,
+# invalid handlers, and the :inline implementations, which run on the event loop at once) among
+# the :lookahead oldest due jobs (so a long in-process backlog is not scanned on every cycle).
 # SKIP LOCKED: rows another transaction holds are skipped, never waited for.
 # The same statement reads the signing key (share-locked until the claim's transaction commits,
 # after the tokens are signed: ``pie.callbacks``); one statement on the dispatcher's own connection.
-_CLAIM = f"""
-    WITH signing AS ({callbacks.SIGNING_KEY_SQL}), local_due AS (
+_CLAIM_TEMPLATE = """
+    WITH signing AS ({signing}), local_due AS (
         SELECT j.job_id FROM jobs AS j
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
-        WHERE j.status = 'pending' AND j.next_attempt_at <= now()
+        WHERE j.status = 'pending' AND j.next_attempt_at <= now() {local_window}
           AND (mv.handlers -> j.job_type ->> 'type') IS NOT DISTINCT FROM 'in_process'
+          AND coalesce(mv.handlers -> j.job_type ->> 'value', '') <> ALL(%(inline)s)
         ORDER BY j.next_attempt_at
         LIMIT %(local_limit)s
         FOR UPDATE OF j SKIP LOCKED
     ), remote_due AS (
         SELECT j.job_id FROM jobs AS j
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
-        WHERE j.job_id IN (
-                SELECT job_id FROM jobs WHERE status = 'pending' AND next_attempt_at <= now()
-                ORDER BY next_attempt_at LIMIT %(lookahead)s)
-          AND j.status = 'pending' AND j.next_attempt_at <= now()
-          AND (mv.handlers -> j.job_type ->> 'type') IS DISTINCT FROM 'in_process'
+        WHERE j.status = 'pending' AND j.next_attempt_at <= now() {window}
+          AND ((mv.handlers -> j.job_type ->> 'type') IS DISTINCT FROM 'in_process'
+               OR coalesce(mv.handlers -> j.job_type ->> 'value', '') = ANY(%(inline)s))
         ORDER BY j.next_attempt_at
         LIMIT %(remote_limit)s
         FOR UPDATE OF j SKIP LOCKED
@@ -198,8 +218,25 @@ _CLAIM = f"""
               j.domain_id, j.service_id, j.input, j.features, j.domain_features, j.attempts,
               mv.handlers -> j.job_type AS handler,
               EXTRACT(EPOCH FROM now() - j.created_at) AS queued_seconds,
+              pg_column_size(j.input) + coalesce(pg_column_size(j.features), 0)
+                + coalesce(pg_column_size(j.domain_features), 0) AS payload_bytes,
               signing.kid AS signing_kid, signing.secret AS signing_secret
     """
+# the :lookahead oldest due jobs (looked up by primary key: a bounded scan, whatever the backlog)
+_WINDOW = """AND j.job_id = ANY(ARRAY(
+                SELECT job_id FROM jobs WHERE status = 'pending' AND next_attempt_at <= now()
+                ORDER BY next_attempt_at LIMIT %(lookahead)s))"""
+# The usual claim looks for both kinds among the :lookahead oldest due jobs; the deep one (at
+# most once per polling interval, when the window held too few jobs that need a worker) scans
+# the whole queue for them, so none waits behind a long backlog of other kinds for long.
+_CLAIM = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window=_WINDOW, signing=callbacks.SIGNING_KEY_SQL)
+_CLAIM_DEEP = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window="", signing=callbacks.SIGNING_KEY_SQL)
+# The claim and record connections plan their statements with index scans (a queue that was just
+# bulk-loaded has no statistics yet, and a bitmap or sequential scan of the whole backlog per
+# claim cost hundreds of milliseconds; their statements reach jobs by index) and without JIT
+# (the cost of a scan that has no index, such as the few webhooks, then passes JIT's threshold,
+# and compiling a millisecond statement took 400 ms).
+_CONNECTION_SETUP = "SET enable_seqscan = off; SET enable_bitmapscan = off; SET jit = off"
 # registration and heartbeat (re-registers a dispatcher whose row a peer removed as dead)
 _HEARTBEAT = text(
     """
@@ -301,18 +338,62 @@ _EXPIRED_EXHAUSTED = text(
 )
 
 
-def _run_implementation(implementation: Any, payload: dict[str, Any]) -> Any:
-    """In a pool thread: run the implementation; its output must be JSON that PostgreSQL can
-    store (no NaN/Infinity, no NUL characters or unpaired surrogates)."""
-    output = implementation(payload)
+def _encoded_output(output: Any) -> str:
+    """The handler's output as the JSON text to store: it must be JSON that PostgreSQL can store
+    (no NaN/Infinity, no NUL characters or unpaired surrogates). Encoded once; only a text that
+    may hold a NUL or a surrogate (its ASCII escapes) is looked at closer."""
     try:
-        output = json.loads(json.dumps(output, allow_nan=False))
-    except (TypeError, ValueError) as exc:
+        encoded = json.dumps(output, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
         raise HandlerFailure("invalid_output", f"the handler returned output that is not JSON: {exc}") from exc
-    problem = unstorable_json(output)
-    if problem is not None:
-        raise HandlerFailure("invalid_output", f"the handler returned output that cannot be stored: {problem}")
-    return output
+    if "\\u0000" in encoded or "\\ud" in encoded:
+        problem = unstorable_json(json.loads(encoded))
+        if problem is not None:
+            raise HandlerFailure("invalid_output", f"the handler returned output that cannot be stored: {problem}")
+    return encoded
+
+
+def _failure(job_id: str, exc: BaseException) -> Completion:
+    if isinstance(exc, HandlerFailure):
+        return Completion(job_id, "failure", error=storable_error(exc.error))
+    return Completion(
+        job_id,
+        "failure",
+        error=storable_error(
+            {
+                "code": "handler_exception",
+                "message": str(exc) or exc.__class__.__name__,
+                "exception": exc.__class__.__name__,
+            }
+        ),
+    )
+
+
+def _run_job(job_id: str, implementation: Any, payload: dict[str, Any], context: JobContext) -> Completion:
+    """Run a synchronous implementation (on the loop for inline ones, else in a pool thread):
+    its result as a Completion; never raises. The handler's log lines carry the job id, and
+    ``inprocess.current_job()`` is its context (with the cancel flag, spec 15.4)."""
+    token = job_id_var.set(job_id)
+    try:
+        if context.cancelled():  # cancelled between the claim and now: not run at all
+            raise HandlerFailure("cancelled", "the job was cancelled before its handler ran")
+        output = run_in_context(context, implementation, payload)
+        return Completion(job_id, "success", output=output, output_json=_encoded_output(output))
+    except Exception as exc:
+        return _failure(job_id, exc)
+    finally:
+        job_id_var.reset(token)
+
+
+def _hand_to_aws(method: Callable[..., dict[str, Any]], handler: dict[str, Any], payload: dict[str, Any]) -> Any:
+    """In an AWS pool thread: ``Invoke``/``RunTask``; what AWS accepted, or the DispatchError."""
+    try:
+        return method(handler, payload)
+    except DispatchError as exc:
+        return exc
+    except Exception as exc:  # never lose a job to an unexpected error
+        log.exception("handing over job %s failed", payload.get("job_id"))
+        return DispatchError("dispatch_exception", str(exc), details={"exception": exc.__class__.__name__})
 
 
 def storable_error(error: Any) -> Any:
@@ -390,15 +471,27 @@ class Dispatcher:
         self.name = name
         # unique per dispatcher instance: leases and releases are keyed on it
         self.worker_id = f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"[:128]
-        # Lambda/ECS hand-offs in flight; in-process jobs are limited by the worker threads
-        self.capacity = max(settings.dispatch_batch_size * 2, 1)
+        self.aws_concurrency = max(settings.dispatch_aws_concurrency, 1)
+        # Lambda/ECS hand-offs in flight (calling AWS or waiting for their turn); in-process jobs
+        # are limited by the worker threads
+        self.capacity = max(settings.dispatch_batch_size * 2, self.aws_concurrency * 2, 1)
+        self._remote_chunk = max(min(settings.dispatch_batch_size, self.capacity) // 4, 1)
         self.workers = max(settings.in_process_workers, 1)
+        # in-process results waiting to be recorded hold no worker, but at most this many
+        self._unrecorded_cap = self.workers + 2 * max(settings.dispatch_batch_size, 1)
+        # while jobs run, the recorder waits for this many results (or RECORD_LINGER_MAX)
+        self._record_min = max(settings.dispatch_batch_size, 1)
         self.host = socket.gethostname()[:255]
         self.dispatched = 0
-        self._aws = AwsBackends(settings)
-        self._aws_slots = asyncio.Semaphore(AWS_CONCURRENCY)
+        self._aws = AwsBackends(settings, max_connections=self.aws_concurrency)
+        self._aws_slots = asyncio.Semaphore(self.aws_concurrency)  # StopTask calls (cancellation)
+        self._signer: callbacks.Signer | None = None
         self._pool: DaemonThreadPool | None = None
-        self._completions: asyncio.Queue[Completion] = asyncio.Queue()
+        self._aws_pool: DaemonThreadPool | None = None
+        self._results: list[Completion] = []  # in-process results waiting to be recorded
+        self._handed: list[tuple[Any, str | None, dict[str, Any]]] = []  # accepted AWS hand-offs to mark
+        self._record_wake = asyncio.Event()
+        self._record_conn: psycopg.AsyncConnection[Any] | None = None
         self._inflight: set[str] = set()  # claimed by us and not yet handed over / ended
         self._leased: set[str] = set()  # the subset whose lease we renew
         self._local: set[str] = set()  # the in-process subset, until their result is recorded
@@ -407,13 +500,20 @@ class Dispatcher:
         self._contexts: dict[str, JobContext] = {}  # in-process jobs claimed: their cancel flags
         self._stops_due = True  # ECS tasks may wait to be stopped (a cancel, a retry timer, the start)
         self._stopper: asyncio.Task[Any] | None = None  # the loop's stop_tasks() in the background
-        self._recording: list[Completion] = []  # the batch the completer is recording right now
+        self._recording: list[Completion] = []  # the batch the recorder is recording right now
+        self._marking: list[tuple[Any, str | None, dict[str, Any]]] = []  # the hand-offs it is marking
         self._registered = False
         self._more_due = False
         # look for Lambda/ECS jobs on the next claim? Only when something may have made one due
         # (a NOTIFY, the polling fallback, a retry timer, a finished hand-off): a worker that
         # became free needs only the in-process scan
         self._check_remote = True
+        # look for jobs that need a worker? Not after a scan came up short, until something may
+        # have made one due (so a backlog of other jobs is not scanned for them on every claim)
+        self._check_local = True
+        self._window_short = True
+        self._last_deep = 0.0
+        self._checked_remote = True
         self._healthy_since: float | None = None  # monotonic start of our unbroken heartbeats
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
@@ -433,9 +533,13 @@ class Dispatcher:
     # lifecycle
 
     def _start_workers(self) -> None:
+        loop = asyncio.get_running_loop()
         self._pool = DaemonThreadPool(max_workers=self.workers, thread_name_prefix="pie-job")
+        self._pool.deliver_to(loop, self._on_results)
+        self._aws_pool = DaemonThreadPool(max_workers=self.aws_concurrency, thread_name_prefix="pie-aws")
+        self._aws_pool.deliver_to(loop, self._on_handed)
         self._background += [
-            asyncio.create_task(self._completer(), name=f"{self.name}-completer"),
+            asyncio.create_task(self._recorder(), name=f"{self.name}-recorder"),
             asyncio.create_task(self._renewer(), name=f"{self.name}-lease-renewer"),
             asyncio.create_task(self._heartbeater(), name=f"{self.name}-heartbeat"),
         ]
@@ -478,11 +582,20 @@ class Dispatcher:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
-        # whatever ended but was not recorded yet (with retries for at most the grace period)
-        leftovers: list[Completion] = list(self._recording)
-        self._recording = []
-        while not self._completions.empty():
-            leftovers.append(self._completions.get_nowait())
+        if self._recording or self._marking:
+            # the recorder was cancelled mid-statement: its connection's state is unknown
+            await self._close_record_connection()
+        # whatever ended or was handed over but was not recorded yet (with retries for at most
+        # the grace period): a hand-off AWS accepted must not be released and run again
+        handed, self._handed = self._marking + self._handed, []
+        self._marking = []
+        if handed:
+            with contextlib.suppress(Exception):
+                await self._mark_dispatched(handed)
+            for row, _, _ in handed:
+                self._done(row.job_id)
+        leftovers: list[Completion] = self._recording + self._results
+        self._recording, self._results = [], []
         if leftovers:
             with contextlib.suppress(Exception):
                 await self._finish(leftovers, retry_until=time.monotonic() + grace)
@@ -490,13 +603,15 @@ class Dispatcher:
                 self._done(completion.job_id)
         await self._close_claim_connection()
         await self.release_unfinished()
+        await self._close_record_connection()
         if self._registered:
             with contextlib.suppress(Exception):
                 async with db.get_engine().begin() as conn:
                     await conn.execute(_UNREGISTER, {"me": self.worker_id})
             self._registered = False
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._aws_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         self._running = False
         log.info("dispatcher %s stopped after %d dispatches", self.worker_id, self.dispatched)
 
@@ -613,7 +728,7 @@ class Dispatcher:
                     self._stopper = asyncio.create_task(self._stop_tasks_logged(), name=f"{self.name}-stopper")
                     self._tasks.add(self._stopper)
                     self._stopper.add_done_callback(self._tasks.discard)
-                claimed = await self.claim_and_dispatch()
+                claimed = await self.claim_and_dispatch(eager=False)
                 errors = 0
             except asyncio.CancelledError:
                 raise
@@ -637,6 +752,7 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.dispatch_poll_interval)
             except TimeoutError:
                 self._check_remote = True  # the polling fallback looks for every kind of job
+                self._check_local = True
 
     def _schema_missing(self, exc: BaseException) -> None:
         now = time.monotonic()
@@ -664,80 +780,127 @@ class Dispatcher:
     # ---------------------------------------------------------------------------------------
     # claiming and handing over
 
-    async def claim_and_dispatch(self) -> int:
-        """Claim up to the free capacity of due jobs and start handing them over."""
+    async def claim_and_dispatch(self, *, eager: bool = True) -> int:
+        """Claim up to the free capacity of due jobs and hand them over (in-process jobs start
+        at once; their results are recorded later by the recorder). ``eager=False`` (the loop):
+        jobs that need a worker are not looked for again after a look came up short, until a
+        NOTIFY, a timer or the polling fallback says one may be due."""
+        if eager:
+            self._check_local = True
         if self._doubtful_claims:
             await self.settle_doubtful_claims()
         remote = len(self._inflight) - len(self._local)
+        # jobs that need no worker: hand-offs, within the capacity for them, and inline in-process
+        # jobs, within the results that may wait to be recorded
         remote_limit = (
-            max(min(self.settings.dispatch_batch_size, self.capacity - remote), 0) if self._check_remote else 0
+            max(
+                min(
+                    self.settings.dispatch_batch_size,
+                    self.capacity - remote,
+                    self._unrecorded_cap - len(self._local),
+                ),
+                0,
+            )
+            if self._check_remote
+            else 0
         )
-        self._checked_remote = self._check_remote
-        # free workers; results waiting to be recorded hold no worker, but at most a batch of them
-        unrecorded_cap = self.workers + self.settings.dispatch_batch_size
+        if 0 < remote_limit < self._remote_chunk and remote >= self.aws_concurrency:
+            # every AWS thread is busy and more hand-offs wait for one: claim again when a
+            # chunk is free, not once per finished hand-off
+            remote_limit = 0
+        self._checked_remote = self._check_remote and self._check_local  # every kind looked for
         local_limit = max(
-            min(self.settings.dispatch_batch_size, self.workers - len(self._busy), unrecorded_cap - len(self._local)), 0
+            min(
+                self.settings.dispatch_batch_size,
+                self.workers - len(self._busy),
+                self._unrecorded_cap - len(self._local),
+            ),
+            0,
         )
+        if not self._check_local:
+            local_limit = 0
         if (remote_limit <= 0 and local_limit <= 0) or self._stopping:
             return 0
         if not self._registered:
             await self.register()  # peers must see us alive before we hold any job
         lease = self.settings.in_process_lease_seconds
         claimed_at = time.monotonic()
+        deep = False
+        if local_limit > 0 and self._window_short:
+            now = time.monotonic()
+            if now - self._last_deep >= self.settings.dispatch_poll_interval:
+                deep, self._last_deep = True, now
         rows, tokens = await self._claim(
+            _CLAIM_DEEP if deep else _CLAIM,
             {
                 "local_limit": local_limit,
                 "remote_limit": remote_limit,
                 "lookahead": max(self.settings.dispatch_batch_size * 10, 500),
+                "inline": inline_names(),
                 "me": self.worker_id,
                 "lease": lease,
-            }
+            },
         )
-        n_local = sum(1 for r in rows if isinstance(r.handler, dict) and r.handler.get("type") == "in_process")
-        # claim again at once only if a kind filled its limit and this dispatcher has room for more of it
-        self._more_due = (local_limit > 0 and n_local == local_limit and self.workers > len(self._busy) + n_local) or (
-            remote_limit > 0 and len(rows) - n_local == remote_limit
+        inline = set(inline_names())
+        n_local = sum(
+            1
+            for r in rows
+            if isinstance(r.handler, dict)
+            and r.handler.get("type") == "in_process"
+            and r.handler.get("value") not in inline
         )
         self._check_remote = remote_limit > 0 and len(rows) - n_local == remote_limit
-        # every free worker got a job: probably more are due (the recorder waits for their results)
-        self._backlog = local_limit > 0 and n_local == local_limit
+        if local_limit > 0:
+            self._check_local = n_local == local_limit
+            # the window held too few: the next claims look deeper (at most once per interval)
+            self._window_short = not deep and n_local < local_limit
+        # every free worker (or the whole batch) got a job: probably more are due (the recorder
+        # lingers for their results)
+        self._backlog = (local_limit > 0 and n_local == local_limit) or self._check_remote
         if not rows:
+            self._more_due = False
             return 0
         self._idle.clear()
-        for row in sorted(rows, key=lambda r: r.job_id):
-            metrics.job_started(row.job_type, row.queued_seconds)
+        rows.sort(key=lambda r: r.job_id)
+        for row in rows:
             self._inflight.add(row.job_id)
             self._leased.add(row.job_id)
             self._lease_until[row.job_id] = claimed_at + lease
             if isinstance(row.handler, dict) and row.handler.get("type") == "in_process":
-                self._local.add(row.job_id)
-                self._busy.add(row.job_id)
                 self._contexts[row.job_id] = JobContext(row.job_id)
-            self._spawn(self._hand_over(row, tokens[row.job_id]))
         self.dispatched += len(rows)
+        self._hand_over(rows, tokens)
+        # claim again at once only if a kind filled its limit and this dispatcher has room for more of it
+        self._more_due = (
+            local_limit > 0
+            and n_local == local_limit
+            and len(self._busy) < self.workers
+            and len(self._local) < self._unrecorded_cap
+        ) or (remote_limit > 0 and len(rows) - n_local == remote_limit)
         return len(rows)
 
-    async def _claim(self, params: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
+    async def _claim(self, statement: str, params: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
         """Claim due jobs and sign their callback tokens, in one transaction on this
         dispatcher's own connection (no pool checkout or ping): BEGIN, the claim statement
-        (which also reads and share-locks the signing key), the tokens, COMMIT. A retired key
-        therefore signs nothing once its retirement has committed (``pie.callbacks``), and a
-        claim that fails leaves its jobs pending. A connection that failed or was interrupted is
-        closed and replaced; when a connection that sat idle turns out broken (the server
-        restarted, a proxy or firewall closed it), the claim is tried once more at once on a new
-        one instead of waiting for the next cycle."""
+        (which also reads and share-locks the signing key), the tokens (the batch signer), COMMIT.
+        A retired key therefore signs nothing once its retirement has committed
+        (``pie.callbacks``), and a claim that fails leaves its jobs pending. A connection that
+        failed or was interrupted is closed and replaced; when a connection that sat idle turns
+        out broken (the server restarted, a proxy or firewall closed it), the claim is tried once
+        more at once on a new one instead of waiting for the next cycle."""
         for retry in (False, True):
             conn = self._claim_conn
             fresh = conn is None or conn.closed
             if fresh:
                 conn = self._claim_conn = await db.connect(self.settings, autocommit=True, row_factory=namedtuple_row)
+                await conn.execute(_CONNECTION_SETUP)
             assert conn is not None
             backend = conn.info.backend_pid
             try:
-                # BEGIN and COMMIT cost two round trips (~0.17 ms) more than an autocommit claim;
-                # psycopg's pipeline mode was slower still (its own entry and exit)
+                # BEGIN and COMMIT cost two round trips more than an autocommit claim (the key
+                # must stay share-locked until the claim commits: pie.callbacks)
                 async with conn.transaction():
-                    rows = await (await conn.execute(_CLAIM, params)).fetchall()
+                    rows = await (await conn.execute(statement, params)).fetchall()
                     return rows, await self._sign(conn, rows)
             except BaseException as exc:
                 # the statement may have reached the server and commit there after all
@@ -760,10 +923,12 @@ class Dispatcher:
             key = callbacks.Key(first.signing_kid, first.signing_secret)
         else:
             key = await callbacks.signing_key(conn)
-        settings = self.settings
+        if self._signer is None or self._signer.key != key:
+            self._signer = callbacks.Signer(key)
+        settings, sign, now = self.settings, self._signer.sign, time.time()
         return {
-            row.job_id: callbacks.mint(
-                key, row, callback_token_ttl(settings, row.handler if isinstance(row.handler, dict) else None)
+            row.job_id: sign(
+                row, callback_token_ttl(settings, row.handler if isinstance(row.handler, dict) else None), now=now
             )
             for row in rows
         }
@@ -814,109 +979,102 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _hand_over(self, row: Any, token: str) -> None:
-        job_id_var.set(row.job_id)  # this task's log lines carry the job id
-        handler: dict[str, Any] = row.handler if isinstance(row.handler, dict) else {}
-        kind = handler.get("type") if handler else None
-        metrics.dispatch_attempt(kind)
-        warning = public_url_warning(self.settings, kind)
-        try:
-            payload = build_payload(self.settings, row, token)
+    def _hand_over(self, rows: list[Any], tokens: dict[str, str]) -> None:
+        """Give each claimed job to its backend, without waiting: inline implementations run
+        right here, ``async def`` ones become tasks, plain ones go to the worker pool, Lambda and
+        ECS calls to the AWS pool. Results come back through ``_on_results``/``_on_handed``."""
+        s = self.settings
+        attempts: dict[Any, int] = {}
+        for row in rows:
+            handler: dict[str, Any] = row.handler if isinstance(row.handler, dict) else {}
+            kind = handler.get("type") if handler else None
+            attempts[kind] = attempts.get(kind, 0) + 1
+            metrics.job_started(row.job_type, row.queued_seconds)
+            payload = build_payload(s, row, tokens[row.job_id])
             if kind == "in_process":
-                implementation = get_implementation(str(handler.get("value")))
-                if implementation is None:
-                    raise DispatchError(
+                self._local.add(row.job_id)
+                self._busy.add(row.job_id)
+                registered = get_registered(str(handler.get("value")))
+                if registered is None:
+                    error = DispatchError(
                         "unknown_in_process_handler",
                         f"no in-process implementation named {handler.get('value')!r} is registered in this process",
                         retryable=False,
                     )
-                await self._run_in_process(row, implementation, payload)
-                return
-            if kind == "lambda":
-                async with self._aws_slots:
-                    info = await asyncio.to_thread(self._aws.invoke_lambda, handler, payload)
-            elif kind == "ecs_task":
-                async with self._aws_slots:
-                    info = await asyncio.to_thread(self._aws.run_ecs_task, handler, payload)
+                    self._busy.discard(row.job_id)
+                    self._spawn(self._dispatch_failed(row, error, kind))
+                    continue
+                mode = registered.mode
+                if mode == "inline" and (row.payload_bytes or 0) > INLINE_MAX_PAYLOAD_BYTES:
+                    mode = "thread"
+                context = self._contexts.get(row.job_id) or JobContext(row.job_id)
+                if mode == "inline":
+                    self._busy.discard(row.job_id)
+                    self._results.append(_run_job(row.job_id, registered.implementation, payload, context))
+                elif mode == "async":
+                    self._spawn(self._run_async(row.job_id, registered.implementation, payload, context))
+                else:
+                    assert self._pool is not None
+                    self._pool.run_soon(_run_job, row.job_id, registered.implementation, payload, context)
+            elif kind in ("lambda", "ecs_task"):
+                method = self._aws.invoke_lambda if kind == "lambda" else self._aws.run_ecs_task
+                assert self._aws_pool is not None
+                self._aws_pool.run_soon(self._aws_call, row, kind, method, handler, payload)
             else:
-                raise DispatchError(
+                error = DispatchError(
                     "invalid_handler",
                     f"model version has no usable {row.job_type} handler (type {kind!r})",
                     retryable=False,
                 )
-        except asyncio.CancelledError:
-            raise
-        except DispatchError as exc:
-            await self._dispatch_failed(row, exc, kind)
-            return
-        except Exception as exc:  # never lose a job to an unexpected error
-            log.exception("dispatcher %s: handing over job %s failed", self.worker_id, row.job_id)
-            await self._dispatch_failed(
-                row, DispatchError("dispatch_exception", str(exc), details={"exception": exc.__class__.__name__}), kind
-            )
-            return
-        self._leased.discard(row.job_id)
-        task = (
-            {"cluster": info["cluster"], "task_arn": info["task_arn"]}
-            if kind == "ecs_task" and isinstance(info.get("task_arn"), str)
-            else None
-        )
-        try:
-            async with db.get_engine().begin() as conn:
-                result = await conn.execute(
-                    _DISPATCHED,
-                    {
-                        "job_id": row.job_id,
-                        "me": self.worker_id,
-                        "warning": warning,
-                        "ecs_task": json.dumps(task) if task is not None else None,
-                    },
-                )
-                if result.rowcount == 0 and task is not None:
-                    # the job ended (was cancelled) while ECS was starting its task: stop the task
-                    await conn.execute(
-                        _ORPHAN_TASK,
-                        {**task, "job_id": row.job_id, "reason": "the PIE job had ended when its task started"},
-                    )
-                    self._stops_due = True
-                    log.warning("job %s ended while its ECS task %s started: stopping it", row.job_id, task["task_arn"])
-        finally:
-            self._done(row.job_id)
-        log.info("job %s dispatched to %s (attempt %d): %s", row.job_id, kind, row.attempts, info)
+                self._spawn(self._dispatch_failed(row, error, kind))
+        for kind, n in attempts.items():
+            metrics.dispatch_attempt(kind, n)
+        if self._results:
+            self._record_wake.set()
+            self._wake.set()  # inline jobs freed their workers already
 
-    async def _run_in_process(self, row: Any, implementation: Any, payload: dict[str, Any]) -> None:
-        loop = asyncio.get_running_loop()
-        context = self._contexts.get(row.job_id) or JobContext(row.job_id)
+    @staticmethod
+    def _aws_call(row: Any, kind: str, method: Callable[..., Any], handler: dict[str, Any], payload: dict[str, Any]):
+        return row, kind, _hand_to_aws(method, handler, payload)
+
+    async def _run_async(self, job_id: str, implementation: Any, payload: dict[str, Any], context: JobContext) -> None:
+        """An ``async def`` implementation, as a task on the loop (its log lines carry the job
+        id; ``inprocess.current_job()`` is its context, with the cancel flag)."""
+        job_id_var.set(job_id)
         try:
             if context.cancelled():  # cancelled between the claim and now: not run at all
                 raise HandlerFailure("cancelled", "the job was cancelled before its handler ran")
-            # the handler's own log lines carry the job id too; its context exposes the cancel flag
-            run = functools.partial(
-                contextvars.copy_context().run, run_in_context, context, _run_implementation, implementation, payload
-            )
-            output = await loop.run_in_executor(self._pool, run)
-            completion = Completion(row.job_id, "success", output=output)
+            output = await await_in_context(context, implementation, payload)
+            completion = Completion(job_id, "success", output=output, output_json=_encoded_output(output))
         except asyncio.CancelledError:
             raise
-        except HandlerFailure as exc:
-            completion = Completion(row.job_id, "failure", error=storable_error(exc.error))
         except Exception as exc:
-            completion = Completion(
-                row.job_id,
-                "failure",
-                error=storable_error(
-                    {
-                        "code": "handler_exception",
-                        "message": str(exc) or exc.__class__.__name__,
-                        "exception": exc.__class__.__name__,
-                    }
-                ),
-            )
-        self._busy.discard(row.job_id)  # the worker is free; the result waits to be recorded
-        self._wake.set()
-        await self._completions.put(completion)
+            completion = _failure(job_id, exc)
+        self._on_results([completion])
+
+    def _on_results(self, completions: list[Completion]) -> None:
+        """In-process handlers returned (a batch of them): their workers are free; the results
+        wait for the recorder."""
+        for completion in completions:
+            self._busy.discard(completion.job_id)
+        self._results.extend(completions)
+        self._record_wake.set()
+        self._wake.set()  # capacity is free again
+
+    def _on_handed(self, items: list[tuple[Any, str, Any]]) -> None:
+        """AWS calls returned (a batch of them): accepted hand-offs wait for the recorder to
+        clear their lease; failures are retried or given up."""
+        for row, kind, info in items:
+            if isinstance(info, DispatchError):
+                self._spawn(self._dispatch_failed(row, info, kind))
+                continue
+            self._leased.discard(row.job_id)
+            self._handed.append((row, public_url_warning(self.settings, kind), info))
+        if self._handed:
+            self._record_wake.set()
 
     async def _dispatch_failed(self, row: Any, exc: DispatchError, kind: str | None) -> None:
+        job_id_var.set(row.job_id)
         error = {**exc.as_error(), "attempts": row.attempts, "backend": kind}
         metrics.dispatch_failure(kind, exc.retryable)
         try:
@@ -946,6 +1104,7 @@ class Dispatcher:
     def _wake_all(self) -> None:
         """Wake the loop to look for due jobs of every kind (a NOTIFY, a retry coming due)."""
         self._check_remote = True
+        self._check_local = True
         self._wake.set()
 
     def _done(self, job_id: str) -> None:
@@ -962,25 +1121,113 @@ class Dispatcher:
         self._wake.set()  # capacity is free again
 
     # ---------------------------------------------------------------------------------------
-    # ending in-process jobs, in batches
+    # recording results and hand-offs, in batches, on a connection of its own
 
-    async def _completer(self) -> None:
+    async def _recorder(self) -> None:
         while True:
-            batch = [await self._completions.get()]
-            if self._busy or self._backlog:  # more results are on their way
-                await asyncio.sleep(COMPLETION_LINGER)
-            while len(batch) < COMPLETION_BATCH and not self._completions.empty():
-                batch.append(self._completions.get_nowait())
-            self._recording = batch  # if stop() cancels us mid-way, it records these itself
+            await self._record_wake.wait()
+            # more results are on their way: wait for them (a batch's worth, RECORD_LINGER_MAX
+            # at most), so a busy dispatcher ends many jobs per statement
+            lingered = 0.0
+            while (
+                (self._busy or self._backlog)
+                and len(self._results) < self._record_min
+                and lingered < RECORD_LINGER_MAX
+                and not self._stopping
+            ):
+                await asyncio.sleep(RECORD_LINGER)
+                lingered += RECORD_LINGER
+            self._record_wake.clear()
+            handed, self._handed = self._handed, []
+            if handed:
+                self._marking = handed  # if stop() cancels us mid-way, it marks these itself
+                try:
+                    await self._mark_dispatched(handed)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # their leases recover them
+                    log.warning("dispatcher %s: marking %d hand-offs failed: %s", self.worker_id, len(handed), exc)
+                self._marking = []
+                for row, _, _ in handed:
+                    self._done(row.job_id)
+            while self._results:
+                batch, self._results = self._results[:RECORD_BATCH], self._results[RECORD_BATCH:]
+                self._recording = batch  # if stop() cancels us mid-way, it records these itself
+                try:
+                    await self._finish(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("dispatcher %s: recording %d results failed", self.worker_id, len(batch))
+                self._recording = []
+                for completion in batch:
+                    self._done(completion.job_id)
+
+    async def _record_connection(self) -> psycopg.AsyncConnection[Any]:
+        conn = self._record_conn
+        if conn is None or conn.closed:
+            conn = await db.connect(self.settings, autocommit=True)
+            await conn.execute(_CONNECTION_SETUP)
+            self._record_conn = conn
+        return conn
+
+    async def _close_record_connection(self) -> None:
+        conn, self._record_conn = self._record_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _drop_record_connection_if_broken(self) -> None:
+        conn = self._record_conn
+        if conn is not None and (conn.closed or conn.broken):
+            await self._close_record_connection()
+
+    async def _mark_dispatched(self, handed: list[tuple[Any, str | None, dict[str, Any]]]) -> None:
+        """One statement for a batch of accepted hand-offs (tried once more on a new connection
+        when the old one turns out broken)."""
+        tasks = {
+            row.job_id: {"cluster": info["cluster"], "task_arn": info["task_arn"]}
+            for row, _, info in handed
+            if isinstance(info, dict) and info.get("backend") == "ecs_task" and isinstance(info.get("task_arn"), str)
+        }
+        params = {
+            "ids": [row.job_id for row, _, _ in handed],
+            "warnings": [w for _, w, _ in handed],
+            "ecs_tasks": [json.dumps(tasks[row.job_id]) if row.job_id in tasks else None for row, _, _ in handed],
+            "me": self.worker_id,
+        }
+        marked: set[str] = set()
+        for retry in (False, True):
             try:
-                await self._finish(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("dispatcher %s: recording %d results failed", self.worker_id, len(batch))
-            self._recording = []
-            for completion in batch:
-                self._done(completion.job_id)
+                conn = await self._record_connection()
+                marked = {r[0] for r in await (await conn.execute(_DISPATCHED, params)).fetchall()}
+                break
+            except psycopg.OperationalError:
+                await self._drop_record_connection_if_broken()
+                if retry:
+                    raise
+        orphans = [(job_id, task) for job_id, task in tasks.items() if job_id not in marked]
+        if orphans:
+            # the job ended (was cancelled) while ECS was starting its task: stop the task
+            async with db.get_engine().begin() as sa_conn:
+                for job_id, task in orphans:
+                    await sa_conn.execute(
+                        _ORPHAN_TASK,
+                        {**task, "job_id": job_id, "reason": "the PIE job had ended when its task started"},
+                    )
+                    log.warning("job %s ended while its ECS task %s started: stopping it", job_id, task["task_arn"])
+            self._stops_due = True
+            self._wake.set()
+        for row, _, info in handed:
+            handler = row.handler if isinstance(row.handler, dict) else {}
+            log.info(
+                "job %s dispatched to %s (attempt %d): %s",
+                row.job_id,
+                handler.get("type"),
+                row.attempts,
+                info,
+                extra={"job_id": row.job_id},
+            )
 
     def _recording_deadline(self, completions: list[Completion]) -> float:
         """Until when recording these results may be retried: the earliest end of their leases
@@ -993,7 +1240,7 @@ class Dispatcher:
     async def _finish(
         self, completions: list[Completion], *, attempt: int = 0, retry_until: float | None = None
     ) -> None:
-        """End jobs through the completion logic.
+        """End jobs through the completion logic (on the recorder's connection).
 
         A transient database error (the server is down or restarting, a broken connection, a
         timeout, a conflict) is retried with exponential backoff for as long as the jobs' leases
@@ -1006,12 +1253,13 @@ class Dispatcher:
         delay = 0.05
         while True:
             try:
-                async with db.sessionmaker()() as session, session.begin():
-                    outcomes = await finish_jobs(session, completions)
+                conn = await self._record_connection()
+                outcomes = await finish_jobs(conn, completions)
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                await self._drop_record_connection_if_broken()
                 if not is_transient_db_error(exc):
                     return await self._finish_fallback(completions, exc, attempt)
                 until = retry_until if retry_until is not None else self._recording_deadline(completions)
@@ -1139,10 +1387,10 @@ class Dispatcher:
         know (any more) needs no stop; giving up leaves a warning on the job."""
         self._stops_due = False
         async with db.get_engine().begin() as conn:
-            rows = (await conn.execute(_CLAIM_STOPS, {"lease": STOP_LEASE_SECONDS, "n": AWS_CONCURRENCY})).all()
+            rows = (await conn.execute(_CLAIM_STOPS, {"lease": STOP_LEASE_SECONDS, "n": self.aws_concurrency})).all()
         if not rows:
             return 0
-        self._stops_due = len(rows) == AWS_CONCURRENCY  # there may be more due
+        self._stops_due = len(rows) == self.aws_concurrency  # there may be more due
 
         async def stop(row: Any) -> bool:
             async with self._aws_slots:
@@ -1303,7 +1551,8 @@ class Dispatcher:
             if not claimed and not self._inflight:
                 if self._checked_remote:
                     return total
-                self._check_remote = True  # nothing in-process left: look for every kind once more
+                self._check_remote = True  # nothing left: look for every kind once more
+                self._check_local = True
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -10,6 +10,11 @@ its object the callable), e.g. in its ``pyproject.toml``::
     my_model = "my_package.handlers:predict"
 
 They are discovered once per process, on first use (``reload_entry_points()`` looks again).
+
+Where an implementation runs: an ``async def`` one on the dispatcher's event loop (it must not
+block: await I/O); a plain function in the dispatcher's worker thread pool; the built-ins
+(microseconds of pure computation, registered ``inline=True``) directly on the event loop,
+where a thread hand-over would cost many times the call itself.
 A built-in name cannot be taken over; an entry point that fails to load is logged and listed
 with its error, and is not usable.
 
@@ -24,6 +29,7 @@ A handler that starts threads of its own passes them the context (or copies its
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import math
 import threading
@@ -46,6 +52,9 @@ class Registered:
     distribution: str | None = None
     implementation: Implementation | None = None
     error: str | None = None  # why an entry point could not be loaded
+    # where the dispatcher runs it: "inline" (on the event loop, for instant pure functions),
+    # "async" (an ``async def``: a task on the event loop) or "thread" (the worker pool)
+    mode: str = "thread"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -63,13 +72,25 @@ _PLUGINS: dict[str, Registered] | None = None
 _plugins_lock = threading.Lock()
 
 
-def register(name: str) -> Callable[[Implementation], Implementation]:
-    """Register a built-in implementation (used by this module)."""
+def run_mode(fn: Any, inline: bool = False) -> str:
+    if inspect.iscoroutinefunction(fn):
+        return "async"
+    return "inline" if inline else "thread"
+
+
+def register(name: str, *, inline: bool = False) -> Callable[[Implementation], Implementation]:
+    """Register a built-in implementation (used by this module). ``inline=True``: a pure
+    function that returns within microseconds, run directly on the dispatcher's event loop."""
 
     def decorator(fn: Implementation) -> Implementation:
         source = "builtin" if fn.__module__.startswith("pie.") else "code"  # "code": register() elsewhere
         _BUILTINS[name] = Registered(
-            name, source, f"{fn.__module__}:{fn.__qualname__}", "pie" if source == "builtin" else None, fn
+            name,
+            source,
+            f"{fn.__module__}:{fn.__qualname__}",
+            "pie" if source == "builtin" else None,
+            fn,
+            mode=run_mode(fn, inline),
         )
         return fn
 
@@ -102,7 +123,7 @@ def _load_plugins() -> dict[str, Registered]:
                 ep.name, "entry_point", ep.value, dist, None, f"{exc.__class__.__name__}: {exc}"
             )
             continue
-        found[ep.name] = Registered(ep.name, "entry_point", ep.value, dist, fn)
+        found[ep.name] = Registered(ep.name, "entry_point", ep.value, dist, fn, mode=run_mode(fn))
     return found
 
 
@@ -136,6 +157,18 @@ def registered_names() -> list[str]:
 def get_implementation(name: str) -> Implementation | None:
     found = _BUILTINS.get(name) or _plugins().get(name)
     return found.implementation if found is not None else None
+
+
+def inline_names() -> list[str]:
+    """The names of the implementations that run inline (on the dispatcher's event loop): their
+    jobs need no worker, so a dispatcher claims them beside its free workers' share."""
+    return sorted(name for name, r in _BUILTINS.items() if r.mode == "inline" and r.implementation is not None)
+
+
+def get_registered(name: str) -> Registered | None:
+    """The usable registration named ``name`` (its implementation and run mode), or None."""
+    found = _BUILTINS.get(name) or _plugins().get(name)
+    return found if found is not None and found.implementation is not None else None
 
 
 @dataclass(frozen=True)
@@ -178,6 +211,16 @@ def run_in_context(context: JobContext, fn: Callable[..., Any], *args: Any) -> A
         _current.reset(token)
 
 
+async def await_in_context(context: JobContext, fn: Callable[..., Any], *args: Any) -> Any:
+    """Await ``fn(*args)`` (an ``async def`` implementation) with ``context`` as the current job
+    (in the calling task)."""
+    token = _current.set(context)
+    try:
+        return await fn(*args)
+    finally:
+        _current.reset(token)
+
+
 class HandlerFailure(Exception):
     """Raised by an implementation to fail a job with a structured error."""
 
@@ -186,13 +229,13 @@ class HandlerFailure(Exception):
         self.error = {"code": code, "message": message, **({"details": details} if details else {})}
 
 
-@register("echo")
+@register("echo", inline=True)
 def echo(payload: dict[str, Any]) -> dict[str, Any]:
     """Output = the payload's ``input`` and ``features``."""
     return {"input": payload.get("input"), "features": payload.get("features")}
 
 
-@register("fail")
+@register("fail", inline=True)
 def fail(payload: dict[str, Any]) -> Any:
     """Always fails with a structured error (for testing pipelines)."""
     raise HandlerFailure("deliberate_failure", "the 'fail' handler always fails", {"job_id": payload.get("job_id")})
@@ -211,7 +254,7 @@ def _number(value: Any, default: float, low: float, high: float) -> float:
     return min(max(number, low), high)
 
 
-@register("reference_pricing")
+@register("reference_pricing", inline=True)
 def reference_pricing(payload: dict[str, Any]) -> dict[str, Any]:
     """A small deterministic price recommendation from the features (input keys override).
 
