@@ -29,12 +29,12 @@ def test_the_defaults_fit_two_api_processes_and_a_worker_in_a_stock_server():
     serve, worker = connection_budget(settings, "serve"), connection_budget(settings, "worker")
     used = 2 * serve.per_process + worker.per_process
     assert used <= STOCK_MAX_CONNECTIONS - SUPERUSER_RESERVED - ROOM_FOR_MIGRATIONS_AND_PSQL, (serve, worker)
-    # the budget counts every connection a process opens: both pools, LISTEN and claim
-    # connections, the webhook delivery loop's LISTEN, claim and result connections
+    # the budget counts every connection a process opens: both pools, the dispatcher's LISTEN,
+    # claim and recording connections, the webhook delivery loop's LISTEN, claim and result connections
     assert serve.per_process == (
-        settings.db_pool_size + settings.db_max_overflow + settings.db_read_pool_size + 1 + 2 + 3
+        settings.db_pool_size + settings.db_max_overflow + settings.db_read_pool_size + 1 + 3 + 3
     ), serve
-    assert worker.per_process == settings.db_pool_size + settings.db_max_overflow + 2 + 3
+    assert worker.per_process == settings.db_pool_size + settings.db_max_overflow + 3 + 3
 
 
 def _server_max_connections(url: str) -> int:
@@ -102,7 +102,7 @@ def test_worker_refuses_a_pool_the_server_cannot_hold(database_url, tmp_path):
     line = assert_config_error_after_logs(result)
     assert line.startswith("pie worker: database connections: 1 process(es) x ")
     assert (
-        f"(PIE_DB_POOL_SIZE {limit} + PIE_DB_MAX_OVERFLOW 2 + dispatcher 2 + webhook delivery 3) = {limit + 7} > "
+        f"(PIE_DB_POOL_SIZE {limit} + PIE_DB_MAX_OVERFLOW 2 + dispatcher 3 + webhook delivery 3) = {limit + 8} > "
         in line
     ), line
 

@@ -377,9 +377,9 @@ def wait_for_database(url: str, timeout: float, *, interval: float = 2.0) -> Non
 
 
 # connections a process holds besides its pools: the long-poll LISTEN connection (`pie serve`),
-# and a dispatcher's LISTEN and claim connections
+# and a dispatcher's LISTEN, claim and result-recording connections
 LONG_POLL_CONNECTIONS = 1
-DISPATCHER_CONNECTIONS = 2
+DISPATCHER_CONNECTIONS = 3
 # the webhook delivery loop beside a dispatcher (PIE_WEBHOOKS_DELIVER): LISTEN, claims, results
 WEBHOOK_DELIVERY_CONNECTIONS = 3
 
