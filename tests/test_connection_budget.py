@@ -57,6 +57,7 @@ def test_serve_refuses_a_pool_the_server_cannot_hold(database_url, tmp_path):
             PIE_DB_MAX_OVERFLOW="0",
             PIE_DB_READ_POOL_SIZE="1",
             PIE_RUN_DISPATCHER="false",
+            PIE_DB_CHECK_CONNECTIONS="true",  # the kit turns it off for its other servers
         ),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -97,6 +98,7 @@ def test_worker_refuses_a_pool_the_server_cannot_hold(database_url, tmp_path):
         PIE_DATABASE_URL=database_url,
         PIE_DB_POOL_SIZE=str(limit),
         PIE_DB_MAX_OVERFLOW="2",
+        PIE_DB_CHECK_CONNECTIONS="true",  # the kit turns it off for its other servers
         timeout=90,
     )
     line = assert_config_error_after_logs(result)
