@@ -181,8 +181,8 @@ class Tenant:
 
     async def scope(self, session):
         from pie.auth import Principal
-        from pie.clients.models import Client
         from pie.deps import TenantScope
+        from pie.tables.clients import Client
 
         client = await session.get(Client, self.client_id)
         return TenantScope(principal=Principal(subject="bench", is_admin=True), client=client)

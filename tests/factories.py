@@ -12,10 +12,10 @@ import httpx
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from pie.clients.models import Client
-from pie.jobs.models import Job
-from pie.registry.models import Model, ModelVersion
-from pie.tenancy.models import Service
+from pie.tables.clients import Client
+from pie.tables.jobs import Job
+from pie.tables.registry import Model, ModelVersion
+from pie.tables.tenancy import Service
 
 # the spec's example feature set (5.2): seven definitions, only `route` mandatory
 SEVEN_FEATURES: list[dict[str, Any]] = [

@@ -20,8 +20,8 @@ from factories import (
 )
 from sqlalchemy import select
 
-from pie.assignments.models import Assignment
-from pie.tenancy.models import Service
+from pie.tables.assignments import Assignment
+from pie.tables.tenancy import Service
 
 D = "/v2/clients/client-1/domains/south_australia"
 SA = {"route": "Adelaide to Sydney"}

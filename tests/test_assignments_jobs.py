@@ -16,7 +16,7 @@ from factories import (
 )
 from sqlalchemy import select, text
 
-from pie.registry.models import EventSubscription, Model, ModelVersion
+from pie.tables.registry import EventSubscription, Model, ModelVersion
 
 D = "/v2/clients/client-1/domains/south_australia"
 S = f"{D}/service/service-1"

@@ -18,7 +18,7 @@ from factories import (
 )
 from sqlalchemy import select
 
-from pie.assignments.models import Assignment
+from pie.tables.assignments import Assignment
 
 D = "/v2/clients/client-1/domains/south_australia"
 SA = {"route": "Adelaide to Sydney"}

@@ -15,8 +15,8 @@ from sqlalchemy.exc import DBAPIError
 from test_access_matrix import BODIES, DOMAIN, A, World, call, operations, world  # noqa: F401 (fixture)
 from test_assignments_freeze import LIVE, V2_FEATURES
 
-from pie.audit.models import AuditRecord
 from pie.models_all import Base
+from pie.tables.audit import AuditRecord
 
 D = "/v2/clients/client-1/domains/south_australia"
 ADMIN_ACTOR = {"sub": "pie-dev-user", "username": None, "client_id": None}

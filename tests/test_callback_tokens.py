@@ -13,13 +13,13 @@ from jose import jwt
 from sqlalchemy import select, text
 
 from pie import callbacks, db
-from pie.clients.models import Client
 from pie.dispatch.backends import callback_token_ttl
 from pie.dispatch.dispatcher import dispatch_until_idle
 from pie.dispatch.inprocess import register
 from pie.jobs.logic import create_job
-from pie.jobs.models import Job
-from pie.registry.models import Model, ModelVersion
+from pie.tables.clients import Client
+from pie.tables.jobs import Job
+from pie.tables.registry import Model, ModelVersion
 
 SEEN: list[dict] = []
 

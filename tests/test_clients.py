@@ -12,9 +12,9 @@ import pytest
 from fastapi import Response
 from sqlalchemy import select
 
-from pie.clients.models import Client
 from pie.errors import BadRequest
 from pie.pagination import NEXT_CURSOR_HEADER, PageParams, encode_cursor, paginate
+from pie.tables.clients import Client
 
 
 async def create(client, admin, client_id: str, name: str | None = None):

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from factories import assign, init_service, make_client, make_version, stored_job, tenant_setup
 
-from pie.jobs.models import Job
 from pie.jobs.summary import queue_summary
+from pie.tables.jobs import Job
 
 ROUTE = {"route": "Adelaide to Sydney"}
 

@@ -12,8 +12,8 @@ from test_assignments_freeze import LIVE, V2_FEATURES
 from test_audit import audit_rows, table_counts
 from test_console import csrf_of, sign_in
 
-from pie.assignments.models import Assignment
-from pie.audit.models import AuditRecord
+from pie.tables.assignments import Assignment
+from pie.tables.audit import AuditRecord
 
 A = "/console/clients/acme/domains/south_australia/assignments/default"
 V2 = {"model_id": "pricing-model", "model_version": "2"}

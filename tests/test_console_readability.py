@@ -103,7 +103,7 @@ async def test_redoc_loads_nothing_from_a_cdn(client):
 async def test_a_jobs_features_and_error_are_tables(client, session, admin, make_token):
     from sqlalchemy import update
 
-    from pie.jobs.models import Job
+    from pie.tables.jobs import Job
 
     await tenant_setup(client, session, admin, client_id="acme")
     r = await client.post(

@@ -26,8 +26,8 @@ from sqlalchemy import select  # noqa: E402
 
 from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle  # noqa: E402
 from pie.jobs.logic import create_job  # noqa: E402
-from pie.jobs.models import Job  # noqa: E402
-from pie.registry.models import Model, ModelVersion  # noqa: E402
+from pie.tables.jobs import Job  # noqa: E402
+from pie.tables.registry import Model, ModelVersion  # noqa: E402
 
 REGION = "us-east-1"
 

@@ -20,8 +20,8 @@ from sqlalchemy import func, select, text
 
 from pie.dispatch.dispatcher import Dispatcher
 from pie.dispatch.inprocess import register
-from pie.jobs.models import Job
-from pie.registry.models import Model, ModelVersion
+from pie.tables.jobs import Job
+from pie.tables.registry import Model, ModelVersion
 
 WORKER_CODE = """
 import os, sys, time

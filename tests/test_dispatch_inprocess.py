@@ -10,13 +10,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from pie.clients.models import Client
 from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
 from pie.dispatch.inprocess import HandlerFailure, register
 from pie.jobs.logic import create_job
-from pie.jobs.models import Job
-from pie.registry.models import EventSubscription, Model, ModelVersion
-from pie.tenancy.models import Domain, Service
+from pie.tables.clients import Client
+from pie.tables.jobs import Job
+from pie.tables.registry import EventSubscription, Model, ModelVersion
+from pie.tables.tenancy import Domain, Service
 
 
 def handlers(inference: str = "echo", training: str = "echo") -> dict[str, Any]:

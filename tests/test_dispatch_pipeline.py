@@ -21,7 +21,7 @@ from pie import callbacks, db
 from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
 from pie.dispatch.inprocess import HandlerFailure, register
 from pie.jobs.logic import Completion, finish_jobs
-from pie.jobs.models import Job
+from pie.tables.jobs import Job
 
 ASYNC_RUNS: list[dict[str, Any]] = []
 

@@ -20,7 +20,7 @@ from test_dispatch_inprocess import new_job, seed_version, stored
 from pie import db
 from pie.dispatch.dispatcher import Dispatcher
 from pie.dispatch.inprocess import register
-from pie.jobs.models import Job
+from pie.tables.jobs import Job
 
 
 async def test_claim_skips_a_locked_pending_job_and_takes_the_others_without_waiting(session, settings, database_url):

@@ -14,8 +14,8 @@ from test_dispatch_inprocess import GATE, new_job, seed_version, stored
 
 from pie import db
 from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
-from pie.jobs.models import Job
-from pie.registry.models import EventSubscription
+from pie.tables.jobs import Job
+from pie.tables.registry import EventSubscription
 
 
 async def _wait_for(session, job_id: str, statuses: tuple[str, ...], timeout: float = 15.0) -> Job:

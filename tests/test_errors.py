@@ -15,10 +15,10 @@ from sqlalchemy import select, text
 from pie import db
 from pie.app import create_app
 from pie.clients import logic as clients_logic
-from pie.clients.models import Client
 from pie.config import Settings
 from pie.deps import Session, require
 from pie.errors import AssignmentBlocked, BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
+from pie.tables.clients import Client
 
 
 def assert_envelope(r: httpx.Response, status: int) -> str:

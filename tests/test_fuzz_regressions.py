@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import Column, Numeric, select
 
 from pie.app import create_app
-from pie.clients.models import Client
 from pie.errors import BadRequest
 from pie.pagination import _typed
+from pie.tables.clients import Client
 
 
 def assert_envelope(r: httpx.Response, status: int) -> str:

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from pie.clients.models import Client
 from pie.jobs.logic import create_job
-from pie.jobs.models import Job
-from pie.registry.models import EventSubscription, Model, ModelVersion
-from pie.tenancy.models import Domain, Service
+from pie.tables.clients import Client
+from pie.tables.jobs import Job
+from pie.tables.registry import EventSubscription, Model, ModelVersion
+from pie.tables.tenancy import Domain, Service
 
 ECHO = {"training": {"type": "in_process", "value": "echo"}, "inference": {"type": "in_process", "value": "echo"}}
 

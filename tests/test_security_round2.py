@@ -27,7 +27,7 @@ from sqlalchemy import text
 from pie import callbacks, db
 from pie.dispatch.backends import callback_token_ttl
 from pie.jobs.logic import create_job
-from pie.registry.models import ModelVersion
+from pie.tables.registry import ModelVersion
 
 INFER = "/v2/models/pricing-model/versions/1/inference"
 ECHO = {"type": "in_process", "value": "echo"}

@@ -15,7 +15,7 @@ from factories import (
 )
 from sqlalchemy import func, select
 
-from pie.tenancy.models import Domain
+from pie.tables.tenancy import Domain
 
 BASE = "/v2/clients/client-1/domains"
 

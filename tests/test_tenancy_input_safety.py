@@ -8,8 +8,8 @@ import pytest
 from factories import feature, fresh, init_service, jobs_of, stored_service, tenant_setup
 from sqlalchemy import func, select
 
-from pie.assignments.models import Assignment
-from pie.tenancy.models import Domain
+from pie.tables.assignments import Assignment
+from pie.tables.tenancy import Domain
 
 C = "/v2/clients/client-1"
 D = f"{C}/domains/south_australia"

@@ -18,9 +18,9 @@ from factories import (
 )
 from sqlalchemy import func, select
 
-from pie.assignments.models import Assignment
-from pie.registry.models import ModelVersion
-from pie.tenancy.models import Service
+from pie.tables.assignments import Assignment
+from pie.tables.registry import ModelVersion
+from pie.tables.tenancy import Service
 
 D = "/v2/clients/client-1/domains/south_australia"
 SA = {"route": "Adelaide to Sydney"}

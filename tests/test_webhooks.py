@@ -23,8 +23,8 @@ from webhook_receiver import Receiver
 from pie import db
 from pie.dispatch.dispatcher import dispatch_until_idle
 from pie.jobs.logic import Completion, create_job, finish_jobs
+from pie.tables.webhooks import WebhookDelivery, WebhookEvent
 from pie.webhooks.delivery import Deliverer
-from pie.webhooks.models import WebhookDelivery, WebhookEvent
 
 A, B = "tenant-a", "tenant-b"
 ROUTE = {"route": "Adelaide to Sydney"}

@@ -12,10 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pie import callbacks, db
 from pie.auth import Principal, TokenVerifier, with_tenant
 from pie.clients.app_clients import tenant_of_app_client
-from pie.clients.models import Client
 from pie.db import get_session
 from pie.errors import NotFound, Unauthorized
 from pie.schemas import ID_PATTERN
+from pie.tables.clients import Client
 
 # scope="function": the transaction commits when the endpoint returns, before the response is sent
 Session = Annotated[AsyncSession, Depends(get_session, scope="function")]

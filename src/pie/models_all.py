@@ -1,16 +1,16 @@
 """Import every table so the metadata is complete (Alembic, tests)."""
 
-from pie.assignments.models import Assignment
-from pie.audit.models import AuditRecord, VersionStatusChange
 from pie.callbacks import SigningKey
-from pie.clients.models import Client, ClientAppClient
 from pie.db import Base
-from pie.dispatch.models import DispatcherRow
 from pie.idempotency import IdempotencyKey
-from pie.jobs.models import Job, TaskStop
-from pie.registry.models import EventSubscription, Model, ModelVersion
-from pie.tenancy.models import Domain, Service
-from pie.webhooks.models import Webhook, WebhookDelivery, WebhookEvent
+from pie.tables.assignments import Assignment
+from pie.tables.audit import AuditRecord, VersionStatusChange
+from pie.tables.clients import Client, ClientAppClient
+from pie.tables.dispatch import DispatcherRow
+from pie.tables.jobs import Job, TaskStop
+from pie.tables.registry import EventSubscription, Model, ModelVersion
+from pie.tables.tenancy import Domain, Service
+from pie.tables.webhooks import Webhook, WebhookDelivery, WebhookEvent
 
 __all__ = [
     "Assignment",

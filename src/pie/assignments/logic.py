@@ -21,18 +21,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie import metrics, reads
 from pie.assignments import freeze
-from pie.assignments.models import Assignment
 from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert
 from pie.audit import context as audit
 from pie.deps import TenantScope
 from pie.errors import NotFound, Unprocessable
 from pie.jobs.logic import create_job
-from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
 from pie.registry.logic import UNUSABLE, get_model_version, unusable
-from pie.registry.models import ModelVersion
 from pie.registry.subscriptions import subscribe_inference
+from pie.tables.assignments import Assignment
+from pie.tables.jobs import Job
+from pie.tables.registry import ModelVersion
+from pie.tables.tenancy import Domain
 from pie.tenancy.logic import (
     DEFAULT_KEY,
     ensure_domain_active,
@@ -42,7 +43,6 @@ from pie.tenancy.logic import (
     load_service,
     schema_of,
 )
-from pie.tenancy.models import Domain
 from pie.webhooks import outbox as webhooks
 
 

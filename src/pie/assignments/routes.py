@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Path, Query, Response
 
 from pie.assignments import logic
-from pie.assignments.models import Assignment
 from pie.assignments.schemas import (
     AssignmentCreate,
     AssignmentDryRun,
@@ -21,6 +20,7 @@ from pie.deps import DomainIdPath, ServiceIdPath, Session, TenantScope, tenant
 from pie.idempotency import IDEMPOTENT
 from pie.pagination import PageParams
 from pie.schemas import KEY_PATTERN
+from pie.tables.assignments import Assignment
 from pie.tenancy.schemas import error_responses
 
 router = APIRouter(prefix="/v2/clients/{client_id}/domains/{domain_id}", tags=["assignments"], route_class=AuditedRoute)

@@ -11,10 +11,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.audit import context
 from pie.audit.context import AuditEntry
-from pie.audit.models import AuditRecord, VersionStatusChange
 from pie.auth import Principal
 from pie.errors import Forbidden
 from pie.pagination import PageParams, paginate
+from pie.tables.audit import AuditRecord, VersionStatusChange
 
 
 def row_values(entry: AuditEntry, *, method: str, path: str) -> dict[str, Any]:

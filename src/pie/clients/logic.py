@@ -10,10 +10,10 @@ from sqlalchemy.orm import selectinload
 
 from pie.auth import Principal
 from pie.clients.app_clients import forget_on_commit
-from pie.clients.models import Client, ClientAppClient
 from pie.clients.schemas import ClientCreate, ClientUpdate
 from pie.errors import Conflict, NotFound
 from pie.pagination import PageParams, paginate
+from pie.tables.clients import Client, ClientAppClient
 
 
 def visible_clients(principal: Principal):

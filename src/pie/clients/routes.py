@@ -8,12 +8,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pie.audit.routing import AuditedRoute
 from pie.auth import Principal
 from pie.clients import logic
-from pie.clients.models import Client
 from pie.clients.schemas import ClientCreate, ClientOut, ClientUpdate
 from pie.deps import ClientIdPath, Session, TenantScope, require, tenant
 from pie.errors import error_responses
 from pie.idempotency import IDEMPOTENT
 from pie.pagination import ListParams, PageParams, complete_list
+from pie.tables.clients import Client
 
 router = APIRouter(prefix="/v2/clients", tags=["clients"], route_class=AuditedRoute)
 

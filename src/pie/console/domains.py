@@ -43,8 +43,8 @@ from pie.features import validate_feature_definitions
 from pie.jobs import logic as jobs
 from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
 from pie.pagination import PageParams
+from pie.tables.tenancy import Domain
 from pie.tenancy import logic as tenancy
-from pie.tenancy.models import Domain
 from pie.tenancy.schemas import DomainCreate, FeaturesUpdate, ServiceInit, ServiceUpdate
 
 router = console_router()

@@ -33,9 +33,9 @@ from pie.jobs import cancel
 from pie.jobs import logic as jobs
 from pie.jobs.cancel import SERVICE_INIT, ensure_can_launch
 from pie.jobs.logic import ENDED
-from pie.jobs.models import Job
 from pie.jobs.summary import queue_summary
 from pie.lifecycle import logic as lifecycle
+from pie.tables.jobs import Job
 
 router = console_router()
 

@@ -44,9 +44,9 @@ from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused
 from pie.pagination import PageParams
 from pie.registry import logic as registry
 from pie.registry import subscriptions
-from pie.registry.models import ModelVersion
 from pie.registry.schemas import ModelCreate, SubscriptionCreate, SubscriptionUpdate, VersionCreate
 from pie.schemas import ID_PATTERN
+from pie.tables.registry import ModelVersion
 from pie.tenancy import logic as tenancy
 
 router = console_router()

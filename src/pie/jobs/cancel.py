@@ -32,7 +32,7 @@ from pie.audit import context as audit
 from pie.auth import Principal
 from pie.errors import Conflict, Forbidden, NotFound
 from pie.jobs.logic import CANCEL_CHANNEL, ENDED, Completion, Outcome, ensure_job_access, finish_jobs
-from pie.jobs.models import Job, TaskStop
+from pie.tables.jobs import Job, TaskStop
 
 CANCELLED = "cancelled"  # error.code of a cancelled job
 SERVICE_INIT = "service_init"  # Job.purpose of (re-)init jobs (pie.tenancy.logic.SERVICE_INIT)
@@ -62,7 +62,7 @@ def _who(actor: dict[str, Any] | None) -> str:
 
 
 def _lock_rows() -> Any:
-    from pie.registry.models import ModelVersion
+    from pie.tables.registry import ModelVersion
 
     mv = ModelVersion.__table__
     jobs = Job.__table__

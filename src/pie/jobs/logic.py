@@ -37,10 +37,10 @@ from pie.auth import Principal
 from pie.config import Settings, get_settings
 from pie.dispatch.backends import build_payload, callback_token_ttl, payload_limit_problem
 from pie.errors import Conflict, Forbidden, NotFound, Unprocessable
-from pie.jobs.models import Job
 from pie.jobs.schemas import JobOut
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
+from pie.tables.jobs import Job
 from pie.webhooks import outbox as webhooks
 
 log = logging.getLogger("pie.jobs")
@@ -120,7 +120,7 @@ async def create_job(
     carries to its handler (the domain's live features; spec 15.1). 422 when the payload its
     handler would receive exceeds the limit of the handler's type (ECS overrides, Lambda Event
     payload, the body limit for in-process jobs)."""
-    from pie.registry.models import ModelVersion
+    from pie.tables.registry import ModelVersion
 
     if handlers is not None:
         handler = handlers.get(job_type)
@@ -364,7 +364,7 @@ def _lock_for_finish() -> Any:
     model has active ``inference_complete`` subscriptions that may fire (not for a job of an
     archived version) (so the batch of an instant handler does not pay a query for contracts
     or subscriptions it does not have)."""
-    from pie.registry.models import EventSubscription, ModelVersion
+    from pie.tables.registry import EventSubscription, ModelVersion
 
     mv = ModelVersion.__table__
     sub = EventSubscription.__table__
@@ -551,7 +551,7 @@ async def _finish_full(session: AsyncSession, completions: list[Completion]) -> 
     }
     contracts: dict[tuple[str, str], Any] = {}
     if with_output:
-        from pie.registry.models import ModelVersion
+        from pie.tables.registry import ModelVersion
 
         for mv in (
             await session.execute(
@@ -605,7 +605,7 @@ async def _finish_full(session: AsyncSession, completions: list[Completion]) -> 
     # the end of a service's init job sets the service status
     inits = [r for r in to_end if r.purpose == "service_init" and r.service_id is not None]
     if inits:
-        from pie.tenancy.models import Service
+        from pie.tables.tenancy import Service
 
         svc = Service.__table__
         newer = Job.__table__.alias("newer")

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import case, func, select
 
-from pie.jobs.models import Job
+from pie.tables.jobs import Job
 
 STATUSES = ("pending", "started", "success", "failure")
 

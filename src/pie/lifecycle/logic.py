@@ -17,19 +17,19 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.assignments.logic import launch_domain_features
-from pie.assignments.models import Assignment
 from pie.audit import context as audit
 from pie.auth import Principal
-from pie.clients.models import Client
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.jobs.cancel import SERVICE_INIT, ensure_can_launch
 from pie.jobs.logic import ENDED, create_job
-from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.registry.handlers import input_schema
 from pie.registry.logic import UNUSABLE, get_model_version, unusable
+from pie.tables.assignments import Assignment
+from pie.tables.clients import Client
+from pie.tables.jobs import Job
+from pie.tables.tenancy import Domain, Service
 from pie.tenancy.logic import ensure_domain_active, load_domain
-from pie.tenancy.models import Domain, Service
 
 
 def _scope_name(revision: Assignment) -> str:

@@ -23,17 +23,17 @@ from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pie.assignments.models import Assignment
 from pie.audit import context as audit
-from pie.audit.models import VersionStatusChange
 from pie.auth import Principal
-from pie.clients.models import Client
 from pie.jobs.logic import notify_new_jobs
-from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.registry.handlers import input_schema
-from pie.registry.models import EventSubscription, ModelVersion
-from pie.tenancy.models import Domain, Service
+from pie.tables.assignments import Assignment
+from pie.tables.audit import VersionStatusChange
+from pie.tables.clients import Client
+from pie.tables.jobs import Job
+from pie.tables.registry import EventSubscription, ModelVersion
+from pie.tables.tenancy import Domain, Service
 
 log = logging.getLogger("pie.registry.events")
 

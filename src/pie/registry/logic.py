@@ -19,15 +19,12 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid6 import uuid7
 
-from pie.assignments.models import Assignment
 from pie.audit import context as audit
 from pie.audit.logic import record_status_change
 from pie.auth import Principal
-from pie.clients.models import Client
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.features import validate_feature_definitions
 from pie.jobs.logic import create_job
-from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
 from pie.registry.events import fire_subscriptions, shown_to
@@ -38,9 +35,12 @@ from pie.registry.handlers import (
     validate_contracts,
     validate_handlers,
 )
-from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.registry.schemas import InferenceRequest, ModelCreate, ModelUpdate, VersionCreate
 from pie.registry.subscriptions import json_or_null, subscribe_inference
+from pie.tables.assignments import Assignment
+from pie.tables.clients import Client
+from pie.tables.jobs import Job
+from pie.tables.registry import EventSubscription, Model, ModelVersion
 from pie.webhooks import outbox as webhooks
 
 log = logging.getLogger("pie.registry")

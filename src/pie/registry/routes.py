@@ -16,7 +16,6 @@ from pie.deps import ModelIdPath, ModelVersionPath, Session, require
 from pie.idempotency import IDEMPOTENT
 from pie.pagination import ListParams, PageParams, complete_list
 from pie.registry import logic, subscriptions
-from pie.registry.models import EventSubscription
 from pie.registry.schemas import (
     InferenceRequest,
     InferenceStarted,
@@ -36,6 +35,7 @@ from pie.registry.schemas import (
     VersionStatusUpdate,
     error_responses,
 )
+from pie.tables.registry import EventSubscription
 
 router = APIRouter(
     prefix="/v2/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 422), route_class=AuditedRoute

@@ -23,8 +23,8 @@ from pie.errors import NotFound, Unprocessable
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
 from pie.registry.handlers import input_schema
-from pie.registry.models import EventSubscription, Model
 from pie.registry.schemas import SubscriptionCreate, SubscriptionUpdate
+from pie.tables.registry import EventSubscription, Model
 
 
 def json_or_null(value: Any) -> Any:

@@ -18,12 +18,12 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.audit import context as audit
-from pie.clients.models import Client
 from pie.config import Settings
 from pie.errors import NotFound, Unprocessable
 from pie.pagination import PageParams, paginate
+from pie.tables.clients import Client
+from pie.tables.webhooks import Webhook, WebhookDelivery, WebhookEvent
 from pie.webhooks.events import PING, PLATFORM_ONLY
-from pie.webhooks.models import Webhook, WebhookDelivery, WebhookEvent
 from pie.webhooks.outbox import NOTIFY_CHANNEL
 from pie.webhooks.safety import UnsafeTarget, check_target
 from pie.webhooks.schemas import WebhookCreate, WebhookUpdate
