@@ -161,7 +161,7 @@ def test_the_start_up_checks_see_the_routes_of_included_routers():
     from fastapi import APIRouter
 
     from pie.audit.routing import check_routes
-    from pie.routing import routes_without_pie_route
+    from pie.http.routing import routes_without_pie_route
 
     router = APIRouter()
 

@@ -257,7 +257,7 @@ def _requirements() -> dict[str, str]:
 
 
 def test_uvicorn_is_pinned_to_the_tested_minor():
-    """pie.httpserver's PieHttpToolsProtocol subclasses uvicorn's private httptools protocol
+    """pie.http.limits's PieHttpToolsProtocol subclasses uvicorn's private httptools protocol
     (tests/test_http_limits.py is its guard): a new uvicorn minor may change that module, so only
     patch releases of the tested minor may install."""
     from importlib.metadata import version

@@ -33,10 +33,10 @@ from pie.errors import (
     install_error_handlers,
     internal_error_response,
 )
-from pie.httpserver import HeaderCountGuard
+from pie.http.limits import HeaderCountGuard
+from pie.http.query_params import reject_unknown_query_params
 from pie.logconfig import request_id_var
 from pie.openapi_names import name_inline_schemas
-from pie.query_params import reject_unknown_query_params
 
 log = logging.getLogger("pie")
 access_log = logging.getLogger("pie.access")
@@ -442,7 +442,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     if settings.expose_worker_pid:
         app.add_middleware(WorkerPidMiddleware)
     _include_routers(app)
-    from pie.routing import routes_without_pie_route
+    from pie.http.routing import routes_without_pie_route
 
     if stray := routes_without_pie_route(app.routes):  # the bounded JSON parser and the response hooks
         raise RuntimeError(f"routes without route_class=PieRoute: {stray}")

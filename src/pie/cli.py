@@ -93,7 +93,7 @@ def app_factory() -> FastAPI:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from pie.httpserver import uvicorn_options
+    from pie.http.limits import uvicorn_options
     from pie.migrate import current_revision, head_revision, upgrade
 
     host = args.host or settings.host

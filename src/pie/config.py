@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     # JSON bodies: deeper nesting or larger arrays/objects are a 400 naming the limit
     json_max_depth: int = Field(default=64, ge=2, le=200)
     json_max_items: int = Field(default=100_000, gt=0)
-    # HTTP server limits (uvicorn + pie.httpserver's httptools protocol; see the README table)
+    # HTTP server limits (uvicorn + pie.http.limits's httptools protocol; see the README table)
     http_max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     http_max_headers: int = Field(default=100, gt=0)
     http_header_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -3,14 +3,14 @@
 A route opts in with ``dependencies=[IDEMPOTENT]``. With an ``Idempotency-Key`` header, once
 every dependency of the route has passed -- the caller is authenticated and holds the route's
 permission and tenant access (spec 15.5: a caller who may not make the request now gets that
-401/403, never a stored answer) -- and the body is valid, and just before the endpoint runs (``pie.routing.before_endpoint``), the key is checked
+401/403, never a stored answer) -- and the body is valid, and just before the endpoint runs (``pie.http.routing.before_endpoint``), the key is checked
 (1-255 printable ASCII characters; else 400) and the request's own transaction inserts
 ``idempotency_keys(caller, key)``:
 
 - the insert succeeds: this request owns the key. When the endpoint has answered, the rendered
   response (status, body, content type, location) and the tenant the request acted in (its
   audit entry's ``client_id``) are written into that row *in the same transaction* as the
-  endpoint's writes (:class:`pie.routing.PieRoute` runs the hook after the response is rendered
+  endpoint's writes (:class:`pie.http.routing.PieRoute` runs the hook after the response is rendered
   and before the commit). A failed request rolls back, key included, so the caller can retry it;
 - another request with the key is still running: PostgreSQL makes the insert wait for it (the
   unique key), so concurrent requests with one key produce one effect;
@@ -45,7 +45,7 @@ from pie.auth import Principal
 from pie.db import Base
 from pie.deps import CurrentPrincipal, Session
 from pie.errors import BadRequest, Conflict, PieError, Unprocessable
-from pie.routing import before_endpoint
+from pie.http.routing import before_endpoint
 
 HEADER = "Idempotency-Key"
 _KEY = re.compile(r"^[\x20-\x7e]{1,255}$")

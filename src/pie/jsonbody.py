@@ -1,7 +1,7 @@
 """The one parse step for JSON request bodies, bounded in depth and container size, and the
 read-side guard that keeps every stored JSON value renderable.
 
-Parsing: every API route uses :class:`pie.routing.PieRoute`, whose request class parses the body once
+Parsing: every API route uses :class:`pie.http.routing.PieRoute`, whose request class parses the body once
 with the C parser (``json.loads`` on the received bytes, no decoded copy; an object naming a key
 twice is refused, spec 15.5) and then walks the result without recursion to enforce
 ``PIE_JSON_MAX_DEPTH`` and ``PIE_JSON_MAX_ITEMS``. The fast inference path (``pie.fastwrite``)

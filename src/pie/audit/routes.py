@@ -12,8 +12,8 @@ from pie.audit.schemas import AuditRecordOut
 from pie.auth import Principal
 from pie.deps import Session, require
 from pie.errors import error_responses
+from pie.http.routing import PieRoute
 from pie.pagination import PageParams
-from pie.routing import PieRoute
 from pie.schemas import ID_PATTERN
 
 router = APIRouter(route_class=PieRoute, tags=["audit"])

@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from pie.audit import context
 from pie.audit.logic import record
 from pie.deps import CurrentPrincipal, Session
-from pie.routing import PieRoute, flat_routes
+from pie.http.routing import PieRoute, flat_routes
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

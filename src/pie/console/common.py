@@ -26,8 +26,8 @@ from pie.audit.routing import new_entry
 from pie.console import readable, signin
 from pie.console.signin import ConsoleUser, SignInRequired, console_user
 from pie.errors import BadRequest, PieError
+from pie.http.routing import PieRoute
 from pie.pagination import NEXT_CURSOR_HEADER, PageParams
-from pie.routing import PieRoute
 from pie.schemas import ID_PATTERN, KEY_PATTERN, iso_z
 
 HERE = Path(__file__).parent

@@ -8,7 +8,7 @@ from pydantic import Field
 from pie.auth import Principal
 from pie.deps import require
 from pie.dispatch.inprocess import ENTRY_POINT_GROUP, registrations
-from pie.routing import PieRoute
+from pie.http.routing import PieRoute
 from pie.schemas import ResponseBody
 
 router = APIRouter(route_class=PieRoute, tags=["handlers"])

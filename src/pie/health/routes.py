@@ -11,8 +11,8 @@ from pydantic import BaseModel
 from sqlalchemy import Select, literal_column, select, text
 
 from pie import db
+from pie.http.routing import PieRoute
 from pie.reads import fetch_one
-from pie.routing import PieRoute
 from pie.schemagate import gate
 
 router = APIRouter(route_class=PieRoute, tags=["health"])
