@@ -30,9 +30,9 @@ from pie.errors import (
     ERROR_ENVELOPE_SCHEMA,
     envelope,
     error_response_doc,
-    install_error_handlers,
     internal_error_response,
 )
+from pie.http.errors import install_error_handlers
 from pie.http.limits import HeaderCountGuard
 from pie.http.query_params import reject_unknown_query_params
 from pie.logconfig import request_id_var
