@@ -63,7 +63,7 @@ async def main() -> int:
     from pie import db
     from pie.app import create_app
     from pie.auth import mint_dev_token
-    from pie.clients.app_clients import cache
+    from pie.auth.app_clients import cache
     from pie.config import Settings
 
     async with bench_database() as (url, where, _scratch):

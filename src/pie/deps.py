@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie import callbacks, db
 from pie.auth import Principal, TokenVerifier, with_tenant
-from pie.clients.app_clients import tenant_of_app_client
+from pie.auth.app_clients import tenant_of_app_client
 from pie.db import get_session
 from pie.errors import NotFound, Unauthorized
 from pie.schemas import ID_PATTERN

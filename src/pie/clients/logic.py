@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from pie.auth import Principal
-from pie.clients.app_clients import forget_on_commit
+from pie.auth.app_clients import forget_on_commit
 from pie.clients.schemas import ClientCreate, ClientUpdate
 from pie.errors import Conflict, NotFound
 from pie.pagination import PageParams, paginate

@@ -64,7 +64,7 @@ class Principal:
     # client ids this caller may address (ignored when is_admin)
     tenants: frozenset[str] = frozenset()
     # a machine token (no username) with a well-formed ``client_id`` claim: its tenant is
-    # looked up (``pie.clients.app_clients``) and replaces the provisional ``tenants``
+    # looked up (``pie.auth.app_clients``) and replaces the provisional ``tenants``
     machine_claim: str | None = None
     claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
