@@ -7,9 +7,9 @@ drawn from the spec's seven-feature example set, nearly all distinct: the domain
 
 * dry run: ``pie.tenancy.logic.dry_run_features`` (the real route logic:
   domain lock, client check, validation of the submitted definitions, the set-based check of
-  every non-departed service through ``pie.assignments.freeze.check_draft``), with a
+  every non-departed service through ``pie.tenancy.freeze.check_draft``), with a
   draft that adds a defaulted ``fare`` to the seven features (every service passes);
-* baseline: the freeze check itself, ``pie.assignments.freeze.check_domain`` against the same
+* baseline: the freeze check itself, ``pie.tenancy.freeze.check_domain`` against the same
   definitions on the same domain (what a ``default`` upsert to a version frozen with them runs).
 
 Each figure is the median of ``--repeat`` runs. Nothing is written by either. Target: dry run
@@ -35,7 +35,7 @@ from freeze_check import MODEL_ID, WITH_FARE, Tenant, run_sizes, timed
 
 async def bench_size(url: str, n: int, repeat: int) -> tuple[float, float, int]:
     from pie import db
-    from pie.assignments import freeze
+    from pie.tenancy import freeze
     from pie.tenancy.logic import FeaturesDryRun, dry_run_features
 
     tenant = Tenant(url, n)

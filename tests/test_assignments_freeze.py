@@ -362,7 +362,7 @@ async def test_concurrent_update_and_default_upsert(client, session, admin):
 async def test_bulk_re_resolve_matches_the_resolver(client, session, admin):
     """The set-based re-resolve in SQL gives exactly what the feature resolver gives, service by
     service: provided values, defaults for absent features, unknown keys left out."""
-    from pie.features import resolve_features
+    from pie.tenancy.features import resolve_features
 
     live = [
         feature("route", {"type": "string"}, True),

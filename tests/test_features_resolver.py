@@ -12,7 +12,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pie.errors import Unprocessable
-from pie.features import Resolver, definition_problems, merge_patch, resolve_features, validate_feature_definitions
+from pie.tenancy.features import (
+    Resolver,
+    definition_problems,
+    merge_patch,
+    resolve_features,
+    validate_feature_definitions,
+)
 
 # -- the spec's example set ----------------------------------------------------------------------
 
@@ -359,7 +365,7 @@ def test_merge_patch(provided, patch):
 
 from jsonschema import Draft202012Validator  # noqa: E402
 
-from pie.features import compile_check  # noqa: E402
+from pie.tenancy.features import compile_check  # noqa: E402
 
 JSON_SCALAR_VALUES = st.one_of(
     st.none(),

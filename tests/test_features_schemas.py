@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 from factories import feature, init_service, tenant_setup
 
-from pie.features import definition_problems, resolve_features
 from pie.jsonschemas import schema_error, validation_error
+from pie.tenancy.features import definition_problems, resolve_features
 
 D = "/v2/clients/client-1/domains/south_australia"
 SA = {"route": "Adelaide to Sydney"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pie.features import resolve_features
 from pie.jsonschemas import validation_error
+from pie.tenancy.features import resolve_features
 
 EVIL = "^(a|aa)+$"  # exponential backtracking on 'aaaa...!' with Python's re
 EVIL_VALUE = "a" * 64 + "!"

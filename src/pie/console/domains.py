@@ -39,12 +39,12 @@ from pie.console.signin import ConsoleUser
 from pie.console.tenants import NewForm, client_view
 from pie.deps import ClientIdPath, DomainIdPath, ServiceIdPath, Session, TenantScope, tenant_scope
 from pie.errors import BadRequest, Conflict, PieError, Unprocessable
-from pie.features import validate_feature_definitions
 from pie.jobs import logic as jobs
 from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
 from pie.pagination import PageParams
 from pie.tables.tenancy import Domain
 from pie.tenancy import logic as tenancy
+from pie.tenancy.features import validate_feature_definitions
 from pie.tenancy.schemas import DomainCreate, FeaturesUpdate, ServiceInit, ServiceUpdate
 
 router = console_router()

@@ -23,7 +23,6 @@ from pie.audit import context as audit
 from pie.audit.logic import record_status_change
 from pie.auth import Principal
 from pie.errors import Conflict, NotFound, Unprocessable
-from pie.features import validate_feature_definitions
 from pie.jobs.logic import create_job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
@@ -41,6 +40,7 @@ from pie.tables.assignments import Assignment
 from pie.tables.clients import Client
 from pie.tables.jobs import Job
 from pie.tables.registry import EventSubscription, Model, ModelVersion
+from pie.tenancy.features import validate_feature_definitions
 from pie.webhooks import outbox as webhooks
 
 log = logging.getLogger("pie.registry")

@@ -25,11 +25,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
 from pie import reads
-from pie.assignments import freeze
 from pie.audit import context as audit
 from pie.deps import TenantScope
 from pie.errors import Conflict, NotFound, Unprocessable
-from pie.features import describe_failures, merge_patch, resolve_features, validate_feature_definitions
 from pie.jobs.cancel import cancel_jobs
 from pie.jobs.logic import create_job, notify_new_jobs
 from pie.pagination import PageParams, paginate
@@ -38,6 +36,8 @@ from pie.tables.clients import Client
 from pie.tables.jobs import Job
 from pie.tables.registry import EventSubscription, ModelVersion
 from pie.tables.tenancy import Domain, Service
+from pie.tenancy import freeze
+from pie.tenancy.features import describe_failures, merge_patch, resolve_features, validate_feature_definitions
 from pie.tenancy.schemas import DomainCreate, DomainUpdate, ServiceInit, ServiceUpdate
 
 DomainLock = Literal["share", "update"] | None

@@ -28,7 +28,7 @@ from sqlalchemy import CursorResult, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.errors import AssignmentBlocked, Unprocessable
-from pie.features import FeatureFailure, Resolver, merge_patch
+from pie.tenancy.features import FeatureFailure, Resolver, merge_patch
 
 _NON_DEPARTED = "(s.departure_datetime IS NULL OR s.departure_datetime > now())"
 _SCOPE = "s.client_id = :client_id AND s.domain_id = :domain_id"
