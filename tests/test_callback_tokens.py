@@ -13,10 +13,10 @@ from jose import jwt
 from sqlalchemy import select, text
 
 from pie import callbacks, db
-from pie.dispatch.backends import callback_token_ttl
 from pie.dispatch.dispatcher import dispatch_until_idle
 from pie.dispatch.inprocess import register
 from pie.jobs.logic import create_job
+from pie.jobs.payload import callback_token_ttl
 from pie.tables.clients import Client
 from pie.tables.jobs import Job
 from pie.tables.registry import Model, ModelVersion

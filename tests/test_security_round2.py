@@ -25,8 +25,8 @@ from jose import jwt
 from sqlalchemy import text
 
 from pie import callbacks, db
-from pie.dispatch.backends import callback_token_ttl
 from pie.jobs.logic import create_job
+from pie.jobs.payload import callback_token_ttl
 from pie.tables.registry import ModelVersion
 
 INFER = "/v2/models/pricing-model/versions/1/inference"

@@ -74,7 +74,7 @@ from sqlalchemy import text
 
 from pie import callbacks, db, metrics
 from pie.config import Settings
-from pie.dispatch.backends import AwsBackends, DispatchError, build_payload, callback_token_ttl, public_url_warning
+from pie.dispatch.backends import AwsBackends, DispatchError, public_url_warning
 from pie.dispatch.inprocess import (
     HandlerFailure,
     JobContext,
@@ -85,6 +85,7 @@ from pie.dispatch.inprocess import (
 )
 from pie.dispatch.threads import DaemonThreadPool
 from pie.jobs.logic import CANCEL_CHANNEL, NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
+from pie.jobs.payload import build_payload, callback_token_ttl
 from pie.logconfig import job_id_var
 from pie.schemagate import SCHEMA_LOG_SECONDS, SCHEMA_WAIT_SECONDS, is_schema_error
 from pie.schemas import unstorable_json

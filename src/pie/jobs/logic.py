@@ -35,8 +35,8 @@ from pie import callbacks, db, metrics, reads
 from pie.audit import context as audit
 from pie.auth import Principal
 from pie.config import Settings, get_settings
-from pie.dispatch.backends import build_payload, callback_token_ttl, payload_limit_problem
 from pie.errors import Conflict, Forbidden, NotFound, Unprocessable
+from pie.jobs.payload import build_payload, callback_token_ttl, payload_limit_problem
 from pie.jobs.schemas import JobOut
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
