@@ -198,3 +198,17 @@ def validation_error(schema: Any, value: Any) -> str | None:
     err: ValidationError = errors[0]
     where = "/".join(str(p) for p in err.absolute_path)
     return f"{err.message}" + (f" (at /{where})" if where else "")
+
+
+# handler contracts (``handler_contracts`` of a model version): {action: {input_schema, output_schema}}
+def input_schema(contracts: dict[str, Any] | None, action: str) -> Any | None:
+    """The contract ``input_schema`` for ``action`` (None when there is none)."""
+    if not contracts:
+        return None
+    return (contracts.get(action) or {}).get("input_schema")
+
+
+def contract_schema(contracts: dict[str, Any] | None, action: str, field: str) -> Any | None:
+    if not contracts:
+        return None
+    return (contracts.get(action) or {}).get(field)

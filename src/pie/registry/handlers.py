@@ -12,7 +12,7 @@ from typing import Any
 
 from pie.dispatch.inprocess import registered_names
 from pie.errors import Unprocessable
-from pie.jsonschemas import schema_error
+from pie.jsonschemas import contract_schema, input_schema, schema_error
 
 ACTIONS = ("training", "inference")
 
@@ -86,19 +86,6 @@ def validate_contracts(contracts: dict[str, dict[str, Any]] | None) -> None:
                 problems.append(f"{action}.{field} is not a valid Draft 2020-12 schema: {error}")
     if problems:
         raise Unprocessable("invalid handler_contracts: " + "; ".join(problems))
-
-
-def input_schema(contracts: dict[str, Any] | None, action: str) -> Any | None:
-    """The contract ``input_schema`` for ``action`` (None when there is none)."""
-    if not contracts:
-        return None
-    return (contracts.get(action) or {}).get("input_schema")
-
-
-def contract_schema(contracts: dict[str, Any] | None, action: str, field: str) -> Any | None:
-    if not contracts:
-        return None
-    return (contracts.get(action) or {}).get(field)
 
 
 def stale_actions(

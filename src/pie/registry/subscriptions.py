@@ -20,9 +20,8 @@ from uuid6 import uuid7
 from pie.audit import context as audit
 from pie.auth import Principal
 from pie.errors import NotFound, Unprocessable
-from pie.jsonschemas import validation_error
+from pie.jsonschemas import input_schema, validation_error
 from pie.pagination import PageParams, paginate
-from pie.registry.handlers import input_schema
 from pie.registry.schemas import SubscriptionCreate, SubscriptionUpdate
 from pie.tables.registry import EventSubscription, Model
 
