@@ -22,7 +22,7 @@ from test_webhooks import _delivered, delivering, dev, eventually, receiver, ver
 from pie import metrics
 from pie.console import forms, readable
 from pie.http.routing import flat_routes
-from pie.jobs.logic import NOTIFY_CHANNEL
+from pie.jobs.channels import NOTIFY_CHANNEL
 
 ROUTE = {"route": "Adelaide to Sydney"}
 D = "/console/clients/acme/domains/south_australia"

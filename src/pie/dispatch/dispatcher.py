@@ -84,7 +84,8 @@ from pie.dispatch.inprocess import (
     run_in_context,
 )
 from pie.dispatch.threads import DaemonThreadPool
-from pie.jobs.logic import CANCEL_CHANNEL, NOTIFY_CHANNEL, Completion, finish_jobs, notify_new_jobs
+from pie.jobs.channels import CANCEL_CHANNEL, NOTIFY_CHANNEL, notify_new_jobs
+from pie.jobs.logic import Completion, finish_jobs
 from pie.jobs.payload import build_payload, callback_token_ttl
 from pie.logconfig import job_id_var
 from pie.schemagate import SCHEMA_LOG_SECONDS, SCHEMA_WAIT_SECONDS, is_schema_error

@@ -31,7 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pie.audit import context as audit
 from pie.auth import Principal
 from pie.errors import Conflict, Forbidden, NotFound
-from pie.jobs.logic import CANCEL_CHANNEL, ENDED, Completion, Outcome, ensure_job_access, finish_jobs
+from pie.jobs.channels import CANCEL_CHANNEL
+from pie.jobs.logic import ENDED, Completion, Outcome, ensure_job_access, finish_jobs
 from pie.tables.jobs import Job, TaskStop
 
 CANCELLED = "cancelled"  # error.code of a cancelled job

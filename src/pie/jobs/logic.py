@@ -36,6 +36,7 @@ from pie.audit import context as audit
 from pie.auth import Principal
 from pie.config import Settings, get_settings
 from pie.errors import Conflict, Forbidden, NotFound, Unprocessable
+from pie.jobs.channels import DONE_CHANNEL, notify_new_jobs
 from pie.jobs.payload import build_payload, callback_token_ttl, payload_limit_problem
 from pie.jobs.schemas import JobOut
 from pie.jsonschemas import validation_error
@@ -45,17 +46,7 @@ from pie.webhooks import outbox as webhooks
 
 log = logging.getLogger("pie.jobs")
 
-NOTIFY_CHANNEL = "pie_jobs"
-DONE_CHANNEL = "pie_job_done"
-# a job was cancelled (payload: its id): dispatchers raise the cancel flag of an in-process
-# handler running it and stop ECS tasks (``pie.jobs.cancel``)
-CANCEL_CHANNEL = "pie_job_cancel"
 ENDED = frozenset({"success", "failure"})
-
-
-async def notify_new_jobs(session: AsyncSession) -> None:
-    """Wake dispatchers when the current transaction commits (PostgreSQL folds repeats)."""
-    await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
 
 
 def payload_problem(

@@ -21,7 +21,7 @@ from typing import TypeVar
 import psycopg
 
 from pie import db, metrics
-from pie.jobs.logic import DONE_CHANNEL
+from pie.jobs.channels import DONE_CHANNEL
 
 log = logging.getLogger("pie.jobs.waiting")
 

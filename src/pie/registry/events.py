@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.audit import context as audit
 from pie.auth import Principal
-from pie.jobs.logic import notify_new_jobs
+from pie.jobs.channels import notify_new_jobs
 from pie.jsonschemas import input_schema, validation_error
 from pie.tables.assignments import Assignment
 from pie.tables.audit import VersionStatusChange

@@ -29,7 +29,8 @@ from pie.audit import context as audit
 from pie.deps import TenantScope
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.jobs.cancel import cancel_jobs
-from pie.jobs.logic import create_job, notify_new_jobs
+from pie.jobs.channels import notify_new_jobs
+from pie.jobs.logic import create_job
 from pie.pagination import PageParams, paginate
 from pie.tables.assignments import Assignment
 from pie.tables.clients import Client
