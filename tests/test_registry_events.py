@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from pie import db
-from pie.registry.events import fire_subscriptions
+from pie.jobs.firing import fire_subscriptions
 
 ECHO = {"type": "in_process", "value": "echo"}
 

@@ -642,7 +642,7 @@ async def _finish_full(session: AsyncSession, completions: list[Completion]) -> 
         r for r in to_end if r.job_type == "inference" and by_id[r.job_id].status == "success" and r.has_subscriptions
     ]
     if fired:
-        from pie.registry.events import Trigger, fire_triggers
+        from pie.jobs.firing import Trigger, fire_triggers
 
         entries = await fire_triggers(
             session,
@@ -693,7 +693,7 @@ async def complete_job(
         if outcome.cancelled:
             raise JobCancelled(f"job {job_id} was cancelled; this {status} report is ignored")
         raise Conflict(f"job {job_id} already ended with status {outcome.status}")
-    from pie.registry.events import shown_to
+    from pie.jobs.firing import shown_to
 
     outcome.triggered_events = shown_to(principal, outcome.triggered_events)
     return outcome

@@ -23,10 +23,10 @@ from pie.audit import context as audit
 from pie.audit.logic import record_status_change
 from pie.auth import Principal
 from pie.errors import Conflict, NotFound, Unprocessable
+from pie.jobs.firing import fire_subscriptions, shown_to
 from pie.jobs.logic import create_job
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
-from pie.registry.events import fire_subscriptions, shown_to
 from pie.registry.handlers import (
     input_schema,
     stale_actions,
