@@ -9,16 +9,18 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from pie.audit.routing import AuditedRoute
 from pie.auth import Principal
 from pie.deps import CurrentPrincipal, ModelIdPath, ModelVersionPath, Session
-from pie.errors import Forbidden
+from pie.errors import Forbidden, error_responses
 from pie.jobs import logic
 from pie.jobs.schemas import CompletionConflictOut, CompletionOut, JobCompletion, JobOut
 from pie.jobs.waiting import wait_for_end
 from pie.pagination import PageParams
 from pie.reads import json_response
-from pie.registry.schemas import error_responses
 from pie.schemas import ID_PATTERN
 
 router = APIRouter(tags=["jobs"], route_class=AuditedRoute)
+
+# the 404 as the registry routes word it (the completion route sits under /v2/models/...)
+_NOT_FOUND = error_responses(e404="the model, version or subscription does not exist")
 
 JobIdPath = Annotated[
     str, Path(pattern=ID_PATTERN, description="job id", examples=["0192f1c4-7d1e-7c3a-9f3e-5b1f0e6a2d41"])
@@ -34,7 +36,7 @@ async def job_reader(principal: CurrentPrincipal) -> Principal:
     return principal
 
 
-@router.get("/v2/jobs/{job_id}", operation_id="getjob", response_model=JobOut, responses=error_responses(404))
+@router.get("/v2/jobs/{job_id}", operation_id="getjob", response_model=JobOut, responses=_NOT_FOUND)
 async def get_job(
     job_id: JobIdPath,
     principal: Annotated[Principal, Depends(job_reader)],
@@ -136,7 +138,7 @@ def _utc(value: datetime | None) -> datetime | None:
     response_model=CompletionOut,
     responses={
         207: {"model": CompletionOut, "description": "completed; a triggered subscription failed to dispatch"},
-        **error_responses(404),
+        **_NOT_FOUND,
         409: {
             "model": CompletionConflictOut,
             "description": "the job already ended with the other status; or it was cancelled (`cancelled: true`): "
