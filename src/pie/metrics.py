@@ -296,11 +296,10 @@ class _Snapshot:
         yield oldest
 
 
-async def render(engine: Any) -> tuple[bytes, str]:
-    """The exposition text: this process's (or every worker's) samples plus the queue depth."""
+async def render(engine: Any, queue: Any) -> tuple[bytes, str]:
+    """The exposition text: this process's (or every worker's) samples plus the queue depth
+    (``queue``: the statement of the waiting and running jobs by status, from ``pie.jobs.summary``)."""
     from prometheus_client import REGISTRY
-
-    from pie.jobs.summary import queue_query
 
     if multiprocess_enabled():
         from prometheus_client import multiprocess
@@ -311,8 +310,7 @@ async def render(engine: Any) -> tuple[bytes, str]:
         registry = REGISTRY
     body = generate_latest(registry)
     async with engine.connect() as conn:
-        # the query of the console's queue summary (one source for both), waiting and running jobs
-        rows = (await conn.execute(queue_query(statuses=("pending", "started")))).all()
+        rows = (await conn.execute(queue)).all()
     snapshot = CollectorRegistry()
     snapshot.register(_Snapshot(rows))
     return body + generate_latest(snapshot), CONTENT_TYPE_LATEST

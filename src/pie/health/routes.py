@@ -133,8 +133,10 @@ async def metrics_endpoint(request: Request) -> Response:
     """Prometheus exposition (``PIE_METRICS_ENABLED``; 404 when off)."""
     from pie import metrics
     from pie.errors import NotFound
+    from pie.jobs.summary import queue_query
 
     if not request.app.state.settings.metrics_enabled:
         raise NotFound("metrics are disabled (PIE_METRICS_ENABLED=false)")
-    body, content_type = await metrics.render(db.get_engine())
+    # the query of the console's queue summary (one source for both), waiting and running jobs
+    body, content_type = await metrics.render(db.get_engine(), queue_query(statuses=("pending", "started")))
     return Response(body, media_type=content_type)
