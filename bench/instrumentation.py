@@ -122,7 +122,7 @@ async def in_process(rounds: int, requests: int) -> None:
             if _ > 0:  # the first round warms up
                 totals[name] += elapsed
     # the instrumentation's own work per request, timed directly (metrics + one JSON access line)
-    from pie.app import RequestIdMiddleware
+    from pie.http.middleware import RequestIdMiddleware
 
     on = RequestIdMiddleware(None, metrics_enabled=True, access_log=True)  # type: ignore[arg-type]
     scope = {"type": "http", "method": "GET", "path": "/v2/jobs/x", "route": apps["on"].routes[-1]}
