@@ -190,7 +190,7 @@ async def test_output_postgresql_cannot_store_fails_the_job_at_once(session, set
 async def test_a_result_that_cannot_be_recorded_still_ends_the_job(session, settings, monkeypatch):
     """If recording a handler's result fails (here: an injected error while ending successes),
     the job ends in failure at once instead of waiting for its lease to expire and running again."""
-    import pie.dispatch.dispatcher as dispatcher_module
+    import pie.dispatch.recording as dispatcher_module
 
     real = dispatcher_module.finish_jobs
 
