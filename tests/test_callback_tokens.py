@@ -13,6 +13,7 @@ from jose import jwt
 from sqlalchemy import select, text
 
 from pie import callbacks, db
+from pie.auth import signing_keys
 from pie.dispatch.dispatcher import dispatch_until_idle
 from pie.dispatch.inprocess import register
 from pie.jobs.logic import create_job
@@ -55,12 +56,12 @@ async def started_job(session, settings, model_id="cb", client_id=None, *, key=N
     return job, callbacks.mint(key, job, callback_token_ttl(settings, handler), now=now)
 
 
-async def signing_key_now(settings) -> callbacks.Key:
+async def signing_key_now(settings) -> signing_keys.Key:
     """The key a dispatch would sign with now (created when there is none)."""
     conn = await db.connect(settings, autocommit=True)
     try:
         async with conn.transaction():
-            return await callbacks.signing_key(conn)
+            return await signing_keys.signing_key(conn)
     finally:
         await conn.close()
 
@@ -163,7 +164,7 @@ async def test_expired_or_forged_token_is_401(client, session, settings):
         r = await client.post(complete_url(job), json={"status": "success"}, headers=bearer(bad))
         assert r.status_code == 401, r.text
     # an unknown key id
-    unknown = callbacks.mint(callbacks.new_key(), job, 60)
+    unknown = callbacks.mint(signing_keys.new_key(), job, 60)
     assert (
         await client.post(complete_url(job), json={"status": "success"}, headers=bearer(unknown))
     ).status_code == 401
@@ -176,7 +177,7 @@ async def test_rotation_keeps_jobs_in_flight_and_retirement_revokes(client, sess
     old_kid = jwt.get_unverified_header(token_old)["kid"]
 
     async with db.sessionmaker()() as s, s.begin():
-        new = await callbacks.rotate(s)
+        new = await signing_keys.rotate(s)
     # from now on dispatches sign with the new key ...
     job_new, token_new = await started_job(session, settings)
     assert jwt.get_unverified_header(token_new)["kid"] == new.kid != old_kid
@@ -185,13 +186,13 @@ async def test_rotation_keeps_jobs_in_flight_and_retirement_revokes(client, sess
     assert r.status_code == 200, r.text
 
     job_late, token_late = await started_job(
-        session, settings, key=callbacks.Key(old_kid, (await session.get(callbacks.SigningKey, old_kid)).secret)
+        session, settings, key=signing_keys.Key(old_kid, (await session.get(signing_keys.SigningKey, old_kid)).secret)
     )
     # the key that signs cannot be retired by mistake
     async with db.sessionmaker()() as s, s.begin():
         with pytest.raises(ValueError):
-            await callbacks.retire(s, new.kid)
-        await callbacks.retire(s, old_kid)
+            await signing_keys.retire(s, new.kid)
+        await signing_keys.retire(s, old_kid)
     r = await client.post(complete_url(job_late), json={"status": "success"}, headers=bearer(token_late))
     assert r.status_code == 401 and "retired" in r.json()["message"]
     assert await status_of(session, job_late.job_id) == "started"
@@ -209,7 +210,7 @@ def test_pie_keys_cli(database_url, tmp_path):
             [*pie_command(), "keys", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
         )
 
-    old = callbacks.new_key()
+    old = signing_keys.new_key()
     with psycopg.connect(database_url) as conn:
         conn.execute(
             "INSERT INTO signing_keys (kid, secret, created_at) VALUES (%s, %s, now() - interval '1 day')",
@@ -237,11 +238,11 @@ async def test_a_retirement_waits_for_a_claim_signing_with_the_key_and_later_cla
     watcher = await db.connect(settings, autocommit=True)
     try:
         async with claim.transaction():
-            assert await callbacks.signing_key(claim) == key
+            assert await signing_keys.signing_key(claim) == key
 
             async def retire():
                 async with db.sessionmaker()() as s, s.begin():
-                    await callbacks.retire(s, key.kid, force=True)
+                    await signing_keys.retire(s, key.kid, force=True)
 
             task = asyncio.ensure_future(retire())
             for _ in range(600):  # until the retirement waits for the claim's lock (30 s at most)
@@ -257,7 +258,7 @@ async def test_a_retirement_waits_for_a_claim_signing_with_the_key_and_later_cla
             assert not task.done() and waiting[0] == 1
         await asyncio.wait_for(task, timeout=30)
         async with claim.transaction():
-            assert (await callbacks.signing_key(claim)).kid != key.kid
+            assert (await signing_keys.signing_key(claim)).kid != key.kid
     finally:
         await claim.close()
         await watcher.close()

@@ -18,6 +18,7 @@ from test_dispatch_aws import aws, aws_settings, moto_endpoint, seed  # noqa: F4
 from test_dispatch_inprocess import new_job, seed_version, stored
 
 from pie import callbacks, db
+from pie.auth import signing_keys
 from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
 from pie.dispatch.inprocess import HandlerFailure, register
 from pie.jobs.logic import Completion, finish_jobs
@@ -101,7 +102,7 @@ async def test_a_large_mixed_batch_ends_every_job_with_its_own_result(session, s
 def test_the_batch_signer_makes_the_tokens_python_jose_makes():
     """The dispatcher signs a callback token per job with ``callbacks.Signer``: byte for byte
     what python-jose's ``jwt.encode`` (``callbacks.mint``) gives, and it verifies with the key."""
-    key = callbacks.new_key()
+    key = signing_keys.new_key()
     signer = callbacks.Signer(key)
     for client_id in (None, "sealink", 'qu"ote\\ and \u00e9'):
         for job_id in ("0190b0b0-0000-7000-8000-000000000000", "weird \u2028 id"):

@@ -25,6 +25,7 @@ from jose import jwt
 from sqlalchemy import text
 
 from pie import callbacks, db
+from pie.auth import signing_keys
 from pie.jobs.logic import create_job
 from pie.jobs.payload import callback_token_ttl
 from pie.tables.registry import ModelVersion
@@ -188,14 +189,14 @@ async def _started_job(session, settings):
     conn = await db.connect(settings, autocommit=True)
     try:
         async with conn.transaction():
-            key = await callbacks.signing_key(conn)
+            key = await signing_keys.signing_key(conn)
     finally:
         await conn.close()
     handler = (await session.get(ModelVersion, ("cb", "1"))).handlers["inference"]
     return job, key, callbacks.mint(key, job, callback_token_ttl(settings, handler))
 
 
-def _resign(token: str, key: callbacks.Key, **changes) -> str:
+def _resign(token: str, key: signing_keys.Key, **changes) -> str:
     claims = {**jwt.get_unverified_claims(token), **changes}
     claims = {k: v for k, v in claims.items() if v is not None}
     return jwt.encode(claims, key.secret, algorithm="HS256", headers={"kid": key.kid})

@@ -5,19 +5,19 @@ key, bound to one job (its id, model, version and tenant) and expiring after the
 plus a margin. ``completemodeljob`` accepts it as the bearer token for that job only; every other
 route rejects it (a different issuer and key than any caller token).
 
-Signing keys live in the ``signing_keys`` table, so every API process and dispatcher shares
+Signing keys live in the ``signing_keys`` table (``pie.auth.signing_keys``), so every API process and dispatcher shares
 them; the first dispatch creates one when none exists. Rotation (``pie keys rotate``) adds a
 newer key that signs from then on; older keys keep verifying until they are retired
 (``pie keys retire KID``), so jobs in flight during a rotation still complete.
 
 No process keeps a signing key: a dispatcher reads the newest active key in the transaction that
-claims the jobs (:data:`SIGNING_KEY_SQL`, one statement with the claim), share-locks it and signs
+claims the jobs (:data:`pie.auth.signing_keys.SIGNING_KEY_SQL`, one statement with the claim), share-locks it and signs
 their tokens before that transaction commits. ``retire`` locks the key row for update, so it
 waits for any claim signing with that key and every later claim sees it retired: from the moment
 ``pie keys retire`` returns, the key signs nothing more, in any process (spec 15.5).
 
-A lower module: it imports only the database base, the error types and the claim rules of
-``pie.auth``.
+A lower module: it imports only the error types, the claim rules of ``pie.auth`` and its
+signing keys.
 """
 
 from __future__ import annotations
@@ -27,70 +27,22 @@ import functools
 import hashlib
 import hmac
 import json
-import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
-import psycopg
 from jose import JOSEError, jwt
-from sqlalchemy import DateTime, String, func, select, text
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Mapped, mapped_column
 
 from pie.auth import check_time_claims
-from pie.db import Base
+from pie.auth.signing_keys import Key, SigningKey
 from pie.errors import Unauthorized
 
 ISSUER = "pie-callback"
 AUDIENCE = "completemodeljob"
 ALGORITHM = "HS256"
-_KEY_LOCK = 7_304_121_455  # advisory lock id: one process creates the first key
-
-
-class SigningKey(Base):
-    __tablename__ = "signing_keys"
-
-    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    secret: Mapped[str] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-@dataclass(frozen=True)
-class Key:
-    kid: str
-    secret: str
-
-
-def new_key() -> Key:
-    return Key(kid=f"cb-{secrets.token_hex(8)}", secret=secrets.token_urlsafe(48))
-
-
-_CURRENT = text(
-    "SELECT kid, secret FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC LIMIT 1"
-)
-#: the key that signs, share-locked until the signing transaction ends (``retire`` waits for it);
-#: a key retired meanwhile is skipped (the lock's recheck), so the next newest active one signs
-SIGNING_KEY_SQL = (
-    "SELECT kid, secret FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC LIMIT 1 FOR SHARE"
-)
-
-
-async def signing_key(conn: psycopg.AsyncConnection[Any]) -> Key:
-    """The newest active signing key, share-locked in ``conn``'s open transaction (sign before it
-    commits), created when there is none (one process creates it: an advisory lock)."""
-    row = await (await conn.execute(SIGNING_KEY_SQL)).fetchone()
-    if row is None:
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_KEY_LOCK,))
-        row = await (await conn.execute(SIGNING_KEY_SQL)).fetchone()
-        if row is None:
-            key = new_key()
-            await conn.execute("INSERT INTO signing_keys (kid, secret) VALUES (%s, %s)", (key.kid, key.secret))
-            return key
-    return Key(row[0], row[1])
 
 
 def mint(key: Key, job: Any, ttl_seconds: float, *, now: float | None = None) -> str:
@@ -228,35 +180,3 @@ async def verify(session: AsyncSession, token: str, *, leeway: float = 0.0) -> C
     if not (client_id is None or isinstance(client_id, str)):
         raise Unauthorized("invalid callback token: missing job claims")
     return CallbackGrant(job_id, model_id, model_version, client_id, kid)
-
-
-# -- key management (the `pie keys` CLI) -------------------------------------------------------
-
-
-async def list_keys(session: AsyncSession) -> list[SigningKey]:
-    return list((await session.scalars(select(SigningKey).order_by(SigningKey.created_at, SigningKey.kid))).all())
-
-
-async def rotate(session: AsyncSession) -> Key:
-    """Add a new signing key; it signs every token from the commit on (older keys keep verifying)."""
-    key = new_key()
-    session.add(SigningKey(kid=key.kid, secret=key.secret))
-    await session.flush()
-    return key
-
-
-async def retire(session: AsyncSession, kid: str, *, force: bool = False) -> SigningKey:
-    """Stop accepting tokens signed with ``kid``, and signing with it: the row lock waits for
-    every claim signing with it right now, and claims after the commit skip it. Refuses the
-    newest active key unless forced (the next dispatch signs with the next newest active key,
-    or creates one)."""
-    key = await session.get(SigningKey, kid, with_for_update=True)
-    if key is None:
-        raise LookupError(f"no signing key {kid!r}")
-    current = (await session.execute(_CURRENT)).first()
-    if current is not None and current.kid == kid and not force:
-        raise ValueError(f"{kid} is the key that signs new tokens; run `pie keys rotate` first (or --force)")
-    if key.retired_at is None:
-        key.retired_at = func.now()
-        await session.flush()
-    return key

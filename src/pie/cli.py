@@ -248,7 +248,8 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     """Callback-token signing keys (spec 14.5): list, rotate, retire."""
-    from pie import callbacks, db
+    from pie import db
+    from pie.auth import signing_keys
 
     check_settings(settings)
     url = _database_url(settings)
@@ -259,14 +260,14 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         try:
             async with db.sessionmaker()() as session, session.begin():
                 if args.action == "rotate":
-                    new_key = await callbacks.rotate(session)
+                    new_key = await signing_keys.rotate(session)
                     lines.append(
                         f"new signing key {new_key.kid}: it signs every callback token from now on, in every "
                         "process; older keys keep verifying until retired"
                     )
                 elif args.action == "retire":
                     try:
-                        key = await callbacks.retire(session, args.kid, force=args.force)
+                        key = await signing_keys.retire(session, args.kid, force=args.force)
                     except (LookupError, ValueError) as exc:
                         print(f"pie keys retire: {exc.args[0]}", file=sys.stderr)
                         return 2
@@ -275,7 +276,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                         "tokens it signed are refused from now on"
                     )
                 else:
-                    keys = await callbacks.list_keys(session)
+                    keys = await signing_keys.list_keys(session)
                     current = next((k.kid for k in reversed(keys) if k.retired_at is None), None)
                     for key in keys:
                         state = (

@@ -1,6 +1,6 @@
 """Import every table so the metadata is complete (Alembic, tests)."""
 
-from pie.callbacks import SigningKey
+from pie.auth.signing_keys import SigningKey
 from pie.db import Base
 from pie.idempotency import IdempotencyKey
 from pie.tables.assignments import Assignment

@@ -17,6 +17,7 @@ from psycopg.rows import namedtuple_row
 from sqlalchemy import text
 
 from pie import callbacks, db, metrics
+from pie.auth import signing_keys
 from pie.dispatch.backends import DispatchError, public_url_warning
 from pie.dispatch.inprocess import (
     HandlerFailure,
@@ -225,9 +226,9 @@ class Claiming(Recording):
             return {}
         first = rows[0]
         if first.signing_kid is not None:
-            key = callbacks.Key(first.signing_kid, first.signing_secret)
+            key = signing_keys.Key(first.signing_kid, first.signing_secret)
         else:
-            key = await callbacks.signing_key(conn)
+            key = await signing_keys.signing_key(conn)
         if self._signer is None or self._signer.key != key:
             self._signer = callbacks.Signer(key)
         settings, sign, now = self.settings, self._signer.sign, time.time()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from pie import callbacks
+from pie.auth import signing_keys
 
 _RENEW = text(
     """
@@ -120,8 +120,8 @@ _WINDOW = """AND j.job_id = ANY(ARRAY(
 # The usual claim looks for both kinds among the :lookahead oldest due jobs; the deep one (at
 # most once per polling interval, when the window held too few jobs that need a worker) scans
 # the whole queue for them, so none waits behind a long backlog of other kinds for long.
-_CLAIM = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window=_WINDOW, signing=callbacks.SIGNING_KEY_SQL)
-_CLAIM_DEEP = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window="", signing=callbacks.SIGNING_KEY_SQL)
+_CLAIM = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window=_WINDOW, signing=signing_keys.SIGNING_KEY_SQL)
+_CLAIM_DEEP = _CLAIM_TEMPLATE.format(window=_WINDOW, local_window="", signing=signing_keys.SIGNING_KEY_SQL)
 # The claim and record connections plan their statements with index scans (a queue that was just
 # bulk-loaded has no statistics yet, and a bitmap or sequential scan of the whole backlog per
 # claim cost hundreds of milliseconds; their statements reach jobs by index) and without JIT
