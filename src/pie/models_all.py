@@ -2,7 +2,7 @@
 
 from pie.auth.signing_keys import SigningKey
 from pie.db import Base
-from pie.idempotency import IdempotencyKey
+from pie.idempotency.models import IdempotencyKey
 from pie.tables.assignments import Assignment
 from pie.tables.audit import AuditRecord, VersionStatusChange
 from pie.tables.clients import Client, ClientAppClient

@@ -31,18 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import datetime
 from typing import Annotated, Any, NoReturn
 
 from fastapi import Depends, Header, Request
 from fastapi.responses import Response
-from sqlalchemy import DateTime, Index, Integer, LargeBinary, String, Text, func, text
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import text
 
 from pie.audit import context as audit_context
 from pie.auth import Principal
-from pie.db import Base
 from pie.deps import CurrentPrincipal, Session
 from pie.errors import BadRequest, Conflict, PieError, Unprocessable
 from pie.http.routing import before_endpoint
@@ -52,21 +48,6 @@ _KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 _PURGE_BATCH = 100
 _KEPT_HEADERS = ("content-type", "location")
 _TENANT = "pie:tenant"  # in response_headers: the tenant the first request acted in
-
-
-class IdempotencyKey(Base):
-    __tablename__ = "idempotency_keys"
-
-    caller: Mapped[str] = mapped_column(Text, primary_key=True)
-    key: Mapped[str] = mapped_column(String(255), primary_key=True)
-    fingerprint: Mapped[str] = mapped_column(Text)
-    status_code: Mapped[int | None] = mapped_column(Integer)
-    response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
-    response_headers: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
 
 
 class Replay(PieError):
