@@ -51,9 +51,10 @@ from pie.audit.routing import new_entry
 from pie.deps import bearer_principal
 from pie.errors import PieError, Unprocessable, database_error_response, internal_error_response
 from pie.fastpath import RouteLabel, bearer_token, compile_template
+from pie.http.body import parse_bounded
 from pie.jobs.channels import NOTIFY_CHANNEL
 from pie.jobs.logic import payload_problem
-from pie.jsonbody import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITEMS, parse_bounded
+from pie.jsonbody import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITEMS
 from pie.reads import announce
 from pie.registry.logic import inference_problem, requested_tenant
 from pie.registry.schemas import InferenceRequest

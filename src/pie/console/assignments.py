@@ -27,7 +27,7 @@ from pie.console.common import (
 from pie.console.signin import ConsoleUser
 from pie.deps import ClientIdPath, DomainIdPath, ServiceIdPath, Session, tenant_scope
 from pie.errors import AssignmentBlocked, BadRequest, Conflict, NotFound, PieError, Unprocessable
-from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
+from pie.http.body import loads as json_loads_strict  # a repeated key is refused, as in API bodies
 from pie.pagination import PageParams
 from pie.registry import logic as registry
 from pie.tenancy import logic as tenancy

@@ -39,8 +39,8 @@ from pie.console.signin import ConsoleUser
 from pie.console.tenants import NewForm, client_view
 from pie.deps import ClientIdPath, DomainIdPath, ServiceIdPath, Session, TenantScope, tenant_scope
 from pie.errors import BadRequest, Conflict, PieError, Unprocessable
+from pie.http.body import loads as json_loads_strict  # a repeated key is refused, as in API bodies
 from pie.jobs import logic as jobs
-from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
 from pie.pagination import PageParams
 from pie.tables.tenancy import Domain
 from pie.tenancy import logic as tenancy

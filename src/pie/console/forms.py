@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pie.errors import BadRequest
-from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
+from pie.http.body import loads as json_loads_strict  # a repeated key is refused, as in API bodies
 
 # the types a row edits directly; "other" rows carry their JSON Schema as text
 SIMPLE_TYPES = ("string", "integer", "number", "boolean", "array", "object")

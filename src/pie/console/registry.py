@@ -40,7 +40,7 @@ from pie.console.signin import ConsoleUser
 from pie.deps import ModelIdPath, ModelVersionPath, Session, tenant_scope
 from pie.dispatch.inprocess import registered_names
 from pie.errors import BadRequest, PieError
-from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
+from pie.http.body import loads as json_loads_strict  # a repeated key is refused, as in API bodies
 from pie.pagination import PageParams
 from pie.registry import logic as registry
 from pie.registry import subscriptions

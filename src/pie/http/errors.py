@@ -14,7 +14,7 @@ from starlette.routing import compile_path
 
 from pie.deps import authenticate
 from pie.errors import PieError, database_error_response, envelope, internal_error_response
-from pie.jsonbody import REFUSAL_PREFIXES
+from pie.http.body import REFUSAL_PREFIXES
 
 log = logging.getLogger("pie.errors")
 

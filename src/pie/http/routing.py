@@ -1,7 +1,7 @@
 """The route class of every PIE router (``APIRouter(route_class=PieRoute)``; ``create_app``
 refuses to start when a route does not use it):
 
-- its handler sees a :class:`pie.jsonbody.BoundedJsonRequest`, so every JSON body goes through
+- its handler sees a :class:`pie.http.body.BoundedJsonRequest`, so every JSON body goes through
   the one bounded parse step;
 - after every dependency of the route has passed (authentication, the permission and tenant
   checks the endpoint declares) and the body is validated, and just before the endpoint's own
@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from pie.jsonbody import BoundedJsonRequest
+from pie.http.body import BoundedJsonRequest
 
 _REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("pie_route_request", default=None)
 
