@@ -395,7 +395,8 @@ DEFAULT_KEY = tenancy.DEFAULT_KEY
 
 def _resnapshot_body(current: Any) -> AssignmentUpsert:
     """``PUT .../assignments/default`` to the version it points at, keeping the revision's role,
-    settings and metadata: only the snapshot (and the services' resolution) changes."""
+    settings, metadata and experiment (split and shadow): only the snapshot (and the services'
+    resolution) changes."""
     return AssignmentUpsert.model_validate(
         {
             "model_id": current.model_id,
@@ -403,6 +404,8 @@ def _resnapshot_body(current: Any) -> AssignmentUpsert:
             "role": current.role,
             "settings": current.settings,
             "metadata": current.metadata_,
+            "split": current.split or [],
+            "shadow": current.shadow or [],
         }
     )
 
