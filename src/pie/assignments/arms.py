@@ -162,9 +162,10 @@ async def launch(
         # held FOR SHARE until commit: it cannot turn failed or archived under the launch
         version = await get_model_version(session, arm.model_id, arm.model_version, for_share=True)
     if version.status in UNUSABLE:
+        arm_note = "" if arm.arm == PRIMARY else f" (the {arm.arm} arm of {revision.assignment_key})"
         raise Unprocessable(
-            f"model {version.model_id} version {version.version} ({arm.arm} arm of assignment "
-            f"{revision.assignment_key}) {unusable(version.status)}; reassign {revision.assignment_key}"
+            f"model {version.model_id} version {version.version}{arm_note} {unusable(version.status)}; "
+            f"reassign {revision.assignment_key}"
         )
     if check_input:
         _check_input(version, job_type, input)
