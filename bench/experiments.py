@@ -166,6 +166,7 @@ async def main() -> int:
     parser.add_argument("--services", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--launches", type=int, default=300)
+    parser.add_argument("--only", choices=["reinit", "launch"], help="run one of the two measurements")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -175,15 +176,17 @@ async def main() -> int:
         log(f"database: {where}")
         ensure_schema(url)
         db.init_engine(url, pool_size=4, max_overflow=0)
+        ratio = 0.0
+        launch_ratios: list[float] = []
         try:
-            plain, experiment, live = await bench_reinit(url, args.services, args.repeat)
-            ratio = experiment / plain
-            log(
-                f"batch re-init of {live} services: plain {plain * 1000:8.1f} ms | split 20% + 1 shadow "
-                f"{experiment * 1000:8.1f} ms | ratio {ratio:4.2f}x (target <= 2.2x)"
-            )
-            launch_ratios = []
-            for label, p, e in await bench_launch(url, args.launches, args.repeat):
+            if args.only != "launch":
+                plain, experiment, live = await bench_reinit(url, args.services, args.repeat)
+                ratio = experiment / plain
+                log(
+                    f"batch re-init of {live} services: plain {plain * 1000:8.1f} ms | split 20% + 1 shadow "
+                    f"{experiment * 1000:8.1f} ms | ratio {ratio:4.2f}x (target <= 2.2x)"
+                )
+            for label, p, e in await bench_launch(url, args.launches, args.repeat) if args.only != "reinit" else []:
                 launch_ratios.append(e / p)
                 log(
                     f"launch route, {label}: plain {p * 1000:6.2f} ms | split {e * 1000:6.2f} ms | "

@@ -9,6 +9,11 @@ under the same locks as a launch: the client active, the domain active (held ``F
 a default upsert or a service delete is wholly before or after), the service still there (and,
 for an init job, not departed), the version neither failed nor archived (held ``FOR SHARE``),
 the input matching the version's contract, the payload within its handler's limit.
+
+Experiments (spec 15.7): an assignment job is a launch through the key, so it takes its arm as
+any launch does (a service stays on its arm: the same revision gives the same hash) and gets
+shadow copies; a shadow job is retried as a shadow copy of the same job on its version (422
+when the active revision no longer shadows that version).
 """
 
 from __future__ import annotations
