@@ -20,7 +20,6 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie import metrics, reads
-from pie.assignments import arms
 from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert, ShadowEntry, SplitEntry
 from pie.audit import context as audit
 from pie.deps import TenantScope
@@ -32,7 +31,7 @@ from pie.tables.assignments import Assignment
 from pie.tables.jobs import Job
 from pie.tables.registry import ModelVersion
 from pie.tables.tenancy import Domain
-from pie.tenancy import freeze
+from pie.tenancy import arms, freeze
 from pie.tenancy.logic import (
     DEFAULT_KEY,
     ensure_domain_active,

@@ -23,7 +23,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pie.assignments import arms
 from pie.assignments.logic import launch_domain_features
 from pie.audit import context as audit
 from pie.auth import Principal
@@ -36,6 +35,7 @@ from pie.tables.assignments import Assignment
 from pie.tables.clients import Client
 from pie.tables.jobs import Job
 from pie.tables.tenancy import Domain, Service
+from pie.tenancy import arms
 from pie.tenancy.logic import ensure_domain_active, load_domain
 
 

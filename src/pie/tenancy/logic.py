@@ -25,7 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
 from pie import metrics, reads
-from pie.assignments import arms
 from pie.audit import context as audit
 from pie.deps import TenantScope
 from pie.errors import Conflict, NotFound, Unprocessable
@@ -37,7 +36,7 @@ from pie.tables.clients import Client
 from pie.tables.jobs import Job
 from pie.tables.registry import EventSubscription, ModelVersion
 from pie.tables.tenancy import Domain, Service
-from pie.tenancy import freeze
+from pie.tenancy import arms, freeze
 from pie.tenancy.features import describe_failures, merge_patch, resolve_features, validate_feature_definitions
 from pie.tenancy.schemas import DomainCreate, DomainUpdate, ServiceInit, ServiceUpdate
 
