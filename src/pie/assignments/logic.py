@@ -24,8 +24,8 @@ from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert, Shad
 from pie.audit import context as audit
 from pie.deps import TenantScope
 from pie.errors import NotFound, Unprocessable
+from pie.jobs.versions import UNUSABLE, unusable
 from pie.pagination import PageParams, paginate
-from pie.registry.logic import UNUSABLE, unusable
 from pie.registry.subscriptions import subscribe_inference
 from pie.tables.assignments import Assignment
 from pie.tables.jobs import Job

@@ -29,8 +29,8 @@ from pie.auth import Principal
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.jobs.cancel import SERVICE_INIT, ensure_can_launch
 from pie.jobs.logic import ENDED, create_job
+from pie.jobs.versions import UNUSABLE, get_model_version, unusable
 from pie.jsonschemas import input_schema, validation_error
-from pie.registry.logic import UNUSABLE, get_model_version, unusable
 from pie.tables.assignments import Assignment
 from pie.tables.clients import Client
 from pie.tables.jobs import Job

@@ -25,6 +25,7 @@ from pie.auth import Principal
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.jobs.firing import fire_subscriptions, shown_to
 from pie.jobs.logic import create_job
+from pie.jobs.versions import UNUSABLE, ensure_model_exists, get_model_version, unusable
 from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
 from pie.registry.handlers import (
@@ -58,15 +59,9 @@ TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
         ("archived", "active"),
     }
 )
+
+
 # statuses whose version accepts no new job and no new assignment
-UNUSABLE = frozenset({"failed", "archived"})
-
-
-def unusable(status: str) -> str:
-    """``has failed`` / ``is archived``: why a version in an ``UNUSABLE`` status takes no job."""
-    return "has failed" if status == "failed" else f"is {status}"
-
-
 class VersionInUse(Conflict):
     """409 for archiving a version that active assignment revisions point at: the envelope plus
     ``assignments: [{client_id, domain_id, service_id, assignment_key}]``."""
@@ -90,11 +85,6 @@ async def get_model(session: AsyncSession, model_id: str, *, for_update: bool = 
     if model is None:
         raise NotFound(f"model {model_id} not found")
     return model
-
-
-async def ensure_model_exists(session: AsyncSession, model_id: str) -> None:
-    if await session.scalar(select(Model.id).where(Model.id == model_id)) is None:
-        raise NotFound(f"model {model_id} not found")
 
 
 async def list_models(session: AsyncSession, page: PageParams, response: Response) -> list[Model]:
@@ -244,29 +234,6 @@ async def update_model(session: AsyncSession, model_id: str, body: ModelUpdate) 
 
 
 # ---- versions --------------------------------------------------------------------------------
-
-
-async def get_model_version(
-    session: AsyncSession, model_id: str, version: str, *, for_update: bool = False, for_share: bool = False
-) -> ModelVersion:
-    """The version (404 when the model or the version is missing). ``for_update`` locks the row
-    with ``FOR NO KEY UPDATE`` (blocks other status changes, not foreign-key checks);
-    ``for_share`` with ``FOR SHARE`` (a job launch: no status change can commit between the
-    check of the version's status and the job's commit)."""
-    stmt = (
-        select(ModelVersion)
-        .where(ModelVersion.model_id == model_id, ModelVersion.version == version)
-        .execution_options(populate_existing=True)
-    )
-    if for_update:
-        stmt = stmt.with_for_update(key_share=True)
-    elif for_share:
-        stmt = stmt.with_for_update(read=True)
-    found = await session.scalar(stmt)
-    if found is None:
-        await ensure_model_exists(session, model_id)
-        raise NotFound(f"model {model_id} has no version {version}")
-    return found
 
 
 async def list_versions(

@@ -31,8 +31,8 @@ from sqlalchemy.sql import ColumnElement
 
 from pie.errors import Unprocessable
 from pie.jobs.logic import create_job
+from pie.jobs.versions import UNUSABLE, get_model_version, unusable
 from pie.jsonschemas import input_schema, validation_error
-from pie.registry.logic import UNUSABLE, get_model_version, unusable
 from pie.tables.assignments import Assignment
 from pie.tables.jobs import Job
 from pie.tables.registry import ModelVersion
