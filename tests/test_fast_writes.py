@@ -1,4 +1,4 @@
-"""The fast direct-inference layer (pie.fastwrite): the success case of POST inference is
+"""The fast direct-inference layer (pie.http.fast with pie.registry.hot): the success case of POST inference is
 answered without the FastAPI route, writing exactly the rows the route writes; every other case
 reaches the route, with the body replayed, and answers as the route does."""
 
