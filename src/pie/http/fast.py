@@ -183,7 +183,7 @@ def rendered(error: PieError) -> Answer:
     return answer_of(JSONResponse(error.body(), status_code=error.status_code, headers=error.headers))
 
 
-def database_error_answer(exc: sa_exc.DBAPIError, scope: Scope, log: Any) -> Answer:
+def database_error_answer(exc: sa_exc.StatementError, scope: Scope, log: Any) -> Answer:
     """A database error as the route's error handler answers it: its envelope (503 for an
     unavailable database or a timeout, 409 for a conflict), else the logged 500."""
     request_id = (scope.get("state") or {}).get("request_id", "-")

@@ -58,16 +58,13 @@ def _bind(column: Any, name: str) -> Any:
 
 def _launch() -> Any:
     job = (
-        insert(Job.__table__)
-        .values({name: _bind(_JOBS[name], name) for name in _JOB_VALUES})
-        .returning(_JOBS.job_id)
-        .cte("job")
+        insert(Job).values({name: _bind(_JOBS[name], name) for name in _JOB_VALUES}).returning(_JOBS.job_id).cte("job")
     )
     audit_row = select(
         *(_bind(_AUDIT[name], f"audit_{name}").label(name) for name in _AUDIT_VALUES),
         job.c.job_id.label("target_id"),
     )
-    audit = insert(AuditRecord.__table__).from_select([*_AUDIT_VALUES, "target_id"], audit_row).cte("audit")
+    audit = insert(AuditRecord).from_select([*_AUDIT_VALUES, "target_id"], audit_row).cte("audit")
     return select(job.c.job_id, func.pg_notify(literal(NOTIFY_CHANNEL), literal(""))).add_cte(audit)
 
 
