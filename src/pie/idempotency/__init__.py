@@ -41,9 +41,10 @@ from pie.audit import context as audit_context
 from pie.auth import Principal
 from pie.deps import CurrentPrincipal, Session
 from pie.errors import BadRequest, Conflict, PieError, Unprocessable
+from pie.http.headers import IDEMPOTENCY_KEY
 from pie.http.routing import before_endpoint
 
-HEADER = "Idempotency-Key"
+HEADER = IDEMPOTENCY_KEY
 _KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 _PURGE_BATCH = 100
 _KEPT_HEADERS = ("content-type", "location")

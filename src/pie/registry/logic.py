@@ -24,6 +24,7 @@ from pie.audit.logic import record_status_change
 from pie.auth import Principal
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.jobs.firing import fire_subscriptions, shown_to
+from pie.jobs.hot import launch_inference
 from pie.jobs.logic import create_job
 from pie.jobs.versions import UNUSABLE, ensure_model_exists, get_model_version, unusable
 from pie.jsonschemas import validation_error
@@ -474,17 +475,41 @@ async def inference_tenant(session: AsyncSession, principal: Principal, requeste
 
 
 async def run_inference(
-    session: AsyncSession, model_id: str, version: str, body: InferenceRequest, principal: Principal
-) -> Job:
-    """An inference job on this exact version, recording the caller's tenant (``inference_tenant``).
-    ``subscribe`` stores the input as a ``training_complete -> inference / stored`` subscription
-    on the model, in the same tenant (so only that tenant sees the stored input, and its replays
-    are that tenant's jobs)."""
+    session: AsyncSession,
+    model_id: str,
+    version: str,
+    body: InferenceRequest,
+    principal: Principal,
+    *,
+    method: str = "POST",
+    path: str = "",
+) -> str:
+    """An inference job on this exact version, recording the caller's tenant
+    (``inference_tenant``); its id. ``subscribe`` stores the input as a ``training_complete ->
+    inference / stored`` subscription on the model, in the same tenant (so only that tenant
+    sees the stored input, and its replays are that tenant's jobs). Without ``subscribe``, in a
+    request (an audit entry), the job, its audit row (``method``, ``path``) and the NOTIFY are
+    one statement: ``pie.jobs.hot.LAUNCH``, the statement of the fast write layer."""
     tenant = await inference_tenant(session, principal, body.client_id)
     found = await get_model_version(session, model_id, version, for_share=True)
     problem = inference_problem(model_id, version, found.status, found.handler_contracts, body.input)
     if problem is not None:
         raise Unprocessable(problem)
+    handlers = found.handlers if isinstance(found.handlers, dict) else None
+    entry = audit.entry(session)
+    if not body.subscribe and entry is not None:
+        handler = (handlers or {}).get("inference")
+        return await launch_inference(
+            session,
+            entry,
+            model_id=model_id,
+            version=version,
+            input=body.input,
+            client_id=tenant,
+            handler=handler if isinstance(handler, dict) else None,
+            method=method,
+            path=path,
+        )
     job = await create_job(
         session,
         job_type="inference",
@@ -492,9 +517,9 @@ async def run_inference(
         model_version=version,
         input=body.input,
         client_id=tenant,
-        handlers=found.handlers if isinstance(found.handlers, dict) else None,
+        handlers=handlers,
     )
     audit.describe(session, target_id=job.job_id, client_id=job.client_id)
     if body.subscribe:
         await subscribe_inference(session, model_id=model_id, input=body.input, client_id=tenant)
-    return job
+    return job.job_id
