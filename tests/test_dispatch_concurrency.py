@@ -7,11 +7,13 @@ appends a line per invocation to a shared file, so invocations are counted acros
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +245,95 @@ async def test_jobs_of_a_silent_dispatcher_on_another_host_are_requeued_after_it
 
 async def _started(session, n: int) -> bool:
     return await count(session, Job.status == "started") == n
+
+
+async def test_a_dispatcher_just_back_from_an_outage_does_not_judge_its_peers_dead(
+    session, settings, database_url, caplog
+):
+    """A dispatcher whose own heartbeats failed (the database refused them: here a lock timeout
+    on the dispatchers table) judges no peer dead until its heartbeats have succeeded again for
+    PIE_DISPATCH_DEAD_AFTER: after an outage every heartbeat is stale, the peers' too, and a
+    peer that is alive must keep its jobs. Once it is healthy that long, a peer still silent is
+    dead and its jobs go back to the queue."""
+    import logging
+
+    from pie import db
+
+    dead_after = 1.5
+    fast = settings.model_copy(
+        update={"dispatch_heartbeat_interval": 0.05, "dispatch_dead_after": dead_after, "db_lock_timeout_ms": 200}
+    )
+    await seed(session)
+    await session.execute(
+        text(
+            "INSERT INTO dispatchers (id, name, host, pid, workers) VALUES ('peer', 'peer', 'elsewhere', 1, 1);"
+            "INSERT INTO jobs (job_type, model_id, model_version, input, status, attempts, started_at,"
+            " locked_by, lease_expires_at)"
+            " VALUES ('inference', 'm1', '1', '{}', 'started', 1, now(), 'peer', now() + interval '1 hour')"
+        )
+    )
+    await session.commit()
+
+    async def peer_job() -> tuple[str, str | None]:
+        row = (await session.execute(text("SELECT status, locked_by FROM jobs"))).one()
+        await session.commit()
+        return row.status, row.locked_by
+
+    async def heartbeat_after(moment: Any, judge: Dispatcher) -> bool:
+        beat = await session.scalar(
+            text("SELECT heartbeat_at > :t FROM dispatchers WHERE id = :me"), {"t": moment, "me": judge.worker_id}
+        )
+        await session.commit()
+        return bool(beat)
+
+    saved = db.save_engine()
+    db.init_engine(database_url, fast)  # the dispatcher's statements give up on a lock after 200 ms
+    judge = Dispatcher(fast, name="judge")
+    judge.host = "judge-host"
+    caplog.set_level(logging.WARNING, logger="pie")
+    try:
+        judge._start_workers()  # registers and heartbeats
+        await wait_until(session, lambda: heartbeat_after(datetime.min, judge), timeout=30)
+        await asyncio.sleep(dead_after)  # healthy for PIE_DISPATCH_DEAD_AFTER: a judge of its peers
+
+        # the outage: nobody can heartbeat; when it ends, the peer's last heartbeat is an hour old
+        async with db_connection(database_url) as outage:
+            await outage.execute("LOCK TABLE dispatchers IN ACCESS EXCLUSIVE MODE")
+            await wait_for_log(caplog, "heartbeat failed", timeout=30)
+            await outage.execute("UPDATE dispatchers SET heartbeat_at = now() - interval '1 hour' WHERE id = 'peer'")
+            ended = (await (await outage.execute("SELECT now()")).fetchone())[0]
+        await wait_until(session, lambda: heartbeat_after(ended, judge), timeout=30)  # back
+
+        await judge.sweep()
+        assert await peer_job() == ("started", "peer")  # too early to tell a dead peer from a slow one
+
+        await asyncio.sleep(dead_after)  # healthy again for PIE_DISPATCH_DEAD_AFTER
+        await judge.sweep()
+        assert await peer_job() == ("pending", None)
+    finally:
+        await judge.stop(grace=5.0)
+        await db.dispose_engine()
+        db.restore_engine(saved)
+
+
+@contextlib.asynccontextmanager
+async def db_connection(database_url: str):
+    """A connection of its own whose transaction commits when the block ends."""
+    import psycopg
+
+    from pie import db
+
+    conn = await psycopg.AsyncConnection.connect(db.libpq_url(database_url))
+    try:
+        yield conn
+        await conn.commit()
+    finally:
+        await conn.close()
+
+
+async def wait_for_log(caplog, words: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(words in r.getMessage() for r in caplog.records):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line with {words!r} in time")
+        await asyncio.sleep(0.02)
