@@ -8,12 +8,13 @@ import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select
+from factories import until
+from sqlalchemy import select, text
 
 from pie.clients.models import Client
 from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
 from pie.dispatch.inprocess import HandlerFailure, register
-from pie.jobs.logic import create_job
+from pie.jobs.logic import CANCEL_CHANNEL, create_job
 from pie.jobs.models import Job
 from pie.registry.models import EventSubscription, Model, ModelVersion
 from pie.tenancy.models import Domain, Service
@@ -296,19 +297,33 @@ async def test_service_init_job_and_chained_subscriptions(session, settings):
     assert (await stored(session, source)).status == "success"
 
 
+async def listening(session) -> bool:
+    """A dispatcher of this database has run its LISTENs (the second is the cancel channel)."""
+    found = await session.scalar(
+        text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query = 'LISTEN ' || :channel"
+        ),
+        {"channel": CANCEL_CHANNEL},
+    )
+    await session.commit()  # a new snapshot of pg_stat_activity next time
+    return bool(found)
+
+
+async def ended(session, job_id: str) -> Job | None:
+    job = await stored(session, job_id)
+    return job if job.status in ("success", "failure") else None
+
+
 async def test_a_started_dispatcher_wakes_on_notify(session, settings):
     """The polling fallback is two minutes here: only LISTEN/NOTIFY can start the job in time."""
     await seed_version(session)
     dispatcher = Dispatcher(settings.model_copy(update={"dispatch_poll_interval": 120.0}), name="listener")
     await dispatcher.start()
     try:
-        await asyncio.sleep(0.2)  # let it LISTEN
+        await until(lambda: listening(session), what="the dispatcher's LISTEN")
         job_id = await new_job(session, input={"n": 1})
-        for _ in range(200):
-            job = await stored(session, job_id)
-            if job.status == "success":
-                break
-            await asyncio.sleep(0.05)
+        job = await until(lambda: ended(session, job_id), what="the job's end")
         assert job.status == "success" and job.output["input"] == {"n": 1}
     finally:
         await dispatcher.stop()
