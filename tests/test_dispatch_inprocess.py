@@ -301,8 +301,7 @@ async def listening(session) -> bool:
     """A dispatcher of this database has run its LISTENs (the second is the cancel channel)."""
     found = await session.scalar(
         text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND query = 'LISTEN ' || :channel"
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN ' || :channel"
         ),
         {"channel": CANCEL_CHANNEL},
     )
