@@ -415,19 +415,13 @@ async def test_running_jobs_keep_their_lease_and_are_not_run_twice(session, sett
     await owner.start()
     try:
         job_id = await new_job(session)
-        for _ in range(100):
-            if SLOW_CALLS:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: SLOW_CALLS, what="the handler's start")
         await peer.start()
         for _ in range(15):  # 1.5 s = 2.5 leases, sweeping every 0.1 s
             await asyncio.sleep(0.1)
             assert (await stored(session, job_id)).status == "started"
         GATE.set()
-        for _ in range(100):
-            if (await stored(session, job_id)).status == "success":
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: ended(session, job_id), what="the job's end")
     finally:
         GATE.set()
         await peer.stop()
@@ -444,10 +438,7 @@ async def test_stop_gives_unfinished_jobs_back_to_the_queue(session, settings):
     await dispatcher.start()
     try:
         job_id = await new_job(session)
-        for _ in range(100):
-            if SLOW_CALLS:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: SLOW_CALLS, what="the handler's start")
         assert (await stored(session, job_id)).status == "started"
         await dispatcher.stop(grace=0.2)
         job = await stored(session, job_id)

@@ -130,7 +130,7 @@ async def job_row(job_id: str):
         ).one()
 
 
-async def _wait_for(predicate, timeout: float = 20.0) -> None:
+async def _wait_for(predicate, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():
         assert time.monotonic() < deadline, "condition not reached"
