@@ -72,8 +72,14 @@ async def start_worker(name: str, database_url: str, record: Path, **env: str) -
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )
-    line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
-    assert b"dispatching" in line, line
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        assert b"dispatching" in line, line
+    except BaseException:
+        if proc.returncode is None:  # never left running when it did not start as expected
+            proc.kill()
+            await proc.wait()
+        raise
     return proc
 
 
@@ -135,13 +141,15 @@ async def test_three_dispatchers_never_dispatch_a_job_twice(session, settings, d
     record = tmp_path / "invocations.log"
     _RECORD_FILE["path"] = str(record)
     await seed(session)
-    workers = [
-        await start_worker(f"w{i}", database_url, record, PIE_TEST_SLEEP="0.002", PIE_DISPATCH_BATCH_SIZE="20")
-        for i in range(2)
-    ]
+    workers: list[asyncio.subprocess.Process] = []
     local = Dispatcher(settings.model_copy(update={"dispatch_batch_size": 20}), name="local")
-    await local.start()
     try:
+        # (started inside the try: a worker left running would dispatch the next tests' jobs)
+        for i in range(2):
+            workers.append(
+                await start_worker(f"w{i}", database_url, record, PIE_TEST_SLEEP="0.002", PIE_DISPATCH_BATCH_SIZE="20")
+            )
+        await local.start()
         await insert_jobs(session, 400)
         await wait_until(session, lambda: _all_ended(session, 400), timeout=120)
     finally:
@@ -284,6 +292,11 @@ async def test_a_dispatcher_just_back_from_an_outage_does_not_judge_its_peers_de
         await session.commit()
         return bool(beat)
 
+    async def dispatchers() -> list[str]:
+        ids = list((await session.execute(text("SELECT id FROM dispatchers ORDER BY id"))).scalars())
+        await session.commit()
+        return ids
+
     saved = db.save_engine()
     db.init_engine(database_url, fast)  # the dispatcher's statements give up on a lock after 200 ms
     judge = Dispatcher(fast, name="judge")
@@ -303,11 +316,13 @@ async def test_a_dispatcher_just_back_from_an_outage_does_not_judge_its_peers_de
         await wait_until(session, lambda: heartbeat_after(ended, judge), timeout=30)  # back
 
         await judge.sweep()
-        assert await peer_job() == ("started", "peer")  # too early to tell a dead peer from a slow one
+        # too early to tell a dead peer from a slow one (no other dispatcher may be alive in this
+        # database: one left over by an earlier test would judge the peer itself)
+        assert await peer_job() == ("started", "peer"), await dispatchers()
 
         await asyncio.sleep(dead_after)  # healthy again for PIE_DISPATCH_DEAD_AFTER
         await judge.sweep()
-        assert await peer_job() == ("pending", None)
+        assert await peer_job() == ("pending", None), await dispatchers()
     finally:
         await judge.stop(grace=5.0)
         await db.dispose_engine()
