@@ -69,7 +69,7 @@ async def test_fifty_long_polls_wait_without_a_query_and_answer_when_the_job_end
     assert job.job_id not in listener.waiters
 
 
-async def test_long_poll_returns_within_its_wait_plus_one_second(client, session, admin):
+async def test_long_poll_returns_when_its_wait_is_up(client, session, admin):
     await seed_version(session)
     job = await new_job(session)
     with StatementCounter() as statements:
