@@ -459,3 +459,67 @@ async def test_the_domain_page_shows_the_governing_snapshot_not_the_draft(client
     page = (await client.get("/console/clients/acme/domains/south_australia")).text
     assert "a snapshot of the live features" in page and "Contract in force (snapshot of the live features)" in page
     assert "Adelaide to Sydney" in page  # the snapshot's enum, not the draft's integer
+
+
+async def test_the_assignment_page_shows_the_experiment(client, session, admin, make_token):
+    """Issue 24 item 5 (spec 15.7): the arms of the active revision with their jobs and outcomes
+    (the logic of GET .../arms) and the newest shadow jobs."""
+    await tenant_setup(client, session, admin, client_id="acme")
+    for version in ("2", "3"):
+        await make_version(session, version=version)
+    url = "/console/clients/acme/domains/south_australia/assignments/default"
+    await sign_in(client, make_token(admin=True))
+    assert "Experiment</h2>" not in (await client.get(url)).text  # no experiment, no panel
+    await assign(
+        client,
+        admin,
+        "acme",
+        "south_australia",
+        "default",
+        split=[{"model_id": "pricing-model", "model_version": "2", "percent": 25}],
+        shadow=[{"model_id": "pricing-model", "model_version": "3"}],
+    )
+    job_id = (await init_service(client, admin, "ferry-1", ROUTE, client_id="acme")).json()["job_id"]
+    arms = (await client.get("/v2/clients/acme/domains/south_australia/assignments/default/arms", headers=admin)).json()
+    page = (await client.get(url)).text
+    panel = page.split('id="experiment-h"')[1].split("Revision history")[0]
+    rows = re.findall(r"<tr>\s*<td data-label=\"Arm\">(\w+)</td>.*?</tr>", panel, re.S)
+    assert rows == ["primary", "split", "shadow"]
+    for arm in arms["arms"]:
+        row = re.search(rf"<td data-label=\"Arm\">{arm['arm']}</td>(.*?)</tr>", panel, re.S).group(1)
+        assert f"pricing-model v{arm['model_version']}" in row
+        assert f'<td data-label="Jobs">{arm["jobs"]}</td>' in row
+        assert f'<td data-label="Pending">{arm["pending"]}</td>' in row
+    assert "25%" in panel and "75%" in panel and "copy of every launch" in panel
+    shadow = (await client.get("/v2/jobs", params={"arm": "shadow"}, headers=admin)).json()[0]
+    shadows = page.split('id="shadow-jobs-h"')[1]
+    assert f"/console/jobs/{shadow['job_id']}" in shadows and f"/console/jobs/{job_id}" in shadows
+    assert "ferry-1" in shadows and "pricing-model v3" in shadows
+    history = page.split("Revision history")[1]
+    assert "split pricing-model v2 25%, shadow pricing-model v3" in history
+
+
+async def test_re_snapshotting_default_keeps_the_experiment(client, session, admin, make_token):
+    """The console's re-snapshot writes default again to the same version: the new revision
+    keeps the running experiment (split and shadow), as it keeps role, settings and metadata."""
+    await tenant_setup(client, session, admin, client_id="acme")
+    for version in ("2", "3"):
+        await make_version(session, version=version)
+    split = [{"model_id": "pricing-model", "model_version": "2", "percent": 25}]
+    shadow = [{"model_id": "pricing-model", "model_version": "3"}]
+    before = (await assign(client, admin, "acme", "south_australia", "default", split=split, shadow=shadow)).json()
+    await sign_in(client, make_token(admin=True))
+    base = "/console/clients/acme/domains/south_australia"
+    csrf = csrf_of((await client.get(f"{base}/assignments/default")).text)
+    preview = await client.post(f"{base}/assignments/default/resnapshot/preview", data={"csrf_token": csrf})
+    assert preview.status_code == 200, preview.text
+    confirm = {
+        "csrf_token": csrf,
+        "expected": re.search(r'name="expected" value="([^"]+)"', preview.text).group(1),
+        "features": re.search(r'name="features" value="([0-9a-f]+)"', preview.text).group(1),
+    }
+    r = await client.post(f"{base}/assignments/default/resnapshot", data=confirm)
+    assert r.status_code == 303, r.text
+    after = (await client.get("/v2/clients/acme/domains/south_australia/assignments/default", headers=admin)).json()
+    assert after["assignment_id"] != before["assignment_id"]
+    assert after["split"] == split and after["shadow"] == shadow

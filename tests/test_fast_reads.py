@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from factories import domain_url, init_service, tenant_setup
+from factories import assign, domain_url, init_service, make_version, tenant_setup
 from sqlalchemy import text
 
 from pie.app import create_app
@@ -183,3 +183,29 @@ async def test_jobs_in_every_state_read_the_same_on_both_paths(client, plain, wo
     listed = {j["job_id"]: j for j in (await client.get("/v2/jobs?limit=1000", headers=admin)).json()}
     for job_id in ids.values():
         assert listed[job_id] == (await client.get(f"/v2/jobs/{job_id}", headers=admin)).json()
+
+
+async def test_experiment_fields_read_the_same_on_both_paths(client, plain, world, admin, session):
+    """Spec 15.7: a revision's ``split`` and ``shadow``, a job's ``arm`` and ``shadow_of`` come
+    out of the fast layer exactly as out of the routes."""
+    for version in ("2", "3"):
+        await make_version(session, version=version)
+    r = await assign(
+        client,
+        admin,
+        split=[{"model_id": "pricing-model", "model_version": "2", "percent": 40}],
+        shadow=[{"model_id": "pricing-model", "model_version": "3"}],
+    )
+    revision = r.json()
+    init = (await init_service(client, admin, "svc-x", {"route": "Adelaide to Sydney"})).json()
+    shadow = (await client.get("/v2/jobs", params={"arm": "shadow"}, headers=admin)).json()
+    assert [j["shadow_of"] for j in shadow] == [init["job_id"]]
+    for path in (f"{D}/assignments/default", f"/v2/jobs/{init['job_id']}", f"/v2/jobs/{shadow[0]['job_id']}"):
+        fast = await client.get(path, headers=admin)
+        slow = await plain.get(path, headers=admin)
+        assert fast.status_code == slow.status_code == 200, path
+        assert fast.json() == slow.json(), path
+    assert (await client.get(f"{D}/assignments/default", headers=admin)).json()["split"] == revision["split"]
+    fast_shadow = (await client.get(f"/v2/jobs/{shadow[0]['job_id']}", headers=admin)).json()
+    assert fast_shadow["arm"] == "shadow" and fast_shadow["shadow_of"] == init["job_id"]
+    assert (await client.get(f"/v2/jobs/{init['job_id']}", headers=admin)).json()["arm"] in ("primary", "split")

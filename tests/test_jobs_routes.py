@@ -89,6 +89,8 @@ async def test_getjob_returns_the_job_record(client, session, admin):
         "service_id",
         "subscription_id",
         "retry_of",
+        "arm",
+        "shadow_of",
         "input",
         "output",
         "error",

@@ -6,7 +6,7 @@ its samples to files under ``PROMETHEUS_MULTIPROC_DIR`` and a scrape (answered b
 aggregates the files of all of them (prometheus-client's multiprocess mode).
 
 Label values are bounded: route templates (never raw paths), HTTP methods, status codes, job
-types, handler types, job statuses. The queue depth is read from the database at scrape time.
+types, handler types, job statuses, experiment arms. The queue depth is read from the database at scrape time.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ HTTP_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 JOBS_CREATED = Counter("pie_jobs_created", "Jobs created (committed), by job type", ["job_type"])
+JOBS_CREATED_BY_ARM = Counter(
+    "pie_jobs_arm_created",
+    "Jobs launched through an assignment key (committed), by experiment arm: primary, split or shadow "
+    "(spec 15.7; docs/experiments.md)",
+    ["arm"],
+)
+for _arm in ("primary", "split", "shadow"):  # the series exist (at 0) before the first experiment
+    JOBS_CREATED_BY_ARM.labels(_arm)
 JOBS_ENDED = Counter(
     "pie_jobs_ended",
     "Jobs ended (committed), by job type, handler type and final status",
@@ -189,12 +197,19 @@ def _install_session_hooks() -> None:
 _install_session_hooks()
 
 
-def jobs_created(job_types: Iterable[str]) -> Callable[[], None]:
+def jobs_created(job_types: Iterable[str], arms: Iterable[str] = ()) -> Callable[[], None]:
+    """``job_types``: one per job created; ``arms``: the arm of each of them launched through an
+    assignment key."""
     types = list(job_types)
+    by_arm: dict[str, int] = {}
+    for arm in arms:
+        by_arm[arm] = by_arm.get(arm, 0) + 1
 
     def record() -> None:
         for job_type in types:
             JOBS_CREATED.labels(job_type).inc()
+        for arm, count in by_arm.items():
+            JOBS_CREATED_BY_ARM.labels(arm).inc(count)
 
     return record
 

@@ -27,6 +27,7 @@ ENUM_NAMES: dict[tuple[str, ...], str] = {
     ("active", "paused"): "SubscriptionSettableStatus",
     ("active", "archived", "failed", "pending", "training"): "VersionStatus",
     ("failure", "pending", "started", "success"): "JobStatus",
+    ("primary", "shadow", "split"): "ExperimentArm",
 }
 
 JSON_SCHEMA_COMPONENT = {

@@ -76,6 +76,73 @@ async def check_domain(
     return plan
 
 
+@dataclass(frozen=True)
+class Target:
+    """A version an upsert names and the schema it is checked against (spec 15.7)."""
+
+    model_id: str
+    model_version: str
+    definitions: list[Any]
+    arm: str  # primary | split | shadow
+
+
+async def check_versions(
+    session: AsyncSession,
+    *,
+    client_id: str,
+    domain_id: str,
+    targets: list[Target],
+    service_updates: list[tuple[str, dict[str, Any]]],
+) -> FreezePlan:
+    """``check_domain`` for every version of an upsert: the primary first (its plan is
+    returned), then the split and shadow versions of an experiment. Versions checked against
+    the same schema share one check. With an experiment, every blocking entry names its
+    ``model_id`` and ``model_version``; without one, the entries are those of ``check_domain``."""
+    first = targets[0]
+    if len(targets) == 1:
+        return await check_domain(
+            session,
+            client_id=client_id,
+            domain_id=domain_id,
+            definitions=first.definitions,
+            service_updates=service_updates,
+            model_id=first.model_id,
+            model_version=first.model_version,
+        )
+    checked: dict[str, tuple[FreezePlan, list[dict[str, Any]]]] = {}
+    blocking: list[dict[str, Any]] = []
+    blocked: list[Target] = []
+    plan: FreezePlan | None = None
+    for target in targets:
+        fingerprint = _dumps(target.definitions)
+        if fingerprint not in checked:
+            checked[fingerprint] = await _check(
+                session,
+                client_id=client_id,
+                domain_id=domain_id,
+                definitions=target.definitions,
+                service_updates=service_updates,
+            )
+        found, entries = checked[fingerprint]
+        if plan is None:
+            plan = found
+        if entries:
+            blocked.append(target)
+            blocking.extend(
+                {**entry, "model_id": target.model_id, "model_version": target.model_version} for entry in entries
+            )
+    if blocking:
+        services = len({b["service_id"] for b in blocking})
+        names = ", ".join(f"{t.arm} model {t.model_id} version {t.model_version}" for t in blocked)
+        raise AssignmentBlocked(
+            f"cannot assign model {first.model_id} version {first.model_version}: "
+            f"{services} service(s) have incompatible provided_features for {names}",
+            blocking,
+        )
+    assert plan is not None
+    return plan
+
+
 @dataclass
 class DraftCheck:
     """What a draft of feature definitions would do to a domain's services (spec 15.1)."""

@@ -20,17 +20,15 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie import metrics, reads
-from pie.assignments import freeze
+from pie.assignments import arms, freeze
 from pie.assignments.models import Assignment
-from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert
+from pie.assignments.schemas import AssignmentJobRequest, AssignmentUpsert, ShadowEntry, SplitEntry
 from pie.audit import context as audit
 from pie.deps import TenantScope
 from pie.errors import NotFound, Unprocessable
-from pie.jobs.logic import create_job
 from pie.jobs.models import Job
-from pie.jsonschemas import validation_error
 from pie.pagination import PageParams, paginate
-from pie.registry.logic import UNUSABLE, get_model_version, unusable
+from pie.registry.logic import UNUSABLE, unusable
 from pie.registry.models import ModelVersion
 from pie.registry.subscriptions import subscribe_inference
 from pie.tenancy.logic import (
@@ -78,6 +76,53 @@ async def model_reference(session: AsyncSession, model_id: str, model_version: s
     return version
 
 
+def check_experiment(body: AssignmentUpsert) -> None:
+    """The shape rules of ``split`` and ``shadow`` (spec 15.7; 422): percentages integers 1-99
+    summing to less than 100, and no version named twice across primary, split and shadow."""
+    for entry in body.split:
+        if not 1 <= entry.percent <= 99:
+            raise Unprocessable(
+                f"split percent of model {entry.model_id} version {entry.model_version} is {entry.percent}: "
+                "each must be an integer from 1 to 99"
+            )
+    total = sum(entry.percent for entry in body.split)
+    if total >= 100:
+        raise Unprocessable(
+            f"split percentages sum to {total}: they must sum to less than 100 (the primary takes the rest)"
+        )
+    seen = {(body.model_id, body.model_version): "primary"}
+    named_entries: list[tuple[str, SplitEntry | ShadowEntry]] = [
+        *(("split", e) for e in body.split),
+        *(("shadow", e) for e in body.shadow),
+    ]
+    for where, named_entry in named_entries:
+        named = (named_entry.model_id, named_entry.model_version)
+        if named in seen:
+            raise Unprocessable(
+                f"model {named[0]} version {named[1]} is named twice (as {seen[named]} and "
+                f"{where}): each version may take one place in an experiment"
+            )
+        seen[named] = where
+
+
+async def experiment_references(session: AsyncSession, body: AssignmentUpsert) -> list[tuple[str, ModelVersion]]:
+    """Every split and shadow version (in listed order, with its arm) passes 6.1 like the
+    primary (422 "invalid model reference"), each held ``FOR SHARE`` until commit."""
+    found = []
+    for where, entries in (("split", body.split), ("shadow", body.shadow)):
+        for entry in entries:
+            found.append((where, await model_reference(session, entry.model_id, entry.model_version)))
+    return found
+
+
+def _experiment(body: AssignmentUpsert) -> dict[str, list[dict[str, Any]]]:
+    """``split`` and ``shadow`` as the revision stores them."""
+    return {
+        "split": [e.model_dump(include={"model_id", "model_version", "percent"}) for e in body.split],
+        "shadow": [e.model_dump(include={"model_id", "model_version"}) for e in body.shadow],
+    }
+
+
 async def _write_revision(
     session: AsyncSession,
     *,
@@ -111,6 +156,7 @@ async def _write_revision(
             settings=body.settings,
             metadata_=body.metadata,
             governing_schema=governing_schema,
+            **_experiment(body),
             created_by=audit.actor(session),
             created_at=func.clock_timestamp(),
             updated_at=func.clock_timestamp(),
@@ -166,25 +212,36 @@ async def upsert_domain_assignment(
         if entry.service_id in seen:
             raise Unprocessable(f"service_updates names service {entry.service_id} more than once")
         seen.add(entry.service_id)
+    check_experiment(body)
     version = await model_reference(session, body.model_id, body.model_version)
-    if key == DEFAULT_KEY:
-        definitions = schema_of(version, domain)
-    elif version.features is not None:
-        definitions = version.features
-    else:
-        definitions = await governing_schema(session, domain)
+    others = await experiment_references(session, body)
+    in_force: list[Any] | None = None
 
+    async def schema_for(target: ModelVersion) -> list[Any]:
+        nonlocal in_force
+        if key == DEFAULT_KEY:
+            return schema_of(target, domain)
+        if target.features is not None:
+            return target.features
+        if in_force is None:
+            in_force = await governing_schema(session, domain)
+        return in_force
+
+    definitions = await schema_for(version)
     plan = None
     if body.status == "active":
+        # the freeze check of every version the revision names (spec 15.7): each must accept
+        # every non-departed service; the plan written is the primary's (its schema governs)
+        checks = [freeze.Target(body.model_id, body.model_version, definitions, "primary")]
+        for where, other in others:
+            checks.append(freeze.Target(other.model_id, other.version, await schema_for(other), where))
         with metrics.freeze_check():
-            plan = await freeze.check_domain(
+            plan = await freeze.check_versions(
                 session,
                 client_id=scope.client_id,
                 domain_id=domain_id,
-                definitions=definitions,
+                targets=checks,
                 service_updates=[(u.service_id, u.static_features) for u in updates],
-                model_id=body.model_id,
-                model_version=body.model_version,
             )
     if dry_run:
         audit.skip(session)
@@ -224,6 +281,7 @@ def _would_be(client_id: str, domain_id: str, key: str, body: AssignmentUpsert) 
         "role": body.role,
         "settings": body.settings,
         "metadata": body.metadata,
+        **_experiment(body),
         "created_by": None,
         "created_at": None,
         "updated_at": None,
@@ -240,7 +298,9 @@ async def upsert_service_assignment(
     ensure_domain_active(domain)
     if body.service_updates:
         raise Unprocessable("service_updates are only allowed on the domain's default assignment")
+    check_experiment(body)
     await model_reference(session, body.model_id, body.model_version)
+    await experiment_references(session, body)
     return await _write_revision(
         session, client_id=scope.client_id, domain_id=domain_id, service_id=service_id, key=key, body=body
     )
@@ -375,36 +435,21 @@ async def run_assignment_job(
     if body.subscribe and body.job_type != "inference":
         raise Unprocessable("subscribe is only valid for inference jobs")
 
-    # the version row stays locked until commit, so it cannot turn `failed` between this check and
-    # the job's commit
-    version = await get_model_version(session, revision.model_id, revision.model_version, for_share=True)
-    if version.status in UNUSABLE:
-        raise Unprocessable(
-            f"model {version.model_id} version {version.version} {unusable(version.status)}; reassign {key}"
-        )
-    contract = ((version.handler_contracts or {}).get(body.job_type) or {}).get("input_schema")
-    if contract is not None:
-        error = validation_error(contract, body.input)
-        if error is not None:
-            raise Unprocessable(
-                f"input does not match the {body.job_type} input_schema of model {version.model_id} "
-                f"version {version.version}: {error}"
-            )
-
-    job = await create_job(
+    # the arm's version row stays locked until commit, so it cannot turn `failed` between this
+    # check and the job's commit; with a split, the arm is the service's (or a random one)
+    job = await arms.launch(
         session,
+        revision,
         job_type=body.job_type,
-        model_id=revision.model_id,
-        model_version=revision.model_version,
         input=body.input,
         features=service.resolved_features if service is not None else None,
         # a job never writes a version (spec 15.1): training through a domain assignment carries
         # the domain's live features (the next-train draft) to its handler instead
         domain_features=launch_domain_features(domain, body.job_type, service_id),
-        assignment_id=revision.assignment_id,
         client_id=scope.client_id,
         domain_id=domain_id,
         service_id=service_id,
+        check_input=True,
     )
     audit.describe(session, target_id=job.job_id)
     if body.subscribe:
@@ -421,3 +466,49 @@ async def run_assignment_job(
             label=f"replay through assignment {key} ({_scope_name(domain_id, service_id)})",
         )
     return job
+
+
+# -- reading an experiment (spec 15.7) -----------------------------------------------------------
+
+
+async def experiment_arms(
+    session: AsyncSession, scope: TenantScope, domain_id: str, service_id: str | None, key: str
+) -> dict[str, Any]:
+    """``GET .../assignments/{key}/arms``: every arm of the key's active revision (404 if none)
+    with the jobs launched through that revision on it, by status: one grouped query. Jobs of
+    the revision written before experiments existed (no arm) count as the primary's."""
+    revision = await get_active(session, scope, domain_id, service_id, key)
+    arm = func.coalesce(Job.arm, arms.PRIMARY)
+    stmt = (
+        select(arm.label("arm"), Job.model_id, Job.model_version, Job.status, func.count().label("n"))
+        .where(Job.assignment_id == revision.assignment_id)
+        .group_by(arm, Job.model_id, Job.model_version, Job.status)
+    )
+    counts: dict[tuple[str, str, str], dict[str, int]] = {}
+    for row in (await session.execute(stmt)).all():
+        counts.setdefault((row.arm, row.model_id, row.model_version), {})[row.status] = row.n
+    out = []
+    for entry in arms.arms_of(revision):
+        by_status = counts.get((entry.arm, entry.model_id, entry.model_version), {})
+        out.append(
+            {
+                "arm": entry.arm,
+                "model_id": entry.model_id,
+                "model_version": entry.model_version,
+                "percent": entry.percent,
+                "jobs": sum(by_status.values()),
+                **{status: by_status.get(status, 0) for status in ("pending", "started", "success", "failure")},
+            }
+        )
+    return {"assignment_id": revision.assignment_id, "assignment_key": revision.assignment_key, "arms": out}
+
+
+async def recent_shadow_jobs(session: AsyncSession, assignment_id: Any, limit: int = 10) -> list[Job]:
+    """The newest shadow jobs launched through a revision (the console's experiment panel)."""
+    stmt = (
+        select(Job)
+        .where(Job.assignment_id == assignment_id, Job.arm == arms.SHADOW)
+        .order_by(Job.job_id.desc())
+        .limit(limit)
+    )
+    return list((await session.scalars(stmt)).all())

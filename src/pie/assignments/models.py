@@ -29,6 +29,11 @@ class Assignment(Timestamps, Base):
     # domain-scope `default` revisions: the feature schema that governs the domain while this
     # revision is active, taken when it was written (spec 15.1); NULL on every other revision
     governing_schema: Mapped[list[Any] | None] = mapped_column(JSONB(none_as_null=True))
+    # the experiment on this revision (spec 15.7): ``[{model_id, model_version, percent}]`` arms
+    # that take a share of the launches (the primary takes the rest) and ``[{model_id,
+    # model_version}]`` versions that get a shadow copy of every launch; empty: no experiment
+    split: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    shadow: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     # who wrote the row (pie.audit.schemas.Actor); NULL before the audit trail and for platform writes
     created_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
 

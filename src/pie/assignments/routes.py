@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from pie.assignments import logic
 from pie.assignments.models import Assignment
 from pie.assignments.schemas import (
+    AssignmentArms,
     AssignmentCreate,
     AssignmentDryRun,
     AssignmentJobRequest,
@@ -142,6 +143,20 @@ async def list_domain_assignment_revisions(
     return await logic.list_revisions(session, scope, domain_id, None, assignment_key, page, response)
 
 
+@router.get(
+    "/assignments/{assignment_key}/arms",
+    operation_id="getdomainmodelassignmentarms",
+    responses=error_responses(400, 404),
+    response_model=AssignmentArms,
+)
+async def get_domain_assignment_arms(
+    domain_id: DomainIdPath, assignment_key: KeyPath, session: Session, scope: TenantScope = tenant("read_domains")
+):
+    """The experiment of the key's active revision (spec 15.7): each arm (primary, split, shadow)
+    with its share and the jobs launched through the revision on it, by status (404 if none)."""
+    return await logic.experiment_arms(session, scope, domain_id, None, assignment_key)
+
+
 @router.post(
     "/assignments/{assignment_key}/jobs",
     operation_id="rundomainmodelassignmentjob",
@@ -251,6 +266,23 @@ async def list_service_assignment_revisions(
     scope: TenantScope = tenant("read_domains"),
 ):
     return await logic.list_revisions(session, scope, domain_id, service_id, assignment_key, page, response)
+
+
+@router.get(
+    "/service/{service_id}/assignments/{assignment_key}/arms",
+    operation_id="getservicemodelassignmentarms",
+    responses=error_responses(400, 404),
+    response_model=AssignmentArms,
+)
+async def get_service_assignment_arms(
+    domain_id: DomainIdPath,
+    service_id: ServiceIdPath,
+    assignment_key: KeyPath,
+    session: Session,
+    scope: TenantScope = tenant("read_domains"),
+):
+    """As the domain route, for a service-scope key."""
+    return await logic.experiment_arms(session, scope, domain_id, service_id, assignment_key)
 
 
 @router.post(

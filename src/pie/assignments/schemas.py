@@ -20,6 +20,32 @@ class ServiceUpdateEntry(RequestBody):
     static_features: JsonObject
 
 
+class SplitEntry(RequestBody):
+    """A split arm (spec 15.7): this version takes ``percent`` of the launches through the key."""
+
+    model_id: Identifier
+    model_version: Identifier
+    percent: int = Field(description="an integer 1-99; all split arms together below 100 (422 otherwise)")
+
+
+class ShadowEntry(RequestBody):
+    """A shadow version (spec 15.7): it gets a copy of every launch through the key."""
+
+    model_id: Identifier
+    model_version: Identifier
+
+
+class SplitOut(ResponseBody):
+    model_id: str
+    model_version: str
+    percent: int
+
+
+class ShadowOut(ResponseBody):
+    model_id: str
+    model_version: str
+
+
 class AssignmentUpsert(RequestBody):
     """Body of the keyed PUT routes."""
 
@@ -31,6 +57,14 @@ class AssignmentUpsert(RequestBody):
     metadata: JsonObject = Field(default_factory=dict)
     service_updates: list[ServiceUpdateEntry] | None = Field(
         default=None, description="domain `default` assignment upserts only"
+    )
+    split: list[SplitEntry] = Field(
+        default_factory=list,
+        description="an experiment (spec 15.7): versions that take a share of the launches; the primary "
+        "model_id/model_version takes the rest. Write the key again without it to end the experiment",
+    )
+    shadow: list[ShadowEntry] = Field(
+        default_factory=list, description="versions that get a shadow copy of every launch (spec 15.7)"
     )
 
 
@@ -52,6 +86,8 @@ class AssignmentOut(ResponseBody):
     role: str | None
     settings: StoredObject
     metadata: StoredObject = Field(validation_alias=AliasChoices("metadata_", "metadata"))
+    split: list[SplitOut] = Field(default_factory=list, description="the split arms, as stored (spec 15.7)")
+    shadow: list[ShadowOut] = Field(default_factory=list, description="the shadow versions, as stored (spec 15.7)")
     created_by: Actor | None = CREATED_BY
     created_at: UtcDatetime
     updated_at: UtcDatetime
@@ -93,3 +129,25 @@ class AssignmentDryRun(ResponseBody):
         description="services whose resolved_features the upsert would rewrite (`default` key only; "
         "patched services count)"
     )
+
+
+class ArmOut(ResponseBody):
+    """One arm of the active revision and the jobs it ran (spec 15.7)."""
+
+    arm: Literal["primary", "split", "shadow"]
+    model_id: str
+    model_version: str
+    percent: int | None = Field(description="the arm's share of the launches (the primary: the rest); null for shadows")
+    jobs: int = Field(description="jobs of this arm launched through the revision")
+    pending: int
+    started: int
+    success: int
+    failure: int
+
+
+class AssignmentArms(ResponseBody):
+    """``GET .../assignments/{key}/arms``: the experiment of the key's active revision."""
+
+    assignment_id: uuid.UUID
+    assignment_key: str
+    arms: list[ArmOut]

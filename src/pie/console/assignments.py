@@ -76,6 +76,12 @@ async def _assignment(
         before = revisions[index + 1] if index + 1 < len(revisions) else None
         history.append((revision, before))
     active = await _current(session, scope, domain_id, service_id, key)
+    # the experiment of the active revision (spec 15.7): the logic of GET .../arms, and its
+    # newest shadow jobs
+    experiment = shadow_jobs = None
+    if active is not None and (active.split or active.shadow):
+        experiment = await assignments.experiment_arms(session, scope, domain_id, service_id, key)
+        shadow_jobs = await assignments.recent_shadow_jobs(session, active.assignment_id)
     url = _assignment_url(client_id, domain_id, service_id, key)
     # the move action: domain-scope keys (their upsert has the freeze check and its dry run)
     can_move = service_id is None and user.principal.has("manage_domains")
@@ -92,6 +98,8 @@ async def _assignment(
         key=key,
         history=history,
         active=active,
+        experiment=experiment,
+        shadow_jobs=shadow_jobs,
         next_url=pager.next_url,
         can_launch=user.principal.has("run_inference"),
         action=f"{url}/jobs",
@@ -395,7 +403,8 @@ DEFAULT_KEY = tenancy.DEFAULT_KEY
 
 def _resnapshot_body(current: Any) -> AssignmentUpsert:
     """``PUT .../assignments/default`` to the version it points at, keeping the revision's role,
-    settings and metadata: only the snapshot (and the services' resolution) changes."""
+    settings, metadata and experiment (split and shadow): only the snapshot (and the services'
+    resolution) changes."""
     return AssignmentUpsert.model_validate(
         {
             "model_id": current.model_id,
@@ -403,6 +412,8 @@ def _resnapshot_body(current: Any) -> AssignmentUpsert:
             "role": current.role,
             "settings": current.settings,
             "metadata": current.metadata_,
+            "split": current.split or [],
+            "shadow": current.shadow or [],
         }
     )
 

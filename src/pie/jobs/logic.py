@@ -112,6 +112,8 @@ async def create_job(
     warnings: list[Any] | None = None,
     handlers: dict[str, Any] | None = None,
     retry_of: str | None = None,
+    arm: str | None = None,
+    shadow_of: str | None = None,
 ) -> Job:
     """Record a pending job in the caller's transaction; dispatch happens after commit.
 
@@ -146,6 +148,8 @@ async def create_job(
         subscription_id=subscription_id,
         purpose=purpose,
         retry_of=retry_of,
+        arm=arm,
+        shadow_of=shadow_of,
         warnings=list(warnings or []),
         timeout_seconds=(handler or {}).get("timeout_seconds"),
         # the actor of the write that launched it (a subscription's trigger included); None
@@ -171,7 +175,7 @@ async def create_job(
     session.add(job)
     await session.flush()  # INSERT ... RETURNING the server defaults (Job: eager_defaults)
     await notify_new_jobs(session)
-    metrics.on_commit(session, metrics.jobs_created([job_type]))
+    metrics.on_commit(session, metrics.jobs_created([job_type], [arm] if arm is not None else []))
     return job
 
 
@@ -260,6 +264,7 @@ async def list_jobs(
     job_type: str | None = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
+    arm: str | None = None,
 ) -> list[Job]:
     """Newest first. Admins see every job; tenant callers the jobs of their tenants; callers
     without a tenant the platform jobs (``visible_jobs``). ``client_id`` names a tenant the
@@ -278,6 +283,8 @@ async def list_jobs(
         stmt = stmt.where(Job.model_id == model_id)
     if job_type is not None:
         stmt = stmt.where(Job.job_type == job_type)
+    if arm is not None:
+        stmt = stmt.where(Job.arm == arm)
     if created_after is not None:
         stmt = stmt.where(Job.created_at > created_after)
     if created_before is not None:
@@ -390,15 +397,17 @@ def _lock_for_finish() -> Any:
             exists()
             .where(version, func.coalesce(func.jsonb_typeof(output_schema), "null") != "null")
             .label("has_output_schema"),
-            exists()
-            .where(
-                sub.c.source_model_id == _jobs.c.model_id,
-                sub.c.trigger_event == "inference_complete",
-                sub.c.status == "active",
-                # subscriptions never fire on an archived version (spec 15.4)
-                ~exists().where(version, mv.c.status == "archived").correlate(_jobs),
-            )
-            .label("has_subscriptions"),
+            and_(
+                # a shadow job fires nothing (spec 15.7)
+                _jobs.c.arm.is_distinct_from("shadow"),
+                exists().where(
+                    sub.c.source_model_id == _jobs.c.model_id,
+                    sub.c.trigger_event == "inference_complete",
+                    sub.c.status == "active",
+                    # subscriptions never fire on an archived version (spec 15.4)
+                    ~exists().where(version, mv.c.status == "archived").correlate(_jobs),
+                ),
+            ).label("has_subscriptions"),
             func.extract("epoch", func.now() - _jobs.c.created_at).label("age_seconds"),
         )
         .where(_jobs.c.job_id.in_(bindparam("ids", expanding=True)))
@@ -423,14 +432,15 @@ _END_PLAIN = f"""
         JOIN model_versions AS mv ON mv.model_id = j.model_id AND mv.version = j.model_version
         WHERE j.job_id = ANY(CAST(%(ids)s AS text[]))  -- found by primary key, whatever the statistics
           AND j.status NOT IN ('success', 'failure') AND j.purpose IS DISTINCT FROM 'service_init'
-          -- a job whose end some webhook wants takes the full path (its outbox rows, spec 15.6)
-          AND NOT EXISTS (
+          -- a job whose end some webhook wants takes the full path (its outbox rows, spec 15.6);
+          -- a shadow job fires nothing (spec 15.7)
+          AND (j.arm IS NOT DISTINCT FROM 'shadow' OR NOT EXISTS (
                 SELECT 1 FROM webhooks AS w
                 WHERE w.status = 'active' AND (w.client_id IS NULL OR w.client_id = j.client_id)
-                  AND (CASE WHEN b.status = 'success' THEN 'job.succeeded' ELSE 'job.failed' END) = ANY(w.events))
+                  AND (CASE WHEN b.status = 'success' THEN 'job.succeeded' ELSE 'job.failed' END) = ANY(w.events)))
           AND (b.status <> 'success' OR (
                 coalesce(jsonb_typeof(mv.handler_contracts -> j.job_type -> 'output_schema'), 'null') = 'null'
-                AND (j.job_type <> 'inference' OR NOT EXISTS (
+                AND (j.job_type <> 'inference' OR j.arm IS NOT DISTINCT FROM 'shadow' OR NOT EXISTS (
                     SELECT 1 FROM event_subscriptions AS s
                     WHERE s.source_model_id = j.model_id AND s.trigger_event = 'inference_complete'
                       AND s.status = 'active'))))

@@ -60,6 +60,11 @@ class Job(Timestamps, Base):
     cancelled_at: Mapped[datetime | None]
     # the job this one re-runs (``POST /v2/jobs/{id}/retry``)
     retry_of: Mapped[str | None] = mapped_column(String(64))
+    # the experiment arm of a job launched through an assignment key (spec 15.7): 'primary',
+    # 'split' or 'shadow'; NULL for jobs not launched through a key
+    arm: Mapped[str | None] = mapped_column(String(16))
+    # a shadow job: the job it copies
+    shadow_of: Mapped[str | None] = mapped_column(String(64))
     # what ECS accepted for this job ({cluster, task_arn}), so a cancel can stop the task
     ecs_task: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     # who wrote the row (pie.audit.schemas.Actor); NULL before the audit trail and for platform writes
@@ -78,6 +83,9 @@ class Job(Timestamps, Base):
             ["subscription_id"], ["event_subscriptions.id"], name="fk_jobs_subscription", ondelete="SET NULL"
         ),
         ForeignKeyConstraint(["retry_of"], ["jobs.job_id"], name="fk_jobs_retry_of"),
+        ForeignKeyConstraint(["shadow_of"], ["jobs.job_id"], name="fk_jobs_shadow_of"),
+        CheckConstraint("arm IN ('primary', 'split', 'shadow')", name="arm"),
+        CheckConstraint("(arm = 'shadow') = (shadow_of IS NOT NULL)", name="shadow_of"),
         # the dispatch queue: only pending rows, oldest due first
         Index("ix_jobs_pending_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
         # started jobs, for the time-out and lease-recovery sweeps
@@ -87,6 +95,8 @@ class Job(Timestamps, Base):
         Index("ix_jobs_client", "client_id", "domain_id", "service_id", "job_id"),
         Index("ix_jobs_model", "model_id", "model_version", "job_id"),
         Index("ix_jobs_assignment", "assignment_id"),
+        # the shadow copies of a job (and the foreign key's lookups)
+        Index("ix_jobs_shadow_of", "shadow_of", postgresql_where=text("shadow_of IS NOT NULL")),
     )
 
 

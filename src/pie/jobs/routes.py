@@ -71,6 +71,10 @@ async def list_jobs(
     model_id: IdQuery = None,
     status: Annotated[Literal["pending", "started", "success", "failure"] | None, Query()] = None,
     job_type: Annotated[Literal["inference", "training"] | None, Query(description="only jobs of this type")] = None,
+    arm: Annotated[
+        Literal["primary", "split", "shadow"] | None,
+        Query(description="only jobs of this experiment arm (spec 15.7; docs/experiments.md)"),
+    ] = None,
     created_after: Annotated[
         datetime | None,
         Query(
@@ -102,6 +106,7 @@ async def list_jobs(
         job_type=job_type,
         created_after=_utc(created_after),
         created_before=_utc(created_before),
+        arm=arm,
     )
 
 

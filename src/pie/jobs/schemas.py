@@ -48,6 +48,13 @@ class JobOut(ResponseBody):
     service_id: str | None = None
     subscription_id: uuid.UUID | None = None
     retry_of: str | None = Field(default=None, description="the job this one re-runs (POST /v2/jobs/{job_id}/retry)")
+    arm: Literal["primary", "split", "shadow"] | None = Field(
+        default=None,
+        description="the experiment arm of a job launched through an assignment key (spec 15.7); null for "
+        "jobs not launched through a key (direct inference, subscriptions without a key) and for jobs "
+        "older than experiments",
+    )
+    shadow_of: str | None = Field(default=None, description="a shadow job: the job it copies")
     input: StoredJson = None
     output: StoredJson = None
     error: StoredJson = None

@@ -9,13 +9,21 @@ under the same locks as a launch: the client active, the domain active (held ``F
 a default upsert or a service delete is wholly before or after), the service still there (and,
 for an init job, not departed), the version neither failed nor archived (held ``FOR SHARE``),
 the input matching the version's contract, the payload within its handler's limit.
+
+Experiments (spec 15.7): an assignment job is a launch through the key, so it takes its arm as
+any launch does (a service stays on its arm: the same revision gives the same hash) and gets
+shadow copies; a shadow job is retried as a shadow copy of the same job on its version (422
+when the active revision no longer shadows that version).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pie.assignments import arms
 from pie.assignments.logic import launch_domain_features
 from pie.assignments.models import Assignment
 from pie.audit import context as audit
@@ -103,9 +111,30 @@ async def retry_job(session: AsyncSession, principal: Principal, job_id: str) ->
                 f"assignment {revision.assignment_key} is archived in {_scope_name(revision)}: no active revision "
                 "to retry the job through"
             )
-        model_id, version_id, assignment_id = active.model_id, active.model_version, active.assignment_id
         if domain is not None:
             domain_features = launch_domain_features(domain, original.job_type, revision.service_id)
+        assert original.client_id is not None and original.domain_id is not None  # assignment jobs have both
+        features = service.resolved_features if service is not None else original.features
+        if original.arm == arms.SHADOW:
+            job = await _retry_shadow(session, original, active, features, domain_features)
+        else:
+            # the key resolved again now: its arm by the same hash (the same service stays on
+            # the same arm while the revision lasts), its shadow copies
+            job = await arms.launch(
+                session,
+                active,
+                job_type=original.job_type,
+                input=original.input,
+                features=features,
+                domain_features=domain_features,
+                client_id=original.client_id,
+                domain_id=original.domain_id,
+                service_id=original.service_id,
+                purpose=original.purpose,
+                retry_of=original.job_id,
+                check_input=True,
+            )
+        return await _retried(session, original, service, job)
 
     version = await get_model_version(session, model_id, version_id, for_share=True)
     if version.status in UNUSABLE:
@@ -136,8 +165,54 @@ async def retry_job(session: AsyncSession, principal: Principal, job_id: str) ->
         domain_features=domain_features,
         retry_of=original.job_id,
     )
+    return await _retried(session, original, service, job)
+
+
+async def _retried(session: AsyncSession, original: Job, service: Service | None, job: Job) -> Job:
     if original.purpose == SERVICE_INIT and service is not None:
         service.status = "initializing"
         await session.flush()
     audit.describe(session, target_id=job.job_id, client_id=original.client_id, retry_of=original.job_id)
     return job
+
+
+async def _retry_shadow(
+    session: AsyncSession,
+    original: Job,
+    active: Assignment,
+    features: dict[str, Any] | None,
+    domain_features: list[Any] | None,
+) -> Job:
+    """A shadow job is retried as a shadow copy of the same job, on its version, through the
+    key's active revision; 422 when that revision no longer shadows the version."""
+    named = {"model_id": original.model_id, "model_version": original.model_version}
+    if named not in (active.shadow or []):
+        raise Unprocessable(
+            f"assignment {active.assignment_key} no longer shadows model {original.model_id} version "
+            f"{original.model_version}; its shadow job is not retried"
+        )
+    version = await get_model_version(session, original.model_id, original.model_version, for_share=True)
+    if version.status in UNUSABLE:
+        raise Unprocessable(
+            f"model {version.model_id} version {version.version} {unusable(version.status)}; it takes no new job"
+        )
+    problem = arms.input_problem(version, original.job_type, original.input)
+    if problem is not None:
+        raise Unprocessable(problem)
+    return await create_job(
+        session,
+        job_type=original.job_type,
+        model_id=version.model_id,
+        model_version=version.version,
+        input=original.input,
+        features=features,
+        domain_features=domain_features,
+        assignment_id=active.assignment_id,
+        client_id=original.client_id,
+        domain_id=original.domain_id,
+        service_id=original.service_id,
+        handlers=version.handlers if isinstance(version.handlers, dict) else None,
+        retry_of=original.job_id,
+        arm=arms.SHADOW,
+        shadow_of=original.shadow_of,
+    )

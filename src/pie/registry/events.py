@@ -215,6 +215,7 @@ def _plan(
         "domain_id": None,
         "service_id": None,
         "features": None,
+        "arm": None,
     }
     if subscription.assignment_key is None:
         # a model's own training_complete subscription: the version whose training completed;
@@ -256,6 +257,9 @@ def _plan(
             domain_id=a.domain_id,
             service_id=a.service_id,
             features=row.features if a.service_id is not None else None,
+            # a replay through a key runs on its primary version: experiments split and shadow
+            # the launches of callers, not subscription replays (docs/experiments.md)
+            arm="primary",
         )
         contracts = row.contracts
     job["warnings"] = _input_warnings(contracts, subscription.target_action, job_input)

@@ -435,7 +435,15 @@ async def _ensure_unassigned(session: AsyncSession, model_id: str, version: str)
     rows = (
         await session.execute(
             select(a.client_id, a.domain_id, a.service_id, a.assignment_key)
-            .where(a.model_id == model_id, a.model_version == version, a.status == "active")
+            .where(
+                a.status == "active",
+                or_(
+                    and_(a.model_id == model_id, a.model_version == version),
+                    # a split arm or a shadow of an experiment (spec 15.7)
+                    a.split.contains([{"model_id": model_id, "model_version": version}]),
+                    a.shadow.contains([{"model_id": model_id, "model_version": version}]),
+                ),
+            )
             .order_by(a.client_id, a.domain_id, a.service_id.nulls_first(), a.assignment_key)
         )
     ).all()

@@ -19,13 +19,13 @@ from typing import Any, Literal
 
 import uuid6
 from fastapi import Response
-from sqlalchemy import and_, bindparam, delete, func, literal, or_, select, update
+from sqlalchemy import String, and_, bindparam, column, delete, func, literal, or_, select, true, update, values
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
-from pie import reads
-from pie.assignments import freeze
+from pie import metrics, reads
+from pie.assignments import arms, freeze
 from pie.assignments.models import Assignment
 from pie.audit import context as audit
 from pie.clients.models import Client
@@ -33,7 +33,7 @@ from pie.deps import TenantScope
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.features import describe_failures, merge_patch, resolve_features, validate_feature_definitions
 from pie.jobs.cancel import cancel_jobs
-from pie.jobs.logic import create_job, notify_new_jobs
+from pie.jobs.logic import notify_new_jobs
 from pie.jobs.models import Job
 from pie.pagination import PageParams, paginate
 from pie.registry.models import EventSubscription, ModelVersion
@@ -289,18 +289,18 @@ async def init_service(
     service = await session.scalar(stmt)
     if service is None:
         raise Conflict(f"service {body.service_id} already exists in domain {domain_id}")
-    job = await create_job(
+    # the service's arm of an experiment on default (spec 15.7), and its shadow copies
+    job = await arms.launch(
         session,
+        assignment,
         job_type="inference",
-        model_id=assignment.model_id,
-        model_version=assignment.model_version,
-        assignment_id=assignment.assignment_id,
         client_id=scope.client_id,
         domain_id=domain_id,
         service_id=body.service_id,
         input=resolved,
         features=resolved,
         purpose=SERVICE_INIT,
+        primary=version,
     )
     return service, job
 
@@ -402,38 +402,55 @@ async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_
     await ensure_writable(session, scope)
     ensure_domain_active(domain)
     assignment, _version = await require_default(session, domain)
-    rows = select(
-        literal("inference"),
-        literal(assignment.model_id),
-        literal(assignment.model_version),
-        literal(assignment.assignment_id),
+    split_versions = await _split_versions(session, assignment)
+    shadows = await arms.usable_shadows(session, assignment)
+    actor = literal(audit.actor(session), type_=Job.created_by.type)
+    scoped = [Service.client_id == scope.client_id, Service.domain_id == domain_id, not_departed()]
+    # the arm of each service (spec 15.7), computed in the statement: its bucket by the hash of
+    # (assignment_id, service_id), then the CASE of the split ranges (literals without a split)
+    services = select(
         Service.client_id,
         Service.domain_id,
         Service.service_id,
+        Service.resolved_features,
+        (arms.bucket_sql(assignment.assignment_id, Service.service_id) if split_versions else literal(0)).label(
+            "bucket"
+        ),
+    ).where(*scoped)
+    src = services.subquery("src")
+    arm, model_id, model_version = arms.arm_columns(assignment, src.c.bucket)
+    rows = select(
+        literal("inference"),
+        model_id,
+        model_version,
+        literal(assignment.assignment_id),
+        src.c.client_id,
+        src.c.domain_id,
+        src.c.service_id,
         literal(SERVICE_INIT),
-        Service.resolved_features,
-        Service.resolved_features,
-        literal(audit.actor(session), type_=Job.created_by.type),
-    ).where(Service.client_id == scope.client_id, Service.domain_id == domain_id, not_departed())
+        src.c.resolved_features,
+        src.c.resolved_features,
+        actor,
+        arm,
+    )
+    columns = [
+        Job.job_type,
+        Job.model_id,
+        Job.model_version,
+        Job.assignment_id,
+        Job.client_id,
+        Job.domain_id,
+        Job.service_id,
+        Job.purpose,
+        Job.input,
+        Job.features,
+        Job.created_by,
+        Job.arm,
+    ]
     launched = (
         insert(Job)
-        .from_select(
-            [
-                Job.job_type,
-                Job.model_id,
-                Job.model_version,
-                Job.assignment_id,
-                Job.client_id,
-                Job.domain_id,
-                Job.service_id,
-                Job.purpose,
-                Job.input,
-                Job.features,
-                Job.created_by,
-            ],
-            rows,
-        )
-        .returning(Job.service_id, Job.job_id)
+        .from_select(columns, rows)
+        .returning(Job.service_id, Job.job_id, Job.features, Job.arm)
         .cte("launched")
     )
     marked = (
@@ -446,12 +463,64 @@ async def reinit_all_services(session: AsyncSession, scope: TenantScope, domain_
         .values(status="initializing", updated_at=func.clock_timestamp())
         .cte("marked")
     )
-    stmt = select(launched.c.service_id, launched.c.job_id).add_cte(marked).order_by(launched.c.service_id)
+    stmt = select(launched.c.service_id, launched.c.job_id, launched.c.arm).add_cte(marked)
+    if shadows:
+        # one shadow copy per (launched job, shadow version), in the same statement; no
+        # purpose: a shadow never sets its service's status
+        versions = values(column("model_id", String), column("model_version", String), name="shadow_versions").data(
+            [(v.model_id, v.version) for v in shadows]
+        )
+        copies = (
+            insert(Job)
+            .from_select(
+                [*columns[:7], Job.input, Job.features, Job.created_by, Job.arm, Job.shadow_of],
+                select(
+                    literal("inference"),
+                    versions.c.model_id,
+                    versions.c.model_version,
+                    literal(assignment.assignment_id),
+                    literal(scope.client_id),
+                    literal(domain_id),
+                    launched.c.service_id,
+                    launched.c.features,
+                    launched.c.features,
+                    actor,
+                    literal(arms.SHADOW),
+                    launched.c.job_id,
+                ).select_from(launched.join(versions, true())),
+            )
+            .returning(Job.job_id)
+            .cte("copies")
+        )
+        stmt = stmt.add_cte(copies)
+    stmt = stmt.order_by(launched.c.service_id)
     # service_id is copied from services' primary key: never NULL here
-    jobs = [(row.service_id, row.job_id) for row in (await session.execute(stmt)).all()]
+    result = (await session.execute(stmt)).all()
+    jobs = [(row.service_id, row.job_id) for row in result]
     if jobs:
         await notify_new_jobs(session)
+        launched_arms = [row.arm for row in result] + [arms.SHADOW] * (len(result) * len(shadows))
+        metrics.on_commit(session, metrics.jobs_created(["inference"] * len(launched_arms), launched_arms))
     return jobs
+
+
+async def _split_versions(session: AsyncSession, assignment: Assignment) -> list[ModelVersion]:
+    """The split versions of the revision, held ``FOR SHARE`` until commit; 422 when one takes
+    no new job (as for the primary)."""
+    found = []
+    for entry in assignment.split or []:
+        version = await session.scalar(
+            select(ModelVersion)
+            .where(ModelVersion.model_id == entry["model_id"], ModelVersion.version == entry["model_version"])
+            .with_for_update(read=True)
+        )
+        if version is None or version.status in ("failed", "archived"):
+            state = "is missing" if version is None else ("has failed" if version.status == "failed" else "is archived")
+            raise Unprocessable(
+                f"the default assignment's split arm model {entry['model_id']} version {entry['model_version']} {state}"
+            )
+        found.append(version)
+    return found
 
 
 async def reinit_service(
@@ -468,19 +537,17 @@ async def reinit_service(
     if service.departed:
         raise Unprocessable(f"service {service_id} has departed; departed services are not re-initialised")
     assignment, version = await require_default(session, domain)
-    job = await create_job(
+    job = await arms.launch(
         session,
+        assignment,
         job_type="inference",
-        model_id=assignment.model_id,
-        model_version=assignment.model_version,
-        assignment_id=assignment.assignment_id,
         client_id=scope.client_id,
         domain_id=domain_id,
         service_id=service_id,
         input=service.resolved_features,
         features=service.resolved_features,
         purpose=SERVICE_INIT,
-        handlers=version.handlers if isinstance(version.handlers, dict) else None,
+        primary=version,
     )
     service.status = "initializing"
     await session.flush()

@@ -72,7 +72,8 @@ _JOB_DATA = f"""
         'job_id', j.job_id, 'job_type', j.job_type, 'status', j.status,
         'model_id', j.model_id, 'model_version', j.model_version, 'assignment_id', j.assignment_id,
         'client_id', j.client_id, 'domain_id', j.domain_id, 'service_id', j.service_id,
-        'subscription_id', j.subscription_id, 'error', j.error, 'warnings', j.warnings,
+        'subscription_id', j.subscription_id, 'retry_of', j.retry_of, 'arm', j.arm, 'shadow_of', j.shadow_of,
+        'error', j.error, 'warnings', j.warnings,
         'attempts', j.attempts, 'timeout_seconds', j.timeout_seconds, 'created_by', j.created_by,
         'created_at', {_ts("j.created_at")}, 'started_at', {_ts("j.started_at")},
         'completed_at', {_ts("j.completed_at")}, 'updated_at', {_ts("j.updated_at")}
@@ -93,13 +94,14 @@ _JOBS_ENDED = _emit_statement(
     SELECT {_JOB_TYPE}, j.client_id, {_JOB_DATA}
     FROM jobs AS j
     WHERE j.job_id = ANY(CAST(:job_ids AS text[])) AND j.status IN ('success', 'failure')
+      AND j.arm IS DISTINCT FROM 'shadow'  -- a shadow job fires nothing (spec 15.7)
       AND {_wanted(_JOB_TYPE, "j.client_id")}
     UNION ALL
     SELECT {_SERVICE_TYPE}, s.client_id, {_SERVICE_DATA}
     FROM jobs AS j
     JOIN services AS s ON s.client_id = j.client_id AND s.domain_id = j.domain_id AND s.service_id = j.service_id
     WHERE j.job_id = ANY(CAST(:job_ids AS text[])) AND j.status IN ('success', 'failure')
-      AND j.purpose = 'service_init'
+      AND j.purpose = 'service_init' AND j.arm IS DISTINCT FROM 'shadow'
       -- the init job whose end set the service status: the service's newest init job, ended
       -- or not (the rule finish_jobs applies to the service row)
       AND NOT EXISTS (
@@ -126,7 +128,8 @@ _ASSIGNMENT_DATA = f"""
         'assignment_id', a.assignment_id, 'client_id', a.client_id, 'domain_id', a.domain_id,
         'service_id', a.service_id, 'assignment_key', a.assignment_key, 'model_id', a.model_id,
         'model_version', a.model_version, 'status', a.status, 'role', a.role, 'settings', a.settings,
-        'metadata', a.metadata, 'created_by', a.created_by, 'created_at', {_ts("a.created_at")},
+        'metadata', a.metadata, 'split', a.split, 'shadow', a.shadow, 'created_by', a.created_by,
+        'created_at', {_ts("a.created_at")},
         'updated_at', {_ts("a.updated_at")}
     )
 """
