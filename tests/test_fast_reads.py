@@ -1,9 +1,10 @@
-"""The fast reads (pie.fastpath): the hot GETs answer exactly as their FastAPI routes do — the
+"""The fast reads (pie.http.fast with the hot readers of jobs, assignments, tenancy, health): the hot GETs answer exactly as their FastAPI routes do — the
 success case from the fast layer, every other case (401, 403, 404, 400, query strings) from the
 route itself."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 
@@ -13,6 +14,7 @@ from factories import assign, domain_url, init_service, make_version, tenant_set
 from sqlalchemy import text
 
 from pie.app import create_app
+from pie.http.fast import RouteLabel
 
 D = domain_url("client-1", "south_australia")
 
@@ -209,3 +211,116 @@ async def test_experiment_fields_read_the_same_on_both_paths(client, plain, worl
     fast_shadow = (await client.get(f"/v2/jobs/{shadow[0]['job_id']}", headers=admin)).json()
     assert fast_shadow["arm"] == "shadow" and fast_shadow["shadow_of"] == init["job_id"]
     assert (await client.get(f"/v2/jobs/{init['job_id']}", headers=admin)).json()["arm"] in ("primary", "split")
+
+
+# -- generated from the fast table: every hot GET of the app, compared with its route ------------
+
+# a value of each path parameter a hot route may have (the world fixture's rows); a new hot route
+# with another parameter fails below until its sample is added here
+SAMPLES = {
+    "client_id": "client-1",
+    "domain_id": "south_australia",
+    "service_id": "svc-1",
+    "assignment_key": "default",
+}
+
+
+def read_table(app):
+    from pie.app import hot_reads
+    from pie.http.fast import route_table
+
+    return {fast.label.operation_id: fast for fast in route_table(app, hot_reads(), "GET")}
+
+
+def hot_read_ids() -> list[str]:
+    from pie.app import hot_reads
+
+    return sorted(hot_reads())
+
+
+def sample_path(template: str, world: dict[str, str]) -> str:
+    values = {**SAMPLES, "job_id": world["job"]}
+    for name in re.findall(r"\{(\w+)\}", template):
+        assert name in values, f"no sample value for {{{name}}}: add one to SAMPLES"
+        template = template.replace(f"{{{name}}}", values[name])
+    return template
+
+
+@pytest.mark.parametrize("operation_id", hot_read_ids())
+async def test_each_hot_read_answers_as_its_route_and_skips_it(app, client, plain, world, admin, auth, operation_id):
+    """For every entry of the fast table (built from the app's routes): the success case is
+    answered by the fast layer (the route's handler never runs), with the route's status, type
+    and body; the table's regex is the route's template with the route's parameter patterns."""
+    from fastapi.routing import APIRoute
+
+    from pie.routing import flat_routes
+
+    fast = read_table(app)[operation_id]
+    route = next(r for r in flat_routes(app.routes) if isinstance(r, APIRoute) and r.operation_id == operation_id)
+    assert fast.label.path == route.path
+    path = sample_path(route.path, world)
+    assert fast.regex.fullmatch(path)
+    answered: list[str] = []  # who answered each request: "fast" (the layer) or "route"
+
+    async def spy(scope, receive, send):
+        await app(scope, receive, send)
+        answered.append("fast" if isinstance(scope.get("route"), RouteLabel) else "route")
+
+    transport = httpx.ASGITransport(app=spy, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as spied:
+        tenant = auth(scopes=["read_models", "read_domains", "run_inference"], client_id="client-1")
+        callers = [{}] if fast.hot.public else [admin, tenant]
+        for headers in callers:
+            fast_answer = await spied.get(path, headers=headers)
+            slow = await plain.get(path, headers=headers)
+            assert fast_answer.status_code == slow.status_code == 200, (path, fast_answer.text)
+            assert fast_answer.headers["content-type"] == slow.headers["content-type"]
+            assert fast_answer.json() == slow.json()
+        assert answered == ["fast"] * len(callers), "the route answered a success case"
+        if route.path.endswith("}"):
+            # anything else is the route's: here a row that does not exist (the route's 404)
+            missing = path.rsplit("/", 1)[0] + "/nosuch"
+            fast_answer = await spied.get(missing, headers=admin)
+            slow = await plain.get(missing, headers=admin)
+            assert fast_answer.status_code == slow.status_code == 404, fast_answer.text
+            assert fast_answer.json() == slow.json()
+            assert answered[-1] == "route"
+
+
+def test_the_fast_layer_refuses_to_start_without_its_route(settings, monkeypatch):
+    """A hot reader naming an operation id the app has no route for (a renamed or removed
+    route) stops the app from being built, with the operation id in the message."""
+    from pie import app as app_module
+
+    real = app_module.hot_reads
+    monkeypatch.setattr(app_module, "hot_reads", lambda: {**real(), "getjobrenamed": real()["getjob"]})
+    with pytest.raises(RuntimeError, match="getjobrenamed"):
+        create_app(settings)
+
+
+@pytest.mark.parametrize("operation_id", hot_read_ids())
+def test_each_hot_read_selects_every_column_its_answer_shows(operation_id):
+    """The Core read of each hot GET selects every column of its table that the response
+    model shows (taken from the tables: a new column is covered without editing this test)."""
+    from pie.assignments.logic import _READ_ACTIVE_DOMAIN_REVISION
+    from pie.assignments.schemas import AssignmentOut
+    from pie.jobs.logic import _READ_JOB
+    from pie.jobs.schemas import JobOut
+    from pie.tenancy.logic import _READ_SERVICE
+    from pie.tenancy.schemas import ServiceOut
+
+    reads = {
+        "getjob": (_READ_JOB, JobOut),
+        "getdomainmodelassignment": (_READ_ACTIVE_DOMAIN_REVISION, AssignmentOut),
+        "getdomainservice": (_READ_SERVICE, ServiceOut),
+        "health": None,
+    }
+    assert operation_id in reads, f"hot read {operation_id}: add its Core read here"
+    if reads[operation_id] is None:
+        return
+    stmt, model = reads[operation_id]
+    (table,) = {c.table for c in stmt.selected_columns}
+    selected = {c.key for c in stmt.selected_columns}
+    shown = {name for name, field in model.model_fields.items() if (field.alias or name) in table.c or name in table.c}
+    missing = sorted(c.key for c in table.c if c.key in shown and c.key not in selected)
+    assert missing == [], f"{operation_id}: its read does not select {missing}"

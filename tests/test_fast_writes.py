@@ -1,4 +1,4 @@
-"""The fast direct-inference layer (pie.fastwrite): the success case of POST inference is
+"""The fast direct-inference layer (pie.http.fast with pie.registry.hot): the success case of POST inference is
 answered without the FastAPI route, writing exactly the rows the route writes; every other case
 reaches the route, with the body replayed, and answers as the route does."""
 
@@ -15,6 +15,8 @@ from factories import IN_PROCESS_HANDLERS, make_client, make_version
 from sqlalchemy import text
 
 from pie.app import create_app
+from pie.audit.models import AuditRecord
+from pie.jobs.models import Job
 
 CONTRACTS = {
     "inference": {
@@ -123,14 +125,13 @@ async def test_every_caller_and_body_gets_the_answer_of_the_route(client, plain,
             assert fast.headers["x-request-id"], case
 
 
-JOB_COLUMNS = (
-    "job_type, status, model_id, model_version, assignment_id, client_id, domain_id, service_id,"
-    " subscription_id, purpose, input, features, output, error, warnings, attempts, timeout_seconds,"
-    " locked_by, lease_expires_at, started_at, completed_at, created_by"
-)
-AUDIT_COLUMNS = (
-    "action, method, path, target_type, client_id, actor_sub, actor_username, actor_client_id, summary,"
-    " target_id = (SELECT job_id FROM jobs WHERE job_id = audit_log.target_id) AS names_the_job"
+# compared: every column of the tables (a new column is compared without editing this test),
+# but those that differ between any two rows by nature (ids, times)
+JOB_DIFFERS = {"job_id", "created_at", "updated_at", "next_attempt_at"}
+AUDIT_DIFFERS = {"id", "occurred_at", "target_id", "request_id"}
+JOB_COLUMNS = ", ".join(c.name for c in Job.__table__.columns if c.name not in JOB_DIFFERS)
+AUDIT_COLUMNS = ", ".join(c.name for c in AuditRecord.__table__.columns if c.name not in AUDIT_DIFFERS) + (
+    ", target_id = (SELECT job_id FROM jobs WHERE job_id = audit_log.target_id) AS names_the_job"
 )
 
 
@@ -140,6 +141,36 @@ async def rows_of(session, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]
         await session.execute(text(f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE target_id = :j"), {"j": job_id})
     ).one()
     return dict(job._mapping), dict(audit._mapping)
+
+
+def test_the_compared_columns_are_the_tables():
+    assert set(Job.__table__.columns.keys()) > JOB_DIFFERS
+    assert set(AuditRecord.__table__.columns.keys()) > AUDIT_DIFFERS
+    for name in ("input", "created_by", "timeout_seconds", "client_id", "warnings"):
+        assert name in JOB_COLUMNS.split(", ")
+
+
+def hot_write_ids() -> list[str]:
+    from pie.app import hot_writes
+
+    return sorted(hot_writes())
+
+
+@pytest.mark.parametrize("operation_id", hot_write_ids())
+def test_each_hot_write_is_a_route_of_the_app(app, operation_id):
+    """The fast write table is built from the app's routes: each hot write's template and
+    parameter patterns are its route's (a new hot write is checked without editing this test;
+    its success case needs a differential test like the one below)."""
+    from fastapi.routing import APIRoute
+
+    from pie.app import hot_writes
+    from pie.http.fast import route_table
+    from pie.routing import flat_routes
+
+    (fast,) = [f for f in route_table(app, hot_writes(), "POST") if f.label.operation_id == operation_id]
+    route = next(r for r in flat_routes(app.routes) if isinstance(r, APIRoute) and r.operation_id == operation_id)
+    assert fast.label.path == route.path and "POST" in route.methods
+    assert operation_id == "infermodelversion", f"{operation_id}: add its differential test to this module"
 
 
 @pytest.mark.parametrize(

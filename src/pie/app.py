@@ -296,6 +296,37 @@ def _include_routers(app: FastAPI) -> None:
     check_routes(app)
 
 
+def hot_reads() -> dict[str, Any]:
+    """Operation id -> hot reader, as each capability declares them (``*/hot.py``)."""
+    from pie.assignments.hot import HOT_READS as assignment_reads
+    from pie.health.hot import HOT_READS as health_reads
+    from pie.jobs.hot import HOT_READS as job_reads
+    from pie.tenancy.hot import HOT_READS as tenancy_reads
+
+    return {**health_reads, **job_reads, **assignment_reads, **tenancy_reads}
+
+
+def hot_writes() -> dict[str, Any]:
+    """Operation id -> hot writer (``*/hot.py``)."""
+    from pie.registry.hot import HOT_WRITES
+
+    return dict(HOT_WRITES)
+
+
+def _install_fast_layer(app: FastAPI, settings: Settings) -> None:
+    """The fast layer (``pie.http.fast``), innermost: its tables built from the app's routes and
+    the hot handlers each capability declares (an operation id the app has no route for
+    refuses to start)."""
+    if settings.otel_enabled:  # traces name FastAPI's routes
+        return
+    from pie.http.fast import FastReadMiddleware, FastWriteMiddleware, route_table
+
+    if settings.fast_writes:
+        app.add_middleware(FastWriteMiddleware, table=route_table(app, hot_writes(), "POST"))
+    if settings.fast_reads:
+        app.add_middleware(FastReadMiddleware, table=route_table(app, hot_reads(), "GET"))
+
+
 def _install_openapi(app: FastAPI) -> None:
     """The OpenAPI document tells the truth about errors: request validation is a 400 envelope
     (not FastAPI's 422 body), and authenticated operations can answer 401 and 403."""
@@ -413,15 +444,9 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.state.verifier = make_verifier(settings)  # verified-token cache (README: Performance)
     install_error_handlers(app)
     idempotency.install(app)
+    _include_routers(app)
     # the last added middleware is the outermost: CORS wraps everything, 500s included
-    if settings.fast_writes and not settings.otel_enabled:  # (traces name FastAPI's routes)
-        from pie.fastwrite import FastInferenceMiddleware
-
-        app.add_middleware(FastInferenceMiddleware)
-    if settings.fast_reads and not settings.otel_enabled:
-        from pie.fastpath import FastReadMiddleware
-
-        app.add_middleware(FastReadMiddleware)
+    _install_fast_layer(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(HeaderCountGuard, max_headers=settings.http_max_headers)
     app.add_middleware(HeadAsGetMiddleware)
@@ -441,7 +466,6 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         )
     if settings.expose_worker_pid:
         app.add_middleware(WorkerPidMiddleware)
-    _include_routers(app)
     from pie.routing import routes_without_pie_route
 
     if stray := routes_without_pie_route(app.routes):  # the bounded JSON parser and the response hooks

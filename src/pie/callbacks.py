@@ -171,8 +171,11 @@ def _placeholder(job_id: str, model_id: str, model_version: str, client_id: str 
     return mint(Key(kid="cb-" + "0" * 16, secret="x"), job, ttl_seconds)
 
 
+@functools.lru_cache(maxsize=1024)
 def is_callback_token(token: str) -> bool:
-    """Whether ``token`` claims to be a callback token (its signature is checked by :func:`verify`)."""
+    """Whether ``token`` claims to be a callback token (its signature is checked by :func:`verify`).
+    The one test of it (``pie.deps`` and the fast layer); remembered per token, as callers send
+    the same token again and again (a base64 and JSON decode otherwise on every request)."""
     try:
         claims = jwt.get_unverified_claims(token)
     except (JOSEError, ValueError, TypeError, ArithmeticError, RecursionError):

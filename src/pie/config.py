@@ -75,9 +75,9 @@ class Settings(BaseSettings):
     # at most PIE_TOKEN_CACHE_SECONDS; 0 entries disables the cache
     token_cache_size: int = Field(default=4096, ge=0)
     token_cache_seconds: float = Field(default=300.0, ge=0)
-    # the hot GETs' success case served by one pure ASGI layer (pie.fastpath); off: FastAPI only
+    # the hot GETs' success case served by one pure ASGI layer (pie.http.fast); off: FastAPI only
     fast_reads: bool = True
-    # the success case of POST direct inference served by one pure ASGI layer (pie.fastwrite)
+    # the success case of POST direct inference served by one pure ASGI layer (pie.http.fast, pie.registry.hot)
     fast_writes: bool = True
 
     # operator console: Cognito hosted UI sign-in (authorization code + PKCE) when both are set

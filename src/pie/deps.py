@@ -9,7 +9,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pie import callbacks, db
+from pie import callbacks, db, policies
 from pie.auth import Principal, TokenVerifier, with_tenant
 from pie.clients.app_clients import tenant_of_app_client
 from pie.clients.models import Client
@@ -119,8 +119,7 @@ class TenantScope:
 async def tenant_scope(session: AsyncSession, principal: Principal, client_id: str, permission: str) -> TenantScope:
     """The tenant rule shared by the API and the console: permission (403), tenant access (403),
     then client existence (404)."""
-    principal.require(permission)
-    principal.require_tenant(client_id)
+    policies.require_tenant(principal, client_id, permission)
     client = await session.get(Client, client_id)
     if client is None:
         raise NotFound(f"client {client_id} not found")

@@ -4,7 +4,7 @@ read-side guard that keeps every stored JSON value renderable.
 Parsing: every API route uses :class:`pie.routing.PieRoute`, whose request class parses the body once
 with the C parser (``json.loads`` on the received bytes, no decoded copy; an object naming a key
 twice is refused, spec 15.5) and then walks the result without recursion to enforce
-``PIE_JSON_MAX_DEPTH`` and ``PIE_JSON_MAX_ITEMS``. The fast inference path (``pie.fastwrite``)
+``PIE_JSON_MAX_DEPTH`` and ``PIE_JSON_MAX_ITEMS``. The fast inference path (``pie.registry.hot``)
 parses with the same function. The parsed
 Python objects go to pydantic's ``model_validate`` as FastAPI does anyway, so schema rules
 (strict fields, types) stay where they are. A body beyond a limit is a 400 naming the limit

@@ -31,8 +31,9 @@ from pie import db, metrics
 _compiled: dict[tuple[int, int], tuple[str, dict[str, Any]]] = {}
 
 
-def _sql(stmt: ClauseElement) -> tuple[str, dict[str, Any]]:
-    """The statement's SQL for the engine's dialect and the values of its constant binds."""
+def compiled_sql(stmt: ClauseElement) -> tuple[str, dict[str, Any]]:
+    """The statement's SQL for the engine's dialect and the values of its constant binds
+    (compiled once per statement object: pass module-level constants)."""
     engine = db.get_engine()
     key = (id(stmt), id(engine.dialect))
     found = _compiled.get(key)
@@ -57,7 +58,7 @@ async def fetch_one(stmt: ClauseElement, params: Mapping[str, Any] | None = None
     """The first row of ``stmt`` (a module-level constant: its SQL is compiled once) as a dict
     (None when there is none), read outside any transaction on an autocommit connection of the
     reads' pool (``pie.db.read_pool``)."""
-    sql, constants = _sql(stmt)
+    sql, constants = compiled_sql(stmt)
     params = {**constants, **(params or {})}
     try:
         pool = await db.read_pool()

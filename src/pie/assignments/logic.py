@@ -376,8 +376,8 @@ _READ_ACTIVE_DOMAIN_REVISION = select(*[c for c in _ASSIGNMENTS if c.key != "gov
 
 async def read_active_domain_revision(client_id: str, domain_id: str, key: str) -> Mapping[str, Any] | None:
     """The key's active domain revision from one Core read outside any transaction (None when
-    there is none: its client and domain exist whenever it does). The fast read of ``GET
-    .../assignments/{key}`` (``pie.fastpath``)."""
+    there is none: its client and domain exist whenever it does). The read of ``GET
+    .../assignments/{key}``, on the fast layer and in the route."""
     return await reads.fetch_one(
         _READ_ACTIVE_DOMAIN_REVISION, {"client_id": client_id, "domain_id": domain_id, "key": key}
     )

@@ -37,6 +37,8 @@ class AuditEntry:
     summary: dict[str, Any] = field(default_factory=dict)
     # a route that answered without writing (a dry run): no audit row
     skipped: bool = False
+    # the row is already written, by the statement that made the change (``pie.jobs.hot.LAUNCH``)
+    recorded: bool = False
 
 
 def begin(session: AsyncSession, entry: AuditEntry) -> None:

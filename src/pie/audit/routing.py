@@ -160,7 +160,7 @@ async def audited(request: Request, session: Session, principal: CurrentPrincipa
     context.begin(session, entry)
     try:
         yield  # an exception from the endpoint propagates: no row
-        if not entry.skipped:
+        if not (entry.skipped or entry.recorded):
             await record(session, entry, method=request.method, path=request.url.path)
     finally:
         context.end(session)

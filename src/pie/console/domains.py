@@ -43,6 +43,7 @@ from pie.features import validate_feature_definitions
 from pie.jobs import logic as jobs
 from pie.jsonbody import loads as json_loads_strict  # a repeated key is refused, as in API bodies
 from pie.pagination import PageParams
+from pie.policies import may_read_jobs
 from pie.tenancy import logic as tenancy
 from pie.tenancy.models import Domain
 from pie.tenancy.schemas import DomainCreate, FeaturesUpdate, ServiceInit, ServiceUpdate
@@ -445,7 +446,7 @@ async def _service(
         session, scope, domain_id, service_id, "active", PageParams(limit=1000), Response()
     )
     recent_jobs: list[Any] = []
-    if user.principal.has("read_models") or user.principal.has("run_inference"):
+    if may_read_jobs(user.principal):
         recent_jobs = await jobs.list_jobs(
             session,
             user.principal,

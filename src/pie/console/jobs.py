@@ -36,6 +36,7 @@ from pie.jobs.logic import ENDED
 from pie.jobs.models import Job
 from pie.jobs.summary import queue_summary
 from pie.lifecycle import logic as lifecycle
+from pie.policies import may_read_jobs
 
 router = console_router()
 
@@ -43,7 +44,7 @@ router = console_router()
 @router.get("", response_class=HTMLResponse)
 async def home(request: Request, user: User, session: Session):
     summary = None
-    if user.principal.has("read_models") or user.principal.has("run_inference"):
+    if may_read_jobs(user.principal):
         summary = await _summary(session, user)
     return render(request, "home.html", summary=summary)
 

@@ -31,12 +31,12 @@ from sqlalchemy import Boolean, and_, bindparam, case, exists, func, select, tex
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
-from pie import callbacks, db, metrics, reads
+from pie import callbacks, db, metrics, policies, reads
 from pie.audit import context as audit
 from pie.auth import Principal
 from pie.config import Settings, get_settings
 from pie.dispatch.backends import build_payload, callback_token_ttl, payload_limit_problem
-from pie.errors import Conflict, Forbidden, NotFound, Unprocessable
+from pie.errors import Conflict, NotFound, Unprocessable
 from pie.jobs.models import Job
 from pie.jobs.schemas import JobOut
 from pie.jsonschemas import validation_error
@@ -183,29 +183,14 @@ async def create_job(
 # reading
 
 
-def can_see_job(principal: Principal, client_id: str | None) -> bool:
-    """Spec 14.1: a tenant's job is for callers with access to that tenant; a platform job (no
-    tenant) is for admins and for callers without any tenant (machine tokens whose ``client_id``
-    claim maps to no client). Tenant callers never see platform jobs."""
-    if principal.is_admin:
-        return True
-    if client_id is None:
-        return not principal.tenants
-    return principal.can_access(client_id)
-
-
 def ensure_job_access(principal: Principal, job: Job | Mapping[str, Any]) -> None:
     client_id = job["client_id"] if isinstance(job, Mapping) else job.client_id
-    if not can_see_job(principal, client_id):
-        if client_id is None:
-            raise Forbidden("platform jobs are not visible to tenant callers")
-        raise Forbidden(f"no access to client {client_id}")
+    policies.require_job_access(principal, client_id)
 
 
 def ensure_can_read(principal: Principal, job: Job | Mapping[str, Any]) -> None:
-    """read_models or run_inference, and access to the job's tenant (see ``can_see_job``)."""
-    if not (principal.has("read_models") or principal.has("run_inference")):
-        raise Forbidden("missing permission read_models or run_inference")
+    """read_models or run_inference, and access to the job's tenant (``pie.policies``)."""
+    policies.require_job_reader(principal)
     ensure_job_access(principal, job)
 
 
@@ -235,11 +220,10 @@ async def read_job(principal: Principal, job_id: str) -> Mapping[str, Any]:
 
 
 def visible_jobs(principal: Principal, client_id: str | None = None) -> ColumnElement[bool] | None:
-    """The jobs ``principal`` may list (spec 14.1, the rule of ``can_see_job`` as SQL; optionally
+    """The jobs ``principal`` may list (spec 14.1, the rule of ``policies.can_see_job`` as SQL; optionally
     only ``client_id``'s, 403 without access): a SQL condition, or None for every job (admins).
     403 without read_models or run_inference."""
-    if not (principal.has("read_models") or principal.has("run_inference")):
-        raise Forbidden("missing permission read_models or run_inference")
+    policies.require_job_reader(principal)
     if client_id is not None:
         principal.require_tenant(client_id)
         return Job.client_id == client_id

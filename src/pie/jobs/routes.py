@@ -14,6 +14,7 @@ from pie.jobs import logic
 from pie.jobs.schemas import CompletionConflictOut, CompletionOut, JobCompletion, JobOut
 from pie.jobs.waiting import wait_for_end
 from pie.pagination import PageParams
+from pie.policies import require_job_reader
 from pie.reads import json_response
 from pie.registry.schemas import error_responses
 from pie.schemas import ID_PATTERN
@@ -29,8 +30,7 @@ MAX_WAIT_SECONDS = 30
 
 async def job_reader(principal: CurrentPrincipal) -> Principal:
     """Reading jobs needs read_models or run_inference (403 otherwise)."""
-    if not (principal.has("read_models") or principal.has("run_inference")):
-        raise Forbidden("missing permission read_models or run_inference")
+    require_job_reader(principal)
     return principal
 
 

@@ -26,6 +26,7 @@ from pie.auth import Principal
 from pie.clients.models import Client
 from pie.errors import Conflict, NotFound, Unprocessable
 from pie.features import validate_feature_definitions
+from pie.jobs.hot import launch_inference
 from pie.jobs.logic import create_job
 from pie.jobs.models import Job
 from pie.jsonschemas import validation_error
@@ -507,17 +508,41 @@ async def inference_tenant(session: AsyncSession, principal: Principal, requeste
 
 
 async def run_inference(
-    session: AsyncSession, model_id: str, version: str, body: InferenceRequest, principal: Principal
-) -> Job:
-    """An inference job on this exact version, recording the caller's tenant (``inference_tenant``).
-    ``subscribe`` stores the input as a ``training_complete -> inference / stored`` subscription
-    on the model, in the same tenant (so only that tenant sees the stored input, and its replays
-    are that tenant's jobs)."""
+    session: AsyncSession,
+    model_id: str,
+    version: str,
+    body: InferenceRequest,
+    principal: Principal,
+    *,
+    method: str = "POST",
+    path: str = "",
+) -> str:
+    """An inference job on this exact version, recording the caller's tenant
+    (``inference_tenant``); its id. ``subscribe`` stores the input as a ``training_complete ->
+    inference / stored`` subscription on the model, in the same tenant (so only that tenant
+    sees the stored input, and its replays are that tenant's jobs). Without ``subscribe``, in a
+    request (an audit entry), the job, its audit row (``method``, ``path``) and the NOTIFY are
+    one statement: ``pie.jobs.hot.LAUNCH``, the statement of the fast write layer."""
     tenant = await inference_tenant(session, principal, body.client_id)
     found = await get_model_version(session, model_id, version, for_share=True)
     problem = inference_problem(model_id, version, found.status, found.handler_contracts, body.input)
     if problem is not None:
         raise Unprocessable(problem)
+    handlers = found.handlers if isinstance(found.handlers, dict) else None
+    entry = audit.entry(session)
+    if not body.subscribe and entry is not None:
+        handler = (handlers or {}).get("inference")
+        return await launch_inference(
+            session,
+            entry,
+            model_id=model_id,
+            version=version,
+            input=body.input,
+            client_id=tenant,
+            handler=handler if isinstance(handler, dict) else None,
+            method=method,
+            path=path,
+        )
     job = await create_job(
         session,
         job_type="inference",
@@ -525,9 +550,9 @@ async def run_inference(
         model_version=version,
         input=body.input,
         client_id=tenant,
-        handlers=found.handlers if isinstance(found.handlers, dict) else None,
+        handlers=handlers,
     )
     audit.describe(session, target_id=job.job_id, client_id=job.client_id)
     if body.subscribe:
         await subscribe_inference(session, model_id=model_id, input=body.input, client_id=tenant)
-    return job
+    return job.job_id

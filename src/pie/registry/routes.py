@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pie.audit import logic as audit_logic
@@ -213,6 +213,7 @@ async def infer_model_version(
     model_version: ModelVersionPath,
     body: InferenceRequest,
     session: Session,
+    request: Request,
     principal: Principal = require("run_inference"),
 ):
     """Start an inference job on this version (not `failed`); `input` must match the version's
@@ -220,8 +221,10 @@ async def infer_model_version(
     The job records a tenant: `client_id` when given (the caller must have access to it: 403),
     else the caller's only tenant, else none (a platform job, visible to admins and to machine
     callers without a tenant)."""
-    job = await logic.run_inference(session, model_id, model_version, body, principal)
-    return {"inference_job_id": job.job_id}
+    job_id = await logic.run_inference(
+        session, model_id, model_version, body, principal, method=request.method, path=request.url.path
+    )
+    return {"inference_job_id": job_id}
 
 
 # ---- event subscriptions ---------------------------------------------------------------------

@@ -14,7 +14,6 @@ either refused by a suspension that committed first or commits before the suspen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 import uuid6
@@ -37,7 +36,7 @@ from pie.jobs.logic import notify_new_jobs
 from pie.jobs.models import Job
 from pie.pagination import PageParams, paginate
 from pie.registry.models import EventSubscription, ModelVersion
-from pie.tenancy.models import Domain, Service
+from pie.tenancy.models import Domain, Service, departed
 from pie.tenancy.schemas import DomainCreate, DomainUpdate, ServiceInit, ServiceUpdate
 
 DomainLock = Literal["share", "update"] | None
@@ -328,16 +327,15 @@ _READ_SERVICE = select(*Service.__table__.c).where(
 
 async def read_service(client_id: str, domain_id: str, service_id: str) -> dict[str, Any] | None:
     """The service's ``ServiceOut`` fields from one Core read outside any transaction (None when
-    it does not exist: its client and domain exist whenever it does). The fast read of ``GET
-    .../service/{id}`` (``pie.fastpath``)."""
+    it does not exist: its client and domain exist whenever it does). The read of ``GET
+    .../service/{id}``, on the fast layer and in the route."""
     row = await reads.fetch_one(
         _READ_SERVICE, {"client_id": client_id, "domain_id": domain_id, "service_id": service_id}
     )
     if row is None:
         return None
     out = dict(row)
-    departure = out["departure_datetime"]
-    out["departed"] = departure is not None and departure <= datetime.now(timezone.utc)
+    out["departed"] = departed(out["departure_datetime"])
     return out
 
 

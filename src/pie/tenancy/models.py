@@ -27,6 +27,11 @@ class Domain(Timestamps, Base):
     __table_args__ = (CheckConstraint("status IN ('active', 'inactive')", name="status"),)
 
 
+def departed(departure_datetime: datetime | None) -> bool:
+    """Departed: ``departure_datetime`` set and not in the future (spec 5.5)."""
+    return departure_datetime is not None and departure_datetime <= datetime.now(timezone.utc)
+
+
 class Service(Timestamps, Base):
     __tablename__ = "services"
 
@@ -50,5 +55,4 @@ class Service(Timestamps, Base):
 
     @property
     def departed(self) -> bool:
-        """Departed: ``departure_datetime`` set and not in the future (spec 5.5)."""
-        return self.departure_datetime is not None and self.departure_datetime <= datetime.now(timezone.utc)
+        return departed(self.departure_datetime)

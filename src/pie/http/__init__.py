@@ -1,0 +1,1 @@
+"""HTTP plumbing: middleware, limits, body parsing, routing and the fast layer."""
