@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -255,3 +257,18 @@ async def racing_uncommitted(
             await asyncio.sleep(0.01)
         await other.commit()
     return await task
+
+
+async def until(condition: Any, timeout: float = 30.0, what: str = "the condition") -> Any:
+    """Wait for an event: poll ``condition`` (a function, sync or async) until it returns
+    something true, and return that. The timeout is generous (a loaded machine is slow, not
+    wrong): it only ends a test whose event never comes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        await asyncio.sleep(0.01)

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import time
 import zipfile
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -237,8 +238,9 @@ async def test_aws_error_is_retried_then_recorded_as_failure(session, aws_settin
     dispatcher = Dispatcher(aws_settings, name="aws-retry")
     await dispatcher.start()
     seen_retry = False
+    deadline = time.monotonic() + 60  # generous: a loaded machine is slow, not wrong
     try:
-        for _ in range(200):
+        while time.monotonic() < deadline:
             row = await stored(session, job.job_id)
             if row.status == "pending" and row.dispatch_error is not None:
                 seen_retry = True
@@ -383,3 +385,42 @@ def test_ecs_failures_in_the_answer_are_a_dispatch_error(settings):
             raise AssertionError("no DispatchError")
     assert error.retryable and error.code == "ecs_run_task_failed" and "RESOURCE:MEMORY" in error.message
     assert error.as_error()["failures"][0]["reason"] == "RESOURCE:MEMORY"
+
+
+async def test_a_claim_skips_a_locked_lambda_job_and_hands_over_the_others(
+    session, aws_settings, database_url, lambda_function
+):
+    """Another transaction holds the oldest queued Lambda job's row: the claim skips it and
+    hands the other due Lambda jobs over while the row is still held (the half of the claim
+    for Lambda/ECS hand-offs never waits for a locked row, as the in-process half does not:
+    tests/test_dispatch_robust.py)."""
+    import psycopg
+
+    from pie import db
+
+    await seed(session, "lam", {"type": "lambda", "arn": lambda_function["arn"]})
+    ids = []
+    for n in range(3):
+        job = await create_job(session, job_type="inference", model_id="lam", model_version="1", input={"n": n})
+        await session.commit()
+        ids.append(job.job_id)
+    locked, others = ids[0], ids[1:]
+    holder = await psycopg.AsyncConnection.connect(db.libpq_url(database_url))
+    try:
+        await holder.execute("SELECT 1 FROM jobs WHERE job_id = %s FOR UPDATE", (locked,))
+        dispatcher = Dispatcher(aws_settings, name="skipper")
+        dispatcher._start_workers()
+        try:
+            claimed = await asyncio.wait_for(dispatcher.claim_and_dispatch(), timeout=60)
+        finally:
+            await dispatcher.stop(grace=10.0)
+        assert claimed == 2
+        assert not holder.closed and (await (await holder.execute("SELECT 1")).fetchone()) == (1,)  # still held
+    finally:
+        await holder.rollback()
+        await holder.close()
+    for job_id in others:
+        row = await stored(session, job_id)
+        assert (row.status, row.attempts, row.lease_expires_at) == ("started", 1, None)  # handed to Lambda
+    row = await stored(session, locked)
+    assert (row.status, row.attempts) == ("pending", 0)

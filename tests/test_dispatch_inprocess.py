@@ -8,10 +8,12 @@ import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select
+from factories import until
+from sqlalchemy import select, text
 
 from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
 from pie.dispatch.inprocess import HandlerFailure, register
+from pie.jobs.channels import CANCEL_CHANNEL
 from pie.jobs.logic import create_job
 from pie.tables.clients import Client
 from pie.tables.jobs import Job
@@ -296,19 +298,32 @@ async def test_service_init_job_and_chained_subscriptions(session, settings):
     assert (await stored(session, source)).status == "success"
 
 
+async def listening(session) -> bool:
+    """A dispatcher of this database has run its LISTENs (the second is the cancel channel)."""
+    found = await session.scalar(
+        text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN ' || :channel"
+        ),
+        {"channel": CANCEL_CHANNEL},
+    )
+    await session.commit()  # a new snapshot of pg_stat_activity next time
+    return bool(found)
+
+
+async def ended(session, job_id: str) -> Job | None:
+    job = await stored(session, job_id)
+    return job if job.status in ("success", "failure") else None
+
+
 async def test_a_started_dispatcher_wakes_on_notify(session, settings):
     """The polling fallback is two minutes here: only LISTEN/NOTIFY can start the job in time."""
     await seed_version(session)
     dispatcher = Dispatcher(settings.model_copy(update={"dispatch_poll_interval": 120.0}), name="listener")
     await dispatcher.start()
     try:
-        await asyncio.sleep(0.2)  # let it LISTEN
+        await until(lambda: listening(session), what="the dispatcher's LISTEN")
         job_id = await new_job(session, input={"n": 1})
-        for _ in range(200):
-            job = await stored(session, job_id)
-            if job.status == "success":
-                break
-            await asyncio.sleep(0.05)
+        job = await until(lambda: ended(session, job_id), what="the job's end")
         assert job.status == "success" and job.output["input"] == {"n": 1}
     finally:
         await dispatcher.stop()
@@ -401,19 +416,13 @@ async def test_running_jobs_keep_their_lease_and_are_not_run_twice(session, sett
     await owner.start()
     try:
         job_id = await new_job(session)
-        for _ in range(100):
-            if SLOW_CALLS:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: SLOW_CALLS, what="the handler's start")
         await peer.start()
         for _ in range(15):  # 1.5 s = 2.5 leases, sweeping every 0.1 s
             await asyncio.sleep(0.1)
             assert (await stored(session, job_id)).status == "started"
         GATE.set()
-        for _ in range(100):
-            if (await stored(session, job_id)).status == "success":
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: ended(session, job_id), what="the job's end")
     finally:
         GATE.set()
         await peer.stop()
@@ -430,10 +439,7 @@ async def test_stop_gives_unfinished_jobs_back_to_the_queue(session, settings):
     await dispatcher.start()
     try:
         job_id = await new_job(session)
-        for _ in range(100):
-            if SLOW_CALLS:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: SLOW_CALLS, what="the handler's start")
         assert (await stored(session, job_id)).status == "started"
         await dispatcher.stop(grace=0.2)
         job = await stored(session, job_id)

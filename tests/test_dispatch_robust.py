@@ -25,7 +25,8 @@ from pie.tables.jobs import Job
 
 async def test_claim_skips_a_locked_pending_job_and_takes_the_others_without_waiting(session, settings, database_url):
     """Another transaction holds the oldest due job's row: the claim skips it and takes the
-    other due jobs at once (with a plain FOR UPDATE it would wait for the lock)."""
+    other due jobs while the row is still held (with a plain FOR UPDATE it would wait for the
+    lock, and fail at the lock timeout)."""
     await seed_version(session)
     locked = await new_job(session, input={"n": 0})
     others = [await new_job(session, input={"n": i}) for i in (1, 2)]
@@ -35,9 +36,8 @@ async def test_claim_skips_a_locked_pending_job_and_takes_the_others_without_wai
         dispatcher = Dispatcher(settings, name="skipper")
         dispatcher._start_workers()
         try:
-            started = time.monotonic()
-            claimed = await asyncio.wait_for(dispatcher.claim_and_dispatch(), timeout=3.0)
-            assert claimed == 2 and time.monotonic() - started < 2.0
+            claimed = await asyncio.wait_for(dispatcher.claim_and_dispatch(), timeout=60)
+            assert claimed == 2
             assert dispatcher._inflight == set(others)
         finally:
             await dispatcher.stop(grace=5.0)
@@ -167,13 +167,14 @@ async def test_requests_get_503_at_once_when_the_database_is_frozen_or_a_lock_ti
         holder = await psycopg.AsyncConnection.connect(own_db.url)
         try:
             await holder.execute("SELECT 1 FROM clients WHERE client_id = 'sealink' FOR UPDATE")
-            started = time.monotonic()
-            r = await client.patch("/v2/clients/sealink", json={"name": "Renamed"}, headers=admin)
+            # answered while the lock is still held (no lock timeout: it would wait for ever)
+            r = await asyncio.wait_for(
+                client.patch("/v2/clients/sealink", json={"name": "Renamed"}, headers=admin), timeout=30
+            )
             assert r.status_code == 503 and r.json() == {
                 "success": False,
                 "message": "database timeout: a lock was not granted within the configured limit; try again later",
             }
-            assert time.monotonic() - started < 3
         finally:
             await holder.rollback()
             await holder.close()
@@ -181,19 +182,15 @@ async def test_requests_get_503_at_once_when_the_database_is_frozen_or_a_lock_ti
         # frozen server: pooled connections and new ones both give up
         own_db.freeze()
         try:
-            for _ in range(2):
-                started = time.monotonic()
-                r = await asyncio.wait_for(client.get("/v2/clients", headers=admin), timeout=20)
+            for _ in range(2):  # answered while the server is still frozen (without the guards: never)
+                r = await asyncio.wait_for(client.get("/v2/clients", headers=admin), timeout=30)
                 assert r.status_code == 503 and r.json()["success"] is False, r.text
-                assert time.monotonic() - started < 8
         finally:
             own_db.thaw()
-        for _ in range(50):
-            r = await client.get("/v2/clients", headers=admin)
-            if r.status_code == 200:
-                break
+        deadline = time.monotonic() + 60  # the thawed server answers again (generous: a loaded machine)
+        while (r := await client.get("/v2/clients", headers=admin)).status_code != 200:
+            assert time.monotonic() < deadline, r.text
             await asyncio.sleep(0.1)
-        assert r.status_code == 200
 
 
 LATE: dict[str, Any] = {"calls": []}

@@ -7,9 +7,11 @@ import asyncio
 from typing import Any
 
 import pytest
+from factories import until
 from sqlalchemy import select
 
 from pie.jobs.logic import create_job
+from pie.jobs.waiting import listener
 from pie.tables.clients import Client
 from pie.tables.jobs import Job
 from pie.tables.registry import EventSubscription, Model, ModelVersion
@@ -153,7 +155,7 @@ async def test_getjob_wait_returns_when_the_job_ends(client, session, admin, aut
     worker = auth(scopes=["complete_jobs"])
 
     async def finish_later():
-        await asyncio.sleep(0.3)
+        await until(lambda: listener.waiters.get(job.job_id), what="the long-poll waiting")  # then end the job
         r = await client.post(complete_url(job), json={"status": "success", "output": {"price": 42}}, headers=worker)
         assert r.status_code == 200, r.text
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from factories import assign, domain_url, init_service, make_version, stored_service, tenant_setup
+from factories import assign, domain_url, init_service, make_version, stored_service, tenant_setup, until
 from lifecycle_support import job, until_waiting, wait_for
 from sqlalchemy import text
 
@@ -27,6 +27,7 @@ from pie.app import create_app
 from pie.dispatch import inprocess
 from pie.dispatch.dispatcher import Dispatcher, dispatch_until_idle
 from pie.dispatch.inprocess import register
+from pie.jobs.waiting import listener
 from pie.metrics import JOBS_ENDED
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kit"))
@@ -189,7 +190,7 @@ async def test_a_cancelled_init_job_fails_the_service_wakes_long_polls_and_fires
     assert (await stored_service(session, "svc-1")).status == "initializing"
     ended = JOBS_ENDED.labels("inference", "in_process", "failure")._value.get()
     poll = asyncio.ensure_future(client.get(f"/v2/jobs/{job_id}?wait=30", headers=admin))
-    await asyncio.sleep(0.2)  # the long-poll is waiting (its answer is checked below, not its timing)
+    await until(lambda: listener.waiters.get(job_id), what="the long-poll waiting")  # for the job to end
     body = await cancel(client, admin, job_id)
     assert body["error"]["code"] == "cancelled" and body["error"]["previous_status"] == "pending"
     polled = await poll

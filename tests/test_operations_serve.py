@@ -130,7 +130,7 @@ async def job_row(job_id: str):
         ).one()
 
 
-async def _wait_for(predicate, timeout: float = 20.0) -> None:
+async def _wait_for(predicate, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():
         assert time.monotonic() < deadline, "condition not reached"
@@ -198,13 +198,15 @@ async def test_serve_json_logs_and_sigterm_with_long_polls_and_a_running_job(dat
             server.process.send_signal(signal.SIGTERM)
             answers = await asyncio.gather(*polls)
             answered_after = time.monotonic() - sigterm_at
-            returncode = await asyncio.to_thread(server.process.wait, 10)
+            returncode = await asyncio.to_thread(server.process.wait, 45)
             exited_after = time.monotonic() - sigterm_at
         assert [a.status_code for a in answers] == [200] * 20
         assert {a.json()["job_id"] for a in answers} == {slow_job.job_id}
         assert {a.json()["status"] for a in answers} <= {"started", "pending"}
-        assert answered_after < 2, answered_after
-        assert exited_after < 5, exited_after
+        # at the SIGTERM, not at their 30 s wait; the exit after the 1 s grace, not after the
+        # 60 s job (generous bounds: a loaded machine is slow, not wrong)
+        assert answered_after < 20, answered_after
+        assert exited_after < 40, exited_after
         assert returncode == 0
         # the unfinished in-process job is back in the queue at once, not after its lease
         row = await job_row(slow_job.job_id)

@@ -216,3 +216,27 @@ async def test_inference_racing_a_version_failing_is_refused_or_lands_first(clie
     r = await racing_uncommitted(engine, fail, {}, infer(client, admin, {"input": {"route": "x"}}))
     assert r.status_code == 422 and "failed" in r.json()["message"], r.text
     assert await session.scalar(text("SELECT count(*) FROM jobs")) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ("UPDATE clients SET status = 'suspended' WHERE client_id = 'client-1'", "suspended"),
+        ("UPDATE model_versions SET status = 'failed' WHERE model_id = 'm' AND version = '1'", "failed"),
+    ],
+    ids=["client suspended", "version failed"],
+)
+async def test_tenant_inference_racing_a_suspension_or_a_failure_is_refused(
+    client, auth, model, engine, session, change, refusal
+):
+    """A tenant's launch holds its client row and the version row FOR SHARE until the job
+    commits: a suspension of the tenant or a version turning `failed` that is in flight commits
+    first and the launch then sees it (422) — never a job recorded for a tenant already
+    suspended or a version already failed (whichever layer answers the request)."""
+    from factories import make_client, racing_uncommitted
+
+    await make_client(session, "client-1")
+    tenant = auth(scopes=["run_inference"], client_id="client-1")
+    r = await racing_uncommitted(engine, change, {}, infer(client, tenant, {"input": {"route": "x"}}))
+    assert r.status_code == 422 and refusal in r.json()["message"], r.text
+    assert await session.scalar(text("SELECT count(*) FROM jobs")) == 0

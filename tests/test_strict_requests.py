@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from factories import IN_PROCESS_HANDLERS
-from sqlalchemy import text
+from sqlalchemy import select, text
 from test_access_matrix import BODIES, operations, world  # noqa: F401  (world: fixture)
 
 
@@ -171,3 +171,43 @@ async def test_the_public_docs_example_bodies_have_no_unknown_field(client, admi
             assert r.status_code != 400, f"{page.name}: {method} {url}: {r.text}"
             sent += 1
     assert sent >= 3
+
+
+async def test_an_unknown_field_inside_a_handler_contract_is_refused(client, admin, session):
+    """A misspelt schema name inside one action's contract (``input_shema``) is a 400 naming
+    it, never a contract silently without its schema (the model is not created)."""
+    body = {
+        "id": "strict",
+        "name": "m",
+        "description": "d",
+        "handlers": IN_PROCESS_HANDLERS,
+        "handler_contracts": {"inference": {"input_shema": {"type": "object", "required": ["route"]}}},
+    }
+    r = await client.post("/v2/models", json=body, headers=admin)
+    assert r.status_code == 400 and "input_shema" in r.json()["message"], r.text
+    assert await session.scalar(text("SELECT count(*) FROM models")) == 0
+
+
+async def test_an_unknown_field_inside_a_service_update_is_refused(client, admin, session):
+    """A misspelt field of a ``service_updates`` entry of a domain ``default`` upsert
+    (``merge``) is refused naming it; nothing is written (the service keeps its features, the
+    assignment its version)."""
+    from factories import init_service, make_version, tenant_setup
+
+    from pie.tables.tenancy import Service
+
+    await tenant_setup(client, session, admin)
+    await init_service(client, admin, "svc-1", {"route": "Adelaide to Sydney"})
+    await make_version(session, version="2")
+    updates = [{"service_id": "svc-1", "static_features": {"route": "Sydney to Adelaide"}, "merge": False}]
+    r = await client.put(
+        "/v2/clients/client-1/domains/south_australia/assignments/default",
+        json={"model_id": "pricing-model", "model_version": "2", "service_updates": updates},
+        headers=admin,
+    )
+    assert r.status_code == 400 and "merge" in r.json()["message"], r.text
+    service = await session.scalar(
+        select(Service).where(Service.service_id == "svc-1").execution_options(populate_existing=True)
+    )
+    assert service.provided_features == {"route": "Adelaide to Sydney"}
+    assert await session.scalar(text("SELECT model_version FROM assignments WHERE assignment_key = 'default'")) == "1"

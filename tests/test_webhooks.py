@@ -8,6 +8,7 @@ import ast
 import asyncio
 import contextlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -596,14 +597,18 @@ async def test_a_slow_receiver_does_not_hold_up_the_others(client, session, admi
     await make_client(session, A)
     slow = await create_webhook(client, admin, receiver.url("/slow"), ["job.succeeded"])
     fast = await create_webhook(client, admin, receiver.url("/fast"), ["job.succeeded"])
-    receiver.delays["/slow"] = 1.0
+    receiver.gates["/slow"] = held = threading.Event()  # the slow receiver answers when released
     for _ in range(12):
         await client.post(f"/v2/clients/{A}/webhooks/{slow['id']}/test", headers=admin)
     async with delivering(dev, webhooks_endpoint_concurrency=2, webhooks_concurrency=4):
-        await eventually(lambda: receiver.on("/slow"))
-        await client.post(f"/v2/clients/{A}/webhooks/{fast['id']}/test", headers=admin)
-        await eventually(lambda: receiver.on("/fast"), timeout=3.0)  # not behind the slow backlog
-        assert len(receiver.on("/slow")) < 12
+        try:
+            await eventually(lambda: receiver.active["/slow"] == 2)  # the slow webhook's two slots are busy
+            await client.post(f"/v2/clients/{A}/webhooks/{fast['id']}/test", headers=admin)
+            # delivered while the slow backlog is held: not behind it
+            await eventually(lambda: receiver.on("/fast"))
+            assert receiver.on("/slow") == [] and receiver.active["/slow"] == 2
+        finally:
+            held.set()
         await eventually(lambda: len(receiver.on("/slow")) == 12)
     assert receiver.most_active["/slow"] == 2  # never more than the bound at once
 

@@ -23,6 +23,8 @@ class Receiver:
         self.requests: list[Received] = []
         self.plans: dict[str, deque[tuple[int, bytes]]] = defaultdict(deque)
         self.delays: dict[str, float] = {}  # seconds a path takes to answer
+        # a path with a gate answers once the gate is set (the test holds its requests open)
+        self.gates: dict[str, threading.Event] = {}
         self.active: Counter[str] = Counter()  # requests being answered, per path
         self.most_active: Counter[str] = Counter()  # the most at once, per path
         self.lock = threading.Lock()
@@ -38,6 +40,9 @@ class Receiver:
                     receiver.active[self.path] += 1
                     receiver.most_active[self.path] = max(receiver.most_active[self.path], receiver.active[self.path])
                 time.sleep(receiver.delays.get(self.path, 0.0))
+                gate = receiver.gates.get(self.path)
+                if gate is not None:
+                    gate.wait(timeout=60)
                 with receiver.lock:
                     receiver.active[self.path] -= 1
                 with receiver.lock:

@@ -1,6 +1,6 @@
 """The app's pure-ASGI middleware (``create_app`` adds them, outermost first: request id, access
 line and metrics; HEAD as GET; the body limit; the worker-pid header). The header-count guard is
-in ``pie.http.limits``; the fast layers in ``pie.fastpath`` / ``pie.fastwrite``."""
+in ``pie.http.limits``; the fast layer in ``pie.http.fast``."""
 
 from __future__ import annotations
 
