@@ -163,6 +163,10 @@ class Pager:
 
 
 Cursor = Annotated[str | None, Query(max_length=2048)]
+# ``?new=...``: a page opens its creation form (no page of its own: any id could be a record's)
+NewForm = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z0-9]+$")]
+# ``?done=...``: the outcome a page reports after a write redirected to it
+Done = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z_]+$")]
 KeyPath = Annotated[str, PathParam(pattern=KEY_PATTERN)]
 JobIdPath = Annotated[str, PathParam(pattern=ID_PATTERN)]
 

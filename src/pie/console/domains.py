@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Form, Query, Request
+from fastapi import Form, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from pie.assignments import logic as assignments
@@ -21,7 +21,9 @@ from pie.console.common import (
     Confirmation,
     Confirmed,
     Cursor,
+    Done,
     FormValues,
+    NewForm,
     Pager,
     Problem,
     User,
@@ -36,7 +38,7 @@ from pie.console.common import (
     write,
 )
 from pie.console.signin import ConsoleUser
-from pie.console.tenants import NewForm, client_view
+from pie.console.tenants import client_view
 from pie.deps import ClientIdPath, DomainIdPath, ServiceIdPath, Session, TenantScope, tenant_scope
 from pie.errors import BadRequest, Conflict, PieError, Unprocessable
 from pie.http.body import loads as json_loads_strict  # a repeated key is refused, as in API bodies
@@ -49,8 +51,6 @@ from pie.tenancy.features import validate_feature_definitions
 from pie.tenancy.schemas import DomainCreate, FeaturesUpdate, ServiceInit, ServiceUpdate
 
 router = console_router()
-
-Done = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z_]+$")]
 
 
 def domain_url(client_id: str, domain_id: str) -> str:

@@ -12,6 +12,7 @@ from pie.console.common import (
     Confirmation,
     Confirmed,
     Cursor,
+    Done,
     FormValues,
     JobIdPath,
     Pager,
@@ -108,7 +109,6 @@ JOB_DONE = {
     "cancelled": "Job cancelled.",
     "retried": "Retry launched: this is the new job.",
 }
-Done = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z_]+$")]
 
 
 def may_launch(user: ConsoleUser, job: Job) -> bool:

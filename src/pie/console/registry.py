@@ -14,7 +14,7 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import Path as PathParam
-from fastapi import Query, Request
+from fastapi import Request
 from sqlalchemy import func, select
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
@@ -23,7 +23,9 @@ from pie.console.common import (
     Confirmation,
     Confirmed,
     Cursor,
+    Done,
     FormValues,
+    NewForm,
     Pager,
     Problem,
     User,
@@ -51,8 +53,6 @@ from pie.tenancy import logic as tenancy
 
 router = console_router()
 
-NewForm = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z0-9]+$")]
-Done = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z_]+$")]
 _ID = re.compile(ID_PATTERN)
 SubscriptionIdPath = Annotated[uuid.UUID, PathParam(description="event subscription id (uuid)")]
 

@@ -4,9 +4,9 @@ renaming it, suspending or reactivating it and managing its ``app_client_ids`` (
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Query, Request
+from fastapi import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from pie.clients import logic as clients
@@ -15,7 +15,9 @@ from pie.console.common import (
     Confirmation,
     Confirmed,
     Cursor,
+    Done,
     FormValues,
+    NewForm,
     Pager,
     Problem,
     User,
@@ -34,10 +36,6 @@ from pie.errors import BadRequest, PieError
 from pie.tenancy import logic as tenancy
 
 router = console_router()
-
-# ``?new=...``: the page opens its creation form (no page of its own: any id could be a record's)
-NewForm = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z0-9]+$")]
-Flag = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z_]+$")]
 
 
 def lines(text: str) -> list[str]:
@@ -142,7 +140,7 @@ async def client_page(
     session: Session,
     cursor: Cursor = None,
     new: NewForm = None,
-    done: Flag = None,
+    done: Done = None,
 ):
     return await client_view(request, user, session, client_id, cursor, new=new, done=done)
 

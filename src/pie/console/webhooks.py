@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
@@ -24,7 +24,9 @@ from pie.console.common import (
     Confirmation,
     Confirmed,
     Cursor,
+    Done,
     FormValues,
+    NewForm,
     Pager,
     Problem,
     User,
@@ -50,8 +52,6 @@ LOG_PAGE = 25  # deliveries per page of a webhook's log
 router = console_router()
 
 WebhookIdPath = Annotated[uuid.UUID, PathParam(description="webhook id (uuid)")]
-NewForm = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z0-9]+$")]
-Done = Annotated[str | None, Query(max_length=16, pattern=r"^[a-z_]+$")]
 
 
 @dataclass
