@@ -218,18 +218,29 @@ async def send_json(send: Send, status: int, body: bytes, headers: list[tuple[by
 # -- reads ------------------------------------------------------------------------------------
 
 
-class FastReadMiddleware:
-    """Pure ASGI; see the module docstring. ``table``: ``route_table(app, hot_reads, "GET")``."""
+class _FastLayer(Generic[H]):
+    """What both layers share: the app behind them, their table and the gate (an HTTP request of
+    the layer's ``method``, no query string, a path of the table)."""
 
-    def __init__(self, app: ASGIApp, table: tuple[FastRoute[HotRead], ...]):
+    method: str
+
+    def __init__(self, app: ASGIApp, table: tuple[FastRoute[H], ...]):
         self.app = app
         self.table = table
 
+    def _match(self, scope: Scope) -> tuple[FastRoute[H], dict[str, str]] | None:
+        if scope["type"] != "http" or scope["method"] != self.method or scope.get("query_string"):
+            return None
+        return match(self.table, scope["path"])
+
+
+class FastReadMiddleware(_FastLayer[HotRead]):
+    """Pure ASGI; see the module docstring. ``table``: ``route_table(app, hot_reads, "GET")``."""
+
+    method = "GET"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "GET" or scope.get("query_string"):
-            await self.app(scope, receive, send)
-            return
-        found = match(self.table, scope["path"])
+        found = self._match(scope)
         if found is None:
             await self.app(scope, receive, send)
             return
@@ -312,18 +323,13 @@ def _replaying(messages: list[Message], error: BaseException | None, receive: Re
     return replay
 
 
-class FastWriteMiddleware:
+class FastWriteMiddleware(_FastLayer[HotWrite]):
     """Pure ASGI; see the module docstring. ``table``: ``route_table(app, hot_writes, "POST")``."""
 
-    def __init__(self, app: ASGIApp, table: tuple[FastRoute[HotWrite], ...]):
-        self.app = app
-        self.table = table
+    method = "POST"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope.get("query_string"):
-            await self.app(scope, receive, send)
-            return
-        found = match(self.table, scope["path"])
+        found = self._match(scope)
         if found is None:
             await self.app(scope, receive, send)
             return
