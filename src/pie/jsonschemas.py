@@ -208,6 +208,18 @@ def input_schema(contracts: dict[str, Any] | None, action: str) -> Any | None:
     return (contracts.get(action) or {}).get("input_schema")
 
 
+def input_problem(contracts: dict[str, Any] | None, action: str, value: Any, model_id: str, version: str) -> str | None:
+    """Why ``value`` does not match the ``action`` ``input_schema`` of model ``model_id`` version
+    ``version`` (the 422 message), or None (it matches, or there is no such schema)."""
+    schema = input_schema(contracts, action)
+    if schema is None:
+        return None
+    error = validation_error(schema, value)
+    if error is None:
+        return None
+    return f"input does not match the {action} input_schema of model {model_id} version {version}: {error}"
+
+
 def contract_schema(contracts: dict[str, Any] | None, action: str, field: str) -> Any | None:
     if not contracts:
         return None

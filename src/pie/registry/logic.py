@@ -27,10 +27,9 @@ from pie.jobs.firing import fire_subscriptions, shown_to
 from pie.jobs.hot import launch_inference
 from pie.jobs.logic import create_job
 from pie.jobs.versions import UNUSABLE, ensure_model_exists, get_model_version, unusable
-from pie.jsonschemas import validation_error
+from pie.jsonschemas import input_problem
 from pie.pagination import PageParams, paginate
 from pie.registry.handlers import (
-    input_schema,
     stale_actions,
     stale_output_events,
     validate_contracts,
@@ -451,12 +450,7 @@ def inference_problem(
     version, or an input that does not match the version's inference ``input_schema``."""
     if status in UNUSABLE:
         return f"model {model_id} version {version} {unusable(status)}; it cannot run inference"
-    schema = input_schema(contracts, "inference")
-    if schema is not None:
-        error = validation_error(schema, input)
-        if error is not None:
-            return f"input does not match the inference input_schema of model {model_id} version {version}: {error}"
-    return None
+    return input_problem(contracts, "inference", input, model_id, version)
 
 
 async def inference_tenant(session: AsyncSession, principal: Principal, requested: str | None) -> str | None:

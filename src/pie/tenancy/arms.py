@@ -32,7 +32,7 @@ from sqlalchemy.sql import ColumnElement
 from pie.errors import Unprocessable
 from pie.jobs.logic import create_job
 from pie.jobs.versions import UNUSABLE, get_model_version, unusable
-from pie.jsonschemas import input_schema, validation_error
+from pie.jsonschemas import input_problem as contract_input_problem
 from pie.tables.assignments import Assignment
 from pie.tables.jobs import Job
 from pie.tables.registry import ModelVersion
@@ -118,7 +118,7 @@ def arm_columns(revision: Assignment, value: Any) -> tuple[Any, Any, Any]:
 
 
 def shadows_of(revision: Assignment) -> list[Arm]:
-    return [Arm(SHADOW, e["model_id"], e["model_version"]) for e in revision.shadow or []]
+    return [arm for arm in arms_of(revision) if arm.arm == SHADOW]
 
 
 async def usable_shadows(session: AsyncSession, revision: Assignment) -> list[ModelVersion]:
@@ -216,13 +216,7 @@ async def copy_to_shadows(session: AsyncSession, revision: Assignment, job: Job,
 
 
 def input_problem(version: ModelVersion, job_type: str, value: dict[str, Any]) -> str | None:
-    schema = input_schema(version.handler_contracts, job_type)
-    if schema is None:
-        return None
-    problem = validation_error(schema, value)
-    if problem is None:
-        return None
-    return f"input does not match the {job_type} input_schema of model {version.model_id} version {version.version}: {problem}"
+    return contract_input_problem(version.handler_contracts, job_type, value, version.model_id, version.version)
 
 
 def _check_input(version: ModelVersion, job_type: str, value: dict[str, Any]) -> None:
